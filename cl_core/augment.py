@@ -1,0 +1,83 @@
+"""View generation with torchvision.transforms.v2.
+
+All randomness comes from torch's global generator, so a view is a pure function of
+the input and ``torch.manual_seed``: the reader seeds each DataLoader worker from
+(seed, epoch, rank, worker) and the views of a run are reproducible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torchvision.transforms import v2
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _normalize(mean: Sequence[float], std: Sequence[float]) -> list[v2.Transform]:
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]
+
+
+class SimCLRTransform:
+    """SimCLR's augmentation [0, appendix A]: random resized crop, horizontal flip,
+    colour jitter (p=0.8), grayscale (p=0.2), Gaussian blur (optional: the paper drops it
+    for 32 px CIFAR images), applied twice independently.
+
+    - [0] Chen et al., 2020, https://arxiv.org/abs/2002.05709
+
+    Args:
+        image_size: output side in pixels.
+        crop_min_scale: lower bound of the crop's area fraction (paper: 0.08).
+        hflip_prob: probability of a horizontal flip (0 for data where left/right matters).
+        jitter_strength: s in the paper (brightness/contrast/saturation 0.8s, hue 0.2s).
+        jitter_prob, grayscale_prob: 0.8 and 0.2 in the paper.
+        blur_prob: 0 disables blur; the paper uses 0.5 with a kernel of 10% of the side.
+        n_views: number of views per image.
+    """
+
+    def __init__(
+        self,
+        image_size: int = 32,
+        *,
+        crop_min_scale: float = 0.08,
+        hflip_prob: float = 0.5,
+        jitter_strength: float = 1.0,
+        jitter_prob: float = 0.8,
+        grayscale_prob: float = 0.2,
+        blur_prob: float = 0.0,
+        n_views: int = 2,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
+        s = jitter_strength
+        ops: list[v2.Transform] = [
+            v2.ToImage(),
+            v2.RandomResizedCrop(image_size, scale=(crop_min_scale, 1.0), antialias=True),
+            v2.RandomHorizontalFlip(p=hflip_prob),
+            v2.RandomApply([v2.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=jitter_prob),
+            v2.RandomGrayscale(p=grayscale_prob),
+        ]
+        if blur_prob > 0:
+            k = max(3, int(0.1 * image_size) // 2 * 2 + 1)  # odd kernel, ~10% of the side
+            ops.append(v2.RandomApply([v2.GaussianBlur(k, sigma=(0.1, 2.0))], p=blur_prob))
+        self.transform = v2.Compose(ops + _normalize(mean, std))
+        self.n_views = n_views
+
+    def __call__(self, image) -> list[torch.Tensor]:
+        return [self.transform(image) for _ in range(self.n_views)]
+
+
+class EvalTransform:
+    """Deterministic transform for feature extraction: resize, tensor, normalize."""
+
+    def __init__(
+        self, image_size: int = 32, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+    ) -> None:
+        self.transform = v2.Compose(
+            [v2.ToImage(), v2.Resize((image_size, image_size), antialias=True), *_normalize(mean, std)]
+        )
+
+    def __call__(self, image) -> torch.Tensor:
+        return self.transform(image)

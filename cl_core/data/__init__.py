@@ -1,0 +1,1 @@
+"""Sources, shard writing and shard reading."""

@@ -1,0 +1,189 @@
+"""Reading shards for training: a WebDataset pipeline per (Ray worker, DataLoader worker).
+
+An epoch is defined by a plan (:func:`plan_epoch`) that every rank computes alike from
+the manifest's per-shard counts: the shards are shuffled by (seed, epoch) and dealt to
+``world_size x loader_workers`` slots so sample counts balance; each slot reads its own
+shards once (disjoint across slots) and then wraps around within them just enough to
+give every rank the same number of full batches, which DDP needs. Every training sample
+is seen at least once per epoch; the few repeats are counted in ``EpochPlan``.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+
+@dataclass(frozen=True)
+class Slot:
+    shards: tuple[int, ...]  # indices into the split's shard list
+    num_samples: int  # distinct samples in those shards
+    num_batches: int  # full batches this slot yields this epoch
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    slots: tuple[tuple[Slot, ...], ...]  # [rank][loader worker]
+    steps: int  # batches per rank (equal on every rank)
+    batch_size: int
+
+    @property
+    def unique_samples(self) -> int:
+        return sum(s.num_samples for r in self.slots for s in r)
+
+    @property
+    def samples_seen(self) -> int:
+        return self.steps * self.batch_size * len(self.slots)
+
+
+def plan_epoch(
+    counts: Sequence[int], *, world_size: int, loader_workers: int, batch_size: int, epoch: int, seed: int
+) -> EpochPlan:
+    """Deal shards to ranks, then to DataLoader workers, balancing sample counts."""
+    n_slots_per_rank = max(1, loader_workers)
+    if len(counts) < world_size:
+        raise ValueError(
+            f"{len(counts)} training shards for {world_size} workers: each worker needs its own shard; "
+            f"reshard with data.min_shards >= {world_size * n_slots_per_rank}"
+        )
+    rng = random.Random(f"{seed}:{epoch}")
+    order = list(range(len(counts)))
+    rng.shuffle(order)
+    order.sort(key=lambda i: -counts[i])  # stable: largest first, shuffled among equals
+
+    def deal(items: list[int], bins: int) -> list[list[int]]:
+        out: list[list[int]] = [[] for _ in range(bins)]
+        load = [0] * bins
+        for i in items:
+            b = min(range(bins), key=lambda j: (load[j], len(out[j])))
+            out[b].append(i)
+            load[b] += counts[i]
+        return out
+
+    ranks = deal(order, world_size)
+    per_rank: list[list[list[int]]] = [deal(r, n_slots_per_rank) for r in ranks]
+    batches = [[-(-sum(counts[i] for i in s) // batch_size) for s in r] for r in per_rank]
+    steps = max(sum(b) for b in batches)
+    slots = []
+    for r, bs in zip(per_rank, batches, strict=True):
+        bs = list(bs)
+        nonempty = [j for j, s in enumerate(r) if s]
+        k = 0
+        while sum(bs) < steps:  # pad with repeats from this rank's own shards
+            bs[nonempty[k % len(nonempty)]] += 1
+            k += 1
+        slots.append(tuple(Slot(tuple(s), sum(counts[i] for i in s), b) for s, b in zip(r, bs, strict=True)))
+    return EpochPlan(tuple(slots), steps, batch_size)
+
+
+def _to_rgb(sample: tuple) -> tuple:
+    img, *rest = sample
+    return (img.convert("RGB"), *rest)
+
+
+def sample_pipeline(urls: Sequence[str], *, shuffle_buffer: int = 0, seed: int = 0, handler=wds.reraise_exception):
+    """A plain WebDataset pipeline over ``urls``: (PIL RGB image, label) per sample
+    (label -1 when the shard has no ``.cls``)."""
+    stages: list = [wds.SimpleShardList(list(urls)), wds.tarfile_to_samples(handler=handler)]
+    if shuffle_buffer > 1:
+        stages.append(wds.shuffle(shuffle_buffer, initial=shuffle_buffer, rng=random.Random(seed)))
+    stages += [
+        wds.decode("pil", handler=handler),
+        wds.map(lambda s: (s.get("png", s.get("jpg")), int(s.get("cls", -1)))),
+        wds.map(_to_rgb),
+    ]
+    return wds.DataPipeline(*stages)
+
+
+class ShardStream(IterableDataset):
+    """The training stream of one Ray worker (``rank``) for one epoch.
+
+    Call :meth:`set_epoch` before iterating. Yields ``(views, label)`` where ``views`` is
+    the list returned by ``transform`` (e.g. two augmented views).
+    """
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        counts: Sequence[int],
+        *,
+        transform: Callable,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        loader_workers: int,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+    ) -> None:
+        self.urls, self.counts = list(urls), list(counts)
+        self.transform, self.batch_size = transform, batch_size
+        self.rank, self.world_size, self.loader_workers = rank, world_size, loader_workers
+        self.shuffle_buffer, self.seed, self.epoch = shuffle_buffer, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def plan(self) -> EpochPlan:
+        return plan_epoch(
+            self.counts,
+            world_size=self.world_size,
+            loader_workers=self.loader_workers,
+            batch_size=self.batch_size,
+            epoch=self.epoch,
+            seed=self.seed,
+        )
+
+    def __iter__(self) -> Iterator[tuple[list[torch.Tensor], int]]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        slot = self.plan().slots[self.rank][worker]
+        quota = slot.num_batches * self.batch_size
+        if quota == 0:
+            return
+        # views are a pure function of (seed, epoch, rank, worker): reproducible runs
+        slot_seed = random.Random(f"{self.seed}:{self.epoch}:{self.rank}:{worker}").getrandbits(31)
+        torch.manual_seed(slot_seed)
+        rng = random.Random(slot_seed)
+        shards = [self.urls[i] for i in slot.shards]
+        emitted, passes = 0, 0
+        while emitted < quota:
+            rng.shuffle(shards)
+            before = emitted
+            for img, label in sample_pipeline(shards, shuffle_buffer=self.shuffle_buffer, seed=slot_seed + passes):
+                yield self.transform(img), label
+                emitted += 1
+                if emitted == quota:
+                    return
+            passes += 1
+            if emitted == before:
+                raise RuntimeError(f"shards {shards} yielded no samples; check the shard set's manifest")
+
+
+def training_loader(stream: ShardStream, *, num_workers: int, pin_memory: bool = False) -> DataLoader:
+    """A DataLoader over ``stream``: each DataLoader worker batches its own slot."""
+    return DataLoader(
+        stream,
+        batch_size=stream.batch_size,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )
+
+
+def load_split(urls: Sequence[str], transform: Callable[[Image.Image], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every sample of ``urls`` in order, transformed: (images (N, C, H, W), labels (N,))."""
+    xs, ys = [], []
+    for img, label in sample_pipeline(urls):
+        xs.append(transform(img))
+        ys.append(label)
+    if not xs:
+        return torch.empty(0), torch.empty(0, dtype=torch.long)
+    return torch.stack(xs), torch.as_tensor(np.asarray(ys), dtype=torch.long)

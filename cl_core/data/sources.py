@@ -1,0 +1,169 @@
+"""Image sources: scikit-learn's bundled digits, an image folder, a .npz array file.
+
+A source lists its samples (id, label) cheaply and encodes one sample on demand, so the
+shard writer can split the list into chunks and encode them in parallel. Each source
+is described by a small picklable spec (``describe()``) from which a worker rebuilds it.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+
+
+class SourceError(ValueError):
+    """A source cannot be read at all (as opposed to one bad image in it)."""
+
+
+@dataclass(frozen=True)
+class SampleRef:
+    index: int  # position in the source
+    id: str  # stable source id (file path relative to the root, or "name-%06d")
+    label: int  # -1 when unlabeled
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+class Source:
+    kind: str = ""
+    class_names: list[str]
+
+    def refs(self) -> list[SampleRef]:
+        raise NotImplementedError
+
+    def encode(self, ref: SampleRef) -> tuple[bytes, str]:
+        """(image bytes, extension) of one sample; raises on an undecodable image."""
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        raise NotImplementedError
+
+    @property
+    def labeled(self) -> bool:
+        return bool(self.class_names)
+
+
+class ArraySource(Source):
+    """Images held in memory as uint8 (N, H, W) or (N, H, W, C)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray | None, class_names: list[str], prefix: str, spec: dict):
+        self.images, self.labels, self.class_names, self.prefix, self._spec = images, labels, class_names, prefix, spec
+
+    def refs(self) -> list[SampleRef]:
+        lab = self.labels if self.labels is not None else np.full(len(self.images), -1)
+        return [SampleRef(i, f"{self.prefix}-{i:06d}", int(lab[i])) for i in range(len(self.images))]
+
+    def encode(self, ref: SampleRef) -> tuple[bytes, str]:
+        return encode_png(self.images[ref.index]), "png"
+
+    def describe(self) -> dict:
+        return dict(self._spec)
+
+
+def digits_source() -> ArraySource:
+    """scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes),
+    scaled from 0..16 to 0..255 grayscale."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)  # (N, 8, 8)
+    return ArraySource(images, d.target.astype(np.int64), [str(c) for c in range(10)], "digits", {"kind": "digits"})
+
+
+def npz_source(path: str | Path) -> ArraySource:
+    """A ``.npz`` file with ``images`` (uint8, N x H x W [x C], C in 1/3/4) and optional
+    integer ``labels`` (N,) with values 0..K-1."""
+    path = Path(path)
+    if not path.is_file():
+        raise SourceError(f"data.source.path: {path} does not exist; give an existing .npz file")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "images" not in z:
+                raise SourceError(f"data.source.path: {path} has no 'images' array (found: {', '.join(z.files)}); save images as uint8 NHWC under 'images'")
+            images = z["images"]
+            labels = z["labels"] if "labels" in z else None
+    except (OSError, ValueError) as e:
+        if isinstance(e, SourceError):
+            raise
+        raise SourceError(f"data.source.path: {path} is not a readable .npz file ({e})") from e
+    if images.dtype != np.uint8:
+        raise SourceError(f"data.source.path: {path}: 'images' must be uint8, got {images.dtype}; convert with images.astype(np.uint8)")
+    if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3, 4)):
+        raise SourceError(f"data.source.path: {path}: 'images' must be N x H x W or N x H x W x C (C=1,3,4), got shape {images.shape}")
+    if images.ndim == 4 and images.shape[-1] == 1:
+        images = images[..., 0]
+    class_names: list[str] = []
+    if labels is not None:
+        if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer) or (len(labels) and labels.min() < 0):
+            raise SourceError(f"data.source.path: {path}: 'labels' must be non-negative integers of shape ({len(images)},), got {labels.dtype} {labels.shape}")
+        labels = labels.astype(np.int64)
+        class_names = [str(c) for c in range(int(labels.max()) + 1)] if len(labels) else []
+    return ArraySource(images, labels, class_names, path.stem, {"kind": "npz", "path": str(path.resolve())})
+
+
+class ImageFolderSource(Source):
+    """A folder of images: ``root/CLASS/xxx.png`` (labeled, classes in sorted order) or
+    flat ``root/xxx.png`` (unlabeled). Files are decoded only when shards are written."""
+
+    kind = "image_folder"
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise SourceError(f"data.source.path: {self.root} is not a directory; give a folder of images (class subfolders or flat)")
+        subdirs = sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if subdirs:
+            self.class_names = [d.name for d in subdirs]
+            self._files = [(f, ci) for ci, d in enumerate(subdirs) for f in sorted(d.rglob("*")) if _is_image(f)]
+        else:
+            self.class_names = []
+            self._files = [(f, -1) for f in sorted(self.root.iterdir()) if _is_image(f)]
+
+    def refs(self) -> list[SampleRef]:
+        return [SampleRef(i, str(f.relative_to(self.root)), lab) for i, (f, lab) in enumerate(self._files)]
+
+    def encode(self, ref: SampleRef) -> tuple[bytes, str]:
+        path = self._files[ref.index][0]
+        data = path.read_bytes()
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                fmt = im.format
+                im.load()  # full decode: truncated files fail here, not in training
+                if fmt == "JPEG":
+                    return data, "jpg"
+                if fmt == "PNG":
+                    return data, "png"
+                arr = np.asarray(im.convert("RGB" if im.mode not in ("L", "RGB") else im.mode))
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            raise ValueError(f"cannot decode {path}: {e}") from e
+        return encode_png(arr), "png"
+
+    def describe(self) -> dict:
+        return {"kind": "image_folder", "path": str(self.root.resolve())}
+
+
+def _is_image(p: Path) -> bool:
+    return p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".")
+
+
+def open_source(spec: dict) -> Source:
+    """Rebuild a source from its spec: {"kind": "digits"} | {"kind": "image_folder",
+    "path": ...} | {"kind": "npz", "path": ...}."""
+    kind = spec.get("kind")
+    if kind == "digits":
+        return digits_source()
+    if kind == "npz":
+        return npz_source(spec["path"])
+    if kind == "image_folder":
+        return ImageFolderSource(spec["path"])
+    raise SourceError(f"data.source.kind: unknown source kind {kind!r}; known: digits, image_folder, npz")

@@ -1,0 +1,64 @@
+"""Rank helpers and an autograd-aware all_gather.
+
+Every helper falls back to single-process behaviour (rank 0, world size 1) when no
+``torch.distributed`` process group is initialised, so losses run anywhere.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sends each rank the summed gradient of its own slice.
+
+    Rank r's loss L_r depends on every rank's embeddings through the gathered keys.
+    Summing the incoming gradients over ranks (all_reduce) and keeping the local slice
+    gives rank s the gradient sum_r dL_r/dz_s, so DDP's averaging of parameter
+    gradients yields the gradient of the mean loss over the global batch.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, x.contiguous())
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        g = torch.stack(grads)  # (W, N, D)
+        dist.all_reduce(g, op=dist.ReduceOp.SUM)
+        return g[dist.get_rank()]
+
+
+def gather(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` (N, ...) from all ranks along dim 0, keeping gradients.
+
+    Assumes every rank holds the same N (true for contrastive batches with drop-last
+    batching). Returns ``x`` unchanged without a process group.
+    """
+    if world_size() == 1:
+        return x
+    return torch.cat(_GatherWithGrad.apply(x), dim=0)
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x`` over ranks, without gradient (for logging)."""
+    if world_size() == 1:
+        return x.detach()
+    y = x.detach().clone()
+    dist.all_reduce(y, op=dist.ReduceOp.SUM)
+    return y / world_size()

@@ -1,0 +1,101 @@
+"""Frozen-feature evaluation: weighted kNN and a linear probe, both as top-1 accuracy."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@torch.no_grad()
+def extract_features(
+    encoder: nn.Module, images: torch.Tensor, *, batch_size: int = 512, device: str | torch.device = "cpu"
+) -> torch.Tensor:
+    """Features of ``images`` (N, C, H, W) from ``encoder`` in eval mode, on CPU."""
+    was_training = encoder.training
+    encoder.eval()
+    out = [encoder(images[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(images), batch_size)]
+    encoder.train(was_training)
+    return torch.cat(out) if out else torch.empty(0)
+
+
+@torch.no_grad()
+def knn_predict(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    query_features: torch.Tensor,
+    *,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+    chunk: int = 1024,
+) -> torch.Tensor:
+    """Weighted kNN of InstDisc [0]: cosine similarity on L2-normalised features, the k
+    nearest training samples vote for their class with weight exp(s / T).
+
+    - [0] Wu et al., Unsupervised Feature Learning via Non-Parametric Instance
+      Discrimination, CVPR 2018, https://arxiv.org/abs/1805.01978 (Sec. 3.4)
+    """
+    if temperature <= 0:
+        raise ValueError(f"knn temperature must be > 0, got {temperature}")
+    bank = F.normalize(train_features.float(), dim=1)  # (M, D)
+    k = min(k, bank.shape[0])
+    preds = []
+    for i in range(0, len(query_features), chunk):
+        q = F.normalize(query_features[i : i + chunk].float(), dim=1)  # (B, D)
+        sim, idx = (q @ bank.T).topk(k, dim=1)  # (B, k)
+        votes = torch.zeros(q.shape[0], num_classes)
+        votes.scatter_add_(1, train_labels[idx], (sim / temperature).exp())
+        preds.append(votes.argmax(1))
+    return torch.cat(preds)
+
+
+def knn_top1(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    *,
+    k: int = 20,
+    temperature: float = 0.07,
+) -> float:
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    pred = knn_predict(train_features, train_labels, test_features, num_classes=num_classes, k=k, temperature=temperature)
+    return (pred == test_labels).float().mean().item()
+
+
+def linear_probe_top1(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    *,
+    weight_decay: float = 1e-4,
+    max_iter: int = 200,
+) -> float:
+    """Multinomial logistic regression on frozen, standardised features (full-batch
+    L-BFGS with L2 penalty), returning top-1 on the test features."""
+    x = train_features.float()
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+    x = (x - mean) / std
+    xt = (test_features.float() - mean) / std
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    clf = nn.Linear(x.shape[1], num_classes)
+    opt = torch.optim.LBFGS(clf.parameters(), lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(clf(x), train_labels) + weight_decay * clf.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    with torch.no_grad():
+        return (clf(xt).argmax(1) == test_labels).float().mean().item()
+
+
+def top1(logits_or_pred: torch.Tensor, labels: torch.Tensor) -> float:
+    pred = logits_or_pred.argmax(1) if logits_or_pred.dim() == 2 else logits_or_pred
+    return (pred == labels).float().mean().item()
+

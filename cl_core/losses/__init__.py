@@ -1,0 +1,5 @@
+"""Contrastive losses, one per module."""
+
+from cl_core.losses.nt_xent import NTXentLoss
+
+__all__ = ["NTXentLoss"]

@@ -1,0 +1,1 @@
+"""Infrastructure helpers: storage, the local stack, cluster helpers."""

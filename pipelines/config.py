@@ -1,0 +1,270 @@
+"""The typed pipeline configuration: YAML in, validated sections out, one-line errors.
+
+Every section is a frozen pydantic model with ``extra="forbid"``: a typo is an error
+that names the field, and ``--set a.b=v`` overrides go through the same validation.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cl_core.methods import known_methods
+
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
+
+
+class ConfigError(ValueError):
+    """A bad configuration; the message has one line per problem, each naming the field."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SourceConfig(Section):
+    kind: Literal["digits", "image_folder", "npz"] = "digits"
+    path: str | None = Field(None, description="folder (image_folder) or .npz file (npz)")
+
+    @model_validator(mode="after")
+    def _path_exists(self) -> SourceConfig:
+        if self.kind == "digits":
+            if self.path is not None:
+                raise ValueError("path: the digits source is bundled with scikit-learn and takes no path")
+            return self
+        if not self.path:
+            raise ValueError(f"path: required for kind={self.kind}")
+        if not Path(self.path).expanduser().exists():
+            raise ValueError(f"path: {self.path} does not exist; give an existing {'folder' if self.kind == 'image_folder' else '.npz file'}")
+        return self
+
+
+class DataConfig(Section):
+    source: SourceConfig = SourceConfig()
+    val_fraction: float = Field(0.15, ge=0, lt=1, description="share of each class held out for selection")
+    test_fraction: float = Field(0.15, ge=0, lt=1, description="share held out for the final evaluation only")
+    samples_per_shard: int = Field(256, ge=1)
+    min_shards: int = Field(4, ge=1, description="per split; >= training workers x DataLoader workers")
+
+    @model_validator(mode="after")
+    def _fractions(self) -> DataConfig:
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError("val_fraction + test_fraction must be < 1 to leave training samples")
+        return self
+
+
+class ViewsConfig(Section):
+    image_size: int = Field(32, ge=4)
+    crop_min_scale: float = Field(0.08, gt=0, le=1)
+    hflip_prob: float = Field(0.5, ge=0, le=1)
+    jitter_strength: float = Field(1.0, ge=0)
+    jitter_prob: float = Field(0.8, ge=0, le=1)
+    grayscale_prob: float = Field(0.2, ge=0, le=1)
+    blur_prob: float = Field(0.0, ge=0, le=1, description="SimCLR: 0.5 on ImageNet, off for small images")
+
+
+class PretrainConfig(Section):
+    method: str = "simclr"
+    backbone: Literal["small_cnn", "resnet18", "resnet50"] = "small_cnn"
+    backbone_width: int = Field(32, ge=1, description="small_cnn only")
+    cifar_stem: bool = False
+    temperature: float = Field(0.5, description="NT-Xent temperature")
+    head_layers: int = Field(2, ge=2, le=4)
+    head_hidden_dim: int | None = Field(None, ge=1)
+    proj_dim: int = Field(128, ge=1)
+    views: ViewsConfig = ViewsConfig()
+    epochs: int = Field(20, ge=1)
+    batch_size_per_worker: int = 128
+    optimizer: Literal["sgd", "adamw", "lars"] = "lars"
+    lr_base: float = Field(0.3, gt=0, description="per 256 images")
+    lr_scaling: Literal["linear", "sqrt", "none"] = "linear"
+    weight_decay: float = Field(1e-6, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    warmup_epochs: float = Field(1.0, ge=0)
+    num_workers: int = Field(2, description="Ray Train workers")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    use_gpu: Literal["auto", True, False] = "auto"
+    loader_workers: int = Field(1, ge=0, description="DataLoader worker processes per training worker")
+    shuffle_buffer: int = Field(1000, ge=0)
+    max_failures: int = Field(0, ge=-1)
+    knn_k: int = Field(20, ge=1)
+    knn_temperature: float = Field(0.07, gt=0)
+    log_every_steps: int = Field(0, ge=0)
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        if v not in known_methods():
+            raise ValueError(f"unknown method {v!r}; known methods: {', '.join(known_methods())}")
+        return v
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, v: float) -> float:
+        if not v > 0:
+            raise ValueError(f"must be > 0, got {v}")
+        return v
+
+    @field_validator("batch_size_per_worker")
+    @classmethod
+    def _batch(cls, v: int) -> int:
+        if v < 2:
+            raise ValueError(f"must be >= 2 (a contrastive batch needs negatives), got {v}")
+        return v
+
+    @field_validator("num_workers")
+    @classmethod
+    def _workers(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"must be >= 1, got {v}")
+        return v
+
+    def model_kwargs(self) -> dict[str, Any]:
+        return {
+            "backbone": self.backbone,
+            "temperature": self.temperature,
+            "head_layers": self.head_layers,
+            "head_hidden_dim": self.head_hidden_dim,
+            "proj_dim": self.proj_dim,
+            "cifar_stem": self.cifar_stem,
+            "width": self.backbone_width,
+        }
+
+
+class EvaluateConfig(Section):
+    knn_k: int = Field(20, ge=1)
+    knn_temperature: float = Field(0.07, gt=0)
+    probe_weight_decay: float = Field(1e-4, ge=0)
+    probe_max_iter: int = Field(200, ge=1)
+
+
+class MlflowConfig(Section):
+    tracking_uri: str | None = Field(None, description="default: sqlite:///<work_dir>/mlflow.db")
+    experiment: str = "clpipe"
+    artifact_location: str | None = Field(None, description="default: <work_dir>/mlartifacts")
+
+
+class RayConfig(Section):
+    address: str | None = Field(None, description="None: start a local Ray; 'auto' or ray://... to join a cluster")
+    num_cpus: int | None = Field(None, ge=1, description="local Ray only")
+
+
+class PipelineConfig(Section):
+    name: str = "default"
+    seed: int = 0
+    work_dir: str = "clpipe-work"
+    data: DataConfig = DataConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+    ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _shards_for_workers(self) -> PipelineConfig:
+        need = self.pretrain.num_workers
+        if self.data.min_shards < need:
+            raise ValueError(
+                f"data.min_shards ({self.data.min_shards}) < pretrain.num_workers ({need}): every worker needs its own shard"
+            )
+        return self
+
+    def work_path(self) -> Path:
+        return Path(self.work_dir).expanduser().resolve()
+
+    def tracking_uri(self) -> str:
+        return self.mlflow.tracking_uri or f"sqlite:///{self.work_path() / 'mlflow.db'}"
+
+    def artifact_location(self) -> str:
+        return self.mlflow.artifact_location or (self.work_path() / "mlartifacts").as_uri()
+
+
+# ---- loading ---------------------------------------------------------------------------
+
+
+def _format_errors(e: ValidationError, source: str) -> str:
+    lines = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            parent = err["loc"][:-1]
+            model: Any = PipelineConfig
+            for p in parent:
+                model = model.model_fields[p].annotation
+            known = ", ".join(getattr(model, "model_fields", {}).keys())
+            msg = f"unknown field; known fields here: {known}"
+        elif err["type"] == "literal_error":
+            msg = f"{msg}, got {err.get('input')!r}"
+        lines.append(f"{source}: {loc}: {msg}" if loc else f"{source}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=v`` -> (["a", "b"], yaml value of v)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text}: expected KEY=VALUE, e.g. --set pretrain.epochs=5")
+    key, value = text.split("=", 1)
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"--set {text}: empty key part")
+    try:
+        parsed = yaml.safe_load(value) if value != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {text}: value is not valid YAML ({e.__class__.__name__})") from e
+    return key.split("."), parsed
+
+
+def apply_override(data: dict, keys: list[str], value: Any) -> None:
+    node = data
+    for k in keys[:-1]:
+        nxt = node.setdefault(k, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {'.'.join(keys)}: {k} is not a section")
+        node = nxt
+    node[keys[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """Default config <- YAML file <- ``--set`` overrides, validated once at the end."""
+    data: dict = yaml.safe_load(DEFAULT_CONFIG.read_text()) or {}
+    source = str(path) if path else "default config"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            user = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {str(e).splitlines()[0]}") from e
+        if not isinstance(user, dict):
+            raise ConfigError(f"{p}: expected a mapping at the top level")
+        data = _merge(data, user)
+    for o in overrides:
+        apply_override(data, *parse_override(o))
+    if overrides:
+        source += " + --set"
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

@@ -1,0 +1,5 @@
+"""The one rich console the CLI and stages print to."""
+
+from rich.console import Console
+
+console = Console(highlight=False)

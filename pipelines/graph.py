@@ -1,0 +1,166 @@
+"""The stage graph: declares stages, runs them in MLflow child runs, caches and resumes.
+
+A stage is a plain function ``fn(ctx, section, inputs) -> outputs``: ``section`` is its
+own config section, ``inputs`` maps each upstream stage name to that stage's outputs
+(small JSON-able records of paths and metadata). The runner derives the cache key from
+the stage's name, version, section, the global seed and the upstream keys; finds a
+finished MLflow run with that key (reuse) or opens a child run and calls the stage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from pydantic import BaseModel
+
+from pipelines import tracking
+from pipelines.config import PipelineConfig, flatten
+from pipelines.console import console
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    fn: Callable[[StageContext, Any, dict[str, dict]], dict]
+    section: Callable[[PipelineConfig], BaseModel]
+    deps: tuple[str, ...] = ()
+    version: int = 1  # bump when a stage's outputs change meaning: old caches stop matching
+
+
+@dataclass
+class StageContext:
+    """What a running stage may use besides its config section."""
+
+    name: str
+    key: str
+    run_id: str
+    parent_run_id: str
+    config: PipelineConfig
+    output_dir: Path  # a directory owned by this stage and key
+    upstream_run_ids: dict[str, str]
+
+    @property
+    def seed(self) -> int:
+        return self.config.seed
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.config.tracking_uri()
+
+
+@dataclass
+class StageResult:
+    name: str
+    key: str
+    run_id: str
+    outputs: dict
+    cached: bool
+    seconds: float
+
+
+@dataclass
+class PipelineResult:
+    run_id: str
+    stages: dict[str, StageResult] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def cache_key(spec: StageSpec, cfg: PipelineConfig, upstream_keys: dict[str, str]) -> str:
+    payload = {
+        "stage": spec.name,
+        "version": spec.version,
+        "section": spec.section(cfg).model_dump(mode="json"),
+        "seed": cfg.seed,
+        "upstream": upstream_keys,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _outputs_exist(outputs: dict) -> bool:
+    """Paths a stage promises (keys ending in ``_dir``/``_path``) must still exist."""
+    for k, v in flatten(outputs).items():
+        if (k.endswith("_dir") or k.endswith("_path")) and isinstance(v, str) and not Path(v).exists():
+            return False
+    return True
+
+
+def run_pipeline(cfg: PipelineConfig, stages: list[StageSpec], *, experiment_id: str, run_name: str | None = None) -> PipelineResult:
+    """Run ``stages`` (in dependency order) under one parent MLflow run."""
+    t0 = time.perf_counter()
+    names = {s.name for s in stages}
+    for s in stages:
+        missing = [d for d in s.deps if d not in names]
+        if missing:
+            raise ValueError(f"stage {s.name} depends on {missing}, which are not in the pipeline")
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name or f"pipeline {cfg.name}",
+                          tags={tracking.TAG_KIND: "pipeline"}) as parent:
+        result = PipelineResult(parent.info.run_id)
+        tracking.log_params(parent.info.run_id, flatten(cfg.model_dump(mode="json")))
+        mlflow.log_dict(cfg.model_dump(mode="json"), "config.json")
+        keys: dict[str, str] = {}
+        for spec in stages:
+            res = _run_stage(spec, cfg, experiment_id, parent.info.run_id, keys, result)
+            keys[spec.name] = res.key
+            result.stages[spec.name] = res
+            mlflow.set_tag(f"clpipe.stage.{spec.name}.run_id", res.run_id)
+            mlflow.set_tag(f"clpipe.stage.{spec.name}.cached", str(res.cached).lower())
+        result.seconds = time.perf_counter() - t0
+        mlflow.log_metric("pipeline/seconds", result.seconds)
+    return result
+
+
+def _run_stage(spec: StageSpec, cfg: PipelineConfig, experiment_id: str, parent_id: str,
+               keys: dict[str, str], result: PipelineResult) -> StageResult:
+    upstream_keys = {d: keys[d] for d in spec.deps}
+    key = cache_key(spec, cfg, upstream_keys)
+    inputs = {d: result.stages[d].outputs for d in spec.deps}
+    upstream_runs = {d: result.stages[d].run_id for d in spec.deps}
+    tags = {
+        tracking.TAG_KIND: "stage",
+        tracking.TAG_STAGE: spec.name,
+        tracking.TAG_KEY: key,
+        tracking.TAG_UPSTREAM: json.dumps(upstream_runs),
+        "mlflow.parentRunId": parent_id,
+    }
+    t0 = time.perf_counter()
+    cached = tracking.find_cached(experiment_id, spec.name, key)
+    if cached is not None:
+        outputs = tracking.load_outputs(cached.info.run_id)
+        if _outputs_exist(outputs):
+            with mlflow.start_run(experiment_id=experiment_id, run_name=f"{spec.name} (cached)", nested=True,
+                                  tags={**tags, tracking.TAG_CACHE_HIT: "true",
+                                        tracking.TAG_CACHED_FROM: cached.info.run_id}) as run:
+                tracking.save_outputs(run.info.run_id, outputs)
+            console.print(f"[bold]{spec.name}[/]: cached, reusing run {cached.info.run_id} (key {key[:12]})")
+            return StageResult(spec.name, key, cached.info.run_id, outputs, True, time.perf_counter() - t0)
+        console.print(f"[bold]{spec.name}[/]: cached run {cached.info.run_id} lost its outputs; recomputing")
+    console.rule(f"stage {spec.name}")
+    with mlflow.start_run(experiment_id=experiment_id, run_name=spec.name, nested=True,
+                          tags={**tags, tracking.TAG_CACHE_HIT: "false"}) as run:
+        section = spec.section(cfg)
+        tracking.log_params(run.info.run_id, flatten(section.model_dump(mode="json")))
+        mlflow.log_dict(section.model_dump(mode="json"), f"{spec.name}_config.json")
+        out_dir = cfg.work_path() / spec.name / key[:16]
+        out_dir.mkdir(parents=True, exist_ok=True)
+        ctx = StageContext(spec.name, key, run.info.run_id, parent_id, cfg, out_dir, upstream_runs)
+        try:
+            outputs = spec.fn(ctx, section, inputs)
+        except Exception as e:
+            mlflow.set_tag("clpipe.error", f"{type(e).__name__}: {e}"[:5000])
+            raise StageError(f"stage {spec.name} failed: {type(e).__name__}: {e}") from e
+        tracking.save_outputs(run.info.run_id, outputs)
+        seconds = time.perf_counter() - t0
+        mlflow.log_metric("stage/seconds", seconds)
+    console.print(f"[bold]{spec.name}[/]: done in {seconds:.1f} s (run {run.info.run_id})")
+    return StageResult(spec.name, key, run.info.run_id, outputs, False, seconds)
+
+
+class StageError(RuntimeError):
+    pass

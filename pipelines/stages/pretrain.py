@@ -1,0 +1,172 @@
+"""pretrain: contrastive pretraining on Ray Train workers (ShardSet -> Encoder).
+
+The split follows Ray's Train docs: ``train_worker`` runs on every Ray Train worker
+(DDP process); ``pretrain`` is the driver that builds the ``TorchTrainer``. Rank 0
+writes the checkpoint and the MLflow metrics; every rank reports each epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import mlflow
+import torch
+from ray import train
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from cl_core.augment import EvalTransform, SimCLRTransform
+from cl_core.data.reader import ShardStream, load_split
+from cl_core.data.shards import read_manifest, shard_urls
+from cl_core.engine import LoopConfig, PretrainLoop
+from cl_core.evaluate import extract_features, knn_top1
+from cl_core.methods import Method, get_method
+from pipelines import plots, tracking
+from pipelines.config import PretrainConfig
+from pipelines.console import console
+from pipelines.graph import StageContext
+from pipelines.ray_env import cluster_gpus
+
+STATE_FILE = "state.pt"
+CONFIG_FILE = "config.json"
+
+
+def build_method(model: dict, *, gather_distributed: bool = True) -> Method:
+    """The method described by a checkpoint's / Encoder's ``model`` record."""
+    return get_method(model["method"])(**model["kwargs"], gather_distributed=gather_distributed)
+
+
+def load_encoder(encoder: dict) -> torch.nn.Module:
+    """The pretrained backbone of an Encoder record, loaded with ``weights_only``."""
+    method = build_method(encoder["model"], gather_distributed=False)
+    state = torch.load(Path(encoder["checkpoint_dir"]) / STATE_FILE, map_location="cpu", weights_only=True)
+    method.load_state_dict(state["model"])
+    return method.encoder().eval()
+
+
+def train_worker(config: dict) -> list[dict] | None:
+    """Runs on each Ray Train worker."""
+    ctx = train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(config["threads"])
+    device = train.torch.get_device()
+    p = PretrainConfig.model_validate(config["pretrain"])
+    method = build_method(config["model"]).to(device)
+    if device.type == "cuda":
+        method = method.to(memory_format=torch.channels_last)
+    model = train.torch.prepare_model(method)
+    urls, counts = config["train_urls"], config["train_counts"]
+    v = p.views
+    stream = ShardStream(
+        urls, counts, rank=rank, world_size=world, loader_workers=p.loader_workers,
+        batch_size=p.batch_size_per_worker, shuffle_buffer=p.shuffle_buffer, seed=config["seed"],
+        transform=SimCLRTransform(v.image_size, crop_min_scale=v.crop_min_scale, hflip_prob=v.hflip_prob,
+                                  jitter_strength=v.jitter_strength, jitter_prob=v.jitter_prob,
+                                  grayscale_prob=v.grayscale_prob, blur_prob=v.blur_prob),
+    )
+    loop = PretrainLoop(model, method, stream, LoopConfig(
+        epochs=p.epochs, batch_size_per_worker=p.batch_size_per_worker, optimizer=p.optimizer, lr_base=p.lr_base,
+        lr_scaling=p.lr_scaling, weight_decay=p.weight_decay, momentum=p.momentum, warmup_epochs=p.warmup_epochs,
+        loader_workers=p.loader_workers, log_every_steps=p.log_every_steps), device)
+
+    ckpt = train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            loop.load_state_dict(torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=True))
+        if rank == 0:
+            print(f"[pretrain] resumed from checkpoint at epoch {loop.epoch}, step {loop.step}", flush=True)
+
+    client = None
+    evaluate = None
+    if rank == 0:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(config["tracking_uri"])
+        print(f"[pretrain] {loop.describe()}", flush=True)
+        labeled = config["labeled"] and config["val_urls"]
+        if labeled:
+            tf = EvalTransform(v.image_size)
+            bank_x, bank_y = load_split(urls, tf)
+            val_x, val_y = load_split(config["val_urls"], tf)
+
+            def evaluate(encoder: torch.nn.Module) -> dict[str, float]:
+                fb = extract_features(encoder, bank_x, device=device)
+                fv = extract_features(encoder, val_x, device=device)
+                return {"val/knn_top1": knn_top1(fb, bank_y, fv, val_y, k=p.knn_k, temperature=p.knn_temperature)}
+
+    def report(metrics: dict[str, float], state: dict | None) -> None:
+        if rank != 0:
+            train.report(metrics, checkpoint=None)
+            return
+        tracking.log_metrics(config["run_id"], metrics, step=int(metrics["epoch"]), client=client)
+        print("[pretrain] epoch {:.0f}/{}  loss {:.4f}  lr {:.4g}  {:.0f} img/s{}".format(
+            metrics["epoch"], p.epochs, metrics["train/loss"], metrics["train/lr"], metrics["train/images_per_sec"],
+            f"  val kNN top-1 {metrics['val/knn_top1']:.3f}" if "val/knn_top1" in metrics else ""), flush=True)
+        with tempfile.TemporaryDirectory() as d:
+            torch.save(state, Path(d) / STATE_FILE)
+            (Path(d) / CONFIG_FILE).write_text(json.dumps({"model": config["model"], "pretrain": config["pretrain"],
+                                                           "metrics": metrics}, indent=2))
+            train.report(metrics, checkpoint=train.Checkpoint.from_directory(d))
+
+    def log_step(step: int, metrics: dict[str, float]) -> None:
+        if client is not None:
+            tracking.log_metrics(config["run_id"], metrics, step=step, client=client)
+
+    history = loop.run(report, evaluate, log_step)
+    return history if rank == 0 else None
+
+
+def pretrain(ctx: StageContext, cfg: PretrainConfig, inputs: dict) -> dict:
+    shard_set = inputs["shard"]
+    manifest = read_manifest(shard_set["shard_dir"])
+    train_urls, train_counts = shard_urls(shard_set["shard_dir"], manifest, "train")
+    val_urls, _ = shard_urls(shard_set["shard_dir"], manifest, "val")
+    use_gpu = cluster_gpus() >= cfg.num_workers if cfg.use_gpu == "auto" else bool(cfg.use_gpu)
+    model = {"method": cfg.method, "kwargs": cfg.model_kwargs()}
+    worker_config = {
+        "pretrain": cfg.model_dump(mode="json"),
+        "model": model,
+        "seed": ctx.seed,
+        "threads": max(1, int(cfg.cpus_per_worker)),
+        "train_urls": train_urls,
+        "train_counts": train_counts,
+        "val_urls": val_urls,
+        "labeled": manifest["labeled"],
+        "tracking_uri": ctx.tracking_uri,
+        "run_id": ctx.run_id,
+    }
+    console.print(f"pretrain: {cfg.method} / {cfg.backbone} on {cfg.num_workers} Ray Train worker(s)"
+                  f"{' with GPUs' if use_gpu else ''}, {cfg.epochs} epochs, {sum(train_counts)} training images "
+                  f"in {len(train_urls)} shards")
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config=worker_config,
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        run_config=RunConfig(
+            # deterministic per cache key: a rerun of an interrupted stage resumes from its checkpoint
+            name=f"pretrain-{ctx.key[:16]}",
+            storage_path=str(ctx.config.work_path() / "ray_results"),
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+        ),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    ckpt_dir = Path(result.checkpoint.path)
+    history = result.return_value or []
+    final = json.loads((ckpt_dir / CONFIG_FILE).read_text())["metrics"]
+    mlflow.log_artifacts(str(ckpt_dir), "checkpoint")
+    if history:
+        plots.training_curves(history, ctx.output_dir / "curves.png", title=f"{cfg.method} pretrain")
+        mlflow.log_artifact(str(ctx.output_dir / "curves.png"))
+    encoder = {"checkpoint_dir": str(ckpt_dir), "model": model, "feat_dim": build_method(model).feat_dim,
+               "image_size": cfg.views.image_size, "final_metrics": final}
+    info = mlflow.pytorch.log_model(load_encoder(encoder), name="encoder", serialization_format="pickle",
+                                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+    encoder["model_uri"] = info.model_uri
+    return encoder

@@ -1,0 +1,82 @@
+"""shard: source images -> WebDataset tar shards + manifest (ShardSet)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import mlflow
+import ray
+
+from cl_core.data import shards as S
+from cl_core.data.sources import Source, SourceError, open_source
+from pipelines.config import DataConfig
+from pipelines.console import console
+from pipelines.graph import StageContext
+
+
+@ray.remote(num_cpus=1)
+def _write_shard_task(source: Source, refs: list, path: str) -> dict:
+    return S.write_shard(source, refs, path)
+
+
+def shard(ctx: StageContext, cfg: DataConfig, inputs: dict) -> dict:
+    """Write the train/val/test shards in parallel Ray tasks, then the manifest."""
+    source = open_source(cfg.source.model_dump(mode="json", exclude_none=True))
+    refs = source.refs()
+    if not refs:
+        raise SourceError(f"data.source: {source.describe()} holds no images; point data.source.path at a folder or .npz with images")
+    splits = S.split_refs(refs, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
+                          seed=ctx.seed, stratified=source.labeled)
+    out = ctx.output_dir
+    if (out / S.MANIFEST).exists():  # a complete set from an earlier, unrecorded run
+        manifest = S.read_manifest(out)
+    else:
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        src_ref = ray.put(source)
+        pending: dict[str, list] = {}
+        for split, items in splits.items():
+            ranges = S.plan_shards(len(items), cfg.samples_per_shard, cfg.min_shards)
+            pending[split] = [
+                _write_shard_task.remote(src_ref, items[a:b], str(out / f"{split}-{i:06d}.tar"))
+                for i, (a, b) in enumerate(ranges)
+            ]
+        n_tasks = sum(len(v) for v in pending.values())
+        console.print(f"shard: {len(refs)} source images -> {n_tasks} shards in parallel Ray tasks")
+        results = {split: ray.get(refs_) for split, refs_ in pending.items()}
+        manifest = S.build_manifest(
+            source=source, split_sizes={k: len(v) for k, v in splits.items()}, shard_results=results,
+            seed=ctx.seed, config=cfg.model_dump(mode="json"),
+        )
+        if manifest["num_samples"] == 0:
+            raise SourceError(f"data.source: none of the {len(refs)} images in {source.describe()} could be decoded "
+                              f"(first error: {manifest['corrupt'][0]['error'] if manifest['corrupt'] else 'n/a'})")
+        if manifest["splits"]["train"]["num_samples"] == 0:
+            raise SourceError("data: the train split is empty; lower data.val_fraction / data.test_fraction")
+        S.write_manifest(out, manifest)
+    if manifest["num_corrupt"]:
+        first = ", ".join(c["id"] for c in manifest["corrupt"][:5])
+        console.print(f"[yellow]shard: skipped {manifest['num_corrupt']} undecodable image(s): {first}"
+                      f"{' ...' if manifest['num_corrupt'] > 5 else ''} (listed in manifest.json)[/]")
+    mlflow.log_artifact(str(out / S.MANIFEST))
+    metrics = {f"{s}/num_samples": manifest["splits"][s]["num_samples"] for s in S.SPLITS}
+    metrics |= {f"{s}/num_shards": len(manifest["splits"][s]["shards"]) for s in S.SPLITS}
+    metrics |= {"num_samples": manifest["num_samples"], "num_corrupt": manifest["num_corrupt"],
+                "num_classes": manifest["num_classes"]}
+    mlflow.log_metrics(metrics)
+    console.print("shard: " + ", ".join(f"{s} {manifest['splits'][s]['num_samples']}" for s in S.SPLITS)
+                  + f" samples; {manifest['num_corrupt']} corrupt; at {out}")
+    return {
+        "shard_dir": str(out),
+        "manifest_path": str(out / S.MANIFEST),
+        "manifest_sha256": S.sha256_file(out / S.MANIFEST),
+        "num_classes": manifest["num_classes"],
+        "labeled": manifest["labeled"],
+        "counts": {s: manifest["splits"][s]["num_samples"] for s in S.SPLITS},
+        "num_corrupt": manifest["num_corrupt"],
+    }
+
+
+def load_manifest(shard_set: dict) -> dict:
+    return json.loads(open(shard_set["manifest_path"]).read())

@@ -1,0 +1,87 @@
+"""Everything the pipeline says to MLflow goes through here."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import Metric, Param, Run
+from mlflow.tracking import MlflowClient
+
+TAG_KIND = "clpipe.kind"  # "pipeline" | "stage"
+TAG_STAGE = "clpipe.stage"
+TAG_KEY = "clpipe.cache_key"
+TAG_CACHE_HIT = "clpipe.cache_hit"
+TAG_CACHED_FROM = "clpipe.cached_from"
+TAG_UPSTREAM = "clpipe.upstream_run_ids"
+OUTPUTS_FILE = "clpipe_outputs.json"
+MAX_PARAM_LEN = 6000
+
+
+def setup(tracking_uri: str, experiment: str, artifact_location: str) -> str:
+    """Point MLflow at the store and make sure the experiment exists; returns its id."""
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    if tracking_uri.startswith("sqlite:///"):
+        Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return client.create_experiment(experiment, artifact_location=artifact_location)
+    return exp.experiment_id
+
+
+def log_params(run_id: str, params: dict[str, Any], client: MlflowClient | None = None) -> None:
+    client = client or MlflowClient()
+    items = [Param(k, _param_value(v)) for k, v in sorted(params.items())]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i : i + 100])
+
+
+def _param_value(v: Any) -> str:
+    s = json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+    return s if len(s) <= MAX_PARAM_LEN else s[: MAX_PARAM_LEN - 3] + "..."
+
+
+def log_metrics(run_id: str, metrics: dict[str, float], step: int, client: MlflowClient | None = None) -> None:
+    import time
+
+    client = client or MlflowClient()
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+
+def find_cached(experiment_id: str, stage: str, key: str) -> Run | None:
+    """The newest finished run that computed ``stage`` with cache key ``key``."""
+    runs = MlflowClient().search_runs(
+        [experiment_id],
+        filter_string=(
+            f"tags.`{TAG_KEY}` = '{key}' and tags.`{TAG_STAGE}` = '{stage}' "
+            f"and tags.`{TAG_CACHE_HIT}` = 'false' and attributes.status = 'FINISHED'"
+        ),
+        order_by=["attributes.end_time DESC"],
+        max_results=1,
+    )
+    return runs[0] if runs else None
+
+
+def save_outputs(run_id: str, outputs: dict) -> None:
+    MlflowClient().log_dict(run_id, outputs, OUTPUTS_FILE)
+
+
+def load_outputs(run_id: str) -> dict:
+    return mlflow.artifacts.load_dict(f"runs:/{run_id}/{OUTPUTS_FILE}")
+
+
+def ui_command(tracking_uri: str) -> str:
+    return f"mlflow ui --backend-store-uri {tracking_uri}"
+
+
+def quiet() -> None:
+    """Silence MLflow's per-run 'View run at' lines and emoji banners in the console."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
