@@ -8,7 +8,7 @@ writes the checkpoint and the MLflow metrics; every rank reports each epoch.
 from __future__ import annotations
 
 import json
-import os
+import logging
 import tempfile
 from pathlib import Path
 
@@ -49,6 +49,7 @@ def load_encoder(encoder: dict) -> torch.nn.Module:
 
 def train_worker(config: dict) -> list[dict] | None:
     """Runs on each Ray Train worker."""
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one progress line per epoch is enough
     ctx = train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(config["threads"])

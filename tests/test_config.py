@@ -1,0 +1,61 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines.config import ConfigError, load_config
+
+CONFIGS = sorted((Path(__file__).parents[1] / "pipelines" / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_validate(path):
+    load_config(path)
+
+
+def test_defaults():
+    cfg = load_config()
+    assert cfg.pretrain.method == "simclr" and cfg.pretrain.num_workers == 2
+    assert cfg.tracking_uri().startswith("sqlite:///")
+
+
+@pytest.mark.parametrize("override,message", [
+    ("pretrain.tempreature=0.1", "pretrain.tempreature: unknown field; known fields here: method"),
+    ("pretrain.method=simclrr", "pretrain.method: unknown method 'simclrr'; known methods: simclr"),
+    ("pretrain.temperature=0", "pretrain.temperature: must be > 0, got 0"),
+    ("pretrain.temperature=-0.5", "pretrain.temperature: must be > 0"),
+    ("pretrain.batch_size_per_worker=1", "pretrain.batch_size_per_worker: must be >= 2"),
+    ("pretrain.num_workers=0", "pretrain.num_workers: must be >= 1"),
+    ("data.source={kind: image_folder, path: /does/not/exist}", "data.source: Value error, path: /does/not/exist does not exist"),
+    ("data.source={kind: npz, path: /nope.npz}", "/nope.npz does not exist"),
+    ("pretrain.optimizer=adam", "pretrain.optimizer: Input should be 'sgd', 'adamw' or 'lars'"),
+    ("data.val_fraction=0.9", "val_fraction + test_fraction must be < 1"),
+    ("bogus=1", "bogus: unknown field"),
+    ("pretrain.num_workers=8", "data.min_shards (4) < pretrain.num_workers (8)"),
+])
+def test_bad_overrides_give_one_line_errors_naming_the_field(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=[override])
+    text = str(e.value)
+    assert message.replace("Value error, ", "") in text
+    assert len(text.splitlines()) == 1
+
+
+def test_yaml_file_errors(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump({"pretrain": {"epochs": 3, "temprature": 0.2}}))
+    with pytest.raises(ConfigError, match=r"c.yaml: pretrain.temprature: unknown field"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_config(overrides=["pretrain.epochs"])
+
+
+def test_file_then_overrides(tmp_path, image_folder):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump({"data": {"source": {"kind": "image_folder", "path": str(image_folder)}},
+                                 "pretrain": {"epochs": 3}}))
+    cfg = load_config(p, ["pretrain.epochs=5", "pretrain.views.image_size=24"])
+    assert cfg.pretrain.epochs == 5 and cfg.pretrain.views.image_size == 24
+    assert cfg.data.source.kind == "image_folder" and cfg.pretrain.temperature == 0.5
