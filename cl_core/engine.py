@@ -75,6 +75,10 @@ class PretrainLoop:
             "optimizer": self.optimizer.state_dict(),
             "epoch": self.epoch,
             "step": self.step,
+            # the schedule is a pure function of the step (lr_at); its parameters are kept
+            # so a checkpoint says which schedule it was on
+            "scheduler": {"kind": "warmup_cosine", "peak_lr": self.peak_lr, "warmup_steps": self.warmup_steps,
+                          "total_steps": self.total_steps, "lr": self.lr()},
             "torch_rng": torch.get_rng_state(),
         }
 
@@ -82,7 +86,7 @@ class PretrainLoop:
         self.method.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
-        torch.set_rng_state(state["torch_rng"])
+        torch.set_rng_state(state["torch_rng"].cpu())  # a CPU ByteTensor even if loaded onto a GPU
 
     def lr(self) -> float:
         return lr_at(self.step, total_steps=self.total_steps, warmup_steps=self.warmup_steps, peak_lr=self.peak_lr)
@@ -123,8 +127,8 @@ class PretrainLoop:
                 out = self.model(views)
             if not torch.isfinite(out.loss):
                 raise NonFiniteLossError(
-                    f"non-finite loss {out.loss.item()} at step {self.step} (epoch {self.epoch}); "
-                    f"the last good checkpoint is from epoch {self.epoch - 1 if self.epoch else 'none'}"
+                    f"non-finite loss {out.loss.item()} at step {self.step} (epoch {self.epoch + 1}); "
+                    f"the last good checkpoint is {f'the one after epoch {self.epoch}' if self.epoch else 'none (first epoch)'}"
                 )
             self.optimizer.zero_grad(set_to_none=True)
             out.loss.backward()

@@ -10,6 +10,7 @@ import yaml
 
 from pipelines.config import ConfigError, PipelineConfig, load_config
 from pipelines.console import console
+from pipelines.errors import StageError
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -90,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"clpipe: config error:\n{e}", file=sys.stderr)
         return 2
+    except StageError as e:
+        print(f"clpipe: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("clpipe: interrupted; rerun the same command to resume (finished stages are cached)", file=sys.stderr)
         return 130

@@ -151,6 +151,8 @@ class MlflowConfig(Section):
 class RayConfig(Section):
     address: str | None = Field(None, description="None: start a local Ray; 'auto' or ray://... to join a cluster")
     num_cpus: int | None = Field(None, ge=1, description="local Ray only")
+    train_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "WARNING", description="Ray Train's own console logs (INFO: worker-group and per-checkpoint lines)")
 
 
 class PipelineConfig(Section):
@@ -185,21 +187,34 @@ class PipelineConfig(Section):
 # ---- loading ---------------------------------------------------------------------------
 
 
+def _model_at(loc: tuple) -> Any:
+    """The config model class at a location, e.g. ("pretrain", "views") -> ViewsConfig."""
+    model: Any = PipelineConfig
+    for p in loc:
+        field = getattr(model, "model_fields", {}).get(p)
+        if field is None:
+            return None
+        model = field.annotation
+    return model
+
+
 def _format_errors(e: ValidationError, source: str) -> str:
     lines = []
     for err in e.errors():
-        loc = ".".join(str(p) for p in err["loc"])
+        loc = tuple(str(p) for p in err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            parent = err["loc"][:-1]
-            model: Any = PipelineConfig
-            for p in parent:
-                model = model.model_fields[p].annotation
-            known = ", ".join(getattr(model, "model_fields", {}).keys())
+            known = ", ".join(getattr(_model_at(loc[:-1]), "model_fields", {}).keys())
             msg = f"unknown field; known fields here: {known}"
         elif err["type"] == "literal_error":
             msg = f"{msg}, got {err.get('input')!r}"
-        lines.append(f"{source}: {loc}: {msg}" if loc else f"{source}: {msg}")
+        else:
+            # a cross-field check on a section names its field first ("path: ..."): fold it into the location
+            head, sep, rest = msg.partition(": ")
+            if sep and head in getattr(_model_at(loc), "model_fields", {}):
+                loc, msg = (*loc, head), rest
+        where = ".".join(loc)
+        lines.append(f"{source}: {where}: {msg}" if where else f"{source}: {msg}")
     return "\n".join(lines)
 
 

@@ -23,6 +23,7 @@ from pydantic import BaseModel
 from pipelines import tracking
 from pipelines.config import PipelineConfig, flatten
 from pipelines.console import console
+from pipelines.errors import StageError
 
 
 @dataclass(frozen=True)
@@ -160,7 +161,3 @@ def _run_stage(spec: StageSpec, cfg: PipelineConfig, experiment_id: str, parent_
         mlflow.log_metric("stage/seconds", seconds)
     console.print(f"[bold]{spec.name}[/]: done in {seconds:.1f} s (run {run.info.run_id})")
     return StageResult(spec.name, key, run.info.run_id, outputs, False, seconds)
-
-
-class StageError(RuntimeError):
-    pass

@@ -24,6 +24,20 @@ def init(cfg: RayConfig) -> None:
         ray.init(num_cpus=cfg.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
 
 
+def quiet_train_worker() -> None:
+    """Inside a Ray Train worker: drop Train's per-report INFO lines from the console.
+
+    Ray Train 2.60 logs every ``ray.train.report`` call ("Reporting training result
+    N: ...") at INFO from a logger named after its source file, which propagates to the
+    worker's root console handler; the pipeline prints its own one line per epoch.
+    """
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # Train V1 or a moved module: nothing to quiet
+        return
+    train_context.logger.setLevel(logging.WARNING)
+
+
 def cluster_cpus() -> float:
     return float(ray.cluster_resources().get("CPU", 0))
 

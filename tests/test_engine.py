@@ -39,7 +39,8 @@ def test_loop_reports_each_epoch_with_state(train_shards):
     m, state = reports[-1]
     assert m["step"] == 2 * loop.steps_per_epoch and m["epoch/unique_samples"] == sum(train_shards[1])
     assert m["val/x"] == 1.0 and m["train/images_per_sec"] > 0
-    assert set(state) == {"model", "optimizer", "epoch", "step", "torch_rng"}
+    assert set(state) == {"model", "optimizer", "scheduler", "epoch", "step", "torch_rng"}
+    assert state["scheduler"]["total_steps"] == 2 * loop.steps_per_epoch
 
 
 def test_resume_from_state_equals_uninterrupted_run(train_shards, tmp_path):

@@ -120,3 +120,14 @@ def test_pretrain_resumes_from_its_ray_checkpoint(local_ray, tmp_path, capfd):
     assert "resumed from checkpoint at epoch 1" in capfd.readouterr().out
     assert out["final_metrics"]["epoch"] == 2.0
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [2]
+
+
+def test_a_source_with_no_decodable_image_fails_the_shard_stage_clearly(local_ray, tmp_path, capsys):
+    folder = tmp_path / "broken"
+    for c in ("a", "b"):
+        (folder / c).mkdir(parents=True)
+        (folder / c / "x.png").write_bytes(b"\x89PNG\r\n\x1a\nnot an image")
+    args = ["run", "--work-dir", str(tmp_path / "work"), "--set", f"data.source={{kind: image_folder, path: {folder}}}"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "stage shard failed" in err and "none of the 2 images" in err and "could be decoded" in err

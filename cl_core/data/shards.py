@@ -88,7 +88,7 @@ def write_shard(source: Source, refs: Sequence[SampleRef], path: str | Path) -> 
                 except Exception as e:  # noqa: BLE001 - any decode failure is a corrupt sample
                     corrupt.append({"id": r.id, "error": str(e)[:200]})
                     continue
-                sample = {"__key__": f"s{r.index:09d}", ext: data, "json": {"id": r.id, "index": r.index}}
+                sample: dict[str, object] = {"__key__": f"s{r.index:09d}", ext: data, "json": {"id": r.id, "index": r.index}}
                 if r.label >= 0:
                     sample["cls"] = r.label
                     classes[r.label] += 1

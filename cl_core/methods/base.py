@@ -61,7 +61,8 @@ class Method(nn.Module):
     def param_groups(self, weight_decay: float) -> list[dict]:
         """Two groups: weights with decay; norms and biases without decay and
         excluded from LARS adaptation (``lars_exclude``), as in SimCLR."""
-        decay, no_decay = [], []
+        decay: list[nn.Parameter] = []
+        no_decay: list[nn.Parameter] = []
         for p in self.parameters():
             if not p.requires_grad:
                 continue

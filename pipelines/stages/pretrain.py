@@ -8,14 +8,13 @@ writes the checkpoint and the MLflow metrics; every rank reports each epoch.
 from __future__ import annotations
 
 import json
-import logging
 import tempfile
 from pathlib import Path
 
 import mlflow
 import torch
 from ray import train
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from cl_core.augment import EvalTransform, SimCLRTransform
@@ -24,11 +23,10 @@ from cl_core.data.shards import read_manifest, shard_urls
 from cl_core.engine import LoopConfig, PretrainLoop
 from cl_core.evaluate import extract_features, knn_top1
 from cl_core.methods import Method, get_method
-from pipelines import plots, tracking
+from pipelines import plots, ray_env, tracking
 from pipelines.config import PretrainConfig
 from pipelines.console import console
 from pipelines.graph import StageContext
-from pipelines.ray_env import cluster_gpus
 
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.json"
@@ -49,7 +47,7 @@ def load_encoder(encoder: dict) -> torch.nn.Module:
 
 def train_worker(config: dict) -> list[dict] | None:
     """Runs on each Ray Train worker."""
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one progress line per epoch is enough
+    ray_env.quiet_train_worker()  # one progress line per epoch is enough
     ctx = train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(config["threads"])
@@ -125,7 +123,7 @@ def pretrain(ctx: StageContext, cfg: PretrainConfig, inputs: dict) -> dict:
     manifest = read_manifest(shard_set["shard_dir"])
     train_urls, train_counts = shard_urls(shard_set["shard_dir"], manifest, "train")
     val_urls, _ = shard_urls(shard_set["shard_dir"], manifest, "val")
-    use_gpu = cluster_gpus() >= cfg.num_workers if cfg.use_gpu == "auto" else bool(cfg.use_gpu)
+    use_gpu = ray_env.cluster_gpus() >= cfg.num_workers if cfg.use_gpu == "auto" else bool(cfg.use_gpu)
     model = {"method": cfg.method, "kwargs": cfg.model_kwargs()}
     worker_config = {
         "pretrain": cfg.model_dump(mode="json"),
@@ -153,6 +151,7 @@ def pretrain(ctx: StageContext, cfg: PretrainConfig, inputs: dict) -> dict:
             storage_path=str(ctx.config.work_path() / "ray_results"),
             checkpoint_config=CheckpointConfig(num_to_keep=1),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
+            logging_config=LoggingConfig(log_level=ctx.config.ray.train_log_level),
         ),
     )
     result = trainer.fit()
