@@ -33,6 +33,7 @@ def test_projection_head_layers(layers):
     assert len(head.layers) == layers
     assert all(isinstance(layer[1], torch.nn.BatchNorm1d) for layer in head.layers)
     assert isinstance(head.layers[0][-1], torch.nn.ReLU) and not isinstance(head.layers[-1][-1], torch.nn.ReLU)
+    assert not head.layers[-1][1].bias.requires_grad and head.layers[0][1].bias.requires_grad
     h = torch.randn(4, 16)
     assert head(h).shape == (4, 8)
     assert head(h, upto=1).shape == (4, 32)
@@ -52,7 +53,8 @@ def test_simclr_step_is_finite_and_trains_all_parameters():
     out = m([torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)])
     assert torch.isfinite(out.loss)
     out.loss.backward()
-    assert all(p.grad is not None for p in m.parameters())
+    assert all(p.grad is not None for p in m.parameters() if p.requires_grad)
+    assert [n for n, p in m.named_parameters() if not p.requires_grad] == ["head.layers.2.1.bias"]
     groups = m.param_groups(1e-4)
     assert groups[0]["weight_decay"] == 1e-4 and groups[1]["weight_decay"] == 0 and groups[1]["lars_exclude"]
     assert all(p.ndim <= 1 for p in groups[1]["params"]) and all(p.ndim > 1 for p in groups[0]["params"])

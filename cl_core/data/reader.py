@@ -10,15 +10,19 @@ is seen at least once per epoch; the few repeats are counted in ``EpochPlan``.
 
 from __future__ import annotations
 
+import io
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from cl_core.data.tario import tar_samples
 
 
 @dataclass(frozen=True)
@@ -83,22 +87,27 @@ def plan_epoch(
     return EpochPlan(tuple(slots), steps, batch_size)
 
 
-def _to_rgb(sample: tuple) -> tuple:
-    img, *rest = sample
-    return (img.convert("RGB"), *rest)
+def decode_sample(sample: dict) -> tuple[Image.Image, int]:
+    """(PIL RGB image, label) of a shard sample; label -1 when the shard has no ``.cls``."""
+    data = sample.get("png", sample.get("jpg", sample.get("jpeg")))
+    if data is None:
+        raise ValueError(f"{sample.get('__url__')}: sample {sample.get('__key__')} has no .png/.jpg image "
+                         f"(found: {', '.join(k for k in sample if not k.startswith('__'))})")
+    with Image.open(io.BytesIO(data)) as im:
+        img = im.convert("RGB")  # decodes fully; grayscale digits become 3 equal channels
+    return img, int(sample["cls"]) if "cls" in sample else -1
 
 
 def sample_pipeline(urls: Sequence[str], *, shuffle_buffer: int = 0, seed: int = 0, handler=wds.reraise_exception):
-    """A plain WebDataset pipeline over ``urls``: (PIL RGB image, label) per sample
-    (label -1 when the shard has no ``.cls``)."""
-    stages: list = [wds.SimpleShardList(list(urls)), wds.tarfile_to_samples(handler=handler)]
+    """A WebDataset pipeline over ``urls`` yielding (PIL RGB image, label) per sample.
+
+    Tar members are read by :func:`cl_core.data.tario.tar_samples` (the same samples as
+    ``wds.tarfile_to_samples``, ~6x faster); ``handler`` follows WebDataset's convention.
+    """
+    stages: list = [wds.SimpleShardList(list(urls)), partial(tar_samples, handler=handler)]
     if shuffle_buffer > 1:
         stages.append(wds.shuffle(shuffle_buffer, initial=shuffle_buffer, rng=random.Random(seed)))
-    stages += [
-        wds.decode("pil", handler=handler),
-        wds.map(lambda s: (s.get("png", s.get("jpg")), int(s.get("cls", -1)))),
-        wds.map(_to_rgb),
-    ]
+    stages.append(wds.map(decode_sample, handler=handler))
     return wds.DataPipeline(*stages)
 
 

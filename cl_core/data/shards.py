@@ -27,6 +27,7 @@ from cl_core.data.sources import SampleRef, Source
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val", "test")
 MAX_LISTED_CORRUPT = 100
+SHARD_MTIME = 946684800  # 2000-01-01T00:00:00Z, the mtime of every tar member
 
 
 def split_refs(
@@ -81,7 +82,9 @@ def write_shard(source: Source, refs: Sequence[SampleRef], path: str | Path) -> 
     classes: Counter[int] = Counter()
     count = 0
     try:
-        with wds.TarWriter(tmp) as sink:
+        # a fixed integer mtime: plain ustar headers (no pax record per member) and
+        # byte-identical shards, hence equal sha256s, for equal inputs
+        with wds.TarWriter(tmp, mtime=SHARD_MTIME) as sink:
             for r in refs:
                 try:
                     data, ext = source.encode(r)

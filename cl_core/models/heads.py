@@ -9,9 +9,10 @@ class SimCLRProjectionHead(nn.Module):
     """SimCLR's MLP projection head g(.) [0], deepened in SimCLRv2 [1].
 
     "We use a MLP with one hidden layer to obtain z_i = g(h_i) = W(2) sigma(W(1) h_i)" [0];
-    SimCLRv2 uses a 3-layer head and fine-tunes from its first layer [1]. Every layer is
-    Linear -> BatchNorm1d, followed by ReLU except the last (as in SimCLRv2's code);
-    the hidden layers keep the input width.
+    SimCLRv2 uses a 3-layer head and fine-tunes from its first layer [1]. As in SimCLRv2's
+    code, every layer is a bias-free Linear followed by BatchNorm1d; hidden layers add a
+    ReLU, and the output layer's batch norm has no shift (its beta is a frozen zero,
+    TensorFlow's ``center=False``). The hidden layers keep the input width by default.
 
     - [0] Chen et al., 2020, https://arxiv.org/abs/2002.05709
     - [1] Chen et al., Big Self-Supervised Models are Strong Semi-Supervised Learners,
@@ -33,7 +34,9 @@ class SimCLRProjectionHead(nn.Module):
         for i in range(num_layers):
             last = i == num_layers - 1
             block: list[nn.Module] = [nn.Linear(dims[i], dims[i + 1], bias=False), nn.BatchNorm1d(dims[i + 1])]
-            if not last:
+            if last:
+                block[1].bias.requires_grad_(False)  # scale only: no learned shift on z
+            else:
                 block.append(nn.ReLU(inplace=True))
             self.layers.append(nn.Sequential(*block))
         self.num_layers = num_layers
