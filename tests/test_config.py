@@ -60,3 +60,13 @@ def test_file_then_overrides(tmp_path, image_folder):
     cfg = load_config(p, ["pretrain.epochs=5", "pretrain.views.image_size=24"])
     assert cfg.pretrain.epochs == 5 and cfg.pretrain.views.image_size == 24
     assert cfg.data.source.kind == "image_folder" and cfg.pretrain.temperature == 0.5
+
+
+def test_readme_yaml_snippets_validate(tmp_path, image_folder):
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in readme.split("```yaml\n")[1:]]
+    assert blocks
+    for i, block in enumerate(blocks):
+        p = tmp_path / f"readme-{i}.yaml"
+        p.write_text(block.replace("/data/images", str(image_folder)))
+        load_config(p)
