@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import mlflow
@@ -76,7 +75,3 @@ def shard(ctx: StageContext, cfg: DataConfig, inputs: dict) -> dict:
         "counts": {s: manifest["splits"][s]["num_samples"] for s in S.SPLITS},
         "num_corrupt": manifest["num_corrupt"],
     }
-
-
-def load_manifest(shard_set: dict) -> dict:
-    return json.loads(open(shard_set["manifest_path"]).read())
