@@ -18,6 +18,7 @@ from typing import IO, Any
 import webdataset as wds
 
 BLOCK = 512
+_ZERO_BLOCK = b"\0" * BLOCK
 _REGULAR = (b"0", b"\0", b"7")  # regular file, old-style regular file, contiguous file
 _SKIPPED = (b"1", b"2", b"3", b"4", b"5", b"6", b"g")  # links, devices, dirs, FIFOs, global pax
 
@@ -64,9 +65,11 @@ def iter_tar_files(stream: IO[bytes], where: str = "") -> Iterator[tuple[str, by
     long_name: str | None = None
     while True:
         header = read(BLOCK)
-        if not header or header == b"\0" * len(header):
+        if not header or header == _ZERO_BLOCK:
             return  # end of archive (two zero blocks, or a bare end of stream)
         if len(header) < BLOCK:
+            if not header.strip(b"\0"):
+                return  # a cut-off end-of-archive block: every member before it is whole
             raise TarFormatError(f"{where}: truncated tar header at byte {offset}")
         if not _checksum_ok(header):
             raise TarFormatError(f"{where}: bad tar header checksum at byte {offset}; the shard is corrupt")
