@@ -81,3 +81,32 @@ class EvalTransform:
 
     def __call__(self, image) -> torch.Tensor:
         return self.transform(image)
+
+
+class FinetuneTransform:
+    """Fine-tuning and distillation views (SimCLRv2 [0]): random resized crop and
+    horizontal flip only, one view per image (returned as a one-element list so the
+    training loop treats it like the contrastive views).
+
+    - [0] Chen et al., 2020, https://arxiv.org/abs/2006.10029 (Appendix: "only random
+      crop and horizontal flip" during fine-tuning and distillation)
+    """
+
+    def __init__(
+        self,
+        image_size: int = 32,
+        *,
+        crop_min_scale: float = 0.08,
+        hflip_prob: float = 0.5,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
+        self.transform = v2.Compose([
+            v2.ToImage(),
+            v2.RandomResizedCrop(image_size, scale=(crop_min_scale, 1.0), antialias=True),
+            v2.RandomHorizontalFlip(p=hflip_prob),
+            *_normalize(mean, std),
+        ])
+
+    def __call__(self, image) -> list[torch.Tensor]:
+        return [self.transform(image)]

@@ -50,10 +50,14 @@ class PretrainLoop:
         model: the method, possibly wrapped by DDP (its forward returns a StepOutput).
         method: the unwrapped method (parameters, encoder, hooks).
         stream: this worker's :class:`ShardStream`.
+        aux: for methods with ``uses_labels`` (fine-tuning, distillation): a callable
+            giving one extra labeled batch ``(views, labels)`` per step, or None.
     """
 
-    def __init__(self, model: nn.Module, method: Method, stream: ShardStream, cfg: LoopConfig, device: torch.device):
+    def __init__(self, model: nn.Module, method: Method, stream: ShardStream, cfg: LoopConfig, device: torch.device,
+                 aux: Callable[[], tuple[list[torch.Tensor], torch.Tensor]] | None = None):
         self.model, self.method, self.stream, self.cfg, self.device = model, method, stream, cfg, device
+        self.aux = aux  # supervised objectives only: gives an extra labeled batch per step
         self.world_size = distributed.world_size()
         self.global_batch = cfg.batch_size_per_worker * self.world_size
         self.peak_lr = scale_lr(cfg.lr_base, self.global_batch, cfg.lr_scaling)
@@ -91,6 +95,12 @@ class PretrainLoop:
     def lr(self) -> float:
         return lr_at(self.step, total_steps=self.total_steps, warmup_steps=self.warmup_steps, peak_lr=self.peak_lr)
 
+    def _aux_batch(self):
+        if self.aux is None:
+            return None
+        views, labels = self.aux()
+        return [v.to(self.device, non_blocking=True) for v in views], labels.to(self.device, non_blocking=True)
+
     # ---- loop --------------------------------------------------------------------
     def describe(self) -> str:
         return (
@@ -117,14 +127,17 @@ class PretrainLoop:
         plan = self.stream.plan()
         loader = training_loader(self.stream, num_workers=self.cfg.loader_workers, pin_memory=self.device.type == "cuda")
         self.model.train()
-        loss_sum = torch.zeros((), device=self.device)
+        sums: dict[str, torch.Tensor] = {}
         n_steps = 0
         t0 = time.perf_counter()
-        for views, _labels in loader:
+        for views, labels in loader:
             views = [v.to(self.device, non_blocking=True) for v in views]
             set_lr(self.optimizer, self.lr())
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                out = self.model(views)
+                if self.method.uses_labels:
+                    out = self.model(views, labels.to(self.device, non_blocking=True), self._aux_batch())
+                else:
+                    out = self.model(views)
             if not torch.isfinite(out.loss):
                 raise NonFiniteLossError(
                     f"non-finite loss {out.loss.item()} at step {self.step} (epoch {self.epoch + 1}); "
@@ -136,15 +149,18 @@ class PretrainLoop:
             self.method.after_optimizer_step(self.step, self.total_steps)
             self.step += 1
             n_steps += 1
-            loss_sum += out.loss.detach()
+            for k, v in {"train/loss": out.loss.detach(), **out.metrics}.items():
+                sums[k] = sums[k] + v.float() if k in sums else v.float().clone()
             if log is not None and self.cfg.log_every_steps and self.step % self.cfg.log_every_steps == 0:
                 log(self.step, {"train/step_loss": float(out.loss.detach()), "train/lr": self.lr()})
         elapsed = time.perf_counter() - t0
         if n_steps != plan.steps:
             raise RuntimeError(f"epoch {self.epoch}: loader gave {n_steps} batches, the plan says {plan.steps}")
-        mean_loss = distributed.all_reduce_mean(loss_sum / max(1, n_steps)).item()
+        means = {k: distributed.all_reduce_mean(v / max(1, n_steps)).item() for k, v in sorted(sums.items())}
+        mean_loss = means.pop("train/loss", float("nan"))
         self.epoch += 1
         metrics = {
+            **means,
             "train/loss": mean_loss,
             "train/lr": self.optimizer.param_groups[0]["lr"],
             "train/images_per_sec": plan.samples_seen / elapsed,

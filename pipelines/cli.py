@@ -27,8 +27,9 @@ def _config(args: argparse.Namespace) -> PipelineConfig:
     return load_config(args.config, overrides)
 
 
-def run(cfg: PipelineConfig):
-    """Run shard -> pretrain -> evaluate and print the summary. Returns the PipelineResult."""
+def run(cfg: PipelineConfig, *, rerun: str | None = None, only: str | None = None):
+    """Run the stages (shard -> pretrain, labels -> finetune -> distill -> evaluate ->
+    register) and print the summary. Returns the PipelineResult."""
     from pipelines import ray_env, tracking
     from pipelines.graph import run_pipeline
     from pipelines.stages import STAGES
@@ -39,7 +40,7 @@ def run(cfg: PipelineConfig):
     exp_id = tracking.setup(cfg.tracking_uri(), cfg.mlflow.experiment, cfg.artifact_location())
     console.print(f"clpipe: pipeline [bold]{cfg.name}[/], work dir {cfg.work_path()}, MLflow {cfg.tracking_uri()}")
     ray_env.init(cfg.ray)
-    result = run_pipeline(cfg, STAGES, experiment_id=exp_id)
+    result = run_pipeline(cfg, STAGES, experiment_id=exp_id, rerun=rerun, only=only)
     _summary(cfg, result, time.perf_counter() - t0)
     return result
 
@@ -49,16 +50,24 @@ def _summary(cfg: PipelineConfig, result, wall: float) -> None:
 
     from pipelines import tracking
 
-    metrics = result.stages["evaluate"].outputs.get("metrics", {})
-    if metrics:
-        t = Table(title=f"test split ({int(metrics['test/num_samples'])} images)")
-        t.add_column("encoder")
-        t.add_column("kNN top-1", justify="right")
-        t.add_column("linear probe top-1", justify="right")
-        for name in ("pretrained", "random_init"):
-            t.add_row(name.replace("_", " "), f"{metrics[f'test/{name}/knn_top1']:.4f}",
-                      f"{metrics[f'test/{name}/linear_top1']:.4f}")
+    ev = result.stages.get("evaluate")
+    if ev is not None and ev.outputs.get("rows"):
+        metrics, rows = ev.outputs["metrics"], ev.outputs["rows"]
+        t = Table(title=f"test top-1 ({int(metrics['test/num_samples'])} images)")
+        for col in ("label fraction", "labels", "encoder kNN", "encoder linear", "supervised baseline", "teacher", "student"):
+            t.add_column(col, justify="right")
+        for r in rows:
+            t.add_row(f"{r['label_fraction']:g}", str(r["labels"]),
+                      *[f"{r[c]:.4f}" if c in r else "-" for c in ("encoder_knn", "encoder_linear", "baseline", "teacher", "student")])
+        t.add_row("1 (all)", "-", f"{metrics['test/pretrained/knn_top1']:.4f}", f"{metrics['test/pretrained/linear_top1']:.4f}",
+                  "-", "-", "-")
+        t.add_row("random init, all", "-", f"{metrics['test/random_init/knn_top1']:.4f}",
+                  f"{metrics['test/random_init/linear_top1']:.4f}", "-", "-", "-")
         console.print(t)
+    reg = result.stages.get("register")
+    if reg is not None and not reg.cached:
+        for v in reg.outputs.get("versions", {}).values():
+            console.print(f"  registered {v['name']} version {v['version']}{' (champion)' if v['champion'] else ''}")
     for name, s in result.stages.items():
         console.print(f"  {name:<9} {'cached' if s.cached else f'{s.seconds:6.1f} s'}  run {s.run_id}")
     console.print(f"wall time {wall:.1f} s; MLflow parent run {result.run_id}")
@@ -68,8 +77,10 @@ def _summary(cfg: PipelineConfig, result, wall: float) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="clpipe", description="Contrastive pretraining pipelines on Ray with MLflow.")
     sub = parser.add_subparsers(dest="command")
-    p_run = sub.add_parser("run", help="run the pipeline (shard -> pretrain -> evaluate)")
+    p_run = sub.add_parser("run", help="run the pipeline (shard, pretrain, labels, finetune, distill, evaluate, register)")
     _add_config_args(p_run)
+    p_run.add_argument("--rerun", metavar="STAGE", help="recompute STAGE and everything downstream of it (ignore the cache)")
+    p_run.add_argument("--only", metavar="STAGE", help="compute STAGE alone against the cached outputs of its upstream stages")
     p_cfg = sub.add_parser("config", help="validate a config and print it resolved")
     _add_config_args(p_cfg)
     sub.add_parser("methods", help="list the known methods")
@@ -86,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "config":
             print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
             return 0
-        run(cfg)
+        run(cfg, rerun=args.rerun, only=args.only)
         return 0
     except ConfigError as e:
         print(f"clpipe: config error:\n{e}", file=sys.stderr)

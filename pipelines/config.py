@@ -67,18 +67,11 @@ class ViewsConfig(Section):
     blur_prob: float = Field(0.0, ge=0, le=1, description="SimCLR: 0.5 on ImageNet, off for small images")
 
 
-class PretrainConfig(Section):
-    method: str = "simclr"
-    backbone: Literal["small_cnn", "resnet18", "resnet50"] = "small_cnn"
-    backbone_width: int = Field(32, ge=1, description="small_cnn only")
-    cifar_stem: bool = False
-    temperature: float = Field(0.5, description="NT-Xent temperature")
-    head_layers: int = Field(2, ge=2, le=4)
-    head_hidden_dim: int | None = Field(None, ge=1)
-    proj_dim: int = Field(128, ge=1)
-    views: ViewsConfig = ViewsConfig()
+class TrainingConfig(Section):
+    """What every Ray Train stage shares: budget, optimizer, schedule and resources."""
+
     epochs: int = Field(20, ge=1)
-    batch_size_per_worker: int = 128
+    batch_size_per_worker: int = Field(128, ge=1)
     optimizer: Literal["sgd", "adamw", "lars"] = "lars"
     lr_base: float = Field(0.3, gt=0, description="per 256 images")
     lr_scaling: Literal["linear", "sqrt", "none"] = "linear"
@@ -91,9 +84,28 @@ class PretrainConfig(Section):
     loader_workers: int = Field(1, ge=0, description="DataLoader worker processes per training worker")
     shuffle_buffer: int = Field(1000, ge=0)
     max_failures: int = Field(0, ge=-1)
+    log_every_steps: int = Field(0, ge=0)
+
+    @field_validator("num_workers")
+    @classmethod
+    def _workers(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"must be >= 1, got {v}")
+        return v
+
+
+class PretrainConfig(TrainingConfig):
+    method: str = "simclr"
+    backbone: Literal["small_cnn", "resnet18", "resnet50"] = "small_cnn"
+    backbone_width: int = Field(32, ge=1, description="small_cnn only")
+    cifar_stem: bool = False
+    temperature: float = Field(0.5, description="NT-Xent temperature")
+    head_layers: int = Field(3, ge=2, le=4, description="SimCLRv2: 3 (fine-tune from layer 1); SimCLR: 2")
+    head_hidden_dim: int | None = Field(None, ge=1)
+    proj_dim: int = Field(128, ge=1)
+    views: ViewsConfig = ViewsConfig()
     knn_k: int = Field(20, ge=1)
     knn_temperature: float = Field(0.07, gt=0)
-    log_every_steps: int = Field(0, ge=0)
 
     @field_validator("method")
     @classmethod
@@ -116,13 +128,6 @@ class PretrainConfig(Section):
             raise ValueError(f"must be >= 2 (a contrastive batch needs negatives), got {v}")
         return v
 
-    @field_validator("num_workers")
-    @classmethod
-    def _workers(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError(f"must be >= 1, got {v}")
-        return v
-
     def model_kwargs(self) -> dict[str, Any]:
         return {
             "backbone": self.backbone,
@@ -133,6 +138,66 @@ class PretrainConfig(Section):
             "cifar_stem": self.cifar_stem,
             "width": self.backbone_width,
         }
+
+
+class LabelsConfig(Section):
+    fractions: list[float] = Field([0.01, 0.1], min_length=1,
+                                   description="label fractions of the training split (SimCLRv2: 1% and 10%)")
+
+    @field_validator("fractions")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        bad = [f for f in v if not 0 < f <= 1]
+        if bad:
+            raise ValueError(f"every fraction must be in (0, 1], got {bad}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"fractions repeat: {v}")
+        return sorted(v)
+
+
+class CropFlipConfig(Section):
+    """Views for fine-tuning and distillation: random resized crop and flip only."""
+
+    crop_min_scale: float = Field(0.08, gt=0, le=1)
+    hflip_prob: float = Field(0.5, ge=0, le=1)
+
+
+class FinetuneConfig(TrainingConfig):
+    finetune_from_head_layer: int = Field(1, ge=0, le=4, description="projection-head layers kept (SimCLRv2: 1; 0: encoder only)")
+    num_classes: int | None = Field(None, ge=2, description="None: the data's class count; set it to assert that count")
+    baseline: bool = Field(True, description="also train the same classifier from scratch on the same labels and budget")
+    views: CropFlipConfig = CropFlipConfig()
+    epochs: int = Field(60, ge=1, description="SimCLRv2: 60 epochs on 1% of ImageNet, 30 on 10%")
+    min_steps: int = Field(0, ge=0, description="raise the epochs of a small labeled subset to at least this many steps")
+    batch_size_per_worker: int = Field(32, ge=1)
+    lr_base: float = Field(0.1, gt=0, description="per 256 images")
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_epochs: float = Field(0.0, ge=0)
+
+
+class DistillConfig(TrainingConfig):
+    student_backbone: str | None = Field(None, description="None: the teacher's backbone (self-distillation)")
+    student_width: int | None = Field(None, ge=1, description="small_cnn only; None: the teacher's")
+    temperature: float = Field(0.1, gt=0, description="SimCLRv2: 0.1 self-distillation, 1.0 big-to-small")
+    alpha: float = Field(0.0, ge=0, description="weight of cross-entropy on the labeled subset")
+    views: CropFlipConfig = CropFlipConfig()
+    epochs: int = Field(20, ge=1)
+    batch_size_per_worker: int = Field(64, ge=1)
+
+    @field_validator("student_backbone")
+    @classmethod
+    def _student_backbone(cls, v: str | None) -> str | None:
+        from cl_core.models import BACKBONES
+
+        if v is not None and v not in BACKBONES:
+            raise ValueError(f"unknown backbone {v!r}; known backbones: {', '.join(sorted(BACKBONES))}")
+        return v
+
+
+class RegisterConfig(Section):
+    enabled: bool = True
+    model_name: str | None = Field(None, description="registry names NAME-encoder/-teacher/-student; None: the config's name")
+    label_fraction: float | None = Field(None, description="whose teacher and student to register; None: the largest")
 
 
 class EvaluateConfig(Section):
@@ -161,18 +226,34 @@ class PipelineConfig(Section):
     work_dir: str = "clpipe-work"
     data: DataConfig = DataConfig()
     pretrain: PretrainConfig = PretrainConfig()
+    labels: LabelsConfig = LabelsConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    distill: DistillConfig = DistillConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    registry: RegisterConfig = RegisterConfig()
     mlflow: MlflowConfig = MlflowConfig()
     ray: RayConfig = RayConfig()
 
     @model_validator(mode="after")
-    def _shards_for_workers(self) -> PipelineConfig:
-        need = self.pretrain.num_workers
-        if self.data.min_shards < need:
-            raise ValueError(
-                f"data.min_shards ({self.data.min_shards}) < pretrain.num_workers ({need}): every worker needs its own shard"
-            )
+    def _across_sections(self) -> PipelineConfig:
+        for stage in ("pretrain", "finetune", "distill"):
+            need = getattr(self, stage).num_workers
+            if self.data.min_shards < need:
+                raise ValueError(f"data.min_shards ({self.data.min_shards}) < {stage}.num_workers ({need}): "
+                                 "every worker needs its own shard")
+        k, layers = self.finetune.finetune_from_head_layer, self.pretrain.head_layers
+        if k > layers:
+            raise ValueError(f"finetune.finetune_from_head_layer ({k}) > pretrain.head_layers ({layers}): "
+                             f"the head has only {layers} layers to fine-tune from")
+        if self.registry.label_fraction is not None and self.registry.label_fraction not in self.labels.fractions:
+            raise ValueError(f"registry.label_fraction ({self.registry.label_fraction}) is not one of "
+                             f"labels.fractions {self.labels.fractions}")
+        if self.distill.student_width is not None and (self.distill.student_backbone or self.pretrain.backbone) != "small_cnn":
+            raise ValueError("distill.student_width applies to the small_cnn backbone only; leave it unset")
         return self
+
+    def model_name(self) -> str:
+        return self.registry.model_name or self.name
 
     def work_path(self) -> Path:
         return Path(self.work_dir).expanduser().resolve()

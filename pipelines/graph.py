@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,6 +47,11 @@ class StageContext:
     config: PipelineConfig
     output_dir: Path  # a directory owned by this stage and key
     upstream_run_ids: dict[str, str]
+
+    @property
+    def ray_run_name(self) -> str:
+        """Ray Train's run name: deterministic per cache key, so a rerun resumes."""
+        return f"{self.name}-{self.key[:16]}"
 
     @property
     def seed(self) -> int:
@@ -84,41 +90,85 @@ def cache_key(spec: StageSpec, cfg: PipelineConfig, upstream_keys: dict[str, str
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def _outputs_exist(outputs: dict) -> bool:
-    """Paths a stage promises (keys ending in ``_dir``/``_path``) must still exist."""
-    for k, v in flatten(outputs).items():
-        if (k.endswith("_dir") or k.endswith("_path")) and isinstance(v, str) and not Path(v).exists():
-            return False
-    return True
+def _descendants(stages: list[StageSpec], name: str) -> set[str]:
+    out = {name}
+    for s in stages:  # dependency order: one pass suffices
+        if any(d in out for d in s.deps):
+            out.add(s.name)
+    return out
 
 
-def run_pipeline(cfg: PipelineConfig, stages: list[StageSpec], *, experiment_id: str, run_name: str | None = None) -> PipelineResult:
-    """Run ``stages`` (in dependency order) under one parent MLflow run."""
+def _ancestors(stages: list[StageSpec], name: str) -> set[str]:
+    by_name = {s.name: s for s in stages}
+    out: set[str] = set()
+    todo = list(by_name[name].deps)
+    while todo:
+        d = todo.pop()
+        if d not in out:
+            out.add(d)
+            todo += by_name[d].deps
+    return out
+
+
+def run_pipeline(cfg: PipelineConfig, stages: list[StageSpec], *, experiment_id: str, run_name: str | None = None,
+                 rerun: str | None = None, only: str | None = None) -> PipelineResult:
+    """Run ``stages`` (in dependency order) under one parent MLflow run.
+
+    ``rerun``: recompute that stage and everything downstream of it, ignoring the cache.
+    ``only``: compute that stage alone; its upstream stages must be in the cache.
+    """
     t0 = time.perf_counter()
-    names = {s.name for s in stages}
+    names = [s.name for s in stages]
     for s in stages:
-        missing = [d for d in s.deps if d not in names]
+        missing = [d for d in s.deps if d not in names[: names.index(s.name)]]
         if missing:
-            raise ValueError(f"stage {s.name} depends on {missing}, which are not in the pipeline")
+            raise ValueError(f"stage {s.name} depends on {missing}, which do not come before it in the pipeline")
+    for flag, value in (("--rerun", rerun), ("--only", only)):
+        if value is not None and value not in names:
+            raise StageError(f"{flag} {value}: no such stage; stages: {', '.join(names)}")
+    forced = _descendants(stages, rerun) if rerun else set()
+    selected = stages
+    if only:
+        keep = _ancestors(stages, only) | {only}
+        selected = [s for s in stages if s.name in keep]
+        forced |= {only}
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_name or f"pipeline {cfg.name}",
                           tags={tracking.TAG_KIND: "pipeline"}) as parent:
         result = PipelineResult(parent.info.run_id)
         tracking.log_params(parent.info.run_id, flatten(cfg.model_dump(mode="json")))
         mlflow.log_dict(cfg.model_dump(mode="json"), "config.json")
+        if rerun or only:
+            mlflow.set_tags({k: v for k, v in (("clpipe.rerun", rerun), ("clpipe.only", only)) if v})
         keys: dict[str, str] = {}
-        for spec in stages:
-            res = _run_stage(spec, cfg, experiment_id, parent.info.run_id, keys, result)
+        for spec in selected:
+            must_cache = only is not None and spec.name != only
+            res = _run_stage(spec, cfg, experiment_id, parent.info.run_id, keys, result,
+                             force=spec.name in forced, cache_only=must_cache, only=only)
             keys[spec.name] = res.key
             result.stages[spec.name] = res
             mlflow.set_tag(f"clpipe.stage.{spec.name}.run_id", res.run_id)
             mlflow.set_tag(f"clpipe.stage.{spec.name}.cached", str(res.cached).lower())
         result.seconds = time.perf_counter() - t0
         mlflow.log_metric("pipeline/seconds", result.seconds)
+        mlflow.log_text(_chain_markdown(result), "chain.md")
     return result
 
 
+def _chain_markdown(result: PipelineResult) -> str:
+    lines = ["| stage | run id | cached | seconds |", "|---|---|---|---:|"]
+    for s in result.stages.values():
+        lines.append(f"| {s.name} | {s.run_id} | {'yes' if s.cached else 'no'} | {s.seconds:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _missing_paths(outputs: dict) -> list[str]:
+    return [v for k, v in flatten(outputs).items()
+            if (k.endswith("_dir") or k.endswith("_path")) and isinstance(v, str) and not Path(v).exists()]
+
+
 def _run_stage(spec: StageSpec, cfg: PipelineConfig, experiment_id: str, parent_id: str,
-               keys: dict[str, str], result: PipelineResult) -> StageResult:
+               keys: dict[str, str], result: PipelineResult, *, force: bool = False, cache_only: bool = False,
+               only: str | None = None) -> StageResult:
     upstream_keys = {d: keys[d] for d in spec.deps}
     key = cache_key(spec, cfg, upstream_keys)
     inputs = {d: result.stages[d].outputs for d in spec.deps}
@@ -128,29 +178,40 @@ def _run_stage(spec: StageSpec, cfg: PipelineConfig, experiment_id: str, parent_
         tracking.TAG_STAGE: spec.name,
         tracking.TAG_KEY: key,
         tracking.TAG_UPSTREAM: json.dumps(upstream_runs),
+        tracking.TAG_UPSTREAM_URIS: json.dumps({d: tracking.artifact_uri(r) for d, r in upstream_runs.items()}),
         "mlflow.parentRunId": parent_id,
     }
     t0 = time.perf_counter()
-    cached = tracking.find_cached(experiment_id, spec.name, key)
+    cached = None if force else tracking.find_cached(experiment_id, spec.name, key)
     if cached is not None:
         outputs = tracking.load_outputs(cached.info.run_id)
-        if _outputs_exist(outputs):
+        missing = _missing_paths(outputs)
+        if not missing:
             with mlflow.start_run(experiment_id=experiment_id, run_name=f"{spec.name} (cached)", nested=True,
                                   tags={**tags, tracking.TAG_CACHE_HIT: "true",
                                         tracking.TAG_CACHED_FROM: cached.info.run_id}) as run:
                 tracking.save_outputs(run.info.run_id, outputs)
             console.print(f"[bold]{spec.name}[/]: cached, reusing run {cached.info.run_id} (key {key[:12]})")
             return StageResult(spec.name, key, cached.info.run_id, outputs, True, time.perf_counter() - t0)
-        console.print(f"[bold]{spec.name}[/]: cached run {cached.info.run_id} lost its outputs; recomputing")
+        if cache_only:
+            raise StageError(f"--only {only}: upstream stage {spec.name}'s run {cached.info.run_id} lost its "
+                             f"artifact {missing[0]}; rerun it: clpipe run --rerun {spec.name}")
+        console.print(f"[bold]{spec.name}[/]: cached run {cached.info.run_id} lost {missing[0]}; recomputing")
+    elif cache_only:
+        raise StageError(f"--only {only}: upstream stage {spec.name} has no finished run for this config "
+                         f"(key {key[:12]}); run the pipeline without --only first")
     console.rule(f"stage {spec.name}")
     with mlflow.start_run(experiment_id=experiment_id, run_name=spec.name, nested=True,
-                          tags={**tags, tracking.TAG_CACHE_HIT: "false"}) as run:
+                          tags={**tags, tracking.TAG_CACHE_HIT: "false", "clpipe.forced": str(force).lower()}) as run:
         section = spec.section(cfg)
         tracking.log_params(run.info.run_id, flatten(section.model_dump(mode="json")))
         mlflow.log_dict(section.model_dump(mode="json"), f"{spec.name}_config.json")
         out_dir = cfg.work_path() / spec.name / key[:16]
-        out_dir.mkdir(parents=True, exist_ok=True)
         ctx = StageContext(spec.name, key, run.info.run_id, parent_id, cfg, out_dir, upstream_runs)
+        if force:  # recompute from scratch: drop partial outputs and the Ray run this key would resume
+            shutil.rmtree(out_dir, ignore_errors=True)
+            shutil.rmtree(cfg.work_path() / "ray_results" / ctx.ray_run_name, ignore_errors=True)
+        out_dir.mkdir(parents=True, exist_ok=True)
         try:
             outputs = spec.fn(ctx, section, inputs)
         except Exception as e:

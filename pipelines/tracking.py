@@ -18,6 +18,7 @@ TAG_KEY = "clpipe.cache_key"
 TAG_CACHE_HIT = "clpipe.cache_hit"
 TAG_CACHED_FROM = "clpipe.cached_from"
 TAG_UPSTREAM = "clpipe.upstream_run_ids"
+TAG_UPSTREAM_URIS = "clpipe.upstream_artifact_uris"
 OUTPUTS_FILE = "clpipe_outputs.json"
 MAX_PARAM_LEN = 6000
 
@@ -67,6 +68,10 @@ def find_cached(experiment_id: str, stage: str, key: str) -> Run | None:
         max_results=1,
     )
     return runs[0] if runs else None
+
+
+def artifact_uri(run_id: str) -> str:
+    return MlflowClient().get_run(run_id).info.artifact_uri
 
 
 def save_outputs(run_id: str, outputs: dict) -> None:

@@ -1,4 +1,4 @@
-"""The default pipeline end to end on a local Ray (2 CPUs) with a tiny budget."""
+"""The default pipeline (the SimCLRv2 chain) end to end on a local Ray (2 CPUs) with a tiny budget."""
 
 import json
 from pathlib import Path
@@ -28,68 +28,155 @@ def _runs(client: MlflowClient, exp_id: str, parent: str):
     return client.search_runs([exp_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
 
 
-def test_default_pipeline_logs_everything_and_reruns_from_cache(local_ray, tmp_path, capsys):
+TINY = ["--set", "pretrain.epochs=2", "--set", "pretrain.batch_size_per_worker=32", "--set", "finetune.epochs=3",
+        "--set", "distill.epochs=2", "--set", "labels.fractions=[0.01, 0.1]"]
+STAGES = ["shard", "labels", "pretrain", "finetune", "distill", "evaluate", "register"]
+
+
+def _latest_children(client: MlflowClient, exp_id: str) -> dict:
+    parent = client.search_runs([exp_id], filter_string=f"tags.`{tracking.TAG_KIND}` = 'pipeline'",
+                                order_by=["attributes.start_time DESC"], max_results=1)[0]
+    return {r.data.tags[tracking.TAG_STAGE]: r for r in _runs(client, exp_id, parent.info.run_id)}
+
+
+def _recomputed(children: dict) -> set[str]:
+    return {s for s, r in children.items() if r.data.tags[tracking.TAG_CACHE_HIT] == "false"}
+
+
+def test_the_simclrv2_chain_logs_registers_and_caches(local_ray, tmp_path, capsys):
+    import mlflow.pytorch
+    import numpy as np
+
+    from cl_core.augment import EvalTransform
+    from cl_core.data.reader import load_split
+
     work = tmp_path / "work"
-    args = ["run", "--work-dir", str(work), "--set", "pretrain.epochs=2", "--set", "pretrain.batch_size_per_worker=32"]
+    args = ["run", "--work-dir", str(work), *TINY]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "kNN top-1" in out and "linear probe top-1" in out and "mlflow ui --backend-store-uri sqlite:///" in out
+    for col in ("supervised", "teacher", "student", "encoder"):
+        assert col in out
+    assert "mlflow ui --backend-store-uri sqlite:///" in out
 
     client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("clpipe")
-    parents = client.search_runs([exp.experiment_id], filter_string=f"tags.`{tracking.TAG_KIND}` = 'pipeline'")
-    assert len(parents) == 1
-    parent = parents[0]
-    assert parent.data.params["pretrain.temperature"] == "0.5" and parent.data.params["pretrain.epochs"] == "2"
-    children = {r.data.tags[tracking.TAG_STAGE]: r for r in _runs(client, exp.experiment_id, parent.info.run_id)}
-    assert set(children) == {"shard", "pretrain", "evaluate"}
-    assert all(r.info.status == "FINISHED" and r.data.tags[tracking.TAG_CACHE_HIT] == "false" for r in children.values())
+    exp_id = client.get_experiment_by_name("clpipe").experiment_id
+    children = _latest_children(client, exp_id)
+    assert set(children) == set(STAGES) and _recomputed(children) == set(STAGES)
+    assert all(r.info.status == "FINISHED" for r in children.values())
+
+    # lineage: upstream run ids and artifact URIs on every stage run
+    fin = children["finetune"]
+    up = json.loads(fin.data.tags[tracking.TAG_UPSTREAM])
+    assert up == {s: children[s].info.run_id for s in ("shard", "pretrain", "labels")}
+    uris = json.loads(fin.data.tags[tracking.TAG_UPSTREAM_URIS])
+    assert uris["pretrain"] == children["pretrain"].info.artifact_uri
 
     shard = children["shard"]
     assert shard.data.metrics["num_samples"] == 1797 and shard.data.metrics["num_corrupt"] == 0
-    assert "manifest.json" in {a.path for a in client.list_artifacts(shard.info.run_id)}
-
     pre = children["pretrain"]
-    assert json.loads(pre.data.tags[tracking.TAG_UPSTREAM]) == {"shard": shard.info.run_id}
-    assert pre.data.params["method"] == "simclr" and pre.data.params["views.image_size"] == "16"
-    for key in ("train/loss", "train/lr", "val/knn_top1", "train/images_per_sec", "epoch/unique_samples"):
-        history = client.get_metric_history(pre.info.run_id, key)
-        assert [m.step for m in history] == [1, 2], key
-    assert client.get_metric_history(pre.info.run_id, "epoch/unique_samples")[0].value == shard.data.metrics["train/num_samples"]
-    artifacts = {a.path for a in client.list_artifacts(pre.info.run_id)}
-    assert {"checkpoint", "curves.png"} <= artifacts
-    assert {"checkpoint/state.pt", "checkpoint/config.json"} <= {a.path for a in client.list_artifacts(pre.info.run_id, "checkpoint")}
-    outputs = tracking.load_outputs(pre.info.run_id)
-    import mlflow.pytorch
-    import torch
+    assert pre.data.params["head_layers"] == "3"
+    assert [m.step for m in client.get_metric_history(pre.info.run_id, "val/knn_top1")] == [1, 2]
 
-    encoder = mlflow.pytorch.load_model(outputs["model_uri"])
-    assert encoder(torch.randn(2, 3, 16, 16)).shape == (2, outputs["feat_dim"])
+    # label subsets: the ids are an artifact; 1% of 1,259 = 13 labels, 10% = 126, every class covered
+    ids = mlflow.artifacts.load_dict(f"runs:/{children['labels'].info.run_id}/label_subsets.json")
+    assert {k: v["num_samples"] for k, v in ids["subsets"].items()} == {"1pct": 13, "10pct": 126}
+    assert set(ids["subsets"]["1pct"]["ids"]) <= set(ids["subsets"]["10pct"]["ids"])
+    assert all(len(v["class_counts"]) == 10 for v in ids["subsets"].values())
+
+    # finetune: teacher and baseline per fraction, val top-1 per epoch, the selected epoch logged
+    for name in ("teacher_10pct", "baseline_10pct", "teacher_1pct", "baseline_1pct"):
+        assert [m.step for m in client.get_metric_history(fin.info.run_id, f"{name}/val/top1")] == [1, 2, 3]
+        assert 1 <= fin.data.metrics[f"{name}/selected_epoch"] <= 3
+    assert [m.step for m in client.get_metric_history(children["distill"].info.run_id, "student_10pct/val/top1")] == [1, 2]
 
     ev = children["evaluate"]
-    for name in ("pretrained", "random_init"):
-        for kind in ("knn_top1", "linear_top1"):
-            assert 0.1 < ev.data.metrics[f"test/{name}/{kind}"] <= 1.0
-    assert ev.data.metrics["test/num_samples"] == 269
+    for frac in ("1pct", "10pct"):
+        for col in ("teacher_top1", "student_top1", "baseline_top1", "encoder_knn_top1", "encoder_linear_top1"):
+            assert 0.0 <= ev.data.metrics[f"test/{frac}/{col}"] <= 1.0
+    assert ev.data.metrics["test/10pct/labels"] == 126
+    artifacts = {a.path for a in client.list_artifacts(ev.info.run_id)}
+    assert {"results.md", "results.json", "confusion_10pct.png", "confusion_1pct.png"} <= artifacts
 
-    # the same command again: every stage served from the cache, nothing recomputed
+    # the registry: three models, candidate and champion aliases, lineage and metric tags
+    for role in ("encoder", "teacher", "student"):
+        mv = client.get_model_version_by_alias(f"default-{role}", "champion")
+        assert mv.version == "1" and client.get_model_version_by_alias(f"default-{role}", "candidate").version == "1"
+        assert mv.tags["clpipe.pipeline_run_id"] == children["register"].data.tags["mlflow.parentRunId"]
+        assert mv.tags["label_fraction"] == "0.1" and mv.tags["seed"] == "0"
+        assert mv.tags["clpipe.manifest_sha256"] == tracking.load_outputs(shard.info.run_id)["manifest_sha256"]
+        assert float(mv.tags["test_top1"]) >= 0
+    stage_of = {"encoder": "pretrain", "teacher": "finetune", "student": "distill"}
+    for role, stage in stage_of.items():
+        mv = client.get_model_version(f"default-{role}", "1")
+        assert mv.tags["clpipe.stage_run_id"] == children[stage].info.run_id
+    student = mlflow.pytorch.load_model("models:/default-student@champion")
+    shard_dir = tracking.load_outputs(shard.info.run_id)["shard_dir"]
+    x, y = load_split([str(next(Path(shard_dir).glob("test-*.tar")))], EvalTransform(16))
+    pred = student(x).argmax(1)
+    assert pred.shape == y.shape
+    assert np.isclose(float(client.get_model_version("default-student", "1").tags["test_top1"]),
+                      float(ev.data.metrics["test/10pct/student_top1"]), atol=1e-5)
+
+    # the same command again: every stage cached, nothing recomputed
     assert main(args) == 0
-    out = capsys.readouterr().out
-    assert out.count("cached, reusing run") == 3
-    parents = client.search_runs([exp.experiment_id], filter_string=f"tags.`{tracking.TAG_KIND}` = 'pipeline'",
-                                 order_by=["attributes.start_time DESC"])
-    assert len(parents) == 2
-    again = {r.data.tags[tracking.TAG_STAGE]: r for r in _runs(client, exp.experiment_id, parents[0].info.run_id)}
-    assert set(again) == {"shard", "pretrain", "evaluate"}
-    for stage, r in again.items():
-        assert r.data.tags[tracking.TAG_CACHE_HIT] == "true"
-        assert r.data.tags[tracking.TAG_CACHED_FROM] == children[stage].info.run_id
-    assert len(list(Path(work, "ray_results").iterdir())) == 1
+    assert capsys.readouterr().out.count("cached, reusing run") == len(STAGES)
+    assert _recomputed(_latest_children(client, exp_id)) == set()
 
-    # a changed pretrain section reuses the shards but retrains
-    assert main([*args, "--set", "pretrain.temperature=0.2"]) == 0
-    out = capsys.readouterr().out
-    assert "shard: cached" in out and "pretrain: cached" not in out
+    # only the distillation temperature changes: distill, evaluate and register rerun
+    assert main([*args, "--set", "distill.temperature=1.0"]) == 0
+    capsys.readouterr()
+    assert _recomputed(_latest_children(client, exp_id)) == {"distill", "evaluate", "register"}
+    assert client.get_model_version_by_alias("default-student", "candidate").version == "2"
+
+    # --rerun register: a new version with the same test top-1 is candidate but not champion
+    before = client.get_model_version_by_alias("default-teacher", "champion").version
+    assert main([*args, "--rerun", "register"]) == 0
+    assert "champion stays version" in capsys.readouterr().out
+    assert _recomputed(_latest_children(client, exp_id)) == {"register"}
+    assert client.get_model_version_by_alias("default-teacher", "champion").version == before
+    assert client.get_model_version_by_alias("default-teacher", "candidate").version == "3"
+
+    # --rerun finetune forces finetune and everything downstream of it
+    assert main([*args, "--rerun", "finetune"]) == 0
+    capsys.readouterr()
+    assert _recomputed(_latest_children(client, exp_id)) == {"finetune", "distill", "evaluate", "register"}
+
+    # --only evaluate: evaluate alone, against the cached upstream outputs
+    assert main([*args, "--only", "evaluate"]) == 0
+    capsys.readouterr()
+    children = _latest_children(client, exp_id)
+    assert set(children) == {"shard", "labels", "pretrain", "finetune", "distill", "evaluate"}
+    assert _recomputed(children) == {"evaluate"}
+
+
+def test_chain_input_errors_are_one_clear_line(local_ray, tmp_path, capsys):
+    work = tmp_path / "work"
+    args = ["run", "--work-dir", str(work), *TINY]
+    # a label fraction that leaves a class without labels fails in the labels stage, before any training
+    assert main([*args, "--set", "labels.fractions=[0.004]"]) == 1
+    err = capsys.readouterr().err
+    assert "stage labels failed" in err and "leaves a class with no labels" in err and "fraction >= 0.008" in err
+    assert len(err.strip().splitlines()) == 1
+    # a student backbone that does not exist is a config error
+    assert main([*args, "--set", "distill.student_backbone=resnet7"]) == 2
+    assert "distill.student_backbone: unknown backbone 'resnet7'; known backbones: resnet18, resnet50, small_cnn" in capsys.readouterr().err
+    # --only with an upstream stage that never ran
+    assert main([*args, "--only", "distill"]) == 1
+    assert "upstream stage" in capsys.readouterr().err
+    # a teacher whose class count differs from the data's
+    assert main([*args, "--set", "finetune.num_classes=5", "--set", "pretrain.epochs=1"]) == 1
+    err = capsys.readouterr().err
+    assert "finetune.num_classes: the teacher would predict 5 classes but the shard set" in err and "has 10" in err
+    # a missing upstream artifact: the teacher file deleted after finetune finished
+    short = [*args, "--set", "pretrain.epochs=1", "--set", "finetune.epochs=1", "--set", "distill.epochs=1",
+             "--set", "labels.fractions=[0.1]", "--set", "finetune.baseline=false"]
+    assert main([*short, "--only", "finetune"]) == 0
+    capsys.readouterr()
+    teacher = next(work.glob("finetune/*/models/teacher_10pct.pt"))
+    teacher.unlink()
+    assert main([*short, "--only", "distill"]) == 1
+    err = capsys.readouterr().err
+    assert "upstream stage finetune" in err and "lost its artifact" in err and str(teacher) in err
 
 
 def test_pretrain_resumes_from_its_ray_checkpoint(local_ray, tmp_path, capfd):

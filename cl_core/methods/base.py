@@ -48,6 +48,7 @@ class Method(nn.Module):
     """
 
     name: str = ""
+    uses_labels: bool = False  # True: forward(views, labels, aux) (supervised objectives)
     backbone: nn.Module
     feat_dim: int
 

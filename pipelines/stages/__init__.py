@@ -1,14 +1,24 @@
 """The pipeline's stages; ``STAGES`` wires them (the body only wires, stages do the work)."""
 
 from pipelines.graph import StageSpec
+from pipelines.stages.distill import distill
 from pipelines.stages.evaluate import evaluate
+from pipelines.stages.finetune import finetune
+from pipelines.stages.labels import labels
 from pipelines.stages.pretrain import pretrain
+from pipelines.stages.register import register
 from pipelines.stages.shard import shard
 
 STAGES = [
     StageSpec("shard", shard, lambda c: c.data),
+    StageSpec("labels", labels, lambda c: c.labels, deps=("shard",)),  # before pretrain: bad fractions fail fast
     StageSpec("pretrain", pretrain, lambda c: c.pretrain, deps=("shard",)),
-    StageSpec("evaluate", evaluate, lambda c: c.evaluate, deps=("shard", "pretrain")),
+    StageSpec("finetune", finetune, lambda c: c.finetune, deps=("shard", "pretrain", "labels")),
+    StageSpec("distill", distill, lambda c: c.distill, deps=("shard", "labels", "finetune")),
+    StageSpec("evaluate", evaluate, lambda c: c.evaluate, deps=("shard", "pretrain", "labels", "finetune", "distill")),
+    # the registry names derive from the config's name when registry.model_name is unset
+    StageSpec("register", register, lambda c: c.registry.model_copy(update={"model_name": c.model_name()}),
+              deps=("shard", "pretrain", "labels", "finetune", "distill", "evaluate")),
 ]
 
 __all__ = ["STAGES"]

@@ -14,19 +14,18 @@ from pathlib import Path
 import mlflow
 import torch
 from ray import train
-from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
 
 from cl_core.augment import EvalTransform, SimCLRTransform
 from cl_core.data.reader import ShardStream, load_split
 from cl_core.data.shards import read_manifest, shard_urls
-from cl_core.engine import LoopConfig, PretrainLoop
+from cl_core.engine import PretrainLoop
 from cl_core.evaluate import extract_features, knn_top1
 from cl_core.methods import Method, get_method
 from pipelines import plots, ray_env, tracking
 from pipelines.config import PretrainConfig
 from pipelines.console import console
 from pipelines.graph import StageContext
+from pipelines.stages._train import fit, loop_config, use_gpu
 
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.json"
@@ -66,10 +65,7 @@ def train_worker(config: dict) -> list[dict] | None:
                                   jitter_strength=v.jitter_strength, jitter_prob=v.jitter_prob,
                                   grayscale_prob=v.grayscale_prob, blur_prob=v.blur_prob),
     )
-    loop = PretrainLoop(model, method, stream, LoopConfig(
-        epochs=p.epochs, batch_size_per_worker=p.batch_size_per_worker, optimizer=p.optimizer, lr_base=p.lr_base,
-        lr_scaling=p.lr_scaling, weight_decay=p.weight_decay, momentum=p.momentum, warmup_epochs=p.warmup_epochs,
-        loader_workers=p.loader_workers, log_every_steps=p.log_every_steps), device)
+    loop = PretrainLoop(model, method, stream, loop_config(p), device)
 
     ckpt = train.get_checkpoint()
     if ckpt is not None:
@@ -123,7 +119,6 @@ def pretrain(ctx: StageContext, cfg: PretrainConfig, inputs: dict) -> dict:
     manifest = read_manifest(shard_set["shard_dir"])
     train_urls, train_counts = shard_urls(shard_set["shard_dir"], manifest, "train")
     val_urls, _ = shard_urls(shard_set["shard_dir"], manifest, "val")
-    use_gpu = ray_env.cluster_gpus() >= cfg.num_workers if cfg.use_gpu == "auto" else bool(cfg.use_gpu)
     model = {"method": cfg.method, "kwargs": cfg.model_kwargs()}
     worker_config = {
         "pretrain": cfg.model_dump(mode="json"),
@@ -138,25 +133,9 @@ def pretrain(ctx: StageContext, cfg: PretrainConfig, inputs: dict) -> dict:
         "run_id": ctx.run_id,
     }
     console.print(f"pretrain: {cfg.method} / {cfg.backbone} on {cfg.num_workers} Ray Train worker(s)"
-                  f"{' with GPUs' if use_gpu else ''}, {cfg.epochs} epochs, {sum(train_counts)} training images "
+                  f"{' with GPUs' if use_gpu(cfg) else ''}, {cfg.epochs} epochs, {sum(train_counts)} training images "
                   f"in {len(train_urls)} shards")
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config=worker_config,
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
-        run_config=RunConfig(
-            # deterministic per cache key: a rerun of an interrupted stage resumes from its checkpoint
-            name=f"pretrain-{ctx.key[:16]}",
-            storage_path=str(ctx.config.work_path() / "ray_results"),
-            checkpoint_config=CheckpointConfig(num_to_keep=1),
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
-            logging_config=LoggingConfig(log_level=ctx.config.ray.train_log_level),
-        ),
-    )
-    result = trainer.fit()
-    if result.error:
-        raise result.error
+    result = fit(ctx, train_worker, worker_config, cfg)
     ckpt_dir = Path(result.checkpoint.path)
     history = result.return_value or []
     final = json.loads((ckpt_dir / CONFIG_FILE).read_text())["metrics"]

@@ -1,0 +1,111 @@
+"""distill: the SimCLRv2 student (Teacher + unlabeled shards -> Student).
+
+Per label fraction, on Ray Train workers: a student (the teacher's backbone for
+self-distillation, or a smaller one from the config) trained on every training image,
+labels unused, to match the frozen teacher's softmax at temperature T on the same
+crop-and-flip view; optionally plus ``alpha`` x cross-entropy on the labeled subset.
+"""
+
+from __future__ import annotations
+
+import mlflow
+
+from cl_core.data.reader import ShardStream
+from cl_core.data.shards import read_manifest, shard_urls
+from cl_core.distill import DistillObjective
+from cl_core.models import build_classifier, classifier_spec
+from cl_core.models.classifier import num_parameters
+from pipelines.config import DistillConfig
+from pipelines.console import console
+from pipelines.graph import StageContext
+from pipelines.stages._train import (
+    SequentialJobs,
+    Worker,
+    batch_for,
+    collect_models,
+    crop_flip,
+    cycle,
+    fit,
+    load_classifier,
+)
+
+
+def distill_worker(config: dict) -> list[dict] | None:
+    import torch
+
+    w = Worker.setup(config["threads"])
+    d = DistillConfig.model_validate(config["distill"])
+    runner = SequentialJobs(config, w, "distill")
+    tf = crop_flip(d.views, config["image_size"])
+
+    def build(job: dict):
+        teacher = load_classifier(job["teacher"])
+        torch.manual_seed(config["seed"])
+        student = build_classifier(job["spec"])
+        stream = ShardStream(config["train_urls"], config["train_counts"], rank=w.rank, world_size=w.world,
+                             loader_workers=d.loader_workers, batch_size=d.batch_size_per_worker,
+                             shuffle_buffer=d.shuffle_buffer, seed=config["seed"], transform=tf)
+        aux = None
+        if d.alpha > 0:
+            urls, counts = job["labeled_urls"], job["labeled_counts"]
+            labeled = ShardStream(urls, counts, rank=w.rank, world_size=w.world, loader_workers=0,
+                                  batch_size=batch_for(counts, d.batch_size_per_worker, w.world),
+                                  shuffle_buffer=d.shuffle_buffer, seed=config["seed"] + 1, transform=tf)
+            batches = cycle(labeled)
+
+            def aux():
+                return next(batches)
+        objective = DistillObjective(student, teacher, temperature=d.temperature, alpha=d.alpha)
+        return objective, student, stream, aux
+
+    history = runner.run(config["jobs"], build, d)
+    return history if w.rank == 0 else None
+
+
+def distill(ctx: StageContext, cfg: DistillConfig, inputs: dict) -> dict:
+    shard_set, teachers, subsets = inputs["shard"], inputs["finetune"], inputs["labels"]
+    num_classes = shard_set["num_classes"]
+    manifest = read_manifest(shard_set["shard_dir"])
+    train_urls, train_counts = shard_urls(shard_set["shard_dir"], manifest, "train")
+    val_urls, _ = shard_urls(shard_set["shard_dir"], manifest, "val")
+    jobs = []
+    for name, sub in subsets["subsets"].items():
+        record = teachers["models"].get(f"teacher_{name}")
+        if record is None:
+            raise ValueError(f"distill: finetune run {ctx.upstream_run_ids.get('finetune')} has no teacher for {name}; "
+                             "rerun finetune (clpipe run --rerun finetune)")
+        teacher = load_classifier(record)  # names the missing file if the upstream artifact is gone
+        if teacher.num_classes != num_classes:
+            raise ValueError(f"distill: the teacher {record['model_path']} predicts {teacher.num_classes} classes but the "
+                             f"shard set {shard_set['shard_dir']} has {num_classes}; fine-tune a teacher on this data")
+        t_spec = record["spec"]
+        backbone = cfg.student_backbone or t_spec["backbone"]
+        same = backbone == t_spec["backbone"]
+        spec = classifier_spec(backbone=backbone, num_classes=num_classes, from_head_layer=0,
+                               width=cfg.student_width or (t_spec["width"] if same else 32),
+                               cifar_stem=t_spec["cifar_stem"] if same else False)
+        student_params = num_parameters(build_classifier(spec))
+        sub_manifest = read_manifest(sub["shard_dir"])
+        labeled_urls, labeled_counts = shard_urls(sub["shard_dir"], sub_manifest, "train")
+        jobs.append({"name": f"student_{name}", "fraction": sub["fraction"], "teacher": record, "spec": spec,
+                     "labeled_urls": labeled_urls, "labeled_counts": labeled_counts,
+                     "teacher_params": num_parameters(teacher), "student_params": student_params})
+    j0 = jobs[0]
+    console.print(f"distill: {len(jobs)} student(s) on {sum(train_counts)} unlabeled training images, T={cfg.temperature}"
+                  f"{f', alpha={cfg.alpha}' if cfg.alpha else ''}; student {j0['spec']['backbone']} "
+                  f"({j0['student_params']:,} params) from teacher ({j0['teacher_params']:,} params)")
+    worker_config = {
+        "distill": cfg.model_dump(mode="json"), "jobs": jobs, "seed": ctx.seed, "threads": max(1, int(cfg.cpus_per_worker)),
+        "train_urls": train_urls, "train_counts": train_counts, "val_urls": val_urls,
+        "image_size": teachers["image_size"], "tracking_uri": ctx.tracking_uri, "run_id": ctx.run_id,
+    }
+    result = fit(ctx, distill_worker, worker_config, cfg)
+    models = collect_models(result, ctx.output_dir)
+    for j in jobs:
+        models[j["name"]].update(params=j["student_params"], teacher_params=j["teacher_params"], fraction=j["fraction"])
+    mlflow.log_artifacts(str(ctx.output_dir / "models"), "models")
+    mlflow.log_metrics({f"{n}/selected_val_top1": m["val_top1"] for n, m in models.items()}
+                       | {"student_params": j0["student_params"], "teacher_params": j0["teacher_params"]})
+    for n, m in models.items():
+        console.print(f"distill: {n}: val top-1 {m['val_top1']:.4f} at epoch {m['selected_epoch']}")
+    return {"models": models, "num_classes": num_classes, "image_size": teachers["image_size"]}

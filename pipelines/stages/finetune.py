@@ -1,0 +1,105 @@
+"""finetune: the SimCLRv2 teacher, and the supervised baseline (Encoder + LabelSubsets
+-> Classifiers).
+
+Per label fraction, on Ray Train workers: the pretrained encoder plus the first k
+layers of its projection head plus a new linear layer, fine-tuned end to end with
+cross-entropy on the labeled subset (random crop and flip only); and, with
+``baseline: true``, the same classifier from random initialisation trained on the same
+labels with the same budget. Each model keeps the epoch with the best val top-1.
+"""
+
+from __future__ import annotations
+
+import mlflow
+
+from cl_core.data.reader import ShardStream
+from cl_core.data.shards import read_manifest, shard_urls
+from cl_core.finetune import SupervisedObjective
+from cl_core.models import build_classifier, classifier_from_pretrained, classifier_spec
+from pipelines.config import FinetuneConfig
+from pipelines.console import console
+from pipelines.graph import StageContext
+from pipelines.stages._train import (
+    SequentialJobs,
+    Worker,
+    batch_for,
+    collect_models,
+    crop_flip,
+    fit,
+)
+from pipelines.stages.pretrain import build_method, load_encoder
+
+
+def finetune_worker(config: dict) -> list[dict] | None:
+    import torch
+
+    w = Worker.setup(config["threads"])
+    f = FinetuneConfig.model_validate(config["finetune"])
+    runner = SequentialJobs(config, w, "finetune")
+
+    def build(job: dict):
+        torch.manual_seed(config["seed"])
+        if job["kind"] == "teacher":
+            method = build_method(config["encoder"]["model"], gather_distributed=False)
+            method.load_state_dict(_pretrained_state(config["encoder"]))
+            clf = classifier_from_pretrained(method, job["spec"])
+        else:
+            clf = build_classifier(job["spec"])
+        bs = batch_for(job["counts"], f.batch_size_per_worker, w.world)
+        stream = ShardStream(job["urls"], job["counts"], rank=w.rank, world_size=w.world,
+                             loader_workers=f.loader_workers, batch_size=bs, shuffle_buffer=f.shuffle_buffer,
+                             seed=config["seed"], transform=crop_flip(f.views, config["image_size"]))
+        return SupervisedObjective(clf), clf, stream, None
+
+    history = runner.run(config["jobs"], build, f)
+    return history if w.rank == 0 else None
+
+
+def _pretrained_state(encoder: dict) -> dict:
+    from pathlib import Path
+
+    import torch
+
+    from pipelines.stages.pretrain import STATE_FILE
+
+    return torch.load(Path(encoder["checkpoint_dir"]) / STATE_FILE, map_location="cpu", weights_only=True)["model"]
+
+
+def finetune(ctx: StageContext, cfg: FinetuneConfig, inputs: dict) -> dict:
+    shard_set, encoder, subsets = inputs["shard"], inputs["pretrain"], inputs["labels"]
+    num_classes = shard_set["num_classes"]
+    if cfg.num_classes is not None and cfg.num_classes != num_classes:
+        raise ValueError(f"finetune.num_classes: the teacher would predict {cfg.num_classes} classes but the shard set "
+                         f"{shard_set['shard_dir']} has {num_classes}; remove finetune.num_classes or fix the data")
+    load_encoder(encoder)  # fails early, naming the file, if the pretrained checkpoint is gone
+    manifest = read_manifest(shard_set["shard_dir"])
+    val_urls, _ = shard_urls(shard_set["shard_dir"], manifest, "val")
+    if not val_urls:
+        raise ValueError("finetune: the val split is empty, so no epoch can be selected; set data.val_fraction > 0")
+    kw = encoder["model"]["kwargs"]
+    spec = classifier_spec(backbone=kw["backbone"], num_classes=num_classes, from_head_layer=cfg.finetune_from_head_layer,
+                           head_layers=kw["head_layers"], head_hidden_dim=kw["head_hidden_dim"], proj_dim=kw["proj_dim"],
+                           width=kw["width"], cifar_stem=kw["cifar_stem"])
+    jobs = []
+    for name, sub in subsets["subsets"].items():
+        sub_manifest = read_manifest(sub["shard_dir"])
+        urls, counts = shard_urls(sub["shard_dir"], sub_manifest, "train")
+        kinds = ("teacher", "baseline") if cfg.baseline else ("teacher",)
+        jobs += [{"name": f"{kind}_{name}", "kind": kind, "fraction": sub["fraction"], "urls": urls, "counts": counts,
+                  "spec": spec} for kind in kinds]
+    console.print(f"finetune: {len(jobs)} model(s) ({', '.join(j['name'] for j in jobs)}) on {cfg.num_workers} "
+                  f"Ray Train worker(s), {cfg.epochs} epochs each, from head layer {cfg.finetune_from_head_layer}")
+    worker_config = {
+        "finetune": cfg.model_dump(mode="json"), "encoder": encoder, "jobs": jobs, "seed": ctx.seed,
+        "threads": max(1, int(cfg.cpus_per_worker)), "val_urls": val_urls, "image_size": encoder["image_size"],
+        "tracking_uri": ctx.tracking_uri, "run_id": ctx.run_id,
+    }
+    result = fit(ctx, finetune_worker, worker_config, cfg)
+    models = collect_models(result, ctx.output_dir)
+    mlflow.log_artifacts(str(ctx.output_dir / "models"), "models")
+    mlflow.log_metrics({f"{n}/selected_epoch": m["selected_epoch"] for n, m in models.items()}
+                       | {f"{n}/selected_val_top1": m["val_top1"] for n, m in models.items()})
+    for n, m in models.items():
+        console.print(f"finetune: {n}: val top-1 {m['val_top1']:.4f} at epoch {m['selected_epoch']}")
+    return {"models": models, "num_classes": num_classes, "image_size": encoder["image_size"],
+            "from_head_layer": cfg.finetune_from_head_layer}

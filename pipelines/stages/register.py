@@ -1,0 +1,96 @@
+"""register: the encoder, the teacher and the student in the MLflow model registry.
+
+Each model is logged with the pytorch flavor (signature and input example from real
+test images, preprocessed as at training time) and registered as a new version of
+``NAME-encoder`` / ``NAME-teacher`` / ``NAME-student``. The version is tagged with its
+lineage (pipeline run, stage run, shard manifest sha256, label fraction, seed) and its
+test metrics, gets alias ``candidate``, and takes alias ``champion`` only if its test
+top-1 beats the current champion's (or there is none).
+"""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.models import infer_signature
+from mlflow.tracking import MlflowClient
+
+from cl_core.augment import EvalTransform
+from cl_core.data.reader import load_split
+from cl_core.data.shards import read_manifest, shard_urls
+from cl_core.data.subsets import fraction_name
+from pipelines.config import RegisterConfig
+from pipelines.console import console
+from pipelines.graph import StageContext
+from pipelines.stages._train import load_classifier
+from pipelines.stages.pretrain import load_encoder
+
+METRIC_TAG = "test_top1"
+
+
+def _champion_top1(client: MlflowClient, name: str) -> tuple[str | None, float | None]:
+    try:
+        mv = client.get_model_version_by_alias(name, "champion")
+    except MlflowException:
+        return None, None
+    value = mv.tags.get(METRIC_TAG)
+    return mv.version, float(value) if value is not None else None
+
+
+def register(ctx: StageContext, cfg: RegisterConfig, inputs: dict) -> dict:
+    if not cfg.enabled:
+        console.print("register: disabled (registry.enabled: false)")
+        return {"versions": {}}
+    shard_set, subsets, ev = inputs["shard"], inputs["labels"]["subsets"], inputs["evaluate"]
+    fraction = cfg.label_fraction if cfg.label_fraction is not None else max(s["fraction"] for s in subsets.values())
+    frac_name = fraction_name(fraction)
+    row = next((r for r in ev["rows"] if r["label_fraction"] == fraction), None)
+    if row is None or "student" not in row or "teacher" not in row:
+        raise ValueError(f"register: evaluate run {ctx.upstream_run_ids.get('evaluate')} has no teacher/student results "
+                         f"for label fraction {fraction}")
+    manifest = read_manifest(shard_set["shard_dir"])
+    image_size = inputs["pretrain"]["image_size"]
+    x, _ = load_split(shard_urls(shard_set["shard_dir"], manifest, "test")[0][:1], EvalTransform(image_size))
+    example = x[:2].numpy().astype(np.float32)
+    models = {
+        "encoder": (load_encoder(inputs["pretrain"]), row["encoder_linear"],
+                    {"test_knn_top1": row["encoder_knn"], "test_linear_top1": row["encoder_linear"]}),
+        "teacher": (load_classifier(inputs["finetune"]["models"][f"teacher_{frac_name}"]), row["teacher"], {}),
+        "student": (load_classifier(inputs["distill"]["models"][f"student_{frac_name}"]), row["student"], {}),
+    }
+    stage_runs = {"encoder": ctx.upstream_run_ids["pretrain"], "teacher": ctx.upstream_run_ids["finetune"],
+                  "student": ctx.upstream_run_ids["distill"]}
+    client = MlflowClient()
+    base = ctx.config.model_name()
+    versions = {}
+    for role, (model, test_top1, extra) in models.items():
+        name = f"{base}-{role}"
+        model.eval()
+        with torch.no_grad():
+            out = model(torch.from_numpy(example)).numpy()
+        info = mlflow.pytorch.log_model(
+            model, name=role, registered_model_name=name, signature=infer_signature(example, out), input_example=example,
+            serialization_format="pickle", pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+        version = str(info.registered_model_version)
+        tags = {
+            "clpipe.pipeline_run_id": ctx.parent_run_id, "clpipe.stage_run_id": stage_runs[role],
+            "clpipe.register_run_id": ctx.run_id, "clpipe.manifest_sha256": shard_set["manifest_sha256"],
+            "label_fraction": f"{fraction:g}", "seed": str(ctx.seed), "image_size": str(image_size),
+            "preprocessing": f"cl_core.augment.EvalTransform({image_size})", METRIC_TAG: f"{test_top1:.6f}",
+            **{k: f"{v:.6f}" for k, v in extra.items()},
+        }
+        for k, v in tags.items():
+            client.set_model_version_tag(name, version, k, v)
+        client.set_registered_model_alias(name, "candidate", version)
+        champ_version, champ_top1 = _champion_top1(client, name)
+        promoted = champ_top1 is None or test_top1 > champ_top1
+        if promoted:
+            client.set_registered_model_alias(name, "champion", version)
+        versions[role] = {"name": name, "version": version, "test_top1": test_top1, "champion": promoted,
+                          "previous_champion": champ_version, "uri": f"models:/{name}/{version}"}
+        console.print(f"register: {name} version {version} (test top-1 {test_top1:.4f}): candidate"
+                      + (", champion" if promoted else f"; champion stays version {champ_version} ({champ_top1:.4f})"))
+    mlflow.log_dict(versions, "registered.json")
+    return {"versions": versions, "label_fraction": fraction}
