@@ -29,9 +29,9 @@ class SupervisedObjective(Method):
     def encoder(self) -> nn.Module:
         return self.classifier.backbone
 
-    def forward(self, views: list[torch.Tensor], labels: torch.Tensor, aux=None) -> StepOutput:
+    def forward(self, views: list[torch.Tensor], labels: torch.Tensor | None = None, aux=None) -> StepOutput:  # type: ignore[override]
         (x,) = views
-        if labels.min() < 0:
+        if labels is None or labels.min() < 0:
             raise ValueError("a supervised batch holds unlabeled samples (label -1); the labeled shards are wrong")
         logits = self.classifier(x)
         loss = F.cross_entropy(logits.float(), labels)

@@ -285,7 +285,7 @@ def _format_errors(e: ValidationError, source: str) -> str:
         loc = tuple(str(p) for p in err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            known = ", ".join(getattr(_model_at(loc[:-1]), "model_fields", {}).keys())
+            known = ", ".join(sorted(getattr(_model_at(loc[:-1]), "model_fields", {})))
             msg = f"unknown field; known fields here: {known}"
         elif err["type"] == "literal_error":
             msg = f"{msg}, got {err.get('input')!r}"

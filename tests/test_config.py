@@ -20,7 +20,7 @@ def test_defaults():
 
 
 @pytest.mark.parametrize("override,message", [
-    ("pretrain.tempreature=0.1", "pretrain.tempreature: unknown field; known fields here: method"),
+    ("pretrain.tempreature=0.1", "pretrain.tempreature: unknown field; known fields here: backbone, backbone_width, batch_size_per_worker"),
     ("pretrain.method=simclrr", "pretrain.method: unknown method 'simclrr'; known methods: simclr"),
     ("pretrain.temperature=0", "pretrain.temperature: must be > 0, got 0"),
     ("pretrain.temperature=-0.5", "pretrain.temperature: must be > 0"),

@@ -61,11 +61,11 @@ def label_subsets(labels: Sequence[int], fractions: Sequence[float], *, seed: in
     Deterministic for (labels, seed); the subsets of smaller fractions are contained in
     those of larger ones.
     """
-    labels = np.asarray(labels)
-    if labels.size and labels.min() < 0:
+    y = np.asarray(labels)
+    if y.size and y.min() < 0:
         raise LabelFractionError("label subsets need labeled samples; the training split has unlabeled ones")
-    classes = sorted(int(c) for c in np.unique(labels))
-    by_class = {c: np.flatnonzero(labels == c) for c in classes}
+    classes = sorted(int(c) for c in np.unique(y))
+    by_class = {c: np.flatnonzero(y == c) for c in classes}
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0x1abe1]))
     order = {c: by_class[c][rng.permutation(len(by_class[c]))] for c in classes}
     out: dict[float, list[int]] = {}

@@ -68,7 +68,7 @@ def _neck_from_head(head: nn.Module | None, k: int) -> tuple[nn.Sequential, int 
     if k > head.num_layers:
         raise ValueError(f"from_head_layer={k} but the projection head has {head.num_layers} layers")
     layers = list(head.layers[:k])
-    out_dim = next(m.out_features for m in layers[-1] if isinstance(m, nn.Linear))
+    out_dim = next(m.out_features for m in layers[-1].modules() if isinstance(m, nn.Linear))
     return nn.Sequential(*layers), out_dim
 
 
@@ -90,7 +90,8 @@ def classifier_from_pretrained(method: nn.Module, spec: dict[str, Any]) -> Class
     ``method`` (weights shared, not copied) and a new linear layer (N(0, 0.01^2)
     weights, zero bias, as SimCLRv2's supervised head)."""
     neck, neck_dim = _neck_from_head(getattr(method, "head", None), spec["from_head_layer"])
-    model = Classifier(method.backbone, neck, neck_dim or int(method.feat_dim), spec["num_classes"])
+    backbone, feat_dim = getattr(method, "backbone"), getattr(method, "feat_dim")  # noqa: B009 - any Method
+    model = Classifier(backbone, neck, neck_dim or int(feat_dim), spec["num_classes"])
     nn.init.normal_(model.fc.weight, std=0.01)
     nn.init.zeros_(model.fc.bias)
     return model

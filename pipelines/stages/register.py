@@ -67,6 +67,7 @@ def register(ctx: StageContext, cfg: RegisterConfig, inputs: dict) -> dict:
     versions = {}
     for role, (model, test_top1, extra) in models.items():
         name = f"{base}-{role}"
+        test_top1 = round(float(test_top1), 6)  # compared with the champion's tag, which holds 6 decimals
         model.eval()
         with torch.no_grad():
             out = model(torch.from_numpy(example)).numpy()
