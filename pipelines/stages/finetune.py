@@ -27,7 +27,7 @@ from pipelines.stages._train import (
     crop_flip,
     fit,
 )
-from pipelines.stages.pretrain import build_method, load_encoder
+from pipelines.stages.pretrain import load_method
 
 
 def finetune_worker(config: dict) -> list[dict] | None:
@@ -40,9 +40,7 @@ def finetune_worker(config: dict) -> list[dict] | None:
     def build(job: dict):
         torch.manual_seed(config["seed"])
         if job["kind"] == "teacher":
-            method = build_method(config["encoder"]["model"], gather_distributed=False)
-            method.load_state_dict(_pretrained_state(config["encoder"]))
-            clf = classifier_from_pretrained(method, job["spec"])
+            clf = classifier_from_pretrained(load_method(config["encoder"]), job["spec"])
         else:
             clf = build_classifier(job["spec"])
         bs = batch_for(job["counts"], f.batch_size_per_worker, w.world)
@@ -55,23 +53,13 @@ def finetune_worker(config: dict) -> list[dict] | None:
     return history if w.rank == 0 else None
 
 
-def _pretrained_state(encoder: dict) -> dict:
-    from pathlib import Path
-
-    import torch
-
-    from pipelines.stages.pretrain import STATE_FILE
-
-    return torch.load(Path(encoder["checkpoint_dir"]) / STATE_FILE, map_location="cpu", weights_only=True)["model"]
-
-
 def finetune(ctx: StageContext, cfg: FinetuneConfig, inputs: dict) -> dict:
     shard_set, encoder, subsets = inputs["shard"], inputs["pretrain"], inputs["labels"]
     num_classes = shard_set["num_classes"]
     if cfg.num_classes is not None and cfg.num_classes != num_classes:
         raise ValueError(f"finetune.num_classes: the teacher would predict {cfg.num_classes} classes but the shard set "
                          f"{shard_set['shard_dir']} has {num_classes}; remove finetune.num_classes or fix the data")
-    load_encoder(encoder)  # fails early, naming the file, if the pretrained checkpoint is gone
+    load_method(encoder)  # fails early, naming the file, if the pretrained checkpoint is gone
     manifest = read_manifest(shard_set["shard_dir"])
     val_urls, _ = shard_urls(shard_set["shard_dir"], manifest, "val")
     if not val_urls:

@@ -36,12 +36,20 @@ def build_method(model: dict, *, gather_distributed: bool = True) -> Method:
     return get_method(model["method"])(**model["kwargs"], gather_distributed=gather_distributed)
 
 
-def load_encoder(encoder: dict) -> torch.nn.Module:
-    """The pretrained backbone of an Encoder record, loaded with ``weights_only``."""
+def load_method(encoder: dict) -> Method:
+    """The whole pretrained method (backbone and heads) of an Encoder record, loaded with
+    ``weights_only``; a missing checkpoint is an error naming the file."""
+    path = Path(encoder["checkpoint_dir"]) / STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the pretrained checkpoint is missing; rerun pretrain (clpipe run --rerun pretrain)")
     method = build_method(encoder["model"], gather_distributed=False)
-    state = torch.load(Path(encoder["checkpoint_dir"]) / STATE_FILE, map_location="cpu", weights_only=True)
-    method.load_state_dict(state["model"])
-    return method.encoder().eval()
+    method.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["model"])
+    return method
+
+
+def load_encoder(encoder: dict) -> torch.nn.Module:
+    """The pretrained backbone of an Encoder record, in eval mode."""
+    return load_method(encoder).encoder().eval()
 
 
 def train_worker(config: dict) -> list[dict] | None:
