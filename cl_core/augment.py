@@ -69,6 +69,41 @@ class SimCLRTransform:
         return [self.transform(image) for _ in range(self.n_views)]
 
 
+class MultiCropTransform:
+    """Multi-crop [0]: ``n_global`` views at ``image_size`` and ``n_local`` smaller views
+    at ``local_size``, each with SimCLR's colour augmentation; returns the global views
+    first. SwAV uses 2x224 (scale 0.14-1) + 6x96 (scale 0.05-0.14); DINO 2x224
+    (0.4-1, 0.14-1 in its ViT-S runs) + 8-10x96 (0.05-0.4).
+
+    - [0] Caron et al., Unsupervised Learning of Visual Features by Contrasting Cluster
+      Assignments, 2020, https://arxiv.org/abs/2006.09882 (Sec. 3.2)
+
+    Args:
+        image_size, local_size: sides of the global and local views.
+        global_scale, local_scale: (min, max) area fractions of the crops.
+        n_global, n_local: view counts.
+        **color: ``hflip_prob``, ``jitter_strength``, ``jitter_prob``, ``grayscale_prob``,
+            ``blur_prob`` as in :class:`SimCLRTransform`.
+    """
+
+    def __init__(self, image_size: int, local_size: int, *, global_scale: tuple[float, float] = (0.14, 1.0),
+                 local_scale: tuple[float, float] = (0.05, 0.14), n_global: int = 2, n_local: int = 6,
+                 **color: float) -> None:
+        if n_global < 2:
+            raise ValueError(f"multi-crop needs at least 2 global views, got {n_global}")
+        if n_local < 0:
+            raise ValueError(f"multi-crop: n_local must be >= 0, got {n_local}")
+        self.global_tf = SimCLRTransform(image_size, crop_min_scale=global_scale[0], n_views=1, **color)  # type: ignore[arg-type]
+        self.global_tf.transform.transforms[1].scale = tuple(global_scale)
+        self.local_tf = SimCLRTransform(local_size, crop_min_scale=local_scale[0], n_views=1, **color)  # type: ignore[arg-type]
+        self.local_tf.transform.transforms[1].scale = tuple(local_scale)
+        self.n_global, self.n_local = n_global, n_local
+
+    def __call__(self, image) -> list[torch.Tensor]:
+        return ([self.global_tf.transform(image) for _ in range(self.n_global)]
+                + [self.local_tf.transform(image) for _ in range(self.n_local)])
+
+
 class EvalTransform:
     """Deterministic transform for feature extraction: resize, tensor, normalize."""
 

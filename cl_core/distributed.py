@@ -62,3 +62,29 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     y = x.detach().clone()
     dist.all_reduce(y, op=dist.ReduceOp.SUM)
     return y / world_size()
+
+
+@torch.no_grad()
+def gather_nograd(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` (N, ...) from all ranks along dim 0, without gradient (keys for
+    queues and memory banks). Returns ``x.detach()`` without a process group."""
+    if world_size() == 1:
+        return x.detach()
+    out = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(out, x.detach().contiguous())
+    return torch.cat(out, dim=0)
+
+
+def all_reduce_sum_(x: torch.Tensor) -> torch.Tensor:
+    """In-place sum over ranks, without gradient (e.g. Sinkhorn marginals, DINO's
+    center). Returns ``x``; a no-op without a process group."""
+    if world_size() > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+def broadcast_(x: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """In-place broadcast from ``src`` (e.g. a shuffle permutation); a no-op alone."""
+    if world_size() > 1:
+        dist.broadcast(x, src)
+    return x

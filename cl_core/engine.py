@@ -98,7 +98,7 @@ class PretrainLoop:
     def _aux_batch(self):
         if self.aux is None:
             return None
-        views, labels = self.aux()
+        views, labels, *_ = self.aux()
         return [v.to(self.device, non_blocking=True) for v in views], labels.to(self.device, non_blocking=True)
 
     # ---- loop --------------------------------------------------------------------
@@ -130,12 +130,15 @@ class PretrainLoop:
         sums: dict[str, torch.Tensor] = {}
         n_steps = 0
         t0 = time.perf_counter()
-        for views, labels in loader:
+        for views, labels, index in loader:
             views = [v.to(self.device, non_blocking=True) for v in views]
-            set_lr(self.optimizer, self.lr())
+            set_lr(self.optimizer, self.lr(), self.peak_lr)
+            self.method.set_progress(self.step, self.total_steps)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 if self.method.uses_labels:
                     out = self.model(views, labels.to(self.device, non_blocking=True), self._aux_batch())
+                elif self.method.needs_index:
+                    out = self.model(views, index=index.to(self.device, non_blocking=True))
                 else:
                     out = self.model(views)
             if not torch.isfinite(out.loss):
@@ -145,6 +148,7 @@ class PretrainLoop:
                 )
             self.optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
+            self.method.before_optimizer_step(self.step, self.total_steps)
             self.optimizer.step()
             self.method.after_optimizer_step(self.step, self.total_steps)
             self.step += 1

@@ -109,6 +109,8 @@ def build_optimizer(name: str, param_groups: list[dict], lr: float, *, weight_de
     raise ValueError(f"unknown optimizer {name!r}; known: sgd, adamw, lars")
 
 
-def set_lr(optimizer: Optimizer, lr: float) -> None:
+def set_lr(optimizer: Optimizer, lr: float, peak_lr: float | None = None) -> None:
+    """Set the scheduled ``lr`` on every group; groups marked ``fixed_lr`` (SimSiam's
+    predictor) keep ``peak_lr`` throughout."""
     for g in optimizer.param_groups:
-        g["lr"] = lr
+        g["lr"] = peak_lr if g.get("fixed_lr") and peak_lr is not None else lr

@@ -27,7 +27,7 @@ def _config(args: argparse.Namespace) -> PipelineConfig:
     return load_config(args.config, overrides)
 
 
-def run(cfg: PipelineConfig, *, rerun: str | None = None, only: str | None = None):
+def run(cfg: PipelineConfig, *, rerun: str | None = None, only: str | None = None, until: str | None = None):
     """Run the stages (shard -> pretrain, labels -> finetune -> distill -> evaluate ->
     register) and print the summary. Returns the PipelineResult."""
     from pipelines import ray_env, tracking
@@ -40,7 +40,7 @@ def run(cfg: PipelineConfig, *, rerun: str | None = None, only: str | None = Non
     exp_id = tracking.setup(cfg.tracking_uri(), cfg.mlflow.experiment, cfg.artifact_location())
     console.print(f"clpipe: pipeline [bold]{cfg.name}[/], work dir {cfg.work_path()}, MLflow {cfg.tracking_uri()}")
     ray_env.init(cfg.ray)
-    result = run_pipeline(cfg, STAGES, experiment_id=exp_id, rerun=rerun, only=only)
+    result = run_pipeline(cfg, STAGES, experiment_id=exp_id, rerun=rerun, only=only, until=until)
     _summary(cfg, result, time.perf_counter() - t0)
     return result
 
@@ -81,23 +81,27 @@ def main(argv: list[str] | None = None) -> int:
     _add_config_args(p_run)
     p_run.add_argument("--rerun", metavar="STAGE", help="recompute STAGE and everything downstream of it (ignore the cache)")
     p_run.add_argument("--only", metavar="STAGE", help="compute STAGE alone against the cached outputs of its upstream stages")
+    p_run.add_argument("--until", metavar="STAGE", help="stop after STAGE (e.g. --until pretrain)")
     p_cfg = sub.add_parser("config", help="validate a config and print it resolved")
     _add_config_args(p_cfg)
-    sub.add_parser("methods", help="list the known methods")
+    sub.add_parser("methods", help="list the known methods with their hyperparameters and defaults")
     args = parser.parse_args(argv)
     if args.command is None:
         args = parser.parse_args(["run", *(argv or [])])
     try:
         if args.command == "methods":
-            from cl_core.methods import known_methods
+            from cl_core.methods import get_method, known_methods, method_params
 
-            print("\n".join(known_methods()))
+            for name in known_methods():
+                cls = get_method(name)
+                hp = ", ".join(f"{k}={v!r}" for k, v in method_params(name).items())
+                print(f"{name:<13} {cls.view_kind:<10} {hp}")
             return 0
         cfg = _config(args)
         if args.command == "config":
             print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
             return 0
-        run(cfg, rerun=args.rerun, only=args.only)
+        run(cfg, rerun=args.rerun, only=args.only, until=args.until)
         return 0
     except ConfigError as e:
         print(f"clpipe: config error:\n{e}", file=sys.stderr)

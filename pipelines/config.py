@@ -7,13 +7,14 @@ that names the field, and ``--set a.b=v`` overrides go through the same validati
 from __future__ import annotations
 
 import copy
+import inspect
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from cl_core.methods import known_methods
+from cl_core.methods import get_method, known_methods, method_params
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
 
@@ -65,6 +66,19 @@ class ViewsConfig(Section):
     jitter_prob: float = Field(0.8, ge=0, le=1)
     grayscale_prob: float = Field(0.2, ge=0, le=1)
     blur_prob: float = Field(0.0, ge=0, le=1, description="SimCLR: 0.5 on ImageNet, off for small images")
+    local_views: int = Field(6, ge=0, description="multi-crop methods (SwAV, DINO): small views per image (SwAV: 6, DINO: 8)")
+    local_image_size: int | None = Field(None, ge=4, description="side of the local views; None: 96/224 of image_size")
+    local_crop_scale: tuple[float, float] = Field((0.05, 0.14), description="area range of local crops (SwAV: 0.05-0.14)")
+
+    @field_validator("local_crop_scale")
+    @classmethod
+    def _scale(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1] <= 1:
+            raise ValueError(f"must be (min, max) with 0 < min <= max <= 1, got {list(v)}")
+        return v
+
+    def local_size(self) -> int:
+        return self.local_image_size or max(4, round(self.image_size * 96 / 224))
 
 
 class TrainingConfig(Section):
@@ -96,13 +110,16 @@ class TrainingConfig(Section):
 
 class PretrainConfig(TrainingConfig):
     method: str = "simclr"
-    backbone: Literal["small_cnn", "resnet18", "resnet50"] = "small_cnn"
+    backbone: Literal["small_cnn", "resnet18", "resnet50", "vit_tiny", "vit_small"] = "small_cnn"
     backbone_width: int = Field(32, ge=1, description="small_cnn only")
     cifar_stem: bool = False
-    temperature: float = Field(0.5, description="NT-Xent temperature")
-    head_layers: int = Field(3, ge=2, le=4, description="SimCLRv2: 3 (fine-tune from layer 1); SimCLR: 2")
-    head_hidden_dim: int | None = Field(None, ge=1)
-    proj_dim: int = Field(128, ge=1)
+    patch_size: int = Field(4, ge=1, description="ViT backbones: patch side in pixels (views.image_size must be a multiple)")
+    vit_depth: int = Field(12, ge=1, description="ViT backbones: Transformer blocks (ViT-Tiny/Small: 12)")
+    sync_bn: bool = Field(False, description="BatchNorm statistics over all workers (torch SyncBatchNorm; CUDA workers only)")
+    params: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="hyperparameters per method: params.<method>.<name>; only the selected method's are used",
+    )
     views: ViewsConfig = ViewsConfig()
     knn_k: int = Field(20, ge=1)
     knn_temperature: float = Field(0.07, gt=0)
@@ -114,11 +131,19 @@ class PretrainConfig(TrainingConfig):
             raise ValueError(f"unknown method {v!r}; known methods: {', '.join(known_methods())}")
         return v
 
-    @field_validator("temperature")
+    @field_validator("params")
     @classmethod
-    def _temperature(cls, v: float) -> float:
-        if not v > 0:
-            raise ValueError(f"must be > 0, got {v}")
+    def _params(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for method, values in v.items():
+            if method not in known_methods():
+                raise ValueError(f"params.{method}: unknown method; known methods: {', '.join(known_methods())}")
+            if not isinstance(values, dict):
+                raise ValueError(f"params.{method}: expected a mapping of hyperparameters, got {values!r}")
+            known = method_params(method)
+            for k in values:
+                if k not in known:
+                    raise ValueError(f"params.{method}.{k}: {method} has no such hyperparameter; "
+                                     f"its hyperparameters: {', '.join(sorted(known))}")
         return v
 
     @field_validator("batch_size_per_worker")
@@ -128,16 +153,38 @@ class PretrainConfig(TrainingConfig):
             raise ValueError(f"must be >= 2 (a contrastive batch needs negatives), got {v}")
         return v
 
-    def model_kwargs(self) -> dict[str, Any]:
-        return {
-            "backbone": self.backbone,
-            "temperature": self.temperature,
-            "head_layers": self.head_layers,
-            "head_hidden_dim": self.head_hidden_dim,
-            "proj_dim": self.proj_dim,
-            "cifar_stem": self.cifar_stem,
-            "width": self.backbone_width,
-        }
+    @model_validator(mode="after")
+    def _build_check(self) -> PretrainConfig:
+        """Build the selected method once, without memory (meta device), so a bad value
+        (a temperature <= 0, a momentum >= 1, a ViT patch that does not divide the image)
+        fails here with the method's own message."""
+        import torch
+
+        kwargs = self.model_kwargs(num_samples=2)
+        try:
+            with torch.device("meta"):
+                get_method(self.method)(**kwargs, gather_distributed=False)
+        except (ValueError, TypeError) as e:
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            name = msg.split(" ", 1)[0].rstrip(":")
+            if name in self.method_kwargs() and " " in msg:  # "temperature must be > 0" -> params.simclr.temperature: must be > 0
+                raise ValueError(f"params.{self.method}.{name}: {msg.split(' ', 1)[1].lstrip(': ')}") from None
+            raise ValueError(f"{self.method} on {self.backbone}: {msg}") from None
+        return self
+
+    def method_kwargs(self) -> dict[str, Any]:
+        """The selected method's hyperparameters: its defaults, then ``params.<method>``."""
+        return {**method_params(self.method), **self.params.get(self.method, {})}
+
+    def model_kwargs(self, *, num_samples: int | None = None) -> dict[str, Any]:
+        """Constructor arguments of the selected method (what a checkpoint records)."""
+        backbone_args: dict[str, Any] = {"width": self.backbone_width, "cifar_stem": self.cifar_stem}
+        if self.backbone.startswith("vit"):
+            backbone_args = {"image_size": self.views.image_size, "patch_size": self.patch_size, "depth": self.vit_depth}
+        out = {"backbone": self.backbone, "backbone_args": backbone_args, **self.params.get(self.method, {})}
+        if num_samples is not None and "num_samples" in inspect.signature(get_method(self.method).__init__).parameters:
+            out["num_samples"] = num_samples
+        return out
 
 
 class LabelsConfig(Section):
@@ -163,7 +210,9 @@ class CropFlipConfig(Section):
 
 
 class FinetuneConfig(TrainingConfig):
-    finetune_from_head_layer: int = Field(1, ge=0, le=4, description="projection-head layers kept (SimCLRv2: 1; 0: encoder only)")
+    finetune_from_head_layer: int | None = Field(
+        None, ge=0, le=4,
+        description="projection-head layers kept (SimCLRv2: 1; 0: encoder only); None: 1 for SimCLR's head, else 0")
     num_classes: int | None = Field(None, ge=2, description="None: the data's class count; set it to assert that count")
     baseline: bool = Field(True, description="also train the same classifier from scratch on the same labels and budget")
     views: CropFlipConfig = CropFlipConfig()
@@ -241,10 +290,13 @@ class PipelineConfig(Section):
             if self.data.min_shards < need:
                 raise ValueError(f"data.min_shards ({self.data.min_shards}) < {stage}.num_workers ({need}): "
                                  "every worker needs its own shard")
-        k, layers = self.finetune.finetune_from_head_layer, self.pretrain.head_layers
-        if k > layers:
-            raise ValueError(f"finetune.finetune_from_head_layer ({k}) > pretrain.head_layers ({layers}): "
-                             f"the head has only {layers} layers to fine-tune from")
+        k, layers = self.finetune.finetune_from_head_layer, self.pretrain.method_kwargs().get("head_layers")
+        if k and layers is None:
+            raise ValueError(f"finetune.finetune_from_head_layer ({k}): {self.pretrain.method} has no SimCLR-style "
+                             "projection head to fine-tune from; set it to 0 (or leave it unset)")
+        if k and k > layers:
+            raise ValueError(f"finetune.finetune_from_head_layer ({k}) > pretrain.params.{self.pretrain.method}.head_layers "
+                             f"({layers}): the head has only {layers} layers to fine-tune from")
         if self.registry.label_fraction is not None and self.registry.label_fraction not in self.labels.fractions:
             raise ValueError(f"registry.label_fraction ({self.registry.label_fraction}) is not one of "
                              f"labels.fractions {self.labels.fractions}")
@@ -292,8 +344,8 @@ def _format_errors(e: ValidationError, source: str) -> str:
         else:
             # a cross-field check on a section names its field first ("path: ..."): fold it into the location
             head, sep, rest = msg.partition(": ")
-            if sep and head in getattr(_model_at(loc), "model_fields", {}):
-                loc, msg = (*loc, head), rest
+            if sep and head.split(".")[0] in getattr(_model_at(loc), "model_fields", {}):
+                loc, msg = (*loc, *head.split(".")), rest
         where = ".".join(loc)
         lines.append(f"{source}: {where}: {msg}" if where else f"{source}: {msg}")
     return "\n".join(lines)

@@ -111,11 +111,12 @@ def _ancestors(stages: list[StageSpec], name: str) -> set[str]:
 
 
 def run_pipeline(cfg: PipelineConfig, stages: list[StageSpec], *, experiment_id: str, run_name: str | None = None,
-                 rerun: str | None = None, only: str | None = None) -> PipelineResult:
+                 rerun: str | None = None, only: str | None = None, until: str | None = None) -> PipelineResult:
     """Run ``stages`` (in dependency order) under one parent MLflow run.
 
     ``rerun``: recompute that stage and everything downstream of it, ignoring the cache.
     ``only``: compute that stage alone; its upstream stages must be in the cache.
+    ``until``: stop after that stage (run it and its upstream stages only).
     """
     t0 = time.perf_counter()
     names = [s.name for s in stages]
@@ -123,14 +124,17 @@ def run_pipeline(cfg: PipelineConfig, stages: list[StageSpec], *, experiment_id:
         missing = [d for d in s.deps if d not in names[: names.index(s.name)]]
         if missing:
             raise ValueError(f"stage {s.name} depends on {missing}, which do not come before it in the pipeline")
-    for flag, value in (("--rerun", rerun), ("--only", only)):
+    for flag, value in (("--rerun", rerun), ("--only", only), ("--until", until)):
         if value is not None and value not in names:
             raise StageError(f"{flag} {value}: no such stage; stages: {', '.join(names)}")
     forced = _descendants(stages, rerun) if rerun else set()
     selected = stages
+    if until:
+        keep_until = _ancestors(stages, until) | {until}
+        selected = [s for s in stages if s.name in keep_until]
     if only:
         keep = _ancestors(stages, only) | {only}
-        selected = [s for s in stages if s.name in keep]
+        selected = [s for s in selected if s.name in keep]
         forced |= {only}
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_name or f"pipeline {cfg.name}",
                           tags={tracking.TAG_KIND: "pipeline"}) as parent:
@@ -139,6 +143,8 @@ def run_pipeline(cfg: PipelineConfig, stages: list[StageSpec], *, experiment_id:
         mlflow.log_dict(cfg.model_dump(mode="json"), "config.json")
         if rerun or only:
             mlflow.set_tags({k: v for k, v in (("clpipe.rerun", rerun), ("clpipe.only", only)) if v})
+        if until:
+            mlflow.set_tag("clpipe.until", until)
         keys: dict[str, str] = {}
         for spec in selected:
             must_cache = only is not None and spec.name != only

@@ -13,7 +13,7 @@ def _spec(k: int, **kw):
 
 @pytest.mark.parametrize("k,neck_dim", [(0, 32), (1, 32), (2, 32), (3, 16)])
 def test_finetune_from_head_layer_k_keeps_the_first_k_head_layers(k, neck_dim):
-    method = SimCLR("small_cnn", width=8, head_layers=3, proj_dim=16, gather_distributed=False)
+    method = SimCLR("small_cnn", backbone_args={"width": 8}, head_layers=3, proj_dim=16, gather_distributed=False)
     clf = classifier_from_pretrained(method, _spec(k))
     assert len(clf.neck) == k
     for i in range(k):  # the very same modules (weights shared with the pretrained head)
@@ -33,7 +33,7 @@ def test_finetune_from_head_layer_k_keeps_the_first_k_head_layers(k, neck_dim):
 
 @pytest.mark.parametrize("k", [0, 1, 2])
 def test_build_classifier_has_the_same_state_dict_layout(k):
-    method = SimCLR("small_cnn", width=8, head_layers=3, proj_dim=16, gather_distributed=False)
+    method = SimCLR("small_cnn", backbone_args={"width": 8}, head_layers=3, proj_dim=16, gather_distributed=False)
     teacher = classifier_from_pretrained(method, _spec(k))
     rebuilt = build_classifier(_spec(k))
     rebuilt.load_state_dict(teacher.state_dict())  # strict: identical keys and shapes

@@ -23,7 +23,7 @@ def train_shards(npz_file, tmp_path):
 def _loop(train_shards, epochs=2, lr_base=0.3):
     urls, counts = train_shards
     torch.manual_seed(0)
-    method = SimCLR("small_cnn", width=4, proj_dim=8, temperature=0.5)
+    method = SimCLR("small_cnn", backbone_args={"width": 4}, proj_dim=8, temperature=0.5)
     stream = ShardStream(urls, counts, transform=SimCLRTransform(8), batch_size=8, rank=0, world_size=1,
                          loader_workers=0, shuffle_buffer=10, seed=0)
     cfg = LoopConfig(epochs=epochs, batch_size_per_worker=8, optimizer="lars", lr_base=lr_base, warmup_epochs=1,

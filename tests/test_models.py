@@ -44,12 +44,12 @@ def test_projection_head_layers(layers):
 def test_registry_lists_simclr_and_builds_it():
     assert "simclr" in known_methods()
     assert get_method("simclr") is SimCLR
-    with pytest.raises(ValueError, match="known methods: simclr"):
+    with pytest.raises(ValueError, match="known methods: .*simclr"):
         get_method("nope")
 
 
 def test_simclr_step_is_finite_and_trains_all_parameters():
-    m = SimCLR("small_cnn", width=8, proj_dim=16, head_layers=3)
+    m = SimCLR("small_cnn", backbone_args={"width": 8}, proj_dim=16, head_layers=3)
     out = m([torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)])
     assert torch.isfinite(out.loss)
     out.loss.backward()
@@ -58,5 +58,5 @@ def test_simclr_step_is_finite_and_trains_all_parameters():
     groups = m.param_groups(1e-4)
     assert groups[0]["weight_decay"] == 1e-4 and groups[1]["weight_decay"] == 0 and groups[1]["lars_exclude"]
     assert all(p.ndim <= 1 for p in groups[1]["params"]) and all(p.ndim > 1 for p in groups[0]["params"])
-    restored = SimCLR("small_cnn", width=8, proj_dim=16, head_layers=3)
+    restored = SimCLR("small_cnn", backbone_args={"width": 8}, proj_dim=16, head_layers=3)
     restored.load_state_dict(m.state_dict())

@@ -74,7 +74,7 @@ def test_the_simclrv2_chain_logs_registers_and_caches(local_ray, tmp_path, capsy
     shard = children["shard"]
     assert shard.data.metrics["num_samples"] == 1797 and shard.data.metrics["num_corrupt"] == 0
     pre = children["pretrain"]
-    assert pre.data.params["head_layers"] == "3"
+    assert pre.data.params["method.head_layers"] == "3" and pre.data.params["method.temperature"] == "0.5"
     assert [m.step for m in client.get_metric_history(pre.info.run_id, "val/knn_top1")] == [1, 2]
 
     # label subsets: the ids are an artifact; 1% of 1,259 = 13 labels, 10% = 126, every class covered

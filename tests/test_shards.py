@@ -154,9 +154,10 @@ def test_stream_sees_every_training_sample_once_per_epoch(npz_file, tmp_path, lo
         stream.set_epoch(1)
         batches = list(training_loader(stream, num_workers=loader_workers))
         steps.add(len(batches))
-        for views, labels in batches:
+        for views, labels, idx in batches:
             assert views[0].shape == (4, 3, 8, 8) and labels.shape == (4,)
             seen += [index[key(v)] for v in views[0]]
+            assert idx.tolist() == [index[key(v)] for v in views[0]]  # the dense split index of each sample
     assert len(steps) == 1  # every rank the same number of batches
     assert set(seen) == set(range(sum(counts)))  # every training sample at least once
     plan = stream.plan()

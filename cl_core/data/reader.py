@@ -87,35 +87,55 @@ def plan_epoch(
     return EpochPlan(tuple(slots), steps, batch_size)
 
 
-def decode_sample(sample: dict) -> tuple[Image.Image, int]:
-    """(PIL RGB image, label) of a shard sample; label -1 when the shard has no ``.cls``."""
+def decode_sample(sample: dict) -> tuple[Image.Image, int, int]:
+    """(PIL RGB image, label, index) of a shard sample; label -1 when the shard has no
+    ``.cls``, index -1 when the pipeline does not number samples."""
     data = sample.get("png", sample.get("jpg", sample.get("jpeg")))
     if data is None:
         raise ValueError(f"{sample.get('__url__')}: sample {sample.get('__key__')} has no .png/.jpg image "
                          f"(found: {', '.join(k for k in sample if not k.startswith('__'))})")
     with Image.open(io.BytesIO(data)) as im:
         img = im.convert("RGB")  # decodes fully; grayscale digits become 3 equal channels
-    return img, int(sample["cls"]) if "cls" in sample else -1
+    return img, int(sample["cls"]) if "cls" in sample else -1, int(sample.get("__index__", -1))
 
 
-def sample_pipeline(urls: Sequence[str], *, shuffle_buffer: int = 0, seed: int = 0, handler=wds.reraise_exception):
-    """A WebDataset pipeline over ``urls`` yielding (PIL RGB image, label) per sample.
+def _with_index(samples: Iterator[dict], offsets: dict[str, int]) -> Iterator[dict]:
+    """Number the samples of each shard: ``__index__`` = the shard's offset in the split
+    + the sample's position in the shard (a dense index over the split, before shuffling)."""
+    seen: dict[str, int] = {}
+    for s in samples:
+        url = s.get("__url__")
+        pos = seen.get(url, 0)
+        seen[url] = pos + 1
+        s["__index__"] = offsets[url] + pos if url in offsets else -1
+        yield s
+
+
+def sample_pipeline(urls: Sequence[str], *, shuffle_buffer: int = 0, seed: int = 0, handler=wds.reraise_exception,
+                    offsets: dict[str, int] | None = None, decode: Callable[[dict], tuple] = decode_sample):
+    """A WebDataset pipeline over ``urls`` yielding (PIL RGB image, label, index) per sample
+    (``decode``'s result: e.g. (text, label, index) with :func:`cl_core.data.text.decode_text`).
 
     Tar members are read by :func:`cl_core.data.tario.tar_samples` (the same samples as
     ``wds.tarfile_to_samples``, ~6x faster); ``handler`` follows WebDataset's convention.
+    ``offsets`` maps each url to the index of its first sample in the split (from the
+    manifest's counts); the index is -1 without it.
     """
     stages: list = [wds.SimpleShardList(list(urls)), partial(tar_samples, handler=handler)]
+    if offsets is not None:
+        stages.append(partial(_with_index, offsets=offsets))
     if shuffle_buffer > 1:
         stages.append(wds.shuffle(shuffle_buffer, initial=shuffle_buffer, rng=random.Random(seed)))
-    stages.append(wds.map(decode_sample, handler=handler))
+    stages.append(wds.map(decode, handler=handler))
     return wds.DataPipeline(*stages)
 
 
 class ShardStream(IterableDataset):
     """The training stream of one Ray worker (``rank``) for one epoch.
 
-    Call :meth:`set_epoch` before iterating. Yields ``(views, label)`` where ``views`` is
-    the list returned by ``transform`` (e.g. two augmented views).
+    Call :meth:`set_epoch` before iterating. Yields ``(views, label, index)`` where
+    ``views`` is the list returned by ``transform`` (e.g. two augmented views) and
+    ``index`` the sample's dense position in the split (``urls`` order, ``counts``).
     """
 
     def __init__(
@@ -130,11 +150,15 @@ class ShardStream(IterableDataset):
         loader_workers: int,
         shuffle_buffer: int = 1000,
         seed: int = 0,
+        decode: Callable[[dict], tuple] = decode_sample,
     ) -> None:
         self.urls, self.counts = list(urls), list(counts)
+        self.decode = decode  # shard sample -> (input, label, index); input goes to ``transform``
         self.transform, self.batch_size = transform, batch_size
         self.rank, self.world_size, self.loader_workers = rank, world_size, loader_workers
         self.shuffle_buffer, self.seed, self.epoch = shuffle_buffer, seed, 0
+        starts = np.cumsum([0, *self.counts[:-1]]).tolist()
+        self.offsets = {u: int(o) for u, o in zip(self.urls, starts, strict=True)}
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -149,7 +173,11 @@ class ShardStream(IterableDataset):
             seed=self.seed,
         )
 
-    def __iter__(self) -> Iterator[tuple[list[torch.Tensor], int]]:
+    @property
+    def num_samples(self) -> int:
+        return sum(self.counts)
+
+    def __iter__(self) -> Iterator[tuple[list[torch.Tensor], int, int]]:
         info = get_worker_info()
         worker = info.id if info is not None else 0
         slot = self.plan().slots[self.rank][worker]
@@ -165,8 +193,10 @@ class ShardStream(IterableDataset):
         while emitted < quota:
             rng.shuffle(shards)
             before = emitted
-            for img, label in sample_pipeline(shards, shuffle_buffer=self.shuffle_buffer, seed=slot_seed + passes):
-                yield self.transform(img), label
+            for img, label, index in sample_pipeline(shards, shuffle_buffer=self.shuffle_buffer,
+                                                     seed=slot_seed + passes, offsets=self.offsets,
+                                                     decode=self.decode):
+                yield self.transform(img), label, index
                 emitted += 1
                 if emitted == quota:
                     return
@@ -190,7 +220,7 @@ def training_loader(stream: ShardStream, *, num_workers: int, pin_memory: bool =
 def load_split(urls: Sequence[str], transform: Callable[[Image.Image], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Every sample of ``urls`` in order, transformed: (images (N, C, H, W), labels (N,))."""
     xs, ys = [], []
-    for img, label in sample_pipeline(urls):
+    for img, label, _ in sample_pipeline(urls):
         xs.append(transform(img))
         ys.append(label)
     if not xs:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from cl_core.losses import NTXentLoss
-from cl_core.methods.base import Method, StepOutput, register
+from cl_core.methods.base import Method, StepOutput, check_positive, register
 from cl_core.models import SimCLRProjectionHead, build_backbone
 
 
@@ -20,31 +20,32 @@ class SimCLR(Method):
     """Encoder f, projection head g, NT-Xent on z = g(f(x)) of two views.
 
     Args:
-        backbone: name for :func:`cl_core.models.build_backbone`.
-        temperature: NT-Xent temperature (SimCLR: 0.1 at batch 4096; 0.5 on CIFAR-10).
+        backbone: name for :func:`cl_core.models.build_backbone`; ``backbone_args`` its
+            keyword arguments.
+        gather_distributed: negatives from all workers.
+        temperature: NT-Xent temperature.
         head_layers: 2 (SimCLR) or 3 (SimCLRv2).
         head_hidden_dim: hidden width of the head; None keeps the feature width.
-        proj_dim: output dim of the head (128 in both papers).
-        gather_distributed: negatives from all workers.
+        proj_dim: output dim of the head.
     """
 
     def __init__(
         self,
         backbone: str = "small_cnn",
         *,
-        temperature: float = 0.5,
-        head_layers: int = 2,
-        head_hidden_dim: int | None = None,
-        proj_dim: int = 128,
-        in_channels: int = 3,
-        cifar_stem: bool = False,
-        width: int = 32,
+        backbone_args: dict | None = None,
         gather_distributed: bool = True,
+        temperature: float = 0.5,  # SimCLR [0] B.9: 0.5 for CIFAR-10 (0.1 at batch 4096 on ImageNet)
+        head_layers: int = 2,  # SimCLR [0]: 2; SimCLRv2 [1]: 3, fine-tuned from the first
+        head_hidden_dim: int | None = None,  # SimCLR [0]: the feature width (2048 for ResNet-50)
+        proj_dim: int = 128,  # SimCLR [0] and SimCLRv2 [1]: 128
     ) -> None:
         super().__init__()
-        self.backbone, self.feat_dim = build_backbone(backbone, in_channels=in_channels, cifar_stem=cifar_stem, width=width)
+        if head_layers not in (2, 3, 4):
+            raise ValueError(f"head_layers must be 2, 3 or 4, got {head_layers!r}")
+        self.backbone, self.feat_dim = build_backbone(backbone, **(backbone_args or {}))
         self.head = SimCLRProjectionHead(self.feat_dim, head_hidden_dim or self.feat_dim, proj_dim, head_layers)
-        self.criterion = NTXentLoss(temperature, gather_distributed=gather_distributed)
+        self.criterion = NTXentLoss(check_positive("temperature", temperature), gather_distributed=gather_distributed)
 
     def forward(self, views: list[torch.Tensor]) -> StepOutput:
         x0, x1 = views  # (N, C, H, W) each
@@ -54,3 +55,7 @@ class SimCLR(Method):
         z = self.head(h)  # (2N, D)
         loss = self.criterion(z[:n], z[n:])
         return StepOutput(loss=loss, metrics={"train/loss": loss.detach()})
+
+    @classmethod
+    def smoke_kwargs(cls) -> dict:
+        return {**super().smoke_kwargs(), "proj_dim": 8}

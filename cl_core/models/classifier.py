@@ -43,6 +43,7 @@ def classifier_spec(
     *,
     backbone: str,
     num_classes: int,
+    encoder: dict[str, Any] | None = None,
     from_head_layer: int = 0,
     head_layers: int = 3,
     head_hidden_dim: int | None = None,
@@ -55,7 +56,7 @@ def classifier_spec(
         raise ValueError(f"from_head_layer must be in [0, {head_layers}] for a {head_layers}-layer head, got {from_head_layer}")
     if num_classes < 2:
         raise ValueError(f"a classifier needs >= 2 classes, got {num_classes}")
-    return {"backbone": backbone, "num_classes": num_classes, "from_head_layer": from_head_layer,
+    return {"backbone": backbone, "encoder": encoder, "num_classes": num_classes, "from_head_layer": from_head_layer,
             "head_layers": head_layers, "head_hidden_dim": head_hidden_dim, "proj_dim": proj_dim,
             "width": width, "cifar_stem": cifar_stem, "in_channels": in_channels}
 
@@ -74,7 +75,17 @@ def _neck_from_head(head: nn.Module | None, k: int) -> tuple[nn.Sequential, int 
 
 def build_classifier(spec: dict[str, Any]) -> Classifier:
     """A randomly initialised classifier of ``spec`` (the supervised baseline, the student,
-    or the skeleton that a teacher checkpoint is loaded into)."""
+    or the skeleton that a teacher checkpoint is loaded into).
+
+    With ``spec["encoder"]`` (a method record ``{"method", "kwargs"}``) the encoder is that
+    method's ``encoder()`` (any architecture: two-stream CMC, CPC's patch grid, ViTs);
+    otherwise a plain backbone of ``spec["backbone"]``."""
+    if spec.get("encoder"):
+        from cl_core.methods import get_method  # the methods build on this module
+
+        rec = spec["encoder"]
+        method = get_method(rec["method"])(**rec["kwargs"], gather_distributed=False)
+        return classifier_from_pretrained(method, spec, init_fc=False)
     backbone, feat_dim = build_backbone(spec["backbone"], in_channels=spec.get("in_channels", 3),
                                         cifar_stem=spec.get("cifar_stem", False), width=spec.get("width", 32))
     k = spec.get("from_head_layer", 0)
@@ -85,15 +96,16 @@ def build_classifier(spec: dict[str, Any]) -> Classifier:
     return Classifier(backbone, neck, neck_dim or feat_dim, spec["num_classes"])
 
 
-def classifier_from_pretrained(method: nn.Module, spec: dict[str, Any]) -> Classifier:
-    """The teacher before fine-tuning: the pretrained backbone and first k head layers of
+def classifier_from_pretrained(method: nn.Module, spec: dict[str, Any], *, init_fc: bool = True) -> Classifier:
+    """The teacher before fine-tuning: the pretrained encoder and first k head layers of
     ``method`` (weights shared, not copied) and a new linear layer (N(0, 0.01^2)
     weights, zero bias, as SimCLRv2's supervised head)."""
     neck, neck_dim = _neck_from_head(getattr(method, "head", None), spec["from_head_layer"])
-    backbone, feat_dim = getattr(method, "backbone"), getattr(method, "feat_dim")  # noqa: B009 - any Method
+    backbone, feat_dim = method.encoder(), getattr(method, "feat_dim")  # type: ignore[operator]  # noqa: B009 - any Method
     model = Classifier(backbone, neck, neck_dim or int(feat_dim), spec["num_classes"])
-    nn.init.normal_(model.fc.weight, std=0.01)
-    nn.init.zeros_(model.fc.bias)
+    if init_fc:
+        nn.init.normal_(model.fc.weight, std=0.01)
+        nn.init.zeros_(model.fc.bias)
     return model
 
 

@@ -47,3 +47,43 @@ class SimCLRProjectionHead(nn.Module):
         for layer in self.layers[: self.num_layers if upto is None else upto]:
             h = layer(h)
         return h
+
+
+class MLP(nn.Sequential):
+    """A plain MLP over ``dims`` (input, hidden..., output): Linear [-> BatchNorm1d] ->
+    activation on every hidden layer; the output layer is a Linear, optionally followed
+    by a BatchNorm1d (``last_norm``, with or without affine parameters).
+
+    The heads of the literature are instances: MoCo v2 ``MLP([F, F, 128], norm=False)``;
+    BYOL ``MLP([F, 4096, 256])``; SimSiam's projector ``MLP([F, 2048, 2048, 2048],
+    last_norm=True)``; MoCo v3's ``MLP([F, 4096, 256], last_norm=True,
+    last_norm_affine=False)``; Barlow Twins ``MLP([F, 8192, 8192, 8192])``; DINO's
+    ``MLP([F, 2048, 2048, 256], norm=False, activation="gelu")``.
+
+    Args:
+        dims: layer widths, at least two.
+        norm: BatchNorm1d after each hidden Linear (Linear biases are then dropped,
+            as the norm's shift replaces them).
+        activation: ``relu`` or ``gelu``.
+        last_norm: BatchNorm1d after the output Linear.
+        last_norm_affine: learnable scale and shift of that last norm.
+    """
+
+    def __init__(self, dims: list[int], *, norm: bool = True, activation: str = "relu", last_norm: bool = False,
+                 last_norm_affine: bool = True) -> None:
+        if len(dims) < 2:
+            raise ValueError(f"MLP: needs at least input and output widths, got {dims}")
+        acts = {"relu": nn.ReLU, "gelu": nn.GELU}
+        if activation not in acts:
+            raise ValueError(f"MLP: activation must be one of {sorted(acts)}, got {activation!r}")
+        layers: list[nn.Module] = []
+        for i in range(len(dims) - 1):
+            last = i == len(dims) - 2
+            with_norm = last_norm if last else norm
+            layers.append(nn.Linear(dims[i], dims[i + 1], bias=not with_norm))
+            if with_norm:
+                layers.append(nn.BatchNorm1d(dims[i + 1], affine=last_norm_affine if last else True))
+            if not last:
+                layers.append(acts[activation]())
+        super().__init__(*layers)
+        self.output_dim = dims[-1]

@@ -62,6 +62,22 @@ def distill_worker(config: dict) -> list[dict] | None:
     return history if w.rank == 0 else None
 
 
+def student_spec(t_spec: dict, num_classes: int, cfg: DistillConfig) -> dict:
+    """The student's classifier spec: by default the teacher's encoder architecture
+    without the head layers (self-distillation); or ``student_backbone`` /
+    ``student_width`` (a plain backbone)."""
+    if t_spec.get("encoder") and cfg.student_backbone is None and cfg.student_width is None:
+        return classifier_spec(backbone=t_spec["backbone"], encoder=t_spec["encoder"], num_classes=num_classes,
+                               from_head_layer=0)
+    t_args = (t_spec.get("encoder") or {}).get("kwargs", {}).get("backbone_args", {}) if t_spec.get("encoder") else {
+        "width": t_spec.get("width", 32), "cifar_stem": t_spec.get("cifar_stem", False)}
+    backbone = cfg.student_backbone or t_spec["backbone"]
+    same = backbone == t_spec["backbone"]
+    return classifier_spec(backbone=backbone, num_classes=num_classes, from_head_layer=0,
+                           width=cfg.student_width or (t_args.get("width", 32) if same else 32),
+                           cifar_stem=t_args.get("cifar_stem", False) if same else False)
+
+
 def distill(ctx: StageContext, cfg: DistillConfig, inputs: dict) -> dict:
     shard_set, teachers, subsets = inputs["shard"], inputs["finetune"], inputs["labels"]
     num_classes = shard_set["num_classes"]
@@ -78,12 +94,7 @@ def distill(ctx: StageContext, cfg: DistillConfig, inputs: dict) -> dict:
         if teacher.num_classes != num_classes:
             raise ValueError(f"distill: the teacher {record['model_path']} predicts {teacher.num_classes} classes but the "
                              f"shard set {shard_set['shard_dir']} has {num_classes}; fine-tune a teacher on this data")
-        t_spec = record["spec"]
-        backbone = cfg.student_backbone or t_spec["backbone"]
-        same = backbone == t_spec["backbone"]
-        spec = classifier_spec(backbone=backbone, num_classes=num_classes, from_head_layer=0,
-                               width=cfg.student_width or (t_spec["width"] if same else 32),
-                               cifar_stem=t_spec["cifar_stem"] if same else False)
+        spec = student_spec(record["spec"], num_classes, cfg)
         student_params = num_parameters(build_classifier(spec))
         sub_manifest = read_manifest(sub["shard_dir"])
         labeled_urls, labeled_counts = shard_urls(sub["shard_dir"], sub_manifest, "train")

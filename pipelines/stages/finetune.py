@@ -28,6 +28,7 @@ from pipelines.stages._train import (
     fit,
 )
 from pipelines.stages.pretrain import load_method
+from cl_core.methods import method_params
 
 
 def finetune_worker(config: dict) -> list[dict] | None:
@@ -53,6 +54,17 @@ def finetune_worker(config: dict) -> list[dict] | None:
     return history if w.rank == 0 else None
 
 
+def teacher_spec(model: dict, num_classes: int, from_head_layer: int | None) -> dict:
+    """The classifier spec of a teacher fine-tuned from the pretrained ``model`` record:
+    the method's encoder plus ``from_head_layer`` layers of its SimCLR-style head (None:
+    SimCLRv2's 1 when the method has such a head, else 0)."""
+    hp = {**method_params(model["method"]), **model["kwargs"]}
+    layers = hp.get("head_layers")
+    k = from_head_layer if from_head_layer is not None else (1 if layers else 0)
+    return classifier_spec(backbone=model["kwargs"]["backbone"], encoder=model, num_classes=num_classes,
+                           from_head_layer=k, head_layers=layers or 0)
+
+
 def finetune(ctx: StageContext, cfg: FinetuneConfig, inputs: dict) -> dict:
     shard_set, encoder, subsets = inputs["shard"], inputs["pretrain"], inputs["labels"]
     num_classes = shard_set["num_classes"]
@@ -64,10 +76,7 @@ def finetune(ctx: StageContext, cfg: FinetuneConfig, inputs: dict) -> dict:
     val_urls, _ = shard_urls(shard_set["shard_dir"], manifest, "val")
     if not val_urls:
         raise ValueError("finetune: the val split is empty, so no epoch can be selected; set data.val_fraction > 0")
-    kw = encoder["model"]["kwargs"]
-    spec = classifier_spec(backbone=kw["backbone"], num_classes=num_classes, from_head_layer=cfg.finetune_from_head_layer,
-                           head_layers=kw["head_layers"], head_hidden_dim=kw["head_hidden_dim"], proj_dim=kw["proj_dim"],
-                           width=kw["width"], cifar_stem=kw["cifar_stem"])
+    spec = teacher_spec(encoder["model"], num_classes, cfg.finetune_from_head_layer)
     jobs = []
     for name, sub in subsets["subsets"].items():
         sub_manifest = read_manifest(sub["shard_dir"])
@@ -76,7 +85,7 @@ def finetune(ctx: StageContext, cfg: FinetuneConfig, inputs: dict) -> dict:
         jobs += [{"name": f"{kind}_{name}", "kind": kind, "fraction": sub["fraction"], "urls": urls, "counts": counts,
                   "spec": spec} for kind in kinds]
     console.print(f"finetune: {len(jobs)} model(s) ({', '.join(j['name'] for j in jobs)}) on {cfg.num_workers} "
-                  f"Ray Train worker(s), {cfg.epochs} epochs each, from head layer {cfg.finetune_from_head_layer}")
+                  f"Ray Train worker(s), {cfg.epochs} epochs each, from head layer {spec['from_head_layer']}")
     worker_config = {
         "finetune": cfg.model_dump(mode="json"), "encoder": encoder, "jobs": jobs, "seed": ctx.seed,
         "threads": max(1, int(cfg.cpus_per_worker)), "val_urls": val_urls, "image_size": encoder["image_size"],
@@ -90,4 +99,4 @@ def finetune(ctx: StageContext, cfg: FinetuneConfig, inputs: dict) -> dict:
     for n, m in models.items():
         console.print(f"finetune: {n}: val top-1 {m['val_top1']:.4f} at epoch {m['selected_epoch']}")
     return {"models": models, "num_classes": num_classes, "image_size": encoder["image_size"],
-            "from_head_layer": cfg.finetune_from_head_layer}
+            "from_head_layer": spec["from_head_layer"]}

@@ -15,14 +15,14 @@ import mlflow
 import torch
 from ray import train
 
-from cl_core.augment import EvalTransform, SimCLRTransform
+from cl_core.augment import EvalTransform, MultiCropTransform, SimCLRTransform
 from cl_core.data.reader import ShardStream, load_split
 from cl_core.data.shards import read_manifest, shard_urls
 from cl_core.engine import PretrainLoop
 from cl_core.evaluate import extract_features, knn_top1
 from cl_core.methods import Method, get_method
 from pipelines import plots, ray_env, tracking
-from pipelines.config import PretrainConfig
+from pipelines.config import PretrainConfig, ViewsConfig
 from pipelines.console import console
 from pipelines.graph import StageContext
 from pipelines.stages._train import fit, loop_config, use_gpu
@@ -52,6 +52,20 @@ def load_encoder(encoder: dict) -> torch.nn.Module:
     return load_method(encoder).encoder().eval()
 
 
+def view_transform(method: str, v: ViewsConfig):
+    """The views the method's ``view_kind`` asks for, from the ``pretrain.views`` section."""
+    kind = get_method(method).view_kind
+    color = dict(hflip_prob=v.hflip_prob, jitter_strength=v.jitter_strength, jitter_prob=v.jitter_prob,
+                 grayscale_prob=v.grayscale_prob, blur_prob=v.blur_prob)
+    if kind == "multi_crop":
+        return MultiCropTransform(v.image_size, v.local_size(), global_scale=(v.crop_min_scale, 1.0),
+                                  local_scale=v.local_crop_scale, n_local=v.local_views, **color)
+    if kind in ("two_views", "single"):
+        return SimCLRTransform(v.image_size, crop_min_scale=v.crop_min_scale, n_views=2 if kind == "two_views" else 1,
+                               **color)
+    raise ValueError(f"pretrain: {method} takes {kind} inputs, which the image pipeline does not make")
+
+
 def train_worker(config: dict) -> list[dict] | None:
     """Runs on each Ray Train worker."""
     ray_env.quiet_train_worker()  # one progress line per epoch is enough
@@ -63,15 +77,17 @@ def train_worker(config: dict) -> list[dict] | None:
     method = build_method(config["model"]).to(device)
     if device.type == "cuda":
         method = method.to(memory_format=torch.channels_last)
-    model = train.torch.prepare_model(method)
+    if p.sync_bn and world > 1:
+        method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
+    # queues, banks and centers are kept equal on every worker by gathered updates; DDP's
+    # per-step broadcast of rank 0's buffers would resend a 65,536-key queue (32 MiB) each step
+    model = train.torch.prepare_model(method, parallel_strategy_kwargs={"broadcast_buffers": False})
     urls, counts = config["train_urls"], config["train_counts"]
     v = p.views
     stream = ShardStream(
         urls, counts, rank=rank, world_size=world, loader_workers=p.loader_workers,
         batch_size=p.batch_size_per_worker, shuffle_buffer=p.shuffle_buffer, seed=config["seed"],
-        transform=SimCLRTransform(v.image_size, crop_min_scale=v.crop_min_scale, hflip_prob=v.hflip_prob,
-                                  jitter_strength=v.jitter_strength, jitter_prob=v.jitter_prob,
-                                  grayscale_prob=v.grayscale_prob, blur_prob=v.blur_prob),
+        transform=view_transform(config["model"]["method"], v),
     )
     loop = PretrainLoop(model, method, stream, loop_config(p), device)
 
@@ -127,7 +143,12 @@ def pretrain(ctx: StageContext, cfg: PretrainConfig, inputs: dict) -> dict:
     manifest = read_manifest(shard_set["shard_dir"])
     train_urls, train_counts = shard_urls(shard_set["shard_dir"], manifest, "train")
     val_urls, _ = shard_urls(shard_set["shard_dir"], manifest, "val")
-    model = {"method": cfg.method, "kwargs": cfg.model_kwargs()}
+    if cfg.sync_bn and cfg.num_workers > 1 and not use_gpu(cfg):
+        raise ValueError("pretrain.sync_bn: torch's SyncBatchNorm runs on CUDA workers only; set it to false on CPU "
+                         "(MoCo's shuffle_bn works on CPU)")
+    model = {"method": cfg.method, "kwargs": cfg.model_kwargs(num_samples=sum(train_counts))}
+    # the hyperparameters actually used (the method's paper defaults, then params.<method>)
+    mlflow.log_params({f"method.{k}": v for k, v in cfg.method_kwargs().items()})
     worker_config = {
         "pretrain": cfg.model_dump(mode="json"),
         "model": model,
