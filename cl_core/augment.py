@@ -133,6 +133,7 @@ class FinetuneTransform:
         *,
         crop_min_scale: float = 0.08,
         hflip_prob: float = 0.5,
+        n_views: int = 1,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
     ) -> None:
@@ -142,6 +143,7 @@ class FinetuneTransform:
             v2.RandomHorizontalFlip(p=hflip_prob),
             *_normalize(mean, std),
         ])
+        self.n_views = n_views  # 2 for a supervised contrastive (SupCon) fine-tune
 
     def __call__(self, image) -> list[torch.Tensor]:
-        return [self.transform(image)]
+        return [self.transform(image) for _ in range(self.n_views)]

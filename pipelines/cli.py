@@ -40,6 +40,15 @@ def run(cfg: PipelineConfig, *, rerun: str | None = None, only: str | None = Non
     exp_id = tracking.setup(cfg.tracking_uri(), cfg.mlflow.experiment, cfg.artifact_location())
     console.print(f"clpipe: pipeline [bold]{cfg.name}[/], work dir {cfg.work_path()}, MLflow {cfg.tracking_uri()}")
     ray_env.init(cfg.ray)
+    if cfg.is_text():
+        image_only = {"labels", "finetune", "distill", "evaluate", "register"}
+        if only in image_only or until in image_only:
+            raise ConfigError(f"--{'only' if only in image_only else 'until'} {only or until}: a text pipeline "
+                              f"({cfg.pretrain.method}) has the stages shard and pretrain only")
+        if until is None:
+            console.print(f"clpipe: {cfg.pretrain.method} reads text: running shard and pretrain (the labels, "
+                          "finetune, distill, evaluate and register stages are for images)")
+            until = "pretrain"
     result = run_pipeline(cfg, STAGES, experiment_id=exp_id, rerun=rerun, only=only, until=until)
     _summary(cfg, result, time.perf_counter() - t0)
     return result

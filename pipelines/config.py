@@ -28,8 +28,8 @@ class Section(BaseModel):
 
 
 class SourceConfig(Section):
-    kind: Literal["digits", "image_folder", "npz"] = "digits"
-    path: str | None = Field(None, description="folder (image_folder) or .npz file (npz)")
+    kind: Literal["digits", "image_folder", "npz", "text"] = "digits"
+    path: str | None = Field(None, description="folder (image_folder), .npz file (npz), .txt or .jsonl file (text)")
 
     @model_validator(mode="after")
     def _path_exists(self) -> SourceConfig:
@@ -40,7 +40,11 @@ class SourceConfig(Section):
         if not self.path:
             raise ValueError(f"path: required for kind={self.kind}")
         if not Path(self.path).expanduser().exists():
-            raise ValueError(f"path: {self.path} does not exist; give an existing {'folder' if self.kind == 'image_folder' else '.npz file'}")
+            what = {"image_folder": "folder", "npz": ".npz file", "text": ".txt or .jsonl file"}[self.kind]
+            raise ValueError(f"path: {self.path} does not exist; give an existing {what}")
+        if self.kind == "text" and Path(self.path).suffix not in (".txt", ".jsonl"):
+            raise ValueError(f"path: {self.path}: a text source is a .txt file (one sentence per line) or a .jsonl file "
+                             "(one {\"text\": ..., \"label\": ...} object per line)")
         return self
 
 
@@ -50,6 +54,7 @@ class DataConfig(Section):
     test_fraction: float = Field(0.15, ge=0, lt=1, description="share held out for the final evaluation only")
     samples_per_shard: int = Field(256, ge=1)
     min_shards: int = Field(4, ge=1, description="per split; >= training workers x DataLoader workers")
+    tokenizer_vocab_size: int = Field(8192, ge=300, description="text sources: byte-level BPE vocabulary trained on the train split")
 
     @model_validator(mode="after")
     def _fractions(self) -> DataConfig:
@@ -110,7 +115,7 @@ class TrainingConfig(Section):
 
 class PretrainConfig(TrainingConfig):
     method: str = "simclr"
-    backbone: Literal["small_cnn", "resnet18", "resnet50", "vit_tiny", "vit_small"] = "small_cnn"
+    backbone: Literal["small_cnn", "resnet18", "resnet50", "vit_tiny", "vit_small", "text_transformer"] = "small_cnn"
     backbone_width: int = Field(32, ge=1, description="small_cnn only")
     cifar_stem: bool = False
     patch_size: int = Field(4, ge=1, description="ViT backbones: patch side in pixels (views.image_size must be a multiple)")
@@ -179,7 +184,9 @@ class PretrainConfig(TrainingConfig):
     def model_kwargs(self, *, num_samples: int | None = None) -> dict[str, Any]:
         """Constructor arguments of the selected method (what a checkpoint records)."""
         backbone_args: dict[str, Any] = {"width": self.backbone_width, "cifar_stem": self.cifar_stem}
-        if self.backbone.startswith("vit"):
+        if self.backbone == "text_transformer":
+            backbone_args = {}
+        elif self.backbone.startswith("vit"):
             backbone_args = {"image_size": self.views.image_size, "patch_size": self.patch_size, "depth": self.vit_depth}
         out = {"backbone": self.backbone, "backbone_args": backbone_args, **self.params.get(self.method, {})}
         if num_samples is not None and "num_samples" in inspect.signature(get_method(self.method).__init__).parameters:
@@ -214,6 +221,9 @@ class FinetuneConfig(TrainingConfig):
         None, ge=0, le=4,
         description="projection-head layers kept (SimCLRv2: 1; 0: encoder only); None: 1 for SimCLR's head, else 0")
     num_classes: int | None = Field(None, ge=2, description="None: the data's class count; set it to assert that count")
+    objective: Literal["cross_entropy", "supcon"] = Field(
+        "cross_entropy", description="supcon: supervised contrastive loss on two views + a linear layer on detached features")
+    supcon_temperature: float = Field(0.1, gt=0, description="SupCon (Khosla et al. 2020): 0.1")
     baseline: bool = Field(True, description="also train the same classifier from scratch on the same labels and budget")
     views: CropFlipConfig = CropFlipConfig()
     epochs: int = Field(60, ge=1, description="SimCLRv2: 60 epochs on 1% of ImageNet, 30 on 10%")
@@ -297,12 +307,20 @@ class PipelineConfig(Section):
         if k and k > layers:
             raise ValueError(f"finetune.finetune_from_head_layer ({k}) > pretrain.params.{self.pretrain.method}.head_layers "
                              f"({layers}): the head has only {layers} layers to fine-tune from")
+        text_method = get_method(self.pretrain.method).view_kind == "text"
+        if text_method != (self.data.source.kind == "text"):
+            raise ValueError(f"pretrain.method: {self.pretrain.method} {'reads text' if text_method else 'reads images'} "
+                             f"but data.source.kind is {self.data.source.kind}; pair text methods (simcse) with a text "
+                             "source and image methods with an image source")
         if self.registry.label_fraction is not None and self.registry.label_fraction not in self.labels.fractions:
             raise ValueError(f"registry.label_fraction ({self.registry.label_fraction}) is not one of "
                              f"labels.fractions {self.labels.fractions}")
         if self.distill.student_width is not None and (self.distill.student_backbone or self.pretrain.backbone) != "small_cnn":
             raise ValueError("distill.student_width applies to the small_cnn backbone only; leave it unset")
         return self
+
+    def is_text(self) -> bool:
+        return self.data.source.kind == "text"
 
     def model_name(self) -> str:
         return self.registry.model_name or self.name

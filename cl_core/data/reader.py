@@ -104,7 +104,7 @@ def _with_index(samples: Iterator[dict], offsets: dict[str, int]) -> Iterator[di
     + the sample's position in the shard (a dense index over the split, before shuffling)."""
     seen: dict[str, int] = {}
     for s in samples:
-        url = s.get("__url__")
+        url = str(s.get("__url__"))
         pos = seen.get(url, 0)
         seen[url] = pos + 1
         s["__index__"] = offsets[url] + pos if url in offsets else -1

@@ -7,7 +7,15 @@ imported here, so a new method file registers itself without editing this one.
 import importlib
 import pkgutil
 
-from cl_core.methods.base import METHODS, Method, StepOutput, get_method, known_methods, method_params, register
+from cl_core.methods.base import (
+    METHODS,
+    Method,
+    StepOutput,
+    get_method,
+    known_methods,
+    method_params,
+    register,
+)
 from cl_core.methods.simclr import SimCLR
 
 for _info in pkgutil.iter_modules(__path__):

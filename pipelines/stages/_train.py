@@ -99,8 +99,9 @@ class Worker:
         return cls(ctx.get_world_rank(), ctx.get_world_size(), train.torch.get_device())
 
 
-def crop_flip(views: CropFlipConfig, image_size: int) -> FinetuneTransform:
-    return FinetuneTransform(image_size, crop_min_scale=views.crop_min_scale, hflip_prob=views.hflip_prob)
+def crop_flip(views: CropFlipConfig, image_size: int, n_views: int = 1) -> FinetuneTransform:
+    return FinetuneTransform(image_size, crop_min_scale=views.crop_min_scale, hflip_prob=views.hflip_prob,
+                             n_views=n_views)
 
 
 def batch_for(counts: list[int], wanted: int, world: int) -> int:

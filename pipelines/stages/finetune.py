@@ -3,7 +3,9 @@
 
 Per label fraction, on Ray Train workers: the pretrained encoder plus the first k
 layers of its projection head plus a new linear layer, fine-tuned end to end with
-cross-entropy on the labeled subset (random crop and flip only); and, with
+cross-entropy on the labeled subset (random crop and flip only) or, with
+``objective: supcon``, with the supervised contrastive loss on two views while the
+linear layer learns from the detached features; and, with
 ``baseline: true``, the same classifier from random initialisation trained on the same
 labels with the same budget. Each model keeps the epoch with the best val top-1.
 """
@@ -15,7 +17,9 @@ import mlflow
 from cl_core.data.reader import ShardStream
 from cl_core.data.shards import read_manifest, shard_urls
 from cl_core.finetune import SupervisedObjective
+from cl_core.methods import method_params
 from cl_core.models import build_classifier, classifier_from_pretrained, classifier_spec
+from cl_core.supcon_finetune import SupConObjective
 from pipelines.config import FinetuneConfig
 from pipelines.console import console
 from pipelines.graph import StageContext
@@ -28,7 +32,6 @@ from pipelines.stages._train import (
     fit,
 )
 from pipelines.stages.pretrain import load_method
-from cl_core.methods import method_params
 
 
 def finetune_worker(config: dict) -> list[dict] | None:
@@ -40,14 +43,21 @@ def finetune_worker(config: dict) -> list[dict] | None:
 
     def build(job: dict):
         torch.manual_seed(config["seed"])
+        head = None
         if job["kind"] == "teacher":
-            clf = classifier_from_pretrained(load_method(config["encoder"]), job["spec"])
+            method = load_method(config["encoder"])
+            clf = classifier_from_pretrained(method, job["spec"])
+            if config["encoder"]["model"]["method"] == "supcon":
+                head = method.head  # continue the pretrained SupCon projection head
         else:
             clf = build_classifier(job["spec"])
         bs = batch_for(job["counts"], f.batch_size_per_worker, w.world)
+        supcon = f.objective == "supcon"
         stream = ShardStream(job["urls"], job["counts"], rank=w.rank, world_size=w.world,
                              loader_workers=f.loader_workers, batch_size=bs, shuffle_buffer=f.shuffle_buffer,
-                             seed=config["seed"], transform=crop_flip(f.views, config["image_size"]))
+                             seed=config["seed"], transform=crop_flip(f.views, config["image_size"], 2 if supcon else 1))
+        if supcon:
+            return SupConObjective(clf, head, temperature=f.supcon_temperature), clf, stream, None
         return SupervisedObjective(clf), clf, stream, None
 
     history = runner.run(config["jobs"], build, f)

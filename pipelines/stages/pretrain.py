@@ -18,6 +18,7 @@ from ray import train
 from cl_core.augment import EvalTransform, MultiCropTransform, SimCLRTransform
 from cl_core.data.reader import ShardStream, load_split
 from cl_core.data.shards import read_manifest, shard_urls
+from cl_core.data.text import load_text_split, load_tokenizer, text_stream
 from cl_core.engine import PretrainLoop
 from cl_core.evaluate import extract_features, knn_top1
 from cl_core.methods import Method, get_method
@@ -81,14 +82,22 @@ def train_worker(config: dict) -> list[dict] | None:
         method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
     # queues, banks and centers are kept equal on every worker by gathered updates; DDP's
     # per-step broadcast of rank 0's buffers would resend a 65,536-key queue (32 MiB) each step
-    model = train.torch.prepare_model(method, parallel_strategy_kwargs={"broadcast_buffers": False})
+    model = train.torch.prepare_model(method, parallel_strategy_kwargs={"forward_sync_buffers": False})
     urls, counts = config["train_urls"], config["train_counts"]
     v = p.views
-    stream = ShardStream(
-        urls, counts, rank=rank, world_size=world, loader_workers=p.loader_workers,
-        batch_size=p.batch_size_per_worker, shuffle_buffer=p.shuffle_buffer, seed=config["seed"],
-        transform=view_transform(config["model"]["method"], v),
-    )
+    text = config["modality"] == "text"
+    if text:
+        manifest = read_manifest(config["shard_dir"])
+        max_len = config["model"]["kwargs"]["max_len"]
+        stream = text_stream(config["shard_dir"], manifest, batch_size=p.batch_size_per_worker, rank=rank,
+                             world_size=world, loader_workers=p.loader_workers, max_len=max_len,
+                             shuffle_buffer=p.shuffle_buffer, seed=config["seed"])
+    else:
+        stream = ShardStream(
+            urls, counts, rank=rank, world_size=world, loader_workers=p.loader_workers,
+            batch_size=p.batch_size_per_worker, shuffle_buffer=p.shuffle_buffer, seed=config["seed"],
+            transform=view_transform(config["model"]["method"], v),
+        )
     loop = PretrainLoop(model, method, stream, loop_config(p), device)
 
     ckpt = train.get_checkpoint()
@@ -107,9 +116,14 @@ def train_worker(config: dict) -> list[dict] | None:
         print(f"[pretrain] {loop.describe()}", flush=True)
         labeled = config["labeled"] and config["val_urls"]
         if labeled:
-            tf = EvalTransform(v.image_size)
-            bank_x, bank_y = load_split(urls, tf)
-            val_x, val_y = load_split(config["val_urls"], tf)
+            if text:
+                tok = load_tokenizer(config["shard_dir"], manifest)
+                bank_x, bank_y = load_text_split(urls, tok, max_len)
+                val_x, val_y = load_text_split(config["val_urls"], tok, max_len)
+            else:
+                tf = EvalTransform(v.image_size)
+                bank_x, bank_y = load_split(urls, tf)
+                val_x, val_y = load_split(config["val_urls"], tf)
 
             def evaluate(encoder: torch.nn.Module) -> dict[str, float]:
                 fb = extract_features(encoder, bank_x, device=device)
@@ -143,10 +157,22 @@ def pretrain(ctx: StageContext, cfg: PretrainConfig, inputs: dict) -> dict:
     manifest = read_manifest(shard_set["shard_dir"])
     train_urls, train_counts = shard_urls(shard_set["shard_dir"], manifest, "train")
     val_urls, _ = shard_urls(shard_set["shard_dir"], manifest, "val")
+    if get_method(cfg.method).uses_labels and not manifest["labeled"]:
+        raise ValueError(f"pretrain.method: {cfg.method} is supervised and needs labeled shards, but the source of "
+                         f"{shard_set['shard_dir']} has no labels; use a labeled source or a self-supervised method")
     if cfg.sync_bn and cfg.num_workers > 1 and not use_gpu(cfg):
         raise ValueError("pretrain.sync_bn: torch's SyncBatchNorm runs on CUDA workers only; set it to false on CPU "
                          "(MoCo's shuffle_bn works on CPU)")
     model = {"method": cfg.method, "kwargs": cfg.model_kwargs(num_samples=sum(train_counts))}
+    modality = manifest.get("modality", "image")
+    if modality == "text":
+        kw = model["kwargs"]
+        vocab = manifest["tokenizer_vocab_size"]
+        if kw.get("vocab_size", vocab) < vocab:
+            raise ValueError(f"pretrain.params.{cfg.method}.vocab_size ({kw['vocab_size']}) is smaller than the tokenizer of "
+                             f"{shard_set['shard_dir']} ({vocab} tokens); remove it (the tokenizer's size is used) or raise it")
+        kw["vocab_size"] = kw.get("vocab_size", vocab)
+        kw["max_len"] = cfg.method_kwargs()["max_len"]
     # the hyperparameters actually used (the method's paper defaults, then params.<method>)
     mlflow.log_params({f"method.{k}": v for k, v in cfg.method_kwargs().items()})
     worker_config = {
@@ -158,6 +184,8 @@ def pretrain(ctx: StageContext, cfg: PretrainConfig, inputs: dict) -> dict:
         "train_counts": train_counts,
         "val_urls": val_urls,
         "labeled": manifest["labeled"],
+        "modality": modality,
+        "shard_dir": shard_set["shard_dir"],
         "tracking_uri": ctx.tracking_uri,
         "run_id": ctx.run_id,
     }
@@ -173,7 +201,7 @@ def pretrain(ctx: StageContext, cfg: PretrainConfig, inputs: dict) -> dict:
         plots.training_curves(history, ctx.output_dir / "curves.png", title=f"{cfg.method} pretrain")
         mlflow.log_artifact(str(ctx.output_dir / "curves.png"))
     encoder = {"checkpoint_dir": str(ckpt_dir), "model": model, "feat_dim": build_method(model).feat_dim,
-               "image_size": cfg.views.image_size, "final_metrics": final}
+               "image_size": cfg.views.image_size, "final_metrics": final, "modality": modality}
     info = mlflow.pytorch.log_model(load_encoder(encoder), name="encoder", serialization_format="pickle",
                                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
     encoder["model_uri"] = info.model_uri

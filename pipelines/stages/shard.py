@@ -9,6 +9,7 @@ import ray
 
 from cl_core.data import shards as S
 from cl_core.data.sources import Source, SourceError, open_source
+from cl_core.data.text import write_text_shards
 from pipelines.config import DataConfig
 from pipelines.console import console
 from pipelines.graph import StageContext
@@ -21,6 +22,8 @@ def _write_shard_task(source: Source, refs: list, path: str) -> dict:
 
 def shard(ctx: StageContext, cfg: DataConfig, inputs: dict) -> dict:
     """Write the train/val/test shards in parallel Ray tasks, then the manifest."""
+    if cfg.source.kind == "text":
+        return _text_shards(ctx, cfg)
     source = open_source(cfg.source.model_dump(mode="json", exclude_none=True))
     refs = source.refs()
     if not refs:
@@ -58,6 +61,30 @@ def shard(ctx: StageContext, cfg: DataConfig, inputs: dict) -> dict:
         first = ", ".join(c["id"] for c in manifest["corrupt"][:5])
         console.print(f"[yellow]shard: skipped {manifest['num_corrupt']} undecodable image(s): {first}"
                       f"{' ...' if manifest['num_corrupt'] > 5 else ''} (listed in manifest.json)[/]")
+    return _report(out, manifest)
+
+
+def _text_shards(ctx: StageContext, cfg: DataConfig) -> dict:
+    """Text sources: ``KEY.txt`` shards and a byte-level BPE tokenizer trained on the train split."""
+    out = ctx.output_dir
+    if (out / S.MANIFEST).exists():
+        manifest = S.read_manifest(out)
+    else:
+        shutil.rmtree(out, ignore_errors=True)
+        console.print(f"shard: text source {cfg.source.path} -> shards and a {cfg.tokenizer_vocab_size}-token BPE tokenizer")
+        manifest = write_text_shards(str(cfg.source.path), out, val_fraction=cfg.val_fraction,
+                                     test_fraction=cfg.test_fraction, samples_per_shard=cfg.samples_per_shard,
+                                     min_shards=cfg.min_shards, seed=ctx.seed,
+                                     tokenizer_vocab_size=cfg.tokenizer_vocab_size, config=cfg.model_dump(mode="json"))
+    if manifest["num_corrupt"]:
+        first = ", ".join(c["id"] for c in manifest["corrupt"][:5])
+        console.print(f"[yellow]shard: skipped {manifest['num_corrupt']} bad line(s): {first} (listed in manifest.json)[/]")
+    mlflow.log_artifact(str(out / manifest["tokenizer"]))
+    mlflow.log_metric("tokenizer_vocab_size", manifest["tokenizer_vocab_size"])
+    return _report(out, manifest)
+
+
+def _report(out, manifest: dict) -> dict:
     mlflow.log_artifact(str(out / S.MANIFEST))
     metrics = {f"{s}/num_samples": manifest["splits"][s]["num_samples"] for s in S.SPLITS}
     metrics |= {f"{s}/num_shards": len(manifest["splits"][s]["shards"]) for s in S.SPLITS}
@@ -74,4 +101,5 @@ def shard(ctx: StageContext, cfg: DataConfig, inputs: dict) -> dict:
         "labeled": manifest["labeled"],
         "counts": {s: manifest["splits"][s]["num_samples"] for s in S.SPLITS},
         "num_corrupt": manifest["num_corrupt"],
+        "modality": manifest.get("modality", "image"),
     }
