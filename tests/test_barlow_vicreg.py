@@ -6,13 +6,10 @@ shows that for them DDP's gradient averaging alone gives the global-batch result
 """
 
 import math
-import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from cl_core.losses.barlow_twins import BarlowTwinsLoss, off_diagonal, standardize
@@ -21,6 +18,7 @@ from cl_core.methods import get_method
 from cl_core.methods.base import Method
 from cl_core.models.heads import MLP
 from cl_core.models.momentum import momentum_copy
+from tests.gloo import run_workers
 
 # ---- loop references -------------------------------------------------------------------
 
@@ -180,12 +178,6 @@ B, WORLD, SIZE, FEAT = 5, 2, 4, 12
 NAMES = ("barlow_twins", "vicreg", "byol", "simsiam")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _toy_method(name: str, gather: bool = True) -> Method:
     """The method with BN-free toy modules (per-worker batch norm would differ from one
     process's), so the only cross-worker coupling left is the loss's."""
@@ -221,31 +213,23 @@ def _loss_and_grads(model: nn.Module, method: Method, views: list[torch.Tensor])
     return out.loss.detach(), grads
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        torch.set_num_threads(1)
-        views = [v[rank * B:(rank + 1) * B] for v in _data()]
-        res = {}
-        for name in NAMES:
-            method = _toy_method(name)
-            loss, grads = _loss_and_grads(nn.parallel.DistributedDataParallel(method), method, views)
-            dist.all_reduce(loss)  # the mean over workers of each worker's loss
-            res[name] = {"loss": (loss / WORLD).item(), "grads": grads}
-        with torch.no_grad():  # without gathering, each worker's statistics are its own
-            res["barlow_twins_local"] = _toy_method("barlow_twins", gather=False)(views).loss.item()
-            res["vicreg_local"] = _toy_method("vicreg", gather=False)(views).loss.item()
-        torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, world: int) -> dict:
+    views = [v[rank * B:(rank + 1) * B] for v in _data()]
+    res: dict = {}
+    for name in NAMES:
+        method = _toy_method(name)
+        loss, grads = _loss_and_grads(nn.parallel.DistributedDataParallel(method), method, views)
+        dist.all_reduce(loss)  # the mean over workers of each worker's loss
+        res[name] = {"loss": (loss / world).item(), "grads": grads}
+    with torch.no_grad():  # without gathering, each worker's statistics are its own
+        res["barlow_twins_local"] = _toy_method("barlow_twins", gather=False)(views).loss.item()
+        res["vicreg_local"] = _toy_method("vicreg", gather=False)(views).loss.item()
+    return res
 
 
 @pytest.fixture(scope="module")
-def two_process_results(tmp_path_factory) -> dict:
-    out_dir = tmp_path_factory.mktemp("gloo")
-    mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=True)  # once for the whole file
-    return {r: torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD)}
+def two_process_results() -> list[dict]:
+    return run_workers(_worker, WORLD)  # once for the whole file
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -4,14 +4,11 @@ memory bank) against loop references, and two gloo processes against one."""
 from __future__ import annotations
 
 import math
-import os
-import socket
 from typing import Any, TypeVar
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
@@ -20,6 +17,7 @@ from cl_core.losses.multiview_nce import CrossViewInfoNCE, bank_infonce
 from cl_core.methods import get_method
 from cl_core.methods.cmc import CMC
 from cl_core.models.color import LAB_RANGE, NormalizedRGBToLab, rgb_to_lab, scale_lab
+from tests.gloo import run_workers
 
 SMALL: dict[str, Any] = {"backbone": "small_cnn", "backbone_args": {"width": 4}, "proj_dim": 6}
 
@@ -255,12 +253,6 @@ def test_bank_infonce_positive_first():
 B, WORLD, NUM = 3, 2, 16
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 M = TypeVar("M", bound=nn.Module)
 
 
@@ -293,25 +285,19 @@ def _data() -> tuple[torch.Tensor, torch.Tensor]:
     return _images(WORLD * B, seed=3), torch.tensor([5, 0, 9, 14, 2, 11])
 
 
-def _worker(rank: int, port: int, out: dict) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        torch.set_num_threads(1)
-        x, index = _data()
-        sl = slice(rank * B, (rank + 1) * B)
-        method = _bn_eval(_in_batch_model())
-        model = nn.parallel.DistributedDataParallel(method)
-        loss = model([x[sl]]).loss
-        loss.backward()
-        mean_loss = loss.detach().clone()
-        dist.all_reduce(mean_loss)
-        bank = _bn_eval(_bank_model_dist())
-        bank([x[sl]], index=index[sl])
-        out[rank] = {"loss": (mean_loss / WORLD).item(), "grads": [_grad(p) for p in method.parameters()],
-                     "banks": [bank._bank(v).bank.clone() for v in range(2)]}
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, world: int) -> dict:
+    x, index = _data()
+    sl = slice(rank * B, (rank + 1) * B)
+    method = _bn_eval(_in_batch_model())
+    model = nn.parallel.DistributedDataParallel(method)
+    loss = model([x[sl]]).loss
+    loss.backward()
+    mean_loss = loss.detach().clone()
+    dist.all_reduce(mean_loss)
+    bank = _bn_eval(_bank_model_dist())
+    bank([x[sl]], index=index[sl])
+    return {"loss": (mean_loss / world).item(), "grads": [_grad(p) for p in method.parameters()],
+            "banks": [bank._bank(v).bank.clone() for v in range(2)]}
 
 
 def test_two_gloo_processes_equal_one_process_with_the_global_batch():
@@ -322,10 +308,7 @@ def test_two_gloo_processes_equal_one_process_with_the_global_batch():
     bank = _bn_eval(_bank_model_dist())
     init = [b.bank.clone() for b in bank.banks]
     bank([x], index=index)
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_worker, args=(_free_port(), out), nprocs=WORLD, join=True)
-        results = dict(out)
+    results = run_workers(_worker, WORLD)
     for rank in range(WORLD):
         assert results[rank]["loss"] == pytest.approx(loss.item(), rel=1e-5)
         for g, p in zip(results[rank]["grads"], ref.parameters(), strict=True):

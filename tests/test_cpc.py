@@ -4,14 +4,11 @@ against a loop reference, and two gloo processes against one."""
 from __future__ import annotations
 
 import math
-import os
-import socket
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
@@ -26,6 +23,7 @@ from cl_core.models.patches import (
     extract_patches,
     grid_shape,
 )
+from tests.gloo import run_workers
 
 SMALL: dict[str, Any] = {"backbone": "small_cnn", "backbone_args": {"width": 4}, "context_layers": 2, "context_dim": 6,
          "target_dim": 5}
@@ -244,12 +242,6 @@ B, WORLD = 2, 2
 CONFIGS = [{"context": "masked_conv", "directions": 2}, {"context": "gru", "directions": 1, "min_offset": 1}]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _grad(p: torch.Tensor) -> torch.Tensor:
     assert p.grad is not None
     return p.grad.clone()
@@ -260,26 +252,20 @@ def _model(cfg: dict, gather: bool = True) -> CPC:
     return CPC(**SMALL, **cfg, gather_distributed=gather).train()  # layer norm: no batch coupling
 
 
-def _worker(rank: int, port: int, out: dict) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        torch.set_num_threads(1)
-        x = _images(WORLD * B, seed=4)[rank * B: (rank + 1) * B]
-        res = []
-        for cfg in CONFIGS:
-            method = _model(cfg)
-            model = nn.parallel.DistributedDataParallel(method)
-            loss = model([x]).loss
-            loss.backward()
-            mean_loss = loss.detach().clone()
-            dist.all_reduce(mean_loss)
-            local = _model(cfg, gather=False)([x]).loss.detach()
-            res.append({"loss": (mean_loss / WORLD).item(), "grads": [_grad(p) for p in method.parameters()],
-                        "local": local.item(), "gathered": loss.item()})
-        out[rank] = res
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, world: int) -> list[dict]:
+    x = _images(world * B, seed=4)[rank * B: (rank + 1) * B]
+    res = []
+    for cfg in CONFIGS:
+        method = _model(cfg)
+        model = nn.parallel.DistributedDataParallel(method)
+        loss = model([x]).loss
+        loss.backward()
+        mean_loss = loss.detach().clone()
+        dist.all_reduce(mean_loss)
+        local = _model(cfg, gather=False)([x]).loss.detach()
+        res.append({"loss": (mean_loss / world).item(), "grads": [_grad(p) for p in method.parameters()],
+                    "local": local.item(), "gathered": loss.item()})
+    return res
 
 
 def test_two_gloo_processes_equal_one_process_with_the_global_batch():
@@ -290,10 +276,7 @@ def test_two_gloo_processes_equal_one_process_with_the_global_batch():
         loss = m([x]).loss
         loss.backward()
         refs.append((loss.item(), [p.grad for p in m.parameters()]))
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_worker, args=(_free_port(), out), nprocs=WORLD, join=True)
-        results = dict(out)
+    results = run_workers(_worker, WORLD)
     for rank in range(WORLD):
         for res, (ref_loss, ref_grads) in zip(results[rank], refs, strict=True):
             assert res["loss"] == pytest.approx(ref_loss, rel=1e-5)

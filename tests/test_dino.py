@@ -6,19 +6,17 @@ gradients, teacher)."""
 from __future__ import annotations
 
 import math
-import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from cl_core.losses.dino import batch_center, dino_loss
 from cl_core.methods.dino import DINO
 from cl_core.models.dino_head import DINOHead
 from cl_core.models.momentum import cosine_momentum, momentum_copy
+from tests.gloo import run_workers
 
 
 def _views(n: int, seed: int, n_local: int = 2) -> list[torch.Tensor]:
@@ -227,12 +225,6 @@ def test_invalid_hyperparameters(kwargs, match):
 B, WORLD, STEPS = 3, 2, 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _toy_dino(gather_distributed: bool = True) -> DINO:
     """DINO with a conv encoder without batch norm (the head has none), so the per-worker
     passes equal one pass over the global batch."""
@@ -269,28 +261,19 @@ def _run_toy(model: nn.Module, method: DINO, rows: slice) -> dict:
             "state": {k: v.clone() for k, v in method.state_dict().items()}}
 
 
-def _worker(rank: int, port: int, out: dict) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        torch.set_num_threads(1)
-        rows = slice(rank * B, (rank + 1) * B)
-        method = _toy_dino()
-        res = _run_toy(nn.parallel.DistributedDataParallel(method), method, rows)
-        local = _toy_dino(gather_distributed=False)
-        local([v[rows] for v in _views(B * WORLD, 100)])
-        res["local_center"] = local.center.clone()
-        out[rank] = res
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, world: int) -> dict:
+    rows = slice(rank * B, (rank + 1) * B)
+    method = _toy_dino()
+    res = _run_toy(nn.parallel.DistributedDataParallel(method), method, rows)
+    local = _toy_dino(gather_distributed=False)
+    local([v[rows] for v in _views(B * world, 100)])
+    res["local_center"] = local.center.clone()
+    return res
 
 
 @pytest.fixture(scope="module")
-def two_process_results() -> dict:
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_worker, args=(_free_port(), out), nprocs=WORLD, join=True)
-        return dict(out)
+def two_process_results() -> list[dict]:
+    return run_workers(_worker, WORLD)  # once for the whole file
 
 
 def test_dino_two_processes_equal_one_process_with_global_batch(two_process_results):

@@ -4,18 +4,16 @@ normaliser Z, the bank update, index checks, and two gloo processes against one.
 from __future__ import annotations
 
 import math
-import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 from cl_core.losses.nce import bank_info_nce_loss, estimate_partition, nce_loss
 from cl_core.methods.instdisc import InstDisc
+from tests.gloo import run_workers
 
 NUM_SAMPLES, T = 20, 0.07
 
@@ -241,12 +239,6 @@ def test_paper_defaults_and_structure():
 B, WORLD, K = 4, 2, 6
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _grads(params) -> list[torch.Tensor]:
     """Copies of the gradients, every parameter having one."""
     out = []
@@ -280,29 +272,20 @@ def _run(model: nn.Module, method: InstDisc, sl: slice) -> tuple[torch.Tensor, l
     return loss.detach(), _grads(p for p in method.parameters() if p.requires_grad)
 
 
-def _worker(rank: int, port: int, out: dict) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        torch.set_num_threads(1)
-        results = {}
-        for loss_kind in ("nce", "infonce"):
-            method = _toy_method(loss_kind)
-            model = nn.parallel.DistributedDataParallel(method)  # averages the gradients over ranks
-            loss, grads = _run(model, method, slice(rank * B, (rank + 1) * B))
-            dist.all_reduce(loss)
-            results[loss_kind] = {"loss": (loss / WORLD).item(), "grads": grads, "bank": method.memory.bank.clone(),
-                                  "partition": method.partition.clone()}
-        out[rank] = results
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, world: int) -> dict:
+    results = {}
+    for loss_kind in ("nce", "infonce"):
+        method = _toy_method(loss_kind)
+        model = nn.parallel.DistributedDataParallel(method)  # averages the gradients over ranks
+        loss, grads = _run(model, method, slice(rank * B, (rank + 1) * B))
+        dist.all_reduce(loss)
+        results[loss_kind] = {"loss": (loss / world).item(), "grads": grads, "bank": method.memory.bank.clone(),
+                              "partition": method.partition.clone()}
+    return results
 
 
 def test_two_gloo_processes_equal_one_process_with_global_batch():
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_worker, args=(_free_port(), out), nprocs=WORLD, join=True)
-        results = dict(out)
+    results = run_workers(_worker, WORLD)
     x, index, _ = _global_batch()
     for loss_kind in ("nce", "infonce"):
         method = _toy_method(loss_kind)

@@ -5,13 +5,9 @@ with the global batch (queue filling, gathered loss and gradients, shuffling BN)
 from __future__ import annotations
 
 import math
-import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
@@ -20,6 +16,7 @@ from cl_core.methods.moco import MoCo
 from cl_core.methods.mocov3 import MoCoV3
 from cl_core.models.momentum import cosine_momentum
 from cl_core.models.shuffle_bn import shuffled_forward
+from tests.gloo import run_workers
 
 WORLD, B, SIZE = 2, 4, 16  # processes, samples per process, image side
 SHUFFLE_SEED = 5  # its permutation of the 2B global batch sends samples of both ranks to rank 0
@@ -288,12 +285,6 @@ def test_mocov3_vit_runs_and_patch_embed_stays_frozen():
 # ---- two gloo processes -----------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 MOCO_CONFIGS = [{}, {"symmetric": True, "version": 1}]
 
 
@@ -306,44 +297,35 @@ def _grads(method: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _worker(rank: int, port: int, out: dict) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        torch.set_num_threads(1)
-        mine = slice(rank * B, (rank + 1) * B)
-        res: dict = {}
-        # (a) MoCo: queue filling, loss and gradients (eval mode: BN statistics do not depend on the split)
-        for i, cfg in enumerate(MOCO_CONFIGS):
-            method = _moco(**cfg).eval()
-            views = [v[mine] for v in _views(WORLD * B)]
-            local_keys = _keys_eval(method, views[1])
-            model = nn.parallel.DistributedDataParallel(method)
-            step = model(views)
-            step.loss.backward()
-            res[f"moco{i}"] = {"loss": step.loss.item(), "grads": _grads(method), "queue": method.queue.queue.clone(),
-                               "ptr": int(method.queue.ptr), "local_keys": local_keys}
-        # (b) MoCo v3: gathered loss and gradients
-        method3 = _mocov3().eval()
-        model3 = nn.parallel.DistributedDataParallel(method3)
-        step = model3([v[mine] for v in _views(WORLD * B)])
+def _worker(rank: int, world: int) -> dict:
+    mine = slice(rank * B, (rank + 1) * B)
+    res: dict = {}
+    # (a) MoCo: queue filling, loss and gradients (eval mode: BN statistics do not depend on the split)
+    for i, cfg in enumerate(MOCO_CONFIGS):
+        method = _moco(**cfg).eval()
+        views = [v[mine] for v in _views(world * B)]
+        local_keys = _keys_eval(method, views[1])
+        model = nn.parallel.DistributedDataParallel(method)
+        step = model(views)
         step.loss.backward()
-        res["mocov3"] = {"loss": step.loss.item(), "grads": _grads(method3)}
-        # (c) shuffling BN: train-mode key encoder, keys of this rank's samples
-        method = _moco().train()
-        torch.manual_seed(SHUFFLE_SEED)
-        res["shuffle"] = method.keys(_views(WORLD * B)[1][mine])
-        out[rank] = res
-    finally:
-        dist.destroy_process_group()
+        res[f"moco{i}"] = {"loss": step.loss.item(), "grads": _grads(method), "queue": method.queue.queue.clone(),
+                           "ptr": int(method.queue.ptr), "local_keys": local_keys}
+    # (b) MoCo v3: gathered loss and gradients
+    method3 = _mocov3().eval()
+    model3 = nn.parallel.DistributedDataParallel(method3)
+    step = model3([v[mine] for v in _views(world * B)])
+    step.loss.backward()
+    res["mocov3"] = {"loss": step.loss.item(), "grads": _grads(method3)}
+    # (c) shuffling BN: train-mode key encoder, keys of this rank's samples
+    method = _moco().train()
+    torch.manual_seed(SHUFFLE_SEED)
+    res["shuffle"] = method.keys(_views(world * B)[1][mine])
+    return res
 
 
 @pytest.fixture(scope="module")
-def two_process_results() -> dict:
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_worker, args=(_free_port(), out), nprocs=WORLD, join=True)
-        return dict(out)
+def two_process_results() -> list[dict]:
+    return run_workers(_worker, WORLD)  # once for the whole file
 
 
 @pytest.mark.parametrize("i", range(len(MOCO_CONFIGS)))

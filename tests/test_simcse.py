@@ -5,14 +5,11 @@ batch, and a short training run on the pydoc corpus that improves alignment."""
 from __future__ import annotations
 
 import math
-import os
 import random
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
@@ -23,6 +20,7 @@ from cl_core.methods.simcse import SimCSE
 from cl_core.text.corpus import python_docs_sentences
 from cl_core.text.encoder import TextTransformer
 from cl_core.text.tokenizer import CLS, PAD, SEP, train_bpe
+from tests.gloo import run_workers
 
 B, WORLD, VOCAB, L = 4, 2, 50, 12
 
@@ -175,12 +173,6 @@ def test_example_batch_is_framed_and_padded():
 # ---- two gloo workers ---------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _linear() -> nn.Module:
     torch.manual_seed(0)
     return nn.Linear(6, 5)
@@ -197,35 +189,26 @@ def _mean(x: torch.Tensor) -> float:
     return (y / WORLD).item()
 
 
-def _worker(rank: int, port: int, out: dict) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        torch.set_num_threads(1)
-        sl = slice(rank * B, (rank + 1) * B)
-        # the loss alone, on distinct positives
-        lin = nn.parallel.DistributedDataParallel(_linear())
-        x0, x1 = _vectors()
-        loss = SimCSELoss(0.1)(lin(x0[sl]), lin(x1[sl]))
-        loss.backward()
-        local = SimCSELoss(0.1, gather_distributed=False)(lin(x0[sl]), lin(x1[sl]))
-        res = {"loss": _mean(loss), "grads": [p.grad.clone() for p in lin.parameters() if p.grad is not None], "local": _mean(local)}
-        # the whole method without dropout (both passes equal)
-        method = nn.parallel.DistributedDataParallel(_method(dropout=0.0).train())
-        step = method([_ids(WORLD * B)[sl]])
-        step.loss.backward()
-        res |= {"m_loss": _mean(step.loss), "m_grads": {k: p.grad.clone() for k, p in method.module.named_parameters() if p.grad is not None}}
-        out[rank] = res
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, world: int) -> dict:
+    sl = slice(rank * B, (rank + 1) * B)
+    # the loss alone, on distinct positives
+    lin = nn.parallel.DistributedDataParallel(_linear())
+    x0, x1 = _vectors()
+    loss = SimCSELoss(0.1)(lin(x0[sl]), lin(x1[sl]))
+    loss.backward()
+    local = SimCSELoss(0.1, gather_distributed=False)(lin(x0[sl]), lin(x1[sl]))
+    res = {"loss": _mean(loss), "grads": [p.grad.clone() for p in lin.parameters() if p.grad is not None], "local": _mean(local)}
+    # the whole method without dropout (both passes equal)
+    method = nn.parallel.DistributedDataParallel(_method(dropout=0.0).train())
+    step = method([_ids(world * B)[sl]])
+    step.loss.backward()
+    res |= {"m_loss": _mean(step.loss), "m_grads": {k: p.grad.clone() for k, p in method.module.named_parameters() if p.grad is not None}}
+    return res
 
 
 @pytest.fixture(scope="module")
-def gloo_results() -> dict:
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_worker, args=(_free_port(), out), nprocs=WORLD, join=True)
-        return dict(out)
+def gloo_results() -> list[dict]:
+    return run_workers(_worker, WORLD)  # once for the whole file
 
 
 def test_two_gloo_workers_equal_one_worker_with_the_global_batch(gloo_results):

@@ -4,18 +4,16 @@ the method's label checks, the fine-tune objective, and two gloo processes again
 from __future__ import annotations
 
 import math
-import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 from cl_core.losses import NTXentLoss
 from cl_core.losses.supcon import SupConLoss
+from tests.gloo import run_workers
 
 # the methods and models are imported inside the tests that use them, so the gloo workers
 # (which import this module) load only the loss
@@ -230,12 +228,6 @@ B, D_IN, WORLD = 5, 7, 2
 GLOBAL_LABELS = torch.tensor([0, 1, 2, 0, 3, 1, 4, 2, 5, 1])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _grads(params) -> list[torch.Tensor]:
     """Copies of the gradients, every parameter having one."""
     out = []
@@ -265,31 +257,22 @@ def _single_process(n_views: int, t: float) -> tuple[float, list[torch.Tensor]]:
     return loss.item(), _grads(model.parameters())
 
 
-def _worker(rank: int, port: int, out: dict) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        torch.set_num_threads(1)
-        sl = slice(rank * B, (rank + 1) * B)
-        results = []
-        for n_views, t in CASES:
-            model = nn.parallel.DistributedDataParallel(_model())
-            views = [model(x[sl]) for x in _data(n_views)]
-            loss = SupConLoss(t)(views, GLOBAL_LABELS[sl])
-            loss.backward()  # DDP averages the parameter gradients over ranks
-            mean_loss = loss.detach().clone()
-            dist.all_reduce(mean_loss)
-            results.append(((mean_loss / WORLD).item(), _grads(model.parameters())))
-        out[rank] = results
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, world: int) -> list[tuple[float, list[torch.Tensor]]]:
+    sl = slice(rank * B, (rank + 1) * B)
+    results = []
+    for n_views, t in CASES:
+        model = nn.parallel.DistributedDataParallel(_model())
+        views = [model(x[sl]) for x in _data(n_views)]
+        loss = SupConLoss(t)(views, GLOBAL_LABELS[sl])
+        loss.backward()  # DDP averages the parameter gradients over ranks
+        mean_loss = loss.detach().clone()
+        dist.all_reduce(mean_loss)
+        results.append(((mean_loss / world).item(), _grads(model.parameters())))
+    return results
 
 
 def test_two_gloo_processes_equal_one_process_with_global_batch():
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_worker, args=(_free_port(), out), nprocs=WORLD, join=True)
-        results = dict(out)
+    results = run_workers(_worker, WORLD)
     for case, (n_views, t) in enumerate(CASES):
         ref_loss, ref_grads = _single_process(n_views, t)
         for rank in range(WORLD):

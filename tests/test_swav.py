@@ -5,19 +5,17 @@ each == one process with 2B (codes, loss, gradients, queue)."""
 from __future__ import annotations
 
 import math
-import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 from cl_core.losses.swav import sinkhorn, swapped_prediction_loss
 from cl_core.methods.swav import SwAV
 from cl_core.models.heads import MLP
+from tests.gloo import run_workers
 
 K, D = 6, 8
 
@@ -217,12 +215,6 @@ def test_multicrop_views_checked():
 B, WORLD, STEPS = 4, 2, 3
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _toy_swav() -> SwAV:
     """SwAV with a conv encoder and a projection head without batch norm, so the
     per-worker forward passes equal one pass over the global batch."""
@@ -260,31 +252,22 @@ def _scores_global() -> tuple[torch.Tensor, torch.Tensor]:
     return _scores(2 * B, seed=5), _scores(3, seed=6)
 
 
-def _worker(rank: int, port: int, out: dict) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        torch.set_num_threads(1)
-        rows = slice(rank * B, (rank + 1) * B)
-        s, e = _scores_global()
-        res = {
-            "codes": sinkhorn(s[rows], 0.05, 3),
-            "codes_extra": sinkhorn(s[rows], 0.05, 3, extra=e),
-            "codes_local": sinkhorn(s[rows], 0.05, 3, gather_distributed=False),
-        }
-        method = _toy_swav()
-        res.update(_run_toy(nn.parallel.DistributedDataParallel(method), method, rows))
-        out[rank] = res
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, world: int) -> dict:
+    rows = slice(rank * B, (rank + 1) * B)
+    s, e = _scores_global()
+    res = {
+        "codes": sinkhorn(s[rows], 0.05, 3),
+        "codes_extra": sinkhorn(s[rows], 0.05, 3, extra=e),
+        "codes_local": sinkhorn(s[rows], 0.05, 3, gather_distributed=False),
+    }
+    method = _toy_swav()
+    res.update(_run_toy(nn.parallel.DistributedDataParallel(method), method, rows))
+    return res
 
 
 @pytest.fixture(scope="module")
-def two_process_results() -> dict:
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_worker, args=(_free_port(), out), nprocs=WORLD, join=True)
-        return dict(out)
+def two_process_results() -> list[dict]:
+    return run_workers(_worker, WORLD)  # once for the whole file
 
 
 def test_sinkhorn_two_processes_equal_one_process_with_global_batch(two_process_results):
