@@ -46,7 +46,7 @@ def run(cfg: PipelineConfig, *, rerun: str | None = None, only: str | None = Non
             raise ConfigError(f"--{'only' if only in image_only else 'until'} {only or until}: a text pipeline "
                               f"({cfg.pretrain.method}) has the stages shard and pretrain only")
         if until is None:
-            console.print(f"clpipe: {cfg.pretrain.method} reads text: running shard and pretrain (the labels, "
+            console.print(f"clpipe: {cfg.pretrain.method} reads text: running shard and pretrain (the sweep, labels, "
                           "finetune, distill, evaluate and register stages are for images)")
             until = "pretrain"
     result = run_pipeline(cfg, STAGES, experiment_id=exp_id, rerun=rerun, only=only, until=until)
@@ -83,6 +83,20 @@ def _summary(cfg: PipelineConfig, result, wall: float) -> None:
     console.print(f"open the MLflow UI: [bold]{tracking.ui_command(cfg.tracking_uri())}[/]")
 
 
+def _print_trials(out: dict) -> None:
+    from rich.table import Table
+
+    ranked = out["ranked"]
+    names = [k for k in ranked[0] if k not in ("rank", "trial", "best", "last", "epochs_run", "stopped_early")]
+    t = Table(title=f"sweep: {out['trials']} trials ranked by {out['metric']}")
+    for col in ("rank", *names, out["metric"], "best epoch value", "epochs", "ASHA"):
+        t.add_column(col, justify="right")
+    for r in ranked:
+        t.add_row(str(r["rank"]), *[f"{r[n]:.4g}" if isinstance(r[n], float) else str(r[n]) for n in names],
+                  f"{r['last']:.4f}", f"{r['best']:.4f}", str(r["epochs_run"]), "stopped" if r["stopped_early"] else "")
+    console.print(t)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="clpipe", description="Contrastive pretraining pipelines on Ray with MLflow.")
     sub = parser.add_subparsers(dest="command")
@@ -91,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("--rerun", metavar="STAGE", help="recompute STAGE and everything downstream of it (ignore the cache)")
     p_run.add_argument("--only", metavar="STAGE", help="compute STAGE alone against the cached outputs of its upstream stages")
     p_run.add_argument("--until", metavar="STAGE", help="stop after STAGE (e.g. --until pretrain)")
+    p_sweep = sub.add_parser("sweep", help="run the sweep stage alone (shard, then Ray Tune) and print the ranked trials")
+    _add_config_args(p_sweep)
     p_cfg = sub.add_parser("config", help="validate a config and print it resolved")
     _add_config_args(p_cfg)
     sub.add_parser("methods", help="list the known methods with their hyperparameters and defaults")
@@ -106,7 +122,13 @@ def main(argv: list[str] | None = None) -> int:
                 hp = ", ".join(f"{k}={v!r}" for k, v in method_params(name).items())
                 print(f"{name:<13} {cls.view_kind:<10} {hp}")
             return 0
+        if args.command == "sweep":
+            args.overrides = [*args.overrides, "sweep.enabled=true"]
         cfg = _config(args)
+        if args.command == "sweep":
+            result = run(cfg, until="sweep")
+            _print_trials(result.stages["sweep"].outputs)
+            return 0
         if args.command == "config":
             print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
             return 0

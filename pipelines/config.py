@@ -194,6 +194,60 @@ class PretrainConfig(TrainingConfig):
         return out
 
 
+SWEEP_TRAINING_FIELDS = {"lr_base": "> 0", "weight_decay": ">= 0", "batch_size_per_worker": "an integer >= 2"}
+DOMAINS = ("grid", "choice", "uniform", "loguniform")
+
+
+class SweepConfig(Section):
+    """A Ray Tune sweep over the pretraining method's hyperparameters, before the final
+    pretrain: each trial is a short single-worker pretrain scored by val kNN top-1 every
+    epoch, ASHA stops poor trials early, and the best values feed the pretrain stage."""
+
+    enabled: bool = False
+    space: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="NAME: {grid: [..]} | {choice: [..]} | {uniform: [lo, hi]} | {loguniform: [lo, hi]}; NAME is a "
+                    "hyperparameter of the method (temperature, momentum, ...) or lr_base, weight_decay, "
+                    "batch_size_per_worker")
+    search: Literal["basic", "optuna"] = Field("basic", description="basic: Tune's variant generator; optuna: TPE")
+    num_samples: int = Field(1, ge=1, description="repeats of the space (random domains are drawn anew each time)")
+    epochs: int = Field(3, ge=1, description="epochs per trial (ASHA's max_t)")
+    grace_period: int = Field(1, ge=1, description="ASHA: epochs every trial gets before it can be stopped")
+    reduction_factor: int = Field(2, ge=2, description="ASHA: 1/reduction_factor of the trials go on at each rung")
+    workers_per_trial: int = Field(1, ge=1, description="training workers per trial (1: an in-process loop)")
+    cpus_per_trial: float = Field(1.0, gt=0)
+    max_concurrent_trials: int | None = Field(None, ge=1, description="None: as many as the cluster's CPUs allow")
+    seed: int | None = Field(None, description="sampling seed of random domains; None: the pipeline's seed")
+
+    @field_validator("space")
+    @classmethod
+    def _space(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for name, dom in v.items():
+            if not isinstance(dom, dict) or len(dom) != 1 or next(iter(dom)) not in DOMAINS:
+                raise ValueError(f"space.{name}: expected one of {{grid: [...]}}, {{choice: [...]}}, "
+                                 f"{{uniform: [lo, hi]}}, {{loguniform: [lo, hi]}}, got {dom!r}")
+            kind, values = next(iter(dom.items()))
+            if not isinstance(values, list) or not values:
+                raise ValueError(f"space.{name}.{kind}: expected a non-empty list, got {values!r}")
+            if kind in ("uniform", "loguniform"):
+                if len(values) != 2 or not all(isinstance(x, (int, float)) for x in values) or not values[0] < values[1]:
+                    raise ValueError(f"space.{name}.{kind}: expected [lo, hi] with lo < hi, got {values!r}")
+                if kind == "loguniform" and values[0] <= 0:
+                    raise ValueError(f"space.{name}.loguniform: bounds must be > 0, got {values!r}")
+        return v
+
+    def candidates(self, name: str) -> list[Any]:
+        """The values of ``name`` worth validating: every grid/choice value, the range bounds."""
+        return list(next(iter(self.space[name].values())))
+
+
+class SweepStageConfig(Section):
+    """What the sweep stage depends on: its own section and the pretrain it tunes."""
+
+    sweep: SweepConfig
+    pretrain: PretrainConfig
+
+
 class LabelsConfig(Section):
     fractions: list[float] = Field([0.01, 0.1], min_length=1,
                                    description="label fractions of the training split (SimCLRv2: 1% and 10%)")
@@ -284,6 +338,7 @@ class PipelineConfig(Section):
     seed: int = 0
     work_dir: str = "clpipe-work"
     data: DataConfig = DataConfig()
+    sweep: SweepConfig = SweepConfig()
     pretrain: PretrainConfig = PretrainConfig()
     labels: LabelsConfig = LabelsConfig()
     finetune: FinetuneConfig = FinetuneConfig()
@@ -307,6 +362,8 @@ class PipelineConfig(Section):
         if k and k > layers:
             raise ValueError(f"finetune.finetune_from_head_layer ({k}) > pretrain.params.{self.pretrain.method}.head_layers "
                              f"({layers}): the head has only {layers} layers to fine-tune from")
+        if self.sweep.enabled:
+            self._check_sweep()
         text_method = get_method(self.pretrain.method).view_kind == "text"
         if text_method != (self.data.source.kind == "text"):
             raise ValueError(f"pretrain.method: {self.pretrain.method} {'reads text' if text_method else 'reads images'} "
@@ -318,6 +375,38 @@ class PipelineConfig(Section):
         if self.distill.student_width is not None and (self.distill.student_backbone or self.pretrain.backbone) != "small_cnn":
             raise ValueError("distill.student_width applies to the small_cnn backbone only; leave it unset")
         return self
+
+    def _check_sweep(self) -> None:
+        """Every swept name exists and every candidate value builds the method, before any trial runs."""
+        sw, pre = self.sweep, self.pretrain
+        if not sw.space:
+            raise ValueError("sweep.space: empty; name at least one hyperparameter to sweep, e.g. "
+                             "space: {temperature: {grid: [0.1, 0.5]}}, or set sweep.enabled: false")
+        known = method_params(pre.method)
+        for name in sw.space:
+            if name not in known and name not in SWEEP_TRAINING_FIELDS:
+                raise ValueError(f"sweep.space.{name}: {pre.method} has no hyperparameter {name!r}; sweepable: "
+                                 f"{', '.join(sorted([*known, *SWEEP_TRAINING_FIELDS]))}")
+            for value in sw.candidates(name):
+                try:
+                    apply_sweep(pre, {name: value})
+                except ValueError as e:
+                    raise ValueError(f"sweep.space.{name}: value {value!r}: {str(e).splitlines()[0]}") from None
+        if sw.search == "optuna":
+            import importlib.util
+
+            if importlib.util.find_spec("optuna") is None:
+                raise ValueError("sweep.search: optuna is not installed (pip install optuna), or use search: basic")
+            grids = [n for n, d in sw.space.items() if "grid" in d]
+            if grids:
+                raise ValueError(f"sweep.space.{grids[0]}: Optuna cannot search a grid; use choice, or search: basic")
+        if sw.workers_per_trial > 1:
+            raise ValueError("sweep.workers_per_trial: trials run as one in-process training loop; multi-worker "
+                             "trials (a TorchTrainer per trial) are not supported yet, set it to 1")
+        if self.ray.num_cpus is not None and sw.max_concurrent_trials is not None \
+                and sw.max_concurrent_trials * sw.cpus_per_trial > self.ray.num_cpus:
+            raise ValueError(f"sweep.max_concurrent_trials ({sw.max_concurrent_trials}) x cpus_per_trial "
+                             f"({sw.cpus_per_trial}) > ray.num_cpus ({self.ray.num_cpus}): not enough CPUs")
 
     def is_text(self) -> bool:
         return self.data.source.kind == "text"
@@ -333,6 +422,23 @@ class PipelineConfig(Section):
 
     def artifact_location(self) -> str:
         return self.mlflow.artifact_location or (self.work_path() / "mlartifacts").as_uri()
+
+
+def apply_sweep(pretrain: PretrainConfig, values: dict[str, Any]) -> PretrainConfig:
+    """``pretrain`` with swept values applied (method hyperparameters under
+    ``params.<method>``, the training fields directly), validated again."""
+    data = pretrain.model_dump(mode="json")
+    for name, value in values.items():
+        if name in SWEEP_TRAINING_FIELDS:
+            data[name] = value
+        else:
+            data.setdefault("params", {}).setdefault(pretrain.method, {})[name] = value
+    try:
+        return PretrainConfig.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise ValueError(f"{where + ': ' if where else ''}{err['msg'].removeprefix('Value error, ')}") from None
 
 
 # ---- loading ---------------------------------------------------------------------------
@@ -418,10 +524,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         raise ConfigError(_format_errors(e, source)) from None
 
 
-def _merge(base: dict, over: dict) -> dict:
+REPLACED_WHOLE = {("sweep", "space")}  # a file's search space replaces the default one instead of adding to it
+
+
+def _merge(base: dict, over: dict, path: tuple[str, ...] = ()) -> dict:
     out = copy.deepcopy(base)
     for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        here = (*path, k)
+        merge = isinstance(v, dict) and isinstance(out.get(k), dict) and here not in REPLACED_WHOLE
+        out[k] = _merge(out[k], v, here) if merge else v
     return out
 
 

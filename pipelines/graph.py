@@ -34,6 +34,9 @@ class StageSpec:
     section: Callable[[PipelineConfig], BaseModel]
     deps: tuple[str, ...] = ()
     version: int = 1  # bump when a stage's outputs change meaning: old caches stop matching
+    # optional stages (the sweep): when this says False the stage is skipped and its
+    # dependents run without its outputs (their cache keys then do not name it)
+    enabled: Callable[[PipelineConfig], bool] = lambda cfg: True
 
 
 @dataclass
@@ -128,10 +131,10 @@ def run_pipeline(cfg: PipelineConfig, stages: list[StageSpec], *, experiment_id:
         if value is not None and value not in names:
             raise StageError(f"{flag} {value}: no such stage; stages: {', '.join(names)}")
     forced = _descendants(stages, rerun) if rerun else set()
-    selected = stages
+    selected = [s for s in stages if s.enabled(cfg)]
     if until:
         keep_until = _ancestors(stages, until) | {until}
-        selected = [s for s in stages if s.name in keep_until]
+        selected = [s for s in selected if s.name in keep_until]
     if only:
         keep = _ancestors(stages, only) | {only}
         selected = [s for s in selected if s.name in keep]
@@ -175,10 +178,11 @@ def _missing_paths(outputs: dict) -> list[str]:
 def _run_stage(spec: StageSpec, cfg: PipelineConfig, experiment_id: str, parent_id: str,
                keys: dict[str, str], result: PipelineResult, *, force: bool = False, cache_only: bool = False,
                only: str | None = None) -> StageResult:
-    upstream_keys = {d: keys[d] for d in spec.deps}
+    deps = [d for d in spec.deps if d in keys]  # a disabled optional stage is not an input
+    upstream_keys = {d: keys[d] for d in deps}
     key = cache_key(spec, cfg, upstream_keys)
-    inputs = {d: result.stages[d].outputs for d in spec.deps}
-    upstream_runs = {d: result.stages[d].run_id for d in spec.deps}
+    inputs = {d: result.stages[d].outputs for d in deps}
+    upstream_runs = {d: result.stages[d].run_id for d in deps}
     tags = {
         tracking.TAG_KIND: "stage",
         tracking.TAG_STAGE: spec.name,

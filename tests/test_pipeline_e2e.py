@@ -28,7 +28,7 @@ def _runs(client: MlflowClient, exp_id: str, parent: str):
     return client.search_runs([exp_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
 
 
-TINY = ["--set", "pretrain.epochs=2", "--set", "pretrain.batch_size_per_worker=32", "--set", "finetune.epochs=3",
+TINY = ["--set", "sweep.enabled=false", "--set", "pretrain.epochs=2", "--set", "pretrain.batch_size_per_worker=32", "--set", "finetune.epochs=3",
         "--set", "distill.epochs=2", "--set", "labels.fractions=[0.01, 0.1]", "--set", "finetune.min_steps=0"]
 STAGES = ["shard", "labels", "pretrain", "finetune", "distill", "evaluate", "register"]
 
@@ -189,8 +189,8 @@ def test_pretrain_resumes_from_its_ray_checkpoint(local_ray, tmp_path, capfd):
     from pipelines.stages.pretrain import pretrain
 
     work = tmp_path / "work"
-    args = ["run", "--work-dir", str(work), "--set", "pretrain.epochs=1", "--set", "pretrain.batch_size_per_worker=32",
-            "--set", "finetune.epochs=1", "--set", "finetune.min_steps=0", "--set", "distill.epochs=1",
+    args = ["run", "--work-dir", str(work), "--set", "sweep.enabled=false", "--set", "pretrain.epochs=1",
+            "--set", "pretrain.batch_size_per_worker=32", "--set", "finetune.epochs=1", "--set", "finetune.min_steps=0", "--set", "distill.epochs=1",
             "--set", "registry.enabled=false"]
     assert main(args) == 0
     client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
@@ -200,7 +200,8 @@ def test_pretrain_resumes_from_its_ray_checkpoint(local_ray, tmp_path, capfd):
     key = runs["pretrain"].data.tags[tracking.TAG_KEY]
     shard_outputs = tracking.load_outputs(runs["shard"].info.run_id)
 
-    cfg = load_config(overrides=[f"work_dir={work}", "pretrain.epochs=2", "pretrain.batch_size_per_worker=32"])
+    cfg = load_config(overrides=[f"work_dir={work}", "sweep.enabled=false", "pretrain.epochs=2",
+                                 "pretrain.batch_size_per_worker=32"])
     capfd.readouterr()
     with mlflow.start_run(experiment_id=exp.experiment_id) as run:
         ctx = StageContext("pretrain", key, run.info.run_id, run.info.run_id, cfg, tmp_path / "out", {})

@@ -17,7 +17,7 @@ from tests.test_pipeline_e2e import _latest_children, _recomputed, local_ray  # 
 
 pytestmark = pytest.mark.slow
 
-BASE = ["--set", "pretrain.epochs=2", "--set", "pretrain.batch_size_per_worker=32", "--set", "labels.fractions=[0.1]",
+BASE = ["--set", "sweep.enabled=false", "--set", "pretrain.epochs=2", "--set", "pretrain.batch_size_per_worker=32", "--set", "labels.fractions=[0.1]",
         "--set", "finetune.epochs=2", "--set", "finetune.baseline=false", "--set", "finetune.min_steps=0"]
 
 

@@ -23,7 +23,7 @@ from cl_core.engine import PretrainLoop
 from cl_core.evaluate import extract_features, knn_top1
 from cl_core.methods import Method, get_method
 from pipelines import plots, ray_env, tracking
-from pipelines.config import PretrainConfig, ViewsConfig
+from pipelines.config import SWEEP_TRAINING_FIELDS, PretrainConfig, ViewsConfig, apply_sweep
 from pipelines.console import console
 from pipelines.graph import StageContext
 from pipelines.stages._train import fit, loop_config, use_gpu
@@ -154,6 +154,12 @@ def train_worker(config: dict) -> list[dict] | None:
 
 def pretrain(ctx: StageContext, cfg: PretrainConfig, inputs: dict) -> dict:
     shard_set = inputs["shard"]
+    best = (inputs.get("sweep") or {}).get("best") or {}
+    if best:  # the sweep's best values replace the configured ones
+        cfg = apply_sweep(cfg, best)
+        mlflow.set_tag("clpipe.sweep_overrides", json.dumps(best))
+        mlflow.log_params({f"used.{k}": v for k, v in best.items() if k in SWEEP_TRAINING_FIELDS})
+        console.print(f"pretrain: with the sweep's best {', '.join(f'{k}={v}' for k, v in best.items())}")
     manifest = read_manifest(shard_set["shard_dir"])
     train_urls, train_counts = shard_urls(shard_set["shard_dir"], manifest, "train")
     val_urls, _ = shard_urls(shard_set["shard_dir"], manifest, "val")

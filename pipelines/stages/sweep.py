@@ -1,0 +1,223 @@
+"""sweep: Ray Tune over the method's hyperparameters before the final pretrain
+(ShardSet -> SweepResult).
+
+Each trial is a short pretrain of the configured method in one Tune trial process (the
+project's ``PretrainLoop``, one worker, its own CPU budget) that reports val kNN top-1
+after every epoch; ASHA stops the trials that trail at its rungs. Trial names are
+deterministic (their index and values), the Tune experiment lives under the work dir's
+``ray_results/<stage>-<key>`` and a rerun after an interruption restores it
+(``Tuner.restore``), resuming unfinished trials from their last epoch checkpoint.
+Afterwards every trial becomes a nested MLflow run (params, per-epoch metrics, whether
+ASHA stopped it), and the sweep run gets the ranked table and the plots. The best
+values flow into the pretrain stage.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import torch
+from ray import tune
+
+from cl_core.augment import EvalTransform
+from cl_core.data.reader import ShardStream, load_split
+from cl_core.data.shards import read_manifest, shard_urls
+from cl_core.engine import PretrainLoop
+from cl_core.evaluate import extract_features, knn_top1
+from pipelines import plots, ray_env, tracking
+from pipelines.config import PretrainConfig, SweepConfig, SweepStageConfig, apply_sweep
+from pipelines.console import console
+from pipelines.graph import StageContext
+from pipelines.stages._train import loop_config
+from pipelines.stages.pretrain import build_method, view_transform
+
+METRIC = "val/knn_top1"
+STATE_FILE = "state.pt"
+
+
+def trial(config: dict[str, Any], base: dict[str, Any]) -> None:
+    """One Tune trial: ``config`` holds the swept values, ``base`` the rest."""
+    for name in ("ray.tune", "ray.train"):  # one "checkpoint created" line per epoch and trial is noise
+        logging.getLogger(name).setLevel(logging.WARNING)
+    torch.set_num_threads(max(1, int(base["cpus"])))
+    values = {k: config[k] for k in base["names"]}
+    p = apply_sweep(PretrainConfig.model_validate(base["pretrain"]), values)
+    p = p.model_copy(update={"epochs": base["epochs"], "loader_workers": 0})
+    torch.manual_seed(base["seed"])
+    model = {"method": p.method, "kwargs": p.model_kwargs(num_samples=sum(base["train_counts"]))}
+    method = build_method(model, gather_distributed=False)
+    stream = ShardStream(base["train_urls"], base["train_counts"], rank=0, world_size=1, loader_workers=0,
+                         batch_size=p.batch_size_per_worker, shuffle_buffer=p.shuffle_buffer, seed=base["seed"],
+                         transform=view_transform(p.method, p.views))
+    loop = PretrainLoop(method, method, stream, loop_config(p), torch.device("cpu"))
+    ckpt = tune.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            loop.load_state_dict(torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True))
+    tf = EvalTransform(p.views.image_size)
+    bank_x, bank_y = load_split(base["train_urls"], tf)
+    val_x, val_y = load_split(base["val_urls"], tf)
+
+    def evaluate(encoder: torch.nn.Module) -> dict[str, float]:
+        fb, fv = extract_features(encoder, bank_x), extract_features(encoder, val_x)
+        return {METRIC: knn_top1(fb, bank_y, fv, val_y, k=p.knn_k, temperature=p.knn_temperature)}
+
+    def report(metrics: dict[str, float], state: dict | None) -> None:
+        keep = {k: v for k, v in metrics.items() if k.startswith(("train/", "val/")) or k in ("epoch", "step")}
+        with tempfile.TemporaryDirectory() as d:
+            torch.save(state, Path(d) / STATE_FILE)
+            tune.report(keep, checkpoint=tune.Checkpoint.from_directory(d))
+
+    loop.run(report, evaluate)
+
+
+def _domain(spec: dict[str, Any]) -> Any:
+    kind, values = next(iter(spec.items()))
+    return {"grid": tune.grid_search, "choice": tune.choice}[kind](values) if kind in ("grid", "choice") else \
+        {"uniform": tune.uniform, "loguniform": tune.loguniform}[kind](*values)
+
+
+def _trial_name(names: list[str]):
+    def name(t) -> str:  # deterministic: the trial's index in the experiment and its values
+        idx = t.trial_id.rsplit("_", 1)[-1]
+        vals = ",".join(f"{n}={_fmt(t.config.get(n))}" for n in names)
+        return f"trial_{idx}_{vals}"
+
+    return name
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _concurrency(sw: SweepConfig) -> int:
+    cpus = ray_env.cluster_cpus()
+    fits = int(cpus // sw.cpus_per_trial)
+    if fits < 1:
+        raise ValueError(f"sweep.cpus_per_trial ({sw.cpus_per_trial}) exceeds the cluster's {cpus:g} CPUs")
+    if sw.max_concurrent_trials is not None:
+        if sw.max_concurrent_trials > fits:
+            raise ValueError(f"sweep.max_concurrent_trials ({sw.max_concurrent_trials}) x cpus_per_trial "
+                             f"({sw.cpus_per_trial}) needs more than the cluster's {cpus:g} CPUs; lower it to {fits}")
+        return sw.max_concurrent_trials
+    return fits
+
+
+def sweep(ctx: StageContext, cfg: SweepStageConfig, inputs: dict) -> dict:
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+    from ray.tune.schedulers import ASHAScheduler
+
+    sw, pre = cfg.sweep, cfg.pretrain
+    shard_set = inputs["shard"]
+    manifest = read_manifest(shard_set["shard_dir"])
+    if not manifest["labeled"]:
+        raise ValueError("sweep: the objective is val kNN top-1, which needs labels; the source has none "
+                         "(set sweep.enabled: false)")
+    train_urls, train_counts = shard_urls(shard_set["shard_dir"], manifest, "train")
+    val_urls, _ = shard_urls(shard_set["shard_dir"], manifest, "val")
+    if not val_urls:
+        raise ValueError("sweep: the val split is empty; set data.val_fraction > 0")
+    names = sorted(sw.space)
+    concurrent = _concurrency(sw)
+    base = {"pretrain": pre.model_dump(mode="json"), "names": names, "epochs": sw.epochs, "cpus": sw.cpus_per_trial,
+            "seed": ctx.seed, "train_urls": train_urls, "train_counts": train_counts, "val_urls": val_urls}
+    trainable = tune.with_resources(tune.with_parameters(trial, base=base), {"cpu": sw.cpus_per_trial})
+    storage = ctx.config.work_path() / "ray_results"
+    exp_dir = storage / ctx.ray_run_name
+    search_alg = None
+    if sw.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = OptunaSearch(seed=sw.seed if sw.seed is not None else ctx.seed)
+    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=sw.epochs, grace_period=min(sw.grace_period, sw.epochs),
+                              reduction_factor=sw.reduction_factor)
+    # Tune's console tables and TensorBoard files are not wanted: the pipeline logs to MLflow
+    _set_output = "RAY_AIR_NEW_OUTPUT" not in os.environ
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    if tune.Tuner.can_restore(str(exp_dir)) and any(exp_dir.glob("experiment_state-*.json")):
+        console.print(f"sweep: resuming the interrupted sweep in {exp_dir}")
+        tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        console.print(f"sweep: {pre.method}, {' x '.join(f'{n} {_space_text(sw.space[n])}' for n in names)}, "
+                      f"{sw.num_samples} sample(s), {sw.epochs} epochs per trial, ASHA, {concurrent} at a time")
+        tuner = tune.Tuner(
+            trainable,
+            param_space={n: _domain(sw.space[n]) for n in names},
+            tune_config=tune.TuneConfig(metric=METRIC, mode="max", scheduler=scheduler, search_alg=search_alg,
+                                        num_samples=sw.num_samples, max_concurrent_trials=concurrent,
+                                        trial_name_creator=_trial_name(names), trial_dirname_creator=_trial_name(names)),
+            run_config=tune.RunConfig(name=ctx.ray_run_name, storage_path=str(storage), verbose=0,
+                                      callbacks=[CSVLoggerCallback(), JsonLoggerCallback()],
+                                      failure_config=tune.FailureConfig(max_failures=pre.max_failures),
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
+        )
+    grid = tuner.fit()
+    if _set_output:
+        os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+    errors = [r for r in grid if r.error is not None]
+    if errors:
+        raise RuntimeError(f"sweep: {len(errors)} trial(s) failed; first: {str(errors[0].error).splitlines()[0]} "
+                           f"(logs under {exp_dir})")
+    rows = []
+    for r in grid:
+        df = r.metrics_dataframe
+        curve = [float(x) for x in df[METRIC]] if df is not None and METRIC in df else []
+        iters = int(r.metrics.get("training_iteration", len(curve)))
+        rows.append({"trial": Path(r.path).name, **{n: r.config[n] for n in names},
+                     "best": max(curve) if curve else math.nan, "last": curve[-1] if curve else math.nan,
+                     "epochs_run": iters, "stopped_early": iters < sw.epochs, "curve": curve,
+                     "loss": [float(x) for x in df["train/loss"]] if df is not None and "train/loss" in df else []})
+    # trials that ran every epoch first (a stopped trial's last value is from an early rung), then by value
+    rows.sort(key=lambda r: (r["stopped_early"], -(r["last"] if not math.isnan(r["last"]) else -1), r["trial"]))
+    for rank, r in enumerate(rows, 1):
+        r["rank"] = rank
+    _log(ctx, rows, names, sw)
+    best = {n: rows[0][n] for n in names}
+    console.print(f"sweep: best {', '.join(f'{n}={_fmt(v)}' for n, v in best.items())} "
+                  f"(val kNN top-1 {rows[0]['last']:.4f}); {sum(r['stopped_early'] for r in rows)} of {len(rows)} "
+                  "trial(s) stopped early by ASHA")
+    return {"best": best, "best_metric": rows[0]["last"], "metric": METRIC, "trials": len(rows),
+            "ranked": [{k: v for k, v in r.items() if k not in ("curve", "loss")} for r in rows],
+            "experiment_dir": str(exp_dir)}
+
+
+def _space_text(spec: dict[str, Any]) -> str:
+    kind, values = next(iter(spec.items()))
+    return f"{kind} {values}"
+
+
+def _log(ctx: StageContext, rows: list[dict], names: list[str], sw: SweepConfig) -> None:
+    """Nested MLflow runs per trial, the ranked CSV and the plots on the sweep run."""
+    client = mlflow.tracking.MlflowClient(ctx.tracking_uri)
+    exp_id = mlflow.get_run(ctx.run_id).info.experiment_id
+    for r in rows:
+        run = client.create_run(exp_id, run_name=r["trial"], tags={
+            "mlflow.parentRunId": ctx.run_id, tracking.TAG_KIND: "trial", "clpipe.trial.rank": str(r["rank"]),
+            "clpipe.trial.stopped_early": str(r["stopped_early"]).lower()})
+        tracking.log_params(run.info.run_id, {n: r[n] for n in names})
+        for epoch, (v, loss) in enumerate(zip(r["curve"], r["loss"] or [math.nan] * len(r["curve"]), strict=True), 1):
+            metrics = {METRIC: v} if math.isnan(loss) else {METRIC: v, "train/loss": loss}
+            tracking.log_metrics(run.info.run_id, metrics, step=epoch, client=client)
+        client.log_metric(run.info.run_id, "epochs_run", r["epochs_run"])
+        client.set_terminated(run.info.run_id)
+    out = ctx.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    header = ["rank", "trial", *names, "last", "best", "epochs_run", "stopped_early"]
+    lines = [",".join(header)] + [",".join(str(r[h]) for h in header) for r in rows]
+    (out / "trials.csv").write_text("\n".join(lines) + "\n")
+    (out / "trials.json").write_text(json.dumps(rows, indent=2))
+    mlflow.log_artifact(str(out / "trials.csv"))
+    mlflow.log_artifact(str(out / "trials.json"))
+    for path in plots.sweep_plots(rows, names, METRIC, sw.epochs, out):
+        mlflow.log_artifact(str(path))
+    mlflow.log_metrics({"sweep/best": rows[0]["last"], "sweep/trials": len(rows),
+                        "sweep/stopped_early": sum(r["stopped_early"] for r in rows)})
