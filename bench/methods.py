@@ -32,13 +32,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cl_core.augment import EvalTransform, MultiCropTransform, SimCLRTransform  # noqa: E402
+from cl_core.augment import EvalTransform  # noqa: E402
 from cl_core.data import shards as S  # noqa: E402
 from cl_core.data.reader import ShardStream, load_split  # noqa: E402
 from cl_core.data.sources import digits_source  # noqa: E402
 from cl_core.engine import LoopConfig, PretrainLoop  # noqa: E402
 from cl_core.evaluate import extract_features, knn_top1  # noqa: E402
 from cl_core.methods import get_method, known_methods  # noqa: E402
+from pipelines.config import ViewsConfig  # noqa: E402
+from pipelines.stages.pretrain import view_transform  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 IMAGE_SIZE = 16
@@ -88,12 +90,13 @@ def write_digits(out: Path) -> dict:
     return manifest
 
 
+# the pipeline's own view builder, with the digits settings of pipelines/configs/default.yaml
+VIEWS = ViewsConfig(image_size=IMAGE_SIZE, crop_min_scale=0.3, hflip_prob=0.0, jitter_strength=0.5, local_views=2,
+                    local_image_size=8, local_crop_scale=(0.1, 0.3))
+
+
 def transform_for(name: str):
-    kind = get_method(name).view_kind
-    color = {"hflip_prob": 0.0, "jitter_strength": 0.5}
-    if kind == "multi_crop":
-        return MultiCropTransform(IMAGE_SIZE, 8, global_scale=(0.3, 1.0), local_scale=(0.1, 0.3), n_local=2, **color)
-    return SimCLRTransform(IMAGE_SIZE, crop_min_scale=0.3, n_views=2 if kind == "two_views" else 1, **color)
+    return view_transform(name, VIEWS)
 
 
 def run_method(name: str, shard_dir: Path, manifest: dict, a: argparse.Namespace, evalset) -> dict:

@@ -151,12 +151,7 @@ class InstDisc(Method):
 
     @torch.no_grad()
     def _update_bank(self, index: torch.Tensor, v: torch.Tensor) -> None:
-        if self.gather_distributed:
-            self.memory.update(index, v, self.bank_momentum)  # gathers (index, v) from all workers
-        else:
-            bank = self.memory.bank
-            bank.index_copy_(0, index, F.normalize(bank[index] * self.bank_momentum + v.to(bank.dtype)
-                                                   * (1.0 - self.bank_momentum), dim=1))
+        self.memory.update(index, v, self.bank_momentum, gather=self.gather_distributed)
 
     @classmethod
     def smoke_kwargs(cls) -> dict:

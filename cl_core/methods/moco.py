@@ -130,15 +130,7 @@ class MoCo(Method):
 
     @torch.no_grad()
     def _enqueue(self, k: torch.Tensor) -> None:
-        if self.gather_distributed:
-            self.queue.enqueue(k)  # gathers every worker's keys, rank order
-            return
-        # this worker's keys only (the same FIFO rule as KeyQueue.enqueue, without the gather)
-        q = self.queue
-        k = k.detach().to(q.queue.dtype)[-q.size:]
-        idx = (q.ptr + torch.arange(k.shape[0], device=k.device)) % q.size
-        q.queue[idx] = k
-        q.ptr.copy_((q.ptr + k.shape[0]) % q.size)
+        self.queue.enqueue(k, gather=self.gather_distributed)  # every worker's keys in rank order, or this one's
 
     # ---- training step -----------------------------------------------------------
     def forward(self, views: list[torch.Tensor]) -> StepOutput:

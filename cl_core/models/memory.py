@@ -38,8 +38,9 @@ class KeyQueue(nn.Module):
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
 
     @torch.no_grad()
-    def enqueue(self, keys: torch.Tensor) -> None:
-        keys = distributed.gather_nograd(keys).to(self.queue.dtype)
+    def enqueue(self, keys: torch.Tensor, gather: bool = True) -> None:
+        """Write ``keys`` (all workers' with ``gather``, else this worker's) over the oldest entries."""
+        keys = (distributed.gather_nograd(keys) if gather else keys.detach()).to(self.queue.dtype)
         n = keys.shape[0]
         if n > self.size:
             keys, n = keys[-self.size:], self.size
@@ -77,9 +78,11 @@ class MemoryBank(nn.Module):
                              "method's bank size to the training split's size")
 
     @torch.no_grad()
-    def update(self, index: torch.Tensor, features: torch.Tensor, momentum: float) -> None:
-        index = distributed.gather_nograd(index)
-        features = distributed.gather_nograd(features).to(self.bank.dtype)
+    def update(self, index: torch.Tensor, features: torch.Tensor, momentum: float, gather: bool = True) -> None:
+        """Proximal update of the entries at ``index`` (all workers' pairs with ``gather``)."""
+        if gather:
+            index, features = distributed.gather_nograd(index), distributed.gather_nograd(features)
+        features = features.detach().to(self.bank.dtype)
         self.check_index(index)
         new = F.normalize(self.bank[index] * momentum + features * (1.0 - momentum), dim=1)
         self.bank.index_copy_(0, index, new)
