@@ -200,8 +200,9 @@ DOMAINS = ("grid", "choice", "uniform", "loguniform")
 
 class SweepConfig(Section):
     """A Ray Tune sweep over the pretraining method's hyperparameters, before the final
-    pretrain: each trial is a short single-worker pretrain scored by val kNN top-1 every
-    epoch, ASHA stops poor trials early, and the best values feed the pretrain stage."""
+    pretrain: each trial is a short pretrain (one in-process loop, or a TorchTrainer of
+    ``workers_per_trial`` workers) scored by val kNN top-1 every epoch, ASHA stops poor
+    trials early, and the best values feed the pretrain stage."""
 
     enabled: bool = False
     space: dict[str, dict[str, Any]] = Field(
@@ -214,8 +215,9 @@ class SweepConfig(Section):
     epochs: int = Field(3, ge=1, description="epochs per trial (ASHA's max_t)")
     grace_period: int = Field(1, ge=1, description="ASHA: epochs every trial gets before it can be stopped")
     reduction_factor: int = Field(2, ge=2, description="ASHA: 1/reduction_factor of the trials go on at each rung")
-    workers_per_trial: int = Field(1, ge=1, description="training workers per trial (1: an in-process loop)")
-    cpus_per_trial: float = Field(1.0, gt=0)
+    workers_per_trial: int = Field(1, ge=1, description="training workers per trial (1: an in-process loop; more: "
+                                   "a TorchTrainer per trial); GPUs: one per worker when pretrain.use_gpu applies")
+    cpus_per_trial: float = Field(1.0, gt=0, description="CPUs per trial in all (several workers share them)")
     max_concurrent_trials: int | None = Field(None, ge=1, description="None: as many as the cluster's CPUs allow")
     seed: int | None = Field(None, description="sampling seed of random domains; None: the pipeline's seed")
 
@@ -400,9 +402,9 @@ class PipelineConfig(Section):
             grids = [n for n, d in sw.space.items() if "grid" in d]
             if grids:
                 raise ValueError(f"sweep.space.{grids[0]}: Optuna cannot search a grid; use choice, or search: basic")
-        if sw.workers_per_trial > 1:
-            raise ValueError("sweep.workers_per_trial: trials run as one in-process training loop; multi-worker "
-                             "trials (a TorchTrainer per trial) are not supported yet, set it to 1")
+        if sw.workers_per_trial > 1 and (sw.cpus_per_trial - 0.01) / sw.workers_per_trial < 0.1:
+            raise ValueError(f"sweep.cpus_per_trial ({sw.cpus_per_trial}) leaves less than 0.1 CPU to each of the "
+                             f"{sw.workers_per_trial} workers_per_trial; raise it or lower workers_per_trial")
         if self.ray.num_cpus is not None and sw.max_concurrent_trials is not None \
                 and sw.max_concurrent_trials * sw.cpus_per_trial > self.ray.num_cpus:
             raise ValueError(f"sweep.max_concurrent_trials ({sw.max_concurrent_trials}) x cpus_per_trial "

@@ -109,11 +109,13 @@ def train_worker(config: dict) -> list[dict] | None:
 
     client = None
     evaluate = None
+    tracked = config["run_id"] is not None  # None: a sweep trial, whose metrics go to Ray Tune only
     if rank == 0:
         from mlflow.tracking import MlflowClient
 
-        client = MlflowClient(config["tracking_uri"])
-        print(f"[pretrain] {loop.describe()}", flush=True)
+        if tracked:
+            client = MlflowClient(config["tracking_uri"])
+            print(f"[pretrain] {loop.describe()}", flush=True)
         labeled = config["labeled"] and config["val_urls"]
         if labeled:
             if text:
@@ -134,10 +136,11 @@ def train_worker(config: dict) -> list[dict] | None:
         if rank != 0:
             train.report(metrics, checkpoint=None)
             return
-        tracking.log_metrics(config["run_id"], metrics, step=int(metrics["epoch"]), client=client)
-        print("[pretrain] epoch {:.0f}/{}  loss {:.4f}  lr {:.4g}  {:.0f} img/s{}".format(
-            metrics["epoch"], p.epochs, metrics["train/loss"], metrics["train/lr"], metrics["train/images_per_sec"],
-            f"  val kNN top-1 {metrics['val/knn_top1']:.3f}" if "val/knn_top1" in metrics else ""), flush=True)
+        if tracked:
+            tracking.log_metrics(config["run_id"], metrics, step=int(metrics["epoch"]), client=client)
+            print("[pretrain] epoch {:.0f}/{}  loss {:.4f}  lr {:.4g}  {:.0f} img/s{}".format(
+                metrics["epoch"], p.epochs, metrics["train/loss"], metrics["train/lr"], metrics["train/images_per_sec"],
+                f"  val kNN top-1 {metrics['val/knn_top1']:.3f}" if "val/knn_top1" in metrics else ""), flush=True)
         with tempfile.TemporaryDirectory() as d:
             torch.save(state, Path(d) / STATE_FILE)
             (Path(d) / CONFIG_FILE).write_text(json.dumps({"model": config["model"], "pretrain": config["pretrain"],
@@ -152,6 +155,27 @@ def train_worker(config: dict) -> list[dict] | None:
     return history if rank == 0 else None
 
 
+def make_worker_config(cfg: PretrainConfig, model: dict, shard_dir: str, manifest: dict, *, seed: int,
+                       tracking_uri: str | None, run_id: str | None) -> dict:
+    """``train_worker``'s config; ``run_id`` None: untracked (a sweep trial reports to Tune only)."""
+    train_urls, train_counts = shard_urls(shard_dir, manifest, "train")
+    val_urls, _ = shard_urls(shard_dir, manifest, "val")
+    return {
+        "pretrain": cfg.model_dump(mode="json"),
+        "model": model,
+        "seed": seed,
+        "threads": max(1, int(cfg.cpus_per_worker)),
+        "train_urls": train_urls,
+        "train_counts": train_counts,
+        "val_urls": val_urls,
+        "labeled": manifest["labeled"],
+        "modality": manifest.get("modality", "image"),
+        "shard_dir": shard_dir,
+        "tracking_uri": tracking_uri,
+        "run_id": run_id,
+    }
+
+
 def pretrain(ctx: StageContext, cfg: PretrainConfig, inputs: dict) -> dict:
     shard_set = inputs["shard"]
     best = (inputs.get("sweep") or {}).get("best") or {}
@@ -162,7 +186,6 @@ def pretrain(ctx: StageContext, cfg: PretrainConfig, inputs: dict) -> dict:
         console.print(f"pretrain: with the sweep's best {', '.join(f'{k}={v}' for k, v in best.items())}")
     manifest = read_manifest(shard_set["shard_dir"])
     train_urls, train_counts = shard_urls(shard_set["shard_dir"], manifest, "train")
-    val_urls, _ = shard_urls(shard_set["shard_dir"], manifest, "val")
     if get_method(cfg.method).uses_labels and not manifest["labeled"]:
         raise ValueError(f"pretrain.method: {cfg.method} is supervised and needs labeled shards, but the source of "
                          f"{shard_set['shard_dir']} has no labels; use a labeled source or a self-supervised method")
@@ -181,20 +204,8 @@ def pretrain(ctx: StageContext, cfg: PretrainConfig, inputs: dict) -> dict:
         kw["max_len"] = cfg.method_kwargs()["max_len"]
     # the hyperparameters actually used (the method's paper defaults, then params.<method>)
     mlflow.log_params({f"method.{k}": v for k, v in cfg.method_kwargs().items()})
-    worker_config = {
-        "pretrain": cfg.model_dump(mode="json"),
-        "model": model,
-        "seed": ctx.seed,
-        "threads": max(1, int(cfg.cpus_per_worker)),
-        "train_urls": train_urls,
-        "train_counts": train_counts,
-        "val_urls": val_urls,
-        "labeled": manifest["labeled"],
-        "modality": modality,
-        "shard_dir": shard_set["shard_dir"],
-        "tracking_uri": ctx.tracking_uri,
-        "run_id": ctx.run_id,
-    }
+    worker_config = make_worker_config(cfg, model, shard_set["shard_dir"], manifest, seed=ctx.seed,
+                                       tracking_uri=ctx.tracking_uri, run_id=ctx.run_id)
     console.print(f"pretrain: {cfg.method} / {cfg.backbone} on {cfg.num_workers} Ray Train worker(s)"
                   f"{' with GPUs' if use_gpu(cfg) else ''}, {cfg.epochs} epochs, {sum(train_counts)} training images "
                   f"in {len(train_urls)} shards")

@@ -1,12 +1,17 @@
 """sweep: Ray Tune over the method's hyperparameters before the final pretrain
 (ShardSet -> SweepResult).
 
-Each trial is a short pretrain of the configured method in one Tune trial process (the
-project's ``PretrainLoop``, one worker, its own CPU budget) that reports val kNN top-1
-after every epoch; ASHA stops the trials that trail at its rungs. Trial names are
-deterministic (their index and values), the Tune experiment lives under the work dir's
+Each trial is a short pretrain of the configured method that reports val kNN top-1
+after every epoch; ASHA stops the trials that trail at its rungs. With
+``workers_per_trial: 1`` a trial is the project's ``PretrainLoop`` in the Tune trial
+process itself; with more, the trial is a small driver that runs the pretrain stage's
+``train_worker`` on its own ``TorchTrainer`` (Ray's Train-in-Tune pattern: the trial
+reserves almost nothing, its Train workers reserve the rest of ``cpus_per_trial``) and
+forwards the reports to Tune with ``TuneReportCallback``. Trial names are deterministic
+(their index and values); the Tune experiment lives under the work dir's
 ``ray_results/<stage>-<key>`` and a rerun after an interruption restores it
-(``Tuner.restore``), resuming unfinished trials from their last epoch checkpoint.
+(``Tuner.restore``): single-worker trials resume from their Tune checkpoint, multi-worker
+trials from their Train run (named after the trial, under ``<experiment>/train``).
 Afterwards every trial becomes a nested MLflow run (params, per-epoch metrics, whether
 ASHA stopped it), and the sweep run gets the ranked table and the plots. The best
 values flow into the pretrain stage.
@@ -36,37 +41,44 @@ from pipelines.config import PretrainConfig, SweepConfig, SweepStageConfig, appl
 from pipelines.console import console
 from pipelines.graph import StageContext
 from pipelines.stages._train import loop_config
-from pipelines.stages.pretrain import build_method, view_transform
+from pipelines.stages.pretrain import build_method, make_worker_config, train_worker, view_transform
 
 METRIC = "val/knn_top1"
 STATE_FILE = "state.pt"
+DRIVER_CPUS = 0.01  # what a multi-worker trial's driver reserves; its Train workers get the rest
+
+
+def _trial_pretrain(config: dict[str, Any], base: dict[str, Any]) -> PretrainConfig:
+    """The pretrain section of one trial: the swept values over the configured ones."""
+    p = apply_sweep(PretrainConfig.model_validate(base["pretrain"]), {k: config[k] for k in base["names"]})
+    return p.model_copy(update={"epochs": base["epochs"]})
 
 
 def trial(config: dict[str, Any], base: dict[str, Any]) -> None:
-    """One Tune trial: ``config`` holds the swept values, ``base`` the rest."""
+    """One single-worker Tune trial, trained in this process: ``config`` holds the swept
+    values, ``base`` the rest."""
     for name in ("ray.tune", "ray.train"):  # one "checkpoint created" line per epoch and trial is noise
         logging.getLogger(name).setLevel(logging.WARNING)
     torch.set_num_threads(max(1, int(base["cpus"])))
-    values = {k: config[k] for k in base["names"]}
-    p = apply_sweep(PretrainConfig.model_validate(base["pretrain"]), values)
-    p = p.model_copy(update={"epochs": base["epochs"], "loader_workers": 0})
+    p = _trial_pretrain(config, base).model_copy(update={"loader_workers": 0})
+    device = torch.device("cuda" if base["gpu"] else "cpu")
     torch.manual_seed(base["seed"])
     model = {"method": p.method, "kwargs": p.model_kwargs(num_samples=sum(base["train_counts"]))}
-    method = build_method(model, gather_distributed=False)
+    method = build_method(model, gather_distributed=False).to(device)
     stream = ShardStream(base["train_urls"], base["train_counts"], rank=0, world_size=1, loader_workers=0,
                          batch_size=p.batch_size_per_worker, shuffle_buffer=p.shuffle_buffer, seed=base["seed"],
                          transform=view_transform(p.method, p.views))
-    loop = PretrainLoop(method, method, stream, loop_config(p), torch.device("cpu"))
+    loop = PretrainLoop(method, method, stream, loop_config(p), device)
     ckpt = tune.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            loop.load_state_dict(torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True))
+            loop.load_state_dict(torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=True))
     tf = EvalTransform(p.views.image_size)
     bank_x, bank_y = load_split(base["train_urls"], tf)
     val_x, val_y = load_split(base["val_urls"], tf)
 
     def evaluate(encoder: torch.nn.Module) -> dict[str, float]:
-        fb, fv = extract_features(encoder, bank_x), extract_features(encoder, val_x)
+        fb, fv = extract_features(encoder, bank_x, device=device), extract_features(encoder, val_x, device=device)
         return {METRIC: knn_top1(fb, bank_y, fv, val_y, k=p.knn_k, temperature=p.knn_temperature)}
 
     def report(metrics: dict[str, float], state: dict | None) -> None:
@@ -76,6 +88,40 @@ def trial(config: dict[str, Any], base: dict[str, Any]) -> None:
             tune.report(keep, checkpoint=tune.Checkpoint.from_directory(d))
 
     loop.run(report, evaluate)
+
+
+def trial_group(config: dict[str, Any], base: dict[str, Any]) -> None:
+    """One multi-worker Tune trial: a driver that runs the pretrain stage's ``train_worker``
+    on ``workers_per_trial`` Ray Train workers and forwards rank 0's reports to Tune.
+
+    The Train run is named after the trial and kept under the experiment, so a restored
+    trial continues from its last Train checkpoint (epoch, optimizer, method state)."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    for name in ("ray.tune", "ray.train"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    p = _trial_pretrain(config, base)
+    per_worker = math.floor((base["cpus"] - DRIVER_CPUS) / base["workers"] * 1e4) / 1e4
+    p = p.model_copy(update={"num_workers": base["workers"], "cpus_per_worker": per_worker})
+    model = {"method": p.method, "kwargs": p.model_kwargs(num_samples=sum(base["train_counts"]))}
+    worker_config = make_worker_config(p, model, base["shard_dir"], base["manifest"], seed=base["seed"],
+                                       tracking_uri=None, run_id=None)
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config=worker_config,
+        scaling_config=ScalingConfig(num_workers=base["workers"], use_gpu=base["gpu"],
+                                     resources_per_worker={"CPU": per_worker}),
+        run_config=RunConfig(
+            name=tune.get_context().get_trial_name(), storage_path=base["train_storage"],
+            callbacks=[TuneReportCallback()], checkpoint_config=CheckpointConfig(num_to_keep=1),
+            failure_config=FailureConfig(max_failures=p.max_failures),
+            logging_config=LoggingConfig(log_level=base["train_log_level"])),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
 
 
 def _domain(spec: dict[str, Any]) -> Any:
@@ -97,15 +143,31 @@ def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def _concurrency(sw: SweepConfig) -> int:
+def _use_gpu(pre: PretrainConfig, workers: int) -> bool:
+    """Trials train on GPUs (one per worker) when pretrain does: ``use_gpu`` true, or
+    "auto" and the cluster has a GPU for each of a trial's workers."""
+    return ray_env.cluster_gpus() >= workers if pre.use_gpu == "auto" else bool(pre.use_gpu)
+
+
+def _concurrency(sw: SweepConfig, gpu: bool) -> int:
+    """How many trials run at once: ``max_concurrent_trials`` if it fits, else as many
+    as the cluster's CPUs (and GPUs, one per trial worker) hold."""
     cpus = ray_env.cluster_cpus()
     fits = int(cpus // sw.cpus_per_trial)
     if fits < 1:
         raise ValueError(f"sweep.cpus_per_trial ({sw.cpus_per_trial}) exceeds the cluster's {cpus:g} CPUs")
+    what = f"x cpus_per_trial ({sw.cpus_per_trial}) needs more than the cluster's {cpus:g} CPUs"
+    if gpu:
+        gpus = ray_env.cluster_gpus()
+        if gpus // sw.workers_per_trial < fits:
+            fits = int(gpus // sw.workers_per_trial)
+            what = f"x workers_per_trial ({sw.workers_per_trial}) GPUs needs more than the cluster's {gpus:g} GPUs"
+        if fits < 1:
+            raise ValueError(f"sweep.workers_per_trial ({sw.workers_per_trial}): a trial needs a GPU per worker and "
+                             f"the cluster has {gpus:g}; lower it or set pretrain.use_gpu: false")
     if sw.max_concurrent_trials is not None:
         if sw.max_concurrent_trials > fits:
-            raise ValueError(f"sweep.max_concurrent_trials ({sw.max_concurrent_trials}) x cpus_per_trial "
-                             f"({sw.cpus_per_trial}) needs more than the cluster's {cpus:g} CPUs; lower it to {fits}")
+            raise ValueError(f"sweep.max_concurrent_trials ({sw.max_concurrent_trials}) {what}; lower it to {fits}")
         return sw.max_concurrent_trials
     return fits
 
@@ -125,18 +187,27 @@ def sweep(ctx: StageContext, cfg: SweepStageConfig, inputs: dict) -> dict:
     if not val_urls:
         raise ValueError("sweep: the val split is empty; set data.val_fraction > 0")
     names = sorted(sw.space)
-    concurrent = _concurrency(sw)
-    base = {"pretrain": pre.model_dump(mode="json"), "names": names, "epochs": sw.epochs, "cpus": sw.cpus_per_trial,
-            "seed": ctx.seed, "train_urls": train_urls, "train_counts": train_counts, "val_urls": val_urls}
-    trainable = tune.with_resources(tune.with_parameters(trial, base=base), {"cpu": sw.cpus_per_trial})
+    workers = sw.workers_per_trial
+    gpu = _use_gpu(pre, workers)
+    concurrent = _concurrency(sw, gpu)
     storage = ctx.config.work_path() / "ray_results"
     exp_dir = storage / ctx.ray_run_name
+    base = {"pretrain": pre.model_dump(mode="json"), "names": names, "epochs": sw.epochs, "cpus": sw.cpus_per_trial,
+            "seed": ctx.seed, "train_urls": train_urls, "train_counts": train_counts, "val_urls": val_urls,
+            "gpu": gpu, "workers": workers, "shard_dir": shard_set["shard_dir"], "manifest": manifest,
+            "train_storage": str(exp_dir / "train"), "train_log_level": ctx.config.ray.train_log_level}
+    if workers == 1:
+        trainable = tune.with_resources(tune.with_parameters(trial, base=base),
+                                        {"cpu": sw.cpus_per_trial, "gpu": 1 if gpu else 0})
+    else:  # the driver reserves DRIVER_CPUS; its TorchTrainer's placement group holds the workers
+        trainable = tune.with_resources(tune.with_parameters(trial_group, base=base), {"cpu": DRIVER_CPUS})
     search_alg = None
     if sw.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
         search_alg = OptunaSearch(seed=sw.seed if sw.seed is not None else ctx.seed)
-    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=sw.epochs, grace_period=min(sw.grace_period, sw.epochs),
+    # rungs in epochs (the loop's own count, which survives a restore) rather than Tune's report count
+    scheduler = ASHAScheduler(time_attr="epoch", max_t=sw.epochs, grace_period=min(sw.grace_period, sw.epochs),
                               reduction_factor=sw.reduction_factor)
     # Tune's console tables and TensorBoard files are not wanted: the pipeline logs to MLflow
     _set_output = "RAY_AIR_NEW_OUTPUT" not in os.environ
@@ -148,7 +219,8 @@ def sweep(ctx: StageContext, cfg: SweepStageConfig, inputs: dict) -> dict:
         tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, resume_errored=True)
     else:
         console.print(f"sweep: {pre.method}, {' x '.join(f'{n} {_space_text(sw.space[n])}' for n in names)}, "
-                      f"{sw.num_samples} sample(s), {sw.epochs} epochs per trial, ASHA, {concurrent} at a time")
+                      f"{sw.num_samples} sample(s), {sw.epochs} epochs per trial, {workers} worker(s) per trial"
+                      f"{' with GPUs' if gpu else ''}, {sw.search} search, ASHA, {concurrent} at a time")
         tuner = tune.Tuner(
             trainable,
             param_space={n: _domain(sw.space[n]) for n in names},
@@ -170,11 +242,13 @@ def sweep(ctx: StageContext, cfg: SweepStageConfig, inputs: dict) -> dict:
     rows = []
     for r in grid:
         df = r.metrics_dataframe
+        if df is not None and "epoch" in df:  # one row per epoch: a resumed trial may repeat one
+            df = df.dropna(subset=["epoch"]).drop_duplicates("epoch", keep="last").sort_values("epoch")
         curve = [float(x) for x in df[METRIC]] if df is not None and METRIC in df else []
-        iters = int(r.metrics.get("training_iteration", len(curve)))
+        epochs_run = int(df["epoch"].iloc[-1]) if df is not None and "epoch" in df and len(df) else len(curve)
         rows.append({"trial": Path(r.path).name, **{n: r.config[n] for n in names},
                      "best": max(curve) if curve else math.nan, "last": curve[-1] if curve else math.nan,
-                     "epochs_run": iters, "stopped_early": iters < sw.epochs, "curve": curve,
+                     "epochs_run": epochs_run, "stopped_early": epochs_run < sw.epochs, "curve": curve,
                      "loss": [float(x) for x in df["train/loss"]] if df is not None and "train/loss" in df else []})
     # trials that ran every epoch first (a stopped trial's last value is from an early rung), then by value
     rows.sort(key=lambda r: (r["stopped_early"], -(r["last"] if not math.isnan(r["last"]) else -1), r["trial"]))
