@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -55,6 +56,15 @@ class DataConfig(Section):
     samples_per_shard: int = Field(256, ge=1)
     min_shards: int = Field(4, ge=1, description="per split; >= training workers x DataLoader workers")
     tokenizer_vocab_size: int = Field(8192, ge=300, description="text sources: byte-level BPE vocabulary trained on the train split")
+    output: str | None = Field(None, description="null: shard sets in the work dir; s3://bucket/prefix: shards and "
+                               "label subsets uploaded there (AWS_* environment), readers stream them")
+
+    @field_validator("output")
+    @classmethod
+    def _output(cls, v: str | None) -> str | None:
+        if v is not None and (not v.startswith("s3://") or len(v) <= 5 or v[5] == "/"):
+            raise ValueError(f"expected s3://BUCKET/prefix (or null for the work dir), got {v!r}")
+        return v
 
     @model_validator(mode="after")
     def _fractions(self) -> DataConfig:
@@ -329,8 +339,11 @@ class MlflowConfig(Section):
 
 
 class RayConfig(Section):
-    address: str | None = Field(None, description="None: start a local Ray; 'auto' or ray://... to join a cluster")
+    address: str | None = Field(None, description="None: $RAY_ADDRESS if set (a Ray Job, the local stack), else start a "
+                                "local Ray; 'auto' or ray://... to join a cluster")
     num_cpus: int | None = Field(None, ge=1, description="local Ray only")
+    storage_path: str | None = Field(None, description="Ray Train/Tune run storage (checkpoints): null = <work_dir>/"
+                                     "ray_results; a shared path or s3://bucket/prefix for multi-node clusters")
     train_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "WARNING", description="Ray Train's own console logs (INFO: worker-group and per-checkpoint lines)")
 
@@ -420,10 +433,19 @@ class PipelineConfig(Section):
         return Path(self.work_dir).expanduser().resolve()
 
     def tracking_uri(self) -> str:
-        return self.mlflow.tracking_uri or f"sqlite:///{self.work_path() / 'mlflow.db'}"
+        """``mlflow.tracking_uri``, else $MLFLOW_TRACKING_URI (a shared server, the local
+        stack's env file), else a sqlite store in the work dir."""
+        return self.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or \
+            f"sqlite:///{self.work_path() / 'mlflow.db'}"
 
-    def artifact_location(self) -> str:
-        return self.mlflow.artifact_location or (self.work_path() / "mlartifacts").as_uri()
+    def artifact_location(self) -> str | None:
+        """``mlflow.artifact_location``; unset: the server's default for a tracking server,
+        ``<work_dir>/mlartifacts`` for a local store."""
+        if self.mlflow.artifact_location:
+            return self.mlflow.artifact_location
+        if self.tracking_uri().startswith(("http://", "https://")):
+            return None
+        return (self.work_path() / "mlartifacts").as_uri()
 
 
 def apply_sweep(pretrain: PretrainConfig, values: dict[str, Any]) -> PretrainConfig:

@@ -21,7 +21,8 @@ from typing import Any
 import mlflow
 from pydantic import BaseModel
 
-from pipelines import tracking
+from cl_core.data import storage
+from pipelines import ray_env, tracking
 from pipelines.config import PipelineConfig, flatten
 from pipelines.console import console
 from pipelines.errors import StageError
@@ -172,7 +173,7 @@ def _chain_markdown(result: PipelineResult) -> str:
 
 def _missing_paths(outputs: dict) -> list[str]:
     return [v for k, v in flatten(outputs).items()
-            if (k.endswith("_dir") or k.endswith("_path")) and isinstance(v, str) and not Path(v).exists()]
+            if (k.endswith("_dir") or k.endswith("_path")) and isinstance(v, str) and not storage.exists_any(v)]
 
 
 def _run_stage(spec: StageSpec, cfg: PipelineConfig, experiment_id: str, parent_id: str,
@@ -220,7 +221,11 @@ def _run_stage(spec: StageSpec, cfg: PipelineConfig, experiment_id: str, parent_
         ctx = StageContext(spec.name, key, run.info.run_id, parent_id, cfg, out_dir, upstream_runs)
         if force:  # recompute from scratch: drop partial outputs and the Ray run this key would resume
             shutil.rmtree(out_dir, ignore_errors=True)
-            shutil.rmtree(cfg.work_path() / "ray_results" / ctx.ray_run_name, ignore_errors=True)
+            run_dir = ray_env.run_uri(cfg, ctx.ray_run_name)
+            if storage.is_s3(run_dir):
+                storage.delete_prefix(run_dir)
+            else:
+                shutil.rmtree(run_dir, ignore_errors=True)
         out_dir.mkdir(parents=True, exist_ok=True)
         try:
             outputs = spec.fn(ctx, section, inputs)

@@ -4,24 +4,42 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
+from typing import Any
 
 import ray
 
-from pipelines.config import RayConfig
+from cl_core.data import storage as storage_lib
+from pipelines.config import PipelineConfig, RayConfig
 
 
 def init(cfg: RayConfig) -> None:
-    """Join ``cfg.address`` or start a local Ray (dashboard on: Train's state API needs it)."""
+    """Join ``cfg.address`` (or $RAY_ADDRESS) or start a local Ray (dashboard on: Train's state API needs it)."""
     if ray.is_initialized():
         return
     # token auth is for shared clusters; a local Ray on loopback runs without it
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # worker prints appear once
     kwargs: dict = {"logging_level": logging.WARNING, "log_to_driver": True}
-    if cfg.address:
-        ray.init(address=cfg.address, **kwargs)
+    address = cfg.address or os.environ.get("RAY_ADDRESS")  # set inside a Ray Job and by the stack's env file
+    if address:
+        ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=cfg.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
+        # "local": a new Ray of this process, never a `ray start` cluster found on the machine; Train's
+        # placement-group cleaner finds the State API by $RAY_API_SERVER_ADDRESS, else by guessing the
+        # latest Ray on the machine, which may be another one
+        port = _free_port()
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 dashboard_port=port, **kwargs)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def quiet_train_worker() -> None:
@@ -44,3 +62,24 @@ def cluster_cpus() -> float:
 
 def cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0))
+
+
+def storage(cfg: PipelineConfig) -> tuple[str, Any]:
+    """(storage_path, storage_filesystem) for Ray Train and Tune runs: ``ray.storage_path``
+    as an ``s3://`` URI through pyarrow's S3 filesystem (endpoint and keys from the AWS
+    environment), else ``<work_dir>/ray_results`` on the local disk."""
+    if cfg.ray.storage_path and storage_lib.is_s3(cfg.ray.storage_path):
+        fs, path = storage_lib.pyarrow_fs(cfg.ray.storage_path)
+        return path, fs
+    return str(Path(cfg.ray.storage_path or cfg.work_path() / "ray_results").expanduser().resolve()), None
+
+
+def storage_uri(path: str, filesystem: Any) -> str:
+    """A Ray storage path (as Ray reports it) as a URI the project's storage layer opens."""
+    return f"s3://{path.lstrip('/')}" if filesystem is not None else path
+
+
+def run_uri(cfg: PipelineConfig, name: str) -> str:
+    """Where Ray keeps the run (or Tune experiment) ``name``."""
+    path, fs = storage(cfg)
+    return storage_uri(f"{path}/{name}", fs)

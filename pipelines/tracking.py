@@ -23,17 +23,46 @@ OUTPUTS_FILE = "clpipe_outputs.json"
 MAX_PARAM_LEN = 6000
 
 
-def setup(tracking_uri: str, experiment: str, artifact_location: str) -> str:
-    """Point MLflow at the store and make sure the experiment exists; returns its id."""
+def setup(tracking_uri: str, experiment: str, artifact_location: str | None) -> str:
+    """Point MLflow at the store and make sure the experiment exists; returns its id.
+    ``artifact_location`` None: the tracking server's default (its artifact proxy)."""
     logging.getLogger("alembic").setLevel(logging.WARNING)
     if tracking_uri.startswith("sqlite:///"):
         Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    if tracking_uri.startswith(("http://", "https://")):
+        _check_server(tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
+    if artifact_location and artifact_location.startswith("s3://") and os.environ.get("AWS_ENDPOINT_URL") \
+            and not os.environ.get("MLFLOW_S3_ENDPOINT_URL"):
+        os.environ["MLFLOW_S3_ENDPOINT_URL"] = os.environ["AWS_ENDPOINT_URL"]  # MLflow's own name for it
     client = MlflowClient(tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
+    try:
+        exp = client.get_experiment_by_name(experiment)
+    except Exception as e:  # a server that is down: one line, after MLflow's bounded retries
+        if tracking_uri.startswith(("http://", "https://")):
+            raise ConnectionError(f"mlflow.tracking_uri: the MLflow server {tracking_uri} does not answer "
+                                  f"({type(e).__name__}); start it (clpipe stack up) or fix MLFLOW_TRACKING_URI") from None
+        raise
     if exp is None:
         return client.create_experiment(experiment, artifact_location=artifact_location)
     return exp.experiment_id
+
+
+def _check_server(uri: str, timeout: float = 5.0) -> None:
+    """A tracking server that does not answer /health within ``timeout`` s: one line
+    (MLflow's own client would retry for minutes)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
+            return
+    except urllib.error.HTTPError:
+        return  # it answers (a proxy or an older server without /health)
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise ConnectionError(f"mlflow.tracking_uri: the MLflow server {uri} does not answer ({reason}); start it "
+                              "(clpipe stack up) or fix mlflow.tracking_uri / MLFLOW_TRACKING_URI") from None
 
 
 def log_params(run_id: str, params: dict[str, Any], client: MlflowClient | None = None) -> None:

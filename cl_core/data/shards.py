@@ -5,6 +5,8 @@ Layout of a shard set (one directory)::
     train-000000.tar ... val-000000.tar ... test-000000.tar ...
     manifest.json        written last: its presence means the set is complete
 
+A shard set lives in a local directory or under an ``s3://`` prefix (see ``storage``).
+
 Each sample is ``KEY.png`` (or ``KEY.jpg``), ``KEY.cls`` (class index, when labeled) and
 ``KEY.json`` (``{"id": source id, "index": position in the source}``).
 """
@@ -22,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 
+from cl_core.data import storage
 from cl_core.data.sources import SampleRef, Source
 
 MANIFEST = "manifest.json"
@@ -147,23 +150,35 @@ def build_manifest(
     }
 
 
-def write_manifest(directory: str | Path, manifest: dict) -> Path:
-    """Write ``manifest.json`` atomically; call it after every shard is in place."""
-    directory = Path(directory)
-    tmp = directory / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, directory / MANIFEST)
-    return directory / MANIFEST
+def write_manifest(directory: str | Path, manifest: dict) -> str:
+    """Write ``manifest.json`` atomically (a local rename, or one S3 PUT); call it after
+    every shard is in place. Returns its location."""
+    data = json.dumps(manifest, indent=2).encode()
+    where = storage.join(directory, MANIFEST)
+    storage.write_bytes(where, data)
+    return where
 
 
 def read_manifest(directory: str | Path) -> dict:
-    path = Path(directory) / MANIFEST
-    if not path.is_file():
+    """The manifest of the shard set at ``directory`` (a local path or ``s3://`` URI)."""
+    path = storage.join(directory, MANIFEST)
+    if not storage.exists(path):
         raise FileNotFoundError(f"{path}: no manifest; the shard set is missing or incomplete, rerun the shard stage")
-    return json.loads(path.read_text())
+    return json.loads(storage.read_bytes(path))
+
+
+def publish(local: str | Path, dest: str) -> str:
+    """Upload the shard set written at ``local`` to ``dest`` (``s3://...``): every shard
+    first, the manifest last, so a set with a manifest is complete. Returns ``dest``."""
+    manifest = Path(local) / MANIFEST
+    for f in sorted(Path(local).rglob("*")):
+        if f.is_file() and f != manifest and not f.name.startswith("."):
+            storage.upload_file(f, storage.join(dest, f.relative_to(local).as_posix()))
+    storage.upload_file(manifest, storage.join(dest, MANIFEST))
+    return dest
 
 
 def shard_urls(directory: str | Path, manifest: dict, split: str) -> tuple[list[str], list[int]]:
     """Absolute paths and sample counts of a split's shards."""
     shards = manifest["splits"][split]["shards"]
-    return [str(Path(directory) / s["name"]) for s in shards], [s["num_samples"] for s in shards]
+    return [storage.join(directory, s["name"]) for s in shards], [s["num_samples"] for s in shards]

@@ -17,6 +17,8 @@ from typing import IO, Any
 
 import webdataset as wds
 
+from cl_core.data import storage  # noqa: F401 - registers s3:// with wds.gopen
+
 BLOCK = 512
 _ZERO_BLOCK = b"\0" * BLOCK
 _REGULAR = (b"0", b"\0", b"7")  # regular file, old-style regular file, contiguous file

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import io
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -32,6 +33,7 @@ from ray.train import (
 from ray.train.torch import TorchTrainer
 
 from cl_core.augment import EvalTransform, FinetuneTransform
+from cl_core.data import storage
 from cl_core.data.reader import ShardStream, load_split, training_loader
 from cl_core.engine import LoopConfig, PretrainLoop
 from cl_core.evaluate import top1
@@ -45,8 +47,19 @@ MODELS_DIR = "models"
 MAX_CHECKPOINTS_PER_MODEL = 10  # short epochs (a few labeled batches) checkpoint every few epochs
 
 
-def ray_run_dir(ctx: StageContext) -> Path:
-    return ctx.config.work_path() / "ray_results" / ctx.ray_run_name
+def ray_run_dir(ctx: StageContext) -> str:
+    """Where Ray Train keeps this stage's run (a local path or an ``s3://`` URI)."""
+    return ray_env.run_uri(ctx.config, ctx.ray_run_name)
+
+
+def checkpoint_uri(result: Result) -> str:
+    """The final checkpoint of ``result`` as a local path or an ``s3://`` URI."""
+    ckpt = result.checkpoint
+    return ray_env.storage_uri(ckpt.path, ckpt.filesystem if _is_s3_fs(ckpt.filesystem) else None)
+
+
+def _is_s3_fs(filesystem: Any) -> bool:
+    return filesystem is not None and getattr(filesystem, "type_name", "") == "s3"
 
 
 def use_gpu(section: TrainingConfig) -> bool:
@@ -55,6 +68,7 @@ def use_gpu(section: TrainingConfig) -> bool:
 
 def fit(ctx: StageContext, worker: Callable[[dict], Any], worker_config: dict, section: TrainingConfig) -> Result:
     """Run ``worker`` on ``section.num_workers`` Ray Train workers; raise its error."""
+    storage_path, storage_fs = ray_env.storage(ctx.config)
     trainer = TorchTrainer(
         worker,
         train_loop_config=worker_config,
@@ -63,7 +77,7 @@ def fit(ctx: StageContext, worker: Callable[[dict], Any], worker_config: dict, s
         run_config=RunConfig(
             # deterministic per cache key: a rerun of an interrupted stage resumes from its checkpoint
             name=ctx.ray_run_name,
-            storage_path=str(ray_run_dir(ctx).parent),
+            storage_path=storage_path, storage_filesystem=storage_fs,
             checkpoint_config=CheckpointConfig(num_to_keep=1),
             failure_config=FailureConfig(max_failures=section.max_failures),
             logging_config=LoggingConfig(log_level=ctx.config.ray.train_log_level),
@@ -232,14 +246,18 @@ class SequentialJobs:
 def collect_models(result: Result, out_dir: Path) -> dict[str, dict]:
     """Copy the finished models out of the final Ray checkpoint into ``out_dir`` and
     describe them (path, spec, selected epoch, val top-1)."""
-    src = Path(result.checkpoint.path) / MODELS_DIR
+    ckpt = checkpoint_uri(result)
     dst = out_dir / MODELS_DIR
     shutil.rmtree(dst, ignore_errors=True)
-    shutil.copytree(src, dst)
+    if storage.is_s3(ckpt):  # downstream workers on any node read the models from S3
+        storage.download_dir(storage.join(ckpt, MODELS_DIR), dst)
+    else:
+        shutil.copytree(Path(ckpt) / MODELS_DIR, dst)
     out = {}
     for f in sorted(dst.glob("*.pt")):
         rec = torch.load(f, map_location="cpu", weights_only=True)
-        out[f.stem] = {"model_path": str(f), "spec": copy.deepcopy(rec["spec"]), "selected_epoch": rec["epoch"],
+        where = storage.join(ckpt, MODELS_DIR, f.name) if storage.is_s3(ckpt) else str(f)
+        out[f.stem] = {"model_path": where, "spec": copy.deepcopy(rec["spec"]), "selected_epoch": rec["epoch"],
                        "val_top1": rec["val_top1"], "epochs": rec["epochs"], "steps": rec["steps"]}
     return out
 
@@ -248,11 +266,11 @@ def load_classifier(record: dict) -> torch.nn.Module:
     """A classifier saved by :class:`SequentialJobs` (``weights_only`` load), in eval mode."""
     from cl_core.models import build_classifier
 
-    path = Path(record["model_path"])
-    if not path.is_file():
+    path = record["model_path"]
+    if not storage.exists(path):
         raise FileNotFoundError(f"{path}: the model file an upstream stage wrote is missing; "
                                 "rerun that stage (clpipe run --rerun STAGE)")
-    rec = torch.load(path, map_location="cpu", weights_only=True)
+    rec = torch.load(io.BytesIO(storage.read_bytes(path)), map_location="cpu", weights_only=True)
     model = build_classifier(rec["spec"])
     model.load_state_dict(rec["state_dict"])
     return model.eval()

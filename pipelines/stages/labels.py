@@ -19,6 +19,7 @@ import mlflow
 import webdataset as wds
 
 from cl_core.data import shards as S
+from cl_core.data import storage
 from cl_core.data.subsets import fraction_name, label_subsets
 from cl_core.data.tario import tar_samples
 from pipelines.config import LabelsConfig
@@ -81,9 +82,13 @@ def labels(ctx: StageContext, cfg: LabelsConfig, inputs: dict) -> dict:
                                  "shards": results}},
         }
         S.write_manifest(d, sub_manifest)
+        where = str(d)
+        if shard_set.get("output_root"):  # S3: beside the shard sets, shards first, manifest last
+            where = S.publish(d, storage.join(shard_set["output_root"], ctx.name, ctx.key[:16], name))
+            shutil.rmtree(d)  # S3 holds the set now
         record["subsets"][name] = {"fraction": f, "num_samples": len(idx), "ids": [ids[i] for i in idx],
                                    "class_counts": sub_manifest["splits"]["train"]["class_counts"]}
-        outputs["subsets"][name] = {"fraction": f, "shard_dir": str(d), "num_samples": len(idx),
+        outputs["subsets"][name] = {"fraction": f, "shard_dir": where, "num_samples": len(idx),
                                     "min_per_class": min(counts.values())}
         mlflow.log_metrics({f"{name}/num_labels": len(idx), f"{name}/min_per_class": min(counts.values())})
         console.print(f"labels: {f:g} of {len(samples)} training images -> {len(idx)} labels "

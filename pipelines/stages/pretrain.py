@@ -7,8 +7,10 @@ writes the checkpoint and the MLflow metrics; every rank reports each epoch.
 
 from __future__ import annotations
 
+import io
 import json
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import mlflow
@@ -16,6 +18,7 @@ import torch
 from ray import train
 
 from cl_core.augment import EvalTransform, MultiCropTransform, SimCLRTransform
+from cl_core.data import storage
 from cl_core.data.reader import ShardStream, load_split
 from cl_core.data.shards import read_manifest, shard_urls
 from cl_core.data.text import load_text_split, load_tokenizer, text_stream
@@ -26,7 +29,7 @@ from pipelines import plots, ray_env, tracking
 from pipelines.config import SWEEP_TRAINING_FIELDS, PretrainConfig, ViewsConfig, apply_sweep
 from pipelines.console import console
 from pipelines.graph import StageContext
-from pipelines.stages._train import fit, loop_config, use_gpu
+from pipelines.stages._train import checkpoint_uri, fit, loop_config, use_gpu
 
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.json"
@@ -40,11 +43,12 @@ def build_method(model: dict, *, gather_distributed: bool = True) -> Method:
 def load_method(encoder: dict) -> Method:
     """The whole pretrained method (backbone and heads) of an Encoder record, loaded with
     ``weights_only``; a missing checkpoint is an error naming the file."""
-    path = Path(encoder["checkpoint_dir"]) / STATE_FILE
-    if not path.is_file():
+    path = storage.join(encoder["checkpoint_dir"], STATE_FILE)
+    if not storage.exists(path):
         raise FileNotFoundError(f"{path}: the pretrained checkpoint is missing; rerun pretrain (clpipe run --rerun pretrain)")
     method = build_method(encoder["model"], gather_distributed=False)
-    method.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["model"])
+    state = torch.load(io.BytesIO(storage.read_bytes(path)), map_location="cpu", weights_only=True)
+    method.load_state_dict(state["model"])
     return method
 
 
@@ -65,6 +69,18 @@ def view_transform(method: str, v: ViewsConfig):
         return SimCLRTransform(v.image_size, crop_min_scale=v.crop_min_scale, n_views=2 if kind == "two_views" else 1,
                                **color)
     raise ValueError(f"pretrain: {method} takes {kind} inputs, which the image pipeline does not make")
+
+
+def _worker_nodes(world: int) -> dict[str, int]:
+    """Every worker's Ray node id, gathered: {node id: number of workers there}."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    ids = [node]
+    if world > 1:
+        ids = [""] * world
+        torch.distributed.all_gather_object(ids, node)
+    return dict(Counter(ids))
 
 
 def train_worker(config: dict) -> list[dict] | None:
@@ -110,11 +126,14 @@ def train_worker(config: dict) -> list[dict] | None:
     client = None
     evaluate = None
     tracked = config["run_id"] is not None  # None: a sweep trial, whose metrics go to Ray Tune only
+    nodes = _worker_nodes(world)
     if rank == 0:
         from mlflow.tracking import MlflowClient
 
         if tracked:
             client = MlflowClient(config["tracking_uri"])
+            # where the workers ran: {Ray node id: workers}, and the node count as a param
+            client.set_tag(config["run_id"], "clpipe.train.nodes", json.dumps(nodes, sort_keys=True))
             print(f"[pretrain] {loop.describe()}", flush=True)
         labeled = config["labeled"] and config["val_urls"]
         if labeled:
@@ -210,14 +229,15 @@ def pretrain(ctx: StageContext, cfg: PretrainConfig, inputs: dict) -> dict:
                   f"{' with GPUs' if use_gpu(cfg) else ''}, {cfg.epochs} epochs, {sum(train_counts)} training images "
                   f"in {len(train_urls)} shards")
     result = fit(ctx, train_worker, worker_config, cfg)
-    ckpt_dir = Path(result.checkpoint.path)
+    ckpt = checkpoint_uri(result)  # local, or s3:// when ray.storage_path is
     history = result.return_value or []
-    final = json.loads((ckpt_dir / CONFIG_FILE).read_text())["metrics"]
-    mlflow.log_artifacts(str(ckpt_dir), "checkpoint")
+    final = json.loads(storage.read_bytes(storage.join(ckpt, CONFIG_FILE)))["metrics"]
+    local = Path(ckpt) if not storage.is_s3(ckpt) else storage.download_dir(ckpt, ctx.output_dir / "checkpoint")
+    mlflow.log_artifacts(str(local), "checkpoint")
     if history:
         plots.training_curves(history, ctx.output_dir / "curves.png", title=f"{cfg.method} pretrain")
         mlflow.log_artifact(str(ctx.output_dir / "curves.png"))
-    encoder = {"checkpoint_dir": str(ckpt_dir), "model": model, "feat_dim": build_method(model).feat_dim,
+    encoder = {"checkpoint_dir": ckpt, "model": model, "feat_dim": build_method(model).feat_dim,
                "image_size": cfg.views.image_size, "final_metrics": final, "modality": modality}
     info = mlflow.pytorch.log_model(load_encoder(encoder), name="encoder", serialization_format="pickle",
                                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import shutil
+import tempfile
+from pathlib import Path
 
 import mlflow
 import ray
 
 from cl_core.data import shards as S
+from cl_core.data import storage
 from cl_core.data.sources import Source, SourceError, open_source
 from cl_core.data.text import write_text_shards
 from pipelines.config import DataConfig
@@ -16,8 +19,23 @@ from pipelines.graph import StageContext
 
 
 @ray.remote(num_cpus=1)
-def _write_shard_task(source: Source, refs: list, path: str) -> dict:
-    return S.write_shard(source, refs, path)
+def _write_shard_task(source: Source, refs: list, path: str, dest: str | None) -> dict:
+    """Write one shard at ``path``; with ``dest`` (an ``s3://`` URI) upload it there and
+    drop the local file (the task may run on any node)."""
+    if dest is None:
+        return S.write_shard(source, refs, path)
+    with tempfile.TemporaryDirectory() as d:
+        result = S.write_shard(source, refs, Path(d) / Path(path).name)
+        storage.upload_file(Path(d) / Path(path).name, dest)
+    return result
+
+
+def destination(ctx: StageContext, root: str | None) -> str | None:
+    """Where the stage's shard set goes when ``root`` (``data.output``) is ``s3://``:
+    ``<root>/<stage>/<key>``; None: the stage's local output dir."""
+    if root is None or not storage.is_s3(root):
+        return None
+    return storage.join(root, ctx.name, ctx.key[:16])
 
 
 def shard(ctx: StageContext, cfg: DataConfig, inputs: dict) -> dict:
@@ -31,8 +49,14 @@ def shard(ctx: StageContext, cfg: DataConfig, inputs: dict) -> dict:
     splits = S.split_refs(refs, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
                           seed=ctx.seed, stratified=source.labeled)
     out = ctx.output_dir
-    if (out / S.MANIFEST).exists():  # a complete set from an earlier, unrecorded run
-        manifest = S.read_manifest(out)
+    dest = destination(ctx, cfg.output)
+    where: str = dest or str(out)
+    if dest is not None:
+        storage.check_bucket(dest)
+    if storage.exists(storage.join(where, S.MANIFEST)):  # a complete set from an earlier, unrecorded run
+        manifest = S.read_manifest(where)
+        if dest is not None:
+            S.write_manifest(out, manifest)  # the local copy that is logged
     else:
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
@@ -41,11 +65,13 @@ def shard(ctx: StageContext, cfg: DataConfig, inputs: dict) -> dict:
         for split, items in splits.items():
             ranges = S.plan_shards(len(items), cfg.samples_per_shard, cfg.min_shards)
             pending[split] = [
-                _write_shard_task.remote(src_ref, items[a:b], str(out / f"{split}-{i:06d}.tar"))
+                _write_shard_task.remote(src_ref, items[a:b], str(out / f"{split}-{i:06d}.tar"),
+                                         storage.join(dest, f"{split}-{i:06d}.tar") if dest else None)
                 for i, (a, b) in enumerate(ranges)
             ]
         n_tasks = sum(len(v) for v in pending.values())
-        console.print(f"shard: {len(refs)} source images -> {n_tasks} shards in parallel Ray tasks")
+        console.print(f"shard: {len(refs)} source images -> {n_tasks} shards in parallel Ray tasks"
+                      f"{f', uploaded to {dest}' if dest else ''}")
         results = {split: ray.get(refs_) for split, refs_ in pending.items()}
         manifest = S.build_manifest(
             source=source, split_sizes={k: len(v) for k, v in splits.items()}, shard_results=results,
@@ -56,16 +82,21 @@ def shard(ctx: StageContext, cfg: DataConfig, inputs: dict) -> dict:
                               f"(first error: {manifest['corrupt'][0]['error'] if manifest['corrupt'] else 'n/a'})")
         if manifest["splits"]["train"]["num_samples"] == 0:
             raise SourceError("data: the train split is empty; lower data.val_fraction / data.test_fraction")
-        S.write_manifest(out, manifest)
+        S.write_manifest(out, manifest)  # a local copy, logged to MLflow
+        if dest is not None:
+            S.write_manifest(dest, manifest)  # after every shard: the set is complete
     if manifest["num_corrupt"]:
         first = ", ".join(c["id"] for c in manifest["corrupt"][:5])
         console.print(f"[yellow]shard: skipped {manifest['num_corrupt']} undecodable image(s): {first}"
                       f"{' ...' if manifest['num_corrupt'] > 5 else ''} (listed in manifest.json)[/]")
-    return _report(out, manifest)
+    return {**_report(out, manifest, where), "output_root": dest and cfg.output}
 
 
 def _text_shards(ctx: StageContext, cfg: DataConfig) -> dict:
     """Text sources: ``KEY.txt`` shards and a byte-level BPE tokenizer trained on the train split."""
+    if cfg.output and storage.is_s3(cfg.output):
+        raise ValueError("data.output: text shard sets are written to the work dir only; remove data.output or use an "
+                         "image source")
     out = ctx.output_dir
     if (out / S.MANIFEST).exists():
         manifest = S.read_manifest(out)
@@ -84,7 +115,9 @@ def _text_shards(ctx: StageContext, cfg: DataConfig) -> dict:
     return _report(out, manifest)
 
 
-def _report(out, manifest: dict) -> dict:
+def _report(out: Path, manifest: dict, where: str | None = None) -> dict:
+    """Log the manifest and counts; the outputs point at ``where`` (default ``out``)."""
+    where = where or str(out)
     mlflow.log_artifact(str(out / S.MANIFEST))
     metrics = {f"{s}/num_samples": manifest["splits"][s]["num_samples"] for s in S.SPLITS}
     metrics |= {f"{s}/num_shards": len(manifest["splits"][s]["shards"]) for s in S.SPLITS}
@@ -92,10 +125,10 @@ def _report(out, manifest: dict) -> dict:
                 "num_classes": manifest["num_classes"]}
     mlflow.log_metrics(metrics)
     console.print("shard: " + ", ".join(f"{s} {manifest['splits'][s]['num_samples']}" for s in S.SPLITS)
-                  + f" samples; {manifest['num_corrupt']} corrupt; at {out}")
+                  + f" samples; {manifest['num_corrupt']} corrupt; at {where}")
     return {
-        "shard_dir": str(out),
-        "manifest_path": str(out / S.MANIFEST),
+        "shard_dir": where,
+        "manifest_path": storage.join(where, S.MANIFEST),
         "manifest_sha256": S.sha256_file(out / S.MANIFEST),
         "num_classes": manifest["num_classes"],
         "labeled": manifest["labeled"],

@@ -32,6 +32,7 @@ import torch
 from ray import tune
 
 from cl_core.augment import EvalTransform
+from cl_core.data import storage
 from cl_core.data.reader import ShardStream, load_split
 from cl_core.data.shards import read_manifest, shard_urls
 from cl_core.engine import PretrainLoop
@@ -115,6 +116,7 @@ def trial_group(config: dict[str, Any], base: dict[str, Any]) -> None:
                                      resources_per_worker={"CPU": per_worker}),
         run_config=RunConfig(
             name=tune.get_context().get_trial_name(), storage_path=base["train_storage"],
+            storage_filesystem=base["storage_fs"],
             callbacks=[TuneReportCallback()], checkpoint_config=CheckpointConfig(num_to_keep=1),
             failure_config=FailureConfig(max_failures=p.max_failures),
             logging_config=LoggingConfig(log_level=base["train_log_level"])),
@@ -190,12 +192,14 @@ def sweep(ctx: StageContext, cfg: SweepStageConfig, inputs: dict) -> dict:
     workers = sw.workers_per_trial
     gpu = _use_gpu(pre, workers)
     concurrent = _concurrency(sw, gpu)
-    storage = ctx.config.work_path() / "ray_results"
-    exp_dir = storage / ctx.ray_run_name
+    storage_path, storage_fs = ray_env.storage(ctx.config)  # local, or S3 through pyarrow
+    exp_path = f"{storage_path}/{ctx.ray_run_name}"
+    exp_dir = ray_env.storage_uri(exp_path, storage_fs)
     base = {"pretrain": pre.model_dump(mode="json"), "names": names, "epochs": sw.epochs, "cpus": sw.cpus_per_trial,
             "seed": ctx.seed, "train_urls": train_urls, "train_counts": train_counts, "val_urls": val_urls,
             "gpu": gpu, "workers": workers, "shard_dir": shard_set["shard_dir"], "manifest": manifest,
-            "train_storage": str(exp_dir / "train"), "train_log_level": ctx.config.ray.train_log_level}
+            "train_storage": f"{exp_path}/train", "storage_fs": storage_fs,
+            "train_log_level": ctx.config.ray.train_log_level}
     if workers == 1:
         trainable = tune.with_resources(tune.with_parameters(trial, base=base),
                                         {"cpu": sw.cpus_per_trial, "gpu": 1 if gpu else 0})
@@ -214,9 +218,10 @@ def sweep(ctx: StageContext, cfg: SweepStageConfig, inputs: dict) -> dict:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    if tune.Tuner.can_restore(str(exp_dir)) and any(exp_dir.glob("experiment_state-*.json")):
+    if tune.Tuner.can_restore(exp_path, storage_filesystem=storage_fs) and _has_state(exp_dir):
         console.print(f"sweep: resuming the interrupted sweep in {exp_dir}")
-        tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, resume_errored=True)
+        tuner = tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, resume_errored=True,
+                                   storage_filesystem=storage_fs)
     else:
         console.print(f"sweep: {pre.method}, {' x '.join(f'{n} {_space_text(sw.space[n])}' for n in names)}, "
                       f"{sw.num_samples} sample(s), {sw.epochs} epochs per trial, {workers} worker(s) per trial"
@@ -227,7 +232,8 @@ def sweep(ctx: StageContext, cfg: SweepStageConfig, inputs: dict) -> dict:
             tune_config=tune.TuneConfig(metric=METRIC, mode="max", scheduler=scheduler, search_alg=search_alg,
                                         num_samples=sw.num_samples, max_concurrent_trials=concurrent,
                                         trial_name_creator=_trial_name(names), trial_dirname_creator=_trial_name(names)),
-            run_config=tune.RunConfig(name=ctx.ray_run_name, storage_path=str(storage), verbose=0,
+            run_config=tune.RunConfig(name=ctx.ray_run_name, storage_path=storage_path, storage_filesystem=storage_fs,
+                                      verbose=0,
                                       callbacks=[CSVLoggerCallback(), JsonLoggerCallback()],
                                       failure_config=tune.FailureConfig(max_failures=pre.max_failures),
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
@@ -261,7 +267,13 @@ def sweep(ctx: StageContext, cfg: SweepStageConfig, inputs: dict) -> dict:
                   "trial(s) stopped early by ASHA")
     return {"best": best, "best_metric": rows[0]["last"], "metric": METRIC, "trials": len(rows),
             "ranked": [{k: v for k, v in r.items() if k not in ("curve", "loss")} for r in rows],
-            "experiment_dir": str(exp_dir)}
+            "experiment_dir": exp_dir}
+
+
+def _has_state(exp_dir: str) -> bool:
+    """Whether the experiment saved its state (a run killed before that starts afresh)."""
+    return any(Path(f).name.startswith("experiment_state-") for f in storage.list_files(exp_dir)) \
+        if storage.is_s3(exp_dir) else any(Path(exp_dir).glob("experiment_state-*.json"))
 
 
 def _space_text(spec: dict[str, Any]) -> str:

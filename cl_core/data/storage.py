@@ -1,0 +1,363 @@
+"""Storage locations: a local path or ``s3://bucket/prefix``.
+
+S3 goes through boto3 with the standard AWS environment (``AWS_ENDPOINT_URL`` or
+``AWS_ENDPOINT_URL_S3``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
+``AWS_DEFAULT_REGION``), so AWS S3, MinIO and SeaweedFS work unchanged. Every call has
+bounded time: botocore's connect/read timeouts and a bounded number of retries with
+backoff. Reads stream: a shard is read from the GET body as the tar parser asks for
+bytes, never copied whole to disk, and a connection that breaks mid-object is resumed
+with a ranged GET from the byte it stopped at (a bounded number of times).
+
+Failures raise :class:`StorageError` with one line naming the URL and the fix:
+unreachable endpoint, missing bucket, missing object, refused credentials.
+
+Importing this module registers the ``s3`` scheme with ``webdataset.gopen`` (forked
+DataLoader workers inherit it), so ``wds.gopen("s3://...")`` streams through here.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import webdataset  # noqa: F401 - loads webdataset.gopen
+
+RETRIES = int(os.environ.get("CLPIPE_S3_RETRIES", "4"))  # re-reads of a broken stream; botocore retries calls
+BACKOFF_S = 0.5
+CONNECT_TIMEOUT_S = 5.0
+READ_TIMEOUT_S = 60.0
+
+_local = threading.local()
+logging.getLogger("botocore.credentials").setLevel(logging.WARNING)  # "Found credentials in ..." per process
+
+
+class StorageError(OSError):
+    """A storage location that cannot be used; the message says which and why."""
+
+
+def is_s3(uri: str | os.PathLike) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    """``s3://bucket/key`` -> (bucket, key)."""
+    if not is_s3(uri):
+        raise ValueError(f"{uri}: not an s3:// URI")
+    bucket, _, key = uri[5:].partition("/")
+    if not bucket:
+        raise StorageError(f"{uri}: no bucket in the URI; write s3://BUCKET/prefix")
+    return bucket, key
+
+
+def join(base: str | os.PathLike, *parts: str) -> str:
+    """``base`` / ``parts`` for a local path or an S3 URI."""
+    if is_s3(base):
+        out = str(base).rstrip("/")
+        for p in parts:
+            out += "/" + p.strip("/")
+        return out
+    return str(Path(base).joinpath(*parts))
+
+
+def endpoint() -> str | None:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+def client() -> Any:
+    """A boto3 S3 client for this thread and environment (cached), with bounded
+    timeouts and retries."""
+    key = (endpoint(), os.environ.get("AWS_ACCESS_KEY_ID"), hash(os.environ.get("AWS_SECRET_ACCESS_KEY")),
+           os.environ.get("AWS_DEFAULT_REGION"), os.getpid())
+    cached = getattr(_local, "clients", None)
+    if cached is None:
+        cached = _local.clients = {}
+    if key not in cached:
+        import boto3
+        from botocore.config import Config
+
+        cfg = Config(connect_timeout=CONNECT_TIMEOUT_S, read_timeout=READ_TIMEOUT_S,
+                     retries={"max_attempts": 3, "mode": "standard"})
+        cached[key] = boto3.session.Session().client("s3", endpoint_url=endpoint(), config=cfg)
+    return cached[key]
+
+
+def explain(uri: str, e: Exception) -> StorageError:
+    """One line for a boto3/botocore failure on ``uri``."""
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+    where = endpoint() or "AWS S3"
+    if isinstance(e, EndpointConnectionError) or type(e).__name__ in ("ConnectTimeoutError", "ConnectionClosedError"):
+        return StorageError(f"{uri}: cannot reach the S3 endpoint {where}; check AWS_ENDPOINT_URL and that the server "
+                            "is running")
+    if isinstance(e, NoCredentialsError):
+        return StorageError(f"{uri}: no S3 credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+    if isinstance(e, ClientError):
+        code = str(e.response.get("Error", {}).get("Code", ""))
+        bucket = split_s3(uri)[0] if is_s3(uri) else "?"
+        if code == "NoSuchBucket":
+            return StorageError(f"{uri}: bucket {bucket!r} does not exist at {where}; create it or fix the URI")
+        if code in ("NoSuchKey", "404", "NotFound"):
+            return StorageError(f"{uri}: no such object at {where}")
+        if code in ("SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied", "403", "InvalidToken",
+                    "ExpiredToken"):
+            return StorageError(f"{uri}: {where} refused the credentials ({code}); check AWS_ACCESS_KEY_ID and "
+                                "AWS_SECRET_ACCESS_KEY")
+        return StorageError(f"{uri}: S3 error {code} at {where}: {e.response.get('Error', {}).get('Message', '')}")
+    return StorageError(f"{uri}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+
+
+def _call(uri: str, fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except StorageError:
+        raise
+    except Exception as e:
+        if type(e).__module__.startswith(("botocore", "boto3", "urllib3")):
+            raise explain(uri, e) from None
+        raise
+
+
+# -- whole objects and files ---------------------------------------------------------
+
+
+def exists(uri: str | os.PathLike) -> bool:
+    if not is_s3(uri):
+        return Path(uri).exists()
+    from botocore.exceptions import ClientError
+
+    bucket, key = split_s3(str(uri))
+    try:
+        client().head_object(Bucket=bucket, Key=key)
+        return True
+    except ClientError as e:
+        if str(e.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
+            check_bucket(str(uri))  # a missing bucket is an error, not a missing object
+            return False
+        raise explain(str(uri), e) from None
+    except Exception as e:
+        raise explain(str(uri), e) from None
+
+
+def exists_any(uri: str | os.PathLike) -> bool:
+    """Whether ``uri`` is a file/object or a directory/prefix holding at least one."""
+    if not is_s3(uri):
+        return Path(uri).exists()
+    if exists(uri):
+        return True
+    bucket, prefix = split_s3(str(uri))
+    resp = _call(str(uri), lambda: client().list_objects_v2(Bucket=bucket, Prefix=prefix.rstrip("/") + "/", MaxKeys=1))
+    return bool(resp.get("KeyCount", 0))
+
+
+def delete_prefix(uri: str) -> int:
+    """Delete every object under ``uri`` (an ``s3://`` prefix); returns how many."""
+    bucket, _ = split_s3(uri)
+    keys = [split_s3(o)[1] for o in list_files(uri)]
+    for i in range(0, len(keys), 1000):
+        batch = {"Objects": [{"Key": k} for k in keys[i:i + 1000]], "Quiet": True}
+        _call(uri, lambda b=batch: client().delete_objects(Bucket=bucket, Delete=b))  # type: ignore[misc]
+    return len(keys)
+
+
+def pyarrow_fs(uri: str) -> tuple[Any, str]:
+    """(pyarrow S3FileSystem for the AWS environment, the path inside it) for an
+    ``s3://`` URI: what Ray Train/Tune take as ``storage_filesystem`` and ``storage_path``."""
+    from pyarrow import fs
+
+    ep = endpoint()
+    kwargs: dict[str, Any] = {"region": os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+                              or "us-east-1", "connect_timeout": CONNECT_TIMEOUT_S, "request_timeout": READ_TIMEOUT_S}
+    if ep:
+        scheme, _, rest = ep.partition("://")
+        kwargs.update(endpoint_override=rest or ep, scheme=scheme if rest else "https")
+    if os.environ.get("AWS_ACCESS_KEY_ID"):
+        kwargs.update(access_key=os.environ["AWS_ACCESS_KEY_ID"], secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"))
+    bucket, key = split_s3(uri)
+    return fs.S3FileSystem(**kwargs), f"{bucket}/{key}".rstrip("/")
+
+
+def check_bucket(uri: str) -> None:
+    """Raise unless ``uri``'s bucket exists and the credentials may use it."""
+    from botocore.exceptions import ClientError
+
+    bucket, _ = split_s3(uri)
+    try:
+        client().head_bucket(Bucket=bucket)
+    except ClientError as e:
+        if str(e.response.get("Error", {}).get("Code")) in ("404", "NoSuchBucket", "NotFound"):
+            raise StorageError(f"{uri}: bucket {bucket!r} does not exist at {endpoint() or 'AWS S3'}; create it or "
+                               "fix the URI") from None
+        raise explain(uri, e) from None
+    except Exception as e:
+        raise explain(uri, e) from None
+
+
+def read_bytes(uri: str | os.PathLike) -> bytes:
+    if not is_s3(uri):
+        return Path(uri).read_bytes()
+    with open_read(str(uri)) as f:
+        return f.read()
+
+
+def write_bytes(uri: str | os.PathLike, data: bytes) -> None:
+    """Write one object/file whole (a local file via a temporary name and a rename)."""
+    if not is_s3(uri):
+        p = Path(uri)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(f".{p.name}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, p)
+        return
+    bucket, key = split_s3(str(uri))
+    _call(str(uri), lambda: client().put_object(Bucket=bucket, Key=key, Body=data))
+
+
+def upload_file(path: str | os.PathLike, uri: str) -> None:
+    bucket, key = split_s3(uri)
+    _call(uri, lambda: client().upload_file(str(path), bucket, key))
+
+
+def download_file(uri: str, path: str | os.PathLike) -> None:
+    bucket, key = split_s3(uri)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    _call(uri, lambda: client().download_file(bucket, key, str(path)))
+
+
+def list_files(uri: str | os.PathLike) -> list[str]:
+    """Every file/object under ``uri`` (recursive), as paths/URIs, sorted."""
+    if not is_s3(uri):
+        return sorted(str(p) for p in Path(uri).rglob("*") if p.is_file())
+    bucket, prefix = split_s3(str(uri))
+    prefix = prefix.rstrip("/") + "/" if prefix else ""
+    out: list[str] = []
+
+    def page() -> None:
+        for resp in client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            # keys ending in "/" are directory markers (pyarrow's create_dir writes them), not files
+            out.extend(f"s3://{bucket}/{o['Key']}" for o in resp.get("Contents", []) if not o["Key"].endswith("/"))
+
+    _call(str(uri), page)
+    return sorted(out)
+
+
+def upload_dir(local: str | os.PathLike, uri: str) -> None:
+    for p in sorted(Path(local).rglob("*")):
+        if p.is_file():
+            upload_file(p, join(uri, p.relative_to(local).as_posix()))
+
+
+def download_dir(uri: str, local: str | os.PathLike) -> Path:
+    """Copy every object under ``uri`` into ``local`` (relative layout kept)."""
+    local = Path(local)
+    base = uri.rstrip("/") + "/"
+    for obj in list_files(uri):
+        download_file(obj, local / obj[len(base):])
+    return local
+
+
+def local_copy(uri: str | os.PathLike, cache: str | os.PathLike) -> Path:
+    """A local directory holding ``uri``'s files: ``uri`` itself when local, else a copy
+    under ``cache`` (reused when already complete)."""
+    if not is_s3(uri):
+        return Path(uri)
+    bucket, key = split_s3(str(uri))
+    dest = Path(cache) / bucket / key
+    done = dest / ".complete"
+    if not done.exists():
+        download_dir(str(uri), dest)
+        done.touch()
+    return dest
+
+
+# -- streaming reads -----------------------------------------------------------------
+
+
+class S3Reader(io.RawIOBase):
+    """A forward-only read stream over one S3 object that survives broken connections:
+    after a transient error it reissues the GET from the current byte (``Range``), at
+    most ``RETRIES`` times per stream with exponential backoff, then raises."""
+
+    def __init__(self, uri: str, retries: int = RETRIES) -> None:
+        self.uri, self.retries = uri, retries
+        self.bucket, self.key = split_s3(uri)
+        self.pos, self.failures = 0, 0
+        self.size: int | None = None
+        self._body: Any = None
+        self._open()
+
+    def _open(self) -> None:
+        kwargs = {"Bucket": self.bucket, "Key": self.key}
+        if self.pos:
+            kwargs["Range"] = f"bytes={self.pos}-"
+        resp = _call(self.uri, lambda: client().get_object(**kwargs))
+        if self.size is None:
+            self.size = int(resp["ContentLength"])
+        self._body = resp["Body"]
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: Any) -> int:
+        if self.size is not None and self.pos >= self.size:
+            return 0
+        view = memoryview(buf).cast("B")
+        while True:
+            try:
+                chunk = self._body.read(len(view))
+                break
+            except Exception as e:  # a connection reset or read timeout mid-object
+                if not type(e).__module__.startswith(("botocore", "urllib3", "http", "socket", "ssl")) \
+                        and not isinstance(e, (ConnectionError, TimeoutError)):
+                    raise
+                self.failures += 1
+                if self.failures > self.retries:
+                    raise StorageError(f"{self.uri}: the read failed {self.failures} times at byte {self.pos} "
+                                       f"(last: {type(e).__name__}); check the S3 endpoint {endpoint()}") from None
+                time.sleep(BACKOFF_S * 2 ** (self.failures - 1))
+                self._close_body()
+                self._open()
+        n = len(chunk)
+        view[:n] = chunk
+        self.pos += n
+        return n
+
+    def _close_body(self) -> None:
+        if self._body is not None:
+            try:
+                self._body.close()
+            except Exception:
+                pass
+            self._body = None
+
+    def close(self) -> None:
+        self._close_body()
+        super().close()
+
+
+def open_read(uri: str | os.PathLike) -> IO[bytes]:
+    """A binary read stream (buffered) for a local file or an S3 object."""
+    if not is_s3(uri):
+        return open(uri, "rb")
+    return io.BufferedReader(S3Reader(str(uri)), buffer_size=1 << 20)
+
+
+def _gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **_: Any) -> IO[bytes]:
+    if mode[0] != "r":
+        raise ValueError(f"{url}: s3 shards are read-only here (mode {mode!r})")
+    return open_read(url)
+
+
+sys.modules["webdataset.gopen"].gopen_schemes["s3"] = _gopen_s3  # the module, not the function
+
+
+def iter_objects(uri: str) -> Iterator[tuple[str, bytes]]:
+    """(URI, content) of every object under ``uri``, one GET each, in key order."""
+    for obj in list_files(uri):
+        yield obj, read_bytes(obj)

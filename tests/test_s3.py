@@ -1,0 +1,196 @@
+"""S3 storage against a real SeaweedFS server on 127.0.0.1: the storage layer (objects,
+listing, streaming reads that survive broken connections, one-line errors within a
+bounded time), and the pipeline writing its shards, label subsets, Ray checkpoints and
+MLflow artifacts to S3 and training from there."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import threading
+import time
+
+import pytest
+
+from cl_core.data import storage
+from infra import procs, seaweed
+
+BUCKET = "clpipe-test"
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A SeaweedFS S3 server with credentials; the AWS environment points at it while
+    the module runs."""
+    server = seaweed.start(tmp_path_factory.mktemp("weed"), procs.free_port() % 40000 + 12000,
+                           "clpipe-test-key", secrets.token_hex(16))
+    saved = {k: os.environ.get(k) for k in server.env()}
+    os.environ.update(server.env())
+    try:
+        storage.client().create_bucket(Bucket=BUCKET)
+        yield server
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()
+        assert not procs.alive(server.pid)
+
+
+def test_objects_listing_and_prefixes(s3):
+    base = f"s3://{BUCKET}/basics"
+    storage.write_bytes(f"{base}/a/x.bin", b"x" * 10)
+    storage.write_bytes(f"{base}/a/y.bin", b"yy")
+    assert storage.read_bytes(f"{base}/a/x.bin") == b"x" * 10
+    assert storage.list_files(base) == [f"{base}/a/x.bin", f"{base}/a/y.bin"]
+    assert storage.exists(f"{base}/a/y.bin") and not storage.exists(f"{base}/a/z.bin")
+    assert storage.exists_any(f"{base}/a") and not storage.exists_any(f"{base}/b")
+    assert storage.delete_prefix(f"{base}/a") == 2 and storage.list_files(base) == []
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"uri": "s3://no-such-bucket/x"}, "bucket 'no-such-bucket' does not exist"),
+    ({"AWS_SECRET_ACCESS_KEY": "wrong"}, "refused the credentials"),
+    ({"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}, "cannot reach the S3 endpoint http://127.0.0.1:9"),
+    ({"uri": f"s3://{BUCKET}/missing.bin"}, "no such object"),
+])
+def test_errors_are_one_line_and_bounded(s3, monkeypatch, change, message):
+    storage.write_bytes(f"s3://{BUCKET}/errors/x.bin", b"x")
+    uri = change.pop("uri", f"s3://{BUCKET}/errors/x.bin")
+    for k, v in change.items():
+        monkeypatch.setenv(k, v)
+    t0 = time.monotonic()
+    with pytest.raises(storage.StorageError) as e:
+        storage.read_bytes(uri)
+    assert message in str(e.value) and len(str(e.value).splitlines()) == 1
+    assert uri in str(e.value) and s3.secret_key not in str(e.value)
+    assert time.monotonic() - t0 < 20
+
+
+class CuttingProxy:
+    """A TCP proxy to the S3 server that breaks the first ``cuts`` connections after
+    ``after`` bytes of response: a network that fails mid-object."""
+
+    def __init__(self, target: str, cuts: int, after: int) -> None:
+        host, port = target.removeprefix("http://").split(":")
+        self.target = (host, int(port))
+        self.cuts, self.after, self.cut = cuts, after, 0
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._pipe, args=(client,), daemon=True).start()
+
+    def _pipe(self, client: socket.socket) -> None:
+        upstream = socket.create_connection(self.target)
+        cut = self.cut < self.cuts
+        self.cut += cut
+
+        def up() -> None:
+            try:
+                while data := client.recv(65536):
+                    upstream.sendall(data)
+            except OSError:
+                pass
+
+        threading.Thread(target=up, daemon=True).start()
+        sent = 0
+        try:
+            while data := upstream.recv(65536):
+                if cut and sent + len(data) > self.after:
+                    client.sendall(data[: self.after - sent])
+                    break
+                client.sendall(data)
+                sent += len(data)
+        except OSError:
+            pass
+        for s in (client, upstream):  # shutdown: a close alone leaves the other thread's recv holding the socket
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_a_stream_broken_mid_object_resumes_with_ranged_gets(s3, monkeypatch):
+    payload = os.urandom(3 << 20)
+    uri = f"s3://{BUCKET}/stream/big.bin"
+    storage.write_bytes(uri, payload)
+    proxy = CuttingProxy(s3.endpoint, cuts=3, after=700_000)  # the GET and its first two resumptions break
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+    try:
+        t0 = time.monotonic()
+        reader = storage.S3Reader(uri)
+        chunks = []
+        while chunk := reader.read(1 << 16):
+            chunks.append(chunk)
+        assert b"".join(chunks) == payload and reader.failures == 3
+        assert time.monotonic() - t0 < 15  # backoff 0.5 + 1 + 2 s
+        # a network that keeps failing: bounded retries, then one line naming the object
+        always = CuttingProxy(s3.endpoint, cuts=100, after=200_000)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", always.endpoint)
+        t0 = time.monotonic()
+        with pytest.raises(storage.StorageError, match=f"{uri}: the read failed {storage.RETRIES + 1} times"):
+            storage.read_bytes(uri)
+        assert time.monotonic() - t0 < 30
+        always.close()
+    finally:
+        proxy.close()
+
+
+@pytest.mark.slow
+def test_pipeline_shards_checkpoints_and_artifacts_in_s3(s3, tmp_path, capsys):
+    """Shard -> labels -> pretrain -> finetune with every location in S3: the shard and
+    label sets are uploaded (manifest last) and streamed back by the Ray Train workers,
+    checkpoints go to Ray's S3 storage path, MLflow artifacts to the bucket; no
+    credential reaches MLflow or the console."""
+    import ray
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.cli import main
+    from pipelines.tracking import load_outputs
+    from tests.test_pipeline_e2e import TINY, _latest_children
+
+    work = tmp_path / "work"
+    root = f"s3://{BUCKET}/pipeline"
+    try:
+        assert main(["run", "--work-dir", str(work), *TINY, "--until", "finetune", "--set", "ray.num_cpus=2",
+                     "--set", "labels.fractions=[0.1]", "--set", "finetune.baseline=false",
+                     "--set", f"data.output={root}/data", "--set", f"ray.storage_path={root}/ray",
+                     "--set", f"mlflow.artifact_location={root}/mlflow"]) == 0
+    finally:
+        ray.shutdown()
+    out = capsys.readouterr()
+    objects = storage.list_files(root)
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    children = _latest_children(client, client.get_experiment_by_name("clpipe").experiment_id)
+    assert set(children) == {"shard", "labels", "pretrain", "finetune"}
+    shard_dir = load_outputs(children["shard"].info.run_id)["shard_dir"]
+    assert shard_dir.startswith(f"{root}/data/shard/") and f"{shard_dir}/manifest.json" in objects
+    assert len([o for o in objects if o.startswith(shard_dir) and o.endswith(".tar")]) == 13
+    subset = load_outputs(children["labels"].info.run_id)["subsets"]["10pct"]["shard_dir"]
+    assert subset.startswith(f"{root}/data/labels/") and f"{subset}/manifest.json" in objects
+    assert not list(work.rglob("*.tar")), "shards are not kept in the work dir"
+    assert any(o.startswith(f"{root}/ray/pretrain-") and o.endswith("/state.pt") for o in objects)
+    assert any(o.startswith(f"{root}/ray/finetune-") and "/models/" in o for o in objects)
+    assert any(o.startswith(f"{root}/mlflow/") and o.endswith("/manifest.json") for o in objects)
+    assert children["pretrain"].info.status == "FINISHED"
+    assert children["pretrain"].info.artifact_uri.startswith(f"{root}/mlflow/")
+    encoder = load_outputs(children["pretrain"].info.run_id)
+    assert encoder["checkpoint_dir"].startswith(f"{root}/ray/pretrain-")
+    for run in children.values():
+        text = repr(run.data.params) + repr(run.data.tags)
+        assert s3.secret_key not in text and s3.access_key not in text
+    assert s3.secret_key not in out.out + out.err
