@@ -55,6 +55,18 @@ def ports(s3_port: int) -> dict[str, int]:
     return {**http, **{f"{k} gRPC": v + GRPC_OFFSET for k, v in http.items()}}
 
 
+def free_s3_port(host: str = "127.0.0.1", tries: int = 200) -> int:
+    """An S3 port whose companion ports (see :func:`ports`) are all free now (for tests)."""
+    import random
+
+    rng = random.Random()
+    for _ in range(tries):
+        port = rng.randrange(20000, 30000, 10)
+        if all(procs.port_free(p, host) for p in ports(port).values()):
+            return port
+    raise RuntimeError("no free port block for SeaweedFS found in 20000-29999")
+
+
 def start(data_dir: Path, port: int, access_key: str, secret_key: str, host: str = "127.0.0.1",
           timeout: float = 60.0) -> SeaweedS3:
     """Start the server, wait until its S3 gateway answers, return its handle."""

@@ -30,7 +30,8 @@ class Section(BaseModel):
 
 class SourceConfig(Section):
     kind: Literal["digits", "image_folder", "npz", "text"] = "digits"
-    path: str | None = Field(None, description="folder (image_folder), .npz file (npz), .txt or .jsonl file (text)")
+    path: str | None = Field(None, description="folder (image_folder), .npz file (npz), .txt or .jsonl file (text); "
+                             "image_folder and npz may be s3://bucket/prefix (one object per image) or s3://.../x.npz")
 
     @model_validator(mode="after")
     def _path_exists(self) -> SourceConfig:
@@ -40,6 +41,10 @@ class SourceConfig(Section):
             return self
         if not self.path:
             raise ValueError(f"path: required for kind={self.kind}")
+        if self.path.startswith("s3://"):  # checked when the shard stage lists it (needs the S3 endpoint)
+            if self.kind == "text":
+                raise ValueError("path: text sources are read from local files; download the .txt/.jsonl first")
+            return self
         if not Path(self.path).expanduser().exists():
             what = {"image_folder": "folder", "npz": ".npz file", "text": ".txt or .jsonl file"}[self.kind]
             raise ValueError(f"path: {self.path} does not exist; give an existing {what}")

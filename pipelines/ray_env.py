@@ -23,6 +23,7 @@ def init(cfg: RayConfig) -> None:
     kwargs: dict = {"logging_level": logging.WARNING, "log_to_driver": True}
     address = cfg.address or os.environ.get("RAY_ADDRESS")  # set inside a Ray Job and by the stack's env file
     if address:
+        _check_reachable(address)
         ray.init(address=address, **kwargs)
     else:
         # "local": a new Ray of this process, never a `ray start` cluster found on the machine; Train's
@@ -32,6 +33,23 @@ def init(cfg: RayConfig) -> None:
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
                  dashboard_port=port, **kwargs)
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A ``host:port`` (or ``ray://host:port``) that accepts no connection within
+    ``timeout`` s: one line (``ray.init`` itself retries for minutes)."""
+    import socket
+
+    target = address.removeprefix("ray://").removeprefix("http://").removeprefix("https://").rstrip("/")
+    if target == "auto" or ":" not in target:
+        return
+    host, _, port = target.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return
+    except (OSError, ValueError) as e:
+        raise ConnectionError(f"ray.address: no Ray cluster answers at {address} ({type(e).__name__}); start one "
+                              "(clpipe stack up, ray start --head) or fix ray.address / RAY_ADDRESS") from None
 
 
 def _free_port() -> int:

@@ -23,7 +23,7 @@ BUCKET = "clpipe-test"
 def s3(tmp_path_factory):
     """A SeaweedFS S3 server with credentials; the AWS environment points at it while
     the module runs."""
-    server = seaweed.start(tmp_path_factory.mktemp("weed"), procs.free_port() % 40000 + 12000,
+    server = seaweed.start(tmp_path_factory.mktemp("weed"), seaweed.free_s3_port(),
                            "clpipe-test-key", secrets.token_hex(16))
     saved = {k: os.environ.get(k) for k in server.env()}
     os.environ.update(server.env())
@@ -194,3 +194,34 @@ def test_pipeline_shards_checkpoints_and_artifacts_in_s3(s3, tmp_path, capsys):
         text = repr(run.data.params) + repr(run.data.tags)
         assert s3.secret_key not in text and s3.access_key not in text
     assert s3.secret_key not in out.out + out.err
+
+
+def test_image_folder_and_npz_sources_in_s3(s3, tmp_path):
+    import io
+
+    import numpy as np
+
+    from cl_core.data.sources import SourceError, encode_png, open_source
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (6, 8, 8, 3), dtype=np.uint8)
+    base = f"s3://{BUCKET}/sources/folder"
+    for i, img in enumerate(images):
+        storage.write_bytes(f"{base}/{'cat' if i % 2 else 'dog'}/{i}.png", encode_png(img))
+    storage.write_bytes(f"{base}/notes.txt", b"not an image")
+    src = open_source({"kind": "image_folder", "path": base})
+    assert src.class_names == ["cat", "dog"] and src.labeled
+    refs = src.refs()
+    assert [(r.id, r.label) for r in refs] == [(f"{c}/{i}.png", ci) for ci, c in enumerate(["cat", "dog"])
+                                                for i in range(6) if (i % 2 == 0) == (c == "dog")]
+    data, ext = src.encode(refs[0])
+    assert ext == "png" and data == encode_png(images[1])
+    buf = io.BytesIO()
+    np.savez(buf, images=images, labels=np.arange(6) % 3)
+    storage.write_bytes(f"s3://{BUCKET}/sources/arrays.npz", buf.getvalue())
+    arr = open_source({"kind": "npz", "path": f"s3://{BUCKET}/sources/arrays.npz"})
+    assert len(arr.refs()) == 6 and arr.class_names == ["0", "1", "2"]
+    with pytest.raises(SourceError, match="holds no images"):
+        open_source({"kind": "image_folder", "path": f"s3://{BUCKET}/sources/empty"})
+    with pytest.raises(SourceError, match="no such object"):
+        open_source({"kind": "npz", "path": f"s3://{BUCKET}/sources/missing.npz"})

@@ -10,9 +10,12 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from cl_core.data import storage
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
@@ -83,11 +86,19 @@ def digits_source() -> ArraySource:
 def npz_source(path: str | Path) -> ArraySource:
     """A ``.npz`` file with ``images`` (uint8, N x H x W [x C], C in 1/3/4) and optional
     integer ``labels`` (N,) with values 0..K-1."""
-    path = Path(path)
-    if not path.is_file():
-        raise SourceError(f"data.source.path: {path} does not exist; give an existing .npz file")
+    if storage.is_s3(path):
+        spec_path, stem = str(path), str(path).rstrip("/").rsplit("/", 1)[-1].removesuffix(".npz")
+        try:
+            blob: Any = io.BytesIO(storage.read_bytes(str(path)))
+        except storage.StorageError as e:
+            raise SourceError(f"data.source.path: {e}") from None
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise SourceError(f"data.source.path: {path} does not exist; give an existing .npz file")
+        spec_path, stem, blob = str(path.resolve()), path.stem, path
     try:
-        with np.load(path, allow_pickle=False) as z:
+        with np.load(blob, allow_pickle=False) as z:
             if "images" not in z:
                 raise SourceError(f"data.source.path: {path} has no 'images' array (found: {', '.join(z.files)}); save images as uint8 NHWC under 'images'")
             images = z["images"]
@@ -108,33 +119,55 @@ def npz_source(path: str | Path) -> ArraySource:
             raise SourceError(f"data.source.path: {path}: 'labels' must be non-negative integers of shape ({len(images)},), got {labels.dtype} {labels.shape}")
         labels = labels.astype(np.int64)
         class_names = [str(c) for c in range(int(labels.max()) + 1)] if len(labels) else []
-    return ArraySource(images, labels, class_names, path.stem, {"kind": "npz", "path": str(path.resolve())})
+    return ArraySource(images, labels, class_names, stem, {"kind": "npz", "path": spec_path})
 
 
 class ImageFolderSource(Source):
     """A folder of images: ``root/CLASS/xxx.png`` (labeled, classes in sorted order) or
-    flat ``root/xxx.png`` (unlabeled). Files are decoded only when shards are written."""
+    flat ``root/xxx.png`` (unlabeled), on the local disk or under an ``s3://`` prefix
+    (one object per image). Files are decoded only when shards are written."""
 
     kind = "image_folder"
 
     def __init__(self, root: str | Path):
+        self.uri = str(root)
+        if storage.is_s3(self.uri):
+            self._init_s3()
+            return
         self.root = Path(root)
         if not self.root.is_dir():
             raise SourceError(f"data.source.path: {self.root} is not a directory; give a folder of images (class subfolders or flat)")
         subdirs = sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
         if subdirs:
             self.class_names = [d.name for d in subdirs]
-            self._files = [(f, ci) for ci, d in enumerate(subdirs) for f in sorted(d.rglob("*")) if _is_image(f)]
+            files = [(f, ci) for ci, d in enumerate(subdirs) for f in sorted(d.rglob("*")) if _is_image(f)]
         else:
             self.class_names = []
-            self._files = [(f, -1) for f in sorted(self.root.iterdir()) if _is_image(f)]
+            files = [(f, -1) for f in sorted(self.root.iterdir()) if _is_image(f)]
+        self._files = [(str(f), str(f.relative_to(self.root)), lab) for f, lab in files]
+
+    def _init_s3(self) -> None:
+        base = self.uri.rstrip("/") + "/"
+        rel = [(u, u[len(base):]) for u in storage.list_files(self.uri)]
+        rel = [(u, r) for u, r in rel if _is_image_name(r)]
+        if not rel:
+            raise SourceError(f"data.source.path: {self.uri} holds no images (.png, .jpg, ...); upload them as "
+                              "PREFIX/CLASS/xxx.png or PREFIX/xxx.png")
+        nested = [r for _, r in rel if "/" in r]
+        if nested:
+            self.class_names = sorted({r.split("/", 1)[0] for r in nested})
+            index = {c: i for i, c in enumerate(self.class_names)}
+            self._files = [(u, r, index[r.split("/", 1)[0]]) for u, r in rel if "/" in r]
+        else:
+            self.class_names = []
+            self._files = [(u, r, -1) for u, r in rel]
 
     def refs(self) -> list[SampleRef]:
-        return [SampleRef(i, str(f.relative_to(self.root)), lab) for i, (f, lab) in enumerate(self._files)]
+        return [SampleRef(i, rel, lab) for i, (_, rel, lab) in enumerate(self._files)]
 
     def encode(self, ref: SampleRef) -> tuple[bytes, str]:
         path = self._files[ref.index][0]
-        data = path.read_bytes()
+        data = storage.read_bytes(path)
         try:
             with Image.open(io.BytesIO(data)) as im:
                 fmt = im.format
@@ -149,11 +182,16 @@ class ImageFolderSource(Source):
         return encode_png(arr), "png"
 
     def describe(self) -> dict:
-        return {"kind": "image_folder", "path": str(self.root.resolve())}
+        return {"kind": "image_folder", "path": self.uri if storage.is_s3(self.uri) else str(self.root.resolve())}
 
 
 def _is_image(p: Path) -> bool:
-    return p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".")
+    return p.is_file() and _is_image_name(p.name)
+
+
+def _is_image_name(name: str) -> bool:
+    base = name.rsplit("/", 1)[-1]
+    return "." in base and f".{base.rsplit('.', 1)[1].lower()}" in IMAGE_EXTS and not base.startswith(".")
 
 
 def open_source(spec: dict) -> Source:
