@@ -152,10 +152,10 @@ def test_a_stream_broken_mid_object_resumes_with_ranged_gets(s3, monkeypatch):
 
 @pytest.mark.slow
 def test_pipeline_shards_checkpoints_and_artifacts_in_s3(s3, tmp_path, capsys):
-    """Shard -> labels -> pretrain -> finetune with every location in S3: the shard and
-    label sets are uploaded (manifest last) and streamed back by the Ray Train workers,
-    checkpoints go to Ray's S3 storage path, MLflow artifacts to the bucket; no
-    credential reaches MLflow or the console."""
+    """Shard -> labels -> sweep -> pretrain -> finetune with every location in S3: the
+    shard and label sets are uploaded (manifest last) and streamed back by the Ray Train
+    workers and Tune trials, checkpoints and the Tune experiment go to Ray's S3 storage
+    path, MLflow artifacts to the bucket; no credential reaches MLflow or the console."""
     import ray
     from mlflow.tracking import MlflowClient
 
@@ -169,14 +169,17 @@ def test_pipeline_shards_checkpoints_and_artifacts_in_s3(s3, tmp_path, capsys):
         assert main(["run", "--work-dir", str(work), *TINY, "--until", "finetune", "--set", "ray.num_cpus=2",
                      "--set", "labels.fractions=[0.1]", "--set", "finetune.baseline=false",
                      "--set", f"data.output={root}/data", "--set", f"ray.storage_path={root}/ray",
-                     "--set", f"mlflow.artifact_location={root}/mlflow"]) == 0
+                     "--set", f"mlflow.artifact_location={root}/mlflow", "--set", "sweep.enabled=true",
+                     "--set", "sweep.space={temperature: {grid: [0.5, 0.2]}}", "--set", "sweep.epochs=1"]) == 0
     finally:
         ray.shutdown()
     out = capsys.readouterr()
     objects = storage.list_files(root)
     client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
     children = _latest_children(client, client.get_experiment_by_name("clpipe").experiment_id)
-    assert set(children) == {"shard", "labels", "pretrain", "finetune"}
+    assert set(children) == {"shard", "labels", "sweep", "pretrain", "finetune"}
+    assert any(o.startswith(f"{root}/ray/sweep-") and "/experiment_state-" in o for o in objects)
+    assert any(o.startswith(f"{root}/ray/sweep-") and o.endswith("/checkpoint_000000/state.pt") for o in objects)
     shard_dir = load_outputs(children["shard"].info.run_id)["shard_dir"]
     assert shard_dir.startswith(f"{root}/data/shard/") and f"{shard_dir}/manifest.json" in objects
     assert len([o for o in objects if o.startswith(shard_dir) and o.endswith(".tar")]) == 13
