@@ -1,16 +1,22 @@
-"""``clpipe``: run the pipeline, check a config, list methods."""
+"""``clpipe``: run the pipeline, check a config, list methods; start the local stack
+(``stack up|down|status``) and run the pipeline as a Ray Job (``submit``, ``jobs``, ``logs``, ``stop``)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import yaml
 
-from pipelines.config import ConfigError, PipelineConfig, load_config
+from infra.jobs import JobsError
+from infra.stack import StackError
 from pipelines.console import console
 from pipelines.errors import StageError
+
+if TYPE_CHECKING:  # the config module imports torch: `stack`, `jobs`, `logs`, `stop` start without it
+    from pipelines.config import PipelineConfig
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -21,6 +27,8 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace) -> PipelineConfig:
+    from pipelines.config import load_config
+
     overrides = list(args.overrides)
     if args.work_dir:
         overrides.append(f"work_dir={args.work_dir}")
@@ -31,6 +39,7 @@ def run(cfg: PipelineConfig, *, rerun: str | None = None, only: str | None = Non
     """Run the stages (shard -> pretrain, labels -> finetune -> distill -> evaluate ->
     register) and print the summary. Returns the PipelineResult."""
     from pipelines import ray_env, tracking
+    from pipelines.config import ConfigError
     from pipelines.graph import run_pipeline
     from pipelines.stages import STAGES
 
@@ -97,6 +106,114 @@ def _print_trials(out: dict) -> None:
     console.print(t)
 
 
+def _add_stack_commands(sub) -> None:
+    p = sub.add_parser("stack", help="a local SeaweedFS (S3), MLflow server and Ray head on 127.0.0.1")
+    ssub = p.add_subparsers(dest="stack_command", required=True)
+    p_up = ssub.add_parser("up", help="start S3, MLflow and Ray, each waited on until healthy; write the env file")
+    p_down = ssub.add_parser("down", help="stop exactly the processes `up` started (by pid); remove the env file")
+    p_status = ssub.add_parser("status", help="each service's pid, port and whether it answers")
+    for q in (p_up, p_down, p_status):
+        q.add_argument("--dir", default=".clpipe-stack",
+                       help="state dir: S3 data, mlflow.db, logs, pids, the env file (default: ./.clpipe-stack)")
+    p_up.add_argument("--s3-port", type=int, default=8333, help="SeaweedFS S3 port (it also uses +1..+3 and +10000 each)")
+    p_up.add_argument("--mlflow-port", type=int, default=5000, help="MLflow tracking server port")
+    p_up.add_argument("--ray-port", type=int, default=6379, help="Ray GCS port (what RAY_ADDRESS names)")
+    p_up.add_argument("--dashboard-port", type=int, default=8265, help="Ray dashboard and job server port")
+    p_up.add_argument("--host", default="127.0.0.1",
+                      help="interface the servers bind (default loopback; Ray's GCS and raylet listen on every "
+                           "interface whatever this says)")
+    p_up.add_argument("--bucket", default="clpipe", help="S3 bucket for MLflow artifacts (and your shards)")
+    p_up.add_argument("--num-cpus", type=int, help="logical CPUs of the Ray head (default: Ray counts them)")
+    p_up.add_argument("--timeout", type=float, default=120.0, help="seconds each server may take to become healthy")
+
+
+def _add_job_commands(sub) -> None:
+    addr_help = "Ray job server (the dashboard), default $CLPIPE_JOB_ADDRESS or http://127.0.0.1:8265"
+    p_submit = sub.add_parser("submit", help="run the pipeline as a Ray Job on a cluster and follow its logs")
+    _add_config_args(p_submit)
+    p_submit.add_argument("--address", help=addr_help)
+    p_submit.add_argument("--no-follow", action="store_true", help="print the job id and return at once")
+    for flag in ("--rerun", "--only", "--until"):
+        p_submit.add_argument(flag, metavar="STAGE", help=f"passed to `clpipe run {flag}`")
+    p_jobs = sub.add_parser("jobs", help="list the Ray Jobs: id, status, start time, entrypoint")
+    p_jobs.add_argument("--address", help=addr_help)
+    p_logs = sub.add_parser("logs", help="print a job's logs")
+    p_logs.add_argument("job", help="job (submission) id, as `clpipe submit` printed it")
+    p_logs.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
+    p_logs.add_argument("--address", help=addr_help)
+    p_stop = sub.add_parser("stop", help="stop a running job")
+    p_stop.add_argument("job", help="job (submission) id")
+    p_stop.add_argument("--address", help=addr_help)
+
+
+def _stack(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from infra import stack
+
+    d = Path(args.dir)
+    if args.stack_command == "up":
+        cfg = stack.StackConfig(dir=d, s3_port=args.s3_port, mlflow_port=args.mlflow_port, ray_port=args.ray_port,
+                                dashboard_port=args.dashboard_port, host=args.host, bucket=args.bucket,
+                                num_cpus=args.num_cpus, timeout=args.timeout)
+        if args.host not in ("127.0.0.1", "localhost"):
+            print(f"clpipe: note: --host {args.host}: the servers are reachable beyond this machine; S3 keys are "
+                  "the only guard (MLflow and Ray have no authentication here)")
+        print(f"clpipe: starting the stack in {d.resolve()} ...")
+        state = stack.up(cfg, say=print)
+        env_file = state["env_file"]
+        if d.resolve().name == stack.DEFAULT_DIR:
+            print(f"clpipe commands run from {d.resolve().parent} read it; elsewhere: export CLPIPE_STACK_ENV={env_file}")
+        else:
+            print(f"point clpipe at it: export CLPIPE_STACK_ENV={env_file}")
+        print(f"MLflow UI http://{stack.url_host(args.host)}:{args.mlflow_port}, "
+              f"Ray dashboard http://{stack.url_host(args.host)}:{args.dashboard_port}; stop: clpipe stack down"
+              f"{'' if args.dir == '.clpipe-stack' else f' --dir {args.dir}'}")
+        return 0
+    if args.stack_command == "down":
+        return 0 if stack.down(d, say=print) else 1
+    rows = stack.status(d)
+    if not rows:
+        print(f"no stack in {d.resolve()} (start one with `clpipe stack up`)")
+        return 1
+    for r in rows:
+        where = f"{r['url']}" + (f" (GCS port {r['port']})" if r["name"] == "ray" else "")
+        health = "healthy" if r["healthy"] else ("running, not answering" if r["running"] else "not running")
+        print(f"  {r['name']:<7} pid {r['pid']:<7} port {r['port']:<5}  {where:<40} {health}")
+    env_file = d.resolve() / stack.ENV_FILE
+    print(f"env file {env_file}{'' if env_file.exists() else ' (missing)'}")
+    return 0 if all(r["healthy"] for r in rows) else 1
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    from infra import jobs
+
+    if args.command == "submit":
+        from pipelines.config import ConfigError
+
+        flags = [x for flag in ("rerun", "only", "until") if getattr(args, flag)
+                 for x in (f"--{flag}", getattr(args, flag))]
+        overrides = list(args.overrides) + ([f"work_dir={args.work_dir}"] if args.work_dir else [])
+        try:
+            return jobs.submit(args.config, overrides, address=args.address, follow=not args.no_follow, flags=flags)
+        except ConfigError as e:
+            print(f"clpipe: config error:\n{e}", file=sys.stderr)
+            return 2
+    if args.command == "jobs":
+        return jobs.list_jobs(args.address)
+    if args.command == "logs":
+        return jobs.logs(args.job, args.address, follow=args.follow)
+    return jobs.stop(args.job, args.address)
+
+
+def _load_stack_env() -> None:
+    """The local stack's env file ($CLPIPE_STACK_ENV, else ./.clpipe-stack/stack.env if
+    present) into os.environ, never overriding a variable already set."""
+    from infra import stack
+
+    stack.load_env()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="clpipe", description="Contrastive pretraining pipelines on Ray with MLflow.")
     sub = parser.add_subparsers(dest="command")
@@ -110,9 +227,25 @@ def main(argv: list[str] | None = None) -> int:
     p_cfg = sub.add_parser("config", help="validate a config and print it resolved")
     _add_config_args(p_cfg)
     sub.add_parser("methods", help="list the known methods with their hyperparameters and defaults")
+    _add_stack_commands(sub)
+    _add_job_commands(sub)
     args = parser.parse_args(argv)
     if args.command is None:
         args = parser.parse_args(["run", *(argv or [])])
+    try:
+        if args.command == "stack":
+            return _stack(args)
+        _load_stack_env()
+        if args.command in ("submit", "jobs", "logs", "stop"):
+            return _jobs(args)
+    except (StackError, JobsError) as e:
+        print(f"clpipe: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("clpipe: interrupted", file=sys.stderr)
+        return 130
+    from pipelines.config import ConfigError
+
     try:
         if args.command == "methods":
             from cl_core.methods import get_method, known_methods, method_params
@@ -138,6 +271,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"clpipe: config error:\n{e}", file=sys.stderr)
         return 2
     except StageError as e:
+        print(f"clpipe: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a server or bucket checked before any stage: its one line (storage: StorageError)
+        if not isinstance(e, ConnectionError) and type(e).__name__ != "StorageError":
+            raise
         print(f"clpipe: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

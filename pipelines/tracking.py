@@ -112,6 +112,9 @@ def load_outputs(run_id: str) -> dict:
 
 
 def ui_command(tracking_uri: str) -> str:
+    """How to look at the runs: the server itself, or a UI over the local store."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return tracking_uri
     return f"mlflow ui --backend-store-uri {tracking_uri}"
 
 

@@ -47,11 +47,6 @@ MODELS_DIR = "models"
 MAX_CHECKPOINTS_PER_MODEL = 10  # short epochs (a few labeled batches) checkpoint every few epochs
 
 
-def ray_run_dir(ctx: StageContext) -> str:
-    """Where Ray Train keeps this stage's run (a local path or an ``s3://`` URI)."""
-    return ray_env.run_uri(ctx.config, ctx.ray_run_name)
-
-
 def checkpoint_uri(result: Result) -> str:
     """The final checkpoint of ``result`` as a local path or an ``s3://`` URI."""
     ckpt = result.checkpoint
