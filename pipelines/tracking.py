@@ -31,7 +31,14 @@ def setup(tracking_uri: str, experiment: str, artifact_location: str | None) -> 
         Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     if tracking_uri.startswith(("http://", "https://")):
         _check_server(tracking_uri)
+    # MLflow's set_tracking_uri also exports MLFLOW_TRACKING_URI, which the config reads as the user's
+    # choice: keep the environment as the user set it (workers get the URI explicitly)
+    before = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(tracking_uri)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
     if artifact_location and artifact_location.startswith("s3://") and os.environ.get("AWS_ENDPOINT_URL") \
             and not os.environ.get("MLFLOW_S3_ENDPOINT_URL"):
         os.environ["MLFLOW_S3_ENDPOINT_URL"] = os.environ["AWS_ENDPOINT_URL"]  # MLflow's own name for it
