@@ -24,6 +24,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from infra import procs
+
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 CONNECT_TIMEOUT = 10.0
 # what a job needs from the submitting environment (credentials included: they travel in
@@ -77,12 +79,7 @@ def connect(address: str | None, timeout: float = CONNECT_TIMEOUT):
     try:
         return JobSubmissionClient(url)
     except (ConnectionError, RuntimeError) as e:
-        raise JobsError(f"Ray job server at {url}: {_one_line(e)}; {hint}") from None
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
+        raise JobsError(f"Ray job server at {url}: {procs.one_line(e)}; {hint}") from None
 
 
 def project_root() -> Path:
@@ -154,7 +151,7 @@ def submit(config: str | None, overrides: list[str], *, address: str | None = No
         client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=job_id,
                           metadata={"clpipe.pipeline": cfg.name, "clpipe.config": config or "(embedded default)"})
     except Exception as e:
-        raise JobsError(f"submitting to {url} failed: {_one_line(e)}") from None
+        raise JobsError(f"submitting to {url} failed: {procs.one_line(e)}") from None
     say(f"submitted job {job_id} to {url} (pipeline {cfg.name}, MLflow {tracking})")
     if not follow:
         say(f"follow it: clpipe logs {job_id} --follow --address {url}; stop it: clpipe stop {job_id} --address {url}")
@@ -170,7 +167,7 @@ def _follow(client, job_id: str, url: str, say: Callable[[str], None]) -> int:
         say(f"\ndetached; job {job_id} keeps running (clpipe stop {job_id} --address {url})")
         return 130
     except Exception as e:  # the job server went away mid-stream
-        raise JobsError(f"lost the log stream of job {job_id} from {url} ({_one_line(e)}); the job may still run: "
+        raise JobsError(f"lost the log stream of job {job_id} from {url} ({procs.one_line(e)}); the job may still run: "
                         f"clpipe logs {job_id} --address {url}") from None
     info = client.get_job_info(job_id)
     msg = f": {info.message}" if info.message and status != "SUCCEEDED" else ""
@@ -229,7 +226,7 @@ def logs(job_id: str, address: str | None = None, follow: bool = False, say: Cal
         except KeyboardInterrupt:
             return 130
         except Exception as e:
-            raise JobsError(f"lost the log stream of job {job_id} from {url} ({_one_line(e)})") from None
+            raise JobsError(f"lost the log stream of job {job_id} from {url} ({procs.one_line(e)})") from None
         return 0
     sys.stdout.write(client.get_job_logs(job_id))
     sys.stdout.flush()

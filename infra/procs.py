@@ -15,6 +15,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 
+def one_line(e: BaseException) -> str:
+    """The first line of an error's message (its type name when it has none)."""
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
 def port_free(port: int, host: str = "127.0.0.1") -> bool:
     """Whether ``host:port`` can be bound now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

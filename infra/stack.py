@@ -363,7 +363,7 @@ def up(cfg: StackConfig, say: Callable[[str], None] = print) -> dict:
         if isinstance(e, KeyboardInterrupt):
             raise
         started = ", ".join(f"{s.name} (pid {s.pid})" for s in services) or "nothing"
-        raise StackError(f"{_one_line(e)}; stopped what had started: {started}") from None
+        raise StackError(f"{procs.one_line(e)}; stopped what had started: {started}") from None
 
     env = {"MLFLOW_TRACKING_URI": f"http://{h}:{cfg.mlflow_port}",
            "RAY_ADDRESS": f"{h}:{cfg.ray_port}",
@@ -379,11 +379,6 @@ def up(cfg: StackConfig, say: Callable[[str], None] = print) -> dict:
     state = read_state(d)
     assert state is not None
     return state
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
 
 
 def _free_ports(n: int, exclude: set[int]) -> list[int]:

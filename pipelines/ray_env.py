@@ -10,6 +10,7 @@ from typing import Any
 import ray
 
 from cl_core.data import storage as storage_lib
+from infra import procs
 from pipelines.config import PipelineConfig, RayConfig
 
 
@@ -29,7 +30,7 @@ def init(cfg: RayConfig) -> None:
         # "local": a new Ray of this process, never a `ray start` cluster found on the machine; Train's
         # placement-group cleaner finds the State API by $RAY_API_SERVER_ADDRESS, else by guessing the
         # latest Ray on the machine, which may be another one
-        port = _free_port()
+        port = procs.free_port()
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
                  dashboard_port=port, **kwargs)
@@ -50,14 +51,6 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
     except (OSError, ValueError) as e:
         raise ConnectionError(f"ray.address: no Ray cluster answers at {address} ({type(e).__name__}); start one "
                               "(clpipe stack up, ray start --head) or fix ray.address / RAY_ADDRESS") from None
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def quiet_train_worker() -> None:

@@ -23,7 +23,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -247,12 +247,6 @@ def list_files(uri: str | os.PathLike) -> list[str]:
     return sorted(out)
 
 
-def upload_dir(local: str | os.PathLike, uri: str) -> None:
-    for p in sorted(Path(local).rglob("*")):
-        if p.is_file():
-            upload_file(p, join(uri, p.relative_to(local).as_posix()))
-
-
 def download_dir(uri: str, local: str | os.PathLike) -> Path:
     """Copy every object under ``uri`` into ``local`` (relative layout kept)."""
     local = Path(local)
@@ -260,20 +254,6 @@ def download_dir(uri: str, local: str | os.PathLike) -> Path:
     for obj in list_files(uri):
         download_file(obj, local / obj[len(base):])
     return local
-
-
-def local_copy(uri: str | os.PathLike, cache: str | os.PathLike) -> Path:
-    """A local directory holding ``uri``'s files: ``uri`` itself when local, else a copy
-    under ``cache`` (reused when already complete)."""
-    if not is_s3(uri):
-        return Path(uri)
-    bucket, key = split_s3(str(uri))
-    dest = Path(cache) / bucket / key
-    done = dest / ".complete"
-    if not done.exists():
-        download_dir(str(uri), dest)
-        done.touch()
-    return dest
 
 
 # -- streaming reads -----------------------------------------------------------------
@@ -356,8 +336,3 @@ def _gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **_: Any) -> IO[b
 
 sys.modules["webdataset.gopen"].gopen_schemes["s3"] = _gopen_s3  # the module, not the function
 
-
-def iter_objects(uri: str) -> Iterator[tuple[str, bytes]]:
-    """(URI, content) of every object under ``uri``, one GET each, in key order."""
-    for obj in list_files(uri):
-        yield obj, read_bytes(obj)
