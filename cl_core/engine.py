@@ -34,6 +34,8 @@ class LoopConfig:
     warmup_epochs: float = 1.0
     loader_workers: int = 1
     log_every_steps: int = 0  # 0: per-epoch metrics only
+    checkpoint_every_steps: int = 0  # also checkpoint inside an epoch every N optimizer steps (0: off)
+    checkpoint_every_minutes: float = 0.0  # also checkpoint when this long since the last one (0: off)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -41,6 +43,7 @@ class NonFiniteLossError(FloatingPointError):
 
 
 ReportFn = Callable[[dict[str, float], dict | None], None]
+CheckpointFn = Callable[[dict[str, float], dict], None]
 
 
 class PretrainLoop:
@@ -70,6 +73,13 @@ class PretrainLoop:
         )
         self.epoch = 0  # epochs completed
         self.step = 0  # optimizer steps completed
+        # inside the running epoch: batches done, running metric sums and seconds spent,
+        # so a checkpoint taken mid-epoch resumes at the next batch with the same means
+        self.batch_in_epoch = 0
+        self._sums: dict[str, torch.Tensor] = {}
+        self._seconds = 0.0
+        self.last_checkpoint = "none yet"  # where the run would resume from (for error messages)
+        self._last_checkpoint_time = time.monotonic()
         self.autocast = device.type == "cuda"
 
     # ---- state -------------------------------------------------------------------
@@ -83,14 +93,31 @@ class PretrainLoop:
             # so a checkpoint says which schedule it was on
             "scheduler": {"kind": "warmup_cosine", "peak_lr": self.peak_lr, "warmup_steps": self.warmup_steps,
                           "total_steps": self.total_steps, "lr": self.lr()},
-            "torch_rng": torch.get_rng_state(),
+            "batch_in_epoch": self.batch_in_epoch,
+            "epoch_sums": {k: float(v) for k, v in self._sums.items()},
+            "epoch_seconds": self._seconds,
+            # every rank's generator (a collective: every rank calls state_dict at the same points)
+            "torch_rng": distributed.all_gather_object(torch.get_rng_state()),
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.method.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
-        torch.set_rng_state(state["torch_rng"].cpu())  # a CPU ByteTensor even if loaded onto a GPU
+        self.batch_in_epoch = int(state.get("batch_in_epoch", 0))
+        self._sums = {k: torch.tensor(v, dtype=torch.float32) for k, v in state.get("epoch_sums", {}).items()}
+        self._seconds = float(state.get("epoch_seconds", 0.0))
+        rng = state["torch_rng"]
+        if isinstance(rng, list):  # one per rank; a different world size continues from rank 0's
+            rng = rng[distributed.rank()] if len(rng) == self.world_size else rng[0]
+        torch.set_rng_state(rng.cpu())  # a CPU ByteTensor even if loaded onto a GPU
+        self.last_checkpoint = self.position()
+
+    def position(self) -> str:
+        """Where the loop stands, as a checkpoint would record it."""
+        if self.batch_in_epoch:
+            return f"epoch {self.epoch + 1}, batch {self.batch_in_epoch} of {self.steps_per_epoch} (step {self.step})"
+        return f"end of epoch {self.epoch} (step {self.step})"
 
     def lr(self) -> float:
         return lr_at(self.step, total_steps=self.total_steps, warmup_steps=self.warmup_steps, peak_lr=self.peak_lr)
@@ -114,22 +141,39 @@ class PretrainLoop:
         report: ReportFn,
         evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
         log: Callable[[int, dict[str, float]], None] | None = None,
+        checkpoint: CheckpointFn | None = None,
     ) -> list[dict[str, float]]:
-        """Train from ``self.epoch`` to ``cfg.epochs``; after each epoch call
-        ``report(metrics, state_dict)``. Returns the per-epoch metrics."""
+        """Train from where the loop stands to ``cfg.epochs``; after each epoch call
+        ``report(metrics, state_dict)``; inside an epoch, when ``checkpoint_every_steps``
+        or ``checkpoint_every_minutes`` say so, call ``checkpoint(position, state_dict)``
+        (on every rank alike). Returns the per-epoch metrics."""
         history = []
+        self._last_checkpoint_time = time.monotonic()
         while self.epoch < self.cfg.epochs:
-            history.append(self._epoch(report, evaluate, log))
+            history.append(self._epoch(report, evaluate, log, checkpoint))
         return history
 
-    def _epoch(self, report: ReportFn, evaluate, log) -> dict[str, float]:
-        self.stream.set_epoch(self.epoch)
+    def _checkpoint_due(self, steps_in_epoch: int) -> bool:
+        """Whether to checkpoint after this step (not after an epoch's last step: the
+        epoch's report checkpoints then). The time rule is rank 0's clock, broadcast."""
+        cfg = self.cfg
+        if self.batch_in_epoch >= steps_in_epoch:
+            return False
+        due = bool(cfg.checkpoint_every_steps) and self.step % cfg.checkpoint_every_steps == 0
+        if cfg.checkpoint_every_minutes > 0:
+            late = time.monotonic() - self._last_checkpoint_time >= 60 * cfg.checkpoint_every_minutes
+            due = due or distributed.broadcast_flag(late, self.device)
+        return due
+
+    def _epoch(self, report: ReportFn, evaluate, log, checkpoint: CheckpointFn | None) -> dict[str, float]:
+        # a checkpoint taken inside this epoch resumes at its next batch: the stream skips
+        # the batches already trained on (the epoch's data order is a function of the seed)
+        self.stream.set_epoch(self.epoch, skip_batches=self.batch_in_epoch)
         plan = self.stream.plan()
         loader = training_loader(self.stream, num_workers=self.cfg.loader_workers, pin_memory=self.device.type == "cuda")
         self.model.train()
-        sums: dict[str, torch.Tensor] = {}
-        n_steps = 0
-        t0 = time.perf_counter()
+        start_batch = self.batch_in_epoch
+        t0 = time.perf_counter() - self._seconds
         for views, labels, index in loader:
             views = [v.to(self.device, non_blocking=True) for v in views]
             set_lr(self.optimizer, self.lr(), self.peak_lr)
@@ -144,7 +188,7 @@ class PretrainLoop:
             if not torch.isfinite(out.loss):
                 raise NonFiniteLossError(
                     f"non-finite loss {out.loss.item()} at step {self.step} (epoch {self.epoch + 1}); "
-                    f"the last good checkpoint is {f'the one after epoch {self.epoch}' if self.epoch else 'none (first epoch)'}"
+                    f"the last good checkpoint: {self.last_checkpoint}"
                 )
             self.optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
@@ -152,17 +196,26 @@ class PretrainLoop:
             self.optimizer.step()
             self.method.after_optimizer_step(self.step, self.total_steps)
             self.step += 1
-            n_steps += 1
+            self.batch_in_epoch += 1
             for k, v in {"train/loss": out.loss.detach(), **out.metrics}.items():
-                sums[k] = sums[k] + v.float() if k in sums else v.float().clone()
+                self._sums[k] = self._sums[k] + v.float() if k in self._sums else v.float().clone()
             if log is not None and self.cfg.log_every_steps and self.step % self.cfg.log_every_steps == 0:
                 log(self.step, {"train/step_loss": float(out.loss.detach()), "train/lr": self.lr()})
+            if checkpoint is not None and self._checkpoint_due(plan.steps):
+                self._seconds = time.perf_counter() - t0
+                checkpoint({"epoch": float(self.epoch), "step": float(self.step),
+                            "batch_in_epoch": float(self.batch_in_epoch)}, self.state_dict())
+                self._mark_checkpoint()
         elapsed = time.perf_counter() - t0
+        n_steps = self.batch_in_epoch
         if n_steps != plan.steps:
-            raise RuntimeError(f"epoch {self.epoch}: loader gave {n_steps} batches, the plan says {plan.steps}")
-        means = {k: distributed.all_reduce_mean(v / max(1, n_steps)).item() for k, v in sorted(sums.items())}
+            raise RuntimeError(f"epoch {self.epoch}: loader gave {n_steps - start_batch} batches after batch "
+                               f"{start_batch}, the plan says {plan.steps} in all")
+        means = {k: distributed.all_reduce_mean(v.to(self.device) / max(1, n_steps)).item()
+                 for k, v in sorted(self._sums.items())}
         mean_loss = means.pop("train/loss", float("nan"))
         self.epoch += 1
+        self.batch_in_epoch, self._sums, self._seconds = 0, {}, 0.0
         metrics = {
             **means,
             "train/loss": mean_loss,
@@ -175,8 +228,14 @@ class PretrainLoop:
             "epoch/unique_samples": float(plan.unique_samples),
         }
         if not math.isfinite(mean_loss):
-            raise NonFiniteLossError(f"non-finite mean loss in epoch {self.epoch - 1}")
+            raise NonFiniteLossError(f"non-finite mean loss in epoch {self.epoch - 1}; "
+                                     f"the last good checkpoint: {self.last_checkpoint}")
         if evaluate is not None:
             metrics.update(evaluate(self.method.encoder()))
         report(metrics, self.state_dict())
+        self._mark_checkpoint()
         return metrics
+
+    def _mark_checkpoint(self) -> None:
+        self.last_checkpoint = self.position()
+        self._last_checkpoint_time = time.monotonic()

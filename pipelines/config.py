@@ -37,7 +37,8 @@ class SourceConfig(Section):
     def _path_exists(self) -> SourceConfig:
         if self.kind == "digits":
             if self.path is not None:
-                raise ValueError("path: the digits source is bundled with scikit-learn and takes no path")
+                raise ValueError("path: the digits source is bundled with scikit-learn and takes no path; set kind "
+                                 "(image_folder, npz or text) to read this path, or drop path")
             return self
         if not self.path:
             raise ValueError(f"path: required for kind={self.kind}")
@@ -117,8 +118,13 @@ class TrainingConfig(Section):
     use_gpu: Literal["auto", True, False] = "auto"
     loader_workers: int = Field(1, ge=0, description="DataLoader worker processes per training worker")
     shuffle_buffer: int = Field(1000, ge=0)
-    max_failures: int = Field(0, ge=-1)
+    max_failures: int = Field(0, ge=-1, description="Ray Train restarts of the worker group after a worker dies "
+                              "(-1: unlimited); each restart resumes from the last checkpoint")
     log_every_steps: int = Field(0, ge=0)
+    checkpoint_every_steps: int = Field(0, ge=0, description="also checkpoint every N optimizer steps inside an "
+                                        "epoch (0: at epoch ends only); a restart loses at most N steps")
+    checkpoint_every_minutes: float = Field(0.0, ge=0, description="also checkpoint when this many minutes have "
+                                            "passed since the last checkpoint (0: off)")
 
     @field_validator("num_workers")
     @classmethod
@@ -514,7 +520,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         parsed = yaml.safe_load(value) if value != "" else ""
     except yaml.YAMLError as e:
-        raise ConfigError(f"--set {text}: value is not valid YAML ({e.__class__.__name__})") from e
+        raise ConfigError(f"--set {text}: value is not valid YAML ({getattr(e, 'problem', None) or type(e).__name__}); "
+                          "quote a string value, close brackets and braces") from e
     return key.split("."), parsed
 
 
@@ -539,7 +546,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         try:
             user = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {str(e).splitlines()[0]}") from e
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(f"{p}: not valid YAML{where}: {getattr(e, 'problem', None) or str(e).splitlines()[0]}") from e
         if not isinstance(user, dict):
             raise ConfigError(f"{p}: expected a mapping at the top level")
         data = _merge(data, user)

@@ -39,7 +39,8 @@ def test_loop_reports_each_epoch_with_state(train_shards):
     m, state = reports[-1]
     assert m["step"] == 2 * loop.steps_per_epoch and m["epoch/unique_samples"] == sum(train_shards[1])
     assert m["val/x"] == 1.0 and m["train/images_per_sec"] > 0
-    assert set(state) == {"model", "optimizer", "scheduler", "epoch", "step", "torch_rng"}
+    assert set(state) == {"model", "optimizer", "scheduler", "epoch", "step", "torch_rng", "batch_in_epoch",
+                          "epoch_sums", "epoch_seconds"}
     assert state["scheduler"]["total_steps"] == 2 * loop.steps_per_epoch
 
 
@@ -49,7 +50,7 @@ def test_resume_from_state_equals_uninterrupted_run(train_shards, tmp_path):
 
     # train one epoch, checkpoint through torch.save/torch.load(weights_only=True), resume in a new loop
     one = _loop(train_shards)
-    one._epoch(lambda m, s: torch.save(s, tmp_path / "state.pt"), None, None)
+    one._epoch(lambda m, s: torch.save(s, tmp_path / "state.pt"), None, None, None)
     resumed = _loop(train_shards)
     resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
     assert resumed.epoch == 1 and resumed.step == one.steps_per_epoch
@@ -101,8 +102,117 @@ def test_stateful_methods_resume_exactly_through_the_loop(name, train_shards, tm
     straight = _method_loop(name, train_shards)
     straight.run(lambda m, s: None)
     one = _method_loop(name, train_shards)
-    one._epoch(lambda m, s: torch.save(s, tmp_path / "state.pt"), None, None)
+    one._epoch(lambda m, s: torch.save(s, tmp_path / "state.pt"), None, None, None)
     torch.manual_seed(123)  # the resumed loop must not depend on the process's RNG state
+    resumed = _method_loop(name, train_shards)
+    resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    resumed.run(lambda m, s: None)
+    ref = straight.method.state_dict()
+    for k, v in resumed.method.state_dict().items():
+        torch.testing.assert_close(v, ref[k], msg=f"{name}: {k}")
+
+
+class _Crash(Exception):
+    pass
+
+
+def _crash_after_checkpoint(loop, path, at_step):
+    """Run ``loop`` and stop it (as a killed worker would) right after the mid-epoch
+    checkpoint at optimizer step ``at_step``, which is saved to ``path``."""
+
+    def checkpoint(position, state):
+        torch.save(state, path)
+        if loop.step == at_step:
+            raise _Crash(position)
+
+    with pytest.raises(_Crash):
+        loop.run(lambda m, s: None, checkpoint=checkpoint)
+
+
+@pytest.mark.parametrize("loader_workers", [0, 2])
+def test_mid_epoch_checkpoint_resumes_at_the_next_batch(train_shards, tmp_path, loader_workers):
+    """Checkpoints every 2 steps; a crash after the one at step 3 of epoch 2... resumed in a
+    fresh loop gives the uninterrupted run's parameters and per-epoch metrics: the stream
+    skips exactly the batches already trained on, in DataLoader order."""
+    import dataclasses
+
+    def loop_with(**kw):
+        loop = _loop(train_shards)
+        loop.cfg = dataclasses.replace(loop.cfg, loader_workers=loader_workers, **kw)
+        loop.stream.loader_workers = loader_workers
+        loop.steps_per_epoch = loop.stream.plan().steps
+        return loop
+
+    straight = loop_with()
+    reports = []
+    straight.run(lambda m, s: reports.append(m))
+    steps = straight.steps_per_epoch
+    assert steps >= 3, "the shard set should give a few batches per epoch"
+    at = steps + 1  # one batch into the second epoch
+    crashed = loop_with(checkpoint_every_steps=1)
+    _crash_after_checkpoint(crashed, tmp_path / "state.pt", at)
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    assert (state["epoch"], state["step"], state["batch_in_epoch"]) == (1, at, 1)
+
+    torch.manual_seed(7)
+    resumed = loop_with()
+    resumed.load_state_dict(state)
+    assert resumed.position() == f"epoch 2, batch 1 of {steps} (step {at})"
+    after = []
+    resumed.run(lambda m, s: after.append(m))
+    assert resumed.step == straight.step == 2 * steps
+    for k, v in straight.method.state_dict().items():
+        torch.testing.assert_close(resumed.method.state_dict()[k], v, msg=k)
+    # the interrupted epoch's mean loss includes the batch trained before the crash
+    assert after[-1]["train/loss"] == pytest.approx(reports[-1]["train/loss"], rel=1e-5)
+
+
+def test_batches_before_follows_the_dataloader_order():
+    """The skip per DataLoader worker equals what a real multi-worker DataLoader makes."""
+    from torch.utils.data import DataLoader
+
+    from cl_core.data.reader import batches_before
+
+    order = [(int(w[0]), int(t[0])) for w, t in DataLoader(_Counted([1, 3, 2]), batch_size=2, num_workers=3)]
+    assert order == [(0, 0), (1, 0), (2, 0), (1, 1), (2, 1), (1, 2)]
+    for k in range(len(order) + 1):
+        firsts = [w for w, _ in order[:k]]
+        assert batches_before([1, 3, 2], k) == ([firsts.count(j) for j in range(3)], order[k][0] if k < 6 else 0)
+    with pytest.raises(ValueError, match="cannot skip 1 more"):
+        batches_before([1, 3, 2], 7)
+
+
+class _Counted(torch.utils.data.IterableDataset):
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        w = torch.utils.data.get_worker_info().id
+        for t in range(self.batches[w]):
+            yield from [(w, t), (w, t)]
+
+
+def test_minutes_rule_checkpoints_inside_the_epoch(train_shards, tmp_path):
+    loop = _loop(train_shards, epochs=1)
+    loop.cfg = __import__("dataclasses").replace(loop.cfg, checkpoint_every_minutes=1e-9)
+    seen = []
+    loop.run(lambda m, s: seen.append(("epoch", s["step"])), checkpoint=lambda p, s: seen.append(("mid", s["step"])))
+    steps = loop.steps_per_epoch
+    # after every step but the last, whose checkpoint is the epoch's
+    assert seen == [("mid", i) for i in range(1, steps)] + [("epoch", steps)]
+
+
+@pytest.mark.parametrize("name", ["moco", "byol", "instdisc"])
+def test_stateful_methods_resume_mid_epoch(name, train_shards, tmp_path):
+    """EMA weights, queues and banks come back exactly from a checkpoint inside an epoch."""
+    import dataclasses
+
+    straight = _method_loop(name, train_shards)
+    straight.run(lambda m, s: None)
+    crashed = _method_loop(name, train_shards)
+    crashed.cfg = dataclasses.replace(crashed.cfg, checkpoint_every_steps=1)
+    _crash_after_checkpoint(crashed, tmp_path / "state.pt", crashed.steps_per_epoch + 1)
+    torch.manual_seed(123)
     resumed = _method_loop(name, train_shards)
     resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
     resumed.run(lambda m, s: None)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import io
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -87,6 +87,33 @@ def plan_epoch(
     return EpochPlan(tuple(slots), steps, batch_size)
 
 
+def batches_before(slot_batches: Sequence[int], k: int) -> tuple[list[int], int]:
+    """Where batch ``k`` of an epoch stands: how many of the first ``k`` batches each
+    DataLoader worker (slot) made, and which slot makes batch ``k``.
+
+    A DataLoader over an IterableDataset takes batches from its workers in turn,
+    starting with worker 0, and drops a worker from the turn once it is exhausted: batch
+    ``t`` of slot ``j`` comes in round ``t``. To continue at batch ``k``, DataLoader
+    worker ``i`` serves slot ``(i + next) % len(slot_batches)``: the turn then goes on in
+    the same order."""
+    done = [0] * len(slot_batches)
+    for t in range(max(slot_batches, default=0)):
+        for j, n in enumerate(slot_batches):
+            if t < n:
+                if k == 0:
+                    return done, j
+                done[j] += 1
+                k -= 1
+    if k:
+        raise ValueError(f"cannot skip {k} more batches: the epoch has {sum(slot_batches)}")
+    return done, 0
+
+
+def sample_seed(slot_seed: int, position: int) -> int:
+    """The augmentation seed of the ``position``-th sample a slot emits in an epoch."""
+    return (slot_seed * 1_000_003 + position) % (1 << 63)
+
+
 def decode_sample(sample: dict) -> tuple[Image.Image, int, int]:
     """(PIL RGB image, label, index) of a shard sample; label -1 when the shard has no
     ``.cls``, index -1 when the pipeline does not number samples."""
@@ -112,21 +139,25 @@ def _with_index(samples: Iterator[dict], offsets: dict[str, int]) -> Iterator[di
 
 
 def sample_pipeline(urls: Sequence[str], *, shuffle_buffer: int = 0, seed: int = 0, handler=wds.reraise_exception,
-                    offsets: dict[str, int] | None = None, decode: Callable[[dict], tuple] = decode_sample):
+                    offsets: dict[str, int] | None = None, decode: Callable[[dict], tuple] | None = decode_sample,
+                    verify: Mapping[str, Mapping] | None = None):
     """A WebDataset pipeline over ``urls`` yielding (PIL RGB image, label, index) per sample
     (``decode``'s result: e.g. (text, label, index) with :func:`cl_core.data.text.decode_text`).
 
     Tar members are read by :func:`cl_core.data.tario.tar_samples` (the same samples as
     ``wds.tarfile_to_samples``, ~6x faster); ``handler`` follows WebDataset's convention.
     ``offsets`` maps each url to the index of its first sample in the split (from the
-    manifest's counts); the index is -1 without it.
+    manifest's counts); the index is -1 without it. ``decode=None`` yields the raw
+    samples (dicts of bytes). ``verify`` (``ShardCheck.verify``) checks each shard read to
+    its end against the manifest's sha256 and lets a known-truncated shard end early.
     """
-    stages: list = [wds.SimpleShardList(list(urls)), partial(tar_samples, handler=handler)]
+    stages: list = [wds.SimpleShardList(list(urls)), partial(tar_samples, handler=handler, verify=verify)]
     if offsets is not None:
         stages.append(partial(_with_index, offsets=offsets))
     if shuffle_buffer > 1:
         stages.append(wds.shuffle(shuffle_buffer, initial=shuffle_buffer, rng=random.Random(seed)))
-    stages.append(wds.map(decode, handler=handler))
+    if decode is not None:
+        stages.append(wds.map(decode, handler=handler))
     return wds.DataPipeline(*stages)
 
 
@@ -136,6 +167,11 @@ class ShardStream(IterableDataset):
     Call :meth:`set_epoch` before iterating. Yields ``(views, label, index)`` where
     ``views`` is the list returned by ``transform`` (e.g. two augmented views) and
     ``index`` the sample's dense position in the split (``urls`` order, ``counts``).
+
+    The epoch is a pure function of (seed, epoch): the shard deal, the read order and
+    every sample's augmentation (seeded per sample), so ``set_epoch(e, skip_batches=k)``
+    continues an interrupted epoch exactly at its batch ``k``; the skipped samples are
+    read from the tar but neither decoded nor augmented.
     """
 
     def __init__(
@@ -151,17 +187,20 @@ class ShardStream(IterableDataset):
         shuffle_buffer: int = 1000,
         seed: int = 0,
         decode: Callable[[dict], tuple] = decode_sample,
+        verify: Mapping[str, Mapping] | None = None,
     ) -> None:
+        self.verify = dict(verify) if verify else None  # url -> {"sha256", "truncated"}: ShardCheck.verify
         self.urls, self.counts = list(urls), list(counts)
         self.decode = decode  # shard sample -> (input, label, index); input goes to ``transform``
         self.transform, self.batch_size = transform, batch_size
         self.rank, self.world_size, self.loader_workers = rank, world_size, loader_workers
-        self.shuffle_buffer, self.seed, self.epoch = shuffle_buffer, seed, 0
+        self.shuffle_buffer, self.seed, self.epoch, self.skip_batches = shuffle_buffer, seed, 0, 0
         starts = np.cumsum([0, *self.counts[:-1]]).tolist()
         self.offsets = {u: int(o) for u, o in zip(self.urls, starts, strict=True)}
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Read epoch ``epoch`` from its batch ``skip_batches`` on (this rank's batches)."""
+        self.epoch, self.skip_batches = epoch, skip_batches
 
     def plan(self) -> EpochPlan:
         return plan_epoch(
@@ -179,24 +218,29 @@ class ShardStream(IterableDataset):
 
     def __iter__(self) -> Iterator[tuple[list[torch.Tensor], int, int]]:
         info = get_worker_info()
-        worker = info.id if info is not None else 0
-        slot = self.plan().slots[self.rank][worker]
+        slots = self.plan().slots[self.rank]
+        done, first = batches_before([s.num_batches for s in slots], self.skip_batches)
+        worker = ((info.id if info is not None else 0) + first) % len(slots)  # the slot this DataLoader worker serves
+        slot = slots[worker]
         quota = slot.num_batches * self.batch_size
+        skip = done[worker] * self.batch_size
         if quota == 0:
             return
-        # views are a pure function of (seed, epoch, rank, worker): reproducible runs
+        # views are a pure function of (seed, epoch, rank, slot, position): reproducible runs
         slot_seed = random.Random(f"{self.seed}:{self.epoch}:{self.rank}:{worker}").getrandbits(31)
-        torch.manual_seed(slot_seed)
+        generator = torch.default_generator
         rng = random.Random(slot_seed)
         shards = [self.urls[i] for i in slot.shards]
         emitted, passes = 0, 0
         while emitted < quota:
             rng.shuffle(shards)
             before = emitted
-            for img, label, index in sample_pipeline(shards, shuffle_buffer=self.shuffle_buffer,
-                                                     seed=slot_seed + passes, offsets=self.offsets,
-                                                     decode=self.decode):
-                yield self.transform(img), label, index
+            for sample in sample_pipeline(shards, shuffle_buffer=self.shuffle_buffer, seed=slot_seed + passes,
+                                          offsets=self.offsets, decode=None, verify=self.verify):
+                if emitted >= skip:
+                    generator.manual_seed(sample_seed(slot_seed, emitted))
+                    x, label, index = self.decode(sample)
+                    yield self.transform(x), label, index
                 emitted += 1
                 if emitted == quota:
                     return
@@ -217,10 +261,11 @@ def training_loader(stream: ShardStream, *, num_workers: int, pin_memory: bool =
     )
 
 
-def load_split(urls: Sequence[str], transform: Callable[[Image.Image], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def load_split(urls: Sequence[str], transform: Callable[[Image.Image], torch.Tensor],
+               verify: Mapping[str, Mapping] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Every sample of ``urls`` in order, transformed: (images (N, C, H, W), labels (N,))."""
     xs, ys = [], []
-    for img, label, _ in sample_pipeline(urls):
+    for img, label, _ in sample_pipeline(urls, verify=verify):
         xs.append(transform(img))
         ys.append(label)
     if not xs:

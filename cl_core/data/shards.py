@@ -9,6 +9,12 @@ A shard set lives in a local directory or under an ``s3://`` prefix (see ``stora
 
 Each sample is ``KEY.png`` (or ``KEY.jpg``), ``KEY.cls`` (class index, when labeled) and
 ``KEY.json`` (``{"id": source id, "index": position in the source}``).
+
+The manifest records each shard's ``name``, ``num_samples``, ``sha256`` and ``bytes``
+(file size). Before reading a split, :func:`check_shards` compares the stored sizes with
+the manifest: a missing shard is an error, a shorter one was cut short (its complete
+samples are still read), a longer one was changed; equal sizes are checked against the
+sha256 while the shards stream (``tario.tar_samples(..., verify=...)``).
 """
 
 from __future__ import annotations
@@ -19,18 +25,26 @@ import os
 import tempfile
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import webdataset as wds
 
 from cl_core.data import storage
 from cl_core.data.sources import SampleRef, Source
+from cl_core.data.tario import RERUN_HINT, ShardChecksumError, tar_samples
 
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val", "test")
 MAX_LISTED_CORRUPT = 100
 SHARD_MTIME = 946684800  # 2000-01-01T00:00:00Z, the mtime of every tar member
+SHARD_FIELDS = ("name", "num_samples", "sha256", "bytes")  # a shard's record in the manifest
+
+
+class ShardError(FileNotFoundError):
+    """A shard the manifest lists cannot be found in storage; the message names it."""
 
 
 def split_refs(
@@ -108,6 +122,7 @@ def write_shard(source: Source, refs: Sequence[SampleRef], path: str | Path) -> 
         "name": path.name,
         "num_samples": count,
         "sha256": sha256_file(path),
+        "bytes": path.stat().st_size,
         "class_counts": {str(k): v for k, v in sorted(classes.items())},
         "corrupt": corrupt,
     }
@@ -132,7 +147,7 @@ def build_manifest(
         splits[s] = {
             "num_samples": sum(r["num_samples"] for r in results),
             "class_counts": dict(sorted(classes.items(), key=lambda kv: int(kv[0]))),
-            "shards": [{k: r[k] for k in ("name", "num_samples", "sha256")} for r in results],
+            "shards": [{k: r[k] for k in SHARD_FIELDS if k in r} for r in results],
         }
     return {
         "format": "clpipe-shards/1",
@@ -182,3 +197,81 @@ def shard_urls(directory: str | Path, manifest: dict, split: str) -> tuple[list[
     """Absolute paths and sample counts of a split's shards."""
     shards = manifest["splits"][split]["shards"]
     return [storage.join(directory, s["name"]) for s in shards], [s["num_samples"] for s in shards]
+
+
+@dataclass
+class ShardCheck:
+    """The readable part of a split, from :func:`check_shards`.
+
+    ``urls``/``counts``: the shards to read and how many samples each yields (a truncated
+    shard counts its complete samples; one with none left is dropped). ``verify``: for
+    ``tario.tar_samples(..., verify=...)``. ``truncated``: one record per shard cut short.
+    ``lost_samples``: samples the manifest lists that the truncated shards no longer hold.
+    """
+
+    urls: list[str] = field(default_factory=list)
+    counts: list[int] = field(default_factory=list)
+    verify: dict[str, dict[str, Any]] = field(default_factory=dict)
+    truncated: list[dict[str, Any]] = field(default_factory=list)
+    lost_samples: int = 0
+
+
+def stored_sizes(directory: str | Path) -> dict[str, int]:
+    """File name -> size in bytes of every file directly in ``directory`` (a local path or
+    an ``s3://`` prefix), from one listing; empty when the directory does not exist."""
+    if not storage.is_s3(directory):
+        try:
+            with os.scandir(directory) as entries:
+                return {e.name: e.stat().st_size for e in entries if e.is_file()}
+        except FileNotFoundError:
+            return {}
+    uri = str(directory)
+    bucket, prefix = storage.split_s3(uri)
+    prefix = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
+    sizes: dict[str, int] = {}
+    try:
+        for page in storage.client().get_paginator("list_objects_v2").paginate(
+                Bucket=bucket, Prefix=prefix, Delimiter="/"):
+            sizes.update({o["Key"][len(prefix):]: int(o["Size"]) for o in page.get("Contents", [])})
+    except Exception as e:
+        if type(e).__module__.startswith(("botocore", "boto3", "urllib3")):
+            raise storage.explain(uri, e) from None
+        raise
+    return sizes
+
+
+def check_shards(directory: str | Path, manifest: dict, split: str) -> ShardCheck:
+    """Compare a split's shards in storage with the manifest (one listing of ``directory``).
+
+    Raises:
+        ShardError: a listed shard is not in storage.
+        ShardChecksumError: a shard is larger than the manifest records.
+        tario.TarFormatError: a truncated shard is also corrupt before its cut.
+    """
+    where = storage.join(directory, MANIFEST)
+    sizes = stored_sizes(directory)
+    records = manifest["splits"][split]["shards"]
+    missing = [storage.join(directory, r["name"]) for r in records if r["name"] not in sizes]
+    if missing:
+        more = f" ({len(missing) - 1} more of the {split} split's shards are missing too)" if len(missing) > 1 else ""
+        raise ShardError(f"{missing[0]}: shard listed in {where} is missing from storage{more}; {RERUN_HINT}")
+    out = ShardCheck()
+    for r in records:
+        url, size, expected = storage.join(directory, r["name"]), sizes[r["name"]], r.get("bytes")
+        count = int(r["num_samples"])
+        if expected is not None and size > expected:
+            raise ShardChecksumError(f"{url}: {size} bytes where {where} records {expected}; the shard was changed "
+                                     f"after it was written; {RERUN_HINT}")
+        if expected is not None and size < expected:
+            out.verify[url] = {"sha256": r.get("sha256"), "truncated": True}
+            readable = sum(1 for _ in tar_samples([{"url": url}], verify={url: out.verify[url]}))
+            out.truncated.append({"url": url, "expected_samples": count, "readable_samples": readable,
+                                  "expected_bytes": expected, "bytes": size})
+            out.lost_samples += count - readable
+            count = readable
+        else:
+            out.verify[url] = {"sha256": r.get("sha256"), "truncated": False}
+        if count > 0:
+            out.urls.append(url)
+            out.counts.append(count)
+    return out

@@ -8,11 +8,17 @@ verifies every header checksum, and yields the same dicts as WebDataset's groupi
 (``{"__key__", "__url__", ext: bytes, ...}``), so it is a drop-in stage of a
 ``webdataset.DataPipeline``. The shards stay plain tar files that ``tar`` and
 ``webdataset.WebDataset`` read.
+
+Given the manifest's checksums (``verify``), :func:`tar_samples` also hashes every byte
+of a shard as it streams it (in 1 MiB blocks, so the hash costs little next to the
+parsing) and refuses a shard whose content differs from what the shard stage wrote.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+import hashlib
+import io
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import IO, Any
 
 import webdataset as wds
@@ -23,10 +29,60 @@ BLOCK = 512
 _ZERO_BLOCK = b"\0" * BLOCK
 _REGULAR = (b"0", b"\0", b"7")  # regular file, old-style regular file, contiguous file
 _SKIPPED = (b"1", b"2", b"3", b"4", b"5", b"6", b"g")  # links, devices, dirs, FIFOs, global pax
+HASH_CHUNK = 1 << 20
+RERUN_HINT = "rerun the shard stage (clpipe run --rerun shard)"
 
 
 class TarFormatError(ValueError):
     """A shard is not a readable tar file (bad header checksum, truncated member)."""
+
+
+class TarTruncatedError(TarFormatError):
+    """A shard ends inside a tar header or member: the file was cut short."""
+
+
+class ShardChecksumError(ValueError):
+    """A shard's bytes differ from the manifest's record (sha256 or size): it was changed
+    after the shard stage wrote it. Never skipped by a ``tar_samples`` handler."""
+
+
+class _Hashing(io.RawIOBase):
+    """A raw stream over ``source`` that feeds every byte read to a sha256. Wrapped in a
+    large ``io.BufferedReader`` the hash takes the file in 1 MiB blocks while the tar
+    parser's small reads stay in C."""
+
+    def __init__(self, source: IO[bytes]) -> None:
+        self.source = source
+        self.hash = hashlib.sha256()
+        self._readinto = getattr(source, "readinto", None)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: Any) -> int:
+        view = memoryview(buf).cast("B")
+        if self._readinto is not None:
+            n = self._readinto(view) or 0
+        else:
+            data = self.source.read(len(view))
+            n = len(data)
+            view[:n] = data
+        self.hash.update(view[:n])
+        return n
+
+
+def _hashing_stream(source: IO[bytes]) -> tuple[IO[bytes], Callable[[], str]]:
+    """(a read stream over ``source``, a function giving the sha256 of the whole of
+    ``source``: it reads whatever the stream has not, e.g. tar's end-of-archive padding)."""
+    raw = _Hashing(source)
+    stream = io.BufferedReader(raw, HASH_CHUNK)
+
+    def hexdigest() -> str:
+        while stream.read(HASH_CHUNK):
+            pass
+        return raw.hash.hexdigest()
+
+    return stream, hexdigest
 
 
 def _octal(field: bytes) -> int:
@@ -59,8 +115,8 @@ def iter_tar_files(stream: IO[bytes], where: str = "") -> Iterator[tuple[str, by
     """(name, content) of every regular file in a tar stream, in order.
 
     Raises:
-        TarFormatError: a header with a wrong checksum or a member cut short, naming
-            ``where`` (the shard's URL) and the byte offset.
+        TarFormatError: a header with a wrong checksum, naming ``where`` (the shard's
+            URL) and the byte offset; :class:`TarTruncatedError` for a member cut short.
     """
     read = stream.read
     offset = 0
@@ -72,7 +128,7 @@ def iter_tar_files(stream: IO[bytes], where: str = "") -> Iterator[tuple[str, by
         if len(header) < BLOCK:
             if not header.strip(b"\0"):
                 return  # a cut-off end-of-archive block: every member before it is whole
-            raise TarFormatError(f"{where}: truncated tar header at byte {offset}")
+            raise TarTruncatedError(f"{where}: truncated tar header at byte {offset} (shard cut short)")
         if not _checksum_ok(header):
             raise TarFormatError(f"{where}: bad tar header checksum at byte {offset}; the shard is corrupt")
         size = _octal(header[124:136])
@@ -80,7 +136,7 @@ def iter_tar_files(stream: IO[bytes], where: str = "") -> Iterator[tuple[str, by
         padded = (size + BLOCK - 1) // BLOCK * BLOCK
         data = read(padded)
         if len(data) < padded:
-            raise TarFormatError(f"{where}: truncated tar member at byte {offset} (shard cut short)")
+            raise TarTruncatedError(f"{where}: truncated tar member at byte {offset} (shard cut short)")
         offset += BLOCK + padded
         if kind in (b"L", b"x"):  # GNU long name / pax extended header for the next member
             long_name = data[:size].rstrip(b"\0").decode("utf-8") if kind == b"L" else _pax_path(data[:size])
@@ -110,7 +166,9 @@ def _split_key(name: str) -> tuple[str, str] | None:
 
 
 def tar_samples(
-    urls: Iterable[dict[str, Any]], handler: Callable[[Exception], bool] = wds.reraise_exception
+    urls: Iterable[dict[str, Any]],
+    handler: Callable[[Exception], bool] = wds.reraise_exception,
+    verify: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """A DataPipeline stage: shard URLs (``{"url": ...}``) -> samples grouped by key.
 
@@ -119,26 +177,52 @@ def tar_samples(
     decides what a failing shard does (WebDataset's convention: True = skip the rest of
     this shard and go on, False = stop); its default re-raises. A shard cut short yields
     the samples whose files all precede the cut; the sample being read is dropped.
+
+    ``verify`` maps a URL to its manifest record (``shards.check_shards`` builds it):
+    ``{"sha256": hex, "truncated": False}``: the whole file is hashed while it streams,
+    and at the end of the shard (before its last sample is yielded) a different sha256
+    raises :class:`ShardChecksumError`, which no handler can skip.
+    ``{"truncated": True}``: a shard known to be cut short; it is not hashed, and the
+    cut ends it quietly after its complete samples. URLs not in ``verify`` are read as
+    without it.
     """
+    verify = verify or {}
     for item in urls:
         url = item["url"]
+        record = verify.get(url) or {}
+        cut_ok = bool(record.get("truncated"))
+        expected = None if cut_ok else record.get("sha256")
         sample: dict[str, Any] | None = None
         try:
-            with wds.gopen(url, "rb") as stream:
-                for name, data in iter_tar_files(stream, url):
-                    parts = _split_key(name)
-                    if parts is None or name.rsplit("/", 1)[-1].startswith("__"):
-                        continue
-                    key, ext = parts
-                    if sample is None or sample["__key__"] != key:
-                        if sample is not None:
-                            yield sample
-                        sample = {"__key__": key, "__url__": url}
-                    if ext in sample:
-                        raise TarFormatError(f"{url}: duplicate file {name} in one sample")
-                    sample[ext] = data
+            with wds.gopen(url, "rb") as raw:
+                stream, hexdigest = _hashing_stream(raw) if expected else (raw, None)
+                try:
+                    for name, data in iter_tar_files(stream, url):
+                        parts = _split_key(name)
+                        if parts is None or name.rsplit("/", 1)[-1].startswith("__"):
+                            continue
+                        key, ext = parts
+                        if sample is None or sample["__key__"] != key:
+                            if sample is not None:
+                                yield sample
+                            sample = {"__key__": key, "__url__": url}
+                        if ext in sample:
+                            raise TarFormatError(f"{url}: duplicate file {name} in one sample")
+                        sample[ext] = data
+                except TarTruncatedError:
+                    if not cut_ok:
+                        raise
+                    sample = None  # the sample read at the cut may lack files
+                if hexdigest is not None:
+                    got = hexdigest()
+                    if got != expected:
+                        raise ShardChecksumError(
+                            f"{url}: sha256 {got} does not match the manifest's {expected}; the shard was "
+                            f"changed after it was written; {RERUN_HINT}")
             if sample is not None:
                 yield sample
+        except ShardChecksumError:
+            raise
         except Exception as e:
             if not handler(e):
                 return

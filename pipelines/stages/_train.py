@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import io
+import json
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -29,6 +31,7 @@ from ray.train import (
     Result,
     RunConfig,
     ScalingConfig,
+    TrainingFailedError,
 )
 from ray.train.torch import TorchTrainer
 
@@ -44,6 +47,7 @@ from pipelines.graph import StageContext
 
 STATE_FILE = "state.pt"
 MODELS_DIR = "models"
+CHECKPOINT_INFO = "checkpoint.json"  # written last: sha256 of every file and the loop position
 MAX_CHECKPOINTS_PER_MODEL = 10  # short epochs (a few labeled batches) checkpoint every few epochs
 
 
@@ -61,8 +65,96 @@ def use_gpu(section: TrainingConfig) -> bool:
     return ray_env.cluster_gpus() >= section.num_workers if section.use_gpu == "auto" else bool(section.use_gpu)
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that is incomplete or does not match its recorded checksums."""
+
+
+class TrainingFailed(RuntimeError):
+    """A Ray Train run that failed; the message names the stage and where to resume."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_checkpoint_dir(root: Path, write: Callable[[Path], None], position: str) -> None:
+    """``write(root)`` fills ``root``; then :data:`CHECKPOINT_INFO` records the sha256 of
+    every file and the loop ``position``."""
+    write(root)
+    files = {f.relative_to(root).as_posix(): _sha256(f) for f in sorted(root.rglob("*")) if f.is_file()}
+    (root / CHECKPOINT_INFO).write_text(json.dumps({"position": position, "files": files}, indent=2))
+
+
+def report_checkpoint(metrics: dict[str, float], write: Callable[[Path], None], position: str) -> None:
+    """``train.report`` with a checkpoint made by :func:`write_checkpoint_dir`.
+
+    Ray Train persists the directory and only then registers it as the run's latest
+    checkpoint, so a worker dying mid-upload leaves the previous one in force; the
+    checksums catch a checkpoint damaged in storage later (:func:`verify_checkpoint`)."""
+    with tempfile.TemporaryDirectory() as d:
+        write_checkpoint_dir(Path(d), write, position)
+        train.report(metrics, checkpoint=train.Checkpoint.from_directory(d))
+
+
+def verify_checkpoint(directory: str | Path, where: str) -> dict:
+    """Check a checkpoint directory against its :data:`CHECKPOINT_INFO`; returns the info.
+    ``where`` names the checkpoint (its storage path) in the error."""
+    root = Path(directory)
+    fix = "rerun the stage from scratch with clpipe run --rerun STAGE"
+    info_file = root / CHECKPOINT_INFO
+    if not info_file.exists():
+        raise CheckpointError(f"{where}: checkpoint has no {CHECKPOINT_INFO}, so it may be incomplete; {fix}")
+    info = json.loads(info_file.read_text())
+    for name, digest in info["files"].items():
+        f = root / name
+        if not f.exists():
+            raise CheckpointError(f"{where}: checkpoint file {name} is missing (incomplete checkpoint); {fix}")
+        if _sha256(f) != digest:
+            raise CheckpointError(f"{where}: checkpoint file {name} does not match its recorded sha256 "
+                                  f"(damaged in storage); {fix}")
+    return info
+
+
+def _latest_checkpoint(storage_path: str, storage_fs: Any, run_name: str) -> tuple[str, str] | None:
+    """(URI, loop position) of the latest checkpoint a Ray Train run registered, if any."""
+    try:
+        path = f"{storage_path.rstrip('/')}/{run_name}"
+        result = Result.from_path(path, storage_filesystem=storage_fs)
+        if result.checkpoint is None:
+            return None
+        uri = checkpoint_uri(result)
+    except Exception:  # noqa: BLE001 - no snapshot: nothing was checkpointed
+        return None
+    try:
+        return uri, str(json.loads(storage.read_bytes(storage.join(uri, CHECKPOINT_INFO)))["position"])
+    except Exception:  # noqa: BLE001 - only for the message
+        return uri, "position unknown"
+
+
+def _failure_message(ctx: StageContext, section: TrainingConfig, err: BaseException,
+                     latest: tuple[str, str] | None) -> str:
+    text = str(err)
+    cause = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(err).__name__)
+    died = any(w in text for w in ("ActorDiedError", "ActorUnavailableError", "died", "SIGKILL", "unexpectedly"))
+    if len(cause) > 300:
+        cause = cause[:300] + " ..."
+    if latest is None:
+        where = "no checkpoint was written yet; rerunning the same command starts the stage over"
+    else:
+        where = f"the last checkpoint is {latest[0]} ({latest[1]}); rerunning the same command resumes from it"
+    restarts = (f" after {section.max_failures} restart(s)" if section.max_failures > 0 else
+                f"; set {ctx.name}.max_failures >= 1 to restart automatically" if died else "")
+    what = "a training worker died" if died else "training failed"
+    return f"{ctx.name}: {what} ({type(err).__name__}: {cause}){restarts}; {where}"
+
+
 def fit(ctx: StageContext, worker: Callable[[dict], Any], worker_config: dict, section: TrainingConfig) -> Result:
-    """Run ``worker`` on ``section.num_workers`` Ray Train workers; raise its error."""
+    """Run ``worker`` on ``section.num_workers`` Ray Train workers; a failure raises
+    :class:`TrainingFailed` naming the stage and the checkpoint to resume from."""
     storage_path, storage_fs = ray_env.storage(ctx.config)
     trainer = TorchTrainer(
         worker,
@@ -78,10 +170,11 @@ def fit(ctx: StageContext, worker: Callable[[dict], Any], worker_config: dict, s
             logging_config=LoggingConfig(log_level=ctx.config.ray.train_log_level),
         ),
     )
-    result = trainer.fit()
-    if result.error:
-        raise result.error
-    return result
+    try:
+        return trainer.fit()
+    except TrainingFailedError as e:  # raised by fit() once the run has failed (after max_failures restarts)
+        latest = _latest_checkpoint(storage_path, storage_fs, ctx.ray_run_name)
+        raise TrainingFailed(_failure_message(ctx, section, e, latest)) from e
 
 
 def loop_config(section: TrainingConfig, batch_size: int | None = None) -> LoopConfig:
@@ -89,7 +182,9 @@ def loop_config(section: TrainingConfig, batch_size: int | None = None) -> LoopC
         epochs=section.epochs, batch_size_per_worker=batch_size or section.batch_size_per_worker,
         optimizer=section.optimizer, lr_base=section.lr_base, lr_scaling=section.lr_scaling,
         weight_decay=section.weight_decay, momentum=section.momentum, warmup_epochs=section.warmup_epochs,
-        loader_workers=section.loader_workers, log_every_steps=section.log_every_steps)
+        loader_workers=section.loader_workers, log_every_steps=section.log_every_steps,
+        checkpoint_every_steps=section.checkpoint_every_steps,
+        checkpoint_every_minutes=section.checkpoint_every_minutes)
 
 
 @dataclass
@@ -119,12 +214,20 @@ def batch_for(counts: list[int], wanted: int, world: int) -> int:
     return max(1, min(wanted, sum(counts) // world))
 
 
-def cycle(stream: ShardStream):
-    """Endless labeled batches from ``stream`` (in-process loader), epoch after epoch."""
+def cycle(stream: ShardStream, skip: int = 0):
+    """Endless labeled batches from ``stream`` (in-process loader), epoch after epoch,
+    after passing over the first ``skip`` (a resumed loop draws one batch per step, so
+    it continues where the interrupted one stopped)."""
     epoch = 0
     while True:
         stream.set_epoch(epoch)
-        yield from training_loader(stream, num_workers=0)
+        steps = stream.plan().steps
+        if skip >= steps:
+            skip -= steps
+        else:
+            stream.set_epoch(epoch, skip_batches=skip)
+            skip = 0
+            yield from training_loader(stream, num_workers=0)
         epoch += 1
 
 
@@ -132,9 +235,10 @@ class SequentialJobs:
     """Trains named models one after another in one Ray Train worker group, selecting
     each model's epoch with the best val top-1.
 
-    ``build(job)`` returns ``(objective, classifier, stream, aux)``; the objective is a
-    :class:`~cl_core.methods.base.Method` with ``uses_labels``, ``classifier`` maps
-    images to logits (the model that is kept).
+    ``build(job, start_step)`` returns ``(objective, classifier, stream, aux)``; the
+    objective is a :class:`~cl_core.methods.base.Method` with ``uses_labels``,
+    ``classifier`` maps images to logits (the model that is kept); ``start_step`` is the
+    step a resumed job continues from (where an ``aux`` stream resumes).
     """
 
     def __init__(self, config: dict, worker: Worker, log_prefix: str) -> None:
@@ -145,18 +249,19 @@ class SequentialJobs:
             from mlflow.tracking import MlflowClient
 
             self.client = MlflowClient(config["tracking_uri"])
-            self.val = load_split(config["val_urls"], EvalTransform(config["image_size"]))
+            self.val = load_split(config["val_urls"], EvalTransform(config["image_size"]), verify=config.get("val_verify"))
         self.finished: dict[str, dict] = {}
         self.resume: dict | None = None
         ckpt = train.get_checkpoint()
         if ckpt is not None:
             with ckpt.as_directory() as d:
+                verify_checkpoint(d, ckpt.path)
                 self.resume = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
                 for name in self.resume["finished"]:
                     self.finished[name] = torch.load(Path(d) / MODELS_DIR / f"{name}.pt", map_location="cpu",
                                                      weights_only=True)
 
-    def run(self, jobs: list[dict], build: Callable[[dict], tuple[Method, torch.nn.Module, ShardStream, Any]],
+    def run(self, jobs: list[dict], build: Callable[[dict, int], tuple[Method, torch.nn.Module, ShardStream, Any]],
             section: TrainingConfig) -> list[dict]:
         history: list[dict] = []
         start = self.resume["job"] if self.resume else 0
@@ -168,7 +273,8 @@ class SequentialJobs:
 
     def _one(self, i: int, job: dict, jobs: list[dict], build, section: TrainingConfig) -> list[dict]:
         name = job["name"]
-        objective, classifier, stream, aux = build(job)
+        resuming = bool(self.resume and self.resume["job"] == i and self.resume["loop"] is not None)
+        objective, classifier, stream, aux = build(job, int(self.resume["loop"]["step"]) if resuming else 0)
         objective = objective.to(self.w.device)
         model = train.torch.prepare_model(objective)
         # a budget in steps as well as epochs: 1% of the labels may be one batch per epoch
@@ -177,12 +283,14 @@ class SequentialJobs:
         cfg = loop_config(section, stream.batch_size)
         loop = PretrainLoop(model, objective, stream, dataclasses.replace(cfg, epochs=epochs), self.w.device, aux=aux)
         ckpt_every = max(1, epochs // MAX_CHECKPOINTS_PER_MODEL)
+        where = loop.position  # for the checkpoints' records (``loop`` is deleted at the end)
         best = {"val_top1": -1.0, "epoch": 0, "state_dict": None}
-        if self.resume and self.resume["job"] == i and self.resume["loop"] is not None:
+        if resuming:
+            assert self.resume is not None
             loop.load_state_dict(self.resume["loop"])
             best = self.resume["best"]
             if self.w.rank == 0:
-                print(f"[{self.prefix}] {name}: resumed from checkpoint at epoch {loop.epoch}", flush=True)
+                print(f"[{self.prefix}] {name}: resumed from checkpoint at {loop.position()}", flush=True)
         elif self.w.rank == 0:
             print(f"[{self.prefix}] {name}: {loop.describe()}", flush=True)
 
@@ -215,27 +323,35 @@ class SequentialJobs:
                 print("[{}] {} epoch {}/{}  loss {:.4f}  val top-1 {:.3f} (best {:.3f} at epoch {})".format(
                     self.prefix, name, epoch, epochs, metrics["train/loss"], metrics["val/top1"],
                     best["val_top1"], best["epoch"]), flush=True)
-                self._checkpoint({"job": i, "loop": state, "best": best}, metrics)
+                self._checkpoint({"job": i, "loop": state, "best": best}, metrics, f"{name}: {where()}")
 
-        history = loop.run(report, evaluate if self.w.rank == 0 else None)
+        def checkpoint(position: dict[str, float], state: dict) -> None:  # inside an epoch
+            if self.w.rank != 0:
+                train.report({}, checkpoint=None)
+                return
+            self._checkpoint({"job": i, "loop": state, "best": best}, position, f"{name}: {where()}")
+
+        history = loop.run(report, evaluate if self.w.rank == 0 else None, checkpoint=checkpoint)
         if self.w.rank == 0:
             self.finished[name] = {"spec": job["spec"], "state_dict": best["state_dict"], "epoch": best["epoch"],
                                    "val_top1": best["val_top1"], "epochs": epochs, "steps": loop.step}
             print(f"[{self.prefix}] {name}: selected epoch {best['epoch']} (val top-1 {best['val_top1']:.4f})", flush=True)
-            self._checkpoint({"job": i + 1, "loop": None, "best": None}, {"job": float(i + 1)})
+            self._checkpoint({"job": i + 1, "loop": None, "best": None}, {"job": float(i + 1)}, f"{name} finished")
         else:
             train.report({}, checkpoint=None)
         del model, objective, loop
         return [{"job": name, **h} for h in history]
 
-    def _checkpoint(self, state: dict, metrics: dict[str, float]) -> None:
+    def _checkpoint(self, state: dict, metrics: dict[str, float], position: str) -> None:
         state = {**state, "finished": sorted(self.finished)}
-        with tempfile.TemporaryDirectory() as d:
-            torch.save(state, Path(d) / STATE_FILE)
-            (Path(d) / MODELS_DIR).mkdir()
+
+        def write(d: Path) -> None:
+            torch.save(state, d / STATE_FILE)
+            (d / MODELS_DIR).mkdir()
             for name, rec in self.finished.items():
-                torch.save(rec, Path(d) / MODELS_DIR / f"{name}.pt")
-            train.report(metrics, checkpoint=train.Checkpoint.from_directory(d))
+                torch.save(rec, d / MODELS_DIR / f"{name}.pt")
+
+        report_checkpoint(metrics, write, position)
 
 
 def collect_models(result: Result, out_dir: Path) -> dict[str, dict]:

@@ -11,13 +11,14 @@ from __future__ import annotations
 import mlflow
 
 from cl_core.data.reader import ShardStream
-from cl_core.data.shards import read_manifest, shard_urls
+from cl_core.data.shards import read_manifest
 from cl_core.distill import DistillObjective
 from cl_core.models import build_classifier, classifier_spec
 from cl_core.models.classifier import num_parameters
 from pipelines.config import DistillConfig
 from pipelines.console import console
 from pipelines.graph import StageContext
+from pipelines.stages._data import checked_split
 from pipelines.stages._train import (
     SequentialJobs,
     Worker,
@@ -38,20 +39,22 @@ def distill_worker(config: dict) -> list[dict] | None:
     runner = SequentialJobs(config, w, "distill")
     tf = crop_flip(d.views, config["image_size"])
 
-    def build(job: dict):
+    def build(job: dict, start_step: int):
         teacher = load_classifier(job["teacher"])
         torch.manual_seed(config["seed"])
         student = build_classifier(job["spec"])
         stream = ShardStream(config["train_urls"], config["train_counts"], rank=w.rank, world_size=w.world,
                              loader_workers=d.loader_workers, batch_size=d.batch_size_per_worker,
-                             shuffle_buffer=d.shuffle_buffer, seed=config["seed"], transform=tf)
+                             shuffle_buffer=d.shuffle_buffer, seed=config["seed"], transform=tf,
+                             verify=config["train_verify"])
         aux = None
         if d.alpha > 0:
             urls, counts = job["labeled_urls"], job["labeled_counts"]
             labeled = ShardStream(urls, counts, rank=w.rank, world_size=w.world, loader_workers=0,
                                   batch_size=batch_for(counts, d.batch_size_per_worker, w.world),
-                                  shuffle_buffer=d.shuffle_buffer, seed=config["seed"] + 1, transform=tf)
-            batches = cycle(labeled)
+                                  shuffle_buffer=d.shuffle_buffer, seed=config["seed"] + 1, transform=tf,
+                                  verify=job["labeled_verify"])
+            batches = cycle(labeled, skip=start_step)  # one labeled batch per step
 
             def aux():
                 return next(batches)
@@ -82,8 +85,8 @@ def distill(ctx: StageContext, cfg: DistillConfig, inputs: dict) -> dict:
     shard_set, teachers, subsets = inputs["shard"], inputs["finetune"], inputs["labels"]
     num_classes = shard_set["num_classes"]
     manifest = read_manifest(shard_set["shard_dir"])
-    train_urls, train_counts = shard_urls(shard_set["shard_dir"], manifest, "train")
-    val_urls, _ = shard_urls(shard_set["shard_dir"], manifest, "val")
+    train, val = (checked_split(shard_set["shard_dir"], manifest, s) for s in ("train", "val"))
+    train_urls, train_counts, val_urls = train.urls, train.counts, val.urls
     jobs = []
     for name, sub in subsets["subsets"].items():
         record = teachers["models"].get(f"teacher_{name}")
@@ -97,9 +100,11 @@ def distill(ctx: StageContext, cfg: DistillConfig, inputs: dict) -> dict:
         spec = student_spec(record["spec"], num_classes, cfg)
         student_params = num_parameters(build_classifier(spec))
         sub_manifest = read_manifest(sub["shard_dir"])
-        labeled_urls, labeled_counts = shard_urls(sub["shard_dir"], sub_manifest, "train")
+        labeled = checked_split(sub["shard_dir"], sub_manifest, "train", name=f"labels_{name}")
+        labeled_urls, labeled_counts = labeled.urls, labeled.counts
         jobs.append({"name": f"student_{name}", "fraction": sub["fraction"], "teacher": record, "spec": spec,
                      "labeled_urls": labeled_urls, "labeled_counts": labeled_counts,
+                     "labeled_verify": labeled.verify,
                      "teacher_params": num_parameters(teacher), "student_params": student_params})
     j0 = jobs[0]
     console.print(f"distill: {len(jobs)} student(s) on {sum(train_counts)} unlabeled training images, T={cfg.temperature}"
@@ -108,6 +113,7 @@ def distill(ctx: StageContext, cfg: DistillConfig, inputs: dict) -> dict:
     worker_config = {
         "distill": cfg.model_dump(mode="json"), "jobs": jobs, "seed": ctx.seed, "threads": max(1, int(cfg.cpus_per_worker)),
         "train_urls": train_urls, "train_counts": train_counts, "val_urls": val_urls,
+        "train_verify": train.verify, "val_verify": val.verify,
         "image_size": teachers["image_size"], "tracking_uri": ctx.tracking_uri, "run_id": ctx.run_id,
     }
     result = fit(ctx, distill_worker, worker_config, cfg)

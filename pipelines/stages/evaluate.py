@@ -17,7 +17,7 @@ import torch
 
 from cl_core.augment import EvalTransform
 from cl_core.data.reader import load_split
-from cl_core.data.shards import read_manifest, shard_urls
+from cl_core.data.shards import check_shards, read_manifest
 from cl_core.evaluate import extract_features, knn_top1, linear_probe_top1, top1
 from pipelines import plots
 from pipelines.config import EvaluateConfig
@@ -40,12 +40,16 @@ def _evaluate_task(shard_dir: str, encoder: dict, subsets: dict, finetune: dict,
     torch.set_num_threads(1)
     manifest = read_manifest(shard_dir)
     tf = EvalTransform(encoder["image_size"])
-    train_x, train_y = load_split(shard_urls(shard_dir, manifest, "train")[0], tf)
-    test_x, test_y = load_split(shard_urls(shard_dir, manifest, "test")[0], tf)
+    train, test = (check_shards(shard_dir, manifest, s) for s in ("train", "test"))
+    train_x, train_y = load_split(train.urls, tf, verify=train.verify)
+    test_x, test_y = load_split(test.urls, tf, verify=test.verify)
     torch.manual_seed(seed)
     enc = load_encoder(encoder)
     encoders = {"pretrained": enc, "random_init": build_method(encoder["model"], gather_distributed=False).encoder().eval()}
     metrics: dict[str, float] = {"test/num_samples": float(len(test_y))}
+    for split, check in (("train", train), ("test", test)):  # truncated shards: their readable samples are used
+        if check.lost_samples:
+            metrics[f"data/{split}_lost_samples"] = float(check.lost_samples)
     probe = {"weight_decay": cfg["probe_weight_decay"], "max_iter": cfg["probe_max_iter"]}
     knn = {"k": cfg["knn_k"], "temperature": cfg["knn_temperature"]}
     feats = {name: (extract_features(e, train_x), extract_features(e, test_x)) for name, e in encoders.items()}
@@ -54,7 +58,8 @@ def _evaluate_task(shard_dir: str, encoder: dict, subsets: dict, finetune: dict,
         metrics[f"test/{name}/linear_top1"] = linear_probe_top1(ftr, train_y, fte, test_y, **probe)
     rows, predictions = [], {}
     for frac_name, sub in subsets["subsets"].items():
-        lx, ly = load_split(shard_urls(sub["shard_dir"], read_manifest(sub["shard_dir"]), "train")[0], tf)
+        labeled = check_shards(sub["shard_dir"], read_manifest(sub["shard_dir"]), "train")
+        lx, ly = load_split(labeled.urls, tf, verify=labeled.verify)
         flx, fte = extract_features(enc, lx), feats["pretrained"][1]
         row = {"label_fraction": sub["fraction"], "labels": len(ly),
                "encoder_knn": knn_top1(flx, ly, fte, test_y, **knn),

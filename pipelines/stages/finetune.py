@@ -15,7 +15,7 @@ from __future__ import annotations
 import mlflow
 
 from cl_core.data.reader import ShardStream
-from cl_core.data.shards import read_manifest, shard_urls
+from cl_core.data.shards import read_manifest
 from cl_core.finetune import SupervisedObjective
 from cl_core.methods import method_params
 from cl_core.models import build_classifier, classifier_from_pretrained, classifier_spec
@@ -23,6 +23,7 @@ from cl_core.supcon_finetune import SupConObjective
 from pipelines.config import FinetuneConfig
 from pipelines.console import console
 from pipelines.graph import StageContext
+from pipelines.stages._data import checked_split
 from pipelines.stages._train import (
     SequentialJobs,
     Worker,
@@ -41,7 +42,7 @@ def finetune_worker(config: dict) -> list[dict] | None:
     f = FinetuneConfig.model_validate(config["finetune"])
     runner = SequentialJobs(config, w, "finetune")
 
-    def build(job: dict):
+    def build(job: dict, start_step: int):
         torch.manual_seed(config["seed"])
         head = None
         if job["kind"] == "teacher":
@@ -55,7 +56,8 @@ def finetune_worker(config: dict) -> list[dict] | None:
         supcon = f.objective == "supcon"
         stream = ShardStream(job["urls"], job["counts"], rank=w.rank, world_size=w.world,
                              loader_workers=f.loader_workers, batch_size=bs, shuffle_buffer=f.shuffle_buffer,
-                             seed=config["seed"], transform=crop_flip(f.views, config["image_size"], 2 if supcon else 1))
+                             seed=config["seed"], transform=crop_flip(f.views, config["image_size"], 2 if supcon else 1),
+                             verify=job.get("verify"))
         if supcon:
             return SupConObjective(clf, head, temperature=f.supcon_temperature), clf, stream, None
         return SupervisedObjective(clf), clf, stream, None
@@ -83,22 +85,23 @@ def finetune(ctx: StageContext, cfg: FinetuneConfig, inputs: dict) -> dict:
                          f"{shard_set['shard_dir']} has {num_classes}; remove finetune.num_classes or fix the data")
     load_method(encoder)  # fails early, naming the file, if the pretrained checkpoint is gone
     manifest = read_manifest(shard_set["shard_dir"])
-    val_urls, _ = shard_urls(shard_set["shard_dir"], manifest, "val")
+    val = checked_split(shard_set["shard_dir"], manifest, "val")
+    val_urls = val.urls
     if not val_urls:
         raise ValueError("finetune: the val split is empty, so no epoch can be selected; set data.val_fraction > 0")
     spec = teacher_spec(encoder["model"], num_classes, cfg.finetune_from_head_layer)
     jobs = []
     for name, sub in subsets["subsets"].items():
         sub_manifest = read_manifest(sub["shard_dir"])
-        urls, counts = shard_urls(sub["shard_dir"], sub_manifest, "train")
+        labeled = checked_split(sub["shard_dir"], sub_manifest, "train", name=f"labels_{name}")
         kinds = ("teacher", "baseline") if cfg.baseline else ("teacher",)
-        jobs += [{"name": f"{kind}_{name}", "kind": kind, "fraction": sub["fraction"], "urls": urls, "counts": counts,
-                  "spec": spec} for kind in kinds]
+        jobs += [{"name": f"{kind}_{name}", "kind": kind, "fraction": sub["fraction"], "urls": labeled.urls,
+                  "counts": labeled.counts, "verify": labeled.verify, "spec": spec} for kind in kinds]
     console.print(f"finetune: {len(jobs)} model(s) ({', '.join(j['name'] for j in jobs)}) on {cfg.num_workers} "
                   f"Ray Train worker(s), {cfg.epochs} epochs each, from head layer {spec['from_head_layer']}")
     worker_config = {
         "finetune": cfg.model_dump(mode="json"), "encoder": encoder, "jobs": jobs, "seed": ctx.seed,
-        "threads": max(1, int(cfg.cpus_per_worker)), "val_urls": val_urls, "image_size": encoder["image_size"],
+        "threads": max(1, int(cfg.cpus_per_worker)), "val_urls": val_urls, "val_verify": val.verify, "image_size": encoder["image_size"],
         "tracking_uri": ctx.tracking_uri, "run_id": ctx.run_id,
     }
     result = fit(ctx, finetune_worker, worker_config, cfg)

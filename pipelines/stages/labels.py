@@ -25,6 +25,7 @@ from cl_core.data.tario import tar_samples
 from pipelines.config import LabelsConfig
 from pipelines.console import console
 from pipelines.graph import StageContext
+from pipelines.stages._data import checked_split
 
 IDS_FILE = "label_subsets.json"
 
@@ -41,7 +42,7 @@ def _write_copy(samples: list[dict], path: Path) -> dict:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return {"name": path.name, "num_samples": len(samples), "sha256": S.sha256_file(path)}
+    return {"name": path.name, "num_samples": len(samples), "sha256": S.sha256_file(path), "bytes": path.stat().st_size}
 
 
 def labels(ctx: StageContext, cfg: LabelsConfig, inputs: dict) -> dict:
@@ -50,8 +51,8 @@ def labels(ctx: StageContext, cfg: LabelsConfig, inputs: dict) -> dict:
         raise ValueError("labels: the source has no labels, so there is nothing to fine-tune on; "
                          "use a labeled source (image_folder with class folders, npz with 'labels')")
     manifest = S.read_manifest(shard_set["shard_dir"])
-    urls, _ = S.shard_urls(shard_set["shard_dir"], manifest, "train")
-    samples = list(tar_samples({"url": u} for u in urls))  # raw bytes, in manifest order
+    train = checked_split(shard_set["shard_dir"], manifest, "train")
+    samples = list(tar_samples(({"url": u} for u in train.urls), verify=train.verify))  # raw bytes, in manifest order
     ys = [int(s["cls"]) for s in samples]
     ids = [json.loads(s["json"])["id"] for s in samples]
     missing = sorted(set(range(manifest["num_classes"])) - set(ys))

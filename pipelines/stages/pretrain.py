@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -20,16 +19,25 @@ from ray import train
 from cl_core.augment import EvalTransform, MultiCropTransform, SimCLRTransform
 from cl_core.data import storage
 from cl_core.data.reader import ShardStream, load_split
-from cl_core.data.shards import read_manifest, shard_urls
+from cl_core.data.shards import ShardCheck, check_shards, read_manifest
 from cl_core.data.text import load_text_split, load_tokenizer, text_stream
 from cl_core.engine import PretrainLoop
 from cl_core.evaluate import extract_features, knn_top1
 from cl_core.methods import Method, get_method
+from cl_core.models import saved
 from pipelines import plots, ray_env, tracking
 from pipelines.config import SWEEP_TRAINING_FIELDS, PretrainConfig, ViewsConfig, apply_sweep
 from pipelines.console import console
 from pipelines.graph import StageContext
-from pipelines.stages._train import checkpoint_uri, fit, loop_config, use_gpu
+from pipelines.stages._data import checked_split
+from pipelines.stages._train import (
+    checkpoint_uri,
+    fit,
+    loop_config,
+    report_checkpoint,
+    use_gpu,
+    verify_checkpoint,
+)
 
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.json"
@@ -112,16 +120,19 @@ def train_worker(config: dict) -> list[dict] | None:
         stream = ShardStream(
             urls, counts, rank=rank, world_size=world, loader_workers=p.loader_workers,
             batch_size=p.batch_size_per_worker, shuffle_buffer=p.shuffle_buffer, seed=config["seed"],
-            transform=view_transform(config["model"]["method"], v),
+            transform=view_transform(config["model"]["method"], v), verify=config.get("train_verify"),
         )
     loop = PretrainLoop(model, method, stream, loop_config(p), device)
 
     ckpt = train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
+            verify_checkpoint(d, ckpt.path)
             loop.load_state_dict(torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=True))
         if rank == 0:
-            print(f"[pretrain] resumed from checkpoint at epoch {loop.epoch}, step {loop.step}", flush=True)
+            print(f"[pretrain] resumed from checkpoint at epoch {loop.epoch}, step {loop.step}"
+                  f"{f' (batch {loop.batch_in_epoch} of epoch {loop.epoch + 1})' if loop.batch_in_epoch else ''}",
+                  flush=True)
 
     client = None
     evaluate = None
@@ -143,8 +154,8 @@ def train_worker(config: dict) -> list[dict] | None:
                 val_x, val_y = load_text_split(config["val_urls"], tok, max_len)
             else:
                 tf = EvalTransform(v.image_size)
-                bank_x, bank_y = load_split(urls, tf)
-                val_x, val_y = load_split(config["val_urls"], tf)
+                bank_x, bank_y = load_split(urls, tf, verify=config.get("train_verify"))
+                val_x, val_y = load_split(config["val_urls"], tf, verify=config.get("val_verify"))
 
             def evaluate(encoder: torch.nn.Module) -> dict[str, float]:
                 fb = extract_features(encoder, bank_x, device=device)
@@ -160,25 +171,36 @@ def train_worker(config: dict) -> list[dict] | None:
             print("[pretrain] epoch {:.0f}/{}  loss {:.4f}  lr {:.4g}  {:.0f} img/s{}".format(
                 metrics["epoch"], p.epochs, metrics["train/loss"], metrics["train/lr"], metrics["train/images_per_sec"],
                 f"  val kNN top-1 {metrics['val/knn_top1']:.3f}" if "val/knn_top1" in metrics else ""), flush=True)
-        with tempfile.TemporaryDirectory() as d:
-            torch.save(state, Path(d) / STATE_FILE)
-            (Path(d) / CONFIG_FILE).write_text(json.dumps({"model": config["model"], "pretrain": config["pretrain"],
-                                                           "metrics": metrics}, indent=2))
-            train.report(metrics, checkpoint=train.Checkpoint.from_directory(d))
+        save(metrics, state)
+
+    def save(metrics: dict[str, float], state: dict | None) -> None:
+        """A checkpoint (rank 0's files; every rank reports)."""
+        if rank != 0:
+            train.report(metrics, checkpoint=None)
+            return
+
+        def write(d: Path) -> None:
+            torch.save(state, d / STATE_FILE)
+            (d / CONFIG_FILE).write_text(json.dumps({"model": config["model"], "pretrain": config["pretrain"],
+                                                     "metrics": metrics}, indent=2))
+
+        report_checkpoint(metrics, write, loop.position())
 
     def log_step(step: int, metrics: dict[str, float]) -> None:
         if client is not None:
             tracking.log_metrics(config["run_id"], metrics, step=step, client=client)
 
-    history = loop.run(report, evaluate, log_step)
+    history = loop.run(report, evaluate, log_step, checkpoint=save)
     return history if rank == 0 else None
 
 
 def make_worker_config(cfg: PretrainConfig, model: dict, shard_dir: str, manifest: dict, *, seed: int,
-                       tracking_uri: str | None, run_id: str | None) -> dict:
-    """``train_worker``'s config; ``run_id`` None: untracked (a sweep trial reports to Tune only)."""
-    train_urls, train_counts = shard_urls(shard_dir, manifest, "train")
-    val_urls, _ = shard_urls(shard_dir, manifest, "val")
+                       tracking_uri: str | None, run_id: str | None, checks: dict[str, ShardCheck] | None = None) -> dict:
+    """``train_worker``'s config; ``run_id`` None: untracked (a sweep trial reports to Tune only).
+    ``checks``: the train and val splits as :func:`checked_split` found them (checked here if None)."""
+    checks = checks or {s: check_shards(shard_dir, manifest, s) for s in ("train", "val")}
+    train_urls, train_counts = checks["train"].urls, checks["train"].counts
+    val_urls = checks["val"].urls
     return {
         "pretrain": cfg.model_dump(mode="json"),
         "model": model,
@@ -187,6 +209,8 @@ def make_worker_config(cfg: PretrainConfig, model: dict, shard_dir: str, manifes
         "train_urls": train_urls,
         "train_counts": train_counts,
         "val_urls": val_urls,
+        "train_verify": checks["train"].verify,
+        "val_verify": checks["val"].verify,
         "labeled": manifest["labeled"],
         "modality": manifest.get("modality", "image"),
         "shard_dir": shard_dir,
@@ -204,7 +228,8 @@ def pretrain(ctx: StageContext, cfg: PretrainConfig, inputs: dict) -> dict:
         mlflow.log_params({f"used.{k}": v for k, v in best.items() if k in SWEEP_TRAINING_FIELDS})
         console.print(f"pretrain: with the sweep's best {', '.join(f'{k}={v}' for k, v in best.items())}")
     manifest = read_manifest(shard_set["shard_dir"])
-    train_urls, train_counts = shard_urls(shard_set["shard_dir"], manifest, "train")
+    checks = {s: checked_split(shard_set["shard_dir"], manifest, s) for s in ("train", "val")}
+    train_urls, train_counts = checks["train"].urls, checks["train"].counts
     if get_method(cfg.method).uses_labels and not manifest["labeled"]:
         raise ValueError(f"pretrain.method: {cfg.method} is supervised and needs labeled shards, but the source of "
                          f"{shard_set['shard_dir']} has no labels; use a labeled source or a self-supervised method")
@@ -224,7 +249,7 @@ def pretrain(ctx: StageContext, cfg: PretrainConfig, inputs: dict) -> dict:
     # the hyperparameters actually used (the method's paper defaults, then params.<method>)
     mlflow.log_params({f"method.{k}": v for k, v in cfg.method_kwargs().items()})
     worker_config = make_worker_config(cfg, model, shard_set["shard_dir"], manifest, seed=ctx.seed,
-                                       tracking_uri=ctx.tracking_uri, run_id=ctx.run_id)
+                                       tracking_uri=ctx.tracking_uri, run_id=ctx.run_id, checks=checks)
     console.print(f"pretrain: {cfg.method} / {cfg.backbone} on {cfg.num_workers} Ray Train worker(s)"
                   f"{' with GPUs' if use_gpu(cfg) else ''}, {cfg.epochs} epochs, {sum(train_counts)} training images "
                   f"in {len(train_urls)} shards")
@@ -239,7 +264,7 @@ def pretrain(ctx: StageContext, cfg: PretrainConfig, inputs: dict) -> dict:
         mlflow.log_artifact(str(ctx.output_dir / "curves.png"))
     encoder = {"checkpoint_dir": ckpt, "model": model, "feat_dim": build_method(model).feat_dim,
                "image_size": cfg.views.image_size, "final_metrics": final, "modality": modality}
-    info = mlflow.pytorch.log_model(load_encoder(encoder), name="encoder", serialization_format="pickle",
-                                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+    # weights + a JSON builder, loaded with weights_only (cl_core.models.saved.load_model)
+    info = saved.log_model(load_encoder(encoder), name="encoder", builder={"kind": "encoder", "model": model})
     encoder["model_uri"] = info.model_uri
     return encoder

@@ -1,26 +1,28 @@
 """register: the encoder, the teacher and the student in the MLflow model registry.
 
-Each model is logged with the pytorch flavor (signature and input example from real
-test images, preprocessed as at training time) and registered as a new version of
-``NAME-encoder`` / ``NAME-teacher`` / ``NAME-student``. The version is tagged with its
-lineage (pipeline run, stage run, shard manifest sha256, label fraction, seed) and its
-test metrics, gets alias ``candidate``, and takes alias ``champion`` only if its test
-top-1 beats the current champion's (or there is none).
+Each model is logged by :func:`cl_core.models.saved.log_model` (its ``state_dict`` and
+a JSON recipe of its architecture, so loading it unpickles nothing; signature and input
+example from real test images, preprocessed as at training time) and registered as a
+new version of ``NAME-encoder`` / ``NAME-teacher`` / ``NAME-student``. The version is
+tagged with its lineage (pipeline run, stage run, shard manifest sha256, label fraction,
+seed) and its test metrics, gets alias ``candidate``, and takes alias ``champion`` only
+if its test top-1 beats the current champion's (or there is none). Load one with
+``cl_core.models.saved.load_model("models:/NAME-student@champion")`` (a torch module) or
+``mlflow.pyfunc.load_model(...)`` (numpy in, numpy out).
 """
 
 from __future__ import annotations
 
 import mlflow
 import numpy as np
-import torch
 from mlflow.exceptions import MlflowException
-from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
 from cl_core.augment import EvalTransform
 from cl_core.data.reader import load_split
 from cl_core.data.shards import read_manifest, shard_urls
 from cl_core.data.subsets import fraction_name
+from cl_core.models import saved
 from pipelines.config import RegisterConfig
 from pipelines.console import console
 from pipelines.graph import StageContext
@@ -54,26 +56,26 @@ def register(ctx: StageContext, cfg: RegisterConfig, inputs: dict) -> dict:
     image_size = inputs["pretrain"]["image_size"]
     x, _ = load_split(shard_urls(shard_set["shard_dir"], manifest, "test")[0][:1], EvalTransform(image_size))
     example = x[:2].numpy().astype(np.float32)
+    teacher = inputs["finetune"]["models"][f"teacher_{frac_name}"]
+    student = inputs["distill"]["models"][f"student_{frac_name}"]
+    # role: (module, builder that rebuilds its architecture, test top-1, extra metric tags)
     models = {
-        "encoder": (load_encoder(inputs["pretrain"]), row["encoder_linear"],
-                    {"test_knn_top1": row["encoder_knn"], "test_linear_top1": row["encoder_linear"]}),
-        "teacher": (load_classifier(inputs["finetune"]["models"][f"teacher_{frac_name}"]), row["teacher"], {}),
-        "student": (load_classifier(inputs["distill"]["models"][f"student_{frac_name}"]), row["student"], {}),
+        "encoder": (load_encoder(inputs["pretrain"]), {"kind": "encoder", "model": inputs["pretrain"]["model"]},
+                    row["encoder_linear"], {"test_knn_top1": row["encoder_knn"], "test_linear_top1": row["encoder_linear"]}),
+        "teacher": (load_classifier(teacher), {"kind": "classifier", "spec": teacher["spec"]}, row["teacher"], {}),
+        "student": (load_classifier(student), {"kind": "classifier", "spec": student["spec"]}, row["student"], {}),
     }
     stage_runs = {"encoder": ctx.upstream_run_ids["pretrain"], "teacher": ctx.upstream_run_ids["finetune"],
                   "student": ctx.upstream_run_ids["distill"]}
     client = MlflowClient()
     base = ctx.config.model_name()
     versions = {}
-    for role, (model, test_top1, extra) in models.items():
+    for role, (model, builder, test_top1, extra) in models.items():
         name = f"{base}-{role}"
         test_top1 = round(float(test_top1), 6)  # compared with the champion's tag, which holds 6 decimals
-        model.eval()
-        with torch.no_grad():
-            out = model(torch.from_numpy(example)).numpy()
-        info = mlflow.pytorch.log_model(
-            model, name=role, registered_model_name=name, signature=infer_signature(example, out), input_example=example,
-            serialization_format="pickle", pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+        # the signature comes from the model's eval-mode output on the example
+        info = saved.log_model(model.eval(), name=role, builder=builder, registered_model_name=name,
+                               input_example=example)
         version = str(info.registered_model_version)
         tags = {
             "clpipe.pipeline_run_id": ctx.parent_run_id, "clpipe.stage_run_id": stage_runs[role],

@@ -34,13 +34,14 @@ from ray import tune
 from cl_core.augment import EvalTransform
 from cl_core.data import storage
 from cl_core.data.reader import ShardStream, load_split
-from cl_core.data.shards import read_manifest, shard_urls
+from cl_core.data.shards import read_manifest
 from cl_core.engine import PretrainLoop
 from cl_core.evaluate import extract_features, knn_top1
 from pipelines import plots, ray_env, tracking
 from pipelines.config import PretrainConfig, SweepConfig, SweepStageConfig, apply_sweep
 from pipelines.console import console
 from pipelines.graph import StageContext
+from pipelines.stages._data import checked_split
 from pipelines.stages._train import loop_config
 from pipelines.stages.pretrain import build_method, make_worker_config, train_worker, view_transform
 
@@ -52,7 +53,8 @@ DRIVER_CPUS = 0.01  # what a multi-worker trial's driver reserves; its Train wor
 def _trial_pretrain(config: dict[str, Any], base: dict[str, Any]) -> PretrainConfig:
     """The pretrain section of one trial: the swept values over the configured ones."""
     p = apply_sweep(PretrainConfig.model_validate(base["pretrain"]), {k: config[k] for k in base["names"]})
-    return p.model_copy(update={"epochs": base["epochs"]})
+    # trials checkpoint at epoch ends only: Tune (and ASHA) see one report per epoch
+    return p.model_copy(update={"epochs": base["epochs"], "checkpoint_every_steps": 0, "checkpoint_every_minutes": 0.0})
 
 
 def trial(config: dict[str, Any], base: dict[str, Any]) -> None:
@@ -67,6 +69,7 @@ def trial(config: dict[str, Any], base: dict[str, Any]) -> None:
     model = {"method": p.method, "kwargs": p.model_kwargs(num_samples=sum(base["train_counts"]))}
     method = build_method(model, gather_distributed=False).to(device)
     stream = ShardStream(base["train_urls"], base["train_counts"], rank=0, world_size=1, loader_workers=0,
+                         verify=base["train_verify"],
                          batch_size=p.batch_size_per_worker, shuffle_buffer=p.shuffle_buffer, seed=base["seed"],
                          transform=view_transform(p.method, p.views))
     loop = PretrainLoop(method, method, stream, loop_config(p), device)
@@ -75,8 +78,8 @@ def trial(config: dict[str, Any], base: dict[str, Any]) -> None:
         with ckpt.as_directory() as d:
             loop.load_state_dict(torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=True))
     tf = EvalTransform(p.views.image_size)
-    bank_x, bank_y = load_split(base["train_urls"], tf)
-    val_x, val_y = load_split(base["val_urls"], tf)
+    bank_x, bank_y = load_split(base["train_urls"], tf, verify=base["train_verify"])
+    val_x, val_y = load_split(base["val_urls"], tf, verify=base["val_verify"])
 
     def evaluate(encoder: torch.nn.Module) -> dict[str, float]:
         fb, fv = extract_features(encoder, bank_x, device=device), extract_features(encoder, val_x, device=device)
@@ -184,8 +187,8 @@ def sweep(ctx: StageContext, cfg: SweepStageConfig, inputs: dict) -> dict:
     if not manifest["labeled"]:
         raise ValueError("sweep: the objective is val kNN top-1, which needs labels; the source has none "
                          "(set sweep.enabled: false)")
-    train_urls, train_counts = shard_urls(shard_set["shard_dir"], manifest, "train")
-    val_urls, _ = shard_urls(shard_set["shard_dir"], manifest, "val")
+    train, val = (checked_split(shard_set["shard_dir"], manifest, s) for s in ("train", "val"))
+    train_urls, train_counts, val_urls = train.urls, train.counts, val.urls
     if not val_urls:
         raise ValueError("sweep: the val split is empty; set data.val_fraction > 0")
     names = sorted(sw.space)
@@ -197,6 +200,7 @@ def sweep(ctx: StageContext, cfg: SweepStageConfig, inputs: dict) -> dict:
     exp_dir = ray_env.storage_uri(exp_path, storage_fs)
     base = {"pretrain": pre.model_dump(mode="json"), "names": names, "epochs": sw.epochs, "cpus": sw.cpus_per_trial,
             "seed": ctx.seed, "train_urls": train_urls, "train_counts": train_counts, "val_urls": val_urls,
+            "train_verify": train.verify, "val_verify": val.verify,
             "gpu": gpu, "workers": workers, "shard_dir": shard_set["shard_dir"], "manifest": manifest,
             "train_storage": f"{exp_path}/train", "storage_fs": storage_fs,
             "train_log_level": ctx.config.ray.train_log_level}

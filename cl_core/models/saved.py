@@ -1,0 +1,246 @@
+"""MLflow models that load without unpickling: weights plus a JSON recipe.
+
+A model logged by :func:`log_model` is an MLflow ``python_function`` model whose data
+folder holds two files:
+
+- ``state_dict.pt``: the module's ``state_dict`` (tensors only), read back with
+  ``torch.load(weights_only=True)``, PyTorch's restricted loader that accepts tensors
+  and plain containers and refuses any other object;
+- ``builder.json``: how to rebuild the architecture from this package's code,
+  ``{"kind": "classifier", "spec": <cl_core.models.build_classifier spec>}`` or
+  ``{"kind": "encoder", "model": {"method": NAME, "kwargs": {...}}}`` (the encoder of a
+  pretrained method of :mod:`cl_core.methods`).
+
+Its ``loader_module`` is this module, so ``mlflow.pyfunc.load_model(uri)`` imports the
+installed ``cl_core`` (no code is read from the artifacts) and ``predict`` maps an array
+(images ``(N, C, H, W)`` float32, or token ids ``(N, L)`` int64 for text encoders) to
+the module's output as a numpy array. :func:`load_model` gives the ``torch.nn.Module``
+back. Both need ``cl_core`` importable where the model is loaded. The pyfunc predicts
+on ``model_config={"device": ...}``, else ``MLFLOW_DEFAULT_PREDICTION_DEVICE``, else CUDA
+when there is one, as MLflow's pytorch flavor does.
+
+MLflow's pytorch flavor would instead pickle the module (``serialization_format=
+"pickle"``: loading runs whatever the pickle names) or export a ``torch.export`` graph
+(``"pt2"``: ``torch.export.load`` unpickles the archive's records unless MLflow is told
+to vet them, and returns a graph module rather than the model's class).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import mlflow.artifacts
+import mlflow.pyfunc
+import numpy as np
+import torch
+from mlflow.models import Model, ModelSignature, infer_signature
+from mlflow.models.model import ModelInfo
+from torch import nn
+
+FORMAT = "cl_core-state-dict/1"
+DATA_DIR = "weights"  # the folder under the MLflow model's data/
+WEIGHTS_FILE = "state_dict.pt"
+BUILDER_FILE = "builder.json"
+KINDS = ("classifier", "encoder")
+
+
+def _check_kind(builder: Any) -> str:
+    kind = builder.get("kind") if isinstance(builder, Mapping) else None
+    if kind not in KINDS:
+        raise ValueError(f"builder.kind: {kind!r} is not one of {', '.join(KINDS)}; give "
+                         "{'kind': 'classifier', 'spec': SPEC} or {'kind': 'encoder', 'model': {'method', 'kwargs'}}")
+    need = "spec" if kind == "classifier" else "model"
+    if not isinstance(builder.get(need), Mapping):
+        raise ValueError(f"builder.{need}: missing; a {kind} builder needs a '{need}' dict")
+    if kind == "encoder" and not isinstance(builder["model"].get("method"), str):
+        raise ValueError("builder.model.method: missing; give the pretraining method's name (cl_core.methods)")
+    return kind
+
+
+def build_module(builder: Mapping[str, Any]) -> nn.Module:
+    """The randomly initialised architecture that ``builder`` describes."""
+    if _check_kind(builder) == "classifier":
+        from cl_core.models.classifier import build_classifier
+
+        return build_classifier(dict(builder["spec"]))
+    from cl_core.methods import get_method  # the methods build on cl_core.models
+
+    model = builder["model"]
+    return get_method(model["method"])(**model.get("kwargs", {}), gather_distributed=False).encoder()
+
+
+def _json_builder(builder: Mapping[str, Any]) -> dict[str, Any]:
+    """``builder`` as it will be read back from ``builder.json`` (tuples become lists)."""
+    try:
+        out = json.loads(json.dumps(builder))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"builder: not JSON ({e}); give plain dicts, lists, strings and numbers") from None
+    _check_kind(out)
+    return out
+
+
+def _load_state(module: nn.Module, state: Mapping[str, torch.Tensor], where: str) -> None:
+    """``module.load_state_dict(state)`` (strict), with a one-line error naming ``where``."""
+    mine = module.state_dict()
+    missing = sorted(set(mine) - set(state))
+    unexpected = sorted(set(state) - set(mine))
+    shapes = sorted(k for k in set(mine) & set(state) if mine[k].shape != state[k].shape)
+    if missing or unexpected or shapes:
+        parts = [f"{label} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("other shape", shapes)) if keys]
+        raise ValueError(f"{where}: the weights do not fit the architecture that builder.json describes "
+                         f"({'; '.join(parts)}); log the module with the builder it was made from")
+    module.load_state_dict(state)
+
+
+def _forward(module: nn.Module, x: np.ndarray | torch.Tensor) -> np.ndarray:
+    """``module`` in eval mode on ``x`` (on the module's device); its mode is restored."""
+    t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
+    p = next(module.parameters(), None)
+    was = module.training
+    module.eval()
+    try:
+        with torch.inference_mode():
+            out = module(t.to(p.device) if p is not None else t)
+    finally:
+        module.train(was)
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"the module returned {type(out).__name__}, not a tensor; log a module whose forward "
+                        "returns one tensor")
+    return out.detach().cpu().numpy()
+
+
+def log_model(
+    module: nn.Module,
+    *,
+    name: str,
+    builder: Mapping[str, Any],
+    registered_model_name: str | None = None,
+    signature: ModelSignature | None = None,
+    input_example: np.ndarray | None = None,
+    pip_requirements: list[str] | None = None,
+) -> ModelInfo:
+    """Log ``module`` to the active MLflow run as ``name`` (and register it as a new version
+    of ``registered_model_name`` when given).
+
+    ``builder`` rebuilds the architecture (see the module docstring); the module's
+    ``state_dict`` must fit it exactly, which is checked here, so a logged model always
+    loads. With ``input_example`` and no ``signature``, the signature is inferred from the
+    module's eval-mode output on the example; on CPU, the rebuilt module must give the
+    same output. ``pip_requirements`` default: this torch version.
+    """
+    builder = _json_builder(builder)
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
+    rebuilt = build_module(builder)
+    _load_state(rebuilt, state, "builder")
+    if input_example is not None:
+        out = _forward(module, input_example)
+        if signature is None:
+            signature = infer_signature(input_example, out)
+        if all(p.device.type == "cpu" for p in module.parameters()):
+            again = _forward(rebuilt, input_example)
+            if again.shape != out.shape or not np.allclose(again, out, rtol=1e-4, atol=1e-5):
+                raise ValueError("builder: the module rebuilt from it computes other outputs than the module given; "
+                                 "pass the builder the module was made from")
+    if pip_requirements is None:
+        pip_requirements = [f"torch=={torch.__version__.split('+')[0]}"]
+    with tempfile.TemporaryDirectory() as d:
+        data = Path(d) / DATA_DIR
+        data.mkdir()
+        torch.save(state, data / WEIGHTS_FILE)
+        (data / BUILDER_FILE).write_text(json.dumps({"format": FORMAT, "builder": builder}, indent=2, sort_keys=True))
+        info = mlflow.pyfunc.log_model(
+            name=name, loader_module=__name__, data_path=str(data), registered_model_name=registered_model_name,
+            signature=signature, input_example=input_example, pip_requirements=pip_requirements,
+            model_config={"device": None},  # mlflow.pyfunc.load_model(uri, model_config={"device": "cpu"})
+            metadata={"format": FORMAT, "builder_kind": builder["kind"]})
+    return info
+
+
+def _read_builder(data_path: str | Path) -> dict[str, Any]:
+    path = Path(data_path) / BUILDER_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; this is not a model logged by cl_core.models.saved.log_model")
+    record = json.loads(path.read_text())
+    if record.get("format") != FORMAT:
+        raise ValueError(f"{path}: format {record.get('format')!r}, expected {FORMAT!r}; "
+                         "load it with the cl_core version that logged it")
+    return record["builder"]
+
+
+def load_module(data_path: str | Path, *, map_location: str | torch.device = "cpu") -> nn.Module:
+    """The module saved in ``data_path`` (the model's ``data/weights`` folder), in eval mode.
+    The weights are read with ``torch.load(weights_only=True)``: a file holding anything
+    other than tensors and plain containers is refused, never executed."""
+    module = build_module(_read_builder(data_path))
+    path = Path(data_path) / WEIGHTS_FILE
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"{path}: holds objects other than tensors, so it was not loaded; the file was not written by "
+                         "cl_core.models.saved.log_model (re-log the model)") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: not a state_dict of tensors; re-log the model with cl_core.models.saved.log_model")
+    _load_state(module, state, str(path))
+    return module.to(map_location).eval()
+
+
+def _data_path(local: str | Path, uri: str) -> Path:
+    meta = Model.load(os.path.join(local, "MLmodel"))
+    conf = meta.flavors.get("python_function") or {}
+    if conf.get("loader_module") != __name__:
+        raise ValueError(f"{uri}: not a model logged by cl_core.models.saved.log_model (its python_function loader is "
+                         f"{conf.get('loader_module')!r}); pickled pytorch-flavor models are not loaded here")
+    return Path(local) / conf["data"]
+
+
+def load_model(uri: str, *, dst_path: str | None = None, map_location: str | torch.device = "cpu") -> nn.Module:
+    """The ``torch.nn.Module`` of a model logged by :func:`log_model`, in eval mode.
+
+    ``uri``: any MLflow model URI (``models:/NAME@champion``, ``models:/NAME/3``,
+    ``runs:/RUN/NAME``, a local folder). Downloads the model (into ``dst_path`` when
+    given), rebuilds the architecture from ``builder.json`` and loads the weights with
+    ``torch.load(weights_only=True)``."""
+    local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst_path)
+    return load_module(_data_path(local, uri), map_location=map_location)
+
+
+class SavedModel:
+    """What ``mlflow.pyfunc.load_model`` wraps: ``predict(array) -> array``."""
+
+    def __init__(self, module: nn.Module, device: torch.device) -> None:
+        self.module, self.device = module, device
+
+    def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> np.ndarray:
+        x = model_input
+        if hasattr(x, "to_numpy"):  # a pandas DataFrame or Series
+            x = x.to_numpy()
+        if isinstance(x, Mapping):
+            if len(x) != 1:
+                raise ValueError(f"predict: got inputs {', '.join(map(str, x))}; the model takes one array")
+            x = next(iter(x.values()))
+        if isinstance(x, list):
+            x = np.asarray(x)
+        if not isinstance(x, (np.ndarray, torch.Tensor)):
+            raise TypeError(f"predict: got {type(x).__name__}; give a numpy array")
+        return _forward(self.module, x)
+
+    def get_raw_model(self) -> nn.Module:
+        return self.module
+
+
+def _pyfunc_device(model_config: Mapping[str, Any] | None) -> torch.device:
+    device = (model_config or {}).get("device") or os.environ.get("MLFLOW_DEFAULT_PREDICTION_DEVICE")
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _load_pyfunc(data_path: str, model_config: Mapping[str, Any] | None = None) -> SavedModel:
+    """``mlflow.pyfunc.load_model``'s entry point (this module is the ``loader_module``)."""
+    device = _pyfunc_device(model_config)
+    return SavedModel(load_module(data_path, map_location=device), device)
