@@ -94,7 +94,7 @@ class PretrainLoop:
             "scheduler": {"kind": "warmup_cosine", "peak_lr": self.peak_lr, "warmup_steps": self.warmup_steps,
                           "total_steps": self.total_steps, "lr": self.lr()},
             "batch_in_epoch": self.batch_in_epoch,
-            "epoch_sums": {k: float(v) for k, v in self._sums.items()},
+            "epoch_sums": distributed.all_gather_object({k: float(v) for k, v in self._sums.items()}),  # per rank
             "epoch_seconds": self._seconds,
             # every rank's generator (a collective: every rank calls state_dict at the same points)
             "torch_rng": distributed.all_gather_object(torch.get_rng_state()),
@@ -105,7 +105,10 @@ class PretrainLoop:
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self.batch_in_epoch = int(state.get("batch_in_epoch", 0))
-        self._sums = {k: torch.tensor(v, dtype=torch.float32) for k, v in state.get("epoch_sums", {}).items()}
+        sums = state.get("epoch_sums", {})
+        if isinstance(sums, list):  # one per rank, like the generators
+            sums = sums[distributed.rank()] if len(sums) == self.world_size else sums[0]
+        self._sums = {k: torch.tensor(v, dtype=torch.float32) for k, v in sums.items()}
         self._seconds = float(state.get("epoch_seconds", 0.0))
         rng = state["torch_rng"]
         if isinstance(rng, list):  # one per rank; a different world size continues from rank 0's

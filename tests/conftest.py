@@ -1,6 +1,10 @@
 from __future__ import annotations
 
+import contextlib
 import io
+import os
+import secrets
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -45,3 +49,26 @@ def png_bytes(arr: np.ndarray) -> bytes:
     b = io.BytesIO()
     Image.fromarray(arr).save(b, format="PNG")
     return b.getvalue()
+
+
+@contextlib.contextmanager
+def s3_server(directory: Path, bucket: str) -> Iterator:
+    """A SeaweedFS S3 server on 127.0.0.1 with fresh credentials and ``bucket``; the AWS
+    environment points at it inside the block, and the server is stopped by pid after."""
+    from cl_core.data import storage
+    from infra import procs, seaweed
+
+    server = seaweed.start(directory, seaweed.free_s3_port(), "clpipe-test-key", secrets.token_hex(16))
+    saved = {k: os.environ.get(k) for k in server.env()}
+    os.environ.update(server.env())
+    try:
+        storage.client().create_bucket(Bucket=bucket)
+        yield server
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()
+        assert not procs.alive(server.pid)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 
 import pytest
 
@@ -193,22 +192,10 @@ def test_manifest_without_sizes_still_loads(shard_set):
 def s3(tmp_path):
     """A SeaweedFS S3 server (see tests/test_s3.py) with a bucket; the AWS environment
     points at it during the test."""
-    from infra import procs, seaweed
+    from tests.conftest import s3_server
 
-    server = seaweed.start(tmp_path / "weed", seaweed.free_s3_port(), "clpipe-test-key", secrets.token_hex(16))
-    saved = {k: os.environ.get(k) for k in server.env()}
-    os.environ.update(server.env())
-    try:
-        storage.client().create_bucket(Bucket="clpipe-faults")
+    with s3_server(tmp_path / "weed", "clpipe-faults"):
         yield "s3://clpipe-faults"
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        server.stop()
-        assert not procs.alive(server.pid)
 
 
 def test_check_on_s3_uses_object_sizes(shard_set, s3):

@@ -94,22 +94,27 @@ def _method_loop(name, train_shards):
     return PretrainLoop(method, method, stream, cfg, torch.device("cpu"))
 
 
-@pytest.mark.parametrize("name", STATEFUL)
-def test_stateful_methods_resume_exactly_through_the_loop(name, train_shards, tmp_path):
-    """Checkpoint after epoch 1 (torch.save / weights_only load), resume in a fresh loop:
-    every parameter and buffer (EMA weights, queue, center, prototypes, bank) equals the
-    uninterrupted run's."""
+def _resumed_equals_straight(name, train_shards, path, interrupt) -> None:
+    """``interrupt(loop, path)`` trains a loop part way and leaves a checkpoint at
+    ``path``; a fresh loop resumed from it ends with every parameter and buffer (EMA
+    weights, queue, center, prototypes, bank) equal to the uninterrupted run's."""
     straight = _method_loop(name, train_shards)
     straight.run(lambda m, s: None)
-    one = _method_loop(name, train_shards)
-    one._epoch(lambda m, s: torch.save(s, tmp_path / "state.pt"), None, None, None)
+    interrupt(_method_loop(name, train_shards), path)
     torch.manual_seed(123)  # the resumed loop must not depend on the process's RNG state
     resumed = _method_loop(name, train_shards)
-    resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    resumed.load_state_dict(torch.load(path, weights_only=True))
     resumed.run(lambda m, s: None)
     ref = straight.method.state_dict()
     for k, v in resumed.method.state_dict().items():
         torch.testing.assert_close(v, ref[k], msg=f"{name}: {k}")
+
+
+@pytest.mark.parametrize("name", STATEFUL)
+def test_stateful_methods_resume_exactly_through_the_loop(name, train_shards, tmp_path):
+    """Checkpoint after epoch 1 (torch.save / weights_only load), resume in a fresh loop."""
+    _resumed_equals_straight(name, train_shards, tmp_path / "state.pt",
+                             lambda loop, path: loop._epoch(lambda m, s: torch.save(s, path), None, None, None))
 
 
 class _Crash(Exception):
@@ -207,15 +212,8 @@ def test_stateful_methods_resume_mid_epoch(name, train_shards, tmp_path):
     """EMA weights, queues and banks come back exactly from a checkpoint inside an epoch."""
     import dataclasses
 
-    straight = _method_loop(name, train_shards)
-    straight.run(lambda m, s: None)
-    crashed = _method_loop(name, train_shards)
-    crashed.cfg = dataclasses.replace(crashed.cfg, checkpoint_every_steps=1)
-    _crash_after_checkpoint(crashed, tmp_path / "state.pt", crashed.steps_per_epoch + 1)
-    torch.manual_seed(123)
-    resumed = _method_loop(name, train_shards)
-    resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
-    resumed.run(lambda m, s: None)
-    ref = straight.method.state_dict()
-    for k, v in resumed.method.state_dict().items():
-        torch.testing.assert_close(v, ref[k], msg=f"{name}: {k}")
+    def interrupt(loop, path):
+        loop.cfg = dataclasses.replace(loop.cfg, checkpoint_every_steps=1)
+        _crash_after_checkpoint(loop, path, loop.steps_per_epoch + 1)
+
+    _resumed_equals_straight(name, train_shards, tmp_path / "state.pt", interrupt)

@@ -183,39 +183,6 @@ def test_chain_input_errors_are_one_clear_line(local_ray, tmp_path, capsys):
     assert "upstream stage finetune" in err and "lost its artifact" in err and str(teacher) in err
 
 
-def test_pretrain_resumes_from_its_ray_checkpoint(local_ray, tmp_path, capfd):
-    """A pretrain stage rerun under the same key (as after a killed driver) continues
-    from the last Ray Train checkpoint instead of starting over."""
-    import mlflow
-
-    from pipelines.config import load_config
-    from pipelines.graph import StageContext
-    from pipelines.stages.pretrain import pretrain
-
-    work = tmp_path / "work"
-    args = ["run", "--work-dir", str(work), "--set", "sweep.enabled=false", "--set", "pretrain.epochs=1",
-            "--set", "pretrain.batch_size_per_worker=32", "--set", "finetune.epochs=1", "--set", "finetune.min_steps=0", "--set", "distill.epochs=1",
-            "--set", "registry.enabled=false"]
-    assert main(args) == 0
-    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("clpipe")
-    runs = {r.data.tags[tracking.TAG_STAGE]: r for r in client.search_runs(
-        [exp.experiment_id], filter_string=f"tags.`{tracking.TAG_KIND}` = 'stage'")}
-    key = runs["pretrain"].data.tags[tracking.TAG_KEY]
-    shard_outputs = tracking.load_outputs(runs["shard"].info.run_id)
-
-    cfg = load_config(overrides=[f"work_dir={work}", "sweep.enabled=false", "pretrain.epochs=2",
-                                 "pretrain.batch_size_per_worker=32"])
-    capfd.readouterr()
-    with mlflow.start_run(experiment_id=exp.experiment_id) as run:
-        ctx = StageContext("pretrain", key, run.info.run_id, run.info.run_id, cfg, tmp_path / "out", {})
-        ctx.output_dir.mkdir()
-        out = pretrain(ctx, cfg.pretrain, {"shard": shard_outputs})
-    assert "resumed from checkpoint at epoch 1" in capfd.readouterr().out
-    assert out["final_metrics"]["epoch"] == 2.0
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [2]
-
-
 def test_a_source_with_no_decodable_image_fails_the_shard_stage_clearly(local_ray, tmp_path, capsys):
     folder = tmp_path / "broken"
     for c in ("a", "b"):

@@ -9,7 +9,12 @@ import torch
 from cl_core.data import shards as S
 from cl_core.data.sources import npz_source
 from pipelines.stages._data import checked_split
-from pipelines.stages._train import CHECKPOINT_INFO, CheckpointError, verify_checkpoint, write_checkpoint_dir
+from pipelines.stages._train import (
+    CHECKPOINT_INFO,
+    CheckpointError,
+    verify_checkpoint,
+    write_checkpoint_dir,
+)
 from tests.test_shards import write_set
 
 

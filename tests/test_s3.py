@@ -6,7 +6,6 @@ MLflow artifacts to S3 and training from there."""
 from __future__ import annotations
 
 import os
-import secrets
 import socket
 import threading
 import time
@@ -14,7 +13,7 @@ import time
 import pytest
 
 from cl_core.data import storage
-from infra import procs, seaweed
+from tests.conftest import s3_server
 
 BUCKET = "clpipe-test"
 
@@ -23,21 +22,8 @@ BUCKET = "clpipe-test"
 def s3(tmp_path_factory):
     """A SeaweedFS S3 server with credentials; the AWS environment points at it while
     the module runs."""
-    server = seaweed.start(tmp_path_factory.mktemp("weed"), seaweed.free_s3_port(),
-                           "clpipe-test-key", secrets.token_hex(16))
-    saved = {k: os.environ.get(k) for k in server.env()}
-    os.environ.update(server.env())
-    try:
-        storage.client().create_bucket(Bucket=BUCKET)
+    with s3_server(tmp_path_factory.mktemp("weed"), BUCKET) as server:
         yield server
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        server.stop()
-        assert not procs.alive(server.pid)
 
 
 def test_objects_listing_and_prefixes(s3):

@@ -137,11 +137,16 @@ def _latest_checkpoint(storage_path: str, storage_fs: Any, run_name: str) -> tup
 
 def _failure_message(ctx: StageContext, section: TrainingConfig, err: BaseException,
                      latest: tuple[str, str] | None) -> str:
+    def first_line(e: BaseException) -> str:
+        line = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+        line = f"{type(e).__name__}: {line}" if line else type(e).__name__
+        return line if len(line) <= 200 else line[:200] + " ..."
+
     text = str(err)
-    cause = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(err).__name__)
+    failures = getattr(err, "worker_failures", None)  # Ray Train's WorkerGroupError: {rank: exception}
+    cause = ("; ".join(f"rank {r}: {first_line(e)}" for r, e in sorted(failures.items())) if failures
+             else first_line(err))
     died = any(w in text for w in ("ActorDiedError", "ActorUnavailableError", "died", "SIGKILL", "unexpectedly"))
-    if len(cause) > 300:
-        cause = cause[:300] + " ..."
     if latest is None:
         where = "no checkpoint was written yet; rerunning the same command starts the stage over"
     else:
@@ -149,7 +154,7 @@ def _failure_message(ctx: StageContext, section: TrainingConfig, err: BaseExcept
     restarts = (f" after {section.max_failures} restart(s)" if section.max_failures > 0 else
                 f"; set {ctx.name}.max_failures >= 1 to restart automatically" if died else "")
     what = "a training worker died" if died else "training failed"
-    return f"{ctx.name}: {what} ({type(err).__name__}: {cause}){restarts}; {where}"
+    return f"{ctx.name}: {what} ({cause}){restarts}; {where}"
 
 
 def fit(ctx: StageContext, worker: Callable[[dict], Any], worker_config: dict, section: TrainingConfig) -> Result:

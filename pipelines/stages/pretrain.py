@@ -99,6 +99,7 @@ def train_worker(config: dict) -> list[dict] | None:
     torch.set_num_threads(config["threads"])
     device = train.torch.get_device()
     p = PretrainConfig.model_validate(config["pretrain"])
+    torch.manual_seed(config["seed"])  # the initial weights (DDP then sends rank 0's to every rank)
     method = build_method(config["model"]).to(device)
     if device.type == "cuda":
         method = method.to(memory_format=torch.channels_last)
