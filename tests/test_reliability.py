@@ -79,3 +79,45 @@ def test_a_missing_shard_stops_the_stage_naming_its_url(npz_file, tmp_path):
     (out / manifest["splits"]["val"]["shards"][0]["name"]).unlink()
     with pytest.raises(S.ShardError, match="is missing from storage; rerun the shard stage"):
         checked_split(str(out), manifest, "val")
+
+
+@pytest.mark.slow
+def test_one_percent_corrupt_images_are_counted_in_the_manifest_and_mlflow(tmp_path, capsys):
+    """A 300-image folder with 3 undecodable files: the shard stage skips and counts them,
+    lists them in the manifest, logs ``num_corrupt`` to its MLflow run and names them."""
+    import numpy as np
+    import ray
+    from mlflow.tracking import MlflowClient
+    from PIL import Image
+
+    from pipelines import ray_env, tracking
+    from pipelines.cli import main
+    from pipelines.config import RayConfig
+    from tests.conftest import make_images
+
+    x, y = make_images(300)
+    root = tmp_path / "folder"
+    for i, (img, c) in enumerate(zip(x, y, strict=True)):
+        (root / f"c{c}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.asarray(img)).save(root / f"c{c}" / f"{i:03d}.png")
+    bad = [root / "c0" / "000.png", root / "c1" / "001.png", root / "c2" / "002.png"]
+    for b in bad:
+        b.write_bytes(b.read_bytes()[:50])  # cut inside the image data
+    work = tmp_path / "work"
+    ray_env.init(RayConfig(num_cpus=2))
+    try:
+        assert main(["run", "--work-dir", str(work), "--set", f"data.source={{kind: image_folder, path: {root}}}",
+                     "--until", "shard"]) == 0
+    finally:
+        ray.shutdown()
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if "undecodable" in ln)
+    assert "shard: skipped 3 undecodable image(s): " in line and all(f"c{i}/00{i}.png" in line for i in range(3))
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("clpipe").experiment_id
+    run = client.search_runs([exp], filter_string=f"tags.`{tracking.TAG_STAGE}` = 'shard'")[0]
+    assert run.data.metrics["num_corrupt"] == 3 and run.data.metrics["num_samples"] == 297
+    shard_dir = next((work / "shard").iterdir())
+    manifest = json.loads((shard_dir / "manifest.json").read_text())
+    assert manifest["num_corrupt"] == 3 and sorted(c["id"] for c in manifest["corrupt"]) == [
+        "c0/000.png", "c1/001.png", "c2/002.png"]
