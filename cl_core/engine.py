@@ -36,10 +36,39 @@ class LoopConfig:
     log_every_steps: int = 0  # 0: per-epoch metrics only
     checkpoint_every_steps: int = 0  # also checkpoint inside an epoch every N optimizer steps (0: off)
     checkpoint_every_minutes: float = 0.0  # also checkpoint when this long since the last one (0: off)
+    precision: str = "auto"  # "auto" (bf16 on CUDA), "fp32" or "bf16": autocast of the step
+    channels_last: bool | None = None  # None: on CUDA only
 
 
 class NonFiniteLossError(FloatingPointError):
     pass
+
+
+@dataclass(frozen=True)
+class DeviceSettings:
+    """How a training step uses its device: bf16 autocast and channels_last memory
+    format (both on for CUDA by default: tensor cores and cuDNN's NHWC kernels)."""
+
+    device: torch.device
+    bf16: bool
+    channels_last: bool
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
+    def input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` on the device (asynchronously from pinned memory), NHWC for images."""
+        if self.channels_last and x.dim() == 4:
+            return x.to(self.device, non_blocking=True, memory_format=torch.channels_last)
+        return x.to(self.device, non_blocking=True)
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+
+def device_settings(device: torch.device, *, bf16: bool | None = None, channels_last: bool | None = None) -> DeviceSettings:
+    cuda = device.type == "cuda"
+    return DeviceSettings(device, cuda if bf16 is None else bf16, cuda if channels_last is None else channels_last)
 
 
 ReportFn = Callable[[dict[str, float], dict | None], None]
@@ -80,7 +109,8 @@ class PretrainLoop:
         self._seconds = 0.0
         self.last_checkpoint = "none yet"  # where the run would resume from (for error messages)
         self._last_checkpoint_time = time.monotonic()
-        self.autocast = device.type == "cuda"
+        self.settings = device_settings(device, bf16=None if cfg.precision == "auto" else cfg.precision == "bf16",
+                                        channels_last=cfg.channels_last)
 
     # ---- state -------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -178,10 +208,10 @@ class PretrainLoop:
         start_batch = self.batch_in_epoch
         t0 = time.perf_counter() - self._seconds
         for views, labels, index in loader:
-            views = [v.to(self.device, non_blocking=True) for v in views]
+            views = [self.settings.input(v) for v in views]
             set_lr(self.optimizer, self.lr(), self.peak_lr)
             self.method.set_progress(self.step, self.total_steps)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            with self.settings.autocast():
                 if self.method.uses_labels:
                     out = self.model(views, labels.to(self.device, non_blocking=True), self._aux_batch())
                 elif self.method.needs_index:

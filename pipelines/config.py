@@ -125,6 +125,10 @@ class TrainingConfig(Section):
                                         "epoch (0: at epoch ends only); a restart loses at most N steps")
     checkpoint_every_minutes: float = Field(0.0, ge=0, description="also checkpoint when this many minutes have "
                                             "passed since the last checkpoint (0: off)")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="bf16 autocast of the step (auto: on CUDA "
+                                                      "only; bf16 also speeds CPUs with AVX512-BF16/AMX)")
+    channels_last: Literal["auto", True, False] = Field("auto", description="NHWC memory format for images and "
+                                                        "conv weights (auto: on CUDA only)")
 
     @field_validator("num_workers")
     @classmethod

@@ -217,3 +217,25 @@ def test_stateful_methods_resume_mid_epoch(name, train_shards, tmp_path):
         _crash_after_checkpoint(loop, path, loop.steps_per_epoch + 1)
 
     _resumed_equals_straight(name, train_shards, tmp_path / "state.pt", interrupt)
+
+
+def test_bf16_and_channels_last_on_cpu(train_shards):
+    """The GPU-path settings also run on CPU: channels_last gives the fp32 NCHW result
+    (to float rounding), bf16 autocast trains with a finite loss close to fp32's."""
+    import dataclasses
+
+    from cl_core.engine import device_settings
+
+    runs = {}
+    for name, kw in {"fp32": {}, "nhwc": {"channels_last": True}, "bf16": {"precision": "bf16"}}.items():
+        loop = _loop(train_shards, epochs=1)
+        loop.cfg = dataclasses.replace(loop.cfg, **kw)
+        loop.settings = device_settings(torch.device("cpu"), bf16=kw.get("precision") == "bf16",
+                                        channels_last=kw.get("channels_last"))
+        loop.settings.prepare(loop.method)
+        runs[name] = (loop.run(lambda m, s: None)[-1]["train/loss"], loop.method.state_dict())
+    assert device_settings(torch.device("cpu"), channels_last=True).input(torch.zeros(2, 3, 4, 4)).is_contiguous(
+        memory_format=torch.channels_last)
+    for k, v in runs["fp32"][1].items():
+        torch.testing.assert_close(runs["nhwc"][1][k], v, atol=1e-4, rtol=1e-3, msg=k)
+    assert runs["bf16"][0] == pytest.approx(runs["fp32"][0], rel=0.05) and runs["bf16"][0] != runs["fp32"][0]

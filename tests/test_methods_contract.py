@@ -150,3 +150,17 @@ def test_every_method_names_its_paper(name):
 
     src = inspect.getsource(inspect.getmodule(get_method(name)))
     assert "arxiv.org" in src or "aclanthology.org" in src, f"{name}: the method's module cites no paper"
+
+
+def test_a_step_under_bf16_autocast_is_finite(name):
+    """The CUDA path's bf16 autocast (run here on CPU): every method's loss is a finite
+    float32 and every trainable parameter gets a finite gradient."""
+    method = _build(name)
+    method.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = method(**_batch(name, 0))
+    assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss), f"{name}: {out.loss}"
+    out.loss.backward()
+    for pname, p in method.named_parameters():
+        if p.grad is not None:
+            assert torch.isfinite(p.grad).all(), f"{name}: {pname}"

@@ -38,7 +38,7 @@ from ray.train.torch import TorchTrainer
 from cl_core.augment import EvalTransform, FinetuneTransform
 from cl_core.data import storage
 from cl_core.data.reader import ShardStream, load_split, training_loader
-from cl_core.engine import LoopConfig, PretrainLoop
+from cl_core.engine import LoopConfig, PretrainLoop, device_settings
 from cl_core.evaluate import top1
 from cl_core.methods.base import Method
 from pipelines import ray_env, tracking
@@ -189,7 +189,8 @@ def loop_config(section: TrainingConfig, batch_size: int | None = None) -> LoopC
         weight_decay=section.weight_decay, momentum=section.momentum, warmup_epochs=section.warmup_epochs,
         loader_workers=section.loader_workers, log_every_steps=section.log_every_steps,
         checkpoint_every_steps=section.checkpoint_every_steps,
-        checkpoint_every_minutes=section.checkpoint_every_minutes)
+        checkpoint_every_minutes=section.checkpoint_every_minutes, precision=section.precision,
+        channels_last=None if section.channels_last == "auto" else bool(section.channels_last))
 
 
 @dataclass
@@ -280,7 +281,8 @@ class SequentialJobs:
         name = job["name"]
         resuming = bool(self.resume and self.resume["job"] == i and self.resume["loop"] is not None)
         objective, classifier, stream, aux = build(job, int(self.resume["loop"]["step"]) if resuming else 0)
-        objective = objective.to(self.w.device)
+        objective = device_settings(self.w.device, channels_last=loop_config(section).channels_last).prepare(
+            objective.to(self.w.device))
         model = train.torch.prepare_model(objective)
         # a budget in steps as well as epochs: 1% of the labels may be one batch per epoch
         steps = stream.plan().steps

@@ -21,7 +21,7 @@ from cl_core.data import storage
 from cl_core.data.reader import ShardStream, load_split
 from cl_core.data.shards import ShardCheck, check_shards, read_manifest
 from cl_core.data.text import load_text_split, load_tokenizer, text_stream
-from cl_core.engine import PretrainLoop
+from cl_core.engine import PretrainLoop, device_settings
 from cl_core.evaluate import extract_features, knn_top1
 from cl_core.methods import Method, get_method
 from cl_core.models import saved
@@ -101,8 +101,8 @@ def train_worker(config: dict) -> list[dict] | None:
     p = PretrainConfig.model_validate(config["pretrain"])
     torch.manual_seed(config["seed"])  # the initial weights (DDP then sends rank 0's to every rank)
     method = build_method(config["model"]).to(device)
-    if device.type == "cuda":
-        method = method.to(memory_format=torch.channels_last)
+    loop_cfg = loop_config(p)
+    method = device_settings(device, channels_last=loop_cfg.channels_last).prepare(method)
     if p.sync_bn and world > 1:
         method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
     # queues, banks and centers are kept equal on every worker by gathered updates; DDP's
@@ -123,7 +123,7 @@ def train_worker(config: dict) -> list[dict] | None:
             batch_size=p.batch_size_per_worker, shuffle_buffer=p.shuffle_buffer, seed=config["seed"],
             transform=view_transform(config["model"]["method"], v), verify=config.get("train_verify"),
         )
-    loop = PretrainLoop(model, method, stream, loop_config(p), device)
+    loop = PretrainLoop(model, method, stream, loop_cfg, device)
 
     ckpt = train.get_checkpoint()
     if ckpt is not None:

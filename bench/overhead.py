@@ -1,0 +1,189 @@
+"""The cost of Ray Train: the same training loop bare and as a Ray Train run.
+
+Both sides run the project's ``PretrainLoop`` (SimCLR, small CNN, the digits shards
+read by ``ShardStream``, DDP over gloo, a checkpoint every epoch) on the same number of
+worker processes with the same threads each:
+
+- ``bare``: one process per worker started with ``torch.multiprocessing`` (spawn), a
+  plain ``torch.distributed`` gloo group, checkpoints written with ``torch.save``;
+- ``ray``: a ``TorchTrainer`` on a local Ray started by this script, workers set up by
+  ``ray.train.torch.prepare_model``, checkpoints through ``ray.train.report``.
+
+Measured per side: the fixed start-up (from launch to the first optimizer step) and the
+steady-state time per step (the epochs after the first, checkpoints included). The sides
+alternate over several repetitions; the result is the medians and Ray Train's overhead
+per step in percent.
+
+    .venv/bin/python bench/overhead.py                    # 2 workers, 4 epochs, 3 repetitions
+    .venv/bin/python bench/overhead.py --workers 1 --reps 2
+
+Writes ``bench/results/overhead.json`` and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.methods import machine, write_digits  # noqa: E402
+from cl_core.augment import SimCLRTransform  # noqa: E402
+from cl_core.data import shards as S  # noqa: E402
+from cl_core.data.reader import ShardStream  # noqa: E402
+from cl_core.engine import LoopConfig, PretrainLoop  # noqa: E402
+from cl_core.methods import SimCLR  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def train_loop(rank: int, world: int, cfg: dict, wrap, save) -> dict:
+    """The loop both sides run; ``wrap`` makes the DDP model, ``save(metrics, state)``
+    writes the epoch's checkpoint. Returns rank 0's timings (wall-clock stamps)."""
+    entered = time.time()
+    torch.set_num_threads(cfg["threads"])
+    torch.manual_seed(0)
+    method = SimCLR("small_cnn", backbone_args={"width": 32}, temperature=0.5, head_layers=3, proj_dim=64)
+    model = wrap(method)
+    urls, counts = S.shard_urls(cfg["shard_dir"], cfg["manifest"], "train")
+    stream = ShardStream(urls, counts, transform=SimCLRTransform(16, crop_min_scale=0.3), batch_size=32, rank=rank,
+                         world_size=world, loader_workers=cfg["loader_workers"], shuffle_buffer=500, seed=0)
+    loop = PretrainLoop(model, method, stream, LoopConfig(epochs=cfg["epochs"], batch_size_per_worker=32,
+                                                          loader_workers=cfg["loader_workers"],
+                                                          log_every_steps=1), torch.device("cpu"))
+    stamps: list[float] = []
+    ends: list[float] = []
+
+    def report(metrics: dict, state: dict | None) -> None:
+        save(metrics, state)
+        ends.append(time.time())
+
+    loop.run(report, log=lambda step, m: stamps.append(time.time()))
+    return {"entered": entered, "first_step": stamps[0], "steps_per_epoch": loop.steps_per_epoch,
+            "epoch_ends": ends, "end": time.time()}
+
+
+# ---- bare: torch.multiprocessing + gloo ------------------------------------------------
+def _bare_entry(rank: int, world: int, port: int, cfg: dict, out: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    ckpt = Path(out) / "ckpt"
+
+    def save(metrics: dict, state: dict | None) -> None:
+        if rank == 0:
+            ckpt.mkdir(exist_ok=True)
+            torch.save(state, ckpt / "state.pt")
+
+    result = train_loop(rank, world, cfg, lambda m: torch.nn.parallel.DistributedDataParallel(m), save)
+    if rank == 0:
+        torch.save(result, Path(out) / "result.pt")
+    dist.destroy_process_group()
+
+
+def run_bare(cfg: dict, world: int) -> dict:
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as out:
+        launched = time.time()
+        mp.spawn(_bare_entry, args=(world, port, cfg, out), nprocs=world, join=True)
+        result = torch.load(Path(out) / "result.pt", weights_only=False)  # this script's own file
+    return {"launched": launched, **result}
+
+
+# ---- Ray Train ----------------------------------------------------------------------------
+def _ray_worker(cfg: dict) -> dict | None:
+    from ray import train
+
+    ctx = train.get_context()
+    rank = ctx.get_world_rank()
+
+    def save(metrics: dict, state: dict | None) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            if rank == 0:
+                torch.save(state, Path(d) / "state.pt")
+            train.report({"epoch": metrics["epoch"]}, checkpoint=train.Checkpoint.from_directory(d) if rank == 0 else None)
+
+    result = train_loop(rank, ctx.get_world_size(), cfg, lambda m: train.torch.prepare_model(m), save)
+    return result if rank == 0 else None
+
+
+def run_ray(cfg: dict, world: int, storage: str, index: int) -> dict:
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(_ray_worker, train_loop_config=cfg,
+                           scaling_config=ScalingConfig(num_workers=world, resources_per_worker={"CPU": cfg["threads"]}),
+                           run_config=RunConfig(name=f"overhead-{index}", storage_path=storage))
+    launched = time.time()
+    result = trainer.fit()
+    return {"launched": launched, **result.return_value}
+
+
+def summarize(r: dict) -> dict:
+    ends = r["epoch_ends"]
+    steady = (ends[-1] - ends[0]) / ((len(ends) - 1) * r["steps_per_epoch"])  # epochs 2.., checkpoints included
+    return {"startup_s": r["first_step"] - r["launched"], "step_ms": 1000 * steady, "total_s": r["end"] - r["launched"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (and Ray CPUs) per worker")
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--loader-workers", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=RESULTS / "overhead.json")
+    a = ap.parse_args()
+    import ray
+
+    with tempfile.TemporaryDirectory() as tmp:
+        shard_dir = Path(tmp) / "shards"
+        shard_dir.mkdir()
+        manifest = write_digits(shard_dir)
+        cfg = {"shard_dir": str(shard_dir), "manifest": manifest, "epochs": a.epochs, "threads": a.threads,
+               "loader_workers": a.loader_workers}
+        t0 = time.time()
+        ray.init(address="local", num_cpus=a.workers * a.threads + 1, include_dashboard=False, log_to_driver=False)
+        ray_init_s = time.time() - t0
+        runs: dict[str, list[dict]] = {"bare": [], "ray": []}
+        for i in range(a.reps):
+            order = ["bare", "ray"] if i % 2 == 0 else ["ray", "bare"]
+            for side in order:
+                raw = run_bare(cfg, a.workers) if side == "bare" else run_ray(cfg, a.workers, str(Path(tmp) / "ray"), i)
+                runs[side].append(summarize(raw))
+                print(f"rep {i + 1} {side}: {runs[side][-1]}", flush=True)
+        ray.shutdown()
+    med = {side: {k: statistics.median(r[k] for r in v) for k in v[0]} for side, v in runs.items()}
+    overhead = 100 * (med["ray"]["step_ms"] / med["bare"]["step_ms"] - 1)
+    report = {"benchmark": "ray-train-overhead", "machine": machine(), "settings": vars(a) | {"out": str(a.out)},
+              "ray_init_s": ray_init_s, "runs": runs, "median": med, "steady_state_overhead_pct": overhead,
+              "startup_extra_s": med["ray"]["startup_s"] - med["bare"]["startup_s"]}
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(report, indent=2))
+    print("| side | start-up to first step (s) | steady-state step (ms) | total (s) |")
+    print("|---|---:|---:|---:|")
+    for side in ("bare", "ray"):
+        m = med[side]
+        print(f"| {side} | {m['startup_s']:.1f} | {m['step_ms']:.1f} | {m['total_s']:.1f} |")
+    print(f"\nRay Train steady-state overhead per step: {overhead:+.1f}%; fixed start-up: "
+          f"{report['startup_extra_s']:+.1f} s more than a bare launch (plus {ray_init_s:.1f} s to start the local Ray "
+          "once per pipeline)")
+    print(f"results: {a.out}")
+
+
+if __name__ == "__main__":
+    main()

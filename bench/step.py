@@ -1,0 +1,222 @@
+"""SimCLR training-step throughput: this project against lightly, side by side.
+
+Both sides train the same torchvision backbone (built by ``cl_core.models.build_backbone``,
+same initial weights) with the same batch, resolution, optimizer (SGD, momentum 0.9) and
+device, on the same pre-made views (no data loading: the step alone).
+
+- ``clpipe``: ``cl_core.methods.SimCLR`` (one backbone pass over both views, the
+  project's SimCLR head and NT-Xent), with the training loop's device settings
+  (:func:`cl_core.engine.device_settings`: bf16 autocast and channels_last on CUDA).
+- ``lightly``: lightly's ``SimCLRProjectionHead`` + ``NTXentLoss`` on the same backbone,
+  one pass per view as in lightly's SimCLR example, fp32 as the example runs it.
+- ``clpipe-bf16`` / ``lightly-bf16``: both under the same bf16 autocast (on CUDA the
+  project's default already is bf16; on CPU it is ``precision: bf16``), so the
+  same-precision ratio shows what is not precision.
+
+The sides alternate, several repetitions of a fixed number of steps each; the result is
+the median images/s (an image = its two views) per side and their ratio. On CUDA the
+achieved model FLOP/s (forward + backward, counted once by ``torch.utils.flop_counter``)
+is given against the device's dense bf16 peak (MFU).
+
+    .venv/bin/pip install -c constraints.txt -r bench/requirements.txt   # lightly, for this script only
+    .venv/bin/python bench/step.py                       # the configs for this machine's device
+    .venv/bin/python bench/step.py --configs small_cnn-32 --reps 3
+
+Writes ``bench/results/step-<device>.json`` and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cl_core.engine import device_settings  # noqa: E402
+from cl_core.methods import SimCLR  # noqa: E402
+from cl_core.models import build_backbone  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+# name: (backbone, backbone args, image size, batch per step)
+CONFIGS = {
+    "small_cnn-32": ("small_cnn", {"width": 32}, 32, 256),
+    "resnet18-32": ("resnet18", {"cifar_stem": True}, 32, 128),
+    "resnet18-32-gpu": ("resnet18", {"cifar_stem": True}, 32, 512),
+    "resnet50-224": ("resnet50", {}, 224, 128),
+}
+CPU_CONFIGS = ["small_cnn-32", "resnet18-32"]
+GPU_CONFIGS = ["resnet18-32-gpu", "resnet50-224"]
+# dense bf16 tensor-core peaks (no sparsity), FLOP/s
+PEAKS = {"H100 SXM": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H200": 989e12, "A100": 312e12, "L4": 121e12,
+         "A10G": 70e12}
+TEMPERATURE, PROJ_DIM = 0.5, 128
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                   if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": gpu,
+            "torch": torch.__version__, "python": platform.python_version()}
+
+
+def peak_flops(name: str | None) -> float | None:
+    if not name:
+        return None
+    for key, value in PEAKS.items():
+        if all(part in name for part in key.split()):
+            return value
+    return None
+
+
+class ProjectSide:
+    """The project's SimCLR step, with the training loop's device settings."""
+
+    def __init__(self, backbone: str, args: dict, device: torch.device, bf16: bool | None = None) -> None:
+        torch.manual_seed(0)
+        self.model = SimCLR(backbone, backbone_args=args, temperature=TEMPERATURE, proj_dim=PROJ_DIM,
+                            gather_distributed=False)
+        self.settings = device_settings(device, bf16=bf16)
+        self.model = self.settings.prepare(self.model.to(device))
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.1, momentum=0.9)
+        self.device = device
+
+    def step(self, x0: torch.Tensor, x1: torch.Tensor) -> float:
+        views = [self.settings.input(x0), self.settings.input(x1)]
+        with self.settings.autocast():
+            loss = self.model(views).loss
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return loss.detach()
+
+
+class LightlySide:
+    """lightly's SimCLR: its projection head and NT-Xent on the same backbone, one
+    forward pass per view (lightly's example)."""
+
+    def __init__(self, backbone: str, args: dict, device: torch.device, bf16: bool = False) -> None:
+        from lightly.loss import NTXentLoss
+        from lightly.models.modules import SimCLRProjectionHead
+
+        torch.manual_seed(0)
+        self.backbone, feat = build_backbone(backbone, **args)
+        self.head = SimCLRProjectionHead(feat, feat, PROJ_DIM)
+        self.model = nn.ModuleDict({"backbone": self.backbone, "head": self.head}).to(device)
+        self.criterion = NTXentLoss(temperature=TEMPERATURE)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.1, momentum=0.9)
+        self.autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+    def step(self, x0: torch.Tensor, x1: torch.Tensor) -> float:
+        with self.autocast():
+            z0 = self.head(self.backbone(x0))
+            z1 = self.head(self.backbone(x1))
+            loss = self.criterion(z0.float(), z1.float())
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return loss.detach()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(step: Callable, x0: torch.Tensor, x1: torch.Tensor, steps: int, device: torch.device) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        loss = step(x0, x1)
+    float(loss)  # wait for the last step
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def step_flops(side: ProjectSide, x0: torch.Tensor, x1: torch.Tensor) -> float:
+    """FLOPs of one training step (forward + backward), counted by torch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        side.step(x0, x1)
+    return float(counter.get_total_flops())
+
+
+def run_config(name: str, device: torch.device, reps: int, steps: int, warmup: int) -> dict:
+    backbone, args, size, batch = CONFIGS[name]
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.rand(batch, 3, size, size, generator=gen).to(device)
+    x1 = torch.rand(batch, 3, size, size, generator=gen).to(device)
+    sides = {"clpipe": ProjectSide(backbone, args, device), "lightly": LightlySide(backbone, args, device),
+             "clpipe-bf16": ProjectSide(backbone, args, device, bf16=True),
+             "lightly-bf16": LightlySide(backbone, args, device, bf16=True)}
+    for side in sides.values():
+        timed(side.step, x0, x1, warmup, device)
+    seconds: dict[str, list[float]] = {k: [] for k in sides}
+    for r in range(reps):
+        order = list(sides) if r % 2 == 0 else list(reversed(sides))  # alternate the order
+        for k in order:
+            seconds[k].append(timed(sides[k].step, x0, x1, steps, device))
+    rates = {k: [batch * steps / s for s in v] for k, v in seconds.items()}
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    out = {"config": name, "backbone": backbone, "backbone_args": args, "image_size": size, "batch": batch,
+           "steps_per_rep": steps, "reps": reps, "images_per_sec": rates, "median_images_per_sec": med,
+           "ratio": med["clpipe"] / med["lightly"],
+           "ratio_same_precision": {"fp32" if device.type == "cpu" else "bf16":
+                                    (med["clpipe"] / med["lightly"]) if device.type == "cpu"
+                                    else med["clpipe"] / med["lightly-bf16"],
+                                    "bf16": med["clpipe-bf16"] / med["lightly-bf16"]}}
+    if device.type == "cuda":
+        flops = step_flops(sides["clpipe"], x0, x1)
+        peak = peak_flops(torch.cuda.get_device_name(0))
+        achieved = flops * med["clpipe"] / batch
+        out |= {"step_flops": flops, "achieved_flops_per_sec": achieved, "peak_bf16_flops_per_sec": peak,
+                "mfu": achieved / peak if peak else None}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--configs", nargs="*", choices=sorted(CONFIGS))
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=0, help="steps per repetition (0: 5 on CPU, 20 on CUDA)")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    configs = args.configs or (GPU_CONFIGS if device.type == "cuda" else CPU_CONFIGS)
+    steps = args.steps or (20 if device.type == "cuda" else 5)
+    results = [run_config(c, device, args.reps, steps, args.warmup) for c in configs]
+    report = {"benchmark": "simclr-step", "device": device.type, "machine": machine(), "results": results}
+    out = args.out or RESULTS / f"step-{device.type}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    cuda = device.type == "cuda"
+    print("| config | batch | clpipe | lightly | ratio | clpipe bf16 | lightly bf16 | bf16 ratio |"
+          + (" MFU |" if cuda else ""))
+    print("|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if cuda else ""))
+    for r in results:
+        med = r["median_images_per_sec"]
+        mfu = f" {r['mfu']:.1%} |" if r.get("mfu") is not None else (" n/a |" if cuda else "")
+        print(f"| {r['config']} | {r['batch']} | {med['clpipe']:.0f} | {med['lightly']:.0f} | {r['ratio']:.2f}x | "
+              f"{med['clpipe-bf16']:.0f} | {med['lightly-bf16']:.0f} | {r['ratio_same_precision']['bf16']:.2f}x |{mfu}")
+    print("images/s (an image = two views), medians over the repetitions")
+    print(f"results: {out}")
+
+
+if __name__ == "__main__":
+    main()
