@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -42,6 +41,7 @@ from cl_core.data import shards as S  # noqa: E402
 from cl_core.data.reader import ShardStream  # noqa: E402
 from cl_core.engine import LoopConfig, PretrainLoop  # noqa: E402
 from cl_core.methods import SimCLR  # noqa: E402
+from infra.procs import free_port  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -94,9 +94,7 @@ def _bare_entry(rank: int, world: int, port: int, cfg: dict, out: str) -> None:
 def run_bare(cfg: dict, world: int) -> dict:
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     with tempfile.TemporaryDirectory() as out:
         launched = time.time()
         mp.spawn(_bare_entry, args=(world, port, cfg, out), nprocs=world, join=True)

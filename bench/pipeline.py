@@ -55,7 +55,6 @@ import importlib
 import inspect
 import json
 import os
-import platform
 import sys
 import tempfile
 import threading
@@ -81,14 +80,10 @@ LOCAL_ONLY = ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "CLPIPE_STACK_ENV")
 def machine() -> dict:
     import mlflow
     import ray
-    import torch
 
-    lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
-    cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), platform.processor())
-    return {"cpu_model": cpu or None, "cpu_cores": os.cpu_count(), "torch": torch.__version__,
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "ray": ray.__version__, "mlflow": mlflow.__version__,
-            "python": platform.python_version(), "platform": platform.platform()}
+    from bench.methods import machine as base
+
+    return base() | {"ray": ray.__version__, "mlflow": mlflow.__version__}
 
 
 class Probe:

@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -42,6 +40,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.methods import machine  # noqa: E402
 from cl_core.engine import device_settings  # noqa: E402
 from cl_core.methods import SimCLR  # noqa: E402
 from cl_core.models import build_backbone  # noqa: E402
@@ -60,18 +59,6 @@ GPU_CONFIGS = ["resnet18-32-gpu", "resnet50-224"]
 PEAKS = {"H100 SXM": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H200": 989e12, "A100": 312e12, "L4": 121e12,
          "A10G": 70e12}
 TEMPERATURE, PROJ_DIM = 0.5, 128
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                   if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": gpu,
-            "torch": torch.__version__, "python": platform.python_version()}
 
 
 def peak_flops(name: str | None) -> float | None:
@@ -138,6 +125,8 @@ def sync(device: torch.device) -> None:
 
 
 def timed(step: Callable, x0: torch.Tensor, x1: torch.Tensor, steps: int, device: torch.device) -> float:
+    if steps == 0:
+        return 0.0
     sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -201,7 +190,8 @@ def main() -> None:
     configs = args.configs or (GPU_CONFIGS if device.type == "cuda" else CPU_CONFIGS)
     steps = args.steps or (20 if device.type == "cuda" else 5)
     results = [run_config(c, device, args.reps, steps, args.warmup) for c in configs]
-    report = {"benchmark": "simclr-step", "device": device.type, "machine": machine(), "results": results}
+    report = {"benchmark": "simclr-step", "device": device.type,
+              "machine": machine() | {"torch_threads": torch.get_num_threads()}, "results": results}
     out = args.out or RESULTS / f"step-{device.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))

@@ -114,6 +114,9 @@ class PretrainLoop:
 
     # ---- state -------------------------------------------------------------------
     def state_dict(self) -> dict:
+        # every rank's generator and running sums, in one collective (every rank calls
+        # state_dict at the same points)
+        per_rank = distributed.all_gather_object((torch.get_rng_state(), {k: float(v) for k, v in self._sums.items()}))
         return {
             "model": self.method.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -124,10 +127,9 @@ class PretrainLoop:
             "scheduler": {"kind": "warmup_cosine", "peak_lr": self.peak_lr, "warmup_steps": self.warmup_steps,
                           "total_steps": self.total_steps, "lr": self.lr()},
             "batch_in_epoch": self.batch_in_epoch,
-            "epoch_sums": distributed.all_gather_object({k: float(v) for k, v in self._sums.items()}),  # per rank
+            "epoch_sums": [sums for _, sums in per_rank],
             "epoch_seconds": self._seconds,
-            # every rank's generator (a collective: every rank calls state_dict at the same points)
-            "torch_rng": distributed.all_gather_object(torch.get_rng_state()),
+            "torch_rng": [rng for rng, _ in per_rank],
         }
 
     def load_state_dict(self, state: dict) -> None:

@@ -20,14 +20,14 @@ def train_shards(npz_file, tmp_path):
     return S.shard_urls(out, m, "train")
 
 
-def _loop(train_shards, epochs=2, lr_base=0.3):
+def _loop(train_shards, epochs=2, lr_base=0.3, **cfg_kw):
     urls, counts = train_shards
     torch.manual_seed(0)
     method = SimCLR("small_cnn", backbone_args={"width": 4}, proj_dim=8, temperature=0.5)
     stream = ShardStream(urls, counts, transform=SimCLRTransform(8), batch_size=8, rank=0, world_size=1,
                          loader_workers=0, shuffle_buffer=10, seed=0)
     cfg = LoopConfig(epochs=epochs, batch_size_per_worker=8, optimizer="lars", lr_base=lr_base, warmup_epochs=1,
-                     loader_workers=0)
+                     loader_workers=0, **cfg_kw)
     return PretrainLoop(method, method, stream, cfg, torch.device("cpu"))
 
 
@@ -198,8 +198,7 @@ class _Counted(torch.utils.data.IterableDataset):
 
 
 def test_minutes_rule_checkpoints_inside_the_epoch(train_shards, tmp_path):
-    loop = _loop(train_shards, epochs=1)
-    loop.cfg = __import__("dataclasses").replace(loop.cfg, checkpoint_every_minutes=1e-9)
+    loop = _loop(train_shards, epochs=1, checkpoint_every_minutes=1e-9)
     seen = []
     loop.run(lambda m, s: seen.append(("epoch", s["step"])), checkpoint=lambda p, s: seen.append(("mid", s["step"])))
     steps = loop.steps_per_epoch
@@ -222,17 +221,13 @@ def test_stateful_methods_resume_mid_epoch(name, train_shards, tmp_path):
 def test_bf16_and_channels_last_on_cpu(train_shards):
     """The GPU-path settings also run on CPU: channels_last gives the fp32 NCHW result
     (to float rounding), bf16 autocast trains with a finite loss close to fp32's."""
-    import dataclasses
-
     from cl_core.engine import device_settings
 
     runs = {}
     for name, kw in {"fp32": {}, "nhwc": {"channels_last": True}, "bf16": {"precision": "bf16"}}.items():
-        loop = _loop(train_shards, epochs=1)
-        loop.cfg = dataclasses.replace(loop.cfg, **kw)
-        loop.settings = device_settings(torch.device("cpu"), bf16=kw.get("precision") == "bf16",
-                                        channels_last=kw.get("channels_last"))
-        loop.settings.prepare(loop.method)
+        loop = _loop(train_shards, epochs=1, **kw)  # the loop derives its device settings from the config
+        assert (loop.settings.bf16, loop.settings.channels_last) == (name == "bf16", name == "nhwc")
+        loop.settings.prepare(loop.method)  # as the training worker does before DDP
         runs[name] = (loop.run(lambda m, s: None)[-1]["train/loss"], loop.method.state_dict())
     assert device_settings(torch.device("cpu"), channels_last=True).input(torch.zeros(2, 3, 4, 4)).is_contiguous(
         memory_format=torch.channels_last)

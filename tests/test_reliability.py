@@ -15,6 +15,7 @@ from pipelines.stages._train import (
     verify_checkpoint,
     write_checkpoint_dir,
 )
+from tests.test_pipeline_e2e import local_ray  # noqa: F401 - the local Ray fixture
 from tests.test_shards import write_set
 
 
@@ -82,17 +83,15 @@ def test_a_missing_shard_stops_the_stage_naming_its_url(npz_file, tmp_path):
 
 
 @pytest.mark.slow
-def test_one_percent_corrupt_images_are_counted_in_the_manifest_and_mlflow(tmp_path, capsys):
+def test_one_percent_corrupt_images_are_counted_in_the_manifest_and_mlflow(tmp_path, capsys, local_ray):  # noqa: F811
     """A 300-image folder with 3 undecodable files: the shard stage skips and counts them,
     lists them in the manifest, logs ``num_corrupt`` to its MLflow run and names them."""
     import numpy as np
-    import ray
     from mlflow.tracking import MlflowClient
     from PIL import Image
 
-    from pipelines import ray_env, tracking
+    from pipelines import tracking
     from pipelines.cli import main
-    from pipelines.config import RayConfig
     from tests.conftest import make_images
 
     x, y = make_images(300)
@@ -104,12 +103,8 @@ def test_one_percent_corrupt_images_are_counted_in_the_manifest_and_mlflow(tmp_p
     for b in bad:
         b.write_bytes(b.read_bytes()[:50])  # cut inside the image data
     work = tmp_path / "work"
-    ray_env.init(RayConfig(num_cpus=2))
-    try:
-        assert main(["run", "--work-dir", str(work), "--set", f"data.source={{kind: image_folder, path: {root}}}",
-                     "--until", "shard"]) == 0
-    finally:
-        ray.shutdown()
+    assert main(["run", "--work-dir", str(work), "--set", f"data.source={{kind: image_folder, path: {root}}}",
+                 "--until", "shard"]) == 0
     out = capsys.readouterr().out
     line = next(ln for ln in out.splitlines() if "undecodable" in ln)
     assert "shard: skipped 3 undecodable image(s): " in line and all(f"c{i}/00{i}.png" in line for i in range(3))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import io
 import json
 import shutil
@@ -38,6 +37,7 @@ from ray.train.torch import TorchTrainer
 from cl_core.augment import EvalTransform, FinetuneTransform
 from cl_core.data import storage
 from cl_core.data.reader import ShardStream, load_split, training_loader
+from cl_core.data.shards import sha256_file
 from cl_core.engine import LoopConfig, PretrainLoop, device_settings
 from cl_core.evaluate import top1
 from cl_core.methods.base import Method
@@ -73,19 +73,11 @@ class TrainingFailed(RuntimeError):
     """A Ray Train run that failed; the message names the stage and where to resume."""
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_checkpoint_dir(root: Path, write: Callable[[Path], None], position: str) -> None:
     """``write(root)`` fills ``root``; then :data:`CHECKPOINT_INFO` records the sha256 of
     every file and the loop ``position``."""
     write(root)
-    files = {f.relative_to(root).as_posix(): _sha256(f) for f in sorted(root.rglob("*")) if f.is_file()}
+    files = {f.relative_to(root).as_posix(): sha256_file(f) for f in sorted(root.rglob("*")) if f.is_file()}
     (root / CHECKPOINT_INFO).write_text(json.dumps({"position": position, "files": files}, indent=2))
 
 
@@ -113,7 +105,7 @@ def verify_checkpoint(directory: str | Path, where: str) -> dict:
         f = root / name
         if not f.exists():
             raise CheckpointError(f"{where}: checkpoint file {name} is missing (incomplete checkpoint); {fix}")
-        if _sha256(f) != digest:
+        if sha256_file(f) != digest:
             raise CheckpointError(f"{where}: checkpoint file {name} does not match its recorded sha256 "
                                   f"(damaged in storage); {fix}")
     return info
@@ -281,13 +273,12 @@ class SequentialJobs:
         name = job["name"]
         resuming = bool(self.resume and self.resume["job"] == i and self.resume["loop"] is not None)
         objective, classifier, stream, aux = build(job, int(self.resume["loop"]["step"]) if resuming else 0)
-        objective = device_settings(self.w.device, channels_last=loop_config(section).channels_last).prepare(
-            objective.to(self.w.device))
+        cfg = loop_config(section, stream.batch_size)
+        objective = device_settings(self.w.device, channels_last=cfg.channels_last).prepare(objective.to(self.w.device))
         model = train.torch.prepare_model(objective)
         # a budget in steps as well as epochs: 1% of the labels may be one batch per epoch
         steps = stream.plan().steps
         epochs = max(section.epochs, -(-getattr(section, "min_steps", 0) // max(1, steps)))
-        cfg = loop_config(section, stream.batch_size)
         loop = PretrainLoop(model, objective, stream, dataclasses.replace(cfg, epochs=epochs), self.w.device, aux=aux)
         ckpt_every = max(1, epochs // MAX_CHECKPOINTS_PER_MODEL)
         where = loop.position  # for the checkpoints' records (``loop`` is deleted at the end)

@@ -19,7 +19,7 @@ from ray import train
 from cl_core.augment import EvalTransform, MultiCropTransform, SimCLRTransform
 from cl_core.data import storage
 from cl_core.data.reader import ShardStream, load_split
-from cl_core.data.shards import ShardCheck, check_shards, read_manifest
+from cl_core.data.shards import ShardCheck, read_manifest
 from cl_core.data.text import load_text_split, load_tokenizer, text_stream
 from cl_core.engine import PretrainLoop, device_settings
 from cl_core.evaluate import extract_features, knn_top1
@@ -196,10 +196,9 @@ def train_worker(config: dict) -> list[dict] | None:
 
 
 def make_worker_config(cfg: PretrainConfig, model: dict, shard_dir: str, manifest: dict, *, seed: int,
-                       tracking_uri: str | None, run_id: str | None, checks: dict[str, ShardCheck] | None = None) -> dict:
+                       checks: dict[str, ShardCheck], tracking_uri: str | None, run_id: str | None) -> dict:
     """``train_worker``'s config; ``run_id`` None: untracked (a sweep trial reports to Tune only).
-    ``checks``: the train and val splits as :func:`checked_split` found them (checked here if None)."""
-    checks = checks or {s: check_shards(shard_dir, manifest, s) for s in ("train", "val")}
+    ``checks``: the train and val splits as :func:`checked_split` found them."""
     train_urls, train_counts = checks["train"].urls, checks["train"].counts
     val_urls = checks["val"].urls
     return {

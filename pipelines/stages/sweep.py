@@ -66,10 +66,10 @@ def trial(config: dict[str, Any], base: dict[str, Any]) -> None:
     p = _trial_pretrain(config, base).model_copy(update={"loader_workers": 0})
     device = torch.device("cuda" if base["gpu"] else "cpu")
     torch.manual_seed(base["seed"])
-    model = {"method": p.method, "kwargs": p.model_kwargs(num_samples=sum(base["train_counts"]))}
+    train, val = base["checks"]["train"], base["checks"]["val"]
+    model = {"method": p.method, "kwargs": p.model_kwargs(num_samples=sum(train.counts))}
     method = build_method(model, gather_distributed=False).to(device)
-    stream = ShardStream(base["train_urls"], base["train_counts"], rank=0, world_size=1, loader_workers=0,
-                         verify=base["train_verify"],
+    stream = ShardStream(train.urls, train.counts, rank=0, world_size=1, loader_workers=0, verify=train.verify,
                          batch_size=p.batch_size_per_worker, shuffle_buffer=p.shuffle_buffer, seed=base["seed"],
                          transform=view_transform(p.method, p.views))
     loop = PretrainLoop(method, method, stream, loop_config(p), device)
@@ -78,8 +78,8 @@ def trial(config: dict[str, Any], base: dict[str, Any]) -> None:
         with ckpt.as_directory() as d:
             loop.load_state_dict(torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=True))
     tf = EvalTransform(p.views.image_size)
-    bank_x, bank_y = load_split(base["train_urls"], tf, verify=base["train_verify"])
-    val_x, val_y = load_split(base["val_urls"], tf, verify=base["val_verify"])
+    bank_x, bank_y = load_split(train.urls, tf, verify=train.verify)
+    val_x, val_y = load_split(val.urls, tf, verify=val.verify)
 
     def evaluate(encoder: torch.nn.Module) -> dict[str, float]:
         fb, fv = extract_features(encoder, bank_x, device=device), extract_features(encoder, val_x, device=device)
@@ -109,8 +109,9 @@ def trial_group(config: dict[str, Any], base: dict[str, Any]) -> None:
     p = _trial_pretrain(config, base)
     per_worker = math.floor((base["cpus"] - DRIVER_CPUS) / base["workers"] * 1e4) / 1e4
     p = p.model_copy(update={"num_workers": base["workers"], "cpus_per_worker": per_worker})
-    model = {"method": p.method, "kwargs": p.model_kwargs(num_samples=sum(base["train_counts"]))}
+    model = {"method": p.method, "kwargs": p.model_kwargs(num_samples=sum(base["checks"]["train"].counts))}
     worker_config = make_worker_config(p, model, base["shard_dir"], base["manifest"], seed=base["seed"],
+                                       checks=base["checks"],
                                        tracking_uri=None, run_id=None)
     trainer = TorchTrainer(
         train_worker,
@@ -188,8 +189,7 @@ def sweep(ctx: StageContext, cfg: SweepStageConfig, inputs: dict) -> dict:
         raise ValueError("sweep: the objective is val kNN top-1, which needs labels; the source has none "
                          "(set sweep.enabled: false)")
     train, val = (checked_split(shard_set["shard_dir"], manifest, s) for s in ("train", "val"))
-    train_urls, train_counts, val_urls = train.urls, train.counts, val.urls
-    if not val_urls:
+    if not val.urls:
         raise ValueError("sweep: the val split is empty; set data.val_fraction > 0")
     names = sorted(sw.space)
     workers = sw.workers_per_trial
@@ -199,8 +199,7 @@ def sweep(ctx: StageContext, cfg: SweepStageConfig, inputs: dict) -> dict:
     exp_path = f"{storage_path}/{ctx.ray_run_name}"
     exp_dir = ray_env.storage_uri(exp_path, storage_fs)
     base = {"pretrain": pre.model_dump(mode="json"), "names": names, "epochs": sw.epochs, "cpus": sw.cpus_per_trial,
-            "seed": ctx.seed, "train_urls": train_urls, "train_counts": train_counts, "val_urls": val_urls,
-            "train_verify": train.verify, "val_verify": val.verify,
+            "seed": ctx.seed, "checks": {"train": train, "val": val},
             "gpu": gpu, "workers": workers, "shard_dir": shard_set["shard_dir"], "manifest": manifest,
             "train_storage": f"{exp_path}/train", "storage_fs": storage_fs,
             "train_log_level": ctx.config.ray.train_log_level}
