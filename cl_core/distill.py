@@ -59,6 +59,9 @@ class DistillObjective(Method):
     def encoder(self) -> nn.Module:
         return getattr(self.student, "backbone", self.student)
 
+    def compile_targets(self) -> list[nn.Module]:
+        return [self.student, self.teacher]
+
     def train(self, mode: bool = True) -> DistillObjective:
         super().train(mode)
         self.teacher.eval()

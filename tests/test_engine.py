@@ -234,3 +234,37 @@ def test_bf16_and_channels_last_on_cpu(train_shards):
     for k, v in runs["fp32"][1].items():
         torch.testing.assert_close(runs["nhwc"][1][k], v, atol=1e-4, rtol=1e-3, msg=k)
     assert runs["bf16"][0] == pytest.approx(runs["fp32"][0], rel=0.05) and runs["bf16"][0] != runs["fp32"][0]
+
+
+def test_compile_switch_trains_like_eager(train_shards):
+    """``compile: true`` compiles the networks in place: the same losses (to float
+    rounding), the same state-dict keys, and a kNN pass on the compiled encoder works."""
+    runs = {}
+    for compiled in (False, True):
+        loop = _loop(train_shards, epochs=1, compile=compiled)
+
+        def knn_pass(encoder):
+            return {"val/n": float(encoder(torch.zeros(3, 3, 8, 8)).shape[0])}
+
+        runs[compiled] = loop.run(lambda m, s: None, evaluate=knn_pass)[-1], loop.state_dict()
+        assert hasattr(loop.method.backbone, "_compiled_call_impl") and (
+            loop.method.backbone._compiled_call_impl is not None) == compiled
+    (eager, eager_state), (comp, comp_state) = runs[False], runs[True]
+    assert comp["val/n"] == 3.0
+    assert comp["train/loss"] == pytest.approx(eager["train/loss"], rel=1e-4)
+    assert list(comp_state["model"]) == list(eager_state["model"])  # checkpoints load either way
+    for k, v in eager_state["model"].items():
+        torch.testing.assert_close(comp_state["model"][k], v, atol=1e-4, rtol=1e-3, msg=k)
+
+
+def test_compile_targets_are_the_networks():
+    from cl_core.distill import DistillObjective
+    from cl_core.engine import compile_networks
+    from cl_core.methods import get_method
+    from cl_core.models.classifier import build_classifier
+
+    byol = get_method("byol")("small_cnn", backbone_args={"width": 4}, proj_dim=8, proj_hidden_dim=8)
+    assert [id(m) for m in byol.compile_targets()] == [id(byol.backbone), *map(id, byol.momentum_targets())]
+    student, teacher = (build_classifier({"backbone": "small_cnn", "width": 4, "num_classes": 3}) for _ in range(2))
+    distill = DistillObjective(student, teacher, temperature=1.0)
+    assert compile_networks(distill) == [student, teacher]

@@ -148,6 +148,11 @@ class Method(nn.Module):
         """Modules moved only by an EMA of other weights (never by the optimizer)."""
         return []
 
+    def compile_targets(self) -> list[nn.Module]:
+        """The networks worth ``torch.compile`` (``compile: true``): the encoder and its
+        momentum copies, where the step's convolutions and attention run."""
+        return [self.encoder(), *self.momentum_targets()]
+
     # ---- hooks -------------------------------------------------------------------
     def set_progress(self, step: int, total_steps: int) -> None:
         """Called before each forward with the optimizer steps done and the total."""

@@ -182,7 +182,8 @@ def loop_config(section: TrainingConfig, batch_size: int | None = None) -> LoopC
         loader_workers=section.loader_workers, log_every_steps=section.log_every_steps,
         checkpoint_every_steps=section.checkpoint_every_steps,
         checkpoint_every_minutes=section.checkpoint_every_minutes, precision=section.precision,
-        channels_last=None if section.channels_last == "auto" else bool(section.channels_last))
+        channels_last=None if section.channels_last == "auto" else bool(section.channels_last),
+        compile=section.compile, cpu_allocator=section.cpu_allocator)
 
 
 @dataclass
