@@ -28,6 +28,7 @@ import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -36,6 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.methods import machine, write_digits  # noqa: E402
+from cl_core import distributed  # noqa: E402
 from cl_core.augment import SimCLRTransform  # noqa: E402
 from cl_core.data import shards as S  # noqa: E402
 from cl_core.data.reader import ShardStream  # noqa: E402
@@ -69,7 +71,66 @@ def train_loop(rank: int, world: int, cfg: dict, wrap, save) -> dict:
 
     loop.run(report, log=lambda step, m: stamps.append(time.time()))
     return {"entered": entered, "first_step": stamps[0], "steps_per_epoch": loop.steps_per_epoch,
-            "epoch_ends": ends, "end": time.time()}
+            "epoch_ends": ends, "end": time.time(), "stamps": stamps,
+            "pids": distributed.all_gather_object(os.getpid())}
+
+
+# ---- where the CPU goes ---------------------------------------------------------------
+def _proc_table() -> dict[int, tuple[int, str, float]]:
+    """{pid: (parent pid, name, CPU seconds)} of every process, from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    table = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2:].split()
+        table[int(d.name)] = (int(fields[1]), name, (int(fields[11]) + int(fields[12])) / tick)
+    return table
+
+
+class CpuSampler(threading.Thread):
+    """Samples the CPU seconds of this process and all its descendants (Ray's daemons,
+    the Train controller and workers, or the spawned bare workers) every 0.2 s."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.samples: list[tuple[float, dict[int, tuple[str, float]]]] = []
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        root = os.getpid()
+        while not self._stop.is_set():
+            table, now = _proc_table(), time.time()
+            tree, children = {root}, {}
+            for pid, (ppid, _, _) in table.items():
+                children.setdefault(ppid, []).append(pid)
+            todo = [root]
+            while todo:
+                for c in children.get(todo.pop(), []):
+                    tree.add(c)
+                    todo.append(c)
+            self.samples.append((now, {pid: (table[pid][1], table[pid][2]) for pid in tree if pid in table}))
+            self._stop.wait(0.2)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.join()
+
+    def cpu_between(self, t0: float, t1: float, workers: list[int]) -> dict[str, float]:
+        """CPU seconds per process name between the samples nearest to t0 and t1, the
+        training workers as one entry."""
+        a = min(self.samples, key=lambda s: abs(s[0] - t0))[1]
+        b = min(self.samples, key=lambda s: abs(s[0] - t1))[1]
+        out: dict[str, float] = {}
+        for pid, (name, cpu) in b.items():
+            key = "training workers" if pid in workers else name
+            out[key] = out.get(key, 0.0) + cpu - a.get(pid, (name, 0.0))[1]
+        return {k: v for k, v in sorted(out.items(), key=lambda kv: -kv[1]) if v > 0}
 
 
 # ---- bare: torch.multiprocessing + gloo ------------------------------------------------
@@ -131,10 +192,27 @@ def run_ray(cfg: dict, world: int, storage: str, index: int) -> dict:
     return {"launched": launched, **result.return_value}
 
 
-def summarize(r: dict) -> dict:
-    ends = r["epoch_ends"]
-    steady = (ends[-1] - ends[0]) / ((len(ends) - 1) * r["steps_per_epoch"])  # epochs 2.., checkpoints included
-    return {"startup_s": r["first_step"] - r["launched"], "step_ms": 1000 * steady, "total_s": r["end"] - r["launched"]}
+def summarize(r: dict, sampler: CpuSampler) -> dict:
+    ends, stamps, n = r["epoch_ends"], r["stamps"], r["steps_per_epoch"]
+    steady = (ends[-1] - ends[0]) / ((len(ends) - 1) * n)  # epochs 2.., checkpoints included
+    # inside the epochs: the gaps between consecutive steps of one epoch; at the epoch
+    # boundaries: from an epoch's last step to the next epoch's first (report, checkpoint,
+    # the loader's restart), epochs 2.. only
+    inner = [b - a for e in range(1, len(ends)) for a, b in zip(stamps[e * n:(e + 1) * n - 1],
+                                                                 stamps[e * n + 1:(e + 1) * n], strict=True)]
+    boundary = [stamps[e * n] - stamps[e * n - 1] for e in range(1, len(ends))]
+    window = ends[-1] - ends[0]
+    cpu = sampler.cpu_between(ends[0], ends[-1], r["pids"])
+    return {"startup_s": r["first_step"] - r["launched"], "step_ms": 1000 * steady,
+            "inner_step_ms": 1000 * statistics.median(inner), "epoch_boundary_ms": 1000 * statistics.median(boundary),
+            "total_s": r["end"] - r["launched"],
+            "cpu_cores_used": {k: v / window for k, v in cpu.items()}}
+
+
+def _median_cores(runs: list[dict[str, float]]) -> dict[str, float]:
+    names = {k for r in runs for k in r}
+    med = {k: statistics.median(r.get(k, 0.0) for r in runs) for k in names}
+    return {k: v for k, v in sorted(med.items(), key=lambda kv: -kv[1]) if v >= 0.005}
 
 
 def main() -> None:
@@ -161,23 +239,36 @@ def main() -> None:
         for i in range(a.reps):
             order = ["bare", "ray"] if i % 2 == 0 else ["ray", "bare"]
             for side in order:
+                sampler = CpuSampler()
+                sampler.start()
                 raw = run_bare(cfg, a.workers) if side == "bare" else run_ray(cfg, a.workers, str(Path(tmp) / "ray"), i)
-                runs[side].append(summarize(raw))
+                sampler.stop()
+                runs[side].append(summarize(raw, sampler))
                 print(f"rep {i + 1} {side}: {runs[side][-1]}", flush=True)
         ray.shutdown()
-    med = {side: {k: statistics.median(r[k] for r in v) for k in v[0]} for side, v in runs.items()}
+    med = {side: {k: statistics.median(r[k] for r in v) for k in v[0] if k != "cpu_cores_used"}
+           for side, v in runs.items()}
+    cores = {side: _median_cores([r["cpu_cores_used"] for r in v]) for side, v in runs.items()}
     overhead = 100 * (med["ray"]["step_ms"] / med["bare"]["step_ms"] - 1)
     report = {"benchmark": "ray-train-overhead", "machine": machine(), "settings": vars(a) | {"out": str(a.out)},
               "ray_init_s": ray_init_s, "runs": runs, "median": med, "steady_state_overhead_pct": overhead,
-              "startup_extra_s": med["ray"]["startup_s"] - med["bare"]["startup_s"]}
+              "startup_extra_s": med["ray"]["startup_s"] - med["bare"]["startup_s"],
+              "inner_step_overhead_pct": 100 * (med["ray"]["inner_step_ms"] / med["bare"]["inner_step_ms"] - 1),
+              "epoch_boundary_extra_ms": med["ray"]["epoch_boundary_ms"] - med["bare"]["epoch_boundary_ms"],
+              "cpu_cores_used_steady_state": cores}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(report, indent=2))
-    print("| side | start-up to first step (s) | steady-state step (ms) | total (s) |")
-    print("|---|---:|---:|---:|")
+    print("| side | start-up to first step (s) | steady-state step (ms) | step inside an epoch (ms) "
+          "| epoch boundary (ms) | total (s) | CPU cores used, steady state |")
+    print("|---|---:|---:|---:|---:|---:|---|")
     for side in ("bare", "ray"):
         m = med[side]
-        print(f"| {side} | {m['startup_s']:.1f} | {m['step_ms']:.1f} | {m['total_s']:.1f} |")
-    print(f"\nRay Train steady-state overhead per step: {overhead:+.1f}%; fixed start-up: "
+        used = ", ".join(f"{k} {v:.2f}" for k, v in list(cores[side].items())[:5])
+        print(f"| {side} | {m['startup_s']:.1f} | {m['step_ms']:.1f} | {m['inner_step_ms']:.1f} | "
+              f"{m['epoch_boundary_ms']:.0f} | {m['total_s']:.1f} | {used} |")
+    print(f"\nRay Train steady-state overhead per step: {overhead:+.1f}% "
+          f"({report['inner_step_overhead_pct']:+.1f}% inside epochs, "
+          f"{report['epoch_boundary_extra_ms']:+.0f} ms per epoch boundary); fixed start-up: "
           f"{report['startup_extra_s']:+.1f} s more than a bare launch (plus {ray_init_s:.1f} s to start the local Ray "
           "once per pipeline)")
     print(f"results: {a.out}")

@@ -20,6 +20,11 @@ def _normalize(mean: Sequence[float], std: Sequence[float]) -> list[v2.Transform
     return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]
 
 
+def blur_kernel(image_size: int) -> int:
+    """SimCLR's blur kernel: odd, about 10% of the side."""
+    return max(3, int(0.1 * image_size) // 2 * 2 + 1)
+
+
 class SimCLRTransform:
     """SimCLR's augmentation [0, appendix A]: random resized crop, horizontal flip,
     colour jitter (p=0.8), grayscale (p=0.2), Gaussian blur (optional: the paper drops it
@@ -35,6 +40,9 @@ class SimCLRTransform:
         jitter_prob, grayscale_prob: 0.8 and 0.2 in the paper.
         blur_prob: 0 disables blur; the paper uses 0.5 with a kernel of 10% of the side.
         n_views: number of views per image.
+        color: False stops after the crop and flip and gives uint8 views; the colour
+            part then runs batched on the training device
+            (:class:`cl_core.augment_device.BatchColorAugment`, ``views.augment_on: device``).
     """
 
     def __init__(
@@ -50,19 +58,22 @@ class SimCLRTransform:
         n_views: int = 2,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        color: bool = True,
     ) -> None:
         s = jitter_strength
         ops: list[v2.Transform] = [
             v2.ToImage(),
             v2.RandomResizedCrop(image_size, scale=(crop_min_scale, 1.0), antialias=True),
             v2.RandomHorizontalFlip(p=hflip_prob),
-            v2.RandomApply([v2.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=jitter_prob),
-            v2.RandomGrayscale(p=grayscale_prob),
         ]
-        if blur_prob > 0:
-            k = max(3, int(0.1 * image_size) // 2 * 2 + 1)  # odd kernel, ~10% of the side
-            ops.append(v2.RandomApply([v2.GaussianBlur(k, sigma=(0.1, 2.0))], p=blur_prob))
-        self.transform = v2.Compose(ops + _normalize(mean, std))
+        if not color:
+            self.transform = v2.Compose([*ops, v2.ToPureTensor()])
+        else:
+            ops += [v2.RandomApply([v2.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=jitter_prob),
+                    v2.RandomGrayscale(p=grayscale_prob)]
+            if blur_prob > 0:
+                ops.append(v2.RandomApply([v2.GaussianBlur(blur_kernel(image_size), sigma=(0.1, 2.0))], p=blur_prob))
+            self.transform = v2.Compose(ops + _normalize(mean, std))
         self.n_views = n_views
 
     def __call__(self, image) -> list[torch.Tensor]:
@@ -83,12 +94,12 @@ class MultiCropTransform:
         global_scale, local_scale: (min, max) area fractions of the crops.
         n_global, n_local: view counts.
         **color: ``hflip_prob``, ``jitter_strength``, ``jitter_prob``, ``grayscale_prob``,
-            ``blur_prob`` as in :class:`SimCLRTransform`.
+            ``blur_prob``, ``color`` as in :class:`SimCLRTransform`.
     """
 
     def __init__(self, image_size: int, local_size: int, *, global_scale: tuple[float, float] = (0.14, 1.0),
                  local_scale: tuple[float, float] = (0.05, 0.14), n_global: int = 2, n_local: int = 6,
-                 **color: float) -> None:
+                 **color: float | bool) -> None:
         if n_global < 2:
             raise ValueError(f"multi-crop needs at least 2 global views, got {n_global}")
         if n_local < 0:

@@ -86,6 +86,7 @@ def compile_networks(method: Method) -> list[nn.Module]:
     return seen
 
 
+ViewAugmentFn = Callable[[list[torch.Tensor], torch.Generator], list[torch.Tensor]]
 ReportFn = Callable[[dict[str, float], dict | None], None]
 CheckpointFn = Callable[[dict[str, float], dict], None]
 
@@ -99,12 +100,19 @@ class PretrainLoop:
         stream: this worker's :class:`ShardStream`.
         aux: for methods with ``uses_labels`` (fine-tuning, distillation): a callable
             giving one extra labeled batch ``(views, labels)`` per step, or None.
+        view_augment: ``(views, generator) -> views`` run on the device before the step
+            (:class:`cl_core.augment_device.DeviceViews`), or None.
     """
 
     def __init__(self, model: nn.Module, method: Method, stream: ShardStream, cfg: LoopConfig, device: torch.device,
-                 aux: Callable[[], tuple[list[torch.Tensor], torch.Tensor]] | None = None):
+                 aux: Callable[[], tuple[list[torch.Tensor], torch.Tensor]] | None = None,
+                 view_augment: ViewAugmentFn | None = None):
         self.model, self.method, self.stream, self.cfg, self.device = model, method, stream, cfg, device
         self.aux = aux  # supervised objectives only: gives an extra labeled batch per step
+        # views.augment_on: device: the loader's views are uint8 crops; their colour
+        # augmentation runs here, batched, from a generator seeded per step
+        self.view_augment = view_augment
+        self._augment_gen = torch.Generator(device=device) if view_augment is not None else None
         self.world_size = distributed.world_size()
         self.global_batch = cfg.batch_size_per_worker * self.world_size
         self.peak_lr = scale_lr(cfg.lr_base, self.global_batch, cfg.lr_scaling)
@@ -176,6 +184,13 @@ class PretrainLoop:
     def lr(self) -> float:
         return lr_at(self.step, total_steps=self.total_steps, warmup_steps=self.warmup_steps, peak_lr=self.peak_lr)
 
+    def _step_generator(self) -> torch.Generator:
+        """The device augmentation's generator, seeded from (seed, rank, step): a pure
+        function of the step, so a resumed run draws what the interrupted one would."""
+        assert self._augment_gen is not None
+        seed = (self.stream.seed * 1_000_003 + distributed.rank()) * 1_000_000_007 + self.step
+        return self._augment_gen.manual_seed(seed % (2**63))
+
     def _aux_batch(self):
         if self.aux is None:
             return None
@@ -230,6 +245,8 @@ class PretrainLoop:
         t0 = time.perf_counter() - self._seconds
         for views, labels, index in loader:
             views = [self.settings.input(v) for v in views]
+            if self.view_augment is not None:
+                views = self.view_augment(views, self._step_generator())
             set_lr(self.optimizer, self.lr(), self.peak_lr)
             self.method.set_progress(self.step, self.total_steps)
             with self.settings.autocast():

@@ -90,6 +90,10 @@ class ViewsConfig(Section):
     local_views: int = Field(6, ge=0, description="multi-crop methods (SwAV, DINO): small views per image (SwAV: 6, DINO: 8)")
     local_image_size: int | None = Field(None, ge=4, description="side of the local views; None: 96/224 of image_size")
     local_crop_scale: tuple[float, float] = Field((0.05, 0.14), description="area range of local crops (SwAV: 0.05-0.14)")
+    augment_on: Literal["loader", "device"] = Field("loader", description="where the colour augmentation (jitter, "
+                                                    "grayscale, blur, normalize) runs: 'loader' per image in the "
+                                                    "DataLoader workers; 'device' batched on the training device "
+                                                    "(the GPU), with the loader decoding, cropping and flipping only")
 
     @field_validator("local_crop_scale")
     @classmethod

@@ -20,15 +20,15 @@ def train_shards(npz_file, tmp_path):
     return S.shard_urls(out, m, "train")
 
 
-def _loop(train_shards, epochs=2, lr_base=0.3, **cfg_kw):
+def _loop(train_shards, epochs=2, lr_base=0.3, device_views=None, **cfg_kw):
     urls, counts = train_shards
     torch.manual_seed(0)
     method = SimCLR("small_cnn", backbone_args={"width": 4}, proj_dim=8, temperature=0.5)
-    stream = ShardStream(urls, counts, transform=SimCLRTransform(8), batch_size=8, rank=0, world_size=1,
-                         loader_workers=0, shuffle_buffer=10, seed=0)
+    stream = ShardStream(urls, counts, transform=SimCLRTransform(8, color=device_views is None), batch_size=8, rank=0,
+                         world_size=1, loader_workers=0, shuffle_buffer=10, seed=0)
     cfg = LoopConfig(epochs=epochs, batch_size_per_worker=8, optimizer="lars", lr_base=lr_base, warmup_epochs=1,
                      loader_workers=0, **cfg_kw)
-    return PretrainLoop(method, method, stream, cfg, torch.device("cpu"))
+    return PretrainLoop(method, method, stream, cfg, torch.device("cpu"), view_augment=device_views)
 
 
 def test_loop_reports_each_epoch_with_state(train_shards):
@@ -134,15 +134,18 @@ def _crash_after_checkpoint(loop, path, at_step):
         loop.run(lambda m, s: None, checkpoint=checkpoint)
 
 
-@pytest.mark.parametrize("loader_workers", [0, 2])
-def test_mid_epoch_checkpoint_resumes_at_the_next_batch(train_shards, tmp_path, loader_workers):
+@pytest.mark.parametrize("loader_workers,on_device", [(0, False), (2, False), (2, True)])
+def test_mid_epoch_checkpoint_resumes_at_the_next_batch(train_shards, tmp_path, loader_workers, on_device):
     """Checkpoints every 2 steps; a crash after the one at step 3 of epoch 2... resumed in a
     fresh loop gives the uninterrupted run's parameters and per-epoch metrics: the stream
-    skips exactly the batches already trained on, in DataLoader order."""
+    skips exactly the batches already trained on, in DataLoader order (and the colour
+    augmentation on the device draws per step what the straight run drew)."""
     import dataclasses
 
+    from cl_core.augment_device import DeviceViews
+
     def loop_with(**kw):
-        loop = _loop(train_shards)
+        loop = _loop(train_shards, device_views=DeviceViews() if on_device else None)
         loop.cfg = dataclasses.replace(loop.cfg, loader_workers=loader_workers, **kw)
         loop.stream.loader_workers = loader_workers
         loop.steps_per_epoch = loop.stream.plan().steps
@@ -268,3 +271,27 @@ def test_compile_targets_are_the_networks():
     student, teacher = (build_classifier({"backbone": "small_cnn", "width": 4, "num_classes": 3}) for _ in range(2))
     distill = DistillObjective(student, teacher, temperature=1.0)
     assert compile_networks(distill) == [student, teacher]
+
+
+def test_colour_augmentation_on_the_device(train_shards):
+    """``augment_on: device``: the loader ships uint8 crops, the loop normalizes and
+    jitters them batched; training runs, and the views differ from the loader path's only
+    by their colours (same crops: the same per-sample seeds)."""
+    from cl_core.augment_device import DeviceViews
+
+    seen = {}
+
+    def spy(views, generator):
+        seen["in"] = [v.clone() for v in views]
+        seen["out"] = DeviceViews(jitter_prob=1.0)(views, generator)
+        return seen["out"]
+
+    loop = _loop(train_shards, epochs=1, device_views=spy)
+    metrics = loop.run(lambda m, s: None)[-1]
+    assert metrics["train/loss"] > 0 and metrics["step"] == loop.steps_per_epoch
+    assert all(v.dtype == torch.uint8 and v.shape[1:] == (3, 8, 8) for v in seen["in"])
+    out = seen["out"]
+    assert all(v.dtype == torch.float32 for v in out) and not torch.equal(out[0], out[1])
+    # every image jittered independently: no two samples share a brightness shift
+    diff = (out[0] - (seen["in"][0] / 255 - 0.45) / 0.226).flatten(1).mean(1)
+    assert len({round(float(d), 4) for d in diff}) == len(diff)

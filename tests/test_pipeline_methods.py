@@ -49,11 +49,13 @@ def test_other_methods_pretrain_through_the_pipeline(tmp_path, local_ray, capsys
     assert 0 <= fin.data.metrics["teacher_10pct/selected_val_top1"] <= 1
     assert "teacher_10pct/train/supcon" in fin.data.metrics  # the supervised contrastive fine-tune
 
-    for method_name, params in (("swav", "{num_prototypes: 20, freeze_prototypes_steps: 5, hidden_dim: 64}"),
-                                ("instdisc", "{num_negatives: 64}")):
+    # SwAV's multi-crop views (two sizes) also take their colour augmentation on the device
+    for method_name, params, augment_on in (
+            ("swav", "{num_prototypes: 20, freeze_prototypes_steps: 5, hidden_dim: 64}", "device"),
+            ("instdisc", "{num_negatives: 64}", "loader")):
         args = ["run", "--work-dir", str(work), *BASE, "--set", f"pretrain.method={method_name}",
                 "--set", f"pretrain.params.{method_name}={params}", "--set", "pretrain.views.local_views=2",
-                "--until", "pretrain"]
+                "--set", f"pretrain.views.augment_on={augment_on}", "--until", "pretrain"]
         assert main(args) == 0
         children = _latest_children(client, exp_id)
         assert set(children) == {"shard", "pretrain"} and _recomputed(children) == {"pretrain"}

@@ -17,6 +17,7 @@ import torch
 from ray import train
 
 from cl_core.augment import EvalTransform, MultiCropTransform, SimCLRTransform
+from cl_core.augment_device import DeviceViews
 from cl_core.data import storage
 from cl_core.data.reader import ShardStream, load_split
 from cl_core.data.shards import ShardCheck, read_manifest
@@ -66,10 +67,11 @@ def load_encoder(encoder: dict) -> torch.nn.Module:
 
 
 def view_transform(method: str, v: ViewsConfig):
-    """The views the method's ``view_kind`` asks for, from the ``pretrain.views`` section."""
+    """The views the method's ``view_kind`` asks for, from the ``pretrain.views`` section
+    (crop and flip only with ``augment_on: device``: :func:`device_views` does the rest)."""
     kind = get_method(method).view_kind
     color = dict(hflip_prob=v.hflip_prob, jitter_strength=v.jitter_strength, jitter_prob=v.jitter_prob,
-                 grayscale_prob=v.grayscale_prob, blur_prob=v.blur_prob)
+                 grayscale_prob=v.grayscale_prob, blur_prob=v.blur_prob, color=v.augment_on == "loader")
     if kind == "multi_crop":
         return MultiCropTransform(v.image_size, v.local_size(), global_scale=(v.crop_min_scale, 1.0),
                                   local_scale=v.local_crop_scale, n_local=v.local_views, **color)
@@ -77,6 +79,14 @@ def view_transform(method: str, v: ViewsConfig):
         return SimCLRTransform(v.image_size, crop_min_scale=v.crop_min_scale, n_views=2 if kind == "two_views" else 1,
                                **color)
     raise ValueError(f"pretrain: {method} takes {kind} inputs, which the image pipeline does not make")
+
+
+def device_views(v: ViewsConfig) -> DeviceViews | None:
+    """The colour augmentation on the training device (``views.augment_on: device``)."""
+    if v.augment_on != "device":
+        return None
+    return DeviceViews(jitter_strength=v.jitter_strength, jitter_prob=v.jitter_prob,
+                       grayscale_prob=v.grayscale_prob, blur_prob=v.blur_prob)
 
 
 def _worker_nodes(world: int) -> dict[str, int]:
@@ -123,7 +133,7 @@ def train_worker(config: dict) -> list[dict] | None:
             batch_size=p.batch_size_per_worker, shuffle_buffer=p.shuffle_buffer, seed=config["seed"],
             transform=view_transform(config["model"]["method"], v), verify=config.get("train_verify"),
         )
-    loop = PretrainLoop(model, method, stream, loop_cfg, device)
+    loop = PretrainLoop(model, method, stream, loop_cfg, device, view_augment=None if text else device_views(v))
 
     ckpt = train.get_checkpoint()
     if ckpt is not None:

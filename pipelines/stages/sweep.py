@@ -43,7 +43,13 @@ from pipelines.console import console
 from pipelines.graph import StageContext
 from pipelines.stages._data import checked_split
 from pipelines.stages._train import loop_config
-from pipelines.stages.pretrain import build_method, make_worker_config, train_worker, view_transform
+from pipelines.stages.pretrain import (
+    build_method,
+    device_views,
+    make_worker_config,
+    train_worker,
+    view_transform,
+)
 
 METRIC = "val/knn_top1"
 STATE_FILE = "state.pt"
@@ -72,7 +78,7 @@ def trial(config: dict[str, Any], base: dict[str, Any]) -> None:
     stream = ShardStream(train.urls, train.counts, rank=0, world_size=1, loader_workers=0, verify=train.verify,
                          batch_size=p.batch_size_per_worker, shuffle_buffer=p.shuffle_buffer, seed=base["seed"],
                          transform=view_transform(p.method, p.views))
-    loop = PretrainLoop(method, method, stream, loop_config(p), device)
+    loop = PretrainLoop(method, method, stream, loop_config(p), device, view_augment=device_views(p.views))
     ckpt = tune.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
