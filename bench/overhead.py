@@ -100,11 +100,11 @@ class CpuSampler(threading.Thread):
     def __init__(self) -> None:
         super().__init__(daemon=True)
         self.samples: list[tuple[float, dict[int, tuple[str, float]]]] = []
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
         root = os.getpid()
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             table, now = _proc_table(), time.time()
             tree, children = {root}, {}
             for pid, (ppid, _, _) in table.items():
@@ -115,10 +115,10 @@ class CpuSampler(threading.Thread):
                     tree.add(c)
                     todo.append(c)
             self.samples.append((now, {pid: (table[pid][1], table[pid][2]) for pid in tree if pid in table}))
-            self._stop.wait(0.2)
+            self._halt.wait(0.2)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join()
 
     def cpu_between(self, t0: float, t1: float, workers: list[int]) -> dict[str, float]:
