@@ -44,6 +44,8 @@ from cl_core.data.reader import ShardStream  # noqa: E402
 from cl_core.engine import LoopConfig, PretrainLoop  # noqa: E402
 from cl_core.methods import SimCLR  # noqa: E402
 from infra.procs import free_port  # noqa: E402
+from pipelines.config import RayConfig  # noqa: E402
+from pipelines.ray_env import TRAIN_POLL_ENV  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -222,6 +224,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--loader-workers", type=int, default=0)
+    ap.add_argument("--poll-seconds", type=float, default=RayConfig().train_poll_seconds,
+                    help="Ray Train controller's poll interval, as the pipeline sets it (ray.train_poll_seconds; "
+                         "Ray's own default is 2)")
     ap.add_argument("--out", type=Path, default=RESULTS / "overhead.json")
     a = ap.parse_args()
     import ray
@@ -232,6 +237,7 @@ def main() -> None:
         manifest = write_digits(shard_dir)
         cfg = {"shard_dir": str(shard_dir), "manifest": manifest, "epochs": a.epochs, "threads": a.threads,
                "loader_workers": a.loader_workers}
+        os.environ[TRAIN_POLL_ENV] = str(a.poll_seconds)  # as pipelines.ray_env.init does
         t0 = time.time()
         ray.init(address="local", num_cpus=a.workers * a.threads + 1, include_dashboard=False, log_to_driver=False)
         ray_init_s = time.time() - t0

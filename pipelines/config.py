@@ -370,6 +370,10 @@ class RayConfig(Section):
                                      "ray_results; a shared path or s3://bucket/prefix for multi-node clusters")
     train_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "WARNING", description="Ray Train's own console logs (INFO: worker-group and per-checkpoint lines)")
+    train_poll_seconds: float = Field(0.5, gt=0, description="how often Ray Train's controller collects the workers' "
+                                      "reports and checks their health ($RAY_TRAIN_HEALTH_CHECK_INTERVAL_S; Ray's "
+                                      "default 2 s makes a report wait up to 2 s when the previous one is not yet "
+                                      "collected)")
 
 
 class PipelineConfig(Section):

@@ -13,9 +13,15 @@ from cl_core.data import storage as storage_lib
 from infra import procs
 from pipelines.config import PipelineConfig, RayConfig
 
+TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+
 
 def init(cfg: RayConfig) -> None:
     """Join ``cfg.address`` (or $RAY_ADDRESS) or start a local Ray (dashboard on: Train's state API needs it)."""
+    # read by each Ray Train controller this driver starts (Ray propagates it): a worker's
+    # train.report blocks while its previous report is uncollected, so short epochs and
+    # frequent checkpoints would wait for Ray's default 2 s poll
+    os.environ[TRAIN_POLL_ENV] = str(cfg.train_poll_seconds)
     if ray.is_initialized():
         return
     # token auth is for shared clusters; a local Ray on loopback runs without it

@@ -192,3 +192,16 @@ def test_a_source_with_no_decodable_image_fails_the_shard_stage_clearly(local_ra
     assert main(args) == 1
     err = capsys.readouterr().err
     assert "stage shard failed" in err and "none of the 2 images" in err and "could be decoded" in err
+
+
+def test_ray_train_poll_interval_reaches_the_controller(local_ray, monkeypatch):
+    """``ray.train_poll_seconds`` is set where Ray Train reads it: the driver's environment,
+    which Ray propagates to each Train controller (and from there to the workers)."""
+    from ray.train.v2._internal.constants import get_env_vars_to_propagate
+
+    from pipelines import ray_env
+    from pipelines.config import RayConfig
+
+    monkeypatch.delenv(ray_env.TRAIN_POLL_ENV, raising=False)
+    ray_env.init(RayConfig(train_poll_seconds=0.25))  # Ray is up: only the setting changes
+    assert get_env_vars_to_propagate()[ray_env.TRAIN_POLL_ENV] == "0.25"
