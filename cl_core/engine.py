@@ -41,6 +41,12 @@ class LoopConfig:
     compile: bool = False  # torch.compile the method's networks (Method.compile_targets), in place
     cpu_allocator: str = "cache"  # on a CPU device: "cache" keeps freed memory for the next step (cl_core.allocator)
 
+    def settings_for(self, device: torch.device) -> DeviceSettings:
+        """The step's device settings (what the loop uses; callers prepare the model
+        with the same before wrapping it in DDP)."""
+        return device_settings(device, bf16=None if self.precision == "auto" else self.precision == "bf16",
+                               channels_last=self.channels_last)
+
 
 class NonFiniteLossError(FloatingPointError):
     pass
@@ -132,8 +138,7 @@ class PretrainLoop:
         self._seconds = 0.0
         self.last_checkpoint = "none yet"  # where the run would resume from (for error messages)
         self._last_checkpoint_time = time.monotonic()
-        self.settings = device_settings(device, bf16=None if cfg.precision == "auto" else cfg.precision == "bf16",
-                                        channels_last=cfg.channels_last)
+        self.settings = cfg.settings_for(device)
         if cfg.compile:
             compile_networks(method)
         if device.type == "cpu":

@@ -38,7 +38,7 @@ from cl_core.augment import EvalTransform, FinetuneTransform
 from cl_core.data import storage
 from cl_core.data.reader import ShardStream, load_split, training_loader
 from cl_core.data.shards import sha256_file
-from cl_core.engine import LoopConfig, PretrainLoop, device_settings
+from cl_core.engine import LoopConfig, PretrainLoop
 from cl_core.evaluate import top1
 from cl_core.methods.base import Method
 from pipelines import ray_env, tracking
@@ -275,7 +275,7 @@ class SequentialJobs:
         resuming = bool(self.resume and self.resume["job"] == i and self.resume["loop"] is not None)
         objective, classifier, stream, aux = build(job, int(self.resume["loop"]["step"]) if resuming else 0)
         cfg = loop_config(section, stream.batch_size)
-        objective = device_settings(self.w.device, channels_last=cfg.channels_last).prepare(objective.to(self.w.device))
+        objective = cfg.settings_for(self.w.device).prepare(objective.to(self.w.device))
         model = train.torch.prepare_model(objective)
         # a budget in steps as well as epochs: 1% of the labels may be one batch per epoch
         steps = stream.plan().steps

@@ -22,7 +22,7 @@ from cl_core.data import storage
 from cl_core.data.reader import ShardStream, load_split
 from cl_core.data.shards import ShardCheck, read_manifest
 from cl_core.data.text import load_text_split, load_tokenizer, text_stream
-from cl_core.engine import PretrainLoop, device_settings
+from cl_core.engine import PretrainLoop
 from cl_core.evaluate import extract_features, knn_top1
 from cl_core.methods import Method, get_method
 from cl_core.models import saved
@@ -112,7 +112,7 @@ def train_worker(config: dict) -> list[dict] | None:
     torch.manual_seed(config["seed"])  # the initial weights (DDP then sends rank 0's to every rank)
     method = build_method(config["model"]).to(device)
     loop_cfg = loop_config(p)
-    method = device_settings(device, channels_last=loop_cfg.channels_last).prepare(method)
+    method = loop_cfg.settings_for(device).prepare(method)
     if p.sync_bn and world > 1:
         method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
     # queues, banks and centers are kept equal on every worker by gathered updates; DDP's

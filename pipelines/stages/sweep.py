@@ -74,11 +74,12 @@ def trial(config: dict[str, Any], base: dict[str, Any]) -> None:
     torch.manual_seed(base["seed"])
     train, val = base["checks"]["train"], base["checks"]["val"]
     model = {"method": p.method, "kwargs": p.model_kwargs(num_samples=sum(train.counts))}
-    method = build_method(model, gather_distributed=False).to(device)
+    cfg = loop_config(p)
+    method = cfg.settings_for(device).prepare(build_method(model, gather_distributed=False).to(device))
     stream = ShardStream(train.urls, train.counts, rank=0, world_size=1, loader_workers=0, verify=train.verify,
                          batch_size=p.batch_size_per_worker, shuffle_buffer=p.shuffle_buffer, seed=base["seed"],
                          transform=view_transform(p.method, p.views))
-    loop = PretrainLoop(method, method, stream, loop_config(p), device, view_augment=device_views(p.views))
+    loop = PretrainLoop(method, method, stream, cfg, device, view_augment=device_views(p.views))
     ckpt = tune.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
