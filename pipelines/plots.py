@@ -1,17 +1,26 @@
-"""Plots logged as MLflow artifacts (matplotlib, Agg backend)."""
+"""Plots logged as MLflow artifacts (matplotlib, Agg backend).
+
+matplotlib is imported on first use: the stage modules that import this one also run in
+every Ray Train worker and Tune trial process, which never plot."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-import matplotlib
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def training_curves(history: list[dict], path: Path, title: str) -> Path:
     """Loss (left axis) and val kNN top-1 (right axis) per epoch."""
+    plt = _pyplot()
     epochs = [h["epoch"] for h in history]
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     ax.plot(epochs, [h["train/loss"] for h in history], color="tab:blue", label="train/loss")
@@ -31,6 +40,7 @@ def training_curves(history: list[dict], path: Path, title: str) -> Path:
 def confusion_matrices(predictions: dict[str, list[int]], labels: list[int], class_names: list[str], path: Path,
                        title: str) -> Path:
     """One confusion matrix (rows: true class, columns: predicted) per model, side by side."""
+    plt = _pyplot()
     import numpy as np
 
     k = len(class_names)
@@ -62,6 +72,7 @@ def sweep_plots(rows: list[dict], names: list[str], metric: str, max_epochs: int
     """A sweep's figures: the objective against each swept value, a heatmap when two
     values vary (temperature x momentum when both are swept), and every trial's curve
     per epoch with the trials ASHA stopped marked where they stopped."""
+    plt = _pyplot()
     paths = []
     for name in names:
         xs = [r[name] for r in rows]

@@ -14,6 +14,7 @@ from infra import procs
 from pipelines.config import PipelineConfig, RayConfig
 
 TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
 
 def init(cfg: RayConfig) -> None:
@@ -38,6 +39,9 @@ def init(cfg: RayConfig) -> None:
         # latest Ray on the machine, which may be another one
         port = procs.free_port()
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        # Train's preemption watcher (one more actor process per TorchTrainer) follows autoscaler
+        # node drains, which a Ray on this one machine never has; Train propagates the setting
+        os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
         ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
                  dashboard_port=port, **kwargs)
 
