@@ -72,3 +72,108 @@ def s3_server(directory: Path, bucket: str) -> Iterator:
                 os.environ[k] = v
         server.stop()
         assert not procs.alive(server.pid)
+
+
+# --- the shared local Ray and the one run of the default chain ---------------------------
+
+# The chain's tiny budget. The checkpoint and restart settings are the fault tests' (each
+# faulted run must match this uninterrupted one metric for metric): mid-epoch checkpoints
+# every 4 steps, one automatic restart in pretrain, none in distill.
+TINY = ["--set", "sweep.enabled=false", "--set", "pretrain.epochs=2", "--set", "pretrain.batch_size_per_worker=32",
+        "--set", "finetune.epochs=3", "--set", "distill.epochs=2", "--set", "labels.fractions=[0.01, 0.1]",
+        "--set", "finetune.min_steps=0", "--set", "pretrain.checkpoint_every_steps=4", "--set", "pretrain.max_failures=1",
+        "--set", "distill.checkpoint_every_steps=4", "--set", "distill.max_failures=0"]
+STAGES = ["shard", "labels", "pretrain", "finetune", "distill", "evaluate", "register"]
+
+
+@pytest.fixture
+def local_ray():
+    """The pipeline's local Ray (2 CPUs), started once and shared by the tests of this
+    process; started again if a test shut it down (one needing a Ray of its own)."""
+    import ray
+
+    from pipelines import ray_env
+    from pipelines.config import RayConfig
+
+    if not ray.is_initialized():
+        ray_env.init(RayConfig(num_cpus=2))
+    yield ray.get_runtime_context().gcs_address
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import sys
+
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        sys.modules["ray"].shutdown()
+
+
+def mlflow_client(work: Path):
+    """(client, experiment id) of a work dir's local MLflow store."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    return client, client.get_experiment_by_name("clpipe").experiment_id
+
+
+def pipeline_runs(client, exp_id: str, newest: bool = True) -> list:
+    """The pipeline (parent) runs, newest first (or oldest first)."""
+    from pipelines import tracking
+
+    return client.search_runs([exp_id], filter_string=f"tags.`{tracking.TAG_KIND}` = 'pipeline'",
+                              order_by=[f"attributes.start_time {'DESC' if newest else 'ASC'}"])
+
+
+def children(client, exp_id: str, parent_id: str) -> dict:
+    """{stage: run} of one pipeline run."""
+    from pipelines import tracking
+
+    runs = client.search_runs([exp_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+    return {r.data.tags[tracking.TAG_STAGE]: r for r in runs if tracking.TAG_STAGE in r.data.tags}
+
+
+def latest_children(client, exp_id: str) -> dict:
+    return children(client, exp_id, pipeline_runs(client, exp_id)[0].info.run_id)
+
+
+def recomputed(stage_runs: dict) -> set[str]:
+    from pipelines import tracking
+
+    return {s for s, r in stage_runs.items() if r.data.tags[tracking.TAG_CACHE_HIT] == "false"}
+
+
+def outputs(client, run_id: str) -> dict:
+    """A stage run's outputs record, read through ``client`` (whatever store MLflow points at)."""
+    import json
+    import tempfile
+
+    from pipelines import tracking
+
+    with tempfile.TemporaryDirectory() as d:
+        return json.loads(Path(client.download_artifacts(run_id, tracking.OUTPUTS_FILE, d)).read_text())
+
+
+@pytest.fixture(scope="session")
+def chain(tmp_path_factory):
+    """One run of the default chain (every stage) with the tiny budget, on the shared local
+    Ray: the tests of its outputs, its reruns and its faults all start from this run."""
+    import contextlib
+    import types
+
+    import ray
+
+    from pipelines import ray_env
+    from pipelines.cli import main
+    from pipelines.config import RayConfig
+
+    if not ray.is_initialized():
+        ray_env.init(RayConfig(num_cpus=2))
+    work = tmp_path_factory.mktemp("chain") / "work"
+    args = ["run", "--work-dir", str(work), *TINY]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(args)
+    assert rc == 0, out.getvalue()[-4000:] + err.getvalue()[-4000:]
+    client, exp_id = mlflow_client(work)
+    parent = pipeline_runs(client, exp_id)[0]
+    return types.SimpleNamespace(work=work, args=args, out=out.getvalue(), client=client, exp_id=exp_id,
+                                 parent=parent, runs=children(client, exp_id, parent.info.run_id))
