@@ -1,11 +1,22 @@
-"""Faults a cluster has, on a real local Ray: a training worker SIGKILLed mid-epoch (in
-pretrain and in distill), the pipeline driver SIGKILLed mid-stage, and the same config
-and seed run twice. Every run is a ``python -m pipelines run`` process in its own
-session (it starts its own local Ray); a run is killed by its process group.
+"""Faults a cluster has, on a real local Ray, against the session's uninterrupted run of
+the same chain (the ``chain`` fixture, same config and seed) as the reference:
 
-The reference is one uninterrupted run; the faulted runs must end with the same step
-counts and the same metrics (the resume is exact: model, optimizer, schedule, method
-state and the position in the epoch's data come back from the checkpoint).
+1. a pretrain worker SIGKILLed in its second epoch (``max_failures: 1``): Ray Train
+   restarts the group from the last registered checkpoint; then a distill worker
+   SIGKILLed (``max_failures: 0``): the run fails with one line naming the stage and the
+   checkpoint;
+2. the same command again, as its own driver process joined to the cluster: every
+   finished stage comes from the cache and distill resumes from that checkpoint; then the
+   driver itself is SIGKILLed in the middle of distill;
+3. the same command once more: distill resumes from the dead driver's last checkpoint
+   and finishes.
+
+The end result equals the reference: the same shards and label subsets byte for byte, and
+the same metrics for pretrain, finetune and distill (the resume is exact: model,
+optimizer, schedule, method state and the position in the epoch's data come back from
+the checkpoint). A worker is killed only once Ray Train has registered a checkpoint past
+the point being tested, the earliest moment that proves a resume from the middle of an
+epoch.
 """
 
 from __future__ import annotations
@@ -16,36 +27,22 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
 
+from infra.procs import wait_until
 from pipelines import tracking
+from pipelines.cli import main
+from tests.conftest import TINY, latest_children, mlflow_client, outputs, recomputed
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("chain")]
 
 ROOT = Path(__file__).parents[1]
-CONFIG = ["--set", "sweep.enabled=false", "--set", "ray.num_cpus=2", "--set", "labels.fractions=[0.1]",
-          "--set", "pretrain.epochs=2", "--set", "pretrain.checkpoint_every_steps=4", "--set", "pretrain.max_failures=1",
-          "--set", "finetune.epochs=2", "--set", "finetune.min_steps=0", "--set", "finetune.baseline=false",
-          "--set", "distill.epochs=1", "--set", "distill.checkpoint_every_steps=4", "--set", "distill.max_failures=1"]
 UNTIL = ["--until", "distill"]
 TIMING = ("per_sec", "seconds")  # wall-clock metrics differ between runs
-
-
-def _cmd(work: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "pipelines", "run", "--work-dir", str(work), *CONFIG, *extra]
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS", "AWS_"))}
-    return {**env, "PYTHONUNBUFFERED": "1"}
-
-
-def _run(work: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run(_cmd(work, *extra), capture_output=True, text=True, env=_env(), timeout=900, cwd=ROOT)
 
 
 def _descendants(pid: int) -> dict[int, int]:
@@ -75,17 +72,17 @@ def _cmdline(pid: int) -> bytes:
         return b""
 
 
-def _train_workers(driver: int) -> list[int]:
-    """The Ray Train worker processes the driver's Ray started (not their DataLoader
+def _train_workers() -> list[int]:
+    """The Ray Train worker processes of this process's local Ray (not their DataLoader
     workers, which are forks that carry the same process title)."""
-    tree = _descendants(driver)
+    tree = _descendants(os.getpid())
     named = {p for p in tree if b"RayTrainWorker" in _cmdline(p)}
     return sorted(p for p in named if tree[p] not in named)
 
 
 def _registered_position(work: Path, stage: str) -> str | None:
     """The loop position of ``stage``'s latest checkpoint that Ray Train has registered
-    (its controller collects the workers' reports every ~2 s: a checkpoint on disk that
+    (its controller collects the workers' reports every poll: a checkpoint on disk that
     is not yet in ``checkpoint_manager_snapshot.json`` is not the one a restart uses)."""
     for run in (work / "ray_results").glob(f"{stage}-*"):
         try:
@@ -97,174 +94,134 @@ def _registered_position(work: Path, stage: str) -> str | None:
     return None
 
 
-class Run:
-    """A pipeline process in its own session, watched and killed by the test."""
+def _wait_for_checkpoint(work: Path, stage: str, inside: str, running, timeout: float = 400) -> str:
+    """Wait until ``stage`` has a registered checkpoint whose position contains ``inside``."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        position = _registered_position(work, stage)
+        if position is not None and inside in position:
+            return position
+        assert running(), f"the run ended before {stage} checkpointed at {inside!r}"
+        time.sleep(0.2)
+    raise AssertionError(f"{stage} never checkpointed at {inside!r} within {timeout} s")
 
-    def __init__(self, work: Path, log: Path, *extra: str) -> None:
-        self.work, self.log_path = work, log
-        self.log = open(log, "w")  # noqa: SIM115 - closed in wait/kill
-        self.proc = subprocess.Popen(_cmd(work, *extra), stdout=self.log, stderr=subprocess.STDOUT, env=_env(),
-                                     start_new_session=True, cwd=ROOT)
 
-    def output(self) -> str:
-        return self.log_path.read_text()
+def _kill_a_train_worker() -> int:
+    workers = _train_workers()
+    assert len(workers) == 2, f"expected 2 Ray Train workers, found {workers}"
+    os.kill(workers[-1], signal.SIGKILL)
+    return workers[-1]
 
-    def wait_for_checkpoint(self, stage: str, inside: str, timeout: float = 400) -> str:
-        """Wait until ``stage`` has a checkpoint whose position contains ``inside``."""
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            position = _registered_position(self.work, stage)
-            if position is not None and inside in position:
-                return position
-            assert self.proc.poll() is None, f"the run ended before {stage} checkpointed at {inside!r}:\n" + \
-                self.output()[-3000:]
-            time.sleep(0.2)
-        raise AssertionError(f"{stage} never checkpointed at {inside!r}:\n" + self.output()[-3000:])
 
-    def kill_a_train_worker(self) -> int:
-        workers = _train_workers(self.proc.pid)
-        assert len(workers) == 2, f"expected 2 Ray Train workers, found {workers}"
-        os.kill(workers[-1], signal.SIGKILL)
-        return workers[-1]
+class Killer(threading.Thread):
+    """Beside an in-process run: at each (stage, position) in turn, wait for that
+    checkpoint, then SIGKILL one of the two Train workers; records the positions seen."""
 
-    def kill_driver(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGKILL)  # the driver and the Ray it started (its session)
-        self.proc.wait()
-        self.log.close()
+    def __init__(self, work: Path, points: list[tuple[str, str]]) -> None:
+        super().__init__(daemon=True)
+        self.work, self.points, self.seen = work, points, []
+        self.error: BaseException | None = None
+        self.finished = threading.Event()  # set by the test when the run returns
 
-    def wait(self, timeout: float = 900) -> int:
+    def run(self) -> None:
         try:
-            return self.proc.wait(timeout=timeout)
-        finally:
-            if self.proc.poll() is None:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-            self.log.close()
+            for stage, inside in self.points:
+                self.seen.append(_wait_for_checkpoint(self.work, stage, inside, lambda: not self.finished.is_set()))
+                _kill_a_train_worker()
+        except BaseException as e:  # noqa: BLE001 - re-raised by the test
+            self.error = e
 
 
-def _client(work: Path) -> tuple[MlflowClient, str]:
-    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
-    return client, client.get_experiment_by_name("clpipe").experiment_id
+def _step(position: str) -> int:
+    """The step of a loop position, "... (step N)"."""
+    return int(position.rsplit("(step ", 1)[1].split(")")[0])
 
 
 def _computed(work: Path, stage: str):
-    """The run that computed ``stage`` (finished, not served from the cache)."""
-    client, exp = _client(work)
+    """The one finished run that computed ``stage`` (not served from the cache)."""
+    client, exp = mlflow_client(work)
     runs = client.search_runs([exp], filter_string=f"tags.`{tracking.TAG_STAGE}` = '{stage}' and "
                               f"tags.`{tracking.TAG_CACHE_HIT}` = 'false' and attributes.status = 'FINISHED'")
     assert len(runs) == 1, f"{stage}: {len(runs)} finished computing runs"
     return runs[0]
 
 
-def _metrics(work: Path, stage: str) -> dict[str, float]:
-    return {k: v for k, v in _computed(work, stage).data.metrics.items() if not k.endswith(TIMING)}
+def _metrics(run) -> dict[str, float]:
+    return {k: v for k, v in run.data.metrics.items() if not k.endswith(TIMING)}
 
 
-def _assert_same_metrics(work: Path, ref: Path, stage: str) -> None:
-    got, want = _metrics(work, stage), _metrics(ref, stage)
-    assert set(got) == set(want), f"{stage}: {sorted(set(got) ^ set(want))}"
-    for k, v in want.items():
-        assert math.isclose(got[k], v, rel_tol=1e-4, abs_tol=1e-6), f"{stage}: {k} {got[k]} != {v}"
+def test_worker_and_driver_deaths_resume_exactly(chain, local_ray, tmp_path, capsys):
+    work = tmp_path / "work"
+    args = ["run", "--work-dir", str(work), *TINY, *UNTIL]
 
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """One uninterrupted run of the chain up to distill."""
-    work = tmp_path_factory.mktemp("reference") / "work"
-    out = _run(work, *UNTIL)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return work
-
-
-def test_killed_training_workers_restart_from_the_last_checkpoint(tmp_path, reference):
-    """``max_failures: 1``: a Ray Train worker SIGKILLed in the second pretrain epoch, and
-    another in the distillation epoch; each worker group restarts from the last
-    registered checkpoint (nothing before it is lost; checkpoints come every 4 steps)
-    and the stages end with the uninterrupted run's step counts and metrics."""
-    run = Run(tmp_path / "work", tmp_path / "run.log", *UNTIL)
-    seen = run.wait_for_checkpoint("pretrain", "epoch 2, batch")
-    run.kill_a_train_worker()
-    seen_distill = run.wait_for_checkpoint("distill", "epoch 1, batch")
-    run.kill_a_train_worker()
-    assert run.wait() == 0, run.output()[-4000:]
-    out = run.output()
-    resumed = [ln for ln in out.splitlines() if "resumed from checkpoint" in ln]
-    assert len(resumed) == 2, out[-4000:]
+    # 1. a pretrain worker dies in epoch 2 and is restarted; a distill worker dies and the run fails
+    killer = Killer(work, [("pretrain", "epoch 2, batch"), ("distill", "student_1pct: epoch 1, batch")])
+    killer.start()
+    try:
+        rc = main(args)
+    finally:
+        killer.finished.set()
+        killer.join(timeout=30)
+    if killer.error is not None:
+        raise killer.error
+    out = capsys.readouterr()
+    assert rc == 1, out.out[-3000:] + out.err[-3000:]
+    pretrain_seen, distill_seen = killer.seen
+    resumed = [ln for ln in out.out.splitlines() if "[pretrain] resumed from checkpoint" in ln]
+    assert len(resumed) == 1, out.out[-4000:]
     # nothing before the checkpoint seen before the kill was lost
-    step_seen = int(seen.rsplit("(step ", 1)[1].rstrip(")"))
-    step_resumed = int(resumed[0].split("step ", 1)[1].split()[0].rstrip(","))
-    assert step_resumed >= step_seen, (seen, resumed[0])
-    assert "[distill] student_10pct: resumed from checkpoint at epoch 1, batch" in resumed[1], (seen_distill, resumed)
-    for stage in ("pretrain", "finetune", "distill"):
-        _assert_same_metrics(tmp_path / "work", reference, stage)
-
-
-def test_without_restarts_a_dead_worker_fails_then_reruns_resume(tmp_path, reference):
-    """``max_failures: 0``: a dead worker fails pretrain with one line naming the stage
-    and the checkpoint; rerunning resumes it. Then the driver itself is SIGKILLed in the
-    middle of distill: the next rerun reuses every finished stage (no recompute) and
-    resumes distill from its checkpoint. The end result equals the uninterrupted run's."""
-    work = tmp_path / "work"
-    no_restarts = ["--set", "pretrain.max_failures=0", "--set", "distill.max_failures=0"]
-    run = Run(work, tmp_path / "first.log", *UNTIL, *no_restarts)
-    run.wait_for_checkpoint("pretrain", "epoch 2, batch")
-    run.kill_a_train_worker()
-    assert run.wait() == 1
-    err = [ln for ln in run.output().splitlines() if ln.startswith("clpipe: stage")]
-    assert len(err) == 1, run.output()[-3000:]  # (Ray's controller also logs the worker's death)
-    assert "stage pretrain failed: TrainingFailed: pretrain: a training worker died (rank " in err[0]
-    assert "set pretrain.max_failures >= 1 to restart automatically" in err[0]
-    assert f"the last checkpoint is {work / 'ray_results'}" in err[0] and "(epoch 2, batch" in err[0]
+    assert int(resumed[0].split(" step ", 1)[1].split()[0].rstrip(",")) >= _step(pretrain_seen), (pretrain_seen, resumed)
+    err = [ln for ln in out.err.splitlines() if ln.startswith("clpipe: stage")]
+    assert len(err) == 1, out.err[-3000:]  # (Ray's controller also logs the worker's death)
+    assert "stage distill failed: TrainingFailed: distill: a training worker died (rank " in err[0]
+    assert "set distill.max_failures >= 1 to restart automatically" in err[0]
+    assert f"the last checkpoint is {work / 'ray_results'}" in err[0] and "(student_1pct: epoch 1, batch" in err[0]
     assert "rerunning the same command resumes from it" in err[0]
+    wait_until(lambda: not _train_workers(), 60, "the failed run's Train workers to exit")
 
-    run = Run(work, tmp_path / "second.log", *UNTIL, *no_restarts)
-    run.wait_for_checkpoint("distill", "epoch 1, batch")
-    run.kill_driver()
-    second = run.output()
-    assert "[pretrain] resumed from checkpoint at epoch 1" in second, second[-3000:]
-
-    out = _run(work, *UNTIL, *no_restarts)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    text = out.stdout + out.stderr
-    assert text.count("cached, reusing run") == 4, text[-3000:]  # shard, labels, pretrain, finetune
-    assert "[distill] student_10pct: resumed from checkpoint at epoch 1, batch" in text, text[-3000:]
-    client, exp = _client(work)
-    parent = client.search_runs([exp], filter_string=f"tags.`{tracking.TAG_KIND}` = 'pipeline'",
-                                order_by=["attributes.start_time DESC"], max_results=1)[0]
-    children = client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    recomputed = {r.data.tags[tracking.TAG_STAGE] for r in children if r.data.tags[tracking.TAG_CACHE_HIT] == "false"}
-    assert recomputed == {"distill"}
-    for stage in ("pretrain", "finetune", "distill"):
-        _assert_same_metrics(work, reference, stage)
-
-
-def test_same_config_and_seed_give_the_same_shards_subsets_and_metrics(tmp_path, reference):
-    work = tmp_path / "work"
-    for until in ("pretrain", "labels"):
-        out = _run(work, "--until", until)
-        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    for w in (work, reference):
-        assert (w / "mlflow.db").exists()
-
-    def outputs(w: Path, stage: str) -> dict:
-        import mlflow
-
-        run_id = _computed(w, stage).info.run_id
-        mlflow.set_tracking_uri(f"sqlite:///{w / 'mlflow.db'}")
+    # 2. rerun as a driver process of its own on the same cluster; SIGKILL it in distill's second epoch
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS", "AWS_"))}
+    log_path = tmp_path / "second.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "pipelines", *args, "--set", f"ray.address={local_ray}"],
+                                stdout=log, stderr=subprocess.STDOUT, env={**env, "PYTHONUNBUFFERED": "1"},
+                                start_new_session=True, cwd=ROOT)
         try:
-            return tracking.load_outputs(run_id)
+            _wait_for_checkpoint(work, "distill", "student_1pct: epoch 2, batch", lambda: proc.poll() is None)
         finally:
-            mlflow.set_tracking_uri(None)
+            os.killpg(proc.pid, signal.SIGKILL)  # the driver only: the cluster's processes are not in its session
+            proc.wait()
+    second = log_path.read_text()
+    assert second.count("cached, reusing run") == 4, second[-3000:]  # shard, labels, pretrain, finetune
+    resumed = [ln for ln in second.splitlines() if "[distill] student_1pct: resumed from checkpoint at epoch 1, batch" in ln]
+    assert len(resumed) == 1 and _step(resumed[0]) >= _step(distill_seen), (distill_seen, second[-3000:])
+    wait_until(lambda: not _train_workers(), 60, "the dead driver's Train workers to exit")
 
-    a, b = outputs(work, "shard"), outputs(reference, "shard")
-    ma = json.loads((Path(a["shard_dir"]) / "manifest.json").read_text())
-    mb = json.loads((Path(b["shard_dir"]) / "manifest.json").read_text())
+    # 3. once more: distill resumes from the dead driver's last checkpoint and finishes
+    assert main(args) == 0
+    third = capsys.readouterr().out
+    assert third.count("cached, reusing run") == 4, third[-3000:]
+    assert "[distill] student_1pct: resumed from checkpoint at epoch 2, batch" in third, third[-3000:]
+    client, exp = mlflow_client(work)
+    assert recomputed(latest_children(client, exp)) == {"distill"}
+
+    # the result: the reference's shards, label subsets and metrics
+    def manifest(client, run, key: str = "shard_dir") -> dict:
+        return json.loads((Path(outputs(client, run.info.run_id)[key]) / "manifest.json").read_text())
+
+    ref = chain.runs
+    ma, mb = manifest(client, _computed(work, "shard")), manifest(chain.client, ref["shard"])
     for split in ("train", "val", "test"):  # the same shards, in the same order, byte for byte
         assert ma["splits"][split]["shards"] == mb["splits"][split]["shards"]
-    sa, sb = outputs(work, "labels")["subsets"], outputs(reference, "labels")["subsets"]
-    assert sa.keys() == sb.keys()
+    sa = outputs(client, _computed(work, "labels").info.run_id)["subsets"]
+    sb = outputs(chain.client, ref["labels"].info.run_id)["subsets"]
+    assert sa.keys() == sb.keys() == {"1pct", "10pct"}
     for name in sa:
         xa = json.loads((Path(sa[name]["shard_dir"]) / "manifest.json").read_text())
         xb = json.loads((Path(sb[name]["shard_dir"]) / "manifest.json").read_text())
         assert xa["splits"]["train"]["shards"] == xb["splits"]["train"]["shards"]
-    _assert_same_metrics(work, reference, "pretrain")
+    for stage in ("pretrain", "finetune", "distill"):
+        got, want = _metrics(_computed(work, stage)), _metrics(ref[stage])
+        assert set(got) == set(want), f"{stage}: {sorted(set(got) ^ set(want))}"
+        for k, v in want.items():
+            assert math.isclose(got[k], v, rel_tol=1e-4, abs_tol=1e-6), f"{stage}: {k} {got[k]} != {v}"
