@@ -1,6 +1,7 @@
 """The sweep stage: bad spaces refused before any trial; a tiny Ray Tune sweep on a local
 Ray (trials in MLflow, ASHA stopping the trials that cannot learn, the best values in
-the pretrain stage); a sweep killed mid-way resumes from its Tune experiment."""
+the pretrain stage); a sweep whose driver is killed mid-way resumes from its Tune
+experiment, with single-worker trials and with two-worker trials sampled by Optuna."""
 
 import json
 import os
@@ -16,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from pipelines import tracking
 from pipelines.cli import main
 from pipelines.config import ConfigError, load_config
-from tests.test_pipeline_e2e import _latest_children, _runs, local_ray  # noqa: F401 - fixture
+from tests.conftest import latest_children, outputs
 
 ON = ["sweep.enabled=true", "sweep.space={}"]
 
@@ -63,22 +64,29 @@ TINY = ["--set", "pretrain.epochs=1", "--set", "pretrain.batch_size_per_worker=3
         "--set", "sweep.epochs=2", "--set", "sweep.max_concurrent_trials=1"]
 
 
+def _trials(client: MlflowClient, exp_id: str, sweep_run_id: str) -> list:
+    return client.search_runs([exp_id], filter_string=f"tags.mlflow.parentRunId = '{sweep_run_id}'")
+
+
 @pytest.mark.slow
-def test_sweep_logs_every_trial_stops_poor_ones_and_feeds_pretrain(tmp_path, local_ray, capsys):  # noqa: F811
+@pytest.mark.xdist_group("chain")
+def test_sweep_logs_every_trial_stops_poor_ones_and_feeds_pretrain(tmp_path, local_ray, capsys):
+    from pipelines.stages.pretrain import load_method
+
     work = tmp_path / "work"
     # a designed case, one trial at a time in grid order: InstDisc's memory bank collapses at a high learning
     # rate (bench/README.md), so at ASHA's first rung the lr 0.3 and 0.6 trials trail the first trial (which
     # always goes on) by far and are stopped; on digits, trials that do learn differ by a few val images only
     space = "sweep.space={lr_base: {grid: [1.0e-4, 0.3, 0.6]}, temperature: {grid: [0.07]}}"
     method = ["--set", "pretrain.method=instdisc", "--set", "pretrain.params.instdisc={num_negatives: 256}",
-              "--set", "pretrain.warmup_epochs=0", "--set", "pretrain.optimizer=sgd"]
+              "--set", "pretrain.warmup_epochs=0", "--set", "pretrain.optimizer=sgd", "--set", "pretrain.num_workers=1"]
     assert main(["run", "--work-dir", str(work), *TINY, *method, "--set", space, "--until", "pretrain"]) == 0
     client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
     exp_id = client.get_experiment_by_name("clpipe").experiment_id
-    children = _latest_children(client, exp_id)
+    children = latest_children(client, exp_id)
     assert set(children) == {"shard", "sweep", "pretrain"}
     sw = children["sweep"]
-    trials = _runs(client, exp_id, sw.info.run_id)
+    trials = _trials(client, exp_id, sw.info.run_id)
     assert len(trials) == 3 and all(t.data.tags[tracking.TAG_KIND] == "trial" for t in trials)
     for t in trials:
         assert {"lr_base", "temperature"} <= set(t.data.params)
@@ -90,76 +98,101 @@ def test_sweep_logs_every_trial_stops_poor_ones_and_feeds_pretrain(tmp_path, loc
     artifacts = {a.path for a in client.list_artifacts(sw.info.run_id)}
     assert {"trials.csv", "trials.json", "trial_curves.png", "objective_vs_temperature.png",
             "objective_vs_lr_base.png"} <= artifacts
-    best = tracking.load_outputs(sw.info.run_id)["best"]
+    best = outputs(client, sw.info.run_id)["best"]
     assert best == {"lr_base": 1.0e-4, "temperature": 0.07}
     pre = children["pretrain"]
     assert pre.data.params["method.temperature"] == "0.07" and pre.data.params["used.lr_base"] == "0.0001"
     assert pre.data.tags["clpipe.sweep_overrides"] == '{"lr_base": 0.0001, "temperature": 0.07}'
+    # InstDisc's bank has one entry per training image (num_samples filled in from the manifest)
+    assert load_method(outputs(client, pre.info.run_id)).memory.bank.shape[0] == 1259
+    assert pre.data.params["method.num_negatives"] == "256"
     # a finished sweep is served from the stage cache
     capsys.readouterr()
     assert main(["run", "--work-dir", str(work), *TINY, *method, "--set", space, "--until", "pretrain"]) == 0
     assert capsys.readouterr().out.count("cached, reusing run") == 3
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("workers", [1, 2])
-def test_a_killed_sweep_resumes(tmp_path, workers):
-    """Killed after the first trial's first epoch checkpoint; the rerun restores the Tune
-    experiment. One worker: the trial resumes from its Tune checkpoint; two: its
-    TorchTrainer resumes from the Train run named after the trial."""
-    work = tmp_path / "work"
-    temps = "[0.5, 0.2, 0.1]" if workers == 1 else "[0.5, 0.2]"  # two-worker trials take ~25 s to start
-    cmd = [sys.executable, "-m", "pipelines", "sweep", "--work-dir", str(work), "--set", "ray.num_cpus=2",
-           "--set", f"sweep.space={{temperature: {{grid: {temps}}}}}", "--set", "sweep.epochs=3",
-           "--set", f"sweep.workers_per_trial={workers}", "--set", f"sweep.cpus_per_trial={workers}",
-           "--set", "sweep.max_concurrent_trials=1", "--set", "pretrain.batch_size_per_worker=32"]
-    first_checkpoint = "sweep-*/trial_00000*/checkpoint_000001" if workers == 1 else "sweep-*/train/trial_00000*/checkpoint_2*"
+def _kill_during_first_trial(cmd: list[str], work: Path, checkpointed, log: Path) -> None:
+    """Run ``cmd`` as a driver process of its own on the shared cluster and SIGKILL it once
+    ``checkpointed(ray_results)`` says the first trial has a checkpoint."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    log = open(tmp_path / "first.log", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                            cwd=Path(__file__).parents[1])
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline and not list((work / "ray_results").glob(first_checkpoint)):
-            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-2000:]
-            time.sleep(1)
-        assert time.time() < deadline, "the first trial never checkpointed"
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started (its session)
-        proc.wait()
-        log.close()
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=Path(__file__).parents[1])
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "resuming the interrupted sweep" in out.stdout
-    assert f"{3 if workers == 1 else 2} trials ranked" in out.stdout
-    if workers == 2:
-        assert "[pretrain] resumed from checkpoint at epoch" in out.stdout + out.stderr
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                cwd=Path(__file__).parents[1])
+        try:
+            deadline = time.time() + 300
+            while time.time() < deadline and not checkpointed(work / "ray_results"):
+                assert proc.poll() is None, log.read_text()[-2000:]
+                time.sleep(0.5)
+            assert time.time() < deadline, "the first trial never checkpointed"
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)  # the driver alone: the cluster's processes are in another session
+            proc.wait()
 
 
 @pytest.mark.slow
-def test_two_worker_trials_sampled_by_optuna(tmp_path, local_ray):  # noqa: F811
-    """Trials on their own TorchTrainer (two Ray Train workers each, splitting the
-    epoch's batches) with temperatures drawn by Optuna from a uniform range."""
+@pytest.mark.xdist_group("chain")
+def test_a_killed_sweep_of_single_worker_trials_resumes(tmp_path, local_ray, capsys):
+    """The driver killed after the first trial's first epoch; the rerun restores the Tune
+    experiment: the trial resumes from its Tune checkpoint and the trial that never
+    started runs."""
+    work = tmp_path / "work"
+    args = ["sweep", "--work-dir", str(work), "--set", "sweep.space={temperature: {grid: [0.5, 0.2]}}",
+            "--set", "sweep.epochs=2", "--set", "sweep.max_concurrent_trials=1", "--set", "pretrain.batch_size_per_worker=32"]
+    _kill_during_first_trial([sys.executable, "-m", "pipelines", *args, "--set", f"ray.address={local_ray}"], work,
+                             lambda d: any(d.glob("sweep-*/trial_00000*/checkpoint_000000")), tmp_path / "first.log")
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "resuming the interrupted sweep" in out and "2 trials ranked" in out
+
+
+def _train_checkpoint_registered(ray_results: Path) -> bool:
+    """Whether a trial's Train run has registered a checkpoint (one on disk that is not yet in
+    the run's snapshot is not the one a restore resumes from); trials run one at a time."""
+    for snap in ray_results.glob("sweep-*/train/trial_*/checkpoint_manager_snapshot.json"):
+        try:
+            if json.loads(snap.read_text())["latest_checkpoint_result"]["checkpoint_dir_name"]:
+                return True
+        except (OSError, ValueError, KeyError, TypeError):  # being written
+            continue
+    return False
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("chain")
+def test_a_killed_sweep_of_two_worker_trials_sampled_by_optuna_resumes(tmp_path, local_ray, capsys):
+    """Trials on their own TorchTrainer (two Ray Train workers each, splitting the epoch's
+    batches) with temperatures drawn by Optuna from a uniform range. The driver killed
+    after the first trial's first Train checkpoint; the rerun restores the experiment, the
+    first trial's TorchTrainer resumes from its Train run (named after the trial) and
+    Optuna samples the second."""
     from cl_core.data.reader import plan_epoch
     from cl_core.data.shards import read_manifest, shard_urls
 
     work = tmp_path / "work"
-    assert main(["sweep", "--work-dir", str(work), "--set", "sweep.search=optuna", "--set", "sweep.num_samples=2",
-                 "--set", "sweep.space={temperature: {uniform: [0.1, 1.0]}}", "--set", "sweep.epochs=1",
-                 "--set", "sweep.workers_per_trial=2", "--set", "sweep.cpus_per_trial=2",
-                 "--set", "pretrain.batch_size_per_worker=32"]) == 0
+    args = ["sweep", "--work-dir", str(work), "--set", "sweep.search=optuna", "--set", "sweep.num_samples=2",
+            "--set", "sweep.space={temperature: {uniform: [0.1, 1.0]}}", "--set", "sweep.epochs=2",
+            "--set", "sweep.workers_per_trial=2", "--set", "sweep.cpus_per_trial=2",
+            "--set", "sweep.max_concurrent_trials=1", "--set", "pretrain.batch_size_per_worker=32"]
+    _kill_during_first_trial([sys.executable, "-m", "pipelines", *args, "--set", f"ray.address={local_ray}"], work,
+                             _train_checkpoint_registered, tmp_path / "first.log")
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "resuming the interrupted sweep" in out and "2 trials ranked" in out
+    assert "[pretrain] resumed from checkpoint at epoch 1" in out
+
     client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
     exp_id = client.get_experiment_by_name("clpipe").experiment_id
-    sw = _latest_children(client, exp_id)["sweep"]
-    trials = _runs(client, exp_id, sw.info.run_id)
+    sw = latest_children(client, exp_id)["sweep"]
+    trials = _trials(client, exp_id, sw.info.run_id)
     temps = sorted(float(t.data.params["temperature"]) for t in trials)
     assert len(temps) == 2 and temps[0] != temps[1] and all(0.1 <= t <= 1.0 for t in temps)
     assert all(0 < t.data.metrics["val/knn_top1"] <= 1 for t in trials)
     # each trial's Train run: named after the trial, its last checkpoint made by two workers
-    exp_dir = Path(tracking.load_outputs(sw.info.run_id)["experiment_dir"])
+    exp_dir = Path(outputs(client, sw.info.run_id)["experiment_dir"])
     runs = sorted(p for p in (exp_dir / "train").iterdir() if p.is_dir())
     assert [p.name for p in runs] == sorted(t.info.run_name for t in trials)
-    shard_dir = tracking.load_outputs(_latest_children(client, exp_id)["shard"].info.run_id)["shard_dir"]
+    shard_dir = outputs(client, latest_children(client, exp_id)["shard"].info.run_id)["shard_dir"]
     _, counts = shard_urls(shard_dir, read_manifest(shard_dir), "train")
     workers = load_config().pretrain.loader_workers
     steps = {w: plan_epoch(counts, world_size=w, loader_workers=workers, batch_size=32, epoch=0, seed=0).steps
@@ -167,4 +200,4 @@ def test_two_worker_trials_sampled_by_optuna(tmp_path, local_ray):  # noqa: F811
     assert steps[2] < steps[1]
     for run in runs:
         ckpt = sorted(p for p in run.glob("checkpoint_*") if p.is_dir())[-1]
-        assert json.loads((ckpt / "config.json").read_text())["metrics"]["step"] == steps[2]
+        assert json.loads((ckpt / "config.json").read_text())["metrics"]["step"] == 2 * steps[2]
