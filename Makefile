@@ -5,7 +5,11 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test test-fast lint bench clean
+# the suite on 2 processes: the Ray end-to-end tests in two xdist groups (one shares a local Ray
+# and the default chain's run, the other runs servers and clusters of its own), unit tests between
+PYTEST_WORKERS ?= 2
+
+.PHONY: install run test test-fast lint bench clean bytecode
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,11 +22,16 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/clpipe run $(ARGS)
 
-test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+# every Ray worker process imports the project; with PYTHONDONTWRITEBYTECODE set (as on some
+# machines) nothing caches its compiled modules unless they are compiled beforehand
+bytecode: $(STAMP)
+	$(BIN)/python -m compileall -q cl_core pipelines infra tests > /dev/null
 
-test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+test: $(STAMP) bytecode
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+
+test-fast: $(STAMP) bytecode
+	$(BIN)/python -m pytest -m "not slow" -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check cl_core pipelines infra tests bench

@@ -53,6 +53,9 @@ def resolve_address(address: str | None) -> str:
     return a if "://" in a else f"http://{a}"
 
 
+ADDRESS_ENV = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
+
+
 def connect(address: str | None, timeout: float = CONNECT_TIMEOUT):
     """A JobSubmissionClient for the job server at ``address``, or one JobsError line
     within ``timeout`` seconds when nothing answers there."""
@@ -76,10 +79,16 @@ def connect(address: str | None, timeout: float = CONNECT_TIMEOUT):
 
     for name in _QUIET:
         logging.getLogger(name).setLevel(logging.ERROR)
+    # Ray's client takes $RAY_API_SERVER_ADDRESS, else $RAY_ADDRESS, over the address it is given
+    # (ray.dashboard.utils.get_address_for_submission_client); a local pipeline run or a stack's env
+    # file sets them, and the job would go to that other cluster: the address resolved here wins
+    hidden = {k: os.environ.pop(k) for k in ADDRESS_ENV if k in os.environ}
     try:
         return JobSubmissionClient(url)
     except (ConnectionError, RuntimeError) as e:
         raise JobsError(f"Ray job server at {url}: {procs.one_line(e)}; {hint}") from None
+    finally:
+        os.environ.update(hidden)
 
 
 def project_root() -> Path:

@@ -47,13 +47,16 @@ def require_free(ports: dict[str, int], host: str = "127.0.0.1") -> None:
                                "port")
 
 
-def spawn(cmd: Sequence[str], log: Path, env: dict[str, str] | None = None, cwd: Path | None = None) -> int:
+def spawn(cmd: Sequence[str], log: Path, env: dict[str, str | None] | None = None, cwd: Path | None = None) -> int:
     """Start ``cmd`` in a new session, stdout and stderr to ``log``; return its pid (also its
-    process-group id)."""
+    process-group id). ``env`` adds to this process's environment; a None value removes the
+    variable."""
     log.parent.mkdir(parents=True, exist_ok=True)
+    full = {**os.environ, **(env or {})}
     with open(log, "ab") as out:
         proc = subprocess.Popen(list(cmd), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env={**os.environ, **(env or {})}, cwd=cwd, start_new_session=True)
+                                env={k: v for k, v in full.items() if v is not None}, cwd=cwd,
+                                start_new_session=True)
     return proc.pid
 
 

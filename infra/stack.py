@@ -343,10 +343,14 @@ def up(cfg: StackConfig, say: Callable[[str], None] = print) -> dict:
                    f"--temp-dir={temp_dir}", "--disable-usage-stats", "--block"]
         if cfg.num_cpus:
             ray_cmd.append(f"--num-cpus={cfg.num_cpus}")
-        # the job entrypoint's `python` resolves through this PATH: this venv first
-        ray_env = {"PATH": f"{_venv_bin()}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_AUTH_MODE": "disabled",
-                   "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", "DASHBOARD_METRIC_PORT": str(metric_port),
-                   "RAY_USAGE_STATS_ENABLED": "0"}
+        # the job entrypoint's `python` resolves through this PATH: this venv first. A Ray this
+        # process joined or started leaves its address and State API in the environment; the
+        # head's job server would follow RAY_API_SERVER_ADDRESS to that other Ray and run the
+        # jobs there
+        ray_env: dict[str, str | None] = {
+            "PATH": f"{_venv_bin()}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_AUTH_MODE": "disabled",
+            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", "DASHBOARD_METRIC_PORT": str(metric_port),
+            "RAY_USAGE_STATS_ENABLED": "0", "RAY_API_SERVER_ADDRESS": None, "RAY_ADDRESS": None}
         pid = procs.spawn(ray_cmd, ray_log, env=ray_env, cwd=d)
         dash = f"http://{h}:{cfg.dashboard_port}"
         record(Service("ray", pid, cfg.ray_port, dash, str(ray_log),

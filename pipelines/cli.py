@@ -38,6 +38,7 @@ def _config(args: argparse.Namespace) -> PipelineConfig:
 def run(cfg: PipelineConfig, *, rerun: str | None = None, only: str | None = None, until: str | None = None):
     """Run the stages (shard -> pretrain, labels -> finetune -> distill -> evaluate ->
     register) and print the summary. Returns the PipelineResult."""
+    from cl_core.data import storage
     from pipelines import ray_env, tracking
     from pipelines.config import ConfigError
     from pipelines.graph import run_pipeline
@@ -48,6 +49,8 @@ def run(cfg: PipelineConfig, *, rerun: str | None = None, only: str | None = Non
     cfg.work_path().mkdir(parents=True, exist_ok=True)
     exp_id = tracking.setup(cfg.tracking_uri(), cfg.mlflow.experiment, cfg.artifact_location())
     console.print(f"clpipe: pipeline [bold]{cfg.name}[/], work dir {cfg.work_path()}, MLflow {cfg.tracking_uri()}")
+    for uri in cfg.s3_locations():  # an S3 endpoint or bucket that fails: one line, before Ray starts
+        storage.check_bucket(uri)
     ray_env.init(cfg.ray)
     if cfg.is_text():
         image_only = {"labels", "finetune", "distill", "evaluate", "register"}

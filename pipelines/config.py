@@ -466,6 +466,12 @@ class PipelineConfig(Section):
         return self.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or \
             f"sqlite:///{self.work_path() / 'mlflow.db'}"
 
+    def s3_locations(self) -> list[str]:
+        """The s3:// locations the run reads or writes: source, shard output, Ray's run
+        storage, MLflow's artifacts."""
+        where = (self.data.source.path, self.data.output, self.ray.storage_path, self.artifact_location())
+        return [u for u in where if u and u.startswith("s3://")]
+
     def artifact_location(self) -> str | None:
         """``mlflow.artifact_location``; unset: the server's default for a tracking server,
         ``<work_dir>/mlartifacts`` for a local store."""

@@ -100,6 +100,15 @@ def local_ray():
     yield ray.get_runtime_context().gcs_address
 
 
+@pytest.fixture
+def without_ray():
+    """No Ray initialized in this process (the shared one is shut down; the next test that
+    needs it starts it again)."""
+    import ray
+
+    ray.shutdown()
+
+
 def pytest_sessionfinish(session, exitstatus):
     import sys
 

@@ -6,10 +6,10 @@ the same chain (the ``chain`` fixture, same config and seed) as the reference:
    SIGKILLed (``max_failures: 0``): the run fails with one line naming the stage and the
    checkpoint;
 2. the same command again, as its own driver process joined to the cluster: every
-   finished stage comes from the cache and distill resumes from that checkpoint; then the
-   driver itself is SIGKILLed in the middle of distill;
-3. the same command once more: distill resumes from the dead driver's last checkpoint
-   and finishes.
+   finished stage comes from the cache and distill resumes its first student from that
+   checkpoint; then the driver itself is SIGKILLed in that student's second epoch;
+3. the same command once more: distill resumes from the dead driver's last checkpoint and
+   finishes both students.
 
 The end result equals the reference: the same shards and label subsets byte for byte, and
 the same metrics for pretrain, finetune and distill (the resume is exact: model,
@@ -179,7 +179,9 @@ def test_worker_and_driver_deaths_resume_exactly(chain, local_ray, tmp_path, cap
     assert "rerunning the same command resumes from it" in err[0]
     wait_until(lambda: not _train_workers(), 60, "the failed run's Train workers to exit")
 
-    # 2. rerun as a driver process of its own on the same cluster; SIGKILL it in distill's second epoch
+    # 2. rerun as a driver process of its own on the same cluster; SIGKILL it in the student's second
+    # epoch (early in it: the workers outlive their driver by a moment, and the stage's MLflow run
+    # holds the histories of the models it trained itself)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS", "AWS_"))}
     log_path = tmp_path / "second.log"
     with open(log_path, "w") as log:

@@ -16,7 +16,8 @@ from pipelines.config import load_config
 from pipelines.errors import StageError
 from pipelines.graph import run_pipeline
 from pipelines.stages import STAGES
-from tests.conftest import STAGES as CHAIN, children, mlflow_client, outputs, pipeline_runs, recomputed
+from tests.conftest import STAGES as CHAIN
+from tests.conftest import children, mlflow_client, outputs, pipeline_runs, recomputed
 
 
 class Recorder:

@@ -16,7 +16,7 @@ from infra.procs import alive, free_port, wait_until
 from pipelines import tracking
 from pipelines.cli import main
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("cluster")]
 
 CPUS_PER_NODE = 1  # = pretrain.cpus_per_worker: two workers never fit on one node
 
@@ -52,7 +52,7 @@ def two_node_cluster(monkeypatch):
     import ray
     from ray.cluster_utils import Cluster
 
-    assert not ray.is_initialized(), "another test left Ray initialized"
+    ray.shutdown()  # the local Ray other tests of this process share (they start it again when needed)
     # a local test cluster: no token auth; worker prints once (the nodes inherit this environment)
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     monkeypatch.setenv("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")

@@ -15,7 +15,6 @@ from pipelines.stages._train import (
     verify_checkpoint,
     write_checkpoint_dir,
 )
-from tests.test_pipeline_e2e import local_ray  # noqa: F401 - the local Ray fixture
 from tests.test_shards import write_set
 
 
@@ -83,7 +82,8 @@ def test_a_missing_shard_stops_the_stage_naming_its_url(npz_file, tmp_path):
 
 
 @pytest.mark.slow
-def test_one_percent_corrupt_images_are_counted_in_the_manifest_and_mlflow(tmp_path, capsys, local_ray):  # noqa: F811
+@pytest.mark.xdist_group("chain")
+def test_one_percent_corrupt_images_are_counted_in_the_manifest_and_mlflow(tmp_path, capsys, local_ray):
     """A 300-image folder with 3 undecodable files: the shard stage skips and counts them,
     lists them in the manifest, logs ``num_corrupt`` to its MLflow run and names them."""
     import numpy as np

@@ -137,52 +137,68 @@ def test_a_stream_broken_mid_object_resumes_with_ranged_gets(s3, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("cluster")
 def test_pipeline_shards_checkpoints_and_artifacts_in_s3(s3, tmp_path, capsys):
     """Shard -> labels -> sweep -> pretrain -> finetune with every location in S3: the
     shard and label sets are uploaded (manifest last) and streamed back by the Ray Train
     workers and Tune trials, checkpoints and the Tune experiment go to Ray's S3 storage
-    path, MLflow artifacts to the bucket; no credential reaches MLflow or the console."""
+    path, MLflow artifacts to the bucket; no credential reaches MLflow or the console.
+
+    The method is SwAV, so the same run also takes a multi-crop method (two global and two
+    local crops) with its colour augmentation on the device through the pipeline."""
     import ray
     from mlflow.tracking import MlflowClient
 
     from pipelines.cli import main
-    from pipelines.tracking import load_outputs
-    from tests.test_pipeline_e2e import TINY, _latest_children
+    from pipelines.stages.pretrain import load_method
+    from tests.conftest import latest_children, outputs
 
     work = tmp_path / "work"
     root = f"s3://{BUCKET}/pipeline"
+    ray.shutdown()  # a Ray of its own: its workers inherit the S3 server's environment
     try:
-        assert main(["run", "--work-dir", str(work), *TINY, "--until", "finetune", "--set", "ray.num_cpus=2",
+        assert main(["run", "--work-dir", str(work), "--until", "finetune", "--set", "ray.num_cpus=2",
+                     "--set", "pretrain.epochs=1", "--set", "pretrain.batch_size_per_worker=32",
                      "--set", "labels.fractions=[0.1]", "--set", "finetune.baseline=false",
+                     "--set", "finetune.epochs=1", "--set", "finetune.min_steps=0", "--set", "finetune.num_workers=1",
+                     "--set", "pretrain.method=swav", "--set", "pretrain.views.local_views=2",
+                     "--set", "pretrain.params.swav={num_prototypes: 20, freeze_prototypes_steps: 5, hidden_dim: 64}",
+                     "--set", "pretrain.views.augment_on=device",
                      "--set", f"data.output={root}/data", "--set", f"ray.storage_path={root}/ray",
                      "--set", f"mlflow.artifact_location={root}/mlflow", "--set", "sweep.enabled=true",
-                     "--set", "sweep.space={temperature: {grid: [0.5, 0.2]}}", "--set", "sweep.epochs=1"]) == 0
+                     "--set", "sweep.space={temperature: {grid: [0.1]}}", "--set", "sweep.epochs=1"]) == 0
     finally:
         ray.shutdown()
     out = capsys.readouterr()
     objects = storage.list_files(root)
     client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
-    children = _latest_children(client, client.get_experiment_by_name("clpipe").experiment_id)
+    children = latest_children(client, client.get_experiment_by_name("clpipe").experiment_id)
     assert set(children) == {"shard", "labels", "sweep", "pretrain", "finetune"}
     assert any(o.startswith(f"{root}/ray/sweep-") and "/experiment_state-" in o for o in objects)
     assert any(o.startswith(f"{root}/ray/sweep-") and o.endswith("/checkpoint_000000/state.pt") for o in objects)
-    shard_dir = load_outputs(children["shard"].info.run_id)["shard_dir"]
+    shard_dir = outputs(client, children["shard"].info.run_id)["shard_dir"]
     assert shard_dir.startswith(f"{root}/data/shard/") and f"{shard_dir}/manifest.json" in objects
     assert len([o for o in objects if o.startswith(shard_dir) and o.endswith(".tar")]) == 13
-    subset = load_outputs(children["labels"].info.run_id)["subsets"]["10pct"]["shard_dir"]
+    subset = outputs(client, children["labels"].info.run_id)["subsets"]["10pct"]["shard_dir"]
     assert subset.startswith(f"{root}/data/labels/") and f"{subset}/manifest.json" in objects
     assert not list(work.rglob("*.tar")), "shards are not kept in the work dir"
     assert any(o.startswith(f"{root}/ray/pretrain-") and o.endswith("/state.pt") for o in objects)
     assert any(o.startswith(f"{root}/ray/finetune-") and "/models/" in o for o in objects)
     assert any(o.startswith(f"{root}/mlflow/") and o.endswith("/manifest.json") for o in objects)
-    assert children["pretrain"].info.status == "FINISHED"
-    assert children["pretrain"].info.artifact_uri.startswith(f"{root}/mlflow/")
-    encoder = load_outputs(children["pretrain"].info.run_id)
+    pre = children["pretrain"]
+    assert pre.info.status == "FINISHED"
+    assert pre.info.artifact_uri.startswith(f"{root}/mlflow/")
+    encoder = outputs(client, pre.info.run_id)
     assert encoder["checkpoint_dir"].startswith(f"{root}/ray/pretrain-")
     for run in children.values():
         text = repr(run.data.params) + repr(run.data.tags)
         assert s3.secret_key not in text and s3.access_key not in text
     assert s3.secret_key not in out.out + out.err
+    # SwAV through the pipeline: its hyperparameters as params, the kNN monitor, the checkpoint (read from S3)
+    assert pre.data.params["method.num_prototypes"] == "20" and pre.data.params["views.augment_on"] == "device"
+    assert 0 <= pre.data.metrics["val/knn_top1"] <= 1
+    assert load_method(encoder).name == "swav"
+    assert 0 <= children["finetune"].data.metrics["teacher_10pct/selected_val_top1"] <= 1
 
 
 def test_image_folder_and_npz_sources_in_s3(s3, tmp_path):

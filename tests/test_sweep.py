@@ -69,7 +69,7 @@ def _trials(client: MlflowClient, exp_id: str, sweep_run_id: str) -> list:
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("chain")
+@pytest.mark.xdist_group("sweep")
 def test_sweep_logs_every_trial_stops_poor_ones_and_feeds_pretrain(tmp_path, local_ray, capsys):
     from pipelines.stages.pretrain import load_method
 
@@ -131,24 +131,32 @@ def _kill_during_first_trial(cmd: list[str], work: Path, checkpointed, log: Path
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("chain")
-def test_a_killed_sweep_of_single_worker_trials_resumes(tmp_path, local_ray, capsys):
-    """The driver killed after the first trial's first epoch; the rerun restores the Tune
-    experiment: the trial resumes from its Tune checkpoint and the trial that never
-    started runs."""
+@pytest.mark.xdist_group("sweep")
+def test_a_killed_sweep_of_single_worker_trials_sampled_by_optuna_resumes(tmp_path, local_ray, capsys):
+    """Temperatures drawn by Optuna from a uniform range, one single-worker trial at a time.
+    The driver killed after the first trial's first epoch; the rerun restores the Tune
+    experiment (and Optuna's study): the trial resumes from its Tune checkpoint and Optuna
+    samples the trial that never started."""
     work = tmp_path / "work"
-    args = ["sweep", "--work-dir", str(work), "--set", "sweep.space={temperature: {grid: [0.5, 0.2]}}",
-            "--set", "sweep.epochs=2", "--set", "sweep.max_concurrent_trials=1", "--set", "pretrain.batch_size_per_worker=32"]
+    args = ["sweep", "--work-dir", str(work), "--set", "sweep.search=optuna", "--set", "sweep.num_samples=2",
+            "--set", "sweep.space={temperature: {uniform: [0.1, 1.0]}}", "--set", "sweep.epochs=2",
+            "--set", "sweep.max_concurrent_trials=1", "--set", "pretrain.batch_size_per_worker=32"]
     _kill_during_first_trial([sys.executable, "-m", "pipelines", *args, "--set", f"ray.address={local_ray}"], work,
-                             lambda d: any(d.glob("sweep-*/trial_00000*/checkpoint_000000")), tmp_path / "first.log")
+                             lambda d: any(d.glob("sweep-*/trial_*/checkpoint_000000")), tmp_path / "first.log")
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "resuming the interrupted sweep" in out and "2 trials ranked" in out
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    exp_id = client.get_experiment_by_name("clpipe").experiment_id
+    trials = _trials(client, exp_id, latest_children(client, exp_id)["sweep"].info.run_id)
+    temps = sorted(float(t.data.params["temperature"]) for t in trials)
+    assert len(temps) == 2 and temps[0] != temps[1] and all(0.1 <= t <= 1.0 for t in temps)
+    assert all(0 < t.data.metrics["val/knn_top1"] <= 1 for t in trials)
 
 
 def _train_checkpoint_registered(ray_results: Path) -> bool:
     """Whether a trial's Train run has registered a checkpoint (one on disk that is not yet in
-    the run's snapshot is not the one a restore resumes from); trials run one at a time."""
+    the run's snapshot is not the one a restore resumes from)."""
     for snap in ray_results.glob("sweep-*/train/trial_*/checkpoint_manager_snapshot.json"):
         try:
             if json.loads(snap.read_text())["latest_checkpoint_result"]["checkpoint_dir_name"]:
@@ -159,45 +167,40 @@ def _train_checkpoint_registered(ray_results: Path) -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("chain")
-def test_a_killed_sweep_of_two_worker_trials_sampled_by_optuna_resumes(tmp_path, local_ray, capsys):
-    """Trials on their own TorchTrainer (two Ray Train workers each, splitting the epoch's
-    batches) with temperatures drawn by Optuna from a uniform range. The driver killed
-    after the first trial's first Train checkpoint; the rerun restores the experiment, the
-    first trial's TorchTrainer resumes from its Train run (named after the trial) and
-    Optuna samples the second."""
+@pytest.mark.xdist_group("sweep")
+def test_a_killed_sweep_of_two_worker_trials_resumes_from_the_trials_train_run(tmp_path, local_ray, capsys):
+    """A trial on its own TorchTrainer (two Ray Train workers, splitting the epoch's
+    batches). The driver killed after the trial's first Train checkpoint; the rerun
+    restores the experiment and the trial's TorchTrainer resumes from its Train run, which
+    is named after the trial."""
     from cl_core.data.reader import plan_epoch
     from cl_core.data.shards import read_manifest, shard_urls
 
     work = tmp_path / "work"
-    args = ["sweep", "--work-dir", str(work), "--set", "sweep.search=optuna", "--set", "sweep.num_samples=2",
-            "--set", "sweep.space={temperature: {uniform: [0.1, 1.0]}}", "--set", "sweep.epochs=2",
-            "--set", "sweep.workers_per_trial=2", "--set", "sweep.cpus_per_trial=2",
-            "--set", "sweep.max_concurrent_trials=1", "--set", "pretrain.batch_size_per_worker=32"]
+    args = ["sweep", "--work-dir", str(work), "--set", "sweep.space={temperature: {grid: [0.5]}}",
+            "--set", "sweep.epochs=2", "--set", "sweep.workers_per_trial=2", "--set", "sweep.cpus_per_trial=2",
+            "--set", "pretrain.batch_size_per_worker=32"]
     _kill_during_first_trial([sys.executable, "-m", "pipelines", *args, "--set", f"ray.address={local_ray}"], work,
                              _train_checkpoint_registered, tmp_path / "first.log")
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "resuming the interrupted sweep" in out and "2 trials ranked" in out
+    assert "resuming the interrupted sweep" in out and "1 trials ranked" in out
     assert "[pretrain] resumed from checkpoint at epoch 1" in out
 
     client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
     exp_id = client.get_experiment_by_name("clpipe").experiment_id
     sw = latest_children(client, exp_id)["sweep"]
     trials = _trials(client, exp_id, sw.info.run_id)
-    temps = sorted(float(t.data.params["temperature"]) for t in trials)
-    assert len(temps) == 2 and temps[0] != temps[1] and all(0.1 <= t <= 1.0 for t in temps)
-    assert all(0 < t.data.metrics["val/knn_top1"] <= 1 for t in trials)
-    # each trial's Train run: named after the trial, its last checkpoint made by two workers
+    assert len(trials) == 1 and 0 < trials[0].data.metrics["val/knn_top1"] <= 1
+    # the trial's Train run: named after the trial, its last checkpoint made by two workers
     exp_dir = Path(outputs(client, sw.info.run_id)["experiment_dir"])
     runs = sorted(p for p in (exp_dir / "train").iterdir() if p.is_dir())
-    assert [p.name for p in runs] == sorted(t.info.run_name for t in trials)
+    assert [p.name for p in runs] == [trials[0].info.run_name]
     shard_dir = outputs(client, latest_children(client, exp_id)["shard"].info.run_id)["shard_dir"]
     _, counts = shard_urls(shard_dir, read_manifest(shard_dir), "train")
     workers = load_config().pretrain.loader_workers
     steps = {w: plan_epoch(counts, world_size=w, loader_workers=workers, batch_size=32, epoch=0, seed=0).steps
              for w in (1, 2)}
     assert steps[2] < steps[1]
-    for run in runs:
-        ckpt = sorted(p for p in run.glob("checkpoint_*") if p.is_dir())[-1]
-        assert json.loads((ckpt / "config.json").read_text())["metrics"]["step"] == 2 * steps[2]
+    ckpt = sorted(p for p in runs[0].glob("checkpoint_*") if p.is_dir())[-1]
+    assert json.loads((ckpt / "config.json").read_text())["metrics"]["step"] == 2 * steps[2]

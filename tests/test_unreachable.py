@@ -10,6 +10,8 @@ import pytest
 from infra import procs
 from pipelines.cli import main
 
+pytestmark = pytest.mark.usefixtures("without_ray")  # each run below starts (or fails to join) a Ray of its own
+
 
 @pytest.mark.parametrize("setting,message", [
     ("mlflow.tracking_uri=http://127.0.0.1:{port}", "mlflow.tracking_uri: the MLflow server http://127.0.0.1:{port} "
@@ -26,6 +28,7 @@ def test_a_server_that_does_not_answer(tmp_path, capsys, setting, message):
 
 
 def test_an_s3_endpoint_that_does_not_answer(tmp_path, capsys, monkeypatch):
+    """Checked with every other S3 location before Ray starts (no stage runs)."""
     import ray
 
     port = procs.free_port()
@@ -33,12 +36,11 @@ def test_an_s3_endpoint_that_does_not_answer(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "clpipe-key")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "clpipe-secret-value")
     t0 = time.monotonic()
-    try:
-        assert main(["run", "--work-dir", str(tmp_path), "--set", "ray.num_cpus=1",
-                     "--set", "data.output=s3://clpipe/shards"]) == 1
-    finally:
-        ray.shutdown()
-    err = capsys.readouterr().err.strip()
-    assert f"cannot reach the S3 endpoint http://127.0.0.1:{port}" in err and len(err.splitlines()) == 1
-    assert "clpipe-secret-value" not in err
+    assert main(["run", "--work-dir", str(tmp_path), "--set", "ray.num_cpus=1",
+                 "--set", "data.output=s3://clpipe/shards"]) == 1
+    assert not ray.is_initialized()
+    out, err = capsys.readouterr()
+    err = err.strip()
+    assert f"s3://clpipe/shards: cannot reach the S3 endpoint http://127.0.0.1:{port}" in err and len(err.splitlines()) == 1
+    assert "clpipe-secret-value" not in err and "stage shard" not in out
     assert time.monotonic() - t0 < 60
