@@ -5,9 +5,10 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-# the suite on 2 processes: the Ray end-to-end tests in two xdist groups (one shares a local Ray
-# and the default chain's run, the other runs servers and clusters of its own), unit tests between
+# the suite on 2 processes, each test module (or xdist_group) on one of them as a unit, the
+# longest first (the order tests/conftest.py gives them), unit-test modules in the gaps
 PYTEST_WORKERS ?= 2
+XDIST := -n $(PYTEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
 .PHONY: install run test test-fast lint bench clean bytecode
 
@@ -28,10 +29,10 @@ bytecode: $(STAMP)
 	$(BIN)/python -m compileall -q cl_core pipelines infra tests > /dev/null
 
 test: $(STAMP) bytecode
-	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
 
 test-fast: $(STAMP) bytecode
-	$(BIN)/python -m pytest -m "not slow" -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow" $(XDIST) $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check cl_core pipelines infra tests bench

@@ -86,6 +86,19 @@ TINY = ["--set", "sweep.enabled=false", "--set", "pretrain.epochs=2", "--set", "
 STAGES = ["shard", "labels", "pretrain", "finetune", "distill", "evaluate", "register"]
 
 
+# Longest first: with `pytest -n 2 --dist loadgroup --no-loadscope-reorder` (make test) each
+# test, or each xdist_group as a unit (tests that share a module or session fixture), goes
+# to a worker in this order; the unit tests fill the gaps. The chain group (the chain run,
+# its tests and its faults) and the stack group hold most of the time.
+HEAVY_FIRST = ["test_pipeline_e2e.py", "test_faults.py", "test_stack.py", "test_sweep.py", "test_s3.py",
+               "test_multinode.py", "test_pipeline_methods.py", "test_reliability.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order otherwise
+
+
 @pytest.fixture
 def local_ray():
     """The pipeline's local Ray (2 CPUs), started once and shared by the tests of this
@@ -107,6 +120,21 @@ def without_ray():
     import ray
 
     ray.shutdown()
+
+
+RAY_FIXTURES = {"local_ray", "chain"}
+
+
+def pytest_runtest_teardown(item, nextitem):
+    """The shared Ray is shut down as soon as the next test of this process does not use it:
+    an idle local Ray (GCS, raylet, dashboard, agents) still costs CPU that the other
+    process's tests need."""
+    import sys
+
+    if "ray" not in sys.modules or not sys.modules["ray"].is_initialized():
+        return
+    if nextitem is None or not RAY_FIXTURES & set(getattr(nextitem, "fixturenames", ())):
+        sys.modules["ray"].shutdown()
 
 
 def pytest_sessionfinish(session, exitstatus):

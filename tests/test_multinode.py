@@ -16,7 +16,7 @@ from infra.procs import alive, free_port, wait_until
 from pipelines import tracking
 from pipelines.cli import main
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("cluster")]
+pytestmark = pytest.mark.slow
 
 CPUS_PER_NODE = 1  # = pretrain.cpus_per_worker: two workers never fit on one node
 

@@ -14,7 +14,7 @@ from pipelines.cli import main
 from pipelines.stages.pretrain import load_method
 from tests.conftest import latest_children, outputs
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("chain")]
+pytestmark = pytest.mark.slow
 
 
 def test_simcse_pretrains_on_a_text_source(tmp_path, local_ray, capsys):
@@ -25,7 +25,7 @@ def test_simcse_pretrains_on_a_text_source(tmp_path, local_ray, capsys):
     work = tmp_path / "work"
     args = ["run", "--work-dir", str(work), "--set", f"data.source={{kind: text, path: {corpus}}}",
             "--set", "data.tokenizer_vocab_size=600", "--set", "pretrain.method=simcse",
-            "--set", "pretrain.backbone=text_transformer", "--set", "pretrain.epochs=2",
+            "--set", "pretrain.backbone=text_transformer", "--set", "pretrain.epochs=2", "--set", "pretrain.num_workers=1",
             "--set", "pretrain.params.simcse={dim: 32, depth: 1, heads: 2, max_len: 24}"]
     assert main(args) == 0
     assert "reads text: running shard and pretrain" in capsys.readouterr().out

@@ -82,10 +82,11 @@ def test_a_missing_shard_stops_the_stage_naming_its_url(npz_file, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("chain")
 def test_one_percent_corrupt_images_are_counted_in_the_manifest_and_mlflow(tmp_path, capsys, local_ray):
     """A 300-image folder with 3 undecodable files: the shard stage skips and counts them,
-    lists them in the manifest, logs ``num_corrupt`` to its MLflow run and names them."""
+    lists them in the manifest, logs ``num_corrupt`` to its MLflow run and names them. A
+    second run with the same seed into another work dir writes the same shards and label
+    subsets, byte for byte."""
     import numpy as np
     from mlflow.tracking import MlflowClient
     from PIL import Image
@@ -103,8 +104,8 @@ def test_one_percent_corrupt_images_are_counted_in_the_manifest_and_mlflow(tmp_p
     for b in bad:
         b.write_bytes(b.read_bytes()[:50])  # cut inside the image data
     work = tmp_path / "work"
-    assert main(["run", "--work-dir", str(work), "--set", f"data.source={{kind: image_folder, path: {root}}}",
-                 "--until", "shard"]) == 0
+    args = ["run", "--set", f"data.source={{kind: image_folder, path: {root}}}", "--until", "labels"]
+    assert main([*args, "--work-dir", str(work)]) == 0
     out = capsys.readouterr().out
     line = next(ln for ln in out.splitlines() if "undecodable" in ln)
     assert "shard: skipped 3 undecodable image(s): " in line and all(f"c{i}/00{i}.png" in line for i in range(3))
@@ -116,3 +117,13 @@ def test_one_percent_corrupt_images_are_counted_in_the_manifest_and_mlflow(tmp_p
     manifest = json.loads((shard_dir / "manifest.json").read_text())
     assert manifest["num_corrupt"] == 3 and sorted(c["id"] for c in manifest["corrupt"]) == [
         "c0/000.png", "c1/001.png", "c2/002.png"]
+    # the same seed, another work dir: the same shards (checksums, order) and the same label subsets
+    again = tmp_path / "again"
+    assert main([*args, "--work-dir", str(again)]) == 0
+    other = json.loads((next((again / "shard").iterdir()) / "manifest.json").read_text())
+    for split in ("train", "val", "test"):
+        assert other["splits"][split]["shards"] == manifest["splits"][split]["shards"]
+    subsets = [sorted((w / "labels").glob("*/*/manifest.json")) for w in (work, again)]
+    assert len(subsets[0]) == len(subsets[1]) >= 1, subsets
+    for a, b in zip(*subsets, strict=True):
+        assert json.loads(a.read_text())["splits"]["train"]["shards"] == json.loads(b.read_text())["splits"]["train"]["shards"]

@@ -16,6 +16,7 @@ from cl_core.data import storage
 from tests.conftest import s3_server
 
 BUCKET = "clpipe-test"
+pytestmark = pytest.mark.xdist_group("s3")  # one worker: the tests share the module's server
 
 
 @pytest.fixture(scope="module")
@@ -137,12 +138,13 @@ def test_a_stream_broken_mid_object_resumes_with_ranged_gets(s3, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("cluster")
 def test_pipeline_shards_checkpoints_and_artifacts_in_s3(s3, tmp_path, capsys):
     """Shard -> labels -> sweep -> pretrain -> finetune with every location in S3: the
     shard and label sets are uploaded (manifest last) and streamed back by the Ray Train
     workers and Tune trials, checkpoints and the Tune experiment go to Ray's S3 storage
-    path, MLflow artifacts to the bucket; no credential reaches MLflow or the console.
+    path, MLflow artifacts to the bucket; no credential reaches MLflow or the console. The
+    sweep's best values (a method hyperparameter and a training field) replace the
+    configured ones in pretrain.
 
     The method is SwAV, so the same run also takes a multi-crop method (two global and two
     local crops) with its colour augmentation on the device through the pipeline."""
@@ -166,7 +168,8 @@ def test_pipeline_shards_checkpoints_and_artifacts_in_s3(s3, tmp_path, capsys):
                      "--set", "pretrain.views.augment_on=device",
                      "--set", f"data.output={root}/data", "--set", f"ray.storage_path={root}/ray",
                      "--set", f"mlflow.artifact_location={root}/mlflow", "--set", "sweep.enabled=true",
-                     "--set", "sweep.space={temperature: {grid: [0.1]}}", "--set", "sweep.epochs=1"]) == 0
+                     "--set", "sweep.space={temperature: {grid: [0.2]}, lr_base: {grid: [0.5]}}",
+                     "--set", "sweep.epochs=1"]) == 0
     finally:
         ray.shutdown()
     out = capsys.readouterr()
@@ -194,6 +197,10 @@ def test_pipeline_shards_checkpoints_and_artifacts_in_s3(s3, tmp_path, capsys):
         text = repr(run.data.params) + repr(run.data.tags)
         assert s3.secret_key not in text and s3.access_key not in text
     assert s3.secret_key not in out.out + out.err
+    # the sweep's best values in pretrain
+    assert outputs(client, children["sweep"].info.run_id)["best"] == {"lr_base": 0.5, "temperature": 0.2}
+    assert pre.data.params["method.temperature"] == "0.2" and pre.data.params["used.lr_base"] == "0.5"
+    assert pre.data.tags["clpipe.sweep_overrides"] == '{"lr_base": 0.5, "temperature": 0.2}'
     # SwAV through the pipeline: its hyperparameters as params, the kNN monitor, the checkpoint (read from S3)
     assert pre.data.params["method.num_prototypes"] == "20" and pre.data.params["views.augment_on"] == "device"
     assert 0 <= pre.data.metrics["val/knn_top1"] <= 1

@@ -28,6 +28,8 @@ from pipelines import tracking
 from pipelines.cli import main
 from tests.conftest import STAGES, outputs
 
+pytestmark = pytest.mark.xdist_group("stack")  # one worker: the tests share the module's live stack
+
 ENV_KEYS = {"MLFLOW_TRACKING_URI", "RAY_ADDRESS", "CLPIPE_JOB_ADDRESS", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
             "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "MLFLOW_S3_ENDPOINT_URL", "RAY_AUTH_MODE"}
 
@@ -114,7 +116,7 @@ def stack_dir(tmp_path):
 
 @pytest.fixture(scope="module")
 def live_stack(tmp_path_factory):
-    """A stack started with ``clpipe stack up`` (4 CPUs for the jobs); the CLI reads its env
+    """A stack started with ``clpipe stack up`` (2 CPUs: the jobs' two Train workers); the CLI reads its env
     file, not the developer's shell. Stopped by pid afterwards whatever the tests did."""
     saved = dict(os.environ)
     for k in ENV_KEYS | {"CLPIPE_STACK_ENV"}:
@@ -128,7 +130,7 @@ def live_stack(tmp_path_factory):
     try:
         t0 = time.perf_counter()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            rc = main(up_args(d, ports, num_cpus=4))
+            rc = main(up_args(d, ports))
         print(f"\nstack up: {time.perf_counter() - t0:.1f} s")
         assert rc == 0, out.getvalue() + err.getvalue()
         env_file = d / stack.ENV_FILE
@@ -147,7 +149,6 @@ def _secrets(live_stack) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("cluster")
 def test_stack_up_status_env_file_and_artifacts_in_s3(live_stack, capsys):
     d, ports = live_stack.dir, live_stack.ports
     for name in ("s3", "mlflow", "ray"):
@@ -246,7 +247,6 @@ def _job_runs(live_stack) -> tuple[MlflowClient, list, dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("cluster")
 def test_submit_runs_the_pipeline_and_its_runs_reach_the_server(live_stack, submitted, capsys):
     print(f"submit (the pipeline as a job): {submitted.seconds:.1f} s")
     assert submitted.rc == 0, submitted.out[-4000:] + submitted.err[-2000:]
@@ -281,7 +281,6 @@ def test_submit_runs_the_pipeline_and_its_runs_reach_the_server(live_stack, subm
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("cluster")
 def test_moco_pretrains_and_fine_tunes_with_supcon_through_the_pipeline(live_stack, submitted):
     """The job's MoCo run: hyperparameters from ``pretrain.params.moco`` as ``method.*``
     params, a 256-key queue filled by both workers, a key encoder moved by EMA only, and
@@ -310,7 +309,6 @@ def test_moco_pretrains_and_fine_tunes_with_supcon_through_the_pipeline(live_sta
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("cluster")
 def test_stop_ends_a_running_job_submitted_with_a_config_outside_the_project(live_stack, tmp_path, capsys):
     cfg = tmp_path / "long.yaml"  # outside the project: its text travels with the job
     cfg.write_text("name: long-job\nsweep:\n  enabled: false\npretrain:\n  epochs: 500\n")
@@ -333,7 +331,6 @@ def test_stop_ends_a_running_job_submitted_with_a_config_outside_the_project(liv
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("cluster")
 def test_the_documented_ray_job_submit_runs_the_pipeline(live_stack, tmp_path):
     env = live_stack.env
     runtime_env = {"env_vars": {k: env[k] for k in ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
@@ -359,7 +356,6 @@ def test_the_documented_ray_job_submit_runs_the_pipeline(live_stack, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("cluster")
 def test_stack_down_stops_every_process_and_frees_the_ports(live_stack, capsys):
     d, ports, pids = live_stack.dir, live_stack.ports, live_stack.pids
     assert len(pids) >= 3
@@ -418,7 +414,6 @@ def test_two_services_on_one_port_and_a_bad_bucket_are_refused(stack_dir, clean_
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("cluster")
 def test_a_server_that_fails_to_start_stops_the_ones_before_it(stack_dir, clean_env, capsys):
     ports = free_stack_ports()
     (stack_dir / "mlflow.db").mkdir(parents=True)  # sqlite cannot open a directory: the MLflow server exits
