@@ -34,6 +34,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -150,16 +151,9 @@ def _metrics(run) -> dict[str, float]:
     return {k: v for k, v in run.data.metrics.items() if not k.endswith(TIMING)}
 
 
-def test_worker_and_driver_deaths_resume_exactly(chain, local_ray, tmp_path, capsys):
-    work = chain.work
-    # another checkpoint interval (and restart budget): a new cache key for distill only, the same result
-    args = [*chain.args, "--set", "distill.checkpoint_every_steps=3", "--set", "distill.max_failures=1", *UNTIL]
-
-    # 1. a distill worker dies in the first student's first epoch and the group is restarted; one dies
-    # again in its second epoch and the run fails
-    reference = set((work / "ray_results").glob("distill-*"))  # the chain's own Train run
-    killer = Killer(work, [("distill", "student_1pct: epoch 1, batch"), ("distill", "student_1pct: epoch 2, batch")],
-                    reference)
+def _killed_in_process(work: Path, args: list[str], points: list[tuple[str, str]], skip: set[Path], capsys):
+    """Run ``args`` in this process with a :class:`Killer` beside it: (rc, stdout, stderr, positions seen)."""
+    killer = Killer(work, points, skip)
     killer.start()
     try:
         rc = main(args)
@@ -169,9 +163,39 @@ def test_worker_and_driver_deaths_resume_exactly(chain, local_ray, tmp_path, cap
     if killer.error is not None:
         raise killer.error
     out = capsys.readouterr()
+    return rc, out.out, out.err, killer.seen
+
+
+def test_worker_and_driver_deaths_resume_exactly(chain, local_ray, tmp_path, capsys):
+    work = chain.work
+    reference = {stage: set((work / "ray_results").glob(f"{stage}-*")) for stage in ("pretrain", "distill")}
+    # other checkpoint intervals and restart budgets: new cache keys for the training stages, the same results
+    pretrain = ["--set", "pretrain.checkpoint_every_steps=3", "--set", "pretrain.max_failures=1"]
+
+    # 0. a pretrain worker dies in epoch 2: the group is restarted and resumes; fine-tuning follows
+    rc, out, err, seen = _killed_in_process(work, [*chain.args, *pretrain, "--until", "finetune"],
+                                            [("pretrain", "epoch 2, batch")], reference["pretrain"], capsys)
+    assert rc == 0, out[-3000:] + err[-3000:]
+    assert out.count("cached, reusing run") == 2, out[-3000:]  # shard, labels
+    resumed = [ln for ln in out.splitlines() if "[pretrain] resumed from checkpoint at epoch " in ln]
+    assert len(resumed) == 1, out[-4000:]
+    # nothing checkpointed before the kill was lost
+    assert int(resumed[0].split(", step ", 1)[1].split()[0].rstrip(",")) >= _step(seen[0]), (seen, resumed)
+    client, exp = mlflow_client(work)
+    computed = latest_children(client, exp)
+    assert recomputed(computed) == {"pretrain", "finetune"}
+
+    args = [*chain.args, *pretrain, "--set", "distill.checkpoint_every_steps=3", "--set", "distill.max_failures=1",
+            *UNTIL]
+    # 1. a distill worker dies in the first student's first epoch and the group is restarted; one dies
+    # again in its second epoch and the run fails
+    rc, out_text, err_text, seen = _killed_in_process(
+        work, args, [("distill", "student_1pct: epoch 1, batch"), ("distill", "student_1pct: epoch 2, batch")],
+        reference["distill"], capsys)
+    out = SimpleNamespace(out=out_text, err=err_text)
     assert rc == 1, out.out[-3000:] + out.err[-3000:]
     assert out.out.count("cached, reusing run") == 4, out.out[-3000:]  # shard, labels, pretrain, finetune
-    first_seen, second_seen = killer.seen
+    first_seen, second_seen = seen
     resumed = [ln for ln in out.out.splitlines() if "[distill] student_1pct: resumed from checkpoint at epoch 1" in ln]
     assert len(resumed) == 1, out.out[-4000:]
     assert _step(resumed[0]) >= _step(first_seen), (first_seen, resumed)  # nothing checkpointed before the kill lost
@@ -194,7 +218,7 @@ def test_worker_and_driver_deaths_resume_exactly(chain, local_ray, tmp_path, cap
                                 start_new_session=True, cwd=ROOT)
         try:
             _wait_for_checkpoint(work, "distill", "student_1pct: epoch 2, batch", lambda: proc.poll() is None,
-                                 _step(second_seen), reference)
+                                 _step(second_seen), reference["distill"])
         finally:
             os.killpg(proc.pid, signal.SIGKILL)  # the driver only: the cluster's processes are not in its session
             proc.wait()
@@ -209,12 +233,13 @@ def test_worker_and_driver_deaths_resume_exactly(chain, local_ray, tmp_path, cap
     third = capsys.readouterr().out
     assert third.count("cached, reusing run") == 4, third[-3000:]
     assert "[distill] student_1pct: resumed from checkpoint at epoch 2, batch" in third, third[-3000:]
-    client, exp = mlflow_client(work)
     final = latest_children(client, exp)
     assert recomputed(final) == {"distill"}
+    computed["distill"] = final["distill"]
 
-    # the result: the reference's distill metrics (every student, every epoch's last value)
-    got, want = _metrics(final["distill"]), _metrics(chain.runs["distill"])
-    assert set(got) == set(want), sorted(set(got) ^ set(want))
-    for k, v in want.items():
-        assert math.isclose(got[k], v, rel_tol=1e-4, abs_tol=1e-6), f"distill: {k} {got[k]} != {v}"
+    # the result: the reference's metrics (every model, every epoch's last value)
+    for stage in ("pretrain", "finetune", "distill"):
+        got, want = _metrics(computed[stage]), _metrics(chain.runs[stage])
+        assert set(got) == set(want), f"{stage}: {sorted(set(got) ^ set(want))}"
+        for k, v in want.items():
+            assert math.isclose(got[k], v, rel_tol=1e-4, abs_tol=1e-6), f"{stage}: {k} {got[k]} != {v}"

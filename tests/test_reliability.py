@@ -12,6 +12,7 @@ from pipelines.stages._data import checked_split
 from pipelines.stages._train import (
     CHECKPOINT_INFO,
     CheckpointError,
+    _failure_message,
     verify_checkpoint,
     write_checkpoint_dir,
 )
@@ -47,6 +48,30 @@ def test_a_damaged_or_incomplete_checkpoint_is_refused_naming_it(tmp_path, damag
         verify_checkpoint(tmp_path, "/runs/pretrain-abc/checkpoint_2026")
     assert str(e.value).startswith(f"/runs/pretrain-abc/checkpoint_2026: {message}")
     assert "clpipe run --rerun" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_failed_training_run_is_one_line_naming_the_cause_the_fix_and_the_checkpoint():
+    """The message a training stage fails with (the fault test drives the restarted case
+    through a real Ray; these are the others)."""
+    from types import SimpleNamespace
+
+    from ray.exceptions import RayError
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    ctx = SimpleNamespace(name="distill")
+    died = WorkerGroupError("Training failed due to worker errors:\n[Rank 1]\nThe actor died unexpectedly", {1: RayError("The actor died unexpectedly before finishing this task."),
+                                               0: RuntimeError("Connection reset by peer\nmore")})
+    latest = ("/w/ray_results/distill-abc/checkpoint_2", "student_1pct: epoch 1, batch 6 of 24 (step 6)")
+    assert _failure_message(ctx, SimpleNamespace(max_failures=0), died, latest) == (
+        "distill: a training worker died (rank 0: RuntimeError: Connection reset by peer; rank 1: RayError: The actor "
+        "died unexpectedly before finishing this task.); set distill.max_failures >= 1 to restart automatically; "
+        "the last checkpoint is /w/ray_results/distill-abc/checkpoint_2 (student_1pct: epoch 1, batch 6 of 24 "
+        "(step 6)); rerunning the same command resumes from it")
+    assert _failure_message(ctx, SimpleNamespace(max_failures=2), died, None).endswith(
+        ") after 2 restart(s); no checkpoint was written yet; rerunning the same command starts the stage over")
+    msg = _failure_message(ctx, SimpleNamespace(max_failures=0), ValueError("x" * 300), None)
+    assert msg.startswith("distill: training failed (ValueError: xxx") and " ...); no checkpoint" in msg
+    assert "max_failures" not in msg and "\n" not in msg  # a bug is not fixed by restarting
 
 
 def test_a_truncated_shard_is_reported_in_the_console_and_mlflow(npz_file, tmp_path, capsys):
