@@ -35,6 +35,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 CALL_TIMEOUT = 600.0  # seconds one call may take on every rank
+PARENT_POLL = 2.0  # seconds between a pool process's checks that the test process is still there
 PEER_GRACE = 20.0  # after a rank fails: how long its peers get to report before the pool is killed
 
 
@@ -54,8 +55,17 @@ def _serve(rank: int, world_size: int, port: int, tasks: Any, results: Any) -> N
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     fresh = (torch.random.get_rng_state(), np.random.get_state(), random.getstate())
+    parent = os.getppid()
     try:
-        while (task := tasks.get()) is not None:
+        while True:
+            try:
+                task = tasks.get(timeout=PARENT_POLL)
+            except queue.Empty:
+                if os.getppid() != parent:  # the test process died (SIGKILL): nothing will call again
+                    return
+                continue
+            if task is None:
+                return
             fn, args = task
             torch.random.set_rng_state(fresh[0])
             np.random.set_state(fresh[1])
