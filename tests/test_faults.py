@@ -1,26 +1,26 @@
 """Faults a cluster has, on a real local Ray, in the work dir of the session's
 uninterrupted chain run (the ``chain`` fixture) and against it as the reference. The
-distill stage is run again with another checkpoint interval and ``max_failures: 1`` (its
-cache key changes; its result must not), everything upstream served from the cache:
+training stages run again with other checkpoint intervals and ``max_failures: 1`` (their
+cache keys change; their results must not), everything upstream served from the cache:
 
-1. a distill worker SIGKILLed in the first student's first epoch: Ray Train restarts the
-   group, which resumes from the last registered checkpoint; a worker SIGKILLed again in
-   the second epoch: the restart budget is spent and the run fails with one line naming
-   the stage and the checkpoint;
+0. a pretrain worker SIGKILLed in epoch 2: Ray Train restarts the group, which resumes
+   from the last registered checkpoint; fine-tuning follows;
+1. a distill worker SIGKILLed in the first student's first epoch: restarted and resumed
+   the same way; a worker SIGKILLed again in the second epoch: the restart budget is
+   spent and the run fails with one line naming the stage and the checkpoint;
 2. the same command again, as its own driver process joined to the cluster: every
    upstream stage comes from the cache and distill resumes the student from that
    checkpoint; then the driver itself is SIGKILLed later in the same epoch;
 3. the same command once more: distill resumes from the dead driver's last checkpoint and
    finishes both students.
 
-The end result equals the reference's metrics (the resume is exact: model, optimizer,
-schedule, method state and the position in the epoch's data come back from the
-checkpoint, and how often checkpoints are taken changes nothing). A worker is killed only
-once Ray Train has registered a checkpoint past the point being tested, the earliest
-moment that proves a resume from the middle of an epoch. Distill runs the same training
-loop and Ray Train wiring as pretrain and finetune (pipelines/stages/_train.py), and it
-trains several models in one run, so it is the stage whose resume has the most to get
-right.
+The end result equals the reference's pretrain, finetune and distill metrics (the resume
+is exact: model, optimizer, schedule, method state and the position in the epoch's data
+come back from the checkpoint, and how often checkpoints are taken changes nothing). A
+worker is killed only once Ray Train has registered a checkpoint past the point being
+tested, the earliest moment that proves a resume from the middle of an epoch. Distill
+trains several models in one run, so it carries the driver-death part: its resume has
+the most to get right.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -189,22 +188,21 @@ def test_worker_and_driver_deaths_resume_exactly(chain, local_ray, tmp_path, cap
             *UNTIL]
     # 1. a distill worker dies in the first student's first epoch and the group is restarted; one dies
     # again in its second epoch and the run fails
-    rc, out_text, err_text, seen = _killed_in_process(
+    rc, out, err, seen = _killed_in_process(
         work, args, [("distill", "student_1pct: epoch 1, batch"), ("distill", "student_1pct: epoch 2, batch")],
         reference["distill"], capsys)
-    out = SimpleNamespace(out=out_text, err=err_text)
-    assert rc == 1, out.out[-3000:] + out.err[-3000:]
-    assert out.out.count("cached, reusing run") == 4, out.out[-3000:]  # shard, labels, pretrain, finetune
+    assert rc == 1, out[-3000:] + err[-3000:]
+    assert out.count("cached, reusing run") == 4, out[-3000:]  # shard, labels, pretrain, finetune
     first_seen, second_seen = seen
-    resumed = [ln for ln in out.out.splitlines() if "[distill] student_1pct: resumed from checkpoint at epoch 1" in ln]
-    assert len(resumed) == 1, out.out[-4000:]
+    resumed = [ln for ln in out.splitlines() if "[distill] student_1pct: resumed from checkpoint at epoch 1" in ln]
+    assert len(resumed) == 1, out[-4000:]
     assert _step(resumed[0]) >= _step(first_seen), (first_seen, resumed)  # nothing checkpointed before the kill lost
-    err = [ln for ln in out.err.splitlines() if ln.startswith("clpipe: stage")]
-    assert len(err) == 1, out.err[-3000:]  # (Ray's controller also logs the worker's death)
-    assert "stage distill failed: TrainingFailed: distill: a training worker died (rank " in err[0]
-    assert "after 1 restart(s)" in err[0], err[0]
-    assert f"the last checkpoint is {work / 'ray_results'}" in err[0] and "(student_1pct: epoch 2, batch" in err[0]
-    assert "rerunning the same command resumes from it" in err[0]
+    failed = [ln for ln in err.splitlines() if ln.startswith("clpipe: stage")]
+    assert len(failed) == 1, err[-3000:]  # (Ray's controller also logs the worker's death)
+    assert "stage distill failed: TrainingFailed: distill: a training worker died (rank " in failed[0]
+    assert "after 1 restart(s)" in failed[0], failed[0]
+    assert f"the last checkpoint is {work / 'ray_results'}" in failed[0] and "(student_1pct: epoch 2, batch" in failed[0]
+    assert "rerunning the same command resumes from it" in failed[0]
     wait_until(lambda: not _train_workers(), 60, "the failed run's Train workers to exit")
 
     # 2. rerun as a driver process of its own on the same cluster; SIGKILL it later in the same epoch

@@ -59,8 +59,9 @@ def test_a_failed_training_run_is_one_line_naming_the_cause_the_fix_and_the_chec
     from ray.train.v2.api.exceptions import WorkerGroupError
 
     ctx = SimpleNamespace(name="distill")
-    died = WorkerGroupError("Training failed due to worker errors:\n[Rank 1]\nThe actor died unexpectedly", {1: RayError("The actor died unexpectedly before finishing this task."),
-                                               0: RuntimeError("Connection reset by peer\nmore")})
+    died = WorkerGroupError("Training failed due to worker errors:\n[Rank 1]\nThe actor died unexpectedly",
+                            {1: RayError("The actor died unexpectedly before finishing this task."),
+                             0: RuntimeError("Connection reset by peer\nmore")})
     latest = ("/w/ray_results/distill-abc/checkpoint_2", "student_1pct: epoch 1, batch 6 of 24 (step 6)")
     assert _failure_message(ctx, SimpleNamespace(max_failures=0), died, latest) == (
         "distill: a training worker died (rank 0: RuntimeError: Connection reset by peer; rank 1: RayError: The actor "
@@ -139,16 +140,16 @@ def test_one_percent_corrupt_images_are_counted_in_the_manifest_and_mlflow(tmp_p
     run = client.search_runs([exp], filter_string=f"tags.`{tracking.TAG_STAGE}` = 'shard'")[0]
     assert run.data.metrics["num_corrupt"] == 3 and run.data.metrics["num_samples"] == 297
     shard_dir = next((work / "shard").iterdir())
-    manifest = json.loads((shard_dir / "manifest.json").read_text())
+    manifest = S.read_manifest(shard_dir)
     assert manifest["num_corrupt"] == 3 and sorted(c["id"] for c in manifest["corrupt"]) == [
         "c0/000.png", "c1/001.png", "c2/002.png"]
     # the same seed, another work dir: the same shards (checksums, order) and the same label subsets
     again = tmp_path / "again"
     assert main([*args, "--work-dir", str(again)]) == 0
-    other = json.loads((next((again / "shard").iterdir()) / "manifest.json").read_text())
+    other = S.read_manifest(next((again / "shard").iterdir()))
     for split in ("train", "val", "test"):
         assert other["splits"][split]["shards"] == manifest["splits"][split]["shards"]
-    subsets = [sorted((w / "labels").glob("*/*/manifest.json")) for w in (work, again)]
+    subsets = [sorted(p.parent for p in (w / "labels").glob("*/*/manifest.json")) for w in (work, again)]
     assert len(subsets[0]) == len(subsets[1]) >= 1, subsets
     for a, b in zip(*subsets, strict=True):
-        assert json.loads(a.read_text())["splits"]["train"]["shards"] == json.loads(b.read_text())["splits"]["train"]["shards"]
+        assert S.read_manifest(a)["splits"]["train"]["shards"] == S.read_manifest(b)["splits"]["train"]["shards"]
