@@ -139,7 +139,8 @@ def test_mid_epoch_checkpoint_resumes_at_the_next_batch(train_shards, tmp_path, 
     """Checkpoints every 2 steps; a crash after the one at step 3 of epoch 2... resumed in a
     fresh loop gives the uninterrupted run's parameters and per-epoch metrics: the stream
     skips exactly the batches already trained on, in DataLoader order (and the colour
-    augmentation on the device draws per step what the straight run drew)."""
+    augmentation on the device draws per step what the straight run drew, and the global
+    generator ends where the straight run's did)."""
     import dataclasses
 
     from cl_core.augment_device import DeviceViews
@@ -154,6 +155,7 @@ def test_mid_epoch_checkpoint_resumes_at_the_next_batch(train_shards, tmp_path, 
     straight = loop_with()
     reports = []
     straight.run(lambda m, s: reports.append(m))
+    straight_rng = torch.get_rng_state()
     steps = straight.steps_per_epoch
     assert steps >= 3, "the shard set should give a few batches per epoch"
     at = steps + 1  # one batch into the second epoch
@@ -173,6 +175,9 @@ def test_mid_epoch_checkpoint_resumes_at_the_next_batch(train_shards, tmp_path, 
         torch.testing.assert_close(resumed.method.state_dict()[k], v, msg=k)
     # the interrupted epoch's mean loss includes the batch trained before the crash
     assert after[-1]["train/loss"] == pytest.approx(reports[-1]["train/loss"], rel=1e-5)
+    # and the global generator (what dropout and the methods' own draws use) where the straight run's
+    # ended: starting the resumed epoch's DataLoader drew nothing from it
+    assert torch.equal(torch.get_rng_state(), straight_rng)
 
 
 def test_batches_before_follows_the_dataloader_order():

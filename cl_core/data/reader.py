@@ -250,7 +250,12 @@ class ShardStream(IterableDataset):
 
 
 def training_loader(stream: ShardStream, *, num_workers: int, pin_memory: bool = False) -> DataLoader:
-    """A DataLoader over ``stream``: each DataLoader worker batches its own slot."""
+    """A DataLoader over ``stream``: each DataLoader worker batches its own slot.
+
+    Every sample's randomness comes from its own seed (``sample_seed``), so the loader's
+    generator is a private one: starting an epoch's workers draws their base seed from
+    it, not from the global generator, which a resumed run restores from its checkpoint
+    and which must go on as in the uninterrupted run (dropout, the methods' own draws)."""
     return DataLoader(
         stream,
         batch_size=stream.batch_size,
@@ -258,6 +263,7 @@ def training_loader(stream: ShardStream, *, num_workers: int, pin_memory: bool =
         pin_memory=pin_memory,
         persistent_workers=False,
         prefetch_factor=4 if num_workers > 0 else None,
+        generator=torch.Generator().manual_seed(stream.seed),
     )
 
 

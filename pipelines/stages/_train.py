@@ -32,7 +32,6 @@ from ray.train import (
     ScalingConfig,
     TrainingFailedError,
 )
-from ray.train.torch import TorchTrainer
 
 from cl_core.augment import EvalTransform, FinetuneTransform
 from cl_core.data import storage
@@ -153,7 +152,7 @@ def fit(ctx: StageContext, worker: Callable[[dict], Any], worker_config: dict, s
     """Run ``worker`` on ``section.num_workers`` Ray Train workers; a failure raises
     :class:`TrainingFailed` naming the stage and the checkpoint to resume from."""
     storage_path, storage_fs = ray_env.storage(ctx.config)
-    trainer = TorchTrainer(
+    trainer = ray_env.torch_trainer(
         worker,
         train_loop_config=worker_config,
         scaling_config=ScalingConfig(num_workers=section.num_workers, use_gpu=use_gpu(section),

@@ -108,7 +108,6 @@ def trial_group(config: dict[str, Any], base: dict[str, Any]) -> None:
     The Train run is named after the trial and kept under the experiment, so a restored
     trial continues from its last Train checkpoint (epoch, optimizer, method state)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
     for name in ("ray.tune", "ray.train"):
@@ -120,7 +119,7 @@ def trial_group(config: dict[str, Any], base: dict[str, Any]) -> None:
     worker_config = make_worker_config(p, model, base["shard_dir"], base["manifest"], seed=base["seed"],
                                        checks=base["checks"],
                                        tracking_uri=None, run_id=None)
-    trainer = TorchTrainer(
+    trainer = ray_env.torch_trainer(
         train_worker,
         train_loop_config=worker_config,
         scaling_config=ScalingConfig(num_workers=base["workers"], use_gpu=base["gpu"],
