@@ -135,9 +135,18 @@ def test_a_killed_sweep_of_single_worker_trials_sampled_by_optuna_resumes(tmp_pa
     """Temperatures drawn by Optuna from a uniform range, one single-worker trial at a time.
     The driver killed after the first trial's first epoch; the rerun restores the Tune
     experiment (and Optuna's study): the trial resumes from its Tune checkpoint and Optuna
-    samples the trial that never started."""
+    samples the trial that never started. On 400 generated images (what is tested is the
+    resume, not what the trials learn)."""
+    import numpy as np
+
+    from tests.conftest import make_images
+
+    x, y = make_images(400)
+    np.savez(tmp_path / "data.npz", images=x, labels=y)
     work = tmp_path / "work"
-    args = ["sweep", "--work-dir", str(work), "--set", "sweep.search=optuna", "--set", "sweep.num_samples=2",
+    args = ["sweep", "--work-dir", str(work), "--set", "data.source.kind=npz",
+            "--set", f"data.source.path={tmp_path / 'data.npz'}",
+            "--set", "sweep.search=optuna", "--set", "sweep.num_samples=2",
             "--set", "sweep.space={temperature: {uniform: [0.1, 1.0]}}", "--set", "sweep.epochs=2",
             "--set", "sweep.max_concurrent_trials=1", "--set", "pretrain.batch_size_per_worker=32"]
     _kill_during_first_trial([sys.executable, "-m", "pipelines", *args, "--set", f"ray.address={local_ray}"], work,
