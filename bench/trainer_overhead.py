@@ -1,5 +1,5 @@
 """What one Ray Train run costs before it trains anything: Ray's ``TorchTrainer`` against
-the pipeline's ``ray_env.torch_trainer`` (the same trainer less Ray Data's per-run
+the pipeline's ``pipelines.stages._train.Trainer`` (the same trainer less Ray Data's per-run
 ``DatasetManager`` actor), side by side on one local Ray.
 
 Each run is a 2-worker ``fit`` of a loop that only imports torch. The two trainers take
@@ -52,11 +52,12 @@ def main() -> int:
 
     from pipelines import ray_env
     from pipelines.config import RayConfig
+    from pipelines.stages._train import Trainer
 
     ray_env.init(RayConfig(num_cpus=2))
     logs = Path(ray._private.worker._global_node.get_logs_dir_path())
     storage = tempfile.mkdtemp(prefix="trainer-overhead-")
-    makers = {"ray TorchTrainer": TorchTrainer, "ray_env.torch_trainer": ray_env.torch_trainer}
+    makers = {"ray TorchTrainer": TorchTrainer, "pipeline Trainer": Trainer}
     samples: dict[str, list[dict]] = {k: [] for k in makers}
     time.sleep(5)  # the new cluster's own start-up settles
     for i in range(a.runs):
@@ -75,7 +76,7 @@ def main() -> int:
                       "wall_s_per_run": round(statistics.median(s["wall_s"] for s in rs), 2),
                       "processes_per_run": statistics.median(s["processes"] for s in rs), "runs": rs}
                for name, rs in samples.items()}
-    a_, b_ = summary["ray TorchTrainer"], summary["ray_env.torch_trainer"]
+    a_, b_ = summary["ray TorchTrainer"], summary["pipeline Trainer"]
     out = {"what": "2-worker TorchTrainer.fit of an empty loop on a local Ray (2 CPUs), medians",
            "ray": ray.__version__, "cpu_cores": os.cpu_count(), "trainers": summary,
            "cpu_ratio": round(b_["cpu_s_per_run"] / a_["cpu_s_per_run"], 3),

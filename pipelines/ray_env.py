@@ -63,33 +63,6 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
                               "(clpipe stack up, ray start --head) or fix ray.address / RAY_ADDRESS") from None
 
 
-def torch_trainer(train_loop: Any, **kwargs: Any) -> Any:
-    """``ray.train.torch.TorchTrainer(train_loop, **kwargs)``, less Ray Data's
-    ``DatasetManager`` when no ``datasets`` are given.
-
-    Ray Train 2.60 starts a ``DatasetManager`` actor for every run (and every restart of
-    its worker group), datasets or not: one more process on the driver's node that imports
-    Ray Data. The pipeline reads its WebDataset shards itself, so the actor has nothing to
-    do; without it a run costs about 2 cpu-s less (``bench/trainer_overhead.py``). With
-    ``datasets`` (or a Ray Train without that callback) the trainer is Ray's own.
-    """
-    from ray.train.torch import TorchTrainer
-
-    try:
-        from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
-    except ImportError:  # Train V1 or a moved module: Ray's trainer as it is
-        return TorchTrainer(train_loop, **kwargs)
-
-    class _Trainer(TorchTrainer):
-        def _create_default_callbacks(self) -> list:
-            callbacks = super()._create_default_callbacks()
-            if self.datasets:
-                return callbacks
-            return [c for c in callbacks if not isinstance(c, DatasetsCallback)]
-
-    return _Trainer(train_loop, **kwargs)
-
-
 def quiet_train_worker() -> None:
     """Inside a Ray Train worker: drop Train's per-report INFO lines from the console.
 

@@ -159,31 +159,6 @@ def _final_state(client, run) -> dict:
     return torch.load(ckpt / "state.pt", weights_only=True)
 
 
-def _same_state(got, want, where: str = "state") -> None:
-    """Equal loop states: tensors to float rounding (as the metrics), the rest exactly; wall-clock
-    seconds aside."""
-    import torch
-
-    if isinstance(want, dict):
-        assert set(got) == set(want), f"{where}: {sorted(set(got) ^ set(want))}"
-        for k in want:
-            if k != "epoch_seconds":
-                _same_state(got[k], want[k], f"{where}.{k}")
-    elif isinstance(want, (list, tuple)):
-        assert len(got) == len(want), where
-        for i, (g, w) in enumerate(zip(got, want, strict=True)):
-            _same_state(g, w, f"{where}[{i}]")
-    elif isinstance(want, torch.Tensor):
-        if want.is_floating_point():
-            assert torch.allclose(got, want, rtol=1e-4, atol=1e-6), f"{where}: differs by {(got - want).abs().max()}"
-        else:
-            assert torch.equal(got, want), where
-    elif isinstance(want, float):
-        assert math.isclose(got, want, rel_tol=1e-4, abs_tol=1e-6), f"{where}: {got} != {want}"
-    else:
-        assert got == want, f"{where}: {got!r} != {want!r}"
-
-
 def _killed_in_process(work: Path, args: list[str], points: list[tuple[str, str]], skip: set[Path], capsys):
     """Run ``args`` in this process with a :class:`Killer` beside it: (rc, stdout, stderr, positions seen)."""
     killer = Killer(work, points, skip)
@@ -217,8 +192,15 @@ def test_worker_and_driver_deaths_resume_exactly(chain, local_ray, tmp_path, cap
     client, exp = mlflow_client(work)
     computed = latest_children(client, exp)
     assert recomputed(computed) == {"pretrain"}
-    # the final checkpoint is the reference's: weights, optimizer, schedule, every rank's generator and sums
-    _same_state(_final_state(client, computed["pretrain"]), _final_state(client, chain.runs["pretrain"]))
+    # the final checkpoint is the reference's: position and schedule exactly; weights, optimizer and every
+    # rank's running sums to float rounding (as the metrics); every rank's generator (uint8) exactly
+    import torch
+
+    got, want = (_final_state(client, r) for r in (computed["pretrain"], chain.runs["pretrain"]))
+    exact = ("epoch", "step", "batch_in_epoch", "scheduler")
+    assert {k: got.pop(k) for k in exact} == {k: want.pop(k) for k in exact}
+    del got["epoch_seconds"], want["epoch_seconds"]  # wall clock
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
     # the distill phases on the reference's pretrain and fine-tuning (from the cache)
     args = [*chain.args, "--set", "distill.checkpoint_every_steps=3", "--set", "distill.max_failures=1", *UNTIL]

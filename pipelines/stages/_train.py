@@ -32,6 +32,7 @@ from ray.train import (
     ScalingConfig,
     TrainingFailedError,
 )
+from ray.train.torch import TorchTrainer
 
 from cl_core.augment import EvalTransform, FinetuneTransform
 from cl_core.data import storage
@@ -48,6 +49,29 @@ STATE_FILE = "state.pt"
 MODELS_DIR = "models"
 CHECKPOINT_INFO = "checkpoint.json"  # written last: sha256 of every file and the loop position
 MAX_CHECKPOINTS_PER_MODEL = 10  # short epochs (a few labeled batches) checkpoint every few epochs
+
+
+try:
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+except ImportError:  # Train V1 or a moved module: nothing to leave out
+    DatasetsCallback = None
+
+
+class Trainer(TorchTrainer):
+    """Ray's ``TorchTrainer``, less Ray Data's ``DatasetManager`` when no ``datasets`` are given.
+
+    Ray Train 2.60 starts a ``DatasetManager`` actor for every run (and every restart of
+    its worker group), datasets or not: one more process on the driver's node that imports
+    Ray Data. The pipeline reads its WebDataset shards itself, so the actor has nothing to
+    do; without it a run starts one process fewer (``bench/trainer_overhead.py`` measures
+    the CPU and wall time saved). With ``datasets`` the callbacks are Ray's own.
+    """
+
+    def _create_default_callbacks(self) -> list:
+        callbacks = super()._create_default_callbacks()
+        if self.datasets or DatasetsCallback is None:
+            return callbacks
+        return [c for c in callbacks if not isinstance(c, DatasetsCallback)]
 
 
 def checkpoint_uri(result: Result) -> str:
@@ -152,7 +176,7 @@ def fit(ctx: StageContext, worker: Callable[[dict], Any], worker_config: dict, s
     """Run ``worker`` on ``section.num_workers`` Ray Train workers; a failure raises
     :class:`TrainingFailed` naming the stage and the checkpoint to resume from."""
     storage_path, storage_fs = ray_env.storage(ctx.config)
-    trainer = ray_env.torch_trainer(
+    trainer = Trainer(
         worker,
         train_loop_config=worker_config,
         scaling_config=ScalingConfig(num_workers=section.num_workers, use_gpu=use_gpu(section),

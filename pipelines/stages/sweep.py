@@ -42,7 +42,7 @@ from pipelines.config import PretrainConfig, SweepConfig, SweepStageConfig, appl
 from pipelines.console import console
 from pipelines.graph import StageContext
 from pipelines.stages._data import checked_split
-from pipelines.stages._train import loop_config
+from pipelines.stages._train import Trainer, loop_config
 from pipelines.stages.pretrain import (
     build_method,
     device_views,
@@ -119,7 +119,7 @@ def trial_group(config: dict[str, Any], base: dict[str, Any]) -> None:
     worker_config = make_worker_config(p, model, base["shard_dir"], base["manifest"], seed=base["seed"],
                                        checks=base["checks"],
                                        tracking_uri=None, run_id=None)
-    trainer = ray_env.torch_trainer(
+    trainer = Trainer(
         train_worker,
         train_loop_config=worker_config,
         scaling_config=ScalingConfig(num_workers=base["workers"], use_gpu=base["gpu"],
