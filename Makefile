@@ -5,8 +5,8 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-# the suite on 2 processes, each test module (or xdist_group) on one of them as a unit, the
-# longest first (the order tests/conftest.py gives them), unit-test modules in the gaps
+# the suite on 2 processes: each xdist_group on one of them as a unit (the end-to-end modules
+# in two lanes of about equal length, LANES in tests/conftest.py), the unit tests in the gaps
 PYTEST_WORKERS ?= 2
 XDIST := -n $(PYTEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 

@@ -86,17 +86,28 @@ TINY = ["--set", "sweep.enabled=false", "--set", "pretrain.epochs=2", "--set", "
 STAGES = ["shard", "labels", "pretrain", "finetune", "distill", "evaluate", "register"]
 
 
-# Longest first: with `pytest -n 2 --dist loadgroup --no-loadscope-reorder` (make test) each
-# test, or each xdist_group as a unit (tests that share a module or session fixture), goes
-# to a worker in this order; the unit tests fill the gaps. The chain group (the chain run,
-# its tests and its faults) and the stack group hold most of the time.
-HEAVY_FIRST = ["test_pipeline_e2e.py", "test_faults.py", "test_stack.py", "test_sweep.py", "test_s3.py",
-               "test_multinode.py", "test_pipeline_methods.py", "test_reliability.py"]
+# The end-to-end modules in two lanes. With `pytest -n 2 --dist loadgroup
+# --no-loadscope-reorder` (make test) each lane is one xdist_group, so one process runs it
+# from start to end in this order: the tests that share a module or session fixture (the
+# chain run and its faults, the live stack, the S3 server) stay on one process, and no long
+# test is handed to a process that is still busy with another while the other process runs
+# out of work. The lanes are about equally long (in-suite times: bench/results/test_suite.json);
+# the unit tests fill in behind whichever lane ends first.
+LANES = {
+    "lane-1": ["test_pipeline_e2e.py", "test_faults.py", "test_sweep.py"],
+    "lane-2": ["test_stack.py", "test_s3.py", "test_multinode.py", "test_pipeline_methods.py", "test_reliability.py"],
+}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which names each test's group
 def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    order = [name for files in LANES.values() for name in files]
+    lane = {name: group for group, files in LANES.items() for name in files}
+    rank = {name: i for i, name in enumerate(order)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order otherwise
+    for item in items:
+        if item.path.name in lane:
+            item.add_marker(pytest.mark.xdist_group(lane[item.path.name]))
 
 
 @pytest.fixture

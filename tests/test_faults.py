@@ -42,7 +42,7 @@ from infra.procs import wait_until
 from pipelines.cli import main
 from tests.conftest import latest_children, mlflow_client, outputs, recomputed
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("chain")]
+pytestmark = pytest.mark.slow  # on one xdist process with the chain fixture: tests/conftest.py LANES
 
 ROOT = Path(__file__).parents[1]
 UNTIL = ["--until", "distill"]

@@ -13,7 +13,7 @@ from pipelines import tracking
 from pipelines.cli import main
 from tests.conftest import STAGES, latest_children, outputs, recomputed
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("chain")]
+pytestmark = pytest.mark.slow  # on one xdist process with the chain fixture: tests/conftest.py LANES
 
 
 def test_the_chain_logs_lineage_metrics_and_models(chain, monkeypatch):

@@ -16,7 +16,7 @@ from cl_core.data import storage
 from tests.conftest import s3_server
 
 BUCKET = "clpipe-test"
-pytestmark = pytest.mark.xdist_group("s3")  # one worker: the tests share the module's server
+# one xdist process runs this module (its tests share the module's server): tests/conftest.py LANES
 
 
 @pytest.fixture(scope="module")

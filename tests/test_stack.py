@@ -28,7 +28,7 @@ from pipelines import tracking
 from pipelines.cli import main
 from tests.conftest import STAGES, outputs
 
-pytestmark = pytest.mark.xdist_group("stack")  # one worker: the tests share the module's live stack
+# one xdist process runs this module (its tests share the module's live stack): tests/conftest.py LANES
 
 ENV_KEYS = {"MLFLOW_TRACKING_URI", "RAY_ADDRESS", "CLPIPE_JOB_ADDRESS", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
             "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "MLFLOW_S3_ENDPOINT_URL", "RAY_AUTH_MODE"}
@@ -144,6 +144,13 @@ def live_stack(tmp_path_factory):
         os.environ.update(saved)
 
 
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # exited meanwhile
+        return b""
+
+
 def _secrets(live_stack) -> list[str]:
     return [live_stack.env["AWS_ACCESS_KEY_ID"], live_stack.env["AWS_SECRET_ACCESS_KEY"]]
 
@@ -153,6 +160,11 @@ def test_stack_up_status_env_file_and_artifacts_in_s3(live_stack, capsys):
     d, ports = live_stack.dir, live_stack.ports
     for name in ("s3", "mlflow", "ray"):
         assert f"  {name} " in live_stack.up_out
+
+    # the MLflow server without MLflow's GenAI job runner and its consumer processes
+    mlflow_pid = next(s["pid"] for s in stack.read_state(d)["services"] if s["name"] == "mlflow")
+    tree = [mlflow_pid, *stack._descendants(mlflow_pid)]
+    assert not [p for p in tree if b"mlflow.server.jobs" in _cmdline(p)], [_cmdline(p) for p in tree]
 
     assert main(["stack", "status", "--dir", str(d)]) == 0
     status_out = capsys.readouterr()
