@@ -45,6 +45,14 @@ def image_folder(tmp_path: Path) -> Path:
     return root
 
 
+def cmdline(pid: int) -> bytes:
+    """A process's command line from /proc (empty once it has exited)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def png_bytes(arr: np.ndarray) -> bytes:
     b = io.BytesIO()
     Image.fromarray(arr).save(b, format="PNG")

@@ -40,7 +40,7 @@ import pytest
 
 from infra.procs import wait_until
 from pipelines.cli import main
-from tests.conftest import latest_children, mlflow_client, outputs, recomputed
+from tests.conftest import cmdline, latest_children, mlflow_client, outputs, recomputed
 
 pytestmark = pytest.mark.slow  # on one xdist process with the chain fixture: tests/conftest.py LANES
 
@@ -69,18 +69,11 @@ def _descendants(pid: int) -> dict[int, int]:
     return out
 
 
-def _cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""
-
-
 def _train_workers() -> list[int]:
     """The Ray Train worker processes of this process's local Ray (not their DataLoader
     workers, which are forks that carry the same process title)."""
     tree = _descendants(os.getpid())
-    named = {p for p in tree if b"RayTrainWorker" in _cmdline(p)}
+    named = {p for p in tree if b"RayTrainWorker" in cmdline(p)}
     return sorted(p for p in named if tree[p] not in named)
 
 

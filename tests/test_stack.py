@@ -26,7 +26,7 @@ from mlflow.tracking import MlflowClient
 from infra import jobs, procs, stack
 from pipelines import tracking
 from pipelines.cli import main
-from tests.conftest import STAGES, outputs
+from tests.conftest import STAGES, cmdline, outputs
 
 # one xdist process runs this module (its tests share the module's live stack): tests/conftest.py LANES
 
@@ -144,13 +144,6 @@ def live_stack(tmp_path_factory):
         os.environ.update(saved)
 
 
-def _cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:  # exited meanwhile
-        return b""
-
-
 def _secrets(live_stack) -> list[str]:
     return [live_stack.env["AWS_ACCESS_KEY_ID"], live_stack.env["AWS_SECRET_ACCESS_KEY"]]
 
@@ -162,9 +155,8 @@ def test_stack_up_status_env_file_and_artifacts_in_s3(live_stack, capsys):
         assert f"  {name} " in live_stack.up_out
 
     # the MLflow server without MLflow's GenAI job runner and its consumer processes
-    mlflow_pid = next(s["pid"] for s in stack.read_state(d)["services"] if s["name"] == "mlflow")
-    tree = [mlflow_pid, *stack._descendants(mlflow_pid)]
-    assert not [p for p in tree if b"mlflow.server.jobs" in _cmdline(p)], [_cmdline(p) for p in tree]
+    running = [cmdline(p) for p in stack_pids(d)]
+    assert not [c for c in running if b"mlflow.server.jobs" in c], running
 
     assert main(["stack", "status", "--dir", str(d)]) == 0
     status_out = capsys.readouterr()

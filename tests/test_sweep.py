@@ -112,6 +112,18 @@ def test_sweep_logs_every_trial_and_stops_poor_ones(tmp_path, local_ray, capsys)
     assert capsys.readouterr().out.count("cached, reusing run") == 2
 
 
+def _generated_source(tmp_path: Path) -> list[str]:
+    """``--set`` arguments for 400 generated images in an npz: the killed sweeps test the
+    resume, not what the trials learn."""
+    import numpy as np
+
+    from tests.conftest import make_images
+
+    x, y = make_images(400)
+    np.savez(tmp_path / "data.npz", images=x, labels=y)
+    return ["--set", "data.source.kind=npz", "--set", f"data.source.path={tmp_path / 'data.npz'}"]
+
+
 def _kill_during_first_trial(cmd: list[str], work: Path, checkpointed, log: Path) -> None:
     """Run ``cmd`` as a driver process of its own on the shared cluster and SIGKILL it once
     ``checkpointed(ray_results)`` says the first trial has a checkpoint."""
@@ -137,16 +149,8 @@ def test_a_killed_sweep_of_single_worker_trials_sampled_by_optuna_resumes(tmp_pa
     experiment (and Optuna's study): the trial resumes from its Tune checkpoint and Optuna
     samples the trial that never started. On 400 generated images (what is tested is the
     resume, not what the trials learn)."""
-    import numpy as np
-
-    from tests.conftest import make_images
-
-    x, y = make_images(400)
-    np.savez(tmp_path / "data.npz", images=x, labels=y)
     work = tmp_path / "work"
-    args = ["sweep", "--work-dir", str(work), "--set", "data.source.kind=npz",
-            "--set", f"data.source.path={tmp_path / 'data.npz'}",
-            "--set", "sweep.search=optuna", "--set", "sweep.num_samples=2",
+    args = ["sweep", "--work-dir", str(work), *_generated_source(tmp_path), "--set", "sweep.search=optuna", "--set", "sweep.num_samples=2",
             "--set", "sweep.space={temperature: {uniform: [0.1, 1.0]}}", "--set", "sweep.epochs=2",
             "--set", "sweep.max_concurrent_trials=1", "--set", "pretrain.batch_size_per_worker=32"]
     _kill_during_first_trial([sys.executable, "-m", "pipelines", *args, "--set", f"ray.address={local_ray}"], work,
@@ -181,17 +185,11 @@ def test_a_killed_sweep_of_two_worker_trials_resumes_from_the_trials_train_run(t
     restores the experiment and the trial's TorchTrainer resumes from its Train run, which
     is named after the trial. On 400 generated images, three epochs: the kill comes within
     a second of the first checkpoint, two epochs before the trial could end."""
-    import numpy as np
-
     from cl_core.data.reader import plan_epoch
     from cl_core.data.shards import read_manifest, shard_urls
-    from tests.conftest import make_images
 
-    x, y = make_images(400)
-    np.savez(tmp_path / "data.npz", images=x, labels=y)
     work = tmp_path / "work"
-    args = ["sweep", "--work-dir", str(work), "--set", "data.source.kind=npz",
-            "--set", f"data.source.path={tmp_path / 'data.npz'}", "--set", "sweep.space={temperature: {grid: [0.5]}}",
+    args = ["sweep", "--work-dir", str(work), *_generated_source(tmp_path), "--set", "sweep.space={temperature: {grid: [0.5]}}",
             "--set", "sweep.epochs=3", "--set", "sweep.workers_per_trial=2", "--set", "sweep.cpus_per_trial=2",
             "--set", "pretrain.batch_size_per_worker=32"]
     _kill_during_first_trial([sys.executable, "-m", "pipelines", *args, "--set", f"ray.address={local_ray}"], work,
