@@ -324,9 +324,9 @@ def up(cfg: StackConfig, say: Callable[[str], None] = print) -> dict:
                       "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}",
                       "--artifacts-destination", f"s3://{cfg.bucket}/mlflow",
                       "--host", cfg.host, "--port", str(cfg.mlflow_port), "--workers", "1"]
-        # MLflow 3 also starts a job runner with eight consumer processes for its GenAI jobs
-        # (judges, prompt optimisation), which nothing here submits: ~26 cpu-s at start-up and
-        # 10 processes instead of 2. Still on when the environment turns it on.
+        # MLflow 3 also starts a job runner and its consumer processes for its GenAI jobs
+        # (judges, prompt optimisation), which nothing here submits; still on when the
+        # environment turns it on
         mlflow_env = {**s3_env, "MLFLOW_S3_ENDPOINT_URL": s3_env["AWS_ENDPOINT_URL"],
                       "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
                       "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION",
