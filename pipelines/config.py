@@ -374,6 +374,9 @@ class RayConfig(Section):
                                       "reports and checks their health ($RAY_TRAIN_HEALTH_CHECK_INTERVAL_S; Ray's "
                                       "default 2 s makes a report wait up to 2 s when the previous one is not yet "
                                       "collected)")
+    metrics: bool = Field(False, description="Ray's and Ray Train's metrics export in the local Ray this process "
+                          "starts (nothing scrapes them without a Prometheus, and every Ray process pays for them); "
+                          "a cluster joined through `address` keeps its own settings")
 
 
 class PipelineConfig(Section):

@@ -15,6 +15,7 @@ from pipelines.config import PipelineConfig, RayConfig
 
 TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+METRICS_ENV = ("RAY_enable_metrics_collection", "RAY_TRAIN_METRICS_ENABLED")
 
 
 def init(cfg: RayConfig) -> None:
@@ -42,6 +43,12 @@ def init(cfg: RayConfig) -> None:
         # Train's preemption watcher (one more actor process per TorchTrainer) follows autoscaler
         # node drains, which a Ray on this one machine never has; Train propagates the setting
         os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
+        if not cfg.metrics:
+            # Ray's metrics (every process of this Ray: recorded and exported for a Prometheus) and Ray
+            # Train's (its controllers and workers): no one scrapes a Ray started here; the nodes
+            # inherit the first setting, Train reads the second in the driver and its Tune trials
+            for key in METRICS_ENV:
+                os.environ.setdefault(key, "0")
         ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
                  dashboard_port=port, **kwargs)
 

@@ -4,6 +4,7 @@ here inspects, its cached reruns, and the input errors it reports in one line. H
 config change or ``--rerun`` propagates through the stage graph: tests/test_graph.py."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -157,6 +158,21 @@ def test_a_source_with_no_decodable_image_fails_the_shard_stage_clearly(local_ra
     assert main(args) == 1
     err = capsys.readouterr().err
     assert "stage shard failed" in err and "none of the 2 images" in err and "could be decoded" in err
+
+
+def test_a_local_ray_records_and_exports_no_metrics(local_ray):
+    """``ray.metrics: false`` (the default): the Ray the pipeline starts has Ray's metrics off in
+    every process (its raylet's environment, which its workers inherit) and Ray Train's off in
+    the driver, where Train reads it."""
+    import ray
+    from ray.train.v2._internal.constants import METRICS_ENABLED_ENV_VAR
+
+    from pipelines import ray_env
+
+    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+    environ = dict(kv.split(b"=", 1) for kv in Path(f"/proc/{raylet}/environ").read_bytes().split(b"\0") if b"=" in kv)
+    assert environ[ray_env.METRICS_ENV[0].encode()] == b"0"
+    assert METRICS_ENABLED_ENV_VAR in ray_env.METRICS_ENV and os.environ[METRICS_ENABLED_ENV_VAR] == "0"
 
 
 def test_ray_train_poll_interval_reaches_the_controller(local_ray, monkeypatch):
