@@ -5,7 +5,7 @@ virtualenv there once (``make install``, timed on its own), then runs ``make tes
 (with ``.ci/run``'s arguments) and ``make test-fast`` several times each in that clone,
 one after the other. Every run gets a fresh, empty TorchInductor cache, as on a new CI
 machine. Recorded per run: wall seconds, exit code, pytest's summary line, the machine's
-CPU use during the run (busy share of all cores, steal) from ``/proc/stat``, a fixed
+CPU use during the run (busy share of all cores and busy CPU-seconds, steal) from ``/proc/stat``, a fixed
 pure-Python loop timed just before the run (the machine's speed at that moment: shared
 machines vary), and the slowest tests.
 
@@ -61,6 +61,7 @@ def run(cmd: list[str], cwd: Path, env: dict, log: Path) -> dict:
     slowest = [ln.strip() for ln in text.split("slowest 20 durations", 1)[-1].splitlines()[1:21]
                if re.match(r"^\d+\.\d+s ", ln.strip())] if "slowest 20 durations" in text else []
     return {"seconds": round(wall, 1), "rc": rc, "summary": summary, "cpu_busy_share": round((b1 - b0) / (t1 - t0), 3),
+            "busy_cpu_seconds": round((b1 - b0) / os.sysconf("SC_CLK_TCK"), 1),
             "steal_share": round((s1 - s0) / (t1 - t0), 4), "speed_probe_s": probe, "slowest": slowest}
 
 
