@@ -394,6 +394,15 @@ class PipelineConfig(Section):
     mlflow: MlflowConfig = MlflowConfig()
     ray: RayConfig = RayConfig()
 
+    @field_validator("work_dir")
+    @classmethod
+    def _work_dir(cls, v: str) -> str:
+        if "://" in v:  # a plain path would turn it into a local folder named after the URI
+            raise ValueError(f"{v!r} is a URI, not a directory; work_dir is a local (or mounted, shared) path. For "
+                             "object storage set data.output, ray.storage_path and mlflow.artifact_location to "
+                             "s3://... and MLFLOW_TRACKING_URI to a tracking server")
+        return v
+
     @model_validator(mode="after")
     def _across_sections(self) -> PipelineConfig:
         for stage in ("pretrain", "finetune", "distill"):
