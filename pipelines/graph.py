@@ -51,6 +51,7 @@ class StageContext:
     config: PipelineConfig
     output_dir: Path  # a directory owned by this stage and key
     upstream_run_ids: dict[str, str]
+    rerun: bool = False  # --rerun of this stage (or upstream): outputs kept outside output_dir are rewritten too
 
     @property
     def ray_run_name(self) -> str:
@@ -218,7 +219,7 @@ def _run_stage(spec: StageSpec, cfg: PipelineConfig, experiment_id: str, parent_
         tracking.log_params(run.info.run_id, flatten(section.model_dump(mode="json")))
         mlflow.log_dict(section.model_dump(mode="json"), f"{spec.name}_config.json")
         out_dir = cfg.work_path() / spec.name / key[:16]
-        ctx = StageContext(spec.name, key, run.info.run_id, parent_id, cfg, out_dir, upstream_runs)
+        ctx = StageContext(spec.name, key, run.info.run_id, parent_id, cfg, out_dir, upstream_runs, rerun=force)
         if force:  # recompute from scratch: drop partial outputs and the Ray run this key would resume
             shutil.rmtree(out_dir, ignore_errors=True)
             run_dir = ray_env.run_uri(cfg, ctx.ray_run_name)

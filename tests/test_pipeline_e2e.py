@@ -160,6 +160,28 @@ def test_a_source_with_no_decodable_image_fails_the_shard_stage_clearly(local_ra
     assert "stage shard failed" in err and "none of the 2 images" in err and "could be decoded" in err
 
 
+def test_a_source_file_a_shard_task_cannot_read_fails_the_stage_in_one_line(local_ray):
+    """A shard task's SourceReadError (after its retries) reaches the stage as that one line,
+    not as Ray's remote traceback (the retries and what counts as corrupt: tests/test_shards.py)."""
+    import ray
+
+    from cl_core.data.sources import SourceReadError
+    from pipelines.stages.shard import _gather
+
+    line = "data.source: cannot read /data/x.png (FileNotFoundError: gone) after 4 attempts; every node ..."
+
+    @ray.remote
+    def task(fail: bool) -> int:
+        if fail:
+            raise SourceReadError(line)
+        return 1
+
+    assert _gather([task.remote(False)]) == [1]
+    with pytest.raises(SourceReadError) as e:
+        _gather([task.remote(False), task.remote(True)])
+    assert type(e.value) is SourceReadError and str(e.value) == line
+
+
 def test_a_local_ray_records_and_exports_no_metrics(local_ray):
     """``ray.metrics: false`` (the default): the Ray the pipeline starts has Ray's metrics off in
     every process (its raylet's environment, which its workers inherit) and Ray Train's off in

@@ -5,6 +5,7 @@ MLflow artifacts to S3 and training from there."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import threading
@@ -151,6 +152,7 @@ def test_pipeline_shards_checkpoints_and_artifacts_in_s3(s3, tmp_path, capsys):
     import ray
     from mlflow.tracking import MlflowClient
 
+    from cl_core.data.shards import read_manifest
     from pipelines.cli import main
     from pipelines.stages.pretrain import load_method
     from tests.conftest import latest_children, outputs
@@ -159,7 +161,7 @@ def test_pipeline_shards_checkpoints_and_artifacts_in_s3(s3, tmp_path, capsys):
     root = f"s3://{BUCKET}/pipeline"
     ray.shutdown()  # a Ray of its own: its workers inherit the S3 server's environment
     try:
-        assert main(["run", "--work-dir", str(work), "--until", "finetune", "--set", "ray.num_cpus=2",
+        assert main([*(args := ["run", "--work-dir", str(work), "--set", "ray.num_cpus=2",
                      "--set", "pretrain.epochs=1", "--set", "pretrain.batch_size_per_worker=32",
                      "--set", "labels.fractions=[0.1]", "--set", "finetune.baseline=false",
                      "--set", "finetune.epochs=1", "--set", "finetune.min_steps=0", "--set", "finetune.num_workers=1",
@@ -169,13 +171,20 @@ def test_pipeline_shards_checkpoints_and_artifacts_in_s3(s3, tmp_path, capsys):
                      "--set", f"data.output={root}/data", "--set", f"ray.storage_path={root}/ray",
                      "--set", f"mlflow.artifact_location={root}/mlflow", "--set", "sweep.enabled=true",
                      "--set", "sweep.space={temperature: {grid: [0.2]}, lr_base: {grid: [0.5]}}",
-                     "--set", "sweep.epochs=1"]) == 0
+                     "--set", "sweep.epochs=1"]), "--until", "finetune"]) == 0
+        out = capsys.readouterr()
+        objects = storage.list_files(root)
+        client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+        children = latest_children(client, client.get_experiment_by_name("clpipe").experiment_id)
+        # a damaged shard in S3: `--rerun shard` (the fix the reader prints) writes the set again
+        shard_dir = outputs(client, children["shard"].info.run_id)["shard_dir"]
+        first = read_manifest(shard_dir)["splits"]["train"]["shards"][0]
+        storage.write_bytes(f"{shard_dir}/{first['name']}", b"damaged")
+        assert main([*args, "--until", "shard", "--rerun", "shard"]) == 0
+        assert "cached, reusing run" not in capsys.readouterr().out
+        assert hashlib.sha256(storage.read_bytes(f"{shard_dir}/{first['name']}")).hexdigest() == first["sha256"]
     finally:
         ray.shutdown()
-    out = capsys.readouterr()
-    objects = storage.list_files(root)
-    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
-    children = latest_children(client, client.get_experiment_by_name("clpipe").experiment_id)
     assert set(children) == {"shard", "labels", "sweep", "pretrain", "finetune"}
     assert any(o.startswith(f"{root}/ray/sweep-") and "/experiment_state-" in o for o in objects)
     assert any(o.startswith(f"{root}/ray/sweep-") and o.endswith("/checkpoint_000000/state.pt") for o in objects)

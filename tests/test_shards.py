@@ -82,6 +82,40 @@ def test_corrupt_image_is_counted_and_skipped(image_folder, tmp_path):
     assert sorted(c["id"] for c in m["corrupt"]) == ["class1/broken.png", "class2/truncated.png"]
 
 
+def test_a_source_read_error_fails_the_shard_and_a_passing_one_is_retried(image_folder, tmp_path, monkeypatch):
+    """Only an image that does not decode is a corrupt sample. A file that cannot be read (gone,
+    or on another node's disk only) is retried with backoff, then fails the shard with one line
+    naming it; no shard or temp file is left. A read that fails once and then works loses
+    nothing."""
+    from cl_core.data import sources
+
+    monkeypatch.setattr(sources, "READ_BACKOFF_S", 0.0)
+    src = ImageFolderSource(image_folder)
+    refs = src.refs()
+    gone = image_folder / refs[1].id
+    gone.unlink()
+    with pytest.raises(sources.SourceReadError) as e:
+        S.write_shard(src, refs, tmp_path / "a.tar")
+    msg = str(e.value)
+    assert len(msg.splitlines()) == 1 and f"cannot read {gone} (FileNotFoundError" in msg
+    assert f"after {sources.READ_ATTEMPTS} attempts" in msg and "s3://" in msg
+    assert not list(tmp_path.glob("a.tar")) and not list(tmp_path.glob(".a.tar.*"))  # no shard, no temp file
+
+    src = ImageFolderSource(image_folder)  # the file list without the deleted one
+    calls = []
+    real = sources.storage.read_bytes
+
+    def flaky(path):
+        calls.append(path)
+        if len(calls) == 1:
+            raise OSError(5, "Input/output error")
+        return real(path)
+
+    monkeypatch.setattr(sources.storage, "read_bytes", flaky)
+    r = S.write_shard(src, src.refs(), tmp_path / "b.tar")
+    assert r["num_samples"] == len(src.refs()) and r["corrupt"] == [] and calls[0] == calls[1]
+
+
 def test_flat_folder_is_unlabeled(tmp_path, image_folder):
     flat = tmp_path / "flat"
     flat.mkdir()

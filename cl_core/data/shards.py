@@ -33,7 +33,7 @@ import numpy as np
 import webdataset as wds
 
 from cl_core.data import storage
-from cl_core.data.sources import SampleRef, Source
+from cl_core.data.sources import SampleRef, Source, UndecodableImage
 from cl_core.data.tario import RERUN_HINT, ShardChecksumError, tar_samples
 
 MANIFEST = "manifest.json"
@@ -91,7 +91,8 @@ def sha256_file(path: str | Path) -> str:
 
 def write_shard(source: Source, refs: Sequence[SampleRef], path: str | Path) -> dict:
     """Encode ``refs`` into one tar shard at ``path`` (written to a temp name, then
-    renamed). Undecodable images are skipped and returned in ``corrupt``."""
+    renamed). Undecodable images are skipped and returned in ``corrupt``; any other error
+    (a source file that cannot be read) fails the shard."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -105,7 +106,7 @@ def write_shard(source: Source, refs: Sequence[SampleRef], path: str | Path) -> 
             for r in refs:
                 try:
                     data, ext = source.encode(r)
-                except Exception as e:  # noqa: BLE001 - any decode failure is a corrupt sample
+                except UndecodableImage as e:  # only a decode failure is a corrupt sample; I/O errors fail the shard
                     corrupt.append({"id": r.id, "error": str(e)[:200]})
                     continue
                 sample: dict[str, object] = {"__key__": f"s{r.index:09d}", ext: data, "json": {"id": r.id, "index": r.index}}

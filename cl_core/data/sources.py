@@ -8,6 +8,7 @@ is described by a small picklable spec (``describe()``) from which a worker rebu
 from __future__ import annotations
 
 import io
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,38 @@ IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff",
 
 class SourceError(ValueError):
     """A source cannot be read at all (as opposed to one bad image in it)."""
+
+
+class UndecodableImage(ValueError):
+    """One source image that does not decode: the shard writer skips it, counts it and
+    lists it in the manifest. Nothing else counts as a corrupt image."""
+
+
+class SourceReadError(OSError):
+    """A source file that could not be read (after retries): the shard task fails with
+    this one line, and nothing is dropped or cached."""
+
+
+READ_ATTEMPTS = 4
+READ_BACKOFF_S = 0.5  # doubled after each failed attempt
+
+
+def read_source_bytes(path: str) -> bytes:
+    """A source file's bytes. An I/O error (a throttled or broken S3 read, a timeout, a
+    path missing on this node) is retried with exponential backoff, then raised as a
+    :class:`SourceReadError` naming the file."""
+    for attempt in range(READ_ATTEMPTS):
+        try:
+            return storage.read_bytes(path)
+        except OSError as e:
+            if attempt + 1 == READ_ATTEMPTS:
+                cause = (str(e).splitlines() or [""])[0][:300]
+                raise SourceReadError(
+                    f"data.source: cannot read {path} ({type(e).__name__}: {cause}) after {READ_ATTEMPTS} attempts; "
+                    "every node that writes shards must reach the source: a path on each of them (or a shared "
+                    "mount), or s3://...") from None
+            time.sleep(READ_BACKOFF_S * 2 ** attempt)
+    raise AssertionError("unreachable")
 
 
 @dataclass(frozen=True)
@@ -45,7 +78,8 @@ class Source:
         raise NotImplementedError
 
     def encode(self, ref: SampleRef) -> tuple[bytes, str]:
-        """(image bytes, extension) of one sample; raises on an undecodable image."""
+        """(image bytes, extension) of one sample; raises :class:`UndecodableImage` for an
+        image that does not decode and :class:`SourceReadError` for one that cannot be read."""
         raise NotImplementedError
 
     def describe(self) -> dict:
@@ -167,7 +201,7 @@ class ImageFolderSource(Source):
 
     def encode(self, ref: SampleRef) -> tuple[bytes, str]:
         path = self._files[ref.index][0]
-        data = storage.read_bytes(path)
+        data = read_source_bytes(path)
         try:
             with Image.open(io.BytesIO(data)) as im:
                 fmt = im.format
@@ -178,7 +212,7 @@ class ImageFolderSource(Source):
                     return data, "png"
                 arr = np.asarray(im.convert("RGB" if im.mode not in ("L", "RGB") else im.mode))
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            raise ValueError(f"cannot decode {path}: {e}") from e
+            raise UndecodableImage(f"cannot decode {path}: {e}") from e
         return encode_png(arr), "png"
 
     def describe(self) -> dict:

@@ -11,7 +11,7 @@ import ray
 
 from cl_core.data import shards as S
 from cl_core.data import storage
-from cl_core.data.sources import Source, SourceError, open_source
+from cl_core.data.sources import Source, SourceError, SourceReadError, open_source
 from cl_core.data.text import write_text_shards
 from pipelines.config import DataConfig
 from pipelines.console import console
@@ -28,6 +28,17 @@ def _write_shard_task(source: Source, refs: list, path: str, dest: str | None) -
         result = S.write_shard(source, refs, Path(d) / Path(path).name)
         storage.upload_file(Path(d) / Path(path).name, dest)
     return result
+
+
+def _gather(refs: list) -> list:
+    """The shard tasks' results. A source file that could not be read fails the stage with
+    its own one line (not the remote traceback); nothing is skipped or cached."""
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, SourceReadError):
+            raise SourceReadError(str(e.cause)) from None
+        raise
 
 
 def destination(ctx: StageContext, root: str | None) -> str | None:
@@ -53,6 +64,10 @@ def shard(ctx: StageContext, cfg: DataConfig, inputs: dict) -> dict:
     where: str = dest or str(out)
     if dest is not None:
         storage.check_bucket(dest)
+    if dest is not None and ctx.rerun:
+        # --rerun shard (the fix printed for a damaged set): delete the set, manifest included, and write
+        # it again, instead of finding its manifest and reusing it
+        storage.delete_prefix(dest)
     if storage.exists(storage.join(where, S.MANIFEST)):  # a complete set from an earlier, unrecorded run
         manifest = S.read_manifest(where)
         if dest is not None:
@@ -72,7 +87,7 @@ def shard(ctx: StageContext, cfg: DataConfig, inputs: dict) -> dict:
         n_tasks = sum(len(v) for v in pending.values())
         console.print(f"shard: {len(refs)} source images -> {n_tasks} shards in parallel Ray tasks"
                       f"{f', uploaded to {dest}' if dest else ''}")
-        results = {split: ray.get(refs_) for split, refs_ in pending.items()}
+        results = {split: _gather(refs_) for split, refs_ in pending.items()}
         manifest = S.build_manifest(
             source=source, split_sizes={k: len(v) for k, v in splits.items()}, shard_results=results,
             seed=ctx.seed, config=cfg.model_dump(mode="json"),
