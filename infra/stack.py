@@ -102,9 +102,11 @@ def read_env_file(path: Path) -> dict[str, str]:
     return env
 
 
-def load_env(path: Path | None = None) -> Path | None:
+def load_env(path: Path | None = None, *, job_address: str | None = None) -> Path | None:
     """Put the stack's env file into ``os.environ`` without overriding what is set:
     ``path``, else $CLPIPE_STACK_ENV, else ./.clpipe-stack/stack.env if it exists.
+    With ``job_address`` (a jobs command's --address), only when that is the stack's own
+    job server: the stack's loopback URLs, keys and auth setting are for it alone.
     Returns the file loaded, or None."""
     if path is None:
         named = os.environ.get("CLPIPE_STACK_ENV")
@@ -113,7 +115,13 @@ def load_env(path: Path | None = None) -> Path | None:
             return None
     if not path.is_file():
         raise StackError(f"CLPIPE_STACK_ENV: {path} is not a file; run `clpipe stack up` or unset CLPIPE_STACK_ENV")
-    for key, value in read_env_file(path).items():
+    env = read_env_file(path)
+    if job_address is not None:
+        from infra.jobs import resolve_address
+
+        if resolve_address(job_address) != resolve_address(env.get("CLPIPE_JOB_ADDRESS")):
+            return None
+    for key, value in env.items():
         os.environ.setdefault(key, value)
     return path
 

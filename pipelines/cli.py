@@ -15,6 +15,8 @@ from infra.stack import StackError
 from pipelines.console import console
 from pipelines.errors import StageError
 
+JOB_COMMANDS = ("submit", "jobs", "logs", "stop")  # the Ray Jobs client commands
+
 if TYPE_CHECKING:  # the config module imports torch: `stack`, `jobs`, `logs`, `stop` start without it
     from pipelines.config import PipelineConfig
 
@@ -209,12 +211,13 @@ def _jobs(args: argparse.Namespace) -> int:
     return jobs.stop(args.job, args.address)
 
 
-def _load_stack_env() -> None:
+def _load_stack_env(args: argparse.Namespace) -> None:
     """The local stack's env file ($CLPIPE_STACK_ENV, else ./.clpipe-stack/stack.env if
-    present) into os.environ, never overriding a variable already set."""
+    present) into os.environ, never overriding a variable already set; for a jobs command
+    with --address, only when that address is the stack's own job server."""
     from infra import stack
 
-    stack.load_env()
+    stack.load_env(job_address=getattr(args, "address", None) if args.command in JOB_COMMANDS else None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -238,8 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "stack":
             return _stack(args)
-        _load_stack_env()
-        if args.command in ("submit", "jobs", "logs", "stop"):
+        _load_stack_env(args)
+        if args.command in JOB_COMMANDS:
             return _jobs(args)
     except (StackError, JobsError) as e:
         print(f"clpipe: {e}", file=sys.stderr)

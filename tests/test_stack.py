@@ -444,6 +444,27 @@ def test_env_file_loading_never_overrides(tmp_path, clean_env):
         stack.load_env()
 
 
+def test_a_jobs_command_for_another_cluster_loads_no_stack_settings(tmp_path, clean_env, capsys):
+    """The stack's env file (loopback URLs, its keys, auth off) is loaded for the stack's own
+    job server only: a submit/jobs/logs/stop with --address of another cluster gets none of it."""
+    f = tmp_path / "stack.env"
+    f.write_text("CLPIPE_JOB_ADDRESS=http://127.0.0.1:8265\nMLFLOW_TRACKING_URI=http://127.0.0.1:5000\n"
+                 "AWS_SECRET_ACCESS_KEY=stack-secret\nRAY_AUTH_MODE=disabled\n")
+    os.environ["CLPIPE_STACK_ENV"] = str(f)
+    loaded = ("MLFLOW_TRACKING_URI", "AWS_SECRET_ACCESS_KEY", "RAY_AUTH_MODE")
+    for argv in (["jobs", "--address", "http://127.0.0.1:9"], ["stop", "some-job", "--address", "127.0.0.1:9"],
+                 ["logs", "some-job", "--address", "http://10.0.0.1:8265"]):
+        assert stack.load_env(job_address=argv[-1]) is None
+        assert not any(k in os.environ for k in loaded), argv
+    assert main(["jobs", "--address", "http://127.0.0.1:9"]) == 1  # nothing listens there
+    assert "127.0.0.1:9" in capsys.readouterr().err and not any(k in os.environ for k in loaded)
+    # the stack's own address (with or without the scheme), or none: loaded
+    assert stack.load_env(job_address="127.0.0.1:8265") == f and os.environ["AWS_SECRET_ACCESS_KEY"] == "stack-secret"
+    for k in loaded:
+        del os.environ[k]
+    assert stack.load_env() == f and all(k in os.environ for k in loaded)
+
+
 def test_state_file_holds_no_secrets(tmp_path):
     """The state JSON is written without the keys (they live in the 0600 files only)."""
     cfg = stack.StackConfig(dir=tmp_path)
