@@ -56,6 +56,25 @@ def resolve_address(address: str | None) -> str:
 ADDRESS_ENV = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
 
 
+def _auth_headers() -> dict[str, str]:
+    """The Authorization header Ray's own clients send to a token-auth cluster (with
+    RAY_AUTH_MODE=token: the token from $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH or
+    ~/.ray/auth_token); none otherwise."""
+    try:
+        from ray._private.authentication.http_token_authentication import (
+            get_auth_headers_if_auth_enabled,
+        )
+    except ImportError:  # a Ray without token auth
+        return {}
+    try:
+        return dict(get_auth_headers_if_auth_enabled({}))
+    except Exception as e:  # noqa: BLE001 - Ray's AuthenticationError: token auth on, no token here
+        if type(e).__name__ != "AuthenticationError":
+            raise
+        raise JobsError("RAY_AUTH_MODE=token but no token is set here: set RAY_AUTH_TOKEN to the cluster's token "
+                        "(or RAY_AUTH_TOKEN_PATH to a file holding it, or write it to ~/.ray/auth_token)") from None
+
+
 def connect(address: str | None, timeout: float = CONNECT_TIMEOUT):
     """A JobSubmissionClient for the job server at ``address``, or one JobsError line
     within ``timeout`` seconds when nothing answers there."""
@@ -65,7 +84,8 @@ def connect(address: str | None, timeout: float = CONNECT_TIMEOUT):
     hint = ("start a local cluster with `clpipe stack up`, or point --address / $CLPIPE_JOB_ADDRESS at a cluster's "
             "dashboard (http://HOST:8265)")
     try:
-        with urllib.request.urlopen(f"{url}/api/version", timeout=timeout) as r:
+        probe = urllib.request.Request(f"{url}/api/version", headers=_auth_headers())
+        with urllib.request.urlopen(probe, timeout=timeout) as r:
             r.read()
     except urllib.error.HTTPError as e:
         if e.code in (401, 403):

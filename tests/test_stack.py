@@ -444,6 +444,59 @@ def test_env_file_loading_never_overrides(tmp_path, clean_env):
         stack.load_env()
 
 
+@pytest.mark.slow
+def test_jobs_commands_reach_a_head_with_token_auth(tmp_path, clean_env, monkeypatch, capsys):
+    """A Ray head with token auth on: with the cluster's token (RAY_AUTH_MODE=token,
+    RAY_AUTH_TOKEN) `clpipe jobs` and `stop` get through, the reachability probe included;
+    without it, one line that names token auth and the two settings."""
+    import tempfile
+    import urllib.request
+
+    token = os.urandom(16).hex()
+    temp = Path(tempfile.mkdtemp(prefix="clpipe-ray-"))  # short: Ray's unix socket paths
+    port, dash = procs.free_port(), procs.free_port()
+    url = f"http://127.0.0.1:{dash}"
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ray/auth_token of the developer's
+    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
+           "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=1", f"--temp-dir={temp}",
+           "--disable-usage-stats", "--block"]
+    pid = procs.spawn(cmd, tmp_path / "ray.log", env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
+                                                       "RAY_ADDRESS": None, "RAY_API_SERVER_ADDRESS": None})
+
+    def answers() -> bool:
+        req = urllib.request.Request(f"{url}/api/version", headers={"Authorization": f"Bearer {token}"})
+        try:
+            with urllib.request.urlopen(req, timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    try:
+        procs.wait_until(answers, 120, "the token-auth Ray head", pid, tmp_path / "ray.log")
+        monkeypatch.setenv("RAY_AUTH_MODE", "token")
+        monkeypatch.setenv("RAY_AUTH_TOKEN", token)
+        assert main(["jobs", "--address", url]) == 0
+        assert f"no jobs on {url}" in capsys.readouterr().out
+        assert main(["stop", "no-such-job", "--address", url]) == 1  # an authenticated call of Ray's client
+        assert "no job no-such-job" in capsys.readouterr().err
+        # a wrong token, and none (each in a process of its own: Ray's token loader keeps the first token it found)
+        for token_env, message in (({"RAY_AUTH_TOKEN": "0" * 32}, "refused the request (HTTP 40"),
+                                   ({}, "RAY_AUTH_MODE=token but no token is set here")):
+            env = {**{k: v for k, v in os.environ.items() if k != "RAY_AUTH_TOKEN"}, **token_env}
+            r = subprocess.run([sys.executable, "-m", "pipelines", "jobs", "--address", url], capture_output=True,
+                               text=True, env=env, cwd=Path(__file__).parents[1], timeout=120)
+            err = r.stderr.strip()
+            assert r.returncode == 1 and len(err.splitlines()) == 1, r.stdout + r.stderr
+            assert message in err and "RAY_AUTH_TOKEN" in err and token not in err
+    finally:
+        tree = stack._descendants(pid)
+        procs.stop(pid, timeout=20)
+        for p in tree:
+            if procs.alive(p):
+                os.kill(p, 9)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
 def test_a_jobs_command_for_another_cluster_loads_no_stack_settings(tmp_path, clean_env, capsys):
     """The stack's env file (loopback URLs, its keys, auth off) is loaded for the stack's own
     job server only: a submit/jobs/logs/stop with --address of another cluster gets none of it."""
