@@ -445,7 +445,7 @@ def test_env_file_loading_never_overrides(tmp_path, clean_env):
 
 
 @pytest.mark.slow
-def test_jobs_commands_reach_a_head_with_token_auth(tmp_path, clean_env, monkeypatch, capsys):
+def test_jobs_commands_reach_a_head_with_token_auth(tmp_path, clean_env, monkeypatch):
     """A Ray head with token auth on: with the cluster's token (RAY_AUTH_MODE=token,
     RAY_AUTH_TOKEN) `clpipe jobs` and `stop` get through, the reachability probe included;
     without it, one line that names token auth and the two settings."""
@@ -473,18 +473,21 @@ def test_jobs_commands_reach_a_head_with_token_auth(tmp_path, clean_env, monkeyp
 
     try:
         procs.wait_until(answers, 120, "the token-auth Ray head", pid, tmp_path / "ray.log")
-        monkeypatch.setenv("RAY_AUTH_MODE", "token")
-        monkeypatch.setenv("RAY_AUTH_TOKEN", token)
-        assert main(["jobs", "--address", url]) == 0
-        assert f"no jobs on {url}" in capsys.readouterr().out
-        assert main(["stop", "no-such-job", "--address", url]) == 1  # an authenticated call of Ray's client
-        assert "no job no-such-job" in capsys.readouterr().err
-        # a wrong token, and none (each in a process of its own: Ray's token loader keeps the first token it found)
+
+        def cli(*args: str, **token_env: str) -> subprocess.CompletedProcess:
+            # each in a process of its own, as from a shell: Ray keeps a process's first auth mode and token
+            env = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH_")},
+                   "RAY_AUTH_MODE": "token", **token_env}
+            return subprocess.run([sys.executable, "-m", "pipelines", *args, "--address", url], capture_output=True,
+                                  text=True, env=env, cwd=Path(__file__).parents[1], timeout=120)
+
+        r = cli("jobs", RAY_AUTH_TOKEN=token)
+        assert r.returncode == 0 and f"no jobs on {url}" in r.stdout, r.stdout + r.stderr
+        r = cli("stop", "no-such-job", RAY_AUTH_TOKEN=token)  # an authenticated call of Ray's client
+        assert r.returncode == 1 and "no job no-such-job" in r.stderr, r.stdout + r.stderr
         for token_env, message in (({"RAY_AUTH_TOKEN": "0" * 32}, "refused the request (HTTP 40"),
                                    ({}, "RAY_AUTH_MODE=token but no token is set here")):
-            env = {**{k: v for k, v in os.environ.items() if k != "RAY_AUTH_TOKEN"}, **token_env}
-            r = subprocess.run([sys.executable, "-m", "pipelines", "jobs", "--address", url], capture_output=True,
-                               text=True, env=env, cwd=Path(__file__).parents[1], timeout=120)
+            r = cli("jobs", **token_env)
             err = r.stderr.strip()
             assert r.returncode == 1 and len(err.splitlines()) == 1, r.stdout + r.stderr
             assert message in err and "RAY_AUTH_TOKEN" in err and token not in err
