@@ -66,11 +66,11 @@ def _auth_headers() -> dict[str, str]:
         )
     except ImportError:  # a Ray without token auth
         return {}
+    from ray.exceptions import AuthenticationError
+
     try:
         return dict(get_auth_headers_if_auth_enabled({}))
-    except Exception as e:  # noqa: BLE001 - Ray's AuthenticationError: token auth on, no token here
-        if type(e).__name__ != "AuthenticationError":
-            raise
+    except AuthenticationError:  # token auth on, no token here
         raise JobsError("RAY_AUTH_MODE=token but no token is set here: set RAY_AUTH_TOKEN to the cluster's token "
                         "(or RAY_AUTH_TOKEN_PATH to a file holding it, or write it to ~/.ray/auth_token)") from None
 

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from infra import procs, seaweed
+from infra.jobs import resolve_address
 
 DEFAULT_DIR = ".clpipe-stack"
 ENV_FILE = "stack.env"
@@ -117,8 +118,6 @@ def load_env(path: Path | None = None, *, job_address: str | None = None) -> Pat
         raise StackError(f"CLPIPE_STACK_ENV: {path} is not a file; run `clpipe stack up` or unset CLPIPE_STACK_ENV")
     env = read_env_file(path)
     if job_address is not None:
-        from infra.jobs import resolve_address
-
         if resolve_address(job_address) != resolve_address(env.get("CLPIPE_JOB_ADDRESS")):
             return None
     for key, value in env.items():

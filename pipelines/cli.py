@@ -217,7 +217,7 @@ def _load_stack_env(args: argparse.Namespace) -> None:
     with --address, only when that address is the stack's own job server."""
     from infra import stack
 
-    stack.load_env(job_address=getattr(args, "address", None) if args.command in JOB_COMMANDS else None)
+    stack.load_env(job_address=args.address if args.command in JOB_COMMANDS else None)
 
 
 def main(argv: list[str] | None = None) -> int:

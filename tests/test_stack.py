@@ -492,11 +492,7 @@ def test_jobs_commands_reach_a_head_with_token_auth(tmp_path, clean_env, monkeyp
             assert r.returncode == 1 and len(err.splitlines()) == 1, r.stdout + r.stderr
             assert message in err and "RAY_AUTH_TOKEN" in err and token not in err
     finally:
-        tree = stack._descendants(pid)
-        procs.stop(pid, timeout=20)
-        for p in tree:
-            if procs.alive(p):
-                os.kill(p, 9)
+        stack._stop_service(stack.Service("ray", pid, port, url, str(tmp_path / "ray.log")))
         shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -508,10 +504,9 @@ def test_a_jobs_command_for_another_cluster_loads_no_stack_settings(tmp_path, cl
                  "AWS_SECRET_ACCESS_KEY=stack-secret\nRAY_AUTH_MODE=disabled\n")
     os.environ["CLPIPE_STACK_ENV"] = str(f)
     loaded = ("MLFLOW_TRACKING_URI", "AWS_SECRET_ACCESS_KEY", "RAY_AUTH_MODE")
-    for argv in (["jobs", "--address", "http://127.0.0.1:9"], ["stop", "some-job", "--address", "127.0.0.1:9"],
-                 ["logs", "some-job", "--address", "http://10.0.0.1:8265"]):
-        assert stack.load_env(job_address=argv[-1]) is None
-        assert not any(k in os.environ for k in loaded), argv
+    for address in ("http://127.0.0.1:9", "127.0.0.1:9", "http://10.0.0.1:8265"):
+        assert stack.load_env(job_address=address) is None
+        assert not any(k in os.environ for k in loaded), address
     assert main(["jobs", "--address", "http://127.0.0.1:9"]) == 1  # nothing listens there
     assert "127.0.0.1:9" in capsys.readouterr().err and not any(k in os.environ for k in loaded)
     # the stack's own address (with or without the scheme), or none: loaded

@@ -43,18 +43,19 @@ def read_source_bytes(path: str) -> bytes:
     """A source file's bytes. An I/O error (a throttled or broken S3 read, a timeout, a
     path missing on this node) is retried with exponential backoff, then raised as a
     :class:`SourceReadError` naming the file."""
-    for attempt in range(READ_ATTEMPTS):
+    for attempt in range(READ_ATTEMPTS - 1):
         try:
             return storage.read_bytes(path)
-        except OSError as e:
-            if attempt + 1 == READ_ATTEMPTS:
-                cause = (str(e).splitlines() or [""])[0][:300]
-                raise SourceReadError(
-                    f"data.source: cannot read {path} ({type(e).__name__}: {cause}) after {READ_ATTEMPTS} attempts; "
-                    "every node that writes shards must reach the source: a path on each of them (or a shared "
-                    "mount), or s3://...") from None
+        except OSError:
             time.sleep(READ_BACKOFF_S * 2 ** attempt)
-    raise AssertionError("unreachable")
+    try:
+        return storage.read_bytes(path)
+    except OSError as e:
+        cause = (str(e).splitlines() or [""])[0][:300]
+        raise SourceReadError(
+            f"data.source: cannot read {path} ({type(e).__name__}: {cause}) after {READ_ATTEMPTS} attempts; "
+            "every node that writes shards must reach the source: a path on each of them (or a shared "
+            "mount), or s3://...") from None
 
 
 @dataclass(frozen=True)

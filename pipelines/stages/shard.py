@@ -37,7 +37,7 @@ def _gather(refs: list) -> list:
         return ray.get(refs)
     except ray.exceptions.RayTaskError as e:
         if isinstance(e.cause, SourceReadError):
-            raise SourceReadError(str(e.cause)) from None
+            raise e.cause from None
         raise
 
 
