@@ -3,8 +3,10 @@ JobSubmissionClient (the dashboard's job server, ``http://HOST:8265``).
 
 A submitted job runs ``python -m pipelines run CONFIG --set ...`` with the cluster's
 ``python``, in a copy of this project (``runtime_env.working_dir``), with the tracking and
-storage environment of the submitting shell passed along in ``runtime_env.env_vars``: the
-shell's environment does not reach a job otherwise.
+storage locations of the submitting shell passed along in ``runtime_env.env_vars`` (the
+shell's environment does not reach a job otherwise). Credentials are not passed unless
+asked for (``--forward-secrets``): the job server hands a job's runtime_env to anyone who
+can reach it, and Ray's runtime-env agent logs it.
 """
 
 from __future__ import annotations
@@ -28,11 +30,14 @@ from infra import procs
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 CONNECT_TIMEOUT = 10.0
-# what a job needs from the submitting environment (credentials included: they travel in
-# the runtime_env, never in the entrypoint, the metadata or anything printed)
-FORWARD_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
-               "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
-               "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "RAY_AUTH_MODE")
+# what a job needs from the submitting environment: where tracking and storage are. Sent in
+# the job's runtime_env, which anyone who can reach the job server reads back
+FORWARD_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL",
+               "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE", "RAY_AUTH_MODE")
+# credentials: the cluster's nodes use their own (instance or pod role, their environment, their
+# ~/.aws); sent only with --forward-secrets, and then readable from the job's runtime_env and Ray's logs
+SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_TOKEN",
+              "MLFLOW_TRACKING_PASSWORD")
 # never uploaded with the project (on top of .gitignore, which Ray also honours)
 EXCLUDES = [".git", ".venv", "venv", ".clpipe-stack", "clpipe-work", "bench/results", "__pycache__", "*.pyc",
             ".mypy_cache", ".pytest_cache", ".ruff_cache", "*.egg-info", "build", "dist", "mlruns", "mlartifacts"]
@@ -119,11 +124,22 @@ def project_root() -> Path:
     return root
 
 
-def build_job(config: str | None, overrides: list[str], root: Path,
-              flags: list[str] | None = None) -> tuple[str, dict[str, Any]]:
+def forwarded_env(forward_secrets: bool = False) -> dict[str, str]:
+    """The variables of :data:`FORWARD_ENV` (and, asked for, :data:`SECRET_ENV`) set here."""
+    names = FORWARD_ENV + (SECRET_ENV if forward_secrets else ())
+    return {k: os.environ[k] for k in names if os.environ.get(k)}
+
+
+def withheld_secrets() -> list[str]:
+    """The credential variables set here that a job does not get without --forward-secrets."""
+    return [k for k in SECRET_ENV if os.environ.get(k)]
+
+
+def build_job(config: str | None, overrides: list[str], root: Path, flags: list[str] | None = None,
+              forward_secrets: bool = False) -> tuple[str, dict[str, Any]]:
     """The entrypoint and runtime_env that run ``clpipe run CONFIG --set ...`` as a job."""
     args = ["python", "-m", "pipelines", "run"]
-    env: dict[str, str] = {k: os.environ[k] for k in FORWARD_ENV if os.environ.get(k)}
+    env = forwarded_env(forward_secrets)
     env["PYTHONUNBUFFERED"] = "1"  # logs reach `clpipe logs` as they are printed
     prefix = ""
     if config is not None:
@@ -151,7 +167,7 @@ def _submission_id(name: str) -> str:
 
 
 def submit(config: str | None, overrides: list[str], *, address: str | None = None, follow: bool = True,
-           flags: list[str] | None = None, say: Callable[[str], None] = print) -> int:
+           flags: list[str] | None = None, forward_secrets: bool = False, say: Callable[[str], None] = print) -> int:
     """Validate the config here, submit it as a Ray Job, print the id and (``follow``)
     stream the logs until the job ends. Returns 0 only if the job SUCCEEDED (or was
     submitted, with ``follow`` off)."""
@@ -171,7 +187,12 @@ def submit(config: str | None, overrides: list[str], *, address: str | None = No
                 "project; pass an absolute path (--work-dir) or an s3:// location to keep the outputs")
         elif wp.resolve().is_relative_to(root):
             excludes_extra.append("/" + wp.resolve().relative_to(root).as_posix())
-    entrypoint, runtime_env = build_job(config, overrides, root, flags)
+    entrypoint, runtime_env = build_job(config, overrides, root, flags, forward_secrets)
+    withheld = [] if forward_secrets else withheld_secrets()
+    if withheld:
+        say(f"note: not sent to the cluster: {', '.join(withheld)}; the job uses the credentials of the cluster's "
+            "nodes (instance role, their environment or ~/.aws). --forward-secrets sends these, readable by anyone "
+            "who can reach the job server")
     runtime_env["excludes"] += excludes_extra
     tracking = runtime_env["env_vars"].get("MLFLOW_TRACKING_URI") or cfg.mlflow.tracking_uri or \
         "sqlite in the work dir on the cluster"

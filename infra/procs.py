@@ -108,9 +108,17 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str, pid: int | 
     raise RuntimeError(f"{what} did not become healthy within {timeout:g} s{f' (log {log})' if log else ''}")
 
 
-def http_ok(url: str, timeout: float = 2.0) -> bool:
+def http_ok(url: str, timeout: float = 2.0, headers: dict[str, str] | None = None) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=timeout) as r:
             return 200 <= r.status < 300
     except (urllib.error.URLError, OSError, ValueError):
         return False
+
+
+def node_sees(paths: list[str]) -> tuple[str, list[bool]]:
+    """(this host's IP as Ray knows it, whether each path exists here): run as a Ray task
+    pinned to a node, it tells whether that node shares the caller's filesystem."""
+    import ray
+
+    return ray.util.get_node_ip_address(), [os.path.exists(p) for p in paths]

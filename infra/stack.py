@@ -5,7 +5,7 @@ with its dashboard and job server, all on 127.0.0.1 by default.
 Everything lives in one project-local directory (``.clpipe-stack`` unless told otherwise):
 
 - ``state.json``: each service's pid, process start time, ports and log (no secrets);
-- ``credentials.json`` (0600): the generated S3 keys, reused by the next ``up``;
+- ``credentials.json`` (0600): the generated S3 keys and Ray token, reused by the next ``up``;
 - ``stack.env`` (0600): KEY=VALUE lines that point the CLI, the pipeline and boto3 at the
   stack (the CLI loads it at startup);
 - ``weed/``, ``mlflow.db``, ``ray/`` (Ray's temp dir when its path is short enough for Ray's
@@ -58,7 +58,8 @@ class StackConfig:
     dashboard_port: int = 8265
     host: str = "127.0.0.1"
     bucket: str = "clpipe"
-    num_cpus: int | None = None  # Ray head's logical CPUs; None: Ray counts them
+    num_cpus: int | None = None  # Ray head's logical CPUs; None: Ray counts them; 0: a head that runs no work
+    ray_auth: str = "disabled"  # "token": the Ray head takes only requests with the stack's token
     timeout: float = 120.0  # per service, seconds
 
 
@@ -144,15 +145,16 @@ def _write_state(d: Path, cfg: StackConfig, services: list[Service]) -> None:
     tmp.replace(_state_path(d))
 
 
-def _credentials(d: Path) -> tuple[str, str]:
-    """The stack's S3 keys: reused from the state dir, else generated (never printed)."""
+def _credentials(d: Path) -> tuple[str, str, str]:
+    """The stack's S3 keys and Ray token: reused from the state dir, else generated (never printed)."""
     p = d / CREDENTIALS_FILE
-    if p.exists():
-        c = json.loads(p.read_text())
-        return c["access_key"], c["secret_key"]
-    access, secret = "clpipe" + secrets.token_hex(8), secrets.token_urlsafe(30)
-    _write_private(p, json.dumps({"access_key": access, "secret_key": secret}))
-    return access, secret
+    c = json.loads(p.read_text()) if p.exists() else {}
+    if "ray_token" not in c:
+        c.setdefault("access_key", "clpipe" + secrets.token_hex(8))
+        c.setdefault("secret_key", secrets.token_urlsafe(30))
+        c["ray_token"] = secrets.token_hex(32)
+        _write_private(p, json.dumps(c))
+    return c["access_key"], c["secret_key"], c["ray_token"]
 
 
 # ---------------------------------------------------------------- processes
@@ -303,7 +305,9 @@ def up(cfg: StackConfig, say: Callable[[str], None] = print) -> dict:
     logs = d / "logs"
     logs.mkdir(exist_ok=True)
     (d / ENV_FILE).unlink(missing_ok=True)
-    access, secret = _credentials(d)
+    access, secret, ray_token = _credentials(d)
+    ray_auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": ray_token} if cfg.ray_auth == "token" else \
+        {"RAY_AUTH_MODE": "disabled"}
     h = url_host(cfg.host)
     services: list[Service] = []
 
@@ -353,14 +357,17 @@ def up(cfg: StackConfig, say: Callable[[str], None] = print) -> dict:
                    f"--dashboard-host={cfg.host}", f"--dashboard-port={cfg.dashboard_port}",
                    f"--dashboard-agent-listen-port={agent_port}", f"--ray-client-server-port={client_port}",
                    f"--temp-dir={temp_dir}", "--disable-usage-stats", "--block"]
-        if cfg.num_cpus:
+        if cfg.num_cpus is not None:
             ray_cmd.append(f"--num-cpus={cfg.num_cpus}")
         # the job entrypoint's `python` resolves through this PATH: this venv first. A Ray this
         # process joined or started leaves its address and State API in the environment; the
         # head's job server would follow RAY_API_SERVER_ADDRESS to that other Ray and run the
         # jobs there
+        # The S3 keys are the node's own credentials, as an instance role is on a cloud cluster: jobs and their
+        # workers find them in their environment, and `clpipe submit` sends none (--forward-secrets)
         ray_env: dict[str, str | None] = {
-            "PATH": f"{_venv_bin()}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_AUTH_MODE": "disabled",
+            **s3_env,
+            **ray_auth, "PATH": f"{_venv_bin()}{os.pathsep}{os.environ.get('PATH', '')}",
             "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", "DASHBOARD_METRIC_PORT": str(metric_port),
             "RAY_USAGE_STATS_ENABLED": "0", "RAY_API_SERVER_ADDRESS": None, "RAY_ADDRESS": None}
         pid = procs.spawn(ray_cmd, ray_log, env=ray_env, cwd=d)
@@ -368,7 +375,8 @@ def up(cfg: StackConfig, say: Callable[[str], None] = print) -> dict:
         record(Service("ray", pid, cfg.ray_port, dash, str(ray_log),
                        extra={"dashboard_port": cfg.dashboard_port, "agent_port": agent_port,
                               "client_port": client_port, "temp_dir": str(temp_dir)}))
-        procs.wait_until(lambda: _ray_ok(dash, h, agent_port), cfg.timeout, "Ray head (dashboard and job agent)",
+        token = ray_auth.get("RAY_AUTH_TOKEN")
+        procs.wait_until(lambda: _ray_ok(dash, h, agent_port, token), cfg.timeout, "Ray head (dashboard and job agent)",
                          pid, ray_log)
         say(f"  ray     pid {pid:<7} {h}:{cfg.ray_port}  dashboard and jobs {dash}  "
             f"({time.perf_counter() - t0:.1f} s)")
@@ -386,7 +394,7 @@ def up(cfg: StackConfig, say: Callable[[str], None] = print) -> dict:
            "CLPIPE_JOB_ADDRESS": f"http://{h}:{cfg.dashboard_port}",
            **s3_env,
            "MLFLOW_S3_ENDPOINT_URL": s3_env["AWS_ENDPOINT_URL"],
-           "RAY_AUTH_MODE": "disabled",
+           **ray_auth,
            "CLPIPE_S3_BUCKET": cfg.bucket}
     header = (f"# written by `clpipe stack up` ({time.strftime('%Y-%m-%d %H:%M:%S')}); removed by `clpipe stack down`.\n"
               "# Holds the stack's S3 keys: keep it private (mode 0600).\n")
@@ -406,9 +414,11 @@ def _free_ports(n: int, exclude: set[int]) -> list[int]:
     return out
 
 
-def _ray_ok(dashboard: str, host: str, agent_port: int) -> bool:
+def _ray_ok(dashboard: str, host: str, agent_port: int, token: str | None = None) -> bool:
     """The dashboard answers and the head's agent (which runs submitted jobs) is up."""
-    return procs.http_ok(f"{dashboard}/api/version") and procs.http_ok(f"http://{host}:{agent_port}/api/healthz")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return procs.http_ok(f"{dashboard}/api/version", headers=headers) and \
+        procs.http_ok(f"http://{host}:{agent_port}/api/healthz", headers=headers)
 
 
 def _ensure_bucket(bucket: str, env: dict[str, str]) -> None:

@@ -16,6 +16,9 @@ from pipelines.console import console
 from pipelines.errors import StageError
 
 JOB_COMMANDS = ("submit", "jobs", "logs", "stop")  # the Ray Jobs client commands
+SECRETS_HELP = ("also send this shell's AWS keys, session token and MLflow token/password to the cluster (default: "
+                "its nodes use their own credentials); anyone who can reach the cluster's job server can read them "
+                "back, and Ray's logs record them")
 
 if TYPE_CHECKING:  # the config module imports torch: `stack`, `jobs`, `logs`, `stop` start without it
     from pipelines.config import PipelineConfig
@@ -37,7 +40,8 @@ def _config(args: argparse.Namespace) -> PipelineConfig:
     return load_config(args.config, overrides)
 
 
-def run(cfg: PipelineConfig, *, rerun: str | None = None, only: str | None = None, until: str | None = None):
+def run(cfg: PipelineConfig, *, rerun: str | None = None, only: str | None = None, until: str | None = None,
+        forward_secrets: bool = False):
     """Run the stages (shard -> pretrain, labels -> finetune -> distill -> evaluate ->
     register) and print the summary. Returns the PipelineResult."""
     from cl_core.data import storage
@@ -53,7 +57,8 @@ def run(cfg: PipelineConfig, *, rerun: str | None = None, only: str | None = Non
     console.print(f"clpipe: pipeline [bold]{cfg.name}[/], work dir {cfg.work_path()}, MLflow {cfg.tracking_uri()}")
     for uri in cfg.s3_locations():  # an S3 endpoint or bucket that fails: one line, before Ray starts
         storage.check_bucket(uri)
-    ray_env.init(cfg.ray)
+    ray_env.init(cfg.ray, forward_secrets=forward_secrets)
+    ray_env.preflight(cfg)
     if cfg.is_text():
         image_only = {"labels", "finetune", "distill", "evaluate", "register"}
         if only in image_only or until in image_only:
@@ -128,7 +133,11 @@ def _add_stack_commands(sub) -> None:
                       help="interface the servers bind (default loopback; Ray's GCS and raylet listen on every "
                            "interface whatever this says)")
     p_up.add_argument("--bucket", default="clpipe", help="S3 bucket for MLflow artifacts (and your shards)")
-    p_up.add_argument("--num-cpus", type=int, help="logical CPUs of the Ray head (default: Ray counts them)")
+    p_up.add_argument("--num-cpus", type=int, help="logical CPUs of the Ray head (default: Ray counts them; 0: a head "
+                      "that runs no work, as on a cluster whose workers join it)")
+    p_up.add_argument("--ray-auth", choices=("disabled", "token"), default="disabled",
+                      help="token: Ray's token auth on the head (the token goes to the env file, 0600); other nodes "
+                      "join with RAY_AUTH_MODE=token and RAY_AUTH_TOKEN")
     p_up.add_argument("--timeout", type=float, default=120.0, help="seconds each server may take to become healthy")
 
 
@@ -138,6 +147,7 @@ def _add_job_commands(sub) -> None:
     _add_config_args(p_submit)
     p_submit.add_argument("--address", help=addr_help)
     p_submit.add_argument("--no-follow", action="store_true", help="print the job id and return at once")
+    p_submit.add_argument("--forward-secrets", action="store_true", help=SECRETS_HELP)
     for flag in ("--rerun", "--only", "--until"):
         p_submit.add_argument(flag, metavar="STAGE", help=f"passed to `clpipe run {flag}`")
     p_jobs = sub.add_parser("jobs", help="list the Ray Jobs: id, status, start time, entrypoint")
@@ -160,10 +170,12 @@ def _stack(args: argparse.Namespace) -> int:
     if args.stack_command == "up":
         cfg = stack.StackConfig(dir=d, s3_port=args.s3_port, mlflow_port=args.mlflow_port, ray_port=args.ray_port,
                                 dashboard_port=args.dashboard_port, host=args.host, bucket=args.bucket,
-                                num_cpus=args.num_cpus, timeout=args.timeout)
+                                num_cpus=args.num_cpus, timeout=args.timeout, ray_auth=args.ray_auth)
         if args.host not in ("127.0.0.1", "localhost"):
-            print(f"clpipe: note: --host {args.host}: the servers are reachable beyond this machine; S3 keys are "
-                  "the only guard (MLflow and Ray have no authentication here)")
+            guards = "S3 keys and the Ray token are the guards" if args.ray_auth == "token" else \
+                "S3 keys are the only guard (Ray has none: --ray-auth token turns its token auth on)"
+            print(f"clpipe: note: --host {args.host}: the servers are reachable beyond this machine; {guards}; "
+                  "MLflow has no authentication here")
         print(f"clpipe: starting the stack in {d.resolve()} ...")
         state = stack.up(cfg, say=print)
         env_file = state["env_file"]
@@ -200,7 +212,8 @@ def _jobs(args: argparse.Namespace) -> int:
                  for x in (f"--{flag}", getattr(args, flag))]
         overrides = list(args.overrides) + ([f"work_dir={args.work_dir}"] if args.work_dir else [])
         try:
-            return jobs.submit(args.config, overrides, address=args.address, follow=not args.no_follow, flags=flags)
+            return jobs.submit(args.config, overrides, address=args.address, follow=not args.no_follow, flags=flags,
+                               forward_secrets=args.forward_secrets)
         except ConfigError as e:
             print(f"clpipe: config error:\n{e}", file=sys.stderr)
             return 2
@@ -228,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("--rerun", metavar="STAGE", help="recompute STAGE and everything downstream of it (ignore the cache)")
     p_run.add_argument("--only", metavar="STAGE", help="compute STAGE alone against the cached outputs of its upstream stages")
     p_run.add_argument("--until", metavar="STAGE", help="stop after STAGE (e.g. --until pretrain)")
+    p_run.add_argument("--forward-secrets", action="store_true",
+                       help="joining a running cluster (ray.address): " + SECRETS_HELP.replace("the cluster", "its workers"))
     p_sweep = sub.add_parser("sweep", help="run the sweep stage alone (shard, then Ray Tune) and print the ranked trials")
     _add_config_args(p_sweep)
     p_cfg = sub.add_parser("config", help="validate a config and print it resolved")
@@ -271,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "config":
             print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
             return 0
-        run(cfg, rerun=args.rerun, only=args.only, until=args.until)
+        run(cfg, rerun=args.rerun, only=args.only, until=args.until, forward_secrets=args.forward_secrets)
         return 0
     except ConfigError as e:
         print(f"clpipe: config error:\n{e}", file=sys.stderr)

@@ -374,6 +374,10 @@ class RayConfig(Section):
                                       "reports and checks their health ($RAY_TRAIN_HEALTH_CHECK_INTERVAL_S; Ray's "
                                       "default 2 s makes a report wait up to 2 s when the previous one is not yet "
                                       "collected)")
+    shared_fs: bool = Field(False, description="the local paths (work_dir and the locations under it) are on a "
+                            "filesystem every node mounts at the same path (NFS, Lustre, EFS): accepted on a cluster "
+                            "whose worker nodes have not started yet (autoscaling from zero), where they cannot be "
+                            "checked; the nodes present are checked either way")
     metrics: bool = Field(False, description="Ray's and Ray Train's metrics export in the local Ray this process "
                           "starts (nothing scrapes them without a Prometheus, and every Ray process pays for them); "
                           "a cluster joined through `address` keeps its own settings")
@@ -483,6 +487,29 @@ class PipelineConfig(Section):
         storage, MLflow's artifacts."""
         where = (self.data.source.path, self.data.output, self.ray.storage_path, self.artifact_location())
         return [u for u in where if u and u.startswith("s3://")]
+
+    def node_paths(self) -> list[tuple[str, str, bool]]:
+        """(field, local path, written) for every location on a local filesystem that Ray
+        tasks and workers on any node read (``written`` False) or write: what must be on
+        storage every node sees when the run spans several nodes."""
+        out: list[tuple[str, str, bool]] = []
+        path = self.data.source.path
+        if path and "://" not in path:
+            out.append(("data.source.path", str(Path(path).expanduser().resolve()), False))
+        if not (self.data.output and "://" in self.data.output):
+            out.append(("data.output", str(Path(self.data.output or self.work_path()).expanduser().resolve()), True))
+        if not (self.ray.storage_path and "://" in self.ray.storage_path):
+            out.append(("ray.storage_path", str(Path(self.ray.storage_path or self.work_path() / "ray_results")
+                                                .expanduser().resolve()), True))
+        uri = self.tracking_uri()
+        if uri.startswith("sqlite:///") or "://" not in uri or uri.startswith("file:"):
+            where = uri.removeprefix("sqlite:///").removeprefix("file://")
+            parent = Path(where).parent if uri.startswith("sqlite:") else Path(where)
+            out.append(("mlflow.tracking_uri", str(parent.expanduser().resolve()), True))
+        art = self.artifact_location()
+        if art and (art.startswith("file:") or "://" not in art):
+            out.append(("mlflow.artifact_location", str(Path(art.removeprefix("file://")).expanduser().resolve()), True))
+        return out
 
     def artifact_location(self) -> str | None:
         """``mlflow.artifact_location``; unset: the server's default for a tracking server,

@@ -21,18 +21,28 @@ def test_an_address_that_does_not_answer_fails_fast_with_one_line(argv, capsys):
     assert f"no Ray job server answers at {address}" in err and "clpipe stack up" in err and "--address" in err
 
 
-def test_the_job_carries_the_config_and_the_environment_but_no_secret_in_its_command(tmp_path, monkeypatch):
+def test_the_job_carries_the_config_and_the_locations_and_secrets_only_when_asked(tmp_path, monkeypatch):
     root = jobs.project_root()
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value")
+    secrets = {"AWS_ACCESS_KEY_ID": "AKIDVALUE", "AWS_SECRET_ACCESS_KEY": "s3cr3t-value",
+               "AWS_SESSION_TOKEN": "sess-token", "MLFLOW_TRACKING_TOKEN": "mlf-token",
+               "MLFLOW_TRACKING_PASSWORD": "mlf-pass"}
+    assert set(secrets) == set(jobs.SECRET_ENV) and not set(jobs.SECRET_ENV) & set(jobs.FORWARD_ENV)
+    for k, v in secrets.items():
+        monkeypatch.setenv(k, v)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:8333")
     monkeypatch.setenv("UNRELATED_SECRET", "nope")
     inside = root / "pipelines" / "configs" / "default.yaml"
     entry, renv = jobs.build_job(str(inside), ["pretrain.epochs=1"], root)
     assert entry == "python -m pipelines run pipelines/configs/default.yaml --set pretrain.epochs=1"
     assert renv["working_dir"] == str(root) and ".clpipe-stack" in renv["excludes"] and ".venv" in renv["excludes"]
-    assert renv["env_vars"]["AWS_SECRET_ACCESS_KEY"] == "s3cr3t-value"
     assert renv["env_vars"]["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5000"
+    assert renv["env_vars"]["AWS_ENDPOINT_URL"] == "http://127.0.0.1:8333"
+    assert not set(secrets) & set(renv["env_vars"]) and not any(v in repr(renv) for v in secrets.values())
+    assert jobs.withheld_secrets() == list(jobs.SECRET_ENV)
     assert "UNRELATED_SECRET" not in renv["env_vars"] and "RAY_ADDRESS" not in renv["env_vars"]
+    _, renv = jobs.build_job(str(inside), [], root, forward_secrets=True)  # --forward-secrets
+    assert {k: renv["env_vars"][k] for k in secrets} == secrets
 
     outside = tmp_path / "my config.yaml"  # outside the project: its text travels in the runtime_env
     outside.write_text("name: outside\n")

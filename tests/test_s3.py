@@ -10,6 +10,7 @@ import os
 import socket
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -143,7 +144,8 @@ def test_pipeline_shards_checkpoints_and_artifacts_in_s3(s3, tmp_path, capsys):
     """Shard -> labels -> sweep -> pretrain -> finetune with every location in S3: the
     shard and label sets are uploaded (manifest last) and streamed back by the Ray Train
     workers and Tune trials, checkpoints and the Tune experiment go to Ray's S3 storage
-    path, MLflow artifacts to the bucket; no credential reaches MLflow or the console. The
+    path, MLflow artifacts to the bucket. The S3 secret is in no object of the bucket (Tune's
+    pickled run config included), MLflow param, tag or store, Ray log or console line. The
     sweep's best values (a method hyperparameter and a training field) replace the
     configured ones in pretrain.
 
@@ -183,8 +185,17 @@ def test_pipeline_shards_checkpoints_and_artifacts_in_s3(s3, tmp_path, capsys):
         assert main([*args, "--until", "shard", "--rerun", "shard"]) == 0
         assert "cached, reusing run" not in capsys.readouterr().out
         assert hashlib.sha256(storage.read_bytes(f"{shard_dir}/{first['name']}")).hexdigest() == first["sha256"]
+        ray_logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+        leaked = _holding(s3.secret_key.encode(), [p for p in ray_logs.rglob("*") if p.is_file()], Path.read_bytes)
+        assert not leaked, f"the S3 secret is in Ray's logs: {leaked}"
     finally:
         ray.shutdown()
+    # the secret is nowhere in the bucket (shards, Tune's pickled run config, checkpoints, MLflow's artifacts)
+    # nor in the MLflow store
+    everything = storage.list_files(f"s3://{BUCKET}")
+    assert not (leaked := _holding(s3.secret_key.encode(), everything, storage.read_bytes)), leaked
+    assert any(o.endswith("tuner.pkl") for o in everything)
+    assert s3.secret_key.encode() not in (work / "mlflow.db").read_bytes()
     assert set(children) == {"shard", "labels", "sweep", "pretrain", "finetune"}
     assert any(o.startswith(f"{root}/ray/sweep-") and "/experiment_state-" in o for o in objects)
     assert any(o.startswith(f"{root}/ray/sweep-") and o.endswith("/checkpoint_000000/state.pt") for o in objects)
@@ -215,6 +226,11 @@ def test_pipeline_shards_checkpoints_and_artifacts_in_s3(s3, tmp_path, capsys):
     assert 0 <= pre.data.metrics["val/knn_top1"] <= 1
     assert load_method(encoder).name == "swav"
     assert 0 <= children["finetune"].data.metrics["teacher_10pct/selected_val_top1"] <= 1
+
+
+def _holding(secret: bytes, places: list, read) -> list:
+    """The places (files or objects) whose bytes contain ``secret``."""
+    return [p for p in places if secret in read(p)]
 
 
 def test_image_folder_and_npz_sources_in_s3(s3, tmp_path):

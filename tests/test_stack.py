@@ -520,8 +520,8 @@ def test_state_file_holds_no_secrets(tmp_path):
     """The state JSON is written without the keys (they live in the 0600 files only)."""
     cfg = stack.StackConfig(dir=tmp_path)
     stack._write_state(tmp_path, cfg, [stack.Service("s3", 1, 8333, "http://127.0.0.1:8333", "log")])
-    access, secret = stack._credentials(tmp_path)
+    access, secret, token = stack._credentials(tmp_path)
     text = (tmp_path / stack.STATE_FILE).read_text()
-    assert access not in text and secret not in text
+    assert access not in text and secret not in text and token not in text
     assert json.loads(text)["services"][0]["name"] == "s3"
-    assert stack._credentials(tmp_path) == (access, secret)  # reused by the next `up`
+    assert stack._credentials(tmp_path) == (access, secret, token)  # reused by the next `up`

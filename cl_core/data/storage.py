@@ -1,8 +1,10 @@
 """Storage locations: a local path or ``s3://bucket/prefix``.
 
-S3 goes through boto3 with the standard AWS environment (``AWS_ENDPOINT_URL`` or
-``AWS_ENDPOINT_URL_S3``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
-``AWS_DEFAULT_REGION``), so AWS S3, MinIO and SeaweedFS work unchanged. Every call has
+S3 goes through boto3 and pyarrow with the standard AWS credential chain (the
+environment: ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``;
+the shared credentials file; an instance or pod role), refreshed as the SDKs do, and the
+endpoint from ``AWS_ENDPOINT_URL`` or ``AWS_ENDPOINT_URL_S3`` and ``AWS_DEFAULT_REGION``,
+so AWS S3, MinIO and SeaweedFS work unchanged. No key is ever passed explicitly. Every call has
 bounded time: botocore's connect/read timeouts and a bounded number of retries with
 backoff. Reads stream: a shard is read from the GET body as the tar parser asks for
 bytes, never copied whole to disk, and a connection that breaks mid-object is resumed
@@ -74,7 +76,7 @@ def client() -> Any:
     """A boto3 S3 client for this thread and environment (cached), with bounded
     timeouts and retries."""
     key = (endpoint(), os.environ.get("AWS_ACCESS_KEY_ID"), hash(os.environ.get("AWS_SECRET_ACCESS_KEY")),
-           os.environ.get("AWS_DEFAULT_REGION"), os.getpid())
+           hash(os.environ.get("AWS_SESSION_TOKEN")), os.environ.get("AWS_DEFAULT_REGION"), os.getpid())
     cached = getattr(_local, "clients", None)
     if cached is None:
         cached = _local.clients = {}
@@ -177,8 +179,10 @@ def pyarrow_fs(uri: str) -> tuple[Any, str]:
     if ep:
         scheme, _, rest = ep.partition("://")
         kwargs.update(endpoint_override=rest or ep, scheme=scheme if rest else "https")
-    if os.environ.get("AWS_ACCESS_KEY_ID"):
-        kwargs.update(access_key=os.environ["AWS_ACCESS_KEY_ID"], secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"))
+    # no keys passed: pyarrow's default AWS credential chain (the environment, session token included,
+    # the shared credentials file, an instance or pod role) finds and refreshes them; keys passed here
+    # would be pickled with the filesystem (Ray Tune stores its run config, filesystem included, in the
+    # bucket) and would never refresh
     bucket, key = split_s3(uri)
     return fs.S3FileSystem(**kwargs), f"{bucket}/{key}".rstrip("/")
 

@@ -16,6 +16,7 @@ import io
 import json
 import shutil
 import tempfile
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -225,6 +226,27 @@ class Worker:
         return cls(ctx.get_world_rank(), ctx.get_world_size(), train.torch.get_device())
 
 
+def worker_placement(world: int) -> dict[str, dict[str, int]]:
+    """Where the workers of this Ray Train group run, gathered from every rank (a
+    collective: call it on all of them): {"nodes": {Ray node id: workers}, "ips": {node
+    IP: workers}}."""
+    import ray
+
+    ctx = ray.get_runtime_context()
+    mine = (ctx.get_node_id(), ray.util.get_node_ip_address())
+    every = [mine]
+    if world > 1:
+        every = [("", "")] * world
+        torch.distributed.all_gather_object(every, mine)
+    return {"nodes": dict(Counter(n for n, _ in every)), "ips": dict(Counter(ip for _, ip in every))}
+
+
+def record_placement(client: Any, run_id: str, placement: dict[str, dict[str, int]]) -> None:
+    """The run's tags ``clpipe.train.nodes`` and ``clpipe.train.node_ips``: where its workers ran."""
+    client.set_tag(run_id, "clpipe.train.nodes", json.dumps(placement["nodes"], sort_keys=True))
+    client.set_tag(run_id, "clpipe.train.node_ips", json.dumps(placement["ips"], sort_keys=True))
+
+
 def crop_flip(views: CropFlipConfig, image_size: int, n_views: int = 1) -> FinetuneTransform:
     return FinetuneTransform(image_size, crop_min_scale=views.crop_min_scale, hflip_prob=views.hflip_prob,
                              n_views=n_views)
@@ -267,10 +289,12 @@ class SequentialJobs:
         self.config, self.w, self.prefix = config, worker, log_prefix
         self.client = None
         self.val: tuple[torch.Tensor, torch.Tensor] | None = None
+        placement = worker_placement(worker.world)
         if worker.rank == 0:
             from mlflow.tracking import MlflowClient
 
             self.client = MlflowClient(config["tracking_uri"])
+            record_placement(self.client, config["run_id"], placement)
             self.val = load_split(config["val_urls"], EvalTransform(config["image_size"]), verify=config.get("val_verify"))
         self.finished: dict[str, dict] = {}
         self.resume: dict | None = None
@@ -389,7 +413,9 @@ def collect_models(result: Result, out_dir: Path) -> dict[str, dict]:
     out = {}
     for f in sorted(dst.glob("*.pt")):
         rec = torch.load(f, map_location="cpu", weights_only=True)
-        where = storage.join(ckpt, MODELS_DIR, f.name) if storage.is_s3(ckpt) else str(f)
+        # the path downstream stages read, on any node: the checkpoint in Ray's run storage (S3 or a
+        # shared mount: ray.storage_path), never the copy on this node's disk
+        where = storage.join(ckpt, MODELS_DIR, f.name)
         out[f.stem] = {"model_path": where, "spec": copy.deepcopy(rec["spec"]), "selected_epoch": rec["epoch"],
                        "val_top1": rec["val_top1"], "epochs": rec["epochs"], "steps": rec["steps"]}
     return out
@@ -401,8 +427,11 @@ def load_classifier(record: dict) -> torch.nn.Module:
 
     path = record["model_path"]
     if not storage.exists(path):
-        raise FileNotFoundError(f"{path}: the model file an upstream stage wrote is missing; "
-                                "rerun that stage (clpipe run --rerun STAGE)")
+        import socket
+
+        raise FileNotFoundError(f"{path}: the model file an upstream stage wrote is not there on host "
+                                f"{socket.gethostname()}; if ray.storage_path is a disk of one node, set it to "
+                                "s3://... or a path every node mounts; else rerun that stage (clpipe run --rerun STAGE)")
     rec = torch.load(io.BytesIO(storage.read_bytes(path)), map_location="cpu", weights_only=True)
     model = build_classifier(rec["spec"])
     model.load_state_dict(rec["state_dict"])

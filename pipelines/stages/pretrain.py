@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-from collections import Counter
 from pathlib import Path
 
 import mlflow
@@ -35,9 +34,11 @@ from pipelines.stages._train import (
     checkpoint_uri,
     fit,
     loop_config,
+    record_placement,
     report_checkpoint,
     use_gpu,
     verify_checkpoint,
+    worker_placement,
 )
 
 STATE_FILE = "state.pt"
@@ -89,18 +90,6 @@ def device_views(v: ViewsConfig) -> DeviceViews | None:
                        grayscale_prob=v.grayscale_prob, blur_prob=v.blur_prob)
 
 
-def _worker_nodes(world: int) -> dict[str, int]:
-    """Every worker's Ray node id, gathered: {node id: number of workers there}."""
-    import ray
-
-    node = ray.get_runtime_context().get_node_id()
-    ids = [node]
-    if world > 1:
-        ids = [""] * world
-        torch.distributed.all_gather_object(ids, node)
-    return dict(Counter(ids))
-
-
 def train_worker(config: dict) -> list[dict] | None:
     """Runs on each Ray Train worker."""
     ray_env.quiet_train_worker()  # one progress line per epoch is enough
@@ -148,14 +137,13 @@ def train_worker(config: dict) -> list[dict] | None:
     client = None
     evaluate = None
     tracked = config["run_id"] is not None  # None: a sweep trial, whose metrics go to Ray Tune only
-    nodes = _worker_nodes(world)
+    placement = worker_placement(world)  # a collective: every rank
     if rank == 0:
         from mlflow.tracking import MlflowClient
 
         if tracked:
             client = MlflowClient(config["tracking_uri"])
-            # where the workers ran: {Ray node id: workers}, and the node count as a param
-            client.set_tag(config["run_id"], "clpipe.train.nodes", json.dumps(nodes, sort_keys=True))
+            record_placement(client, config["run_id"], placement)
             print(f"[pretrain] {loop.describe()}", flush=True)
         labeled = config["labeled"] and config["val_urls"]
         if labeled:

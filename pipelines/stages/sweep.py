@@ -161,11 +161,19 @@ def _use_gpu(pre: PretrainConfig, workers: int) -> bool:
     return ray_env.cluster_gpus() >= workers if pre.use_gpu == "auto" else bool(pre.use_gpu)
 
 
-def _concurrency(sw: SweepConfig, gpu: bool) -> int:
+def _concurrency(sw: SweepConfig, gpu: bool) -> int | None:
     """How many trials run at once: ``max_concurrent_trials`` if it fits, else as many
-    as the cluster's CPUs (and GPUs, one per trial worker) hold."""
+    as the cluster's CPUs (and GPUs, one per trial worker) hold, counting what its
+    autoscaler may start. On a joined cluster that holds no trial yet (nodes still to
+    start or join) the trials queue in Tune (None: no limit but the resources) instead
+    of failing; their pending demand is what an autoscaler scales up for."""
     cpus = ray_env.cluster_cpus()
     fits = int(cpus // sw.cpus_per_trial)
+    gpu_fits = int(ray_env.cluster_gpus() // sw.workers_per_trial) if gpu else fits
+    if min(fits, gpu_fits) < 1 and ray_env.joined():
+        console.print(f"sweep: the cluster holds no trial yet ({cpus:g} CPUs{f', {ray_env.cluster_gpus():g} GPUs' if gpu else ''} "
+                      "now); the trials wait in Tune's queue for nodes to start or join")
+        return sw.max_concurrent_trials
     if fits < 1:
         raise ValueError(f"sweep.cpus_per_trial ({sw.cpus_per_trial}) exceeds the cluster's {cpus:g} CPUs")
     what = f"x cpus_per_trial ({sw.cpus_per_trial}) needs more than the cluster's {cpus:g} CPUs"
@@ -222,6 +230,7 @@ def sweep(ctx: StageContext, cfg: SweepStageConfig, inputs: dict) -> dict:
     # rungs in epochs (the loop's own count, which survives a restore) rather than Tune's report count
     scheduler = ASHAScheduler(time_attr="epoch", max_t=sw.epochs, grace_period=min(sw.grace_period, sw.epochs),
                               reduction_factor=sw.reduction_factor)
+    ray_env.keep_credentials_out_of_tune()
     # Tune's console tables and TensorBoard files are not wanted: the pipeline logs to MLflow
     _set_output = "RAY_AIR_NEW_OUTPUT" not in os.environ
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -234,7 +243,8 @@ def sweep(ctx: StageContext, cfg: SweepStageConfig, inputs: dict) -> dict:
     else:
         console.print(f"sweep: {pre.method}, {' x '.join(f'{n} {_space_text(sw.space[n])}' for n in names)}, "
                       f"{sw.num_samples} sample(s), {sw.epochs} epochs per trial, {workers} worker(s) per trial"
-                      f"{' with GPUs' if gpu else ''}, {sw.search} search, ASHA, {concurrent} at a time")
+                      f"{' with GPUs' if gpu else ''}, {sw.search} search, ASHA, "
+                      f"{concurrent or 'as many as the nodes hold'} at a time")
         tuner = tune.Tuner(
             trainable,
             param_space={n: _domain(sw.space[n]) for n in names},

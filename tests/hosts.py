@@ -1,0 +1,175 @@
+"""Separate hosts on this one machine, for tests of a real multi-host cluster.
+
+Each host is a network namespace (its own interfaces, loopback and port space) holding a
+mount namespace of its own in which ``/tmp``, ``/dev/shm`` and the directories a test
+names are private tmpfs mounts: what one host writes there the other cannot see, as on
+two machines. The hosts reach each other over a veth pair with addresses the test
+chooses. Everything else of the file system (this checkout, its virtualenv, the
+interpreter) is seen by both, as an image baked into every node of a cluster is; a
+directory outside the private ones plays an NFS share mounted on both.
+
+A host is entered with ``nsenter`` through a long-lived anchor process; at the end every
+process in its network namespace is stopped by pid (``ip netns pids``) and the
+namespaces are deleted.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from infra import procs
+
+HOME = "/tmp/home"  # each host's home: inside its private /tmp
+
+
+@dataclass
+class Host:
+    netns: str
+    ip: str
+    anchor: int  # the process whose namespaces the host's commands enter
+
+    def argv(self, cmd: Sequence[str]) -> list[str]:
+        return ["nsenter", f"--target={self.anchor}", "--net", "--mount", "--", *cmd]
+
+    def env(self, extra: dict[str, str | None] | None = None) -> dict[str, str]:
+        """This process's environment less Ray's and the AWS/MLflow settings of this
+        machine, with the host's own home, plus ``extra``."""
+        drop = ("RAY_", "AWS_", "MLFLOW_", "CLPIPE_")
+        env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+        env["HOME"] = HOME
+        for k, v in (extra or {}).items():
+            if v is None:
+                env.pop(k, None)
+            else:
+                env[k] = v
+        return env
+
+    def run(self, cmd: Sequence[str], env: dict[str, str | None] | None = None, timeout: float = 120,
+            cwd: Path | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(self.argv(cmd), env=self.env(env), capture_output=True, text=True, timeout=timeout,
+                              cwd=cwd)
+
+    def spawn(self, cmd: Sequence[str], log: Path, env: dict[str, str | None] | None = None,
+              cwd: Path | None = None) -> int:
+        """Start ``cmd`` on the host in a session of its own (output to ``log``, a path of
+        this machine); returns its pid."""
+        with open(log, "ab") as out:
+            p = subprocess.Popen(self.argv(cmd), stdout=out, stderr=subprocess.STDOUT, env=self.env(env), cwd=cwd,
+                                 start_new_session=True)
+        return p.pid
+
+    def popen(self, cmd: Sequence[str], env: dict[str, str | None] | None = None,
+              cwd: Path | None = None) -> subprocess.Popen:
+        """``cmd`` on the host with its output (stdout and stderr) to read as text lines."""
+        return subprocess.Popen(self.argv(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env=self.env(env), cwd=cwd, start_new_session=True)
+
+    def file(self, path: str | Path) -> Path:
+        """``path`` as this host sees it (its private mounts included), read from here."""
+        return Path(f"/proc/{self.anchor}/root") / Path(path).relative_to("/")
+
+    def pids(self) -> list[int]:
+        out = subprocess.run(["ip", "netns", "pids", self.netns], capture_output=True, text=True).stdout
+        return [int(p) for p in out.split()]
+
+
+def unavailable() -> str | None:
+    """Why hosts cannot be made here, or None."""
+    if os.geteuid() != 0:
+        return "network and mount namespaces need root"
+    for tool in ("ip", "nsenter", "unshare"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed"
+    name = f"clpprobe{secrets.token_hex(3)}"
+    r = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
+    if r.returncode != 0:
+        return f"ip netns add failed: {r.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", name], capture_output=True)
+    return None
+
+
+def _ip(*args: str) -> None:
+    r = subprocess.run(["ip", *args], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"ip {' '.join(args)}: {r.stderr.strip()}")
+
+
+def _anchor(netns: str, private: Sequence[Path]) -> int:
+    """A process in ``netns`` with a private mount namespace: tmpfs over /tmp, /dev/shm
+    and each of ``private``."""
+    mounts = ["/tmp", "/dev/shm", *map(str, private)]
+    script = " && ".join([*(f"mount -t tmpfs -o mode=0755 tmpfs {m}" for m in mounts), f"mkdir -p {HOME}",
+                          "echo ready", "exec sleep 86400"])
+    p = subprocess.Popen(["ip", "netns", "exec", netns, "unshare", "--mount", "--propagation", "private",
+                          "sh", "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True)
+    assert p.stdout is not None
+    line = p.stdout.readline().strip()
+    if line != "ready":
+        p.kill()
+        raise RuntimeError(f"host {netns}: the private mounts failed: {line} {p.stdout.read()}")
+    return p.pid
+
+
+def _stop_host(host: Host) -> None:
+    """SIGTERM every process in the host's network namespace, SIGKILL what is left after
+    20 s (the anchor last)."""
+    deadline = time.monotonic() + 20
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        pids = [p for p in host.pids() if p != host.anchor]
+        for p in pids:
+            try:
+                os.kill(p, sig)
+            except ProcessLookupError:
+                pass
+        while pids and time.monotonic() < deadline:
+            for p in pids:
+                try:
+                    os.waitpid(p, os.WNOHANG)
+                except ChildProcessError:
+                    pass
+            pids = [p for p in pids if procs.alive(p)]
+            time.sleep(0.2)
+        deadline = time.monotonic() + 5
+    try:
+        os.kill(host.anchor, signal.SIGKILL)
+        os.waitpid(host.anchor, 0)
+    except (ProcessLookupError, ChildProcessError):
+        pass
+
+
+@contextmanager
+def two_hosts(private: Sequence[Path] = ()) -> Iterator[tuple[Host, Host]]:
+    """Hosts A (10.R.R.1) and B (10.R.R.2) joined by a veth pair, each with private
+    /tmp, /dev/shm and ``private`` directories; all removed afterwards."""
+    tag = secrets.token_hex(3)
+    a_ns, b_ns = f"clp{tag}a", f"clp{tag}b"
+    net = f"10.{secrets.randbelow(200) + 20}.{secrets.randbelow(250) + 1}"
+    hosts: list[Host] = []
+    made: list[str] = []
+    try:
+        for ns in (a_ns, b_ns):
+            _ip("netns", "add", ns)
+            made.append(ns)
+        _ip("link", "add", f"v{tag}a", "type", "veth", "peer", "name", f"v{tag}b")
+        for ns, side, last in ((a_ns, "a", 1), (b_ns, "b", 2)):
+            _ip("link", "set", f"v{tag}{side}", "netns", ns)
+            _ip("-n", ns, "addr", "add", f"{net}.{last}/24", "dev", f"v{tag}{side}")
+            _ip("-n", ns, "link", "set", f"v{tag}{side}", "up")
+            _ip("-n", ns, "link", "set", "lo", "up")
+            hosts.append(Host(ns, f"{net}.{last}", _anchor(ns, private)))
+        yield hosts[0], hosts[1]
+    finally:
+        for h in hosts:
+            _stop_host(h)
+        for ns in made:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
