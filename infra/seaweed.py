@@ -68,8 +68,10 @@ def free_s3_port(host: str = "127.0.0.1", tries: int = 200) -> int:
 
 
 def start(data_dir: Path, port: int, access_key: str, secret_key: str, host: str = "127.0.0.1",
-          timeout: float = 60.0) -> SeaweedS3:
-    """Start the server, wait until its S3 gateway answers, return its handle."""
+          timeout: float = 60.0, metrics_port: int | None = None) -> SeaweedS3:
+    """Start the server, wait until its S3 gateway answers, return its handle. With
+    ``metrics_port``, Prometheus metrics at ``http://HOST:PORT/metrics`` (per-bucket bytes
+    received and sent: ``SeaweedFS_s3_bucket_traffic_{received,sent}_bytes_total``)."""
     if port + 3 + GRPC_OFFSET > 65535:
         raise ValueError(f"s3 port {port}: SeaweedFS also needs ports up to {port + 3 + GRPC_OFFSET}; choose one "
                          f"below {65535 - 3 - GRPC_OFFSET}")
@@ -89,6 +91,8 @@ def start(data_dir: Path, port: int, access_key: str, secret_key: str, host: str
            f"-volume.port={port + 2}", f"-volume.port.grpc={port + 2 + GRPC_OFFSET}",
            f"-filer.port={port + 3}", f"-filer.port.grpc={port + 3 + GRPC_OFFSET}",
            "-master.volumeSizeLimitMB=64", "-volume.max=0"]
+    if metrics_port:
+        cmd.append(f"-metricsPort={metrics_port}")
     log = data_dir / "weed.log"
     pid = procs.spawn(cmd, log)
     endpoint = f"http://{host}:{port}"

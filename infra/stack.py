@@ -60,6 +60,7 @@ class StackConfig:
     bucket: str = "clpipe"
     num_cpus: int | None = None  # Ray head's logical CPUs; None: Ray counts them; 0: a head that runs no work
     ray_auth: str = "disabled"  # "token": the Ray head takes only requests with the stack's token
+    s3_metrics_port: int | None = None  # SeaweedFS's Prometheus metrics (bench/twohost.py reads its byte counts)
     timeout: float = 120.0  # per service, seconds
 
 
@@ -320,7 +321,8 @@ def up(cfg: StackConfig, say: Callable[[str], None] = print) -> dict:
     try:
         # a. SeaweedFS, then the bucket
         t0 = time.perf_counter()
-        s3 = seaweed.start(d / "weed", cfg.s3_port, access, secret, host=cfg.host, timeout=cfg.timeout)
+        s3 = seaweed.start(d / "weed", cfg.s3_port, access, secret, host=cfg.host, timeout=cfg.timeout,
+                           metrics_port=cfg.s3_metrics_port)
         record(Service("s3", s3.pid, cfg.s3_port, f"http://{h}:{cfg.s3_port}", s3.log))
         s3_env = {"AWS_ENDPOINT_URL": f"http://{h}:{cfg.s3_port}", "AWS_ACCESS_KEY_ID": access,
                   "AWS_SECRET_ACCESS_KEY": secret, "AWS_DEFAULT_REGION": REGION}

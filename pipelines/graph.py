@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow.entities import Run
 from pydantic import BaseModel
 
 from cl_core.data import storage
-from pipelines import ray_env, tracking
+from pipelines import leases, ray_env, tracking
 from pipelines.config import PipelineConfig, flatten
 from pipelines.console import console
 from pipelines.errors import StageError
@@ -194,17 +195,24 @@ def _run_stage(spec: StageSpec, cfg: PipelineConfig, experiment_id: str, parent_
         "mlflow.parentRunId": parent_id,
     }
     t0 = time.perf_counter()
+
+    def reuse(cached: Run) -> StageResult | None:
+        outputs = tracking.load_outputs(cached.info.run_id)
+        if _missing_paths(outputs):
+            return None
+        with mlflow.start_run(experiment_id=experiment_id, run_name=f"{spec.name} (cached)", nested=True,
+                              tags={**tags, tracking.TAG_CACHE_HIT: "true",
+                                    tracking.TAG_CACHED_FROM: cached.info.run_id}) as run:
+            tracking.save_outputs(run.info.run_id, outputs)
+        console.print(f"[bold]{spec.name}[/]: cached, reusing run {cached.info.run_id} (key {key[:12]})")
+        return StageResult(spec.name, key, cached.info.run_id, outputs, True, time.perf_counter() - t0)
+
     cached = None if force else tracking.find_cached(experiment_id, spec.name, key)
     if cached is not None:
-        outputs = tracking.load_outputs(cached.info.run_id)
-        missing = _missing_paths(outputs)
-        if not missing:
-            with mlflow.start_run(experiment_id=experiment_id, run_name=f"{spec.name} (cached)", nested=True,
-                                  tags={**tags, tracking.TAG_CACHE_HIT: "true",
-                                        tracking.TAG_CACHED_FROM: cached.info.run_id}) as run:
-                tracking.save_outputs(run.info.run_id, outputs)
-            console.print(f"[bold]{spec.name}[/]: cached, reusing run {cached.info.run_id} (key {key[:12]})")
-            return StageResult(spec.name, key, cached.info.run_id, outputs, True, time.perf_counter() - t0)
+        reused = reuse(cached)
+        if reused is not None:
+            return reused
+        missing = _missing_paths(tracking.load_outputs(cached.info.run_id))
         if cache_only:
             raise StageError(f"--only {only}: upstream stage {spec.name}'s run {cached.info.run_id} lost its "
                              f"artifact {missing[0]}; rerun it: clpipe run --rerun {spec.name}")
@@ -212,6 +220,19 @@ def _run_stage(spec: StageSpec, cfg: PipelineConfig, experiment_id: str, parent_
     elif cache_only:
         raise StageError(f"--only {only}: upstream stage {spec.name} has no finished run for this config "
                          f"(key {key[:12]}); run the pipeline without --only first")
+    # one run at a time computes a stage key (its output dir, shard set and Ray run are the key's): a second
+    # run waits here, then takes the first one's result from the cache
+    with leases.lease(leases.root_for(cfg), f"{spec.name}-{key[:16]}", say=console.print) as waited:
+        if waited and not force:
+            cached = tracking.find_cached(experiment_id, spec.name, key)
+            reused = reuse(cached) if cached is not None else None
+            if reused is not None:
+                return reused
+        return _compute(spec, cfg, experiment_id, parent_id, key, tags, upstream_runs, inputs, force, t0)
+
+
+def _compute(spec: StageSpec, cfg: PipelineConfig, experiment_id: str, parent_id: str, key: str, tags: dict,
+             upstream_runs: dict[str, str], inputs: dict, force: bool, t0: float) -> StageResult:
     console.rule(f"stage {spec.name}")
     with mlflow.start_run(experiment_id=experiment_id, run_name=spec.name, nested=True,
                           tags={**tags, tracking.TAG_CACHE_HIT: "false", "clpipe.forced": str(force).lower()}) as run:

@@ -92,6 +92,74 @@ def log_metrics(run_id: str, metrics: dict[str, float], step: int, client: Mlflo
     client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
 
+class WorkerLog:
+    """What rank 0 of a training stage tells MLflow (metrics, tags), best effort: an MLflow
+    server that is down or slow never fails or stalls training.
+
+    Each call sends what is waiting, in order, with one try and a short timeout (MLflow's
+    own client would retry for minutes); what cannot be sent is kept and goes out with a
+    later call. :meth:`close` keeps trying for up to ``flush_timeout_s`` seconds (the
+    server may be back by then); only what is still unsent after that is lost, and
+    said so in one line."""
+
+    def __init__(self, tracking_uri: str, run_id: str, *, prefix: str = "mlflow",
+                 flush_timeout_s: float | None = None, request_timeout_s: float = 10.0) -> None:
+        # MLflow reads these per request; this process (a training worker) makes no other MLflow calls
+        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+        os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(int(request_timeout_s))
+        self.client = MlflowClient(tracking_uri)
+        self.uri, self.run_id, self.prefix = tracking_uri, run_id, prefix
+        self.flush_timeout_s = float(os.environ.get("CLPIPE_MLFLOW_FLUSH_TIMEOUT_S", 300)) \
+            if flush_timeout_s is None else flush_timeout_s
+        self.pending: list[tuple[list[Metric], list[Any]]] = []
+        self.failing = False
+
+    def metrics(self, metrics: dict[str, float], step: int) -> None:
+        import time
+
+        now = int(time.time() * 1000)
+        self._queue([Metric(k, float(v), now, step) for k, v in metrics.items()], [])
+
+    def tags(self, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self._queue([], [RunTag(k, v) for k, v in tags.items()])
+
+    def _queue(self, metrics: list[Metric], tags: list[Any]) -> None:
+        self.pending.append((metrics, tags))
+        self.send()
+
+    def send(self) -> bool:
+        """Send what is waiting; True when nothing is left."""
+        while self.pending:
+            metrics, tags = self.pending[0]
+            try:
+                self.client.log_batch(self.run_id, metrics=metrics, tags=tags)
+            except Exception as e:  # the server down, slow or failing: keep it for later
+                if not self.failing:
+                    print(f"[{self.prefix}] MLflow at {self.uri} is not taking metrics ({type(e).__name__}); "
+                          "training goes on, they are kept and sent when it answers", flush=True)
+                self.failing = True
+                return False
+            self.pending.pop(0)
+        if self.failing:
+            print(f"[{self.prefix}] MLflow at {self.uri} answers again; the kept metrics are sent", flush=True)
+            self.failing = False
+        return True
+
+    def close(self) -> None:
+        import time
+
+        deadline, wait = time.monotonic() + self.flush_timeout_s, 0.5
+        while not self.send() and time.monotonic() < deadline:
+            time.sleep(min(wait, max(0.0, deadline - time.monotonic())))
+            wait = min(wait * 2, 10.0)
+        if self.pending:
+            n = sum(len(m) + len(t) for m, t in self.pending)
+            print(f"[{self.prefix}] MLflow at {self.uri} did not answer for {self.flush_timeout_s:g} s after "
+                  f"training: {n} metric values and tags of run {self.run_id} were not recorded", flush=True)
+
+
 def find_cached(experiment_id: str, stage: str, key: str) -> Run | None:
     """The newest finished run that computed ``stage`` with cache key ``key``."""
     runs = MlflowClient().search_runs(

@@ -137,8 +137,10 @@ def test_chain_input_errors_are_one_clear_line(chain, local_ray, tmp_path, capsy
     assert main([*args, "--set", "finetune.num_classes=5"]) == 1
     err = capsys.readouterr().err
     assert "finetune.num_classes: the teacher would predict 5 classes but the shard set" in err and "has 10" in err
-    # a missing upstream artifact: the teacher file deleted after finetune finished (put back after)
-    teacher = next(chain.work.glob("finetune/*/models/teacher_10pct.pt"))
+    # a missing upstream artifact: the teacher file deleted after finetune finished (put back after); the
+    # path handed on is the final checkpoint's copy in Ray's run storage
+    teacher = Path(outputs(chain.client, chain.runs["finetune"].info.run_id)["models"]["teacher_10pct"]["model_path"])
+    assert teacher.is_relative_to(chain.work / "ray_results")
     kept = tmp_path / "teacher_10pct.pt"
     shutil.move(teacher, kept)
     try:

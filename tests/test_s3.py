@@ -262,3 +262,27 @@ def test_image_folder_and_npz_sources_in_s3(s3, tmp_path):
         open_source({"kind": "image_folder", "path": f"s3://{BUCKET}/sources/empty"})
     with pytest.raises(SourceError, match="no such object"):
         open_source({"kind": "npz", "path": f"s3://{BUCKET}/sources/missing.npz"})
+
+
+def test_an_s3_lease_has_one_holder_and_a_dead_holders_lease_is_taken_over(s3, monkeypatch):
+    """The lease object is created with a conditional put (If-None-Match): a second run
+    waits (or gives up after wait_s with one line naming the holder); when the holder
+    lets go it gets the lease; a lease nobody renews goes stale and is taken over."""
+    from pipelines import leases
+
+    root = f"s3://{BUCKET}/leases-test"
+    said: list[str] = []
+    with leases.lease(root, "pretrain-abc", say=said.append) as waited:
+        assert waited is False and storage.exists(f"{root}/{leases.DIR}/pretrain-abc")
+        with pytest.raises(leases.LeaseTimeout, match=rf"pretrain-abc: held by another run \(pid {os.getpid()} on "):
+            with leases.lease(root, "pretrain-abc", wait_s=1.5, say=said.append):
+                pass
+        assert said == [said[0]] and "waiting for it to finish" in said[0]
+    assert not storage.exists(f"{root}/{leases.DIR}/pretrain-abc")  # let go
+    # a holder that died: its lease object stays but is no longer renewed
+    storage.write_bytes(f"{root}/{leases.DIR}/pretrain-abc", b'{"host": "gone", "pid": 1, "since": 0}')
+    monkeypatch.setattr(leases, "STALE_S", 1.0)
+    time.sleep(1.5)
+    said.clear()
+    with leases.lease(root, "pretrain-abc", wait_s=10, say=said.append):
+        assert "taking over a lease not renewed" in said[0] and "pid 1 on gone" in said[0]

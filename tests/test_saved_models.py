@@ -284,7 +284,7 @@ def test_the_register_stage_logs_safe_models_with_tags_and_aliases(store, tmp_pa
     from pipelines.stages.register import register
 
     inputs = _register_inputs(tmp_path)
-    config = PipelineConfig(name="reg", seed=3)
+    config = PipelineConfig(name="reg", seed=3, work_dir=str(tmp_path / "work"))  # the registry lease lives there
     upstream = {"pretrain": "run-pre", "finetune": "run-fin", "distill": "run-dis", "evaluate": "run-ev"}
 
     def run(rows: dict) -> dict:
@@ -312,6 +312,15 @@ def test_the_register_stage_logs_safe_models_with_tags_and_aliases(store, tmp_pa
     assert str(client.get_model_version_by_alias("reg-teacher", "candidate").version) == "2"
     assert str(client.get_model_version_by_alias("reg-teacher", "champion").version) == "1"
     assert str(client.get_model_version_by_alias("reg-student", "champion").version) == "2"
+
+    # a better student trained on other data: its test top-1 is not comparable, so the champion stays
+    inputs["shard"]["manifest_sha256"] = "e" * 64
+    third = run({"student": 0.9})
+    s3 = third["versions"]["student"]
+    assert (s3["version"], s3["champion"], str(s3["previous_champion"])) == ("3", False, "2")
+    assert str(client.get_model_version_by_alias("reg-student", "champion").version) == "2"
+    assert (tmp_path / "work" / ".clpipe-leases" / "registry-reg-student.lock").exists()
+    inputs["shard"]["manifest_sha256"] = "f" * 64
 
     # what was registered is the upstream model, loaded back without pickle
     x = _images()

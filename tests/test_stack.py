@@ -1,8 +1,9 @@
 """`clpipe stack up | status | down` against the real servers (SeaweedFS, MLflow, Ray) on
 127.0.0.1, on ports picked free for the test; every process is stopped by pid. One stack,
 started by ``clpipe stack up`` for the module, also takes the pipeline as Ray Jobs:
-`clpipe submit | jobs | logs | stop` and the documented `ray job submit`; the module's
-last test takes it down with ``clpipe stack down``."""
+`clpipe submit | stop` and the documented `ray job submit` (the whole chain as a job, with
+`clpipe jobs` and `logs`, runs on two hosts in tests/test_twohost.py); the module's last
+test takes it down with ``clpipe stack down``."""
 
 import contextlib
 import io
@@ -24,9 +25,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from infra import jobs, procs, stack
-from pipelines import tracking
 from pipelines.cli import main
-from tests.conftest import STAGES, cmdline, outputs
+from tests.conftest import cmdline
 
 # one xdist process runs this module (its tests share the module's live stack): tests/conftest.py LANES
 
@@ -211,112 +211,23 @@ def test_stack_up_status_env_file_and_artifacts_in_s3(live_stack, capsys):
 # the job: the chain with MoCo pretraining (two workers) and a supervised-contrastive
 # fine-tune, so that one run also takes a momentum encoder (EMA, a queue filled across
 # workers, shuffle-BN) through every stage; the later stages on one worker each
-JOB = ["--set", "sweep.enabled=false", "--set", "pretrain.epochs=1", "--set", "pretrain.batch_size_per_worker=32",
-       "--set", "labels.fractions=[0.1]", "--set", "finetune.epochs=1", "--set", "finetune.baseline=false",
-       "--set", "finetune.min_steps=0", "--set", "distill.epochs=1", "--set", "finetune.num_workers=1",
-       "--set", "distill.num_workers=1", "--set", "pretrain.method=moco",
-       "--set", "pretrain.params.moco={queue_size: 256, momentum: 0.99}", "--set", "finetune.objective=supcon"]
-
-
-@pytest.fixture(scope="module")
-def submitted(live_stack, tmp_path_factory):
-    """``clpipe submit`` of the job, followed to its end: (return code, stdout, stderr, seconds).
-    Ray's own variables name another cluster (dead addresses): Ray's job client prefers them to
-    the address it is given, clpipe's must not."""
-    out, err = io.StringIO(), io.StringIO()
-    t0 = time.perf_counter()
+@pytest.mark.slow
+def test_stop_ends_a_running_job_submitted_with_a_config_outside_the_project(live_stack, tmp_path, capsys):
+    cfg = tmp_path / "long.yaml"  # outside the project: its text travels with the job
+    cfg.write_text("name: long-job\nsweep:\n  enabled: false\npretrain:\n  epochs: 500\n")
+    # Ray's own variables name another cluster (dead addresses): Ray's job client prefers them to the address
+    # it is given, clpipe's must not (the whole chain as a job: tests/test_twohost.py)
     saved = {k: os.environ.get(k) for k in jobs.ADDRESS_ENV}
     os.environ.update(RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{procs.free_port()}",
                       RAY_ADDRESS=f"127.0.0.1:{procs.free_port()}")
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            rc = main(["submit", "--work-dir", str(tmp_path_factory.mktemp("job") / "work"), *JOB])
+        assert main(["submit", str(cfg), "--no-follow", "--work-dir", str(tmp_path / "work")]) == 0
     finally:
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    return SimpleNamespace(rc=rc, out=out.getvalue(), err=err.getvalue(), seconds=time.perf_counter() - t0)
-
-
-def _job_runs(live_stack) -> tuple[MlflowClient, list, dict]:
-    """The job's pipeline run and its stage runs, through the MLflow server."""
-    client = MlflowClient(live_stack.env["MLFLOW_TRACKING_URI"])
-    exp = client.get_experiment_by_name("clpipe")
-    parents = client.search_runs([exp.experiment_id], filter_string=f"tags.`{tracking.TAG_KIND}` = 'pipeline'")
-    children = client.search_runs([exp.experiment_id],
-                                  filter_string=f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
-    return client, parents, {r.data.tags[tracking.TAG_STAGE]: r for r in children}
-
-
-@pytest.mark.slow
-def test_submit_runs_the_pipeline_and_its_runs_reach_the_server(live_stack, submitted, capsys):
-    print(f"submit (the pipeline as a job): {submitted.seconds:.1f} s")
-    assert submitted.rc == 0, submitted.out[-4000:] + submitted.err[-2000:]
-    job_id = re.search(r"submitted job (\S+) to ", submitted.out).group(1)
-    assert f"job {job_id} SUCCEEDED" in submitted.out
-    assert "stage shard" in submitted.out and "wall time" in submitted.out  # the job's log, followed
-    for s in _secrets(live_stack):
-        assert s not in submitted.out and s not in submitted.err
-
-    # the pipeline's parent run and one finished child run per stage, through the MLflow server
-    client, parents, children = _job_runs(live_stack)
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    assert set(children) == set(STAGES)
-    assert all(r.info.status == "FINISHED" for r in children.values())
-    for r in (*parents, *children.values()):  # the keys never reach params or tags
-        for s in _secrets(live_stack):
-            assert s not in json.dumps({**r.data.params, **r.data.tags})
-
-    assert main(["jobs"]) == 0
-    listed = capsys.readouterr().out
-    assert re.search(rf"^{re.escape(job_id)}\s+SUCCEEDED\s+\d{{4}}-\d\d-\d\d .*python -m pipelines run", listed, re.M)
-
-    assert main(["logs", job_id]) == 0
-    log = capsys.readouterr().out
-    assert "stage register" in log and f"MLflow {live_stack.env['MLFLOW_TRACKING_URI']}" in log
-    for s in _secrets(live_stack):
-        assert s not in log
-
-    assert main(["logs", "no-such-job"]) == 1
-    assert capsys.readouterr().err.strip() == (f"clpipe: no job no-such-job on {live_stack.address}; list them with "
-                                               f"`clpipe jobs --address {live_stack.address}`")
-
-
-@pytest.mark.slow
-def test_moco_pretrains_and_fine_tunes_with_supcon_through_the_pipeline(live_stack, submitted):
-    """The job's MoCo run: hyperparameters from ``pretrain.params.moco`` as ``method.*``
-    params, a 256-key queue filled by both workers, a key encoder moved by EMA only, and
-    the supervised contrastive fine-tune from the encoder alone."""
-    import torch
-
-    from pipelines.stages.pretrain import load_method
-
-    assert submitted.rc == 0, submitted.out[-4000:]
-    client, _, children = _job_runs(live_stack)
-    pre = children["pretrain"]
-    assert pre.data.params["method.queue_size"] == "256" and pre.data.params["method.momentum"] == "0.99"
-    assert pre.data.params["method.temperature"] == "None" and pre.data.params["method.version"] == "2"
-    assert 0 <= pre.data.metrics["val/knn_top1"] <= 1 and "train/pos_top1" in pre.data.metrics
-    method = load_method(outputs(client, pre.info.run_id))
-    # 10 steps x 2 workers x 32 keys went through the 256-key queue: the pointer wrapped
-    steps = int(pre.data.metrics["step"])
-    assert steps * 64 > 256 and int(method.queue.ptr) == (steps * 64) % 256
-    # the key encoder moved away from its initial copy of the query encoder, by EMA only
-    q, k = dict(method.backbone.named_parameters()), dict(method.key_backbone.named_parameters())
-    assert any(not torch.equal(q[n], k[n]) for n in q)
-    fin = children["finetune"]
-    assert fin.data.params["finetune_from_head_layer"] == "None"  # resolved to 0: MoCo has no SimCLR head
-    assert 0 <= fin.data.metrics["teacher_10pct/selected_val_top1"] <= 1
-    assert "teacher_10pct/train/supcon" in fin.data.metrics  # the supervised contrastive fine-tune
-
-
-@pytest.mark.slow
-def test_stop_ends_a_running_job_submitted_with_a_config_outside_the_project(live_stack, tmp_path, capsys):
-    cfg = tmp_path / "long.yaml"  # outside the project: its text travels with the job
-    cfg.write_text("name: long-job\nsweep:\n  enabled: false\npretrain:\n  epochs: 500\n")
-    assert main(["submit", str(cfg), "--no-follow", "--work-dir", str(tmp_path / "work")]) == 0
     out = capsys.readouterr().out
     job_id = re.search(r"submitted job (\S+) to ", out).group(1)
     assert "clpipe-long-job-" in job_id and f"clpipe logs {job_id} --follow" in out
@@ -337,8 +248,8 @@ def test_stop_ends_a_running_job_submitted_with_a_config_outside_the_project(liv
 @pytest.mark.slow
 def test_the_documented_ray_job_submit_runs_the_pipeline(live_stack, tmp_path):
     env = live_stack.env
-    runtime_env = {"env_vars": {k: env[k] for k in ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
-                                                    "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
+    # locations only: the stack's Ray head holds the S3 keys, as a cluster's nodes hold their own
+    runtime_env = {"env_vars": {k: env[k] for k in ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION",
                                                     "MLFLOW_S3_ENDPOINT_URL", "RAY_AUTH_MODE")},
                    "excludes": jobs.EXCLUDES}
     cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", live_stack.address,

@@ -1,5 +1,5 @@
 """Two hosts, for real: the whole pipeline submitted to a Ray cluster whose worker node is
-another host (network and mount namespaces of this machine, tests/hosts.py).
+another host (network and mount namespaces of this machine, infra/hosts.py).
 
 Host A runs the stack (`clpipe stack up`: SeaweedFS, the MLflow server, a Ray head with
 token auth and no CPUs, as in ray_cluster.yaml); host B runs a Ray worker node that joins
@@ -11,7 +11,8 @@ register:
   workers ran on host B, the registry holds the three models, host B's private work dir
   holds nothing, and the S3 secret (the nodes' own credentials; the submit sends none)
   is in no bucket object, MLflow param or tag, job info or Ray log of either host;
-- with one directory shared into both hosts (an NFS-style POSIX path) instead of S3;
+- with one directory shared into both hosts (an NFS-style POSIX path) instead of S3, and
+  MoCo with the supervised contrastive fine-tune; `clpipe jobs` and `logs` on the job;
 - with a work dir private to each host and no S3: refused before any stage, one line.
 """
 
@@ -22,14 +23,14 @@ import os
 import re
 import secrets
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from infra import jobs, stack
-from tests import hosts
+from infra import hosts, jobs, stack
 
 pytestmark = pytest.mark.slow
 
@@ -37,6 +38,13 @@ STACK = "/tmp/stack"  # on host A: private
 CHAIN = ["--set", "sweep.space={temperature: {grid: [0.2, 0.5]}}", "--set", "sweep.epochs=1",
          "--set", "pretrain.epochs=1", "--set", "labels.fractions=[0.1]", "--set", "finetune.epochs=1",
          "--set", "finetune.baseline=false", "--set", "finetune.min_steps=0", "--set", "distill.epochs=1"]
+# the shared-POSIX run: MoCo (a 256-key queue filled by both workers, an EMA key encoder), the supervised
+# contrastive fine-tune, one worker for each of the small labeled stages
+MOCO = ["--set", "sweep.enabled=false", "--set", "pretrain.epochs=1", "--set", "pretrain.batch_size_per_worker=32",
+        "--set", "labels.fractions=[0.1]", "--set", "finetune.epochs=1", "--set", "finetune.baseline=false",
+        "--set", "finetune.min_steps=0", "--set", "distill.epochs=1", "--set", "finetune.num_workers=1",
+        "--set", "distill.num_workers=1", "--set", "pretrain.method=moco",
+        "--set", "pretrain.params.moco={queue_size: 256, momentum: 0.99}", "--set", "finetune.objective=supcon"]
 JOB_TIMEOUT_S = 900
 
 
@@ -135,8 +143,12 @@ for j in jobs.list_jobs():
         leaks.append(f"job {j.submission_id}")
 models = {m.name: sorted(int(v.version) for v in client.search_model_versions(f"name = '{m.name}'"))
           for m in client.search_registered_models()}
-print(json.dumps({"leaks": leaks, "written": written, "models": models, "runs": [
-    {"id": r.info.run_id, "status": r.info.status, "tags": r.data.tags} for r in runs]}))
+import mlflow
+outputs = {r.info.run_id: mlflow.artifacts.load_dict(f"runs:/{r.info.run_id}/clpipe_outputs.json") for r in runs
+           if r.data.tags.get("clpipe.stage") == "pretrain" and r.info.status == "FINISHED"}
+print(json.dumps({"leaks": leaks, "written": written, "models": models, "outputs": outputs, "runs": [
+    {"id": r.info.run_id, "status": r.info.status, "tags": r.data.tags, "params": r.data.params,
+     "metrics": r.data.metrics} for r in runs]}))
 """
 
 
@@ -160,6 +172,12 @@ def _files(root: Path) -> list[str]:
     return sorted(str(p) for p in root.rglob("*") if p.is_file())
 
 
+def _cli(c: dict, *args: str) -> subprocess.CompletedProcess:
+    """A clpipe command on host A with the stack's env file."""
+    return c["a"].run([sys.executable, "-m", "pipelines", *args], env={"CLPIPE_STACK_ENV": f"{STACK}/{stack.ENV_FILE}"},
+                      cwd=jobs.project_root(), timeout=120)
+
+
 def test_the_whole_chain_on_two_hosts_with_s3_then_a_shared_path(cluster, capsys):
     c = cluster
     a, b = c["a"], c["b"]
@@ -180,16 +198,17 @@ def test_the_whole_chain_on_two_hosts_with_s3_then_a_shared_path(cluster, capsys
     assert rc == 0 and re.search(r"job \S+ SUCCEEDED", out), out[-6000:]
     assert started_b, out[-3000:]
     assert "not sent to the cluster: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY" in out  # the nodes' own keys were used
-    assert "the cluster holds no trial yet" in out or "sweep:" in out
+    assert "stage shard" in out and "stage register" in out and "wall time" in out  # the job's log, followed
 
-    # the shared-POSIX variant: shards and Ray storage in a directory both hosts mount
+    # the shared-POSIX variant: shards and Ray storage in a directory both hosts mount; MoCo and SupCon
     shared_work = c["shared"] / "work"
     t0 = time.perf_counter()
-    rc, out2 = _submit(c, ["--work-dir", str(shared_work), "--set", "name=posixchain", *CHAIN])
+    rc, out2 = _submit(c, ["--work-dir", str(shared_work), "--set", "name=posixchain", *MOCO])
     posix_seconds = time.perf_counter() - t0
     with capsys.disabled():
         print(f"two hosts, shared POSIX path: the chain as a job took {posix_seconds:.1f} s")
     assert rc == 0 and re.search(r"job \S+ SUCCEEDED", out2), out2[-6000:]
+    job_id = re.search(r"submitted job (\S+) to ", out2).group(1)
 
     # a work dir on each host's own disk and no S3: refused before any stage, naming the field and the fix
     rc, out3 = _submit(c, ["--work-dir", str(work / "alone"), "--set", "name=local", "--until", "shard"])
@@ -197,15 +216,31 @@ def test_the_whole_chain_on_two_hosts_with_s3_then_a_shared_path(cluster, capsys
     refusal = [ln for ln in out3.splitlines() if "is not the same storage on node" in ln]
     assert refusal and f"node {b.ip}" in refusal[0] and "data.output" in refusal[0] and "s3://" in refusal[0], out3
 
+    # the jobs commands against the token-auth head
+    r = _cli(c, "jobs")
+    assert r.returncode == 0 and re.search(rf"^{re.escape(job_id)}\s+SUCCEEDED\s+\d{{4}}-\d\d-\d\d .*python -m "
+                                           "pipelines run", r.stdout, re.M), r.stdout + r.stderr
+    r = _cli(c, "logs", job_id)
+    assert r.returncode == 0 and "stage register" in r.stdout and f"MLflow {c['env']['MLFLOW_TRACKING_URI']}" in r.stdout
+    r = _cli(c, "logs", "no-such-job")
+    assert r.returncode == 1 and r.stderr.strip() == (f"clpipe: no job no-such-job on {c['env']['CLPIPE_JOB_ADDRESS']};"
+                                                      f" list them with `clpipe jobs --address "
+                                                      f"{c['env']['CLPIPE_JOB_ADDRESS']}`")
+
     got = _check(c)
-    for name in ("s3chain", "posixchain"):
+    workers = {"s3chain": {"pretrain": 2, "finetune": 2, "distill": 2},
+               "posixchain": {"pretrain": 2, "finetune": 1, "distill": 1}}
+    for name, expected in workers.items():
         runs = _stages(got, name)
-        assert set(runs) == {"shard", "sweep", "pretrain", "labels", "finetune", "distill", "evaluate", "register"}
-        assert all(r["status"] == "FINISHED" for r in runs.values())
-        for stage in ("pretrain", "finetune", "distill"):  # the training workers ran on host B
-            assert json.loads(runs[stage]["tags"]["clpipe.train.node_ips"]) == {b.ip: 2}, (name, stage)
+        want = {"shard", "pretrain", "labels", "finetune", "distill", "evaluate", "register"} | \
+            ({"sweep"} if name == "s3chain" else set())
+        assert set(runs) == want and all(r["status"] == "FINISHED" for r in runs.values())
+        for stage, n in expected.items():  # the training workers ran on host B
+            assert json.loads(runs[stage]["tags"]["clpipe.train.node_ips"]) == {b.ip: n}, (name, stage)
         versions = {m: v for m, v in got["models"].items() if m.startswith(name)}
         assert len(versions) == 3 and all(v == [1] for v in versions.values()), got["models"]
+    for text in (out, out2, out3):
+        assert c["secret"] not in text
     assert not got["leaks"], got["leaks"]
     # nothing a later stage needed was on host B's own disk; the S3 run kept its data in the bucket
     assert _files(b.file(work)) == []
@@ -216,4 +251,28 @@ def test_the_whole_chain_on_two_hosts_with_s3_then_a_shared_path(cluster, capsys
     assert not leaked, leaked
     with capsys.disabled():
         print(f"S3 bytes written per location: {json.dumps(got['written'], sort_keys=True)}")
-    assert started_b and b.pids()
+    _moco_run(_stages(got, "posixchain"), got["outputs"])
+
+
+def _moco_run(runs: dict, outputs: dict) -> None:
+    """The MoCo run: hyperparameters from ``pretrain.params.moco`` as ``method.*`` params,
+    a 256-key queue filled by both workers (on host B), a key encoder moved by EMA only,
+    and the supervised contrastive fine-tune from the encoder alone. Its checkpoint is read
+    here from the shared path."""
+    import torch
+
+    from pipelines.stages.pretrain import load_method
+
+    pre = runs["pretrain"]
+    assert pre["params"]["method.queue_size"] == "256" and pre["params"]["method.momentum"] == "0.99"
+    assert pre["params"]["method.temperature"] == "None" and pre["params"]["method.version"] == "2"
+    assert 0 <= pre["metrics"]["val/knn_top1"] <= 1 and "train/pos_top1" in pre["metrics"]
+    method = load_method(outputs[pre["id"]])
+    steps = int(pre["metrics"]["step"])  # steps x 2 workers x 32 keys went through the 256-key queue: it wrapped
+    assert steps * 64 > 256 and int(method.queue.ptr) == (steps * 64) % 256
+    q, k = dict(method.backbone.named_parameters()), dict(method.key_backbone.named_parameters())
+    assert any(not torch.equal(q[n], k[n]) for n in q)
+    fin = runs["finetune"]
+    assert fin["params"]["finetune_from_head_layer"] == "None"  # resolved to 0: MoCo has no SimCLR head
+    assert 0 <= fin["metrics"]["teacher_10pct/selected_val_top1"] <= 1
+    assert "teacher_10pct/train/supcon" in fin["metrics"]

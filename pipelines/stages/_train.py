@@ -241,10 +241,10 @@ def worker_placement(world: int) -> dict[str, dict[str, int]]:
     return {"nodes": dict(Counter(n for n, _ in every)), "ips": dict(Counter(ip for _, ip in every))}
 
 
-def record_placement(client: Any, run_id: str, placement: dict[str, dict[str, int]]) -> None:
+def record_placement(log: tracking.WorkerLog, placement: dict[str, dict[str, int]]) -> None:
     """The run's tags ``clpipe.train.nodes`` and ``clpipe.train.node_ips``: where its workers ran."""
-    client.set_tag(run_id, "clpipe.train.nodes", json.dumps(placement["nodes"], sort_keys=True))
-    client.set_tag(run_id, "clpipe.train.node_ips", json.dumps(placement["ips"], sort_keys=True))
+    log.tags({"clpipe.train.nodes": json.dumps(placement["nodes"], sort_keys=True),
+              "clpipe.train.node_ips": json.dumps(placement["ips"], sort_keys=True)})
 
 
 def crop_flip(views: CropFlipConfig, image_size: int, n_views: int = 1) -> FinetuneTransform:
@@ -287,14 +287,12 @@ class SequentialJobs:
 
     def __init__(self, config: dict, worker: Worker, log_prefix: str) -> None:
         self.config, self.w, self.prefix = config, worker, log_prefix
-        self.client = None
+        self.log: tracking.WorkerLog | None = None
         self.val: tuple[torch.Tensor, torch.Tensor] | None = None
         placement = worker_placement(worker.world)
         if worker.rank == 0:
-            from mlflow.tracking import MlflowClient
-
-            self.client = MlflowClient(config["tracking_uri"])
-            record_placement(self.client, config["run_id"], placement)
+            self.log = tracking.WorkerLog(config["tracking_uri"], config["run_id"], prefix=log_prefix)
+            record_placement(self.log, placement)
             self.val = load_split(config["val_urls"], EvalTransform(config["image_size"]), verify=config.get("val_verify"))
         self.finished: dict[str, dict] = {}
         self.resume: dict | None = None
@@ -315,6 +313,8 @@ class SequentialJobs:
             if i < start:
                 continue
             history += self._one(i, job, jobs, build, section)
+        if self.log is not None:
+            self.log.close()  # what an MLflow outage held back
         return history
 
     def _one(self, i: int, job: dict, jobs: list[dict], build, section: TrainingConfig) -> list[dict]:
@@ -363,8 +363,8 @@ class SequentialJobs:
                 best.update(val_top1=metrics["val/top1"], epoch=epoch,
                             state_dict={k: v.detach().cpu().clone() for k, v in classifier.state_dict().items()})
             metrics = {**metrics, "val/best_top1": best["val_top1"]}
-            tracking.log_metrics(self.config["run_id"], {f"{name}/{k}": v for k, v in metrics.items()},
-                                 step=epoch, client=self.client)
+            assert self.log is not None
+            self.log.metrics({f"{name}/{k}": v for k, v in metrics.items()}, step=epoch)
             if at_checkpoint:
                 print("[{}] {} epoch {}/{}  loss {:.4f}  val top-1 {:.3f} (best {:.3f} at epoch {})".format(
                     self.prefix, name, epoch, epochs, metrics["train/loss"], metrics["val/top1"],

@@ -134,16 +134,14 @@ def train_worker(config: dict) -> list[dict] | None:
                   f"{f' (batch {loop.batch_in_epoch} of epoch {loop.epoch + 1})' if loop.batch_in_epoch else ''}",
                   flush=True)
 
-    client = None
+    log: tracking.WorkerLog | None = None
     evaluate = None
     tracked = config["run_id"] is not None  # None: a sweep trial, whose metrics go to Ray Tune only
     placement = worker_placement(world)  # a collective: every rank
     if rank == 0:
-        from mlflow.tracking import MlflowClient
-
         if tracked:
-            client = MlflowClient(config["tracking_uri"])
-            record_placement(client, config["run_id"], placement)
+            log = tracking.WorkerLog(config["tracking_uri"], config["run_id"], prefix="pretrain")
+            record_placement(log, placement)
             print(f"[pretrain] {loop.describe()}", flush=True)
         labeled = config["labeled"] and config["val_urls"]
         if labeled:
@@ -165,8 +163,8 @@ def train_worker(config: dict) -> list[dict] | None:
         if rank != 0:
             train.report(metrics, checkpoint=None)
             return
-        if tracked:
-            tracking.log_metrics(config["run_id"], metrics, step=int(metrics["epoch"]), client=client)
+        if log is not None:
+            log.metrics(metrics, step=int(metrics["epoch"]))
             print("[pretrain] epoch {:.0f}/{}  loss {:.4f}  lr {:.4g}  {:.0f} img/s{}".format(
                 metrics["epoch"], p.epochs, metrics["train/loss"], metrics["train/lr"], metrics["train/images_per_sec"],
                 f"  val kNN top-1 {metrics['val/knn_top1']:.3f}" if "val/knn_top1" in metrics else ""), flush=True)
@@ -186,10 +184,12 @@ def train_worker(config: dict) -> list[dict] | None:
         report_checkpoint(metrics, write, loop.position())
 
     def log_step(step: int, metrics: dict[str, float]) -> None:
-        if client is not None:
-            tracking.log_metrics(config["run_id"], metrics, step=step, client=client)
+        if log is not None:
+            log.metrics(metrics, step=step)
 
     history = loop.run(report, evaluate, log_step, checkpoint=save)
+    if log is not None:
+        log.close()  # what an MLflow outage held back
     return history if rank == 0 else None
 
 

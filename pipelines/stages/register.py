@@ -6,7 +6,10 @@ example from real test images, preprocessed as at training time) and registered 
 new version of ``NAME-encoder`` / ``NAME-teacher`` / ``NAME-student``. The version is
 tagged with its lineage (pipeline run, stage run, shard manifest sha256, label fraction,
 seed) and its test metrics, gets alias ``candidate``, and takes alias ``champion`` only
-if its test top-1 beats the current champion's (or there is none). Load one with
+if there is none, or if the champion was trained on the same data (equal shard manifest
+sha256) and its test top-1 is beaten: test sets of other data are not comparable. The
+read, compare and set happen under a lease on the model name (``pipelines.leases``), so
+two runs that register at once cannot both read the old champion. Load one with
 ``cl_core.models.saved.load_model("models:/NAME-student@champion")`` (a torch module) or
 ``mlflow.pyfunc.load_model(...)`` (numpy in, numpy out).
 """
@@ -23,6 +26,7 @@ from cl_core.data.reader import load_split
 from cl_core.data.shards import read_manifest, shard_urls
 from cl_core.data.subsets import fraction_name
 from cl_core.models import saved
+from pipelines import leases
 from pipelines.config import RegisterConfig
 from pipelines.console import console
 from pipelines.graph import StageContext
@@ -30,15 +34,17 @@ from pipelines.stages._train import load_classifier
 from pipelines.stages.pretrain import load_encoder
 
 METRIC_TAG = "test_top1"
+SHA_TAG = "clpipe.manifest_sha256"
 
 
-def _champion_top1(client: MlflowClient, name: str) -> tuple[str | None, float | None]:
+def _champion(client: MlflowClient, name: str) -> tuple[str | None, float | None, str | None]:
+    """(version, test top-1, shard manifest sha256) of ``name``'s champion; Nones without one."""
     try:
         mv = client.get_model_version_by_alias(name, "champion")
     except MlflowException:
-        return None, None
+        return None, None, None
     value = mv.tags.get(METRIC_TAG)
-    return mv.version, float(value) if value is not None else None
+    return mv.version, float(value) if value is not None else None, mv.tags.get(SHA_TAG)
 
 
 def register(ctx: StageContext, cfg: RegisterConfig, inputs: dict) -> dict:
@@ -79,7 +85,7 @@ def register(ctx: StageContext, cfg: RegisterConfig, inputs: dict) -> dict:
         version = str(info.registered_model_version)
         tags = {
             "clpipe.pipeline_run_id": ctx.parent_run_id, "clpipe.stage_run_id": stage_runs[role],
-            "clpipe.register_run_id": ctx.run_id, "clpipe.manifest_sha256": shard_set["manifest_sha256"],
+            "clpipe.register_run_id": ctx.run_id, SHA_TAG: shard_set["manifest_sha256"],
             "label_fraction": f"{fraction:g}", "seed": str(ctx.seed), "image_size": str(image_size),
             "preprocessing": f"cl_core.augment.EvalTransform({image_size})", METRIC_TAG: f"{test_top1:.6f}",
             **{k: f"{v:.6f}" for k, v in extra.items()},
@@ -87,13 +93,24 @@ def register(ctx: StageContext, cfg: RegisterConfig, inputs: dict) -> dict:
         for k, v in tags.items():
             client.set_model_version_tag(name, version, k, v)
         client.set_registered_model_alias(name, "candidate", version)
-        champ_version, champ_top1 = _champion_top1(client, name)
-        promoted = champ_top1 is None or test_top1 > champ_top1
-        if promoted:
-            client.set_registered_model_alias(name, "champion", version)
+        sha = shard_set["manifest_sha256"]
+        with leases.lease(leases.root_for(ctx.config), f"registry-{name}", say=console.print):  # compare-and-set
+            champ_version, champ_top1, champ_sha = _champion(client, name)
+            same_data = champ_sha == sha
+            promoted = champ_version is None or (same_data and (champ_top1 is None or test_top1 > champ_top1))
+            if promoted:
+                client.set_registered_model_alias(name, "champion", version)
         versions[role] = {"name": name, "version": version, "test_top1": test_top1, "champion": promoted,
                           "previous_champion": champ_version, "uri": f"models:/{name}/{version}"}
-        console.print(f"register: {name} version {version} (test top-1 {test_top1:.4f}): candidate"
-                      + (", champion" if promoted else f"; champion stays version {champ_version} ({champ_top1:.4f})"))
+        if promoted:
+            why = ", champion"
+        elif not same_data:
+            why = (f"; champion stays version {champ_version}: it was trained on other data (shard manifest "
+                   f"{(champ_sha or 'unknown')[:12]}, this one {sha[:12]}), so test top-1 is not comparable; "
+                   f"promote by hand if wanted (MlflowClient().set_registered_model_alias({name!r}, 'champion', "
+                   f"{version!r}))")
+        else:
+            why = f"; champion stays version {champ_version} ({champ_top1:.4f})"
+        console.print(f"register: {name} version {version} (test top-1 {test_top1:.4f}): candidate{why}")
     mlflow.log_dict(versions, "registered.json")
     return {"versions": versions, "label_fraction": fraction}

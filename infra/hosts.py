@@ -1,4 +1,4 @@
-"""Separate hosts on this one machine, for tests of a real multi-host cluster.
+"""Separate hosts on this one machine, for tests and benchmarks of a real multi-host cluster.
 
 Each host is a network namespace (its own interfaces, loopback and port space) holding a
 mount namespace of its own in which ``/tmp``, ``/dev/shm`` and the directories a test
@@ -120,17 +120,17 @@ def _anchor(netns: str, private: Sequence[Path]) -> int:
     return p.pid
 
 
-def _stop_host(host: Host) -> None:
+def _stop_host(host: Host, grace_s: float = 3.0) -> None:
     """SIGTERM every process in the host's network namespace, SIGKILL what is left after
-    20 s (the anchor last)."""
-    deadline = time.monotonic() + 20
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    ``grace_s`` seconds, the anchor last (its private mounts go with it)."""
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
         pids = [p for p in host.pids() if p != host.anchor]
         for p in pids:
             try:
                 os.kill(p, sig)
             except ProcessLookupError:
                 pass
+        deadline = time.monotonic() + wait
         while pids and time.monotonic() < deadline:
             for p in pids:
                 try:
@@ -138,8 +138,7 @@ def _stop_host(host: Host) -> None:
                 except ChildProcessError:
                     pass
             pids = [p for p in pids if procs.alive(p)]
-            time.sleep(0.2)
-        deadline = time.monotonic() + 5
+            time.sleep(0.1)
     try:
         os.kill(host.anchor, signal.SIGKILL)
         os.waitpid(host.anchor, 0)
