@@ -35,6 +35,8 @@ from infra import procs, seaweed
 from infra.jobs import resolve_address
 
 DEFAULT_DIR = ".clpipe-stack"
+# Ray's metrics (every process of a Ray) and Ray Train's: off where nothing scrapes them (the stack, a local Ray)
+METRICS_ENV = ("RAY_enable_metrics_collection", "RAY_TRAIN_METRICS_ENABLED")
 ENV_FILE = "stack.env"
 STATE_FILE = "state.json"
 CREDENTIALS_FILE = "credentials.json"
@@ -371,7 +373,9 @@ def up(cfg: StackConfig, say: Callable[[str], None] = print) -> dict:
             **s3_env,
             **ray_auth, "PATH": f"{_venv_bin()}{os.pathsep}{os.environ.get('PATH', '')}",
             "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", "DASHBOARD_METRIC_PORT": str(metric_port),
-            "RAY_USAGE_STATS_ENABLED": "0", "RAY_API_SERVER_ADDRESS": None, "RAY_ADDRESS": None}
+            "RAY_USAGE_STATS_ENABLED": "0", "RAY_API_SERVER_ADDRESS": None, "RAY_ADDRESS": None,
+            # Ray's and Ray Train's metrics: nothing scrapes the stack's Ray (as for a local one: RayConfig.metrics)
+            **{k: os.environ.get(k, "0") for k in METRICS_ENV}}
         pid = procs.spawn(ray_cmd, ray_log, env=ray_env, cwd=d)
         dash = f"http://{h}:{cfg.dashboard_port}"
         record(Service("ray", pid, cfg.ray_port, dash, str(ray_log),

@@ -11,11 +11,11 @@ import ray
 
 from cl_core.data import storage as storage_lib
 from infra import procs
+from infra.stack import METRICS_ENV
 from pipelines.config import PipelineConfig, RayConfig
 
 TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
-METRICS_ENV = ("RAY_enable_metrics_collection", "RAY_TRAIN_METRICS_ENABLED")
 RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray for a Ray Job's driver (its runtime_env)
 PROBE_TIMEOUT_S = 60.0
 

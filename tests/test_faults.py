@@ -284,7 +284,8 @@ def test_an_mlflow_outage_during_pretrain_delays_its_metrics_and_loses_none(loca
     def run() -> None:
         result["rc"] = main(["run", "--work-dir", str(tmp_path / "work"), "--until", "pretrain",
                              "--set", f"mlflow.tracking_uri={uri}", "--set", "sweep.enabled=false",
-                             "--set", f"pretrain.epochs={epochs}", "--set", "pretrain.batch_size_per_worker=32"])
+                             "--set", f"pretrain.epochs={epochs}", "--set", "pretrain.num_workers=1",
+                             "--set", "pretrain.batch_size_per_worker=64"])
 
     t = threading.Thread(target=run, daemon=True)
     t.start()

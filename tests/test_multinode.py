@@ -81,9 +81,15 @@ def two_node_cluster(monkeypatch):
     wait_until(lambda: not any(alive(p) for p in pids), 30, "the simulated cluster's processes to exit")
 
 
-def test_pretrain_runs_one_worker_on_each_of_two_nodes(two_node_cluster, tmp_path, capsys):
+def test_pretrain_runs_one_worker_on_each_of_two_nodes(two_node_cluster, tmp_path, capsys, monkeypatch):
+    import os
+
     import ray
 
+    # set after the nodes started, so only the job's runtime_env can bring it to the workers; a secret set
+    # here stays here (no --forward-secrets)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "clpipe-forwarded-region")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "clpipe-not-forwarded")
     work = tmp_path / "work"
     args = ["run", "--work-dir", str(work), "--until", "pretrain",
             "--set", "sweep.enabled=false", "--set", "pretrain.epochs=1",
@@ -111,3 +117,12 @@ def test_pretrain_runs_one_worker_on_each_of_two_nodes(two_node_cluster, tmp_pat
     # both nodes did work: one training worker on each of the cluster's two nodes
     nodes = json.loads(pre.data.tags["clpipe.train.nodes"])
     assert nodes == {node_id: 1 for node_id in cluster_nodes}
+    assert json.loads(pre.data.tags["clpipe.train.node_ips"]) == {two_node_cluster.head_node.node_ip_address: 2}
+
+    # joined from outside a job, the run gave its workers the locations set here, and no credential
+    @ray.remote(num_cpus=0)
+    def seen() -> tuple:
+        return os.environ.get("AWS_DEFAULT_REGION"), os.environ.get("AWS_SESSION_TOKEN")
+
+    assert ray.get([seen.options(scheduling_strategy=ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(
+        n, soft=False)).remote() for n in cluster_nodes]) == [("clpipe-forwarded-region", None)] * 2

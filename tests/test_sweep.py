@@ -69,6 +69,31 @@ def _trials(client: MlflowClient, exp_id: str, sweep_run_id: str) -> list:
 
 
 @pytest.mark.slow
+def test_the_sweep_sizes_itself_from_what_the_cluster_can_hold(monkeypatch, capsys):
+    """A Ray started here (fixed resources): trials beyond its CPUs are refused in one line.
+    A joined cluster counts what its autoscaler may start; one that holds no trial yet
+    (workers still to start or join) queues the trials in Tune instead of failing."""
+    from pipelines import ray_env
+    from pipelines.config import SweepConfig
+    from pipelines.stages.sweep import _concurrency
+
+    sw = SweepConfig(cpus_per_trial=2)
+    now = {"CPU": 0.0}
+    monkeypatch.setattr("ray.cluster_resources", lambda: dict(now))
+    monkeypatch.setattr(ray_env, "_max_resources", lambda: {})
+    monkeypatch.setattr(ray_env, "_joined", False)
+    with pytest.raises(ValueError, match=r"sweep.cpus_per_trial \(2.0\) exceeds the cluster's 0 CPUs"):
+        _concurrency(sw, gpu=False)
+    monkeypatch.setattr(ray_env, "_joined", True)
+    assert _concurrency(sw, gpu=False) is None  # no limit but the resources: Tune queues them
+    assert "the trials wait in Tune's queue for nodes to start or join" in capsys.readouterr().out
+    assert _concurrency(SweepConfig(cpus_per_trial=2, max_concurrent_trials=3), gpu=False) == 3
+    monkeypatch.setattr(ray_env, "_max_resources", lambda: {"CPU": 32, "GPU": 4})  # an autoscaler's node types
+    assert _concurrency(sw, gpu=False) == 16 and ray_env.cluster_gpus() == 4
+    now["CPU"] = 64.0  # more present than the autoscaler config says: what is there counts
+    assert _concurrency(sw, gpu=False) == 32
+
+
 def test_sweep_logs_every_trial_and_stops_poor_ones(tmp_path, local_ray, capsys):
     """How the best values feed the pretrain stage: the S3 pipeline's sweep
     (tests/test_s3.py)."""

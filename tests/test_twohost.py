@@ -37,7 +37,8 @@ pytestmark = pytest.mark.slow
 STACK = "/tmp/stack"  # on host A: private
 CHAIN = ["--set", "sweep.space={temperature: {grid: [0.2, 0.5]}}", "--set", "sweep.epochs=1",
          "--set", "pretrain.epochs=1", "--set", "labels.fractions=[0.1]", "--set", "finetune.epochs=1",
-         "--set", "finetune.baseline=false", "--set", "finetune.min_steps=0", "--set", "distill.epochs=1"]
+         "--set", "finetune.baseline=false", "--set", "finetune.min_steps=0", "--set", "distill.epochs=1",
+         "--set", "finetune.num_workers=1", "--set", "distill.num_workers=1"]
 # the shared-POSIX run: MoCo (a 256-key queue filled by both workers, an EMA key encoder), the supervised
 # contrastive fine-tune, one worker for each of the small labeled stages
 MOCO = ["--set", "sweep.enabled=false", "--set", "pretrain.epochs=1", "--set", "pretrain.batch_size_per_worker=32",
@@ -89,6 +90,7 @@ def _join_b(c: dict) -> int:
     b, env = c["b"], c["env"]
     ray = str(Path(sys.executable).parent / "ray")
     node_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": env["RAY_AUTH_TOKEN"],
+                **dict.fromkeys(stack.METRICS_ENV, "0"),
                 "AWS_ACCESS_KEY_ID": env["AWS_ACCESS_KEY_ID"], "AWS_SECRET_ACCESS_KEY": env["AWS_SECRET_ACCESS_KEY"],
                 "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     return b.spawn([ray, "start", f"--address={c['a'].ip}:6379", f"--node-ip-address={b.ip}", "--num-cpus=2",
@@ -184,8 +186,12 @@ def test_the_whole_chain_on_two_hosts_with_s3_then_a_shared_path(cluster, capsys
     work = c["private"] / "work"  # a path private to each host: only host A's driver writes there
     started_b: list[int] = []
 
-    def join_when_running(line: str) -> None:  # host B joins once the job has started
-        if not started_b and "clpipe: pipeline" in line:
+    # a cluster with no CPU yet (host B not started) cannot check that a local path is shared: refused in one line
+    rc, out0 = _submit(c, ["--work-dir", str(work / "alone"), "--set", "name=local", "--until", "shard"])
+    assert rc == 1 and "no node of the cluster can run work yet" in out0 and "ray.shared_fs" in out0, out0[-3000:]
+
+    def join_when_running(line: str) -> None:  # host B joins once the shard tasks wait for CPUs
+        if not started_b and "shards in parallel Ray tasks" in line:
             started_b.append(_join_b(c))
 
     t0 = time.perf_counter()
@@ -199,6 +205,7 @@ def test_the_whole_chain_on_two_hosts_with_s3_then_a_shared_path(cluster, capsys
     assert started_b, out[-3000:]
     assert "not sent to the cluster: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY" in out  # the nodes' own keys were used
     assert "stage shard" in out and "stage register" in out and "wall time" in out  # the job's log, followed
+    assert "waiting for it to finish" not in out  # no other run held a stage key
 
     # the shared-POSIX variant: shards and Ray storage in a directory both hosts mount; MoCo and SupCon
     shared_work = c["shared"] / "work"
@@ -228,7 +235,7 @@ def test_the_whole_chain_on_two_hosts_with_s3_then_a_shared_path(cluster, capsys
                                                       f"{c['env']['CLPIPE_JOB_ADDRESS']}`")
 
     got = _check(c)
-    workers = {"s3chain": {"pretrain": 2, "finetune": 2, "distill": 2},
+    workers = {"s3chain": {"pretrain": 2, "finetune": 1, "distill": 1},
                "posixchain": {"pretrain": 2, "finetune": 1, "distill": 1}}
     for name, expected in workers.items():
         runs = _stages(got, name)
@@ -239,7 +246,7 @@ def test_the_whole_chain_on_two_hosts_with_s3_then_a_shared_path(cluster, capsys
             assert json.loads(runs[stage]["tags"]["clpipe.train.node_ips"]) == {b.ip: n}, (name, stage)
         versions = {m: v for m, v in got["models"].items() if m.startswith(name)}
         assert len(versions) == 3 and all(v == [1] for v in versions.values()), got["models"]
-    for text in (out, out2, out3):
+    for text in (out0, out, out2, out3):
         assert c["secret"] not in text
     assert not got["leaks"], got["leaks"]
     # nothing a later stage needed was on host B's own disk; the S3 run kept its data in the bucket
