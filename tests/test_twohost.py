@@ -35,7 +35,7 @@ from infra import hosts, jobs, stack
 pytestmark = pytest.mark.slow
 
 STACK = "/tmp/stack"  # on host A: private
-CHAIN = ["--set", "sweep.space={temperature: {grid: [0.2, 0.5]}}", "--set", "sweep.epochs=1",
+CHAIN = ["--set", "sweep.space={temperature: {grid: [0.2]}}", "--set", "sweep.epochs=1",
          "--set", "pretrain.epochs=1", "--set", "labels.fractions=[0.1]", "--set", "finetune.epochs=1",
          "--set", "finetune.baseline=false", "--set", "finetune.min_steps=0", "--set", "distill.epochs=1",
          "--set", "finetune.num_workers=1", "--set", "distill.num_workers=1"]
@@ -186,10 +186,6 @@ def test_the_whole_chain_on_two_hosts_with_s3_then_a_shared_path(cluster, capsys
     work = c["private"] / "work"  # a path private to each host: only host A's driver writes there
     started_b: list[int] = []
 
-    # a cluster with no CPU yet (host B not started) cannot check that a local path is shared: refused in one line
-    rc, out0 = _submit(c, ["--work-dir", str(work / "alone"), "--set", "name=local", "--until", "shard"])
-    assert rc == 1 and "no node of the cluster can run work yet" in out0 and "ray.shared_fs" in out0, out0[-3000:]
-
     def join_when_running(line: str) -> None:  # host B joins once the shard tasks wait for CPUs
         if not started_b and "shards in parallel Ray tasks" in line:
             started_b.append(_join_b(c))
@@ -246,7 +242,7 @@ def test_the_whole_chain_on_two_hosts_with_s3_then_a_shared_path(cluster, capsys
             assert json.loads(runs[stage]["tags"]["clpipe.train.node_ips"]) == {b.ip: n}, (name, stage)
         versions = {m: v for m, v in got["models"].items() if m.startswith(name)}
         assert len(versions) == 3 and all(v == [1] for v in versions.values()), got["models"]
-    for text in (out0, out, out2, out3):
+    for text in (out, out2, out3):
         assert c["secret"] not in text
     assert not got["leaks"], got["leaks"]
     # nothing a later stage needed was on host B's own disk; the S3 run kept its data in the bucket
