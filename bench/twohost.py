@@ -12,9 +12,10 @@ Side by side in one run on this machine:
 
 For the two-host run, SeaweedFS's per-bucket byte counters
 (``SeaweedFS_s3_bucket_traffic_received_bytes_total``: written to S3;
-``..._sent_bytes_total``: read from S3) are read at each stage's first log line and at
-the end, so each stage gets the bytes moved between its start and the next one's
-(MLflow's artifact uploads, which the server proxies into the bucket, included).
+``..._sent_bytes_total``: read from S3) are sampled every 0.25 s on host A, and each stage
+gets the bytes moved between its MLflow run's start and end (MLflow's artifact uploads,
+which the server proxies into the bucket, included; what moves between stages, e.g. the
+driver's checks, is in the total only).
 Both runs use the same CPUs (2), so the ratio is the cost of the cluster path itself:
 job upload, a second node, S3 and the tracking server instead of local files.
 
@@ -35,6 +36,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -49,12 +51,33 @@ QUICK = ["--set", "sweep.space={temperature: {grid: [0.2, 0.5]}}", "--set", "swe
 STACK_DIR = "/tmp/stack"
 METRICS_PORT = 9327
 BUCKET = "clpipe"
-STAGE_LINE = re.compile(r"─+ stage (\w+) ─+")
 DONE_LINE = re.compile(r"^(\w+): done in ([0-9.]+) s")
 COUNTERS = {"written": "SeaweedFS_s3_bucket_traffic_received_bytes_total",
             "read": "SeaweedFS_s3_bucket_traffic_sent_bytes_total"}
-SCRAPE = ("import sys, urllib.request; sys.stdout.write(urllib.request.urlopen("
-          f"'http://' + sys.argv[1] + ':{METRICS_PORT}/metrics', timeout=10).read().decode())")
+# on host A for the whole job: SeaweedFS's counters every 0.25 s, one line each: wall-clock ms, read, written
+SAMPLER = f"""
+import sys, time, urllib.request
+names = {{"{COUNTERS['read']}": 0, "{COUNTERS['written']}": 1}}
+while True:
+    t = time.time()
+    got = [0, 0]
+    for line in urllib.request.urlopen("http://" + sys.argv[1] + ":{METRICS_PORT}/metrics", timeout=10).read().decode().splitlines():
+        for name, i in names.items():
+            if line.startswith(name + '{{bucket="{BUCKET}"}}'):
+                got[i] = int(float(line.split()[-1]))
+    print(int(t * 1000), got[0], got[1], flush=True)
+    time.sleep(0.25)
+"""
+# on host A after the job: each stage run's start and end (MLflow's wall-clock ms)
+WINDOWS = """
+import json
+from mlflow.tracking import MlflowClient
+c = MlflowClient()
+exp = c.get_experiment_by_name("clpipe")
+parent = c.search_runs([exp.experiment_id], "tags.`clpipe.kind` = 'pipeline'", order_by=["attributes.start_time DESC"])[0]
+kids = c.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+print(json.dumps({r.data.tags["clpipe.stage"]: [r.info.start_time, r.info.end_time] for r in kids}))
+"""
 
 
 def machine() -> dict:
@@ -78,14 +101,13 @@ def _done(text: str) -> dict[str, float]:
     return {m.group(1): float(m.group(2)) for line in text.splitlines() if (m := DONE_LINE.match(line.strip()))}
 
 
-def _counters(a: hosts.Host) -> dict[str, int]:
-    r = a.run([sys.executable, "-c", SCRAPE, a.ip], timeout=30)
-    out = {k: 0 for k in COUNTERS}
-    for line in r.stdout.splitlines():
-        for what, name in COUNTERS.items():
-            if line.startswith(f'{name}{{bucket="{BUCKET}"}}'):
-                out[what] = int(float(line.split()[-1]))
-    return out
+def _at(samples: list[tuple[int, int, int]], t: float, after: bool) -> tuple[int, int]:
+    """(read, written) of the last sample at or before ``t`` (``after``: the first at or after)."""
+    if after:
+        got = next((x for x in samples if x[0] >= t), samples[-1])
+    else:
+        got = next((x for x in reversed(samples) if x[0] <= t), samples[0])
+    return got[1], got[2]
 
 
 def two_hosts(args: list[str], logs: Path) -> dict:
@@ -120,29 +142,35 @@ def two_hosts(args: list[str], logs: Path) -> dict:
             cmd = [sys.executable, "-m", "pipelines", "submit", "--work-dir", str(work),
                    "--set", f"data.output=s3://{BUCKET}/run/data", "--set", f"ray.storage_path=s3://{BUCKET}/run/ray",
                    *args]
-            marks: list[tuple[str, float, dict[str, int]]] = [("submit", time.perf_counter(), _counters(a))]
+            sampler = a.popen([sys.executable, "-u", "-c", SAMPLER, a.ip])
+            lines: list[str] = []
+            reader = threading.Thread(target=lambda: lines.extend(sampler.stdout or []), daemon=True)
+            reader.start()
+            t0 = time.perf_counter()
             p = a.popen(cmd, env={"CLPIPE_STACK_ENV": f"{STACK_DIR}/{stack.ENV_FILE}"}, cwd=ROOT)
             assert p.stdout is not None
-            lines = []
-            for line in p.stdout:
-                lines.append(line)
-                m = STAGE_LINE.search(line)
-                if m:
-                    marks.append((m.group(1), time.perf_counter(), _counters(a)))
+            text = p.stdout.read()
             rc = p.wait()
-            marks.append(("end", time.perf_counter(), _counters(a)))
-            text = "".join(lines)
+            wall = time.perf_counter() - t0
+            time.sleep(1.0)  # a last sample after the job's end
+            sampler.kill()
+            reader.join(10)
+            samples = [tuple(int(v) for v in line.split()) for line in lines if len(line.split()) == 3]
             (logs / "job.log").write_text(text)
             if rc != 0:
                 raise SystemExit(f"the two-host job failed:\n{text[-4000:]}")
+            r = a.run([sys.executable, "-c", WINDOWS], env={**env, "PATH": node_env["PATH"]}, timeout=120)
+            windows = json.loads(r.stdout.strip().splitlines()[-1])
             per_stage = {}
-            for (name, t, c), (_, t_next, c_next) in zip(marks, marks[1:], strict=False):
-                per_stage["before the first stage" if name == "submit" else name] = {
-                    "seconds_from_log": round(t_next - t, 1),
-                    **{f"s3_{k}_bytes": c_next[k] - c[k] for k in COUNTERS}}
-            return {"wall_s": round(marks[-1][1] - marks[0][1], 1), "stack_up_s": round(stack_s, 1),
-                    "stage_s": _done(text), "per_stage": per_stage,
-                    "s3_total": {f"{k}_bytes": marks[-1][2][k] - marks[0][2][k] for k in COUNTERS}}
+            for name, (start, end) in sorted(windows.items(), key=lambda kv: kv[1][0]):
+                r0, w0 = _at(samples, start, after=False)
+                r1, w1 = _at(samples, end, after=True)
+                per_stage[name] = {"seconds": round((end - start) / 1000, 1), "s3_read_bytes": r1 - r0,
+                                   "s3_written_bytes": w1 - w0}
+            total_read, total_written = samples[-1][1] - samples[0][1], samples[-1][2] - samples[0][2]
+            return {"wall_s": round(wall, 1), "stack_up_s": round(stack_s, 1), "stage_s": _done(text),
+                    "per_stage": per_stage, "samples": len(samples),
+                    "s3_total": {"read_bytes": total_read, "written_bytes": total_written}}
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
