@@ -29,9 +29,11 @@ class Section(BaseModel):
 
 
 class SourceConfig(Section):
-    kind: Literal["digits", "image_folder", "npz", "text"] = "digits"
-    path: str | None = Field(None, description="folder (image_folder), .npz file (npz), .txt or .jsonl file (text); "
-                             "image_folder and npz may be s3://bucket/prefix (one object per image) or s3://.../x.npz")
+    kind: Literal["digits", "idx", "image_folder", "npz", "text"] = "digits"
+    path: str | None = Field(None, description="folder (image_folder), .npz file (npz), folder of IDX files (idx: "
+                             "MNIST, Fashion-MNIST, KMNIST, EMNIST; the official test files stay the test split), "
+                             ".txt or .jsonl file (text); image_folder and npz may be s3://bucket/prefix (one object "
+                             "per image) or s3://.../x.npz")
 
     @model_validator(mode="after")
     def _path_exists(self) -> SourceConfig:
@@ -45,9 +47,12 @@ class SourceConfig(Section):
         if self.path.startswith("s3://"):  # checked when the shard stage lists it (needs the S3 endpoint)
             if self.kind == "text":
                 raise ValueError("path: text sources are read from local files; download the .txt/.jsonl first")
+            if self.kind == "idx":
+                raise ValueError("path: IDX sources are read from a local folder; download the IDX files first")
             return self
         if not Path(self.path).expanduser().exists():
-            what = {"image_folder": "folder", "npz": ".npz file", "text": ".txt or .jsonl file"}[self.kind]
+            what = {"image_folder": "folder", "npz": ".npz file", "text": ".txt or .jsonl file",
+                    "idx": "folder of IDX files"}[self.kind]
             raise ValueError(f"path: {self.path} does not exist; give an existing {what}")
         if self.kind == "text" and Path(self.path).suffix not in (".txt", ".jsonl"):
             raise ValueError(f"path: {self.path}: a text source is a .txt file (one sentence per line) or a .jsonl file "

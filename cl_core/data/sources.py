@@ -1,4 +1,5 @@
-"""Image sources: scikit-learn's bundled digits, an image folder, a .npz array file.
+"""Image sources: scikit-learn's bundled digits, an image folder, a .npz array file, a
+folder of IDX files (MNIST, Fashion-MNIST, KMNIST, EMNIST).
 
 A source lists its samples (id, label) cheaply and encodes one sample on demand, so the
 shard writer can split the list into chunks and encode them in parallel. Each source
@@ -89,6 +90,11 @@ class Source:
     @property
     def labeled(self) -> bool:
         return bool(self.class_names)
+
+    def official_test(self) -> set[int] | None:
+        """The indices of the source's own test set (kept whole as the test split instead
+        of a random share), or None when it has none."""
+        return None
 
 
 class ArraySource(Source):
@@ -229,9 +235,89 @@ def _is_image_name(name: str) -> bool:
     return "." in base and f".{base.rsplit('.', 1)[1].lower()}" in IMAGE_EXTS and not base.startswith(".")
 
 
+IDX_TYPES = {0x08: np.dtype(np.uint8)}  # unsigned byte: what the MNIST family stores
+IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+             "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+IDX_HINT = "a folder holding train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte and "\
+    "t10k-labels-idx1-ubyte (each may end in .gz, and carry a prefix such as emnist-balanced-)"
+
+
+def read_idx(path: Path, ndim: int) -> np.ndarray:
+    """One IDX file (plain or gzipped): the magic (two zero bytes, the element type, the
+    number of dimensions), the dimensions as big-endian uint32, then the data. One-line
+    SourceError for a file that is not that, has another shape or is cut short."""
+    import gzip
+
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as e:
+            raise SourceError(f"data.source.path: {path}: a damaged gzip file ({e}); download it again") from None
+    kind = "images (idx3)" if ndim == 3 else "labels (idx1)"
+    if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] not in IDX_TYPES or raw[3] != ndim:
+        raise SourceError(f"data.source.path: {path}: not an IDX file of {kind}: magic {raw[:4].hex() or 'missing'}, "
+                          f"expected 0000080{ndim}; give the {kind.split()[0]} file of the data set")
+    head = 4 + 4 * ndim
+    if len(raw) < head:
+        raise SourceError(f"data.source.path: {path}: truncated in its header; download it again")
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    dtype = IDX_TYPES[raw[2]]
+    want = head + int(np.prod(dims)) * dtype.itemsize
+    if len(raw) != want:
+        what = "truncated" if len(raw) < want else "longer than its header says"
+        raise SourceError(f"data.source.path: {path}: {what}: {len(raw) - head} data bytes for dimensions "
+                          f"{'x'.join(map(str, dims))} ({want - head} expected); download it again")
+    return np.frombuffer(raw, dtype=dtype, offset=head).reshape(dims)
+
+
+def _idx_file(folder: Path, name: str) -> Path:
+    found = sorted(p for p in folder.iterdir() if p.name.removesuffix(".gz").endswith(name) and p.is_file())
+    if len(found) != 1:
+        what = "no file" if not found else f"{len(found)} files ({', '.join(p.name for p in found)})"
+        raise SourceError(f"data.source.path: {folder} has {what} named *{name}[.gz]; give {IDX_HINT}")
+    return found[0]
+
+
+class IdxSource(ArraySource):
+    """A data set in IDX files (MNIST, Fashion-MNIST, KMNIST, EMNIST): the train images
+    and labels, and the official test images and labels, which stay the test split."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder).expanduser()
+        if not self.folder.is_dir():
+            raise SourceError(f"data.source.path: {self.folder} is not a directory; give {IDX_HINT}")
+        parts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for split, (img_name, lab_name) in IDX_FILES.items():
+            img_path, lab_path = _idx_file(self.folder, img_name), _idx_file(self.folder, lab_name)
+            images, labels = read_idx(img_path, 3), read_idx(lab_path, 1)
+            if len(images) != len(labels):
+                raise SourceError(f"data.source.path: {img_path.name} holds {len(images)} images but "
+                                  f"{lab_path.name} {len(labels)} labels; the two files must belong together")
+            parts[split] = images, labels.astype(np.int64)
+        (tr_x, tr_y), (te_x, te_y) = parts["train"], parts["test"]
+        if tr_x.shape[1:] != te_x.shape[1:]:
+            raise SourceError(f"data.source.path: {self.folder}: train images are {tr_x.shape[1]}x{tr_x.shape[2]}, "
+                              f"test images {te_x.shape[1]}x{te_x.shape[2]}; the files are of two data sets")
+        labels = np.concatenate([tr_y, te_y])
+        n_classes = int(labels.max()) + 1 if len(labels) else 0
+        self.n_train = len(tr_x)
+        super().__init__(np.concatenate([tr_x, te_x]), labels, [str(c) for c in range(n_classes)],
+                         self.folder.name or "idx", {"kind": "idx", "path": str(self.folder.resolve())})
+
+    def refs(self) -> list[SampleRef]:
+        """Ids name the file and the position in it: ``train-000123``, ``test-000045``."""
+        assert self.labels is not None
+        return [SampleRef(i, f"train-{i:06d}" if i < self.n_train else f"test-{i - self.n_train:06d}",
+                          int(self.labels[i])) for i in range(len(self.images))]
+
+    def official_test(self) -> set[int] | None:
+        return set(range(self.n_train, len(self.images)))
+
+
 def open_source(spec: dict) -> Source:
     """Rebuild a source from its spec: {"kind": "digits"} | {"kind": "image_folder",
-    "path": ...} | {"kind": "npz", "path": ...}."""
+    "path": ...} | {"kind": "npz", "path": ...} | {"kind": "idx", "path": ...}."""
     kind = spec.get("kind")
     if kind == "digits":
         return digits_source()
@@ -239,4 +325,6 @@ def open_source(spec: dict) -> Source:
         return npz_source(spec["path"])
     if kind == "image_folder":
         return ImageFolderSource(spec["path"])
-    raise SourceError(f"data.source.kind: unknown source kind {kind!r}; known: digits, image_folder, npz")
+    if kind == "idx":
+        return IdxSource(spec["path"])
+    raise SourceError(f"data.source.kind: unknown source kind {kind!r}; known: digits, idx, image_folder, npz")

@@ -41,6 +41,22 @@ def _gather(refs: list) -> list:
         raise
 
 
+def plan_splits(source: Source, refs: list, cfg: DataConfig, seed: int) -> dict[str, list]:
+    """train/val/test: a random stratified split, except that a source with an official
+    test set (IDX's t10k files) keeps exactly that set as the test split; val is then
+    ``val_fraction`` of the rest and ``test_fraction`` is not used."""
+    test = source.official_test()
+    if test is None:
+        return S.split_refs(refs, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=seed,
+                            stratified=source.labeled)
+    splits = S.split_refs([r for r in refs if r.index not in test], val_fraction=cfg.val_fraction, test_fraction=0.0,
+                          seed=seed, stratified=source.labeled)
+    splits["test"] = [r for r in refs if r.index in test]
+    console.print(f"shard: the test split is the source's official test set ({len(splits['test'])} images); "
+                  "data.test_fraction is not used")
+    return splits
+
+
 def destination(ctx: StageContext, root: str | None) -> str | None:
     """Where the stage's shard set goes when ``root`` (``data.output``) is ``s3://``:
     ``<root>/<stage>/<key>``; None: the stage's local output dir."""
@@ -57,8 +73,7 @@ def shard(ctx: StageContext, cfg: DataConfig, inputs: dict) -> dict:
     refs = source.refs()
     if not refs:
         raise SourceError(f"data.source: {source.describe()} holds no images; point data.source.path at a folder or .npz with images")
-    splits = S.split_refs(refs, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
-                          seed=ctx.seed, stratified=source.labeled)
+    splits = plan_splits(source, refs, cfg, ctx.seed)
     out = ctx.output_dir
     dest = destination(ctx, cfg.output)
     where: str = dest or str(out)
