@@ -125,14 +125,8 @@ def two_hosts(args: list[str], logs: Path) -> dict:
                 raise SystemExit(f"stack up on host A failed:\n{r.stdout}\n{r.stderr}")
             stack_s = time.perf_counter() - t0
             env = stack.read_env_file(a.file(STACK_DIR) / stack.ENV_FILE)
-            node_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": env["RAY_AUTH_TOKEN"],
-                        "AWS_ACCESS_KEY_ID": env["AWS_ACCESS_KEY_ID"],
-                        "AWS_SECRET_ACCESS_KEY": env["AWS_SECRET_ACCESS_KEY"],
-                        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
             b_log = logs / "ray-b.log"
-            b.spawn([str(Path(sys.executable).parent / "ray"), "start", f"--address={a.ip}:6379",
-                     f"--node-ip-address={b.ip}", "--num-cpus=2", "--disable-usage-stats", "--block"], b_log,
-                    env=node_env)
+            b.join_ray(a.ip, env, b_log)
             deadline = time.monotonic() + 120
             while "Ray runtime started" not in b_log.read_text(errors="replace"):
                 if time.monotonic() > deadline:
@@ -159,7 +153,7 @@ def two_hosts(args: list[str], logs: Path) -> dict:
             (logs / "job.log").write_text(text)
             if rc != 0:
                 raise SystemExit(f"the two-host job failed:\n{text[-4000:]}")
-            r = a.run([sys.executable, "-c", WINDOWS], env={**env, "PATH": node_env["PATH"]}, timeout=120)
+            r = a.run([sys.executable, "-c", WINDOWS], env=env, timeout=120)
             windows = json.loads(r.stdout.strip().splitlines()[-1])
             per_stage = {}
             for name, (start, end) in sorted(windows.items(), key=lambda kv: kv[1][0]):

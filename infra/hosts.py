@@ -20,6 +20,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -72,6 +73,22 @@ class Host:
         """``cmd`` on the host with its output (stdout and stderr) to read as text lines."""
         return subprocess.Popen(self.argv(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env=self.env(env), cwd=cwd, start_new_session=True)
+
+    def join_ray(self, head_ip: str, stack_env: dict[str, str], log: Path, num_cpus: int = 2) -> int:
+        """Start a Ray worker node here (this virtualenv's ``ray start --block``) that joins
+        the head at ``head_ip``:6379 with the token of ``stack_env`` (a stack's env file
+        with ``--ray-auth token``) and that stack's S3 keys as the node's own credentials,
+        as an instance role gives them; Ray's metrics off, as on the stack's head. Returns
+        its pid; output to ``log``."""
+        from infra.stack import METRICS_ENV
+
+        bin_dir = Path(sys.executable).parent
+        env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": stack_env["RAY_AUTH_TOKEN"],
+               **dict.fromkeys(METRICS_ENV, "0"), "AWS_ACCESS_KEY_ID": stack_env["AWS_ACCESS_KEY_ID"],
+               "AWS_SECRET_ACCESS_KEY": stack_env["AWS_SECRET_ACCESS_KEY"],
+               "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+        return self.spawn([str(bin_dir / "ray"), "start", f"--address={head_ip}:6379", f"--node-ip-address={self.ip}",
+                           f"--num-cpus={num_cpus}", "--disable-usage-stats", "--block"], log, env=env)
 
     def file(self, path: str | Path) -> Path:
         """``path`` as this host sees it (its private mounts included), read from here."""

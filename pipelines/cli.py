@@ -242,7 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("--only", metavar="STAGE", help="compute STAGE alone against the cached outputs of its upstream stages")
     p_run.add_argument("--until", metavar="STAGE", help="stop after STAGE (e.g. --until pretrain)")
     p_run.add_argument("--forward-secrets", action="store_true",
-                       help="joining a running cluster (ray.address): " + SECRETS_HELP.replace("the cluster", "its workers"))
+                       help="joining a running cluster (ray.address) from outside a job: also send this shell's "
+                       "credentials to the run's workers in its runtime_env (default: their nodes' own); anyone who "
+                       "can reach the cluster's job server can read them back, and Ray's logs record them")
     p_sweep = sub.add_parser("sweep", help="run the sweep stage alone (shard, then Ray Tune) and print the ranked trials")
     _add_config_args(p_sweep)
     p_cfg = sub.add_parser("config", help="validate a config and print it resolved")

@@ -196,10 +196,7 @@ def _run_stage(spec: StageSpec, cfg: PipelineConfig, experiment_id: str, parent_
     }
     t0 = time.perf_counter()
 
-    def reuse(cached: Run) -> StageResult | None:
-        outputs = tracking.load_outputs(cached.info.run_id)
-        if _missing_paths(outputs):
-            return None
+    def reuse(cached: Run, outputs: dict) -> StageResult:
         with mlflow.start_run(experiment_id=experiment_id, run_name=f"{spec.name} (cached)", nested=True,
                               tags={**tags, tracking.TAG_CACHE_HIT: "true",
                                     tracking.TAG_CACHED_FROM: cached.info.run_id}) as run:
@@ -209,10 +206,10 @@ def _run_stage(spec: StageSpec, cfg: PipelineConfig, experiment_id: str, parent_
 
     cached = None if force else tracking.find_cached(experiment_id, spec.name, key)
     if cached is not None:
-        reused = reuse(cached)
-        if reused is not None:
-            return reused
-        missing = _missing_paths(tracking.load_outputs(cached.info.run_id))
+        outputs = tracking.load_outputs(cached.info.run_id)
+        missing = _missing_paths(outputs)
+        if not missing:
+            return reuse(cached, outputs)
         if cache_only:
             raise StageError(f"--only {only}: upstream stage {spec.name}'s run {cached.info.run_id} lost its "
                              f"artifact {missing[0]}; rerun it: clpipe run --rerun {spec.name}")
@@ -223,11 +220,11 @@ def _run_stage(spec: StageSpec, cfg: PipelineConfig, experiment_id: str, parent_
     # one run at a time computes a stage key (its output dir, shard set and Ray run are the key's): a second
     # run waits here, then takes the first one's result from the cache
     with leases.lease(leases.root_for(cfg), f"{spec.name}-{key[:16]}", say=console.print) as waited:
-        if waited and not force:
-            cached = tracking.find_cached(experiment_id, spec.name, key)
-            reused = reuse(cached) if cached is not None else None
-            if reused is not None:
-                return reused
+        cached = tracking.find_cached(experiment_id, spec.name, key) if waited and not force else None
+        if cached is not None:
+            outputs = tracking.load_outputs(cached.info.run_id)
+            if not _missing_paths(outputs):
+                return reuse(cached, outputs)
         return _compute(spec, cfg, experiment_id, parent_id, key, tags, upstream_runs, inputs, force, t0)
 
 

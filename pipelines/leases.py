@@ -78,7 +78,7 @@ def _file_lease(path: Path, name: str, wait_s: float | None, say: Callable[[str]
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
-                holder = _read_json(lambda: path.read_bytes())
+                holder = _read_json(path.read_bytes)
                 if not waited:
                     say(f"{name}: another run holds it ({_describe(holder)}); waiting for it to finish")
                     waited = True

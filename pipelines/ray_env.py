@@ -12,7 +12,7 @@ import ray
 from cl_core.data import storage as storage_lib
 from infra import procs
 from infra.stack import METRICS_ENV
-from pipelines.config import PipelineConfig, RayConfig
+from pipelines.config import ConfigError, PipelineConfig, RayConfig
 
 TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
@@ -78,8 +78,6 @@ def preflight(cfg: PipelineConfig) -> None:
     yet (autoscaling from zero) cannot be checked: local paths are refused there unless
     ``ray.shared_fs`` says they are mounted on every node."""
     import secrets
-
-    from pipelines.config import ConfigError
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if not _joined and len(nodes) <= 1:

@@ -87,14 +87,7 @@ def cluster(tmp_path_factory):
 def _join_b(c: dict) -> int:
     """Host B's Ray node joins the head on host A: the token, and the node's own S3
     credentials (as an instance role gives them)."""
-    b, env = c["b"], c["env"]
-    ray = str(Path(sys.executable).parent / "ray")
-    node_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": env["RAY_AUTH_TOKEN"],
-                **dict.fromkeys(stack.METRICS_ENV, "0"),
-                "AWS_ACCESS_KEY_ID": env["AWS_ACCESS_KEY_ID"], "AWS_SECRET_ACCESS_KEY": env["AWS_SECRET_ACCESS_KEY"],
-                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    return b.spawn([ray, "start", f"--address={c['a'].ip}:6379", f"--node-ip-address={b.ip}", "--num-cpus=2",
-                    "--disable-usage-stats", "--block"], c["logs"] / "ray-b.log", env=node_env)
+    return c["b"].join_ray(c["a"].ip, c["env"], c["logs"] / "ray-b.log")
 
 
 def _submit(c: dict, args: list[str], on_line=None) -> tuple[int, str]:

@@ -226,25 +226,21 @@ class Worker:
         return cls(ctx.get_world_rank(), ctx.get_world_size(), train.torch.get_device())
 
 
-def worker_placement(world: int) -> dict[str, dict[str, int]]:
+def record_placement(world: int, log: tracking.WorkerLog | None) -> None:
     """Where the workers of this Ray Train group run, gathered from every rank (a
-    collective: call it on all of them): {"nodes": {Ray node id: workers}, "ips": {node
-    IP: workers}}."""
+    collective: call it on all of them) and, with ``log`` (rank 0 of a tracked run), kept
+    as the run's tags ``clpipe.train.nodes`` ({Ray node id: workers}) and
+    ``clpipe.train.node_ips`` ({node IP: workers})."""
     import ray
 
-    ctx = ray.get_runtime_context()
-    mine = (ctx.get_node_id(), ray.util.get_node_ip_address())
+    mine = (ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address())
     every = [mine]
     if world > 1:
         every = [("", "")] * world
         torch.distributed.all_gather_object(every, mine)
-    return {"nodes": dict(Counter(n for n, _ in every)), "ips": dict(Counter(ip for _, ip in every))}
-
-
-def record_placement(log: tracking.WorkerLog, placement: dict[str, dict[str, int]]) -> None:
-    """The run's tags ``clpipe.train.nodes`` and ``clpipe.train.node_ips``: where its workers ran."""
-    log.tags({"clpipe.train.nodes": json.dumps(placement["nodes"], sort_keys=True),
-              "clpipe.train.node_ips": json.dumps(placement["ips"], sort_keys=True)})
+    if log is not None:
+        log.tags({"clpipe.train.nodes": json.dumps(dict(Counter(n for n, _ in every)), sort_keys=True),
+                  "clpipe.train.node_ips": json.dumps(dict(Counter(ip for _, ip in every)), sort_keys=True)})
 
 
 def crop_flip(views: CropFlipConfig, image_size: int, n_views: int = 1) -> FinetuneTransform:
@@ -289,10 +285,10 @@ class SequentialJobs:
         self.config, self.w, self.prefix = config, worker, log_prefix
         self.log: tracking.WorkerLog | None = None
         self.val: tuple[torch.Tensor, torch.Tensor] | None = None
-        placement = worker_placement(worker.world)
         if worker.rank == 0:
             self.log = tracking.WorkerLog(config["tracking_uri"], config["run_id"], prefix=log_prefix)
-            record_placement(self.log, placement)
+        record_placement(worker.world, self.log)
+        if worker.rank == 0:
             self.val = load_split(config["val_urls"], EvalTransform(config["image_size"]), verify=config.get("val_verify"))
         self.finished: dict[str, dict] = {}
         self.resume: dict | None = None

@@ -38,7 +38,6 @@ from pipelines.stages._train import (
     report_checkpoint,
     use_gpu,
     verify_checkpoint,
-    worker_placement,
 )
 
 STATE_FILE = "state.pt"
@@ -137,11 +136,11 @@ def train_worker(config: dict) -> list[dict] | None:
     log: tracking.WorkerLog | None = None
     evaluate = None
     tracked = config["run_id"] is not None  # None: a sweep trial, whose metrics go to Ray Tune only
-    placement = worker_placement(world)  # a collective: every rank
+    if rank == 0 and tracked:
+        log = tracking.WorkerLog(config["tracking_uri"], config["run_id"], prefix="pretrain")
+    record_placement(world, log)  # a collective: every rank
     if rank == 0:
         if tracked:
-            log = tracking.WorkerLog(config["tracking_uri"], config["run_id"], prefix="pretrain")
-            record_placement(log, placement)
             print(f"[pretrain] {loop.describe()}", flush=True)
         labeled = config["labeled"] and config["val_urls"]
         if labeled:
