@@ -61,11 +61,18 @@ def test_an_mlflow_outage_during_pretrain_delays_its_metrics_and_loses_none(loca
             runs = client.search_runs([exp.experiment_id], "tags.`clpipe.stage` = 'pretrain'") if exp else []
             return bool(runs) and "epoch" in runs[0].data.metrics
 
+        seen: set[str] = set()
+
+        def checkpoints() -> int:  # epoch-end checkpoints Ray Train has written so far (it keeps only the last)
+            seen.update(c.name for c in (tmp_path / "work" / "ray_results").glob("*/checkpoint_*"))
+            return len(seen)
+
         wait_until(first_epoch_logged, 300, "pretrain's first epoch in MLflow")
         procs.stop(pid)  # the server goes away mid-training
-        down = time.time() * 1000
-        time.sleep(3)
-        pid = _mlflow_server(db, port, log)  # and comes back (its restart takes a few seconds more)
+        down, at_down = time.time() * 1000, checkpoints()
+        # it stays away while two more epochs end (their timing varies with the machine's load)
+        wait_until(lambda: checkpoints() >= at_down + 2 or not t.is_alive(), 300, "two epochs during the outage")
+        pid = _mlflow_server(db, port, log)  # and comes back
         up = time.time() * 1000
         t.join(timeout=400)
         assert not t.is_alive() and result["rc"] == 0, capsys.readouterr()
