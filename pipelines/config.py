@@ -240,7 +240,7 @@ DOMAINS = ("grid", "choice", "uniform", "loguniform")
 class SweepConfig(Section):
     """A Ray Tune sweep over the pretraining method's hyperparameters, before the final
     pretrain: each trial is a short pretrain (one in-process loop, or a TorchTrainer of
-    ``workers_per_trial`` workers) scored by val kNN top-1 every epoch, ASHA stops poor
+    ``workers_per_trial`` workers) scored by val kNN top-1 every epoch, successive halving stops poor
     trials early, and the best values feed the pretrain stage."""
 
     enabled: bool = False
@@ -251,9 +251,9 @@ class SweepConfig(Section):
                     "batch_size_per_worker")
     search: Literal["basic", "optuna"] = Field("basic", description="basic: Tune's variant generator; optuna: TPE")
     num_samples: int = Field(1, ge=1, description="repeats of the space (random domains are drawn anew each time)")
-    epochs: int = Field(3, ge=1, description="epochs per trial (ASHA's max_t)")
-    grace_period: int = Field(1, ge=1, description="ASHA: epochs every trial gets before it can be stopped")
-    reduction_factor: int = Field(2, ge=2, description="ASHA: 1/reduction_factor of the trials go on at each rung")
+    epochs: int = Field(3, ge=1, description="epochs per trial (the last rung)")
+    grace_period: int = Field(1, ge=1, description="halving: epochs every trial gets before it can be stopped")
+    reduction_factor: int = Field(2, ge=2, description="halving: 1/reduction_factor of the trials go on at each rung")
     workers_per_trial: int = Field(1, ge=1, description="training workers per trial (1: an in-process loop; more: "
                                    "a TorchTrainer per trial); GPUs: one per worker when pretrain.use_gpu applies")
     cpus_per_trial: float = Field(1.0, gt=0, description="CPUs per trial in all (several workers share them)")
@@ -327,6 +327,9 @@ class FinetuneConfig(TrainingConfig):
     lr_base: float = Field(0.1, gt=0, description="per 256 images")
     weight_decay: float = Field(0.0, ge=0)
     warmup_epochs: float = Field(0.0, ge=0)
+    bn_recalibration_images: int = Field(
+        2048, ge=0, description="before each val evaluation, BatchNorm statistics are recomputed on up to this many "
+        "of the training images, uncropped (precise BN); 0: the running averages as they are")
 
 
 class DistillConfig(TrainingConfig):
@@ -337,6 +340,9 @@ class DistillConfig(TrainingConfig):
     views: CropFlipConfig = CropFlipConfig()
     epochs: int = Field(20, ge=1)
     batch_size_per_worker: int = Field(64, ge=1)
+    bn_recalibration_images: int = Field(
+        2048, ge=0, description="before each val evaluation, BatchNorm statistics are recomputed on up to this many "
+        "of the training images, uncropped (precise BN); 0: the running averages as they are")
 
     @field_validator("student_backbone")
     @classmethod

@@ -268,10 +268,13 @@ def training_loader(stream: ShardStream, *, num_workers: int, pin_memory: bool =
 
 
 def load_split(urls: Sequence[str], transform: Callable[[Image.Image], torch.Tensor],
-               verify: Mapping[str, Mapping] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every sample of ``urls`` in order, transformed: (images (N, C, H, W), labels (N,))."""
+               verify: Mapping[str, Mapping] | None = None, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every sample of ``urls`` in order (the first ``limit`` with one), transformed:
+    (images (N, C, H, W), labels (N,))."""
     xs, ys = [], []
     for img, label, _ in sample_pipeline(urls, verify=verify):
+        if limit is not None and len(xs) >= limit:
+            break
         xs.append(transform(img))
         ys.append(label)
     if not xs:

@@ -40,7 +40,7 @@ from cl_core.data import storage
 from cl_core.data.reader import ShardStream, load_split, training_loader
 from cl_core.data.shards import sha256_file
 from cl_core.engine import LoopConfig, PretrainLoop
-from cl_core.evaluate import top1
+from cl_core.evaluate import recalibrate_batch_norm, top1
 from cl_core.methods.base import Method
 from pipelines import ray_env, tracking
 from pipelines.config import CropFlipConfig, TrainingConfig
@@ -336,9 +336,17 @@ class SequentialJobs:
         elif self.w.rank == 0:
             print(f"[{self.prefix}] {name}: {loop.describe()}", flush=True)
 
+        calibration = None
+        n_cal = getattr(section, "bn_recalibration_images", 0)
+        if self.w.rank == 0 and n_cal:  # uncropped training images for precise BN statistics
+            calibration, _ = load_split(stream.urls, EvalTransform(self.config["image_size"]), verify=stream.verify,
+                                        limit=n_cal)
+
         def evaluate(_encoder) -> dict[str, float]:
             assert self.val is not None
             x, y = self.val
+            if calibration is not None:  # rank 0's statistics reach the other ranks with DDP's buffer broadcast
+                recalibrate_batch_norm(classifier, calibration)
             was = classifier.training
             classifier.eval()
             with torch.no_grad():

@@ -2,7 +2,8 @@
 (ShardSet -> SweepResult).
 
 Each trial is a short pretrain of the configured method that reports val kNN top-1
-after every epoch; ASHA stops the trials that trail at its rungs. With
+after every epoch; successive halving (ASHA's rungs, each decided once all of its
+trials reported: pipelines/halving.py) stops the trials that trail. With
 ``workers_per_trial: 1`` a trial is the project's ``PretrainLoop`` in the Tune trial
 process itself; with more, the trial is a small driver that runs the pretrain stage's
 ``train_worker`` on its own ``TorchTrainer`` (Ray's Train-in-Tune pattern: the trial
@@ -13,7 +14,7 @@ forwards the reports to Tune with ``TuneReportCallback``. Trial names are determ
 (``Tuner.restore``): single-worker trials resume from their Tune checkpoint, multi-worker
 trials from their Train run (named after the trial, under ``<experiment>/train``).
 Afterwards every trial becomes a nested MLflow run (params, per-epoch metrics, whether
-ASHA stopped it), and the sweep run gets the ranked table and the plots. The best
+halving stopped it), and the sweep run gets the ranked table and the plots. The best
 values flow into the pretrain stage.
 """
 
@@ -38,6 +39,7 @@ from cl_core.data.shards import read_manifest
 from cl_core.engine import PretrainLoop
 from cl_core.evaluate import extract_features, knn_top1
 from pipelines import plots, ray_env, tracking
+from pipelines.halving import SyncHalving
 from pipelines.config import PretrainConfig, SweepConfig, SweepStageConfig, apply_sweep
 from pipelines.console import console
 from pipelines.graph import StageContext
@@ -59,7 +61,7 @@ DRIVER_CPUS = 0.01  # what a multi-worker trial's driver reserves; its Train wor
 def _trial_pretrain(config: dict[str, Any], base: dict[str, Any]) -> PretrainConfig:
     """The pretrain section of one trial: the swept values over the configured ones."""
     p = apply_sweep(PretrainConfig.model_validate(base["pretrain"]), {k: config[k] for k in base["names"]})
-    # trials checkpoint at epoch ends only: Tune (and ASHA) see one report per epoch
+    # trials checkpoint at epoch ends only: Tune (and the halving) see one report per epoch
     return p.model_copy(update={"epochs": base["epochs"], "checkpoint_every_steps": 0, "checkpoint_every_minutes": 0.0})
 
 
@@ -194,7 +196,6 @@ def _concurrency(sw: SweepConfig, gpu: bool) -> int | None:
 
 def sweep(ctx: StageContext, cfg: SweepStageConfig, inputs: dict) -> dict:
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
-    from ray.tune.schedulers import ASHAScheduler
 
     sw, pre = cfg.sweep, cfg.pretrain
     shard_set = inputs["shard"]
@@ -227,9 +228,13 @@ def sweep(ctx: StageContext, cfg: SweepStageConfig, inputs: dict) -> dict:
         from ray.tune.search.optuna import OptunaSearch
 
         search_alg = OptunaSearch(seed=sw.seed if sw.seed is not None else ctx.seed)
-    # rungs in epochs (the loop's own count, which survives a restore) rather than Tune's report count
-    scheduler = ASHAScheduler(time_attr="epoch", max_t=sw.epochs, grace_period=min(sw.grace_period, sw.epochs),
-                              reduction_factor=sw.reduction_factor)
+    # rungs in epochs (the loop's own count, which survives a restore) rather than Tune's report count;
+    # each rung decided once all of its trials reported (pipelines/halving.py), so a rerun stops the same
+    # trials; the scheduler (not Tune's searcher, which would count paused trials as running) limits concurrency
+    total = sw.num_samples * math.prod(len(v["grid"]) for v in sw.space.values() if "grid" in v)
+    scheduler = SyncHalving(time_attr="epoch", max_t=sw.epochs,
+                            grace_period=min(sw.grace_period, sw.epochs), reduction_factor=sw.reduction_factor,
+                            total_trials=total, max_running=concurrent)
     ray_env.keep_credentials_out_of_tune()
     # Tune's console tables and TensorBoard files are not wanted: the pipeline logs to MLflow
     _set_output = "RAY_AIR_NEW_OUTPUT" not in os.environ
@@ -243,13 +248,13 @@ def sweep(ctx: StageContext, cfg: SweepStageConfig, inputs: dict) -> dict:
     else:
         console.print(f"sweep: {pre.method}, {' x '.join(f'{n} {_space_text(sw.space[n])}' for n in names)}, "
                       f"{sw.num_samples} sample(s), {sw.epochs} epochs per trial, {workers} worker(s) per trial"
-                      f"{' with GPUs' if gpu else ''}, {sw.search} search, ASHA, "
+                      f"{' with GPUs' if gpu else ''}, {sw.search} search, successive halving, "
                       f"{concurrent or 'as many as the nodes hold'} at a time")
         tuner = tune.Tuner(
             trainable,
             param_space={n: _domain(sw.space[n]) for n in names},
             tune_config=tune.TuneConfig(metric=METRIC, mode="max", scheduler=scheduler, search_alg=search_alg,
-                                        num_samples=sw.num_samples, max_concurrent_trials=concurrent,
+                                        num_samples=sw.num_samples,
                                         trial_name_creator=_trial_name(names), trial_dirname_creator=_trial_name(names)),
             run_config=tune.RunConfig(name=ctx.ray_run_name, storage_path=storage_path, storage_filesystem=storage_fs,
                                       verbose=0,
@@ -283,7 +288,7 @@ def sweep(ctx: StageContext, cfg: SweepStageConfig, inputs: dict) -> dict:
     best = {n: rows[0][n] for n in names}
     console.print(f"sweep: best {', '.join(f'{n}={_fmt(v)}' for n, v in best.items())} "
                   f"(val kNN top-1 {rows[0]['last']:.4f}); {sum(r['stopped_early'] for r in rows)} of {len(rows)} "
-                  "trial(s) stopped early by ASHA")
+                  "trial(s) stopped early by successive halving")
     return {"best": best, "best_metric": rows[0]["last"], "metric": METRIC, "trials": len(rows),
             "ranked": [{k: v for k, v in r.items() if k not in ("curve", "loss")} for r in rows],
             "experiment_dir": exp_dir}
