@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 PYTEST_WORKERS ?= 2
 XDIST := -n $(PYTEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
-.PHONY: install run test test-fast lint bench clean bytecode
+.PHONY: install run test test-fast lint bench clean bytecode fashion-mnist fashion-mnist-data
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,3 +43,18 @@ bench: $(STAMP)
 
 clean:
 	rm -rf clpipe-work .pytest_cache
+
+# Fashion-MNIST from Debian's package (installed when root with apt, else the one command to run),
+# then the 2-core config: `make fashion-mnist`
+FASHION := /usr/share/datasets/fashion-mnist
+fashion-mnist-data:
+	@if [ -f $(FASHION)/t10k-labels-idx1-ubyte.gz ] || [ -f $(FASHION)/t10k-labels-idx1-ubyte ]; then \
+	  echo "Fashion-MNIST is in $(FASHION)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get > /dev/null; then \
+	  apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+	else \
+	  echo "Fashion-MNIST is not installed; run: sudo apt-get install -y dataset-fashion-mnist"; exit 2; \
+	fi
+
+fashion-mnist: $(STAMP) fashion-mnist-data
+	$(BIN)/clpipe run fashion_mnist $(ARGS)

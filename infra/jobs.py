@@ -143,9 +143,12 @@ def build_job(config: str | None, overrides: list[str], root: Path, flags: list[
     env["PYTHONUNBUFFERED"] = "1"  # logs reach `clpipe logs` as they are printed
     prefix = ""
     if config is not None:
-        path = Path(config).expanduser().resolve()
-        if not path.is_file():
-            raise JobsError(f"config {config}: no such file")
+        from pipelines.config import ConfigError, config_path
+
+        try:
+            path = config_path(config).resolve()  # a file, or a shipped config's name
+        except ConfigError as e:
+            raise JobsError(f"config {e}") from None
         rel = path.relative_to(root) if path.is_relative_to(root) else None
         if rel is not None and not any(part in EXCLUDES or part.endswith(".egg-info") for part in rel.parts):
             args.append(rel.as_posix())  # uploaded with the working dir

@@ -28,6 +28,11 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+PACKAGED_DATA = {  # data sets a system package installs, and the command that does it
+    "/usr/share/datasets/fashion-mnist": "apt-get install -y dataset-fashion-mnist (as root; or make fashion-mnist)",
+}
+
+
 class SourceConfig(Section):
     kind: Literal["digits", "idx", "image_folder", "npz", "text"] = "digits"
     path: str | None = Field(None, description="folder (image_folder), .npz file (npz), folder of IDX files (idx: "
@@ -53,7 +58,8 @@ class SourceConfig(Section):
         if not Path(self.path).expanduser().exists():
             what = {"image_folder": "folder", "npz": ".npz file", "text": ".txt or .jsonl file",
                     "idx": "folder of IDX files"}[self.kind]
-            raise ValueError(f"path: {self.path} does not exist; give an existing {what}")
+            hint = PACKAGED_DATA.get(str(Path(self.path).expanduser()).rstrip("/"))
+            raise ValueError(f"path: {self.path} does not exist; " + (f"install it: {hint}" if hint else f"give an existing {what}"))
         if self.kind == "text" and Path(self.path).suffix not in (".txt", ".jsonl"):
             raise ValueError(f"path: {self.path}: a text source is a .txt file (one sentence per line) or a .jsonl file "
                              "(one {\"text\": ..., \"label\": ...} object per line)")
@@ -64,6 +70,11 @@ class DataConfig(Section):
     source: SourceConfig = SourceConfig()
     val_fraction: float = Field(0.15, ge=0, lt=1, description="share of each class held out for selection")
     test_fraction: float = Field(0.15, ge=0, lt=1, description="share held out for the final evaluation only")
+    max_samples: int | None = Field(None, ge=2, description="a stratified random subset of this many images (of the "
+                                    "non-test images when the source has an official test set) before the split; "
+                                    "null: all")
+    max_test_samples: int | None = Field(None, ge=1, description="a stratified random subset of this many of the "
+                                         "test split; null: all")
     samples_per_shard: int = Field(256, ge=1)
     min_shards: int = Field(4, ge=1, description="per split; >= training workers x DataLoader workers")
     tokenizer_vocab_size: int = Field(8192, ge=300, description="text sources: byte-level BPE vocabulary trained on the train split")
@@ -608,14 +619,27 @@ def apply_override(data: dict, keys: list[str], value: Any) -> None:
     node[keys[-1]] = value
 
 
+def shipped_configs() -> list[str]:
+    """The names of the configs shipped in the package (``clpipe run NAME``)."""
+    return sorted(f.stem for f in DEFAULT_CONFIG.parent.glob("*.yaml"))
+
+
+def config_path(config: str | Path) -> Path:
+    """A config file: a path, or the name of a shipped config (``fashion_mnist``)."""
+    p = Path(config).expanduser()
+    if p.is_file():
+        return p
+    if "/" not in str(config) and (DEFAULT_CONFIG.parent / f"{Path(str(config)).stem}.yaml").is_file():
+        return DEFAULT_CONFIG.parent / f"{Path(str(config)).stem}.yaml"
+    raise ConfigError(f"{config}: config file not found; give a YAML path or a shipped config: {', '.join(shipped_configs())}")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
     """Default config <- YAML file <- ``--set`` overrides, validated once at the end."""
     data: dict = yaml.safe_load(DEFAULT_CONFIG.read_text()) or {}
     source = str(path) if path else "default config"
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{p}: config file not found")
+        p = config_path(path)
         try:
             user = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:

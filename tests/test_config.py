@@ -80,3 +80,28 @@ def test_readme_yaml_snippets_validate(tmp_path, image_folder):
         p = tmp_path / f"readme-{i}.yaml"
         p.write_text(block.replace("/data/images", str(image_folder)))
         load_config(p)
+
+
+def test_shipped_configs_load_by_name_and_a_missing_data_package_names_its_install_command(monkeypatch):
+    """`clpipe run fashion_mnist`: a shipped config by name (the GPU variant too); where
+    Debian's Fashion-MNIST package is not installed the one-line error says how to install it."""
+    from pipelines import config as C
+
+    assert {"default", "fashion_mnist", "fashion_mnist_gpu"} <= set(C.shipped_configs())
+    assert C.config_path("fashion_mnist").name == "fashion_mnist.yaml"
+    with pytest.raises(ConfigError, match="shipped config: default, fashion_mnist, fashion_mnist_gpu"):
+        C.config_path("fashion")
+    path = "/usr/share/datasets/fashion-mnist"
+    for name in ("fashion_mnist", "fashion_mnist_gpu"):
+        if Path(path).is_dir():
+            cfg = load_config(name)
+            assert cfg.data.source.kind == "idx" and cfg.data.source.path == path and cfg.name == name
+        else:
+            with pytest.raises(ConfigError, match=f"path: {path} does not exist; install it: apt-get install"):
+                load_config(name)
+    # the hint is keyed by the package's folder: shown for such a folder that is absent here
+    monkeypatch.setitem(C.PACKAGED_DATA, "/nonexistent/fashion-mnist", C.PACKAGED_DATA[path])
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=["data.source={kind: idx, path: /nonexistent/fashion-mnist/}"])
+    assert "install it: apt-get install -y dataset-fashion-mnist (as root; or make fashion-mnist)" in str(e.value)
+    assert len(str(e.value).splitlines()) <= 2

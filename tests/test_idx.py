@@ -59,6 +59,14 @@ def test_the_official_test_files_are_the_test_split(tmp_path):
     assert len(splits["val"]) == 8 and len(splits["train"]) == 32  # val: 20% of the train files, per class
     assert all(r.id.startswith("train-") for r in splits["train"] + splits["val"])
     assert plan_splits(src, src.refs(), cfg.data, seed=0) == splits  # deterministic
+    # subsets (the 2-core Fashion-MNIST settings): stratified, exact sizes, the test part from the t10k files only
+    small = cfg.data.model_copy(update={"max_samples": 20, "max_test_samples": 5})
+    cut = plan_splits(src, src.refs(), small, seed=0)
+    assert len(cut["train"]) + len(cut["val"]) == 20 and len(cut["test"]) == 5
+    assert {r.index for r in cut["test"]} <= set(range(40, 50))
+    labels = sorted(r.label for r in cut["train"] + cut["val"])
+    assert max(labels.count(c) for c in set(labels)) - min(labels.count(c) for c in set(labels)) <= 1
+    assert plan_splits(src, src.refs(), small, seed=0) == cut
 
 
 @pytest.mark.parametrize("damage, message", [

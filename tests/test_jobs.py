@@ -53,5 +53,5 @@ def test_the_job_carries_the_config_and_the_locations_and_secrets_only_when_aske
 
     entry, _ = jobs.build_job(None, ["work_dir=/w"], root, ["--until", "shard"])
     assert entry == "python -m pipelines run --set work_dir=/w --until shard"
-    with pytest.raises(jobs.JobsError, match="no such file"):
+    with pytest.raises(jobs.JobsError, match="config file not found"):
         jobs.build_job(str(tmp_path / "missing.yaml"), [], root)

@@ -3,7 +3,7 @@ source (shards of sentences and a locally trained tokenizer). The other methods 
 runs that other tests make anyway: MoCo with a supervised contrastive fine-tune is the
 pipeline submitted as a job (tests/test_stack.py), SwAV with multi-crop views and device
 augmentation is the S3 pipeline (tests/test_s3.py) and InstDisc's memory bank is the
-ASHA sweep's (tests/test_sweep.py)."""
+successive-halving sweep's (tests/test_sweep.py)."""
 
 import math
 

@@ -1,5 +1,5 @@
 """The sweep stage: bad spaces refused before any trial; a tiny Ray Tune sweep on a local
-Ray (trials in MLflow, ASHA stopping the trials that cannot learn, the best values in
+Ray (trials in MLflow, successive halving stopping the trials that cannot learn, the best values in
 the pretrain stage); a sweep whose driver is killed mid-way resumes from its Tune
 experiment, with single-worker trials and with two-worker trials sampled by Optuna."""
 

@@ -271,7 +271,8 @@ def load_split(urls: Sequence[str], transform: Callable[[Image.Image], torch.Ten
                verify: Mapping[str, Mapping] | None = None, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Every sample of ``urls`` in order (the first ``limit`` with one), transformed:
     (images (N, C, H, W), labels (N,))."""
-    xs, ys = [], []
+    xs: list[torch.Tensor] = []
+    ys: list[int] = []
     for img, label, _ in sample_pipeline(urls, verify=verify):
         if limit is not None and len(xs) >= limit:
             break

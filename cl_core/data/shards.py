@@ -71,6 +71,25 @@ def split_refs(
     return out
 
 
+def subsample_refs(refs: Sequence[SampleRef], n: int, *, seed: int, stratified: bool) -> list[SampleRef]:
+    """A deterministic random ``n`` of ``refs`` (all of them when there are no more),
+    stratified by label when labeled: every class keeps its share, the remainders going to
+    the classes with the largest fractional parts (ties to the lower label)."""
+    if n >= len(refs):
+        return list(refs)
+    rng = np.random.default_rng(seed)
+    groups: dict[int, list[SampleRef]] = {}
+    for r in refs:
+        groups.setdefault(r.label if stratified else -1, []).append(r)
+    labels = sorted(groups)
+    exact = {lab: n * len(groups[lab]) / len(refs) for lab in labels}
+    take = {lab: int(exact[lab]) for lab in labels}
+    for lab in sorted(labels, key=lambda lab: (-(exact[lab] - take[lab]), lab))[:n - sum(take.values())]:
+        take[lab] += 1
+    out = [groups[lab][i] for lab in labels for i in sorted(rng.permutation(len(groups[lab]))[:take[lab]])]
+    return sorted(out, key=lambda r: r.index)
+
+
 def plan_shards(n: int, samples_per_shard: int, min_shards: int) -> list[tuple[int, int]]:
     """Near-equal [start, stop) ranges: ceil(n / samples_per_shard) shards, at least
     ``min_shards`` (so that every reader slot gets a shard), never an empty one."""

@@ -46,14 +46,21 @@ def plan_splits(source: Source, refs: list, cfg: DataConfig, seed: int) -> dict[
     test set (IDX's t10k files) keeps exactly that set as the test split; val is then
     ``val_fraction`` of the rest and ``test_fraction`` is not used."""
     test = source.official_test()
+
+    def cut(items: list, n: int | None) -> list:
+        return items if n is None else S.subsample_refs(items, n, seed=seed, stratified=source.labeled)
+
     if test is None:
-        return S.split_refs(refs, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=seed,
-                            stratified=source.labeled)
-    splits = S.split_refs([r for r in refs if r.index not in test], val_fraction=cfg.val_fraction, test_fraction=0.0,
-                          seed=seed, stratified=source.labeled)
-    splits["test"] = [r for r in refs if r.index in test]
-    console.print(f"shard: the test split is the source's official test set ({len(splits['test'])} images); "
-                  "data.test_fraction is not used")
+        splits = S.split_refs(cut(refs, cfg.max_samples), val_fraction=cfg.val_fraction,
+                              test_fraction=cfg.test_fraction, seed=seed, stratified=source.labeled)
+        splits["test"] = cut(splits["test"], cfg.max_test_samples)
+        return splits
+    splits = S.split_refs(cut([r for r in refs if r.index not in test], cfg.max_samples), val_fraction=cfg.val_fraction,
+                          test_fraction=0.0, seed=seed, stratified=source.labeled)
+    official = [r for r in refs if r.index in test]
+    splits["test"] = cut(official, cfg.max_test_samples)
+    console.print(f"shard: the test split is the source's official test set ({len(splits['test'])} of its "
+                  f"{len(official)} images); data.test_fraction is not used")
     return splits
 
 

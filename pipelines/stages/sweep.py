@@ -39,10 +39,10 @@ from cl_core.data.shards import read_manifest
 from cl_core.engine import PretrainLoop
 from cl_core.evaluate import extract_features, knn_top1
 from pipelines import plots, ray_env, tracking
-from pipelines.halving import SyncHalving
 from pipelines.config import PretrainConfig, SweepConfig, SweepStageConfig, apply_sweep
 from pipelines.console import console
 from pipelines.graph import StageContext
+from pipelines.halving import SyncHalving
 from pipelines.stages._data import checked_split
 from pipelines.stages._train import Trainer, loop_config
 from pipelines.stages.pretrain import (
