@@ -244,7 +244,9 @@ class PretrainConfig(TrainingConfig):
         return out
 
 
-SWEEP_TRAINING_FIELDS = {"lr_base": "> 0", "weight_decay": ">= 0", "batch_size_per_worker": "an integer >= 2"}
+SWEEP_TRAINING_FIELDS = {"lr_base": "> 0", "weight_decay": ">= 0", "batch_size_per_worker": "an integer >= 2",
+                         "optimizer": "sgd, adamw or lars", "warmup_epochs": ">= 0"}
+SWEEP_VIEW_FIELDS = ("crop_min_scale", "jitter_strength", "hflip_prob")  # pretrain.views.<name>
 DOMAINS = ("grid", "choice", "uniform", "loguniform")
 
 
@@ -258,8 +260,9 @@ class SweepConfig(Section):
     space: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="NAME: {grid: [..]} | {choice: [..]} | {uniform: [lo, hi]} | {loguniform: [lo, hi]}; NAME is a "
-                    "hyperparameter of the method (temperature, momentum, ...) or lr_base, weight_decay, "
-                    "batch_size_per_worker")
+                    "hyperparameter of the method (temperature, momentum, head_layers, ...), a training field "
+                    "(lr_base, weight_decay, batch_size_per_worker, optimizer, warmup_epochs) or a view field "
+                    "(crop_min_scale, jitter_strength, hflip_prob)")
     search: Literal["basic", "optuna"] = Field("basic", description="basic: Tune's variant generator; optuna: TPE")
     num_samples: int = Field(1, ge=1, description="repeats of the space (random domains are drawn anew each time)")
     epochs: int = Field(3, ge=1, description="epochs per trial (the last rung)")
@@ -333,6 +336,9 @@ class FinetuneConfig(TrainingConfig):
     baseline: bool = Field(True, description="also train the same classifier from scratch on the same labels and budget")
     views: CropFlipConfig = CropFlipConfig()
     epochs: int = Field(60, ge=1, description="SimCLRv2: 60 epochs on 1% of ImageNet, 30 on 10%")
+    seed: int | None = Field(None, description="this stage's training seed (initialisation, batch order, "
+                             "augmentation); null: the pipeline's seed. Repeats over seeds keep the shards, labels "
+                             "and encoder")
     min_steps: int = Field(0, ge=0, description="raise the epochs of a small labeled subset to at least this many steps")
     batch_size_per_worker: int = Field(32, ge=1)
     lr_base: float = Field(0.1, gt=0, description="per 256 images")
@@ -351,6 +357,9 @@ class DistillConfig(TrainingConfig):
     views: CropFlipConfig = CropFlipConfig()
     epochs: int = Field(20, ge=1)
     batch_size_per_worker: int = Field(64, ge=1)
+    seed: int | None = Field(None, description="this stage's training seed (initialisation, batch order, "
+                             "augmentation); null: the pipeline's seed. Repeats over seeds keep the shards, labels "
+                             "and encoder")
     bn_recalibration_images: int = Field(
         2048, ge=0, description="before each val evaluation, BatchNorm statistics are recomputed on up to this many "
         "of the training images, uncropped (precise BN); 0: the running averages as they are")
@@ -465,9 +474,9 @@ class PipelineConfig(Section):
                              "space: {temperature: {grid: [0.1, 0.5]}}, or set sweep.enabled: false")
         known = method_params(pre.method)
         for name in sw.space:
-            if name not in known and name not in SWEEP_TRAINING_FIELDS:
+            if name not in known and name not in SWEEP_TRAINING_FIELDS and name not in SWEEP_VIEW_FIELDS:
                 raise ValueError(f"sweep.space.{name}: {pre.method} has no hyperparameter {name!r}; sweepable: "
-                                 f"{', '.join(sorted([*known, *SWEEP_TRAINING_FIELDS]))}")
+                                 f"{', '.join(sorted([*known, *SWEEP_TRAINING_FIELDS, *SWEEP_VIEW_FIELDS]))}")
             for value in sw.candidates(name):
                 try:
                     apply_sweep(pre, {name: value})
@@ -550,6 +559,8 @@ def apply_sweep(pretrain: PretrainConfig, values: dict[str, Any]) -> PretrainCon
     for name, value in values.items():
         if name in SWEEP_TRAINING_FIELDS:
             data[name] = value
+        elif name in SWEEP_VIEW_FIELDS:
+            data["views"][name] = value
         else:
             data.setdefault("params", {}).setdefault(pretrain.method, {})[name] = value
     try:

@@ -90,7 +90,8 @@ class SyncHalving(FIFOScheduler):
         self.promoted[k] = keep
         for tid in expected - keep:
             t = trials[tid]
-            if (current is None or tid != current.trial_id) and t.status == Trial.PAUSED:
+            # a trial told to pause is RUNNING until its checkpoint is saved (is_saving): stopped as well
+            if (current is None or tid != current.trial_id) and (t.status == Trial.PAUSED or t.is_saving):
                 controller.stop_trial(t)
         if current is None:
             return TrialScheduler.CONTINUE
@@ -125,6 +126,11 @@ class SyncHalving(FIFOScheduler):
     def on_trial_remove(self, tune_controller: TuneController, trial: Trial) -> None:
         self._settle(tune_controller)
 
+    def _lost(self, trial: Trial) -> bool:
+        """Whether a decided rung stopped ``trial``."""
+        return any(trial.trial_id in self.records[k] and trial.trial_id not in keep
+                   for k, keep in self.promoted.items())
+
     def _may_resume(self, trial: Trial) -> bool:
         """A paused trial resumes once its last recorded rung promoted it (one paused
         before a restore, of which nothing is recorded, resumes as well)."""
@@ -139,6 +145,9 @@ class SyncHalving(FIFOScheduler):
         if self.max_running is not None and sum(t.status == Trial.RUNNING for t in trials) >= self.max_running:
             return None
         ordered = sorted(trials, key=self._idx)
+        for t in ordered:
+            if t.status == Trial.PAUSED and self._lost(t):  # paused while its rung was decided
+                tune_controller.stop_trial(t)
         for t in ordered:
             if t.status == Trial.PAUSED and self._may_resume(t):  # finish the race in front first
                 return t

@@ -36,13 +36,13 @@ class SimCLR(Method):
         backbone_args: dict | None = None,
         gather_distributed: bool = True,
         temperature: float = 0.5,  # SimCLR [0] B.9: 0.5 for CIFAR-10 (0.1 at batch 4096 on ImageNet)
-        head_layers: int = 2,  # SimCLR [0]: 2; SimCLRv2 [1]: 3, fine-tuned from the first
+        head_layers: int = 2,  # SimCLR [0]: 2; SimCLRv2 [1]: 3, fine-tuned from the first; 1 linear, 0 none (ablations)
         head_hidden_dim: int | None = None,  # SimCLR [0]: the feature width (2048 for ResNet-50)
         proj_dim: int = 128,  # SimCLR [0] and SimCLRv2 [1]: 128
     ) -> None:
         super().__init__()
-        if head_layers not in (2, 3, 4):
-            raise ValueError(f"head_layers must be 2, 3 or 4, got {head_layers!r}")
+        if head_layers not in (0, 1, 2, 3, 4):
+            raise ValueError(f"head_layers must be 2, 3 or 4 (1: a linear head, 0: none), got {head_layers!r}")
         self.backbone, self.feat_dim = build_backbone(backbone, **(backbone_args or {}))
         self.head = SimCLRProjectionHead(self.feat_dim, head_hidden_dim or self.feat_dim, proj_dim, head_layers)
         self.criterion = NTXentLoss(check_positive("temperature", temperature), gather_distributed=gather_distributed)

@@ -22,13 +22,15 @@ class SimCLRProjectionHead(nn.Module):
         input_dim: feature dim of the backbone.
         hidden_dim: width of the hidden layers (SimCLR: the input width).
         output_dim: dim of z (SimCLR: 128).
-        num_layers: 2 (SimCLR) or 3 (SimCLRv2); 2-4 accepted.
+        num_layers: 2 (SimCLR) or 3 (SimCLRv2); 2-4 accepted, and the SimCLR paper's
+            ablations (its Figure 8): 1, a linear projection (a Linear and its batch
+            norm, the TF code's ``head_proj_mode: linear``), and 0, no head (z = h).
     """
 
     def __init__(self, input_dim: int, hidden_dim: int = 2048, output_dim: int = 128, num_layers: int = 2) -> None:
         super().__init__()
-        if not 2 <= num_layers <= 4:
-            raise ValueError(f"SimCLRProjectionHead: num_layers must be 2, 3 or 4, got {num_layers}")
+        if not 0 <= num_layers <= 4:
+            raise ValueError(f"SimCLRProjectionHead: num_layers must be 0 to 4, got {num_layers}")
         dims = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
         self.layers = nn.ModuleList()
         for i in range(num_layers):
@@ -40,7 +42,7 @@ class SimCLRProjectionHead(nn.Module):
                 block.append(nn.ReLU(inplace=True))
             self.layers.append(nn.Sequential(*block))
         self.num_layers = num_layers
-        self.output_dim = output_dim
+        self.output_dim = output_dim if num_layers else input_dim
 
     def forward(self, h, upto: int | None = None):
         """Project h; ``upto=k`` returns the output of the first k layers (SimCLRv2 fine-tuning)."""

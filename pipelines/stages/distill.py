@@ -111,7 +111,7 @@ def distill(ctx: StageContext, cfg: DistillConfig, inputs: dict) -> dict:
                   f"{f', alpha={cfg.alpha}' if cfg.alpha else ''}; student {j0['spec']['backbone']} "
                   f"({j0['student_params']:,} params) from teacher ({j0['teacher_params']:,} params)")
     worker_config = {
-        "distill": cfg.model_dump(mode="json"), "jobs": jobs, "seed": ctx.seed, "threads": max(1, int(cfg.cpus_per_worker)),
+        "distill": cfg.model_dump(mode="json"), "jobs": jobs, "seed": ctx.seed if cfg.seed is None else cfg.seed, "threads": max(1, int(cfg.cpus_per_worker)),
         "train_urls": train_urls, "train_counts": train_counts, "val_urls": val_urls,
         "train_verify": train.verify, "val_verify": val.verify,
         "image_size": teachers["image_size"], "tracking_uri": ctx.tracking_uri, "run_id": ctx.run_id,

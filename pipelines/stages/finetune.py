@@ -100,7 +100,7 @@ def finetune(ctx: StageContext, cfg: FinetuneConfig, inputs: dict) -> dict:
     console.print(f"finetune: {len(jobs)} model(s) ({', '.join(j['name'] for j in jobs)}) on {cfg.num_workers} "
                   f"Ray Train worker(s), {cfg.epochs} epochs each, from head layer {spec['from_head_layer']}")
     worker_config = {
-        "finetune": cfg.model_dump(mode="json"), "encoder": encoder, "jobs": jobs, "seed": ctx.seed,
+        "finetune": cfg.model_dump(mode="json"), "encoder": encoder, "jobs": jobs, "seed": ctx.seed if cfg.seed is None else cfg.seed,
         "threads": max(1, int(cfg.cpus_per_worker)), "val_urls": val_urls, "val_verify": val.verify, "image_size": encoder["image_size"],
         "tracking_uri": ctx.tracking_uri, "run_id": ctx.run_id,
     }

@@ -26,7 +26,7 @@ from cl_core.evaluate import extract_features, knn_top1
 from cl_core.methods import Method, get_method
 from cl_core.models import saved
 from pipelines import plots, ray_env, tracking
-from pipelines.config import SWEEP_TRAINING_FIELDS, PretrainConfig, ViewsConfig, apply_sweep
+from pipelines.config import SWEEP_TRAINING_FIELDS, SWEEP_VIEW_FIELDS, PretrainConfig, ViewsConfig, apply_sweep
 from pipelines.console import console
 from pipelines.graph import StageContext
 from pipelines.stages._data import checked_split
@@ -222,7 +222,7 @@ def pretrain(ctx: StageContext, cfg: PretrainConfig, inputs: dict) -> dict:
     if best:  # the sweep's best values replace the configured ones
         cfg = apply_sweep(cfg, best)
         mlflow.set_tag("clpipe.sweep_overrides", json.dumps(best))
-        mlflow.log_params({f"used.{k}": v for k, v in best.items() if k in SWEEP_TRAINING_FIELDS})
+        mlflow.log_params({f"used.{k}": v for k, v in best.items() if k in SWEEP_TRAINING_FIELDS or k in SWEEP_VIEW_FIELDS})
         console.print(f"pretrain: with the sweep's best {', '.join(f'{k}={v}' for k, v in best.items())}")
     manifest = read_manifest(shard_set["shard_dir"])
     checks = {s: checked_split(shard_set["shard_dir"], manifest, s) for s in ("train", "val")}

@@ -223,11 +223,15 @@ def sweep(ctx: StageContext, cfg: SweepStageConfig, inputs: dict) -> dict:
                                         {"cpu": sw.cpus_per_trial, "gpu": 1 if gpu else 0})
     else:  # the driver reserves DRIVER_CPUS; its TorchTrainer's placement group holds the workers
         trainable = tune.with_resources(tune.with_parameters(trial_group, base=base), {"cpu": DRIVER_CPUS})
-    search_alg = None
+    seed = sw.seed if sw.seed is not None else ctx.seed
     if sw.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        search_alg = OptunaSearch(seed=sw.seed if sw.seed is not None else ctx.seed)
+        search_alg = OptunaSearch(seed=seed)
+    else:  # seeded: random domains (choice, uniform) draw the same values on every run
+        from ray.tune.search import BasicVariantGenerator
+
+        search_alg = BasicVariantGenerator(random_state=seed)
     # rungs in epochs (the loop's own count, which survives a restore) rather than Tune's report count;
     # each rung decided once all of its trials reported (pipelines/halving.py), so a rerun stops the same
     # trials; the scheduler (not Tune's searcher, which would count paused trials as running) limits concurrency

@@ -1,0 +1,222 @@
+"""Fashion-MNIST on 2 CPU cores: the pretraining recipe, the SimCLR paper's ablations, and
+the semi-supervised targets.
+
+Every number comes from the pipeline's own stages (``clpipe run fashion_mnist`` with
+overrides), run here side by side; the results go to ``bench/results/fashion_*.json``
+and the markdown tables in bench/README.md are generated from them.
+
+Subcommands::
+
+    .venv/bin/python bench/fashion_mnist.py recipe     # the sweep that chose the recipe, and old vs new
+    .venv/bin/python bench/fashion_mnist.py ablations  # head: none / linear / 3-layer; temperature
+    .venv/bin/python bench/fashion_mnist.py targets    # the 2-core chain: 1% and 10% labels, 3 seeds
+
+``recipe`` and ``ablations`` use the quick setting of the first look at the data: 8,000
+training images (20% of them val, 6,400 trained on), 10 epochs at 28 px, global batch
+64 on 2 Ray Train workers, scored on 2,000 of the official test images by kNN (k=20, all
+6,400 labels) and a logistic-regression probe on 800 labels (stratified, 100 per class).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+RESULTS = Path(__file__).parent / "results"
+FASHION = "/usr/share/datasets/fashion-mnist"
+
+# the setting of the first look (issue text): 8,000 images, 10 epochs, global batch 64
+QUICK = ["data.max_samples=8000", "data.val_fraction=0.2", "data.max_test_samples=2000", "data.samples_per_shard=512",
+         "pretrain.epochs=10", "pretrain.batch_size_per_worker=32", "pretrain.num_workers=2", "sweep.enabled=false"]
+# the recipe digits' default.yaml ships (what the first look ran), at Fashion-MNIST's 28 px
+DIGITS_RECIPE = ["pretrain.views.image_size=28", "pretrain.views.crop_min_scale=0.3", "pretrain.views.hflip_prob=0.0",
+                 "pretrain.views.jitter_strength=0.5", "pretrain.optimizer=lars", "pretrain.lr_base=1.0",
+                 "pretrain.weight_decay=1.0e-6", "pretrain.warmup_epochs=2", "pretrain.params.simclr.temperature=0.5",
+                 "pretrain.params.simclr.head_layers=3"]
+
+
+def machine() -> dict:
+    lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), platform.processor())
+    return {"cpu_model": cpu or None, "cpu_cores": os.cpu_count(), "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "python": platform.python_version()}
+
+
+def run(work: str, overrides: list[str], until: str, quiet: bool = True):
+    from pipelines.cli import run as run_pipeline
+    from pipelines.config import load_config
+
+    cfg = load_config("fashion_mnist", [f"work_dir={work}", *overrides])
+    sink = io.StringIO()
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(sink) if quiet else contextlib.nullcontext():
+        result = run_pipeline(cfg, until=until)
+    return result, time.perf_counter() - t0
+
+
+def probe(result, labels: int = 800, seed: int = 0) -> dict:
+    """kNN (all training labels) and a logistic-regression probe on ``labels`` stratified
+    training labels, on the test split, for the encoder of ``result``."""
+    from cl_core.augment import EvalTransform
+    from cl_core.data.reader import load_split
+    from cl_core.data.shards import read_manifest, shard_urls
+    from cl_core.evaluate import extract_features, knn_top1, linear_probe_top1
+    from pipelines.stages.pretrain import load_encoder
+
+    enc = result.stages["pretrain"].outputs
+    shard_dir = result.stages["shard"].outputs["shard_dir"]
+    manifest = read_manifest(shard_dir)
+    tf = EvalTransform(enc["image_size"])
+    (tr_x, tr_y), (te_x, te_y) = (load_split(shard_urls(shard_dir, manifest, s)[0], tf) for s in ("train", "test"))
+    torch.set_num_threads(2)
+    encoder = load_encoder(enc)
+    ftr, fte = extract_features(encoder, tr_x), extract_features(encoder, te_x)
+    g = torch.Generator().manual_seed(seed)
+    classes = int(tr_y.max()) + 1
+    pick = torch.cat([torch.nonzero(tr_y == c).flatten()[torch.randperm(int((tr_y == c).sum()), generator=g)
+                                                         [:labels // classes]] for c in range(classes)])
+    return {"knn_top1": knn_top1(ftr, tr_y, fte, te_y, k=20, temperature=0.07),
+            "probe_top1": linear_probe_top1(ftr[pick], tr_y[pick], fte, te_y),
+            "probe_labels": len(pick), "train_images": len(tr_y), "test_images": len(te_y)}
+
+
+def write(name: str, payload: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"fashion_{name}.json"
+    path.write_text(json.dumps({"machine": machine(), "date": time.strftime("%Y-%m-%d"), **payload}, indent=2))
+    print(f"written to {path}")
+    return path
+
+
+def recipe(work: str, space: str, trial_epochs: int) -> None:
+    """The sweep stage over the recipe on the quick setting (one Tune trial per CPU, each
+    a 1-worker pretrain of global batch 64, halving at epochs 2, 4, 8), then the digits
+    recipe and the chosen one trained side by side in the same setting and probed."""
+    sweep_set = [*QUICK, *DIGITS_RECIPE, "sweep.enabled=true", f"sweep.space={space}", f"sweep.epochs={trial_epochs}",
+                 "sweep.grace_period=2", "sweep.workers_per_trial=1", "sweep.cpus_per_trial=1"]
+    sw, seconds = run(work, [*sweep_set, "pretrain.batch_size_per_worker=64"], "sweep", quiet=False)
+    out = sw.stages["sweep"].outputs
+    best = out["best"]
+    from pipelines.config import SWEEP_TRAINING_FIELDS, SWEEP_VIEW_FIELDS
+
+    def as_override(k: str, v) -> str:
+        if k in SWEEP_TRAINING_FIELDS:
+            return f"pretrain.{k}={v}"
+        if k in SWEEP_VIEW_FIELDS:
+            return f"pretrain.views.{k}={v}"
+        return f"pretrain.params.simclr.{k}={v}"
+
+    chosen = [as_override(k, v) for k, v in best.items()]
+    rows = {}
+    for name, over in (("digits_recipe", DIGITS_RECIPE), ("chosen", [*DIGITS_RECIPE, *chosen])):
+        res, secs = run(work, [*QUICK, *over], "pretrain")
+        rows[name] = {"overrides": over, "seconds": secs, **probe(res)}
+        print(name, json.dumps({k: v for k, v in rows[name].items() if k != "overrides"}), flush=True)
+    write("recipe", {"setting": QUICK, "sweep": {"space": space, "trial_epochs": trial_epochs, "seconds": seconds,
+                                                "best": best, "ranked": out["ranked"]},
+                     "runs": rows, "gain_probe_points": 100 * (rows["chosen"]["probe_top1"] - rows["digits_recipe"]["probe_top1"])})
+
+
+def _stats(xs: list[float]) -> dict:
+    return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0, "values": xs}
+
+
+def ablations(work: str, seeds: list[int]) -> None:
+    """SimCLR's Figure 8 and its temperature sweep on the quick setting, each over seeds
+    (the pipeline's seed: shards' split, initialisation and views): the linear probe for
+    a 3-layer (nonlinear) head, a linear head and no head; and for NT-Xent temperatures."""
+    from pipelines.config import load_config
+
+    base = load_config("fashion_mnist").pretrain
+    t0 = base.params.get("simclr", {}).get("temperature", 0.5)
+    cases = {f"head_layers={k}": [f"pretrain.params.simclr.head_layers={k}"] for k in (3, 1, 0)}
+    cases |= {f"temperature={t}": [f"pretrain.params.simclr.temperature={t}"] for t in (0.05, 0.1, 0.2, 0.5, 1.0)
+              if t != t0}
+    rows: dict[str, dict] = {}
+    for name, over in cases.items():
+        runs = []
+        for seed in seeds:
+            res, secs = run(work, [*QUICK, f"seed={seed}", *over], "pretrain")
+            runs.append({"seed": seed, "seconds": secs, **probe(res, seed=seed)})
+            print(name, seed, json.dumps(runs[-1]), flush=True)
+        rows[name] = {"overrides": over, "runs": runs, "probe_top1": _stats([r["probe_top1"] for r in runs]),
+                      "knn_top1": _stats([r["knn_top1"] for r in runs])}
+    rows[f"temperature={t0}"] = rows["head_layers=3"]  # the shipped temperature with the shipped head
+    write("ablations", {"setting": QUICK, "seeds": seeds, "rows": rows})
+
+
+def targets(work: str, seeds: list[int]) -> None:
+    """The shipped 2-core config end to end (seed 0), then the fine-tune and distill
+    stages again with seeds 1 and 2 on the same shards, labels and encoder, and a small
+    student (small_cnn width 16, T = 1) per seed."""
+    per_seed: dict[int, dict] = {}
+    for seed in seeds:
+        over = [f"finetune.seed={seed}", f"distill.seed={seed}"] if seed else []
+        res, secs = run(work, over, "evaluate", quiet=False)
+        small, small_secs = run(work, [*over, "distill.student_width=16", "distill.temperature=1.0"], "evaluate")
+        dist = small.stages["distill"].outputs["models"]
+        per_seed[seed] = {
+            "seconds": secs, "stages": {k: {"seconds": v.seconds, "cached": v.cached} for k, v in res.stages.items()},
+            "rows": res.stages["evaluate"].outputs["rows"], "metrics": res.stages["evaluate"].outputs["metrics"],
+            "small_rows": small.stages["evaluate"].outputs["rows"], "small_seconds": small_secs,
+            "small_params": {k: (v.get("params"), v.get("teacher_params")) for k, v in dist.items()}}
+        print(seed, json.dumps({k: v for k, v in per_seed[seed].items() if k != "metrics"}), flush=True)
+    fractions = sorted({r["label_fraction"] for r in per_seed[seeds[0]]["rows"]})
+    table = {}
+    for f in fractions:
+        def col(key: str, rows: str = "rows", f=f) -> list[float]:
+            return [next(r for r in per_seed[s][rows] if r["label_fraction"] == f)[key] for s in seeds]
+        t, b, lp = col("teacher"), col("baseline"), col("encoder_linear")
+        st, sm = col("student"), col("student", "small_rows")
+        table[str(f)] = {"labels": col("labels")[0], "baseline": _stats(b), "teacher": _stats(t),
+                         "encoder_linear": _stats(lp), "student": _stats(st), "small_student": _stats(sm),
+                         "teacher_minus_baseline": _stats([x - y for x, y in zip(t, b, strict=True)]),
+                         "teacher_minus_linear": _stats([x - y for x, y in zip(t, lp, strict=True)]),
+                         "student_minus_teacher": _stats([x - y for x, y in zip(st, t, strict=True)]),
+                         "small_minus_teacher": _stats([x - y for x, y in zip(sm, t, strict=True)])}
+    linear_all = per_seed[seeds[0]]["metrics"]["test/pretrained/linear_top1"]
+    write("targets", {"seeds": seeds, "per_seed": per_seed, "table": table, "encoder_linear_all_labels": linear_all,
+                      "chain_seconds_seed0": per_seed[seeds[0]]["seconds"]})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("recipe")
+    r.add_argument("--space", default="{optimizer: {grid: [lars, sgd, adamw]}, crop_min_scale: {grid: [0.2, 0.5]}, "
+                   "lr_base: {grid: [0.3, 1.0]}}")
+    r.add_argument("--trial-epochs", type=int, default=10)
+    a = sub.add_parser("ablations")
+    t = sub.add_parser("targets")
+    for p in (r, a, t):
+        p.add_argument("--work-dir", help="default: a fresh temporary directory")
+    for p in (a, t):
+        p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    args = ap.parse_args()
+    if not Path(FASHION).is_dir():
+        sys.exit(f"{FASHION} is missing: make fashion-mnist-data (or apt-get install -y dataset-fashion-mnist)")
+    work = args.work_dir or tempfile.mkdtemp(prefix="clpipe-fashion-")
+    if args.cmd == "recipe":
+        recipe(work, args.space, args.trial_epochs)
+    elif args.cmd == "ablations":
+        ablations(work, args.seeds)
+    else:
+        targets(work, args.seeds)
+
+
+if __name__ == "__main__":
+    main()
