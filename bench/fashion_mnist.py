@@ -102,12 +102,13 @@ def write(name: str, payload: dict) -> Path:
     return path
 
 
-def recipe(work: str, space: str, trial_epochs: int) -> None:
+def recipe(work: str, space: str, trial_epochs: int, samples: int) -> None:
     """The sweep stage over the recipe on the quick setting (one Tune trial per CPU, each
     a 1-worker pretrain of global batch 64, halving at epochs 2, 4, 8), then the digits
     recipe and the chosen one trained side by side in the same setting and probed."""
     sweep_set = [*QUICK, *DIGITS_RECIPE, "sweep.enabled=true", f"sweep.space={space}", f"sweep.epochs={trial_epochs}",
-                 "sweep.grace_period=2", "sweep.workers_per_trial=1", "sweep.cpus_per_trial=1"]
+                 "sweep.grace_period=2", "sweep.workers_per_trial=1", "sweep.cpus_per_trial=1",
+                 f"sweep.num_samples={samples}"]
     sw, seconds = run(work, [*sweep_set, "pretrain.batch_size_per_worker=64"], "sweep", quiet=False)
     out = sw.stages["sweep"].outputs
     best = out["best"]
@@ -160,21 +161,28 @@ def ablations(work: str, seeds: list[int]) -> None:
 
 
 def targets(work: str, seeds: list[int]) -> None:
-    """The shipped 2-core config end to end (seed 0), then the fine-tune and distill
-    stages again with seeds 1 and 2 on the same shards, labels and encoder, and a small
-    student (small_cnn width 16, T = 1) per seed."""
-    per_seed: dict[int, dict] = {}
+    """The shipped 2-core config end to end (the first seed), then the fine-tune and
+    distill stages again with the other seeds on the same shards, labels and encoder,
+    and a small student (small_cnn width 16, T = 1) per seed. The JSON is rewritten
+    after every seed, so an interrupted run keeps what it measured."""
+    path = RESULTS / "fashion_targets.json"
+    per_seed: dict[str, dict] = json.loads(path.read_text())["per_seed"] if path.exists() else {}
     for seed in seeds:
         over = [f"finetune.seed={seed}", f"distill.seed={seed}"] if seed else []
         res, secs = run(work, over, "evaluate", quiet=False)
         small, small_secs = run(work, [*over, "distill.student_width=16", "distill.temperature=1.0"], "evaluate")
         dist = small.stages["distill"].outputs["models"]
-        per_seed[seed] = {
+        per_seed[str(seed)] = {
             "seconds": secs, "stages": {k: {"seconds": v.seconds, "cached": v.cached} for k, v in res.stages.items()},
             "rows": res.stages["evaluate"].outputs["rows"], "metrics": res.stages["evaluate"].outputs["metrics"],
             "small_rows": small.stages["evaluate"].outputs["rows"], "small_seconds": small_secs,
             "small_params": {k: (v.get("params"), v.get("teacher_params")) for k, v in dist.items()}}
-        print(seed, json.dumps({k: v for k, v in per_seed[seed].items() if k != "metrics"}), flush=True)
+        print(seed, json.dumps({k: v for k, v in per_seed[str(seed)].items() if k != "metrics"}), flush=True)
+        write("targets", summarize(per_seed))
+
+
+def summarize(per_seed: dict[str, dict]) -> dict:
+    seeds = sorted(per_seed, key=int)
     fractions = sorted({r["label_fraction"] for r in per_seed[seeds[0]]["rows"]})
     table = {}
     for f in fractions:
@@ -188,18 +196,23 @@ def targets(work: str, seeds: list[int]) -> None:
                          "teacher_minus_linear": _stats([x - y for x, y in zip(t, lp, strict=True)]),
                          "student_minus_teacher": _stats([x - y for x, y in zip(st, t, strict=True)]),
                          "small_minus_teacher": _stats([x - y for x, y in zip(sm, t, strict=True)])}
-    linear_all = per_seed[seeds[0]]["metrics"]["test/pretrained/linear_top1"]
-    write("targets", {"seeds": seeds, "per_seed": per_seed, "table": table, "encoder_linear_all_labels": linear_all,
-                      "chain_seconds_seed0": per_seed[seeds[0]]["seconds"]})
+    first = per_seed[seeds[0]]
+    return {"seeds": [int(s) for s in seeds], "per_seed": per_seed, "table": table,
+            "encoder_linear_all_labels": first["metrics"]["test/pretrained/linear_top1"],
+            "encoder_knn_all_labels": first["metrics"]["test/pretrained/knn_top1"],
+            "random_init_linear_all_labels": first["metrics"]["test/random_init/linear_top1"],
+            "chain_seconds_first_seed": first["seconds"], "stage_seconds_first_seed": first["stages"]}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("recipe")
-    r.add_argument("--space", default="{optimizer: {grid: [lars, sgd, adamw]}, crop_min_scale: {grid: [0.2, 0.5]}, "
-                   "lr_base: {grid: [0.3, 1.0]}}")
+    r.add_argument("--space", default="{optimizer: {choice: [lars, sgd]}, lr_base: {choice: [0.3, 1.0, 3.0]}, "
+                   "weight_decay: {choice: [1.0e-6, 1.0e-4, 5.0e-4]}, crop_min_scale: {choice: [0.08, 0.2, 0.5]}, "
+                   "hflip_prob: {choice: [0.0, 0.5]}, head_layers: {choice: [2, 3]}, temperature: {choice: [0.1, 0.2, 0.5]}}")
     r.add_argument("--trial-epochs", type=int, default=10)
+    r.add_argument("--samples", type=int, default=16, help="trials drawn from the space (seeded)")
     a = sub.add_parser("ablations")
     t = sub.add_parser("targets")
     for p in (r, a, t):
@@ -211,7 +224,7 @@ def main() -> None:
         sys.exit(f"{FASHION} is missing: make fashion-mnist-data (or apt-get install -y dataset-fashion-mnist)")
     work = args.work_dir or tempfile.mkdtemp(prefix="clpipe-fashion-")
     if args.cmd == "recipe":
-        recipe(work, args.space, args.trial_epochs)
+        recipe(work, args.space, args.trial_epochs, args.samples)
     elif args.cmd == "ablations":
         ablations(work, args.seeds)
     else:

@@ -1,0 +1,127 @@
+"""Put the recorded results into the README: every figure between the README's
+``<!-- bench:NAME -->`` and ``<!-- /bench:NAME -->`` markers is generated here from
+bench/results/*.json (digits_default, fashion_recipe, fashion_targets,
+fashion_ablations); nothing there is typed by hand.
+
+    .venv/bin/python bench/readme_tables.py          # rewrite README.md
+    .venv/bin/python bench/readme_tables.py --check  # exit 1 if README.md is stale
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+
+
+def _load(name: str) -> dict | None:
+    p = RESULTS / f"{name}.json"
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def digits() -> str:
+    d = _load("digits_default")
+    if d is None:
+        return "(run bench/digits_default.py)"
+    r = d["runs"][0]
+    st = r["stages"]
+    m = r["metrics"]
+    stages = ", ".join(f"{k} {v:.0f} s" for k, v in st.items())
+    best = ", ".join(f"{k} = {v}" for k, v in r["sweep_best"].items())
+    stopped = sum(t["stopped_early"] for t in r["sweep_ranked"])
+    n_test = int(m["test/num_samples"])
+    lines = [f"On a 2-core machine with no GPU it took {r['seconds']:.0f} s ({stages}). The sweep picked {best} "
+             f"(successive halving stopped {stopped} of the {len(r['sweep_ranked'])} trials). Run twice in a row in "
+             f"fresh work dirs, the two runs' sweep decisions and metrics were "
+             f"{'identical' if d['identical'] else 'NOT identical'} ({d['runs'][1]['seconds']:.0f} s the second time). "
+             f"On the {n_test} test images:", "",
+             "| label fraction | labels | encoder kNN | encoder linear | supervised baseline | teacher | student |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in r["rows"]:
+        lines.append(f"| {row['label_fraction']:g} | {row['labels']:,} | {row['encoder_knn']:.3f} | "
+                     f"{row['encoder_linear']:.3f} | {row.get('baseline', float('nan')):.3f} | "
+                     f"{row.get('teacher', float('nan')):.3f} | {row.get('student', float('nan')):.3f} |")
+    lines.append(f"| 1 (all) | | {m['test/pretrained/knn_top1']:.3f} | {m['test/pretrained/linear_top1']:.3f} | | | |")
+    lines.append(f"| random-init encoder, all labels | | {m['test/random_init/knn_top1']:.3f} | "
+                 f"{m['test/random_init/linear_top1']:.3f} | | | |")
+    lines.append("")
+    lines.append(f"(`bench/digits_default.py`, {d['date']}; one test image is {100 / n_test:.2f} points.)")
+    return "\n".join(lines)
+
+
+def _pm(s: dict, scale: float = 1.0, fmt: str = ".3f") -> str:
+    return f"{s['mean'] * scale:{fmt}} ± {s['std'] * scale:{fmt}}"
+
+
+def fashion() -> str:
+    out: list[str] = []
+    rec = _load("fashion_recipe")
+    if rec is not None:
+        a, b = rec["runs"]["digits_recipe"], rec["runs"]["chosen"]
+        best = ", ".join(f"{k} {v}" for k, v in rec["sweep"]["best"].items())
+        out += [f"The recipe: the sweep stage drew {len(rec['sweep']['ranked'])} recipes on 8,000 training images "
+                f"(6,400 trained on, 10 epochs, global batch 64) and kept {best}. Trained side by side in that "
+                f"setting and scored on 2,000 official test images:", "",
+                "| recipe | kNN (6,400 labels) | linear probe (800 labels) |", "|---|---:|---:|",
+                f"| digits' recipe at 28 px | {a['knn_top1']:.3f} | {a['probe_top1']:.3f} |",
+                f"| chosen on Fashion-MNIST | {b['knn_top1']:.3f} | {b['probe_top1']:.3f} |", "",
+                f"A gain of {rec['gain_probe_points']:+.1f} points of probe (`bench/fashion_mnist.py recipe`, "
+                f"{rec['date']}).", ""]
+    tg = _load("fashion_targets")
+    if tg is not None:
+        st = ", ".join(f"{k} {v['seconds'] / 60:.1f} min" for k, v in tg["stage_seconds_first_seed"].items())
+        n = len(tg["seeds"])
+        out += [f"The 2-core chain (`clpipe run fashion_mnist`) took {tg['chain_seconds_first_seed'] / 60:.1f} min "
+                f"({st}). Its encoder's linear probe with all labels: {tg['encoder_linear_all_labels']:.3f} "
+                f"(random-init encoder {tg['random_init_linear_all_labels']:.3f}). On the official 10,000 test images, "
+                f"mean ± std over {n} fine-tune/distill seed(s) on one pretrained encoder:", "",
+                "| labels | baseline | teacher | teacher − baseline | linear probe | teacher − probe | student "
+                "| student − teacher | small student (¼ params) | small − teacher |",
+                "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for f, r in sorted(tg["table"].items(), key=lambda kv: float(kv[0])):
+            out.append(f"| {float(f):g} ({r['labels']:,}) | {_pm(r['baseline'])} | {_pm(r['teacher'])} | "
+                       f"{_pm(r['teacher_minus_baseline'], 100, '+.1f')} pt | {_pm(r['encoder_linear'])} | "
+                       f"{_pm(r['teacher_minus_linear'], 100, '+.1f')} pt | {_pm(r['student'])} | "
+                       f"{_pm(r['student_minus_teacher'], 100, '+.1f')} pt | {_pm(r['small_student'])} | "
+                       f"{_pm(r['small_minus_teacher'], 100, '+.1f')} pt |")
+        out += ["", f"(`bench/fashion_mnist.py targets`, {tg['date']}.)", ""]
+    ab = _load("fashion_ablations")
+    if ab is not None:
+        out += [f"SimCLR's ablations in the 8,000-image setting, mean ± std over seeds {ab['seeds']}:", "",
+                "| variant | linear probe (800 labels) | kNN |", "|---|---:|---:|"]
+        for name, r in ab["rows"].items():
+            out.append(f"| {name} | {_pm(r['probe_top1'])} | {_pm(r['knn_top1'])} |")
+        out += ["", f"(`bench/fashion_mnist.py ablations`, {ab['date']}.)"]
+    return "\n".join(out).strip() or "(run bench/fashion_mnist.py)"
+
+
+BLOCKS = {"digits": digits, "fashion": fashion}
+
+
+def render(text: str) -> str:
+    for name, fn in BLOCKS.items():
+        pat = re.compile(rf"(<!-- bench:{name} -->\n)(?:.*?\n)?(<!-- /bench:{name} -->)", re.S)
+        if not pat.search(text):
+            raise SystemExit(f"README.md: the markers <!-- bench:{name} --> ... <!-- /bench:{name} --> are missing")
+        text = pat.sub(lambda m, fn=fn: m.group(1) + fn() + "\n" + m.group(2), text)
+    return text
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--check", action="store_true")
+    args = ap.parse_args()
+    readme = ROOT / "README.md"
+    new = render(readme.read_text())
+    if args.check:
+        sys.exit(0 if new == readme.read_text() else 1)
+    readme.write_text(new)
+
+
+if __name__ == "__main__":
+    main()
