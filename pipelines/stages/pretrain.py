@@ -26,7 +26,13 @@ from cl_core.evaluate import extract_features, knn_top1
 from cl_core.methods import Method, get_method
 from cl_core.models import saved
 from pipelines import plots, ray_env, tracking
-from pipelines.config import SWEEP_TRAINING_FIELDS, SWEEP_VIEW_FIELDS, PretrainConfig, ViewsConfig, apply_sweep
+from pipelines.config import (
+    SWEEP_TRAINING_FIELDS,
+    SWEEP_VIEW_FIELDS,
+    PretrainConfig,
+    ViewsConfig,
+    apply_sweep,
+)
 from pipelines.console import console
 from pipelines.graph import StageContext
 from pipelines.stages._data import checked_split
