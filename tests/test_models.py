@@ -38,7 +38,22 @@ def test_projection_head_layers(layers):
     assert head(h).shape == (4, 8)
     assert head(h, upto=1).shape == (4, 32)
     with pytest.raises(ValueError, match="num_layers"):
-        SimCLRProjectionHead(16, num_layers=1)
+        SimCLRProjectionHead(16, num_layers=5)
+
+
+def test_the_papers_head_ablations_a_linear_head_and_none():
+    """SimCLR's Figure 8: a linear projection (Linear + batch norm, no ReLU, as the TF
+    code's head_proj_mode linear) and no projection (z = h) train through the method."""
+    h = torch.randn(6, 16)
+    linear = SimCLRProjectionHead(16, 32, 8, num_layers=1)
+    assert len(linear.layers) == 1 and len(linear.layers[0]) == 2 and linear(h).shape == (6, 8)
+    none = SimCLRProjectionHead(16, 32, 8, num_layers=0)
+    assert len(none.layers) == 0 and torch.equal(none(h), h) and none.output_dim == 16
+    for layers in (0, 1):
+        m = SimCLR("small_cnn", backbone_args={"width": 8}, head_layers=layers, gather_distributed=False)
+        out = m([torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)])
+        out.loss.backward()
+        assert torch.isfinite(out.loss) and m.backbone.features[0].weight.grad is not None
 
 
 def test_registry_lists_simclr_and_builds_it():
