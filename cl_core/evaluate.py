@@ -64,6 +64,36 @@ def knn_top1(
     return (pred == test_labels).float().mean().item()
 
 
+def fit_linear_probe(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    *,
+    weight_decay: float = 1e-4,
+    max_iter: int = 200,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multinomial logistic regression on standardised features (full-batch L-BFGS with
+    an L2 penalty). Returns ``(weight, bias)`` acting on the raw features (the
+    standardisation folded in): ``logits = features @ weight.T + bias``."""
+    x = features.float()
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+    x = (x - mean) / std
+    clf = nn.Linear(x.shape[1], num_classes)
+    opt = torch.optim.LBFGS(clf.parameters(), lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(clf(x), labels) + weight_decay * clf.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    with torch.no_grad():
+        weight = clf.weight / std
+        return weight, clf.bias - weight @ mean
+
+
 def linear_probe_top1(
     train_features: torch.Tensor,
     train_labels: torch.Tensor,
@@ -73,26 +103,12 @@ def linear_probe_top1(
     weight_decay: float = 1e-4,
     max_iter: int = 200,
 ) -> float:
-    """Multinomial logistic regression on frozen, standardised features (full-batch
-    L-BFGS with L2 penalty), returning top-1 on the test features."""
-    x = train_features.float()
-    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
-    x = (x - mean) / std
-    xt = (test_features.float() - mean) / std
+    """Top-1 on the test features of :func:`fit_linear_probe` fitted on the train ones."""
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    clf = nn.Linear(x.shape[1], num_classes)
-    opt = torch.optim.LBFGS(clf.parameters(), lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(clf(x), train_labels) + weight_decay * clf.weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        opt.step(closure)
+    weight, bias = fit_linear_probe(train_features, train_labels, num_classes, weight_decay=weight_decay,
+                                    max_iter=max_iter)
     with torch.no_grad():
-        return (clf(xt).argmax(1) == test_labels).float().mean().item()
+        return ((test_features.float() @ weight.T + bias).argmax(1) == test_labels).float().mean().item()
 
 
 def top1(logits_or_pred: torch.Tensor, labels: torch.Tensor) -> float:

@@ -334,6 +334,10 @@ class FinetuneConfig(TrainingConfig):
         "cross_entropy", description="supcon: supervised contrastive loss on two views + a linear layer on detached features")
     supcon_temperature: float = Field(0.1, gt=0, description="SupCon (Khosla et al. 2020): 0.1")
     baseline: bool = Field(True, description="also train the same classifier from scratch on the same labels and budget")
+    head_init: Literal["probe", "random"] = Field(
+        "probe", description="the teacher's new linear layer: probe = a logistic-regression probe of the labeled "
+        "images' features, then fine-tuned (LP-FT, Kumar et al. 2022: a random layer's first steps distort the "
+        "pretrained features); random = PyTorch's default init")
     views: CropFlipConfig = CropFlipConfig()
     epochs: int = Field(60, ge=1, description="SimCLRv2: 60 epochs on 1% of ImageNet, 30 on 10%")
     seed: int | None = Field(None, description="this stage's training seed (initialisation, batch order, "

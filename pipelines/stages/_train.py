@@ -354,6 +354,13 @@ class SequentialJobs:
             classifier.train(was)
             return {"val/top1": top1(logits, y)}
 
+        if self.w.rank == 0 and not resuming:  # epoch 0, the starting point, is a candidate too
+            start = evaluate(None)
+            best.update(val_top1=start["val/top1"], epoch=0,
+                        state_dict={k: v.detach().cpu().clone() for k, v in classifier.state_dict().items()})
+            assert self.log is not None
+            self.log.metrics({f"{name}/val/top1": start["val/top1"]}, step=0)
+
         def report(metrics: dict[str, float], state: dict | None) -> None:
             # every epoch: MLflow metrics and best-epoch selection on rank 0; Ray Train
             # (a round trip through its controller) only on checkpoint epochs, on every rank alike

@@ -50,6 +50,8 @@ def finetune_worker(config: dict) -> list[dict] | None:
             clf = classifier_from_pretrained(method, job["spec"])
             if config["encoder"]["model"]["method"] == "supcon":
                 head = method.head  # continue the pretrained SupCon projection head
+            if f.head_init == "probe" and start_step == 0:
+                init_from_probe(clf, job, config["image_size"], f.bn_recalibration_images)
         else:
             clf = build_classifier(job["spec"])
         bs = batch_for(job["counts"], f.batch_size_per_worker, w.world)
@@ -64,6 +66,27 @@ def finetune_worker(config: dict) -> list[dict] | None:
 
     history = runner.run(config["jobs"], build, f)
     return history if w.rank == 0 else None
+
+
+def init_from_probe(clf, job: dict, image_size: int, bn_images: int) -> None:
+    """LP-FT: the classifier's BatchNorm statistics recomputed on the labeled images
+    (uncropped, as for the val checks), then its new linear layer set to a
+    logistic-regression probe of their features. Every rank computes the same values
+    (the same images, the same deterministic fit)."""
+    import torch
+
+    from cl_core.augment import EvalTransform
+    from cl_core.data.reader import load_split
+    from cl_core.evaluate import extract_features, fit_linear_probe, recalibrate_batch_norm
+
+    x, y = load_split(job["urls"], EvalTransform(image_size), verify=job.get("verify"))
+    if bn_images:
+        recalibrate_batch_norm(clf, x[:bn_images])
+    feats = extract_features(torch.nn.Sequential(clf.backbone, clf.neck), x)
+    weight, bias = fit_linear_probe(feats, y, clf.num_classes)
+    with torch.no_grad():
+        clf.fc.weight.copy_(weight)
+        clf.fc.bias.copy_(bias)
 
 
 def teacher_spec(model: dict, num_classes: int, from_head_layer: int | None) -> dict:
