@@ -90,8 +90,9 @@ class SyncHalving(FIFOScheduler):
         self.promoted[k] = keep
         for tid in expected - keep:
             t = trials[tid]
-            # a trial told to pause is RUNNING until its checkpoint is saved (is_saving): stopped as well
-            if (current is None or tid != current.trial_id) and (t.status == Trial.PAUSED or t.is_saving):
+            # a trial told to pause stays RUNNING until its checkpoint is saved: it is stopped once paused
+            # (choose_trial_to_run), not killed in the middle of the save
+            if (current is None or tid != current.trial_id) and t.status == Trial.PAUSED:
                 controller.stop_trial(t)
         if current is None:
             return TrialScheduler.CONTINUE
