@@ -35,7 +35,10 @@ def digits() -> str:
     best = ", ".join(f"{k} = {v}" for k, v in r["sweep_best"].items())
     stopped = sum(t["stopped_early"] for t in r["sweep_ranked"])
     n_test = int(m["test/num_samples"])
-    lines = [f"On a 2-core machine with no GPU it took {r['seconds']:.0f} s ({stages}). The sweep picked {best} "
+    load = d.get("load_average_at_start")
+    busy = "" if load is None or load < 0.5 else (f" (the recorded run shared the machine: load average {load:.1f} at "
+                                                   "its start)")
+    lines = [f"On a 2-core machine with no GPU it took {r['seconds']:.0f} s{busy} ({stages}). The sweep picked {best} "
              f"(successive halving stopped {stopped} of the {len(r['sweep_ranked'])} trials). Run twice in a row in "
              f"fresh work dirs, the two runs' sweep decisions and metrics were "
              f"{'identical' if d['identical'] else 'NOT identical'} ({d['runs'][1]['seconds']:.0f} s the second time). "
