@@ -58,7 +58,9 @@ def digits() -> str:
 
 
 def _pm(s: dict, scale: float = 1.0, fmt: str = ".3f") -> str:
-    return f"{s['mean'] * scale:{fmt}} ± {s['std'] * scale:{fmt}}"
+    if len(s.get("values", [])) < 2:  # one seed: no spread to show
+        return f"{s['mean'] * scale:{fmt}}"
+    return f"{s['mean'] * scale:{fmt}} ± {s['std'] * scale:{fmt.lstrip('+')}}"
 
 
 def fashion() -> str:
@@ -82,7 +84,8 @@ def fashion() -> str:
         out += [f"The 2-core chain (`clpipe run fashion_mnist`) took {tg['chain_seconds_first_seed'] / 60:.1f} min "
                 f"({st}). Its encoder's linear probe with all labels: {tg['encoder_linear_all_labels']:.3f} "
                 f"(random-init encoder {tg['random_init_linear_all_labels']:.3f}). On the official 10,000 test images, "
-                f"mean ± std over {n} fine-tune/distill seed(s) on one pretrained encoder:", "",
+                + (f"mean ± std over {n} fine-tune/distill seeds on one pretrained encoder:" if n > 1 else
+                   "one seed (the repeats over fine-tune/distill seeds are still to run):"), "",
                 "| labels | baseline | teacher | teacher − baseline | linear probe | teacher − probe | student "
                 "| student − teacher | small student (¼ params) | small − teacher |",
                 "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
