@@ -27,7 +27,7 @@ def test_defaults():
     ("pretrain.params.simclr.tempreature=0.5", "pretrain.params: params.simclr.tempreature: simclr has no such hyperparameter; its hyperparameters: head_hidden_dim, head_layers, proj_dim, temperature"),
     ("pretrain.params.simclrr={}", "pretrain.params: params.simclrr: unknown method"),
     ("pretrain.head_layers=3", "pretrain.head_layers: unknown field"),
-    ("pretrain.params.simclr.head_layers=5", "pretrain.params.simclr.head_layers: must be 2, 3 or 4, got 5"),
+    ("pretrain.params.simclr.head_layers=5", "pretrain.params.simclr.head_layers: must be 2, 3 or 4 (1: a linear head, 0: none), got 5"),
     ("pretrain.batch_size_per_worker=1", "pretrain.batch_size_per_worker: must be >= 2"),
     ("pretrain.num_workers=0", "pretrain.num_workers: must be >= 1"),
     ("data.source={kind: image_folder, path: /does/not/exist}", "data.source.path: /does/not/exist does not exist"),
