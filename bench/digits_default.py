@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fashion_mnist import machine  # noqa: E402
+from semi_supervised import machine  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "digits_default.json"
 

@@ -23,8 +23,6 @@ import argparse
 import contextlib
 import io
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -34,6 +32,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from semi_supervised import machine  # noqa: E402  (one description of the machine for every bench)
 
 RESULTS = Path(__file__).parent / "results"
 FASHION = "/usr/share/datasets/fashion-mnist"
@@ -46,14 +47,6 @@ DIGITS_RECIPE = ["pretrain.views.image_size=28", "pretrain.views.crop_min_scale=
                  "pretrain.views.jitter_strength=0.5", "pretrain.optimizer=lars", "pretrain.lr_base=1.0",
                  "pretrain.weight_decay=1.0e-6", "pretrain.warmup_epochs=2", "pretrain.params.simclr.temperature=0.5",
                  "pretrain.params.simclr.head_layers=3"]
-
-
-def machine() -> dict:
-    lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
-    cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), platform.processor())
-    return {"cpu_model": cpu or None, "cpu_cores": os.cpu_count(), "torch": torch.__version__,
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "python": platform.python_version()}
 
 
 def run(work: str, overrides: list[str], until: str, quiet: bool = True):
