@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torch.distributed as dist
 from torch import nn
 
@@ -65,7 +66,7 @@ def vicreg_reference(za: torch.Tensor, zb: torch.Tensor, lam: float, mu: float, 
 
     va, ca = var_and_cov(za)
     vb, cb = var_and_cov(zb)
-    return lam * inv + mu * (va + vb) + nu * (ca + cb)
+    return lam * inv + mu * (va + vb) / 2 + nu * (ca + cb)
 
 
 # ---- Barlow Twins ----------------------------------------------------------------------
@@ -136,6 +137,35 @@ def test_vicreg_matches_loop_reference(n, d, w):
     assert terms.loss.item() == pytest.approx(vicreg_reference(za, zb, lam, mu, nu, gamma, eps), rel=1e-5)
 
 
+def official_vicreg(x: torch.Tensor, y: torch.Tensor, sim: float = 25.0, std: float = 25.0, cov: float = 1.0):
+    """The loss as the official main_vicreg.py computes it on one process (its forward
+    after the projector), re-derived step by step."""
+    repr_loss = F.mse_loss(x, y)
+    x, y = x - x.mean(dim=0), y - y.mean(dim=0)
+    std_x, std_y = torch.sqrt(x.var(dim=0) + 0.0001), torch.sqrt(y.var(dim=0) + 0.0001)
+    std_loss = torch.mean(F.relu(1 - std_x)) / 2 + torch.mean(F.relu(1 - std_y)) / 2
+    n, d = x.shape
+    cov_x, cov_y = (x.T @ x) / (n - 1), (y.T @ y) / (n - 1)
+    off = ~torch.eye(d, dtype=torch.bool)
+    cov_loss = cov_x[off].pow(2).sum() / d + cov_y[off].pow(2).sum() / d
+    return sim * repr_loss + std * std_loss + cov * cov_loss
+
+
+def test_vicreg_is_the_official_loss_at_the_official_weights():
+    g = torch.Generator().manual_seed(3)
+    x, y = 0.3 * torch.randn(16, 8, generator=g), 0.5 * torch.randn(16, 8, generator=g) + 0.2
+    xs, ys = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
+    xo, yo = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
+    ours, official = VICRegLoss(gather_distributed=False)(xs, ys).loss, official_vicreg(xo, yo)
+    assert ours.item() == pytest.approx(official.item(), rel=1e-6)
+    ours.backward()
+    official.backward()
+    assert torch.allclose(xs.grad, xo.grad, atol=1e-7) and torch.allclose(ys.grad, yo.grad, atol=1e-7)
+    # the paper's Eq. 6 as printed (the two views' v summed) is mu = 50
+    eq6 = VICRegLoss(25.0, 50.0, 1.0, gather_distributed=False)(x, y).loss
+    assert eq6.item() == pytest.approx(official_vicreg(x, y, std=50.0).item(), rel=1e-6)
+
+
 def test_vicreg_constant_embeddings():
     z = torch.full((5, 4), 3.0)
     eps = 1e-4
@@ -143,8 +173,8 @@ def test_vicreg_constant_embeddings():
     assert covariance_term(z).item() == 0.0
     terms = VICRegLoss()(z, z)
     assert terms.invariance.item() == 0.0
-    assert terms.variance.item() == pytest.approx(2 * (1.0 - math.sqrt(eps)))
-    assert terms.loss.item() == pytest.approx(25 * 2 * (1.0 - math.sqrt(eps)))
+    assert terms.variance.item() == pytest.approx(1.0 - math.sqrt(eps))  # the mean of the two views' v
+    assert terms.loss.item() == pytest.approx(25 * (1.0 - math.sqrt(eps)))
 
 
 def test_vicreg_spread_decorrelated_embeddings_have_no_variance_or_covariance_cost():

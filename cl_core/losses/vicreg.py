@@ -3,7 +3,7 @@
 - [0] Bardes, Ponce, LeCun. VICReg: Variance-Invariance-Covariance Regularization for
   Self-Supervised Learning. ICLR 2022. https://arxiv.org/abs/2105.04906
 
-``L = lambda * s(Z, Z') + mu * [v(Z) + v(Z')] + nu * [c(Z) + c(Z')]`` (Eq. 6) with
+``L = lambda * s(Z, Z') + mu * [v(Z) + v(Z')] / 2 + nu * [c(Z) + c(Z')]`` with
 
 - ``s``: the mean squared error between the two views' embeddings, averaged over the
   batch and the dimensions (``F.mse_loss``, as the official code; the paper's ``s``
@@ -14,10 +14,11 @@
 - ``c(Z) = 1/d sum_{i != j} C(Z)_ij^2`` with ``C(Z)`` the (n - 1)-normalised covariance
   matrix.
 
-Difference from the official code: it halves the variance term
-(``mean(relu(1 - std_x)) / 2 + mean(relu(1 - std_y)) / 2``) while Eq. 6 does not; this
-module follows Eq. 6, so ``variance_weight = 12.5`` reproduces the official code's
-balance at ``mu = 25``.
+The variance term is the *mean* of the two views' ``v``, as in the official
+``main_vicreg.py`` (``mean(relu(1 - std_x)) / 2 + mean(relu(1 - std_y)) / 2``), whose
+coefficients 25 / 25 / 1 were tuned with it; Eq. 6 of the paper writes the sum, which at
+``mu = 25`` weighs the variance twice as much as the released models were trained with
+(``variance_weight = 50`` gives Eq. 6 as printed).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def covariance_term(z: torch.Tensor) -> torch.Tensor:
 class VICRegTerms(NamedTuple):
     loss: torch.Tensor  # weighted sum, Eq. 6
     invariance: torch.Tensor  # s(Z, Z') (unweighted)
-    variance: torch.Tensor  # v(Z) + v(Z') (unweighted)
+    variance: torch.Tensor  # (v(Z) + v(Z')) / 2 (unweighted), the official code's std_loss
     covariance: torch.Tensor  # c(Z) + c(Z') (unweighted)
 
 
@@ -102,7 +103,7 @@ class VICRegLoss(nn.Module):
                 za, zb = distributed.gather(za), distributed.gather(zb)  # (WN, D)
             if za.shape[0] < 2:
                 raise ValueError("VICRegLoss: needs at least 2 samples in the (global) batch for variances")
-            variance = variance_term(za, self.gamma, self.eps) + variance_term(zb, self.gamma, self.eps)
+            variance = (variance_term(za, self.gamma, self.eps) + variance_term(zb, self.gamma, self.eps)) / 2
             covariance = covariance_term(za) + covariance_term(zb)
             loss = (self.invariance_weight * invariance + self.variance_weight * variance
                     + self.covariance_weight * covariance)

@@ -6,7 +6,8 @@ embeddings [0].
 
 The variance and covariance terms are computed over the global batch (embeddings
 gathered from all workers with gradients); see :mod:`cl_core.losses.vicreg` for the
-loss and where it differs from the official code (the variance term's factor 1/2).
+loss (the official code's: the variance term is the mean over the two views, where the
+paper's Eq. 6 writes their sum).
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from cl_core.models.heads import MLP
 @register("vicreg")
 class VICReg(Method):
     """Backbone + expander ``MLP([F, 8192, 8192, 8192])`` (batch norm and ReLU after the
-    two hidden layers, a bias-free linear output as in the official code), loss of Eq. 6
-    on the embeddings.
+    two hidden layers, a bias-free linear output as in the official code), the official
+    code's loss on the embeddings (:mod:`cl_core.losses.vicreg`).
 
     Each view goes through the network in its own pass (batch-norm statistics per view,
     as in the official code).
@@ -39,7 +40,7 @@ class VICReg(Method):
         proj_dim: embedding width.
 
     Metrics: ``train/loss`` and the unweighted terms ``train/invariance`` (MSE),
-    ``train/variance`` (v(Z) + v(Z')), ``train/covariance`` (c(Z) + c(Z')).
+    ``train/variance`` ((v(Z) + v(Z')) / 2), ``train/covariance`` (c(Z) + c(Z')).
     """
 
     def __init__(
