@@ -54,12 +54,17 @@ def test_no_gradient_through_the_z_branch():
 
 def test_heads_follow_the_paper():
     with torch.device("meta"):  # full width without the cost of initialising it
-        m = SimSiam()
+        m = SimSiam("resnet50")
+        r18 = SimSiam("resnet18")
+        wide = SimSiam("resnet18", proj_hidden_dim=1024)
     defaults = {k: v.default for k, v in inspect.signature(SimSiam.__init__).parameters.items()}
-    assert defaults["proj_dim"] == 2048 and defaults["pred_hidden_dim"] == 512
+    assert defaults["proj_dim"] == 2048 and defaults["pred_hidden_dim"] == 512 and defaults["proj_hidden_dim"] is None
     kinds = [type(x).__name__ for x in m.projector]
     assert kinds == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d"]
+    # the official builder: hidden layers as wide as the backbone's features, output 2048
     assert [x.out_features for x in m.projector if isinstance(x, torch.nn.Linear)] == [2048, 2048, 2048]
+    assert [x.out_features for x in r18.projector if isinstance(x, torch.nn.Linear)] == [512, 512, 2048]
+    assert [x.out_features for x in wide.projector if isinstance(x, torch.nn.Linear)] == [1024, 1024, 2048]
     kinds = [type(x).__name__ for x in m.predictor]
     assert kinds == ["Linear", "BatchNorm1d", "ReLU", "Linear"]
     assert (m.predictor[0].in_features, m.predictor[0].out_features, m.predictor[3].out_features) == (2048, 512, 2048)
@@ -108,7 +113,8 @@ def test_the_loss_is_per_sample_and_gathers_nothing(monkeypatch):
     assert torch.isfinite(out.loss) and -1 <= out.loss.item() <= 1
 
 
-@pytest.mark.parametrize("kw,name", [({"proj_dim": 0}, "proj_dim"), ({"pred_hidden_dim": -3}, "pred_hidden_dim")])
+@pytest.mark.parametrize("kw,name", [({"proj_dim": 0}, "proj_dim"), ({"pred_hidden_dim": -3}, "pred_hidden_dim"),
+                                     ({"proj_hidden_dim": 0}, "proj_hidden_dim")])
 def test_bad_hyperparameters_raise(kw, name):
     with pytest.raises(ValueError, match=f"^{name}"):
         SimSiam(**{**SimSiam.smoke_kwargs(), **kw})

@@ -24,9 +24,11 @@ from cl_core.models.heads import MLP
 
 @register("simsiam")
 class SimSiam(Method):
-    """Backbone, projector ``MLP([F, 2048, 2048, 2048], last_norm=True,
-    last_norm_affine=False)`` (batch norm on every layer including the output, which has
-    no ReLU and, as in the official code, no learned scale or shift) and predictor
+    """Backbone, projector ``MLP([F, F, F, 2048], last_norm=True, last_norm_affine=False)``
+    (hidden layers as wide as the backbone's features F, as the official code builds it
+    from the backbone's ``fc``: 2048 for ResNet-50, 512 for ResNet-18; batch norm on every
+    layer including the output, which has no ReLU and, as in the official code, no
+    learned scale or shift) and predictor
     ``MLP([2048, 512, 2048])`` (a bottleneck: batch norm and ReLU on the hidden layer,
     a plain linear output).
 
@@ -37,7 +39,9 @@ class SimSiam(Method):
         backbone: name for :func:`cl_core.models.build_backbone`; ``backbone_args`` its
             keyword arguments.
         gather_distributed: unused (the loss is per sample).
-        proj_dim: width of the projector's hidden and output layers (d).
+        proj_dim: width of the projector's output layer (d).
+        proj_hidden_dim: width of its two hidden layers; None: the backbone's feature
+            width (the official code; the paper's "2048-d" hidden layers are ResNet-50's).
         pred_hidden_dim: the predictor's bottleneck width.
 
     Metrics: ``train/loss``; ``train/z_std``, the per-dimension standard deviation over
@@ -51,15 +55,19 @@ class SimSiam(Method):
         *,
         backbone_args: dict | None = None,
         gather_distributed: bool = True,
-        proj_dim: int = 2048,  # SimSiam [0] Sec. 3 (projection MLP): hidden and output fc 2048-d
+        proj_dim: int = 2048,  # SimSiam [0] Sec. 3 (projection MLP): output fc 2048-d
+        proj_hidden_dim: int | None = None,  # the official builder: the backbone's width (2048-d for ResNet-50)
         pred_hidden_dim: int = 512,  # SimSiam [0] Sec. 3 (prediction MLP): hidden layer 512-d
     ) -> None:
         super().__init__()
         check_int("proj_dim", proj_dim)
+        if proj_hidden_dim is not None:
+            check_int("proj_hidden_dim", proj_hidden_dim)
         check_int("pred_hidden_dim", pred_hidden_dim)
         self.gather_distributed = gather_distributed
         self.backbone, self.feat_dim = build_backbone(backbone, **(backbone_args or {}))
-        self.projector = MLP([self.feat_dim, proj_dim, proj_dim, proj_dim], last_norm=True, last_norm_affine=False)
+        hidden = proj_hidden_dim or self.feat_dim
+        self.projector = MLP([self.feat_dim, hidden, hidden, proj_dim], last_norm=True, last_norm_affine=False)
         self.predictor = MLP([proj_dim, pred_hidden_dim, proj_dim])
 
     def forward(self, views: list[torch.Tensor]) -> StepOutput:
