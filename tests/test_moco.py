@@ -240,11 +240,17 @@ def test_mocov3_heads_follow_the_paper():
     assert len(linears) == 2 and all(m.bias is None for m in linears)
     last_bn = cnn.projector[-1]
     assert isinstance(last_bn, nn.BatchNorm1d) and not last_bn.affine
-    assert isinstance(cnn.predictor[-1], nn.BatchNorm1d) and not cnn.predictor[-1].affine
-    assert sum(isinstance(m, nn.Linear) for m in cnn.predictor) == 2
+    # the released builders: a CNN's predictor ends with a bias-free Linear, a ViT's with the affine-free BN
+    kinds = [type(m).__name__ for m in cnn.predictor]
+    assert kinds == ["Linear", "BatchNorm1d", "ReLU", "Linear"]
+    assert all(m.bias is None for m in cnn.predictor if isinstance(m, nn.Linear))
+    vit = _mocov3(hidden_dim=32, proj_dim=16, backbone="vit_tiny",
+                  backbone_args={"image_size": SIZE, "patch_size": 4, "depth": 1})
+    assert isinstance(vit.predictor[-1], nn.BatchNorm1d) and not vit.predictor[-1].affine
+    assert sum(isinstance(m, nn.Linear) for m in vit.predictor) == 2
     assert not hasattr(cnn, "key_predictor") and len(cnn.momentum_targets()) == 2
     full = MoCoV3()
-    assert (full.predictor[0].out_features, full.predictor[-2].out_features, full.momentum) == (4096, 256, 0.99)
+    assert (full.predictor[0].out_features, full.predictor[-1].out_features, full.momentum) == (4096, 256, 0.99)
     with pytest.raises(ValueError, match="momentum_schedule"):
         _mocov3(momentum_schedule="step")
     with pytest.raises(ValueError, match="proj_layers"):

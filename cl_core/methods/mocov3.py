@@ -47,9 +47,10 @@ class MoCoV3(Method):
     statistics per view, as in the released code); keys get no gradient.
 
     Heads ([0] Sec. 5, "MLP heads"): hidden layers of width ``hidden_dim`` with BN and
-    ReLU, ``proj_dim`` outputs, every layer with BN, the output BN without affine
-    parameters. The projector has 3 layers for ViTs and 2 for ResNets and other CNNs (as
-    in the released code); the predictor has 2.
+    ReLU, ``proj_dim`` outputs, no Linear biases, the projector's output BN without
+    affine parameters. The projector has 3 layers for ViTs and 2 for ResNets and other
+    CNNs; the predictor has 2 and ends with that BN for ViTs only: the released ResNet
+    builder's predictor ends with a plain (bias-free) Linear.
 
     Args:
         backbone: name for :func:`cl_core.models.build_backbone` (``resnet*``, ``vit_tiny``,
@@ -99,7 +100,9 @@ class MoCoV3(Method):
                 p.requires_grad_(False)
         self.projector = MLP([self.feat_dim] + [hidden_dim] * (layers - 1) + [proj_dim], last_norm=True,
                              last_norm_affine=False)
-        self.predictor = MLP([proj_dim, hidden_dim, proj_dim], last_norm=True, last_norm_affine=False)
+        self.predictor = MLP([proj_dim, hidden_dim, proj_dim], last_norm=self.is_vit, last_norm_affine=False)
+        if not self.is_vit:  # the released ResNet predictor: _build_mlp(..., last_bn=False), every Linear bias-free
+            self.predictor[-1] = nn.Linear(hidden_dim, proj_dim, bias=False)
         self.key_backbone = momentum_copy(self.backbone)
         self.key_projector = momentum_copy(self.projector)
 
