@@ -20,19 +20,56 @@ from tests.gloo import run_workers
 
 
 def reference(views: list[torch.Tensor], labels: torch.Tensor, t: float) -> float:
-    """Eq. 2 of SupCon one anchor and one positive at a time, averaged over the anchors
-    that have a positive."""
+    """Eq. 2 of SupCon one anchor and one positive at a time, averaged over all anchors
+    (one without a positive counts 0, as in the authors' code)."""
     z = F.normalize(torch.cat(views).double(), dim=1)
     lab = labels.repeat(len(views)).tolist()
     total, anchors = 0.0, 0
     for i in range(len(z)):
         positives = [p for p in range(len(z)) if p != i and lab[p] == lab[i]]
+        anchors += 1
         if not positives:
             continue
         den = sum(math.exp(float(z[i] @ z[a]) / t) for a in range(len(z)) if a != i)
         total += -sum(math.log(math.exp(float(z[i] @ z[p]) / t) / den) for p in positives) / len(positives)
-        anchors += 1
     return total / anchors
+
+
+def authors_supcon(views: list[torch.Tensor], labels: torch.Tensor, t: float, base_t: float) -> torch.Tensor:
+    """The authors' SupConLoss (contrast_mode 'all') re-derived step by step: features
+    (N, V, D), the label mask tiled over views, self-contrast masked out, positives per
+    anchor with a zero count set to 1, scaled by T / base_T and averaged over all VN anchors."""
+    features = torch.stack([F.normalize(v, dim=1) for v in views], dim=1)
+    n, v = features.shape[:2]
+    mask = torch.eq(labels.view(-1, 1), labels.view(1, -1)).float()
+    contrast = torch.cat(torch.unbind(features, dim=1), dim=0)
+    dots = contrast @ contrast.T / t
+    logits = dots - dots.max(dim=1, keepdim=True).values.detach()
+    mask = mask.repeat(v, v)
+    logits_mask = torch.ones_like(mask).scatter(1, torch.arange(n * v).view(-1, 1), 0)
+    mask = mask * logits_mask
+    log_prob = logits - torch.log((torch.exp(logits) * logits_mask).sum(1, keepdim=True))
+    pairs = mask.sum(1)
+    pairs = torch.where(pairs < 1e-6, torch.ones_like(pairs), pairs)
+    mean_log_prob_pos = (mask * log_prob).sum(1) / pairs
+    return (-(t / base_t) * mean_log_prob_pos).view(v, n).mean()
+
+
+@pytest.mark.parametrize("n_views", [1, 2, 3])
+@pytest.mark.parametrize("base", [None, 0.07])
+def test_matches_the_authors_code_singletons_included(n_views, base):
+    labels = torch.tensor(LABELS["singletons"])  # with one view, anchors 7, 4 and 2 have no positive
+    g = torch.Generator().manual_seed(n_views)
+    views = [torch.randn(len(labels), 5, generator=g, dtype=torch.float64) for _ in range(n_views)]
+    ours = [v.clone().requires_grad_(True) for v in views]
+    theirs = [v.clone().requires_grad_(True) for v in views]
+    got = SupConLoss(0.1, base_temperature=base, gather_distributed=False)(ours, labels)
+    want = authors_supcon(theirs, labels, 0.1, base or 0.1)
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    got.backward()
+    want.backward()
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a.grad.double(), b.grad, rtol=1e-4, atol=1e-6)
 
 
 LABELS = {

@@ -28,8 +28,9 @@ class SupConLoss(nn.Module):
 
     on L2-normalised z. Eq. 2 of [0] sums over anchors; the mean only rescales it by the
     batch size. An anchor without any positive (possible only with V = 1: a label seen once)
-    has no term; the mean is over the anchors that have one, counted over all workers, and
-    a batch where no anchor has one is an error.
+    contributes 0 and still counts in the mean over all anchors, as in the authors'
+    released code (``mask_pos_pairs`` set to 1 where it is 0); a batch where no anchor of
+    any worker has a positive is an error (there is nothing to learn from it).
 
     With ``gather_distributed`` on W workers, local anchors are compared with the keys and
     labels of all workers (an autograd-correct all_gather for the keys), each anchor's own
@@ -97,17 +98,13 @@ class SupConLoss(nn.Module):
         positive = positive.index_put((rows, self_col), torch.tensor(False, device=dev))
         n_pos = positive.sum(1)
         per_anchor = -log_prob.masked_fill(~positive, 0.0).sum(1) / n_pos.clamp(min=1)  # 0 without positives
-
-        if n_views >= 2:  # every anchor has its other views as positives: no count to share
-            loss = per_anchor.mean()
-        else:
+        if n_views == 1:  # with two views or more every anchor has its other views as positives
             valid = (n_pos > 0).float().sum()
             total = distributed.all_reduce_sum_(valid.clone()) if gathered else valid
             if not total > 0:
                 raise ValueError("SupConLoss: no anchor has a positive (every label appears once and there is one "
                                  "view); use two views or batches with repeated labels")
-            # sum over this worker's anchors / (global count / W): the mean over workers is the global mean
-            loss = per_anchor.sum() * w / total
+        loss = per_anchor.mean()  # every worker has N anchors: DDP's mean over workers is the global mean
         if self.base_temperature is not None:
             loss = loss * (self.temperature / self.base_temperature)
         return loss
