@@ -9,8 +9,8 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from cl_core.losses.barlow_twins import BarlowTwinsLoss, off_diagonal, standardize

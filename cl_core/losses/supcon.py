@@ -75,9 +75,9 @@ class SupConLoss(nn.Module):
         if gathered:
             keys_per_view = [distributed.gather(zv) for zv in z]  # V x (WN, D)
             key_labels = distributed.gather_nograd(labels)  # (WN,)
-            r, w = distributed.rank(), distributed.world_size()
+            r = distributed.rank()
         else:
-            keys_per_view, key_labels, r, w = z, labels, 0, 1
+            keys_per_view, key_labels, r = z, labels, 0
         wn = key_labels.shape[0]
         if n_views * wn < 2:
             raise ValueError("SupConLoss: needs at least 2 samples (views x batch) to have a denominator")
