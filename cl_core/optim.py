@@ -15,7 +15,11 @@ class LARS(Optimizer):
     For each parameter w with gradient g (plus weight decay wd*w), the step is scaled by
     the trust ratio ``eta * ||w|| / ||g + wd*w||``. Parameter groups with
     ``lars_exclude=True`` (norms and biases in SimCLR) get neither the adaptation nor
-    weight decay. Momentum is applied to the scaled update (SimCLR's implementation).
+    weight decay. The momentum buffer accumulates the trust-scaled gradient and the
+    current learning rate multiplies the buffer (``v = m v + trust * g; w -= lr * v``,
+    the LARS of the Barlow Twins and VICReg code). SimCLR's TensorFlow LARS puts the
+    learning rate inside the buffer (``v = m v + lr * trust * g; w -= v``); the two agree
+    at a constant learning rate and differ slightly while it changes (warm-up, decay).
 
     - [0] You, Gitman, Ginsburg, Large Batch Training of Convolutional Networks, 2017,
       https://arxiv.org/abs/1708.03888

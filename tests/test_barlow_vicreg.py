@@ -99,6 +99,27 @@ def test_barlow_twins_fully_redundant_dimensions():
     assert terms.loss.item() == pytest.approx(10.0)
 
 
+def test_the_official_gradient_on_w_workers_is_one_over_w_of_the_global_loss_gradient():
+    """What the module docstring says of the official code on W workers: each worker's
+    loss is the global loss of the all-reduced C, but the all_reduce passes no gradient,
+    so worker k differentiates only its own slice's part of C (the synchronised batch
+    norm still couples the slices); DDP averages the W gradients."""
+    w, n, d, lambd = 2, 6, 4, 0.3
+    g = torch.Generator().manual_seed(11)
+    z0, z1 = torch.randn(w * n, d, generator=g, requires_grad=True), torch.randn(w * n, d, generator=g, requires_grad=True)
+    (ours0, ours1) = torch.autograd.grad(BarlowTwinsLoss(lambd, gather_distributed=False)(z0, z1).loss, [z0, z1])
+    a, b = standardize(z0), standardize(z1)  # SyncBatchNorm over the global batch
+    official0, official1 = torch.zeros_like(z0), torch.zeros_like(z1)
+    for k in range(w):
+        parts = [a[j * n:(j + 1) * n].T @ b[j * n:(j + 1) * n] / (w * n) for j in range(w)]
+        c = sum(p if j == k else p.detach() for j, p in enumerate(parts))  # all_reduce: no gradient from the others
+        loss_k = (1 - torch.diagonal(c)).pow(2).sum() + lambd * off_diagonal(c).pow(2).sum()
+        g0, g1 = torch.autograd.grad(loss_k, [z0, z1], retain_graph=True)
+        official0, official1 = official0 + g0 / w, official1 + g1 / w  # DDP's average
+    torch.testing.assert_close(official0, ours0 / w)
+    torch.testing.assert_close(official1, ours1 / w)
+
+
 def test_standardize_and_off_diagonal():
     g = torch.Generator().manual_seed(3)
     z = torch.randn(10, 4, generator=g) * 3 + 2

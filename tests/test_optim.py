@@ -45,6 +45,30 @@ def test_lars_trust_ratio_and_exclusion():
     torch.testing.assert_close(b.detach(), torch.full((4,), 1 - 2.0))  # plain SGD, no decay
 
 
+def test_lars_momentum_follows_the_barlow_twins_code_while_the_lr_changes():
+    """The docstring's placement: v = m v + trust * g, w -= lr * v (the learning rate
+    outside the buffer), re-derived step by step over a changing learning rate; SimCLR's
+    TF placement (the learning rate inside the buffer) gives other weights."""
+    torch.manual_seed(0)
+    w0, grads, lrs, m, wd, eta = torch.randn(3, 5), [torch.randn(3, 5) for _ in range(4)], [0.1, 0.4, 0.2, 0.05], 0.9, 1e-3, 0.01
+    p = torch.nn.Parameter(w0.clone())
+    opt = LARS([{"params": [p], "weight_decay": wd, "lars_exclude": False}], lr=lrs[0], momentum=m, weight_decay=wd, eta=eta)
+    bt, tf = w0.clone(), w0.clone()
+    v_bt, v_tf = torch.zeros_like(w0), torch.zeros_like(w0)
+    for g, lr in zip(grads, lrs, strict=True):
+        for group in opt.param_groups:
+            group["lr"] = lr
+        p.grad = g.clone()
+        opt.step()
+        d_bt, d_tf = g + wd * bt, g + wd * tf
+        v_bt = m * v_bt + eta * bt.norm() / d_bt.norm() * d_bt
+        bt = bt - lr * v_bt
+        v_tf = m * v_tf + lr * eta * tf.norm() / d_tf.norm() * d_tf
+        tf = tf - v_tf
+    torch.testing.assert_close(p.detach(), bt)
+    assert not torch.allclose(p.detach(), tf, atol=1e-6)
+
+
 def test_build_optimizers():
     for name, cls in [("sgd", torch.optim.SGD), ("adamw", torch.optim.AdamW), ("lars", LARS)]:
         _, _, groups = _groups()

@@ -11,9 +11,14 @@ batch (mean 0, biased variance 1: batch norm without affine parameters, eps 1e-5
 ``nn.BatchNorm1d``), and then ``C = za^T zb / N`` is exactly Eq. 2 (up to that eps). The
 official code computes the same matrix (synchronised batch norm, ``c / batch_size`` with
 the global batch size, summed over workers) and the same two sums with no further
-factor, so the values and gradients agree with it; the first release of that code also
-multiplied both terms by a constant ``scale_loss`` (1/32), which only rescales the
-gradients (the learning rate, or LARS's trust ratio, absorbs it) and is not used here.
+factor, so the values agree with it. The gradients agree on one worker only: the
+official ``all_reduce`` of ``c`` passes no gradient, so each of W workers
+differentiates only its own part of ``c`` and DDP's average gives 1/W of the global
+loss's gradient, while this module (an autograd-correct gather) gives the global
+loss's exact gradient, W times the official one. LARS's trust ratio absorbs the factor
+for the adapted weights; the excluded biases and norms take W times larger steps at the
+same learning rate. The first release of that code also multiplied both terms by a
+constant ``scale_loss`` (1/32), another pure rescaling, not used here.
 """
 
 from __future__ import annotations
