@@ -52,6 +52,12 @@ class NonFiniteLossError(FloatingPointError):
     pass
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank ``rank``'s step randomness (InstDisc's and CMC's negative indices,
+    dropout masks): distinct per rank, a pure function of (seed, rank)."""
+    return (seed * 1_000_003 + 7_919 * (rank + 1)) % (2**63)
+
+
 @dataclass(frozen=True)
 class DeviceSettings:
     """How a training step uses its device: bf16 autocast and channels_last memory
@@ -143,12 +149,18 @@ class PretrainLoop:
             compile_networks(method)
         if device.type == "cpu":
             allocator.cache_freed_memory(cfg.cpu_allocator == "cache")
+        # the weights were drawn before, from the seed every rank shares (and DDP sends rank
+        # 0's); from here on each rank draws its own negatives and dropout masks, CPU and
+        # CUDA generators alike (a checkpoint keeps both per rank)
+        torch.manual_seed(rank_seed(stream.seed, distributed.rank()))
 
     # ---- state -------------------------------------------------------------------
     def state_dict(self) -> dict:
         # every rank's generator and running sums, in one collective (every rank calls
         # state_dict at the same points)
-        per_rank = distributed.all_gather_object((torch.get_rng_state(), {k: float(v) for k, v in self._sums.items()}))
+        cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        per_rank = distributed.all_gather_object((torch.get_rng_state(), {k: float(v) for k, v in self._sums.items()},
+                                                  cuda_rng))
         return {
             "model": self.method.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -159,9 +171,10 @@ class PretrainLoop:
             "scheduler": {"kind": "warmup_cosine", "peak_lr": self.peak_lr, "warmup_steps": self.warmup_steps,
                           "total_steps": self.total_steps, "lr": self.lr()},
             "batch_in_epoch": self.batch_in_epoch,
-            "epoch_sums": [sums for _, sums in per_rank],
+            "epoch_sums": [sums for _, sums, _ in per_rank],
             "epoch_seconds": self._seconds,
-            "torch_rng": [rng for rng, _ in per_rank],
+            "torch_rng": [rng for rng, _, _ in per_rank],
+            "cuda_rng": [rng for _, _, rng in per_rank],
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -178,6 +191,11 @@ class PretrainLoop:
         if isinstance(rng, list):  # one per rank; a different world size continues from rank 0's
             rng = rng[distributed.rank()] if len(rng) == self.world_size else rng[0]
         torch.set_rng_state(rng.cpu())  # a CPU ByteTensor even if loaded onto a GPU
+        cuda_rng = state.get("cuda_rng")
+        if self.device.type == "cuda" and isinstance(cuda_rng, list) and cuda_rng:
+            mine = cuda_rng[distributed.rank()] if len(cuda_rng) == self.world_size else cuda_rng[0]
+            if mine is not None:
+                torch.cuda.set_rng_state(mine.cpu(), self.device)
         self.last_checkpoint = self.position()
 
     def position(self) -> str:

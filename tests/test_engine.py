@@ -39,7 +39,7 @@ def test_loop_reports_each_epoch_with_state(train_shards):
     m, state = reports[-1]
     assert m["step"] == 2 * loop.steps_per_epoch and m["epoch/unique_samples"] == sum(train_shards[1])
     assert m["val/x"] == 1.0 and m["train/images_per_sec"] > 0
-    assert set(state) == {"model", "optimizer", "scheduler", "epoch", "step", "torch_rng", "batch_in_epoch",
+    assert set(state) == {"model", "optimizer", "scheduler", "epoch", "step", "torch_rng", "cuda_rng", "batch_in_epoch",
                           "epoch_sums", "epoch_seconds"}
     assert state["scheduler"]["total_steps"] == 2 * loop.steps_per_epoch
 
@@ -304,3 +304,35 @@ def test_colour_augmentation_on_the_device(train_shards):
     mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
     diff = (out[0] - (seen["in"][0] / 255 - mean) / std).flatten(1).mean(1)
     assert len({round(float(d), 4) for d in diff}) == len(diff)
+
+
+def _two_rank_draws(rank: int, world: int, urls: list[str], counts: list[int]) -> dict:
+    from cl_core.methods import get_method
+
+    torch.manual_seed(0)  # every rank the same seed, as the stages do before building the model
+    cls = get_method("instdisc")
+    method = cls(**{**cls.smoke_kwargs(), "num_samples": sum(counts)}, gather_distributed=True)
+    weights = torch.cat([p.detach().flatten() for p in method.parameters()])
+    stream = ShardStream(urls, counts, transform=SimCLRTransform(8), batch_size=4, rank=rank, world_size=world,
+                         loader_workers=1, shuffle_buffer=10, seed=0)
+    loop = PretrainLoop(method, method, stream, LoopConfig(epochs=1, batch_size_per_worker=4, loader_workers=1),
+                        torch.device("cpu"))
+    state = loop.state_dict()
+    draws = torch.randint(0, 2**31, (8,))  # what the step's negatives and dropout masks draw from
+    torch.manual_seed(99)
+    loop.load_state_dict(state)
+    return {"weights": weights, "draws": draws, "again": torch.randint(0, 2**31, (8,)), "cuda_rng": state["cuda_rng"]}
+
+
+def test_each_rank_draws_its_own_step_randomness_from_shared_initial_weights(train_shards):
+    """Every rank's first weights come from the shared seed; from the loop on, each rank
+    has its own generator (else InstDisc/CMC would draw the same negative indices and
+    SimCSE the same dropout masks on every rank), and a checkpoint restores each rank's."""
+    from tests.gloo import run_workers
+
+    urls, counts = train_shards
+    r0, r1 = run_workers(_two_rank_draws, 2, urls, counts)
+    torch.testing.assert_close(r0["weights"], r1["weights"])
+    assert not torch.equal(r0["draws"], r1["draws"])
+    assert torch.equal(r0["again"], r0["draws"]) and torch.equal(r1["again"], r1["draws"])
+    assert r0["cuda_rng"] == [None, None]  # CPU workers: no CUDA generator to keep
