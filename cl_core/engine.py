@@ -40,6 +40,9 @@ class LoopConfig:
     channels_last: bool | None = None  # None: on CUDA only
     compile: bool = False  # torch.compile the method's networks (Method.compile_targets), in place
     cpu_allocator: str = "cache"  # on a CPU device: "cache" keeps freed memory for the next step (cl_core.allocator)
+    # None: the method's loop_defaults (DINO: 3.0 and 0.4), else off / constant
+    grad_clip: float | None = None  # clip each parameter tensor's gradient to this l2 norm (DINO's clip_gradients); 0: off
+    weight_decay_end: float | None = None  # cosine from weight_decay to this over training (DINO); unset: constant
 
     def settings_for(self, device: torch.device) -> DeviceSettings:
         """The step's device settings (what the loop uses; callers prepare the model
@@ -50,6 +53,23 @@ class LoopConfig:
 
 class NonFiniteLossError(FloatingPointError):
     pass
+
+
+def clip_per_parameter(params, max_norm: float) -> None:
+    """Scale each tensor's gradient whose l2 norm exceeds ``max_norm`` down to it (with
+    DINO's 1e-6 in the denominator); per tensor, not the global norm of
+    ``torch.nn.utils.clip_grad_norm_``."""
+    for p in params:
+        if p.grad is not None:
+            coef = max_norm / (torch.linalg.vector_norm(p.grad) + 1e-6)
+            p.grad.mul_(torch.clamp(coef, max=1.0))
+
+
+def weight_decay_at(step: int, total_steps: int, start: float, end: float) -> float:
+    """DINO's cosine weight-decay schedule: ``start`` at step 0 towards ``end`` at
+    ``total_steps``; a pure function of the step."""
+    t = min(1.0, step / max(1, total_steps))
+    return end + 0.5 * (start - end) * (1 + math.cos(math.pi * t))
 
 
 def rank_seed(seed: int, rank: int) -> int:
@@ -135,6 +155,13 @@ class PretrainLoop:
             cfg.optimizer, method.param_groups(cfg.weight_decay), self.peak_lr,
             weight_decay=cfg.weight_decay, momentum=cfg.momentum,
         )
+        defaults = type(method).loop_defaults
+        self.grad_clip = float(defaults.get("grad_clip", 0.0) if cfg.grad_clip is None else cfg.grad_clip)
+        self.weight_decay_end = defaults.get("weight_decay_end") if cfg.weight_decay_end is None else cfg.weight_decay_end
+        # the groups that decay (the others, biases and norms, stay at 0 under the schedule),
+        # known even when the configured decay is 0
+        # (indices: loading an optimizer state replaces its group dicts)
+        self._decayed = [i for i, g in enumerate(method.param_groups(1.0)) if g["weight_decay"] > 0]
         self.epoch = 0  # epochs completed
         self.step = 0  # optimizer steps completed
         # inside the running epoch: batches done, running metric sums and seconds spent,
@@ -207,6 +234,12 @@ class PretrainLoop:
     def lr(self) -> float:
         return lr_at(self.step, total_steps=self.total_steps, warmup_steps=self.warmup_steps, peak_lr=self.peak_lr)
 
+    def weight_decay(self) -> float:
+        """This step's weight decay (the configured one unless ``weight_decay_end``)."""
+        if self.weight_decay_end is None:
+            return self.cfg.weight_decay
+        return weight_decay_at(self.step, self.total_steps, self.cfg.weight_decay, self.weight_decay_end)
+
     def _step_generator(self) -> torch.Generator:
         """The device augmentation's generator, seeded from (seed, rank, step): a pure
         function of the step, so a resumed run draws what the interrupted one would."""
@@ -271,6 +304,9 @@ class PretrainLoop:
             if self.view_augment is not None:
                 views = self.view_augment(views, self._step_generator())
             set_lr(self.optimizer, self.lr(), self.peak_lr)
+            if self.weight_decay_end is not None:
+                for i in self._decayed:
+                    self.optimizer.param_groups[i]["weight_decay"] = self.weight_decay()
             self.method.set_progress(self.step, self.total_steps)
             with self.settings.autocast():
                 if self.method.uses_labels:
@@ -286,6 +322,8 @@ class PretrainLoop:
                 )
             self.optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
+            if self.grad_clip > 0:
+                clip_per_parameter(self.method.parameters(), self.grad_clip)
             self.method.before_optimizer_step(self.step, self.total_steps)
             self.optimizer.step()
             self.method.after_optimizer_step(self.step, self.total_steps)
@@ -314,6 +352,8 @@ class PretrainLoop:
             **means,
             "train/loss": mean_loss,
             "train/lr": self.optimizer.param_groups[0]["lr"],
+            **({"train/weight_decay": self.optimizer.param_groups[self._decayed[0]]["weight_decay"]}
+               if self.weight_decay_end is not None and self._decayed else {}),
             "train/images_per_sec": plan.samples_seen / elapsed,
             "train/epoch_seconds": elapsed,
             "epoch": float(self.epoch),
