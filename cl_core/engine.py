@@ -40,6 +40,9 @@ class LoopConfig:
     channels_last: bool | None = None  # None: on CUDA only
     compile: bool = False  # torch.compile the method's networks (Method.compile_targets), in place
     cpu_allocator: str = "cache"  # on a CPU device: "cache" keeps freed memory for the next step (cl_core.allocator)
+    # None: the method's loop_defaults (DINO: 3.0 and 0.4), else off / constant
+    grad_clip: float | None = None  # clip each parameter tensor's gradient to this l2 norm (DINO's clip_gradients); 0: off
+    weight_decay_end: float | None = None  # cosine from weight_decay to this over training (DINO); unset: constant
 
     def settings_for(self, device: torch.device) -> DeviceSettings:
         """The step's device settings (what the loop uses; callers prepare the model
@@ -50,6 +53,29 @@ class LoopConfig:
 
 class NonFiniteLossError(FloatingPointError):
     pass
+
+
+def clip_per_parameter(params, max_norm: float) -> None:
+    """Scale each tensor's gradient whose l2 norm exceeds ``max_norm`` down to it (with
+    DINO's 1e-6 in the denominator); per tensor, not the global norm of
+    ``torch.nn.utils.clip_grad_norm_``."""
+    for p in params:
+        if p.grad is not None:
+            coef = max_norm / (torch.linalg.vector_norm(p.grad) + 1e-6)
+            p.grad.mul_(torch.clamp(coef, max=1.0))
+
+
+def weight_decay_at(step: int, total_steps: int, start: float, end: float) -> float:
+    """DINO's cosine weight-decay schedule: ``start`` at step 0 towards ``end`` at
+    ``total_steps``; a pure function of the step."""
+    t = min(1.0, step / max(1, total_steps))
+    return end + 0.5 * (start - end) * (1 + math.cos(math.pi * t))
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank ``rank``'s step randomness (InstDisc's and CMC's negative indices,
+    dropout masks): distinct per rank, a pure function of (seed, rank)."""
+    return (seed * 1_000_003 + 7_919 * (rank + 1)) % (2**63)
 
 
 @dataclass(frozen=True)
@@ -129,6 +155,13 @@ class PretrainLoop:
             cfg.optimizer, method.param_groups(cfg.weight_decay), self.peak_lr,
             weight_decay=cfg.weight_decay, momentum=cfg.momentum,
         )
+        defaults = type(method).loop_defaults
+        self.grad_clip = float(defaults.get("grad_clip", 0.0) if cfg.grad_clip is None else cfg.grad_clip)
+        self.weight_decay_end = defaults.get("weight_decay_end") if cfg.weight_decay_end is None else cfg.weight_decay_end
+        # the groups that decay (the others, biases and norms, stay at 0 under the schedule),
+        # known even when the configured decay is 0
+        # (indices: loading an optimizer state replaces its group dicts)
+        self._decayed = [i for i, g in enumerate(method.param_groups(1.0)) if g["weight_decay"] > 0]
         self.epoch = 0  # epochs completed
         self.step = 0  # optimizer steps completed
         # inside the running epoch: batches done, running metric sums and seconds spent,
@@ -143,12 +176,18 @@ class PretrainLoop:
             compile_networks(method)
         if device.type == "cpu":
             allocator.cache_freed_memory(cfg.cpu_allocator == "cache")
+        # the weights were drawn before, from the seed every rank shares (and DDP sends rank
+        # 0's); from here on each rank draws its own negatives and dropout masks, CPU and
+        # CUDA generators alike (a checkpoint keeps both per rank)
+        torch.manual_seed(rank_seed(stream.seed, distributed.rank()))
 
     # ---- state -------------------------------------------------------------------
     def state_dict(self) -> dict:
         # every rank's generator and running sums, in one collective (every rank calls
         # state_dict at the same points)
-        per_rank = distributed.all_gather_object((torch.get_rng_state(), {k: float(v) for k, v in self._sums.items()}))
+        cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        per_rank = distributed.all_gather_object((torch.get_rng_state(), {k: float(v) for k, v in self._sums.items()},
+                                                  cuda_rng))
         return {
             "model": self.method.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -159,9 +198,10 @@ class PretrainLoop:
             "scheduler": {"kind": "warmup_cosine", "peak_lr": self.peak_lr, "warmup_steps": self.warmup_steps,
                           "total_steps": self.total_steps, "lr": self.lr()},
             "batch_in_epoch": self.batch_in_epoch,
-            "epoch_sums": [sums for _, sums in per_rank],
+            "epoch_sums": [sums for _, sums, _ in per_rank],
             "epoch_seconds": self._seconds,
-            "torch_rng": [rng for rng, _ in per_rank],
+            "torch_rng": [rng for rng, _, _ in per_rank],
+            "cuda_rng": [rng for _, _, rng in per_rank],
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -178,6 +218,11 @@ class PretrainLoop:
         if isinstance(rng, list):  # one per rank; a different world size continues from rank 0's
             rng = rng[distributed.rank()] if len(rng) == self.world_size else rng[0]
         torch.set_rng_state(rng.cpu())  # a CPU ByteTensor even if loaded onto a GPU
+        cuda_rng = state.get("cuda_rng")
+        if self.device.type == "cuda" and isinstance(cuda_rng, list) and cuda_rng:
+            mine = cuda_rng[distributed.rank()] if len(cuda_rng) == self.world_size else cuda_rng[0]
+            if mine is not None:
+                torch.cuda.set_rng_state(mine.cpu(), self.device)
         self.last_checkpoint = self.position()
 
     def position(self) -> str:
@@ -188,6 +233,12 @@ class PretrainLoop:
 
     def lr(self) -> float:
         return lr_at(self.step, total_steps=self.total_steps, warmup_steps=self.warmup_steps, peak_lr=self.peak_lr)
+
+    def weight_decay(self) -> float:
+        """This step's weight decay (the configured one unless ``weight_decay_end``)."""
+        if self.weight_decay_end is None:
+            return self.cfg.weight_decay
+        return weight_decay_at(self.step, self.total_steps, self.cfg.weight_decay, self.weight_decay_end)
 
     def _step_generator(self) -> torch.Generator:
         """The device augmentation's generator, seeded from (seed, rank, step): a pure
@@ -253,6 +304,9 @@ class PretrainLoop:
             if self.view_augment is not None:
                 views = self.view_augment(views, self._step_generator())
             set_lr(self.optimizer, self.lr(), self.peak_lr)
+            if self.weight_decay_end is not None:
+                for i in self._decayed:
+                    self.optimizer.param_groups[i]["weight_decay"] = self.weight_decay()
             self.method.set_progress(self.step, self.total_steps)
             with self.settings.autocast():
                 if self.method.uses_labels:
@@ -268,6 +322,8 @@ class PretrainLoop:
                 )
             self.optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
+            if self.grad_clip > 0:
+                clip_per_parameter(self.method.parameters(), self.grad_clip)
             self.method.before_optimizer_step(self.step, self.total_steps)
             self.optimizer.step()
             self.method.after_optimizer_step(self.step, self.total_steps)
@@ -296,6 +352,8 @@ class PretrainLoop:
             **means,
             "train/loss": mean_loss,
             "train/lr": self.optimizer.param_groups[0]["lr"],
+            **({"train/weight_decay": self.optimizer.param_groups[self._decayed[0]]["weight_decay"]}
+               if self.weight_decay_end is not None and self._decayed else {}),
             "train/images_per_sec": plan.samples_seen / elapsed,
             "train/epoch_seconds": elapsed,
             "epoch": float(self.epoch),

@@ -138,6 +138,11 @@ class TrainingConfig(Section):
     use_gpu: Literal["auto", True, False] = "auto"
     loader_workers: int = Field(1, ge=0, description="DataLoader worker processes per training worker")
     shuffle_buffer: int = Field(1000, ge=0)
+    grad_clip: float | None = Field(None, ge=0, description="clip each parameter tensor's gradient to this l2 norm "
+                                    "(DINO's clipping); null: the method's default (DINO 3.0, the others none); 0: off")
+    weight_decay_end: float | None = Field(None, ge=0, description="weight decay on a cosine from weight_decay to "
+                                           "this at the last step (DINO: 0.04 -> 0.4); null: the method's default "
+                                           "(DINO 0.4, the others constant)")
     max_failures: int = Field(0, ge=-1, description="Ray Train restarts of the worker group after a worker dies "
                               "(-1: unlimited); each restart resumes from the last checkpoint")
     log_every_steps: int = Field(0, ge=0)

@@ -90,6 +90,19 @@ def test_forward_is_the_dino_loss_of_student_and_centered_teacher():
     assert out.metrics["train/momentum"].item() == pytest.approx(cosine_momentum(0.996, 3, 10))
 
 
+def test_head_logits_are_float32_under_bf16_autocast():
+    head = DINOHead(8, out_dim=64, hidden_dim=16, bottleneck_dim=8)
+    h = torch.randn(12, 8, generator=torch.Generator().manual_seed(4))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = head(h)
+        z = torch.nn.functional.normalize(head.mlp(h).float(), dim=-1)  # the MLP may run in bf16
+        rounded = head.last_layer(z)  # what autocast alone would give for the last layer
+    exact = head.last_layer(z)  # autocast off: float32
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, exact)
+    assert (rounded.float() - exact).abs().max() / 0.04 > 1e-3  # after the teacher temperature
+
+
 # ---- centering and sharpening ----------------------------------------------------------
 
 

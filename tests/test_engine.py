@@ -1,5 +1,7 @@
 """The training loop in one process: metrics, checkpoint state, exact resume."""
 
+import math
+
 import pytest
 import torch
 
@@ -39,7 +41,7 @@ def test_loop_reports_each_epoch_with_state(train_shards):
     m, state = reports[-1]
     assert m["step"] == 2 * loop.steps_per_epoch and m["epoch/unique_samples"] == sum(train_shards[1])
     assert m["val/x"] == 1.0 and m["train/images_per_sec"] > 0
-    assert set(state) == {"model", "optimizer", "scheduler", "epoch", "step", "torch_rng", "batch_in_epoch",
+    assert set(state) == {"model", "optimizer", "scheduler", "epoch", "step", "torch_rng", "cuda_rng", "batch_in_epoch",
                           "epoch_sums", "epoch_seconds"}
     assert state["scheduler"]["total_steps"] == 2 * loop.steps_per_epoch
 
@@ -304,3 +306,87 @@ def test_colour_augmentation_on_the_device(train_shards):
     mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
     diff = (out[0] - (seen["in"][0] / 255 - mean) / std).flatten(1).mean(1)
     assert len({round(float(d), 4) for d in diff}) == len(diff)
+
+
+def _two_rank_draws(rank: int, world: int, urls: list[str], counts: list[int]) -> dict:
+    from cl_core.methods import get_method
+
+    torch.manual_seed(0)  # every rank the same seed, as the stages do before building the model
+    cls = get_method("instdisc")
+    method = cls(**{**cls.smoke_kwargs(), "num_samples": sum(counts)}, gather_distributed=True)
+    weights = torch.cat([p.detach().flatten() for p in method.parameters()])
+    stream = ShardStream(urls, counts, transform=SimCLRTransform(8), batch_size=4, rank=rank, world_size=world,
+                         loader_workers=1, shuffle_buffer=10, seed=0)
+    loop = PretrainLoop(method, method, stream, LoopConfig(epochs=1, batch_size_per_worker=4, loader_workers=1),
+                        torch.device("cpu"))
+    state = loop.state_dict()
+    draws = torch.randint(0, 2**31, (8,))  # what the step's negatives and dropout masks draw from
+    torch.manual_seed(99)
+    loop.load_state_dict(state)
+    return {"weights": weights, "draws": draws, "again": torch.randint(0, 2**31, (8,)), "cuda_rng": state["cuda_rng"]}
+
+
+def test_each_rank_draws_its_own_step_randomness_from_shared_initial_weights(train_shards):
+    """Every rank's first weights come from the shared seed; from the loop on, each rank
+    has its own generator (else InstDisc/CMC would draw the same negative indices and
+    SimCSE the same dropout masks on every rank), and a checkpoint restores each rank's."""
+    from tests.gloo import run_workers
+
+    urls, counts = train_shards
+    r0, r1 = run_workers(_two_rank_draws, 2, urls, counts)
+    torch.testing.assert_close(r0["weights"], r1["weights"])
+    assert not torch.equal(r0["draws"], r1["draws"])
+    assert torch.equal(r0["again"], r0["draws"]) and torch.equal(r1["again"], r1["draws"])
+    assert r0["cuda_rng"] == [None, None]  # CPU workers: no CUDA generator to keep
+
+
+def test_per_parameter_clipping_is_dinos():
+    """clip_per_parameter against DINO's utils.clip_gradients re-derived: each tensor's
+    gradient scaled by clip / (norm + 1e-6) where that is below 1, the others untouched."""
+    from cl_core.engine import clip_per_parameter
+
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in [(4, 3), (5,), (2, 2)]]
+    grads = [torch.randn(p.shape, generator=g) * scale for p, scale in zip(params, (10.0, 0.1, 3.0), strict=True)]
+    for p, gr in zip(params, grads, strict=True):
+        p.grad = gr.clone()
+    clip_per_parameter(params, 3.0)
+    for p, gr in zip(params, grads, strict=True):
+        norm = gr.norm(2).item()
+        coef = 3.0 / (norm + 1e-6)
+        torch.testing.assert_close(p.grad, gr * coef if coef < 1 else gr)
+    assert params[0].grad.norm().item() == pytest.approx(3.0, rel=1e-5)  # the large one is clipped
+    torch.testing.assert_close(params[1].grad, grads[1])  # the small one is not
+
+
+def test_weight_decay_schedule_is_dinos_cosine():
+    """weight_decay_at against DINO's cosine_scheduler(base, final, epochs, niter_per_ep)
+    re-derived: final + (base - final) / 2 * (1 + cos(pi * i / total)) at iteration i."""
+    from cl_core.engine import weight_decay_at
+
+    total = 37
+    ref = [0.4 + 0.5 * (0.04 - 0.4) * (1 + math.cos(math.pi * i / total)) for i in range(total)]
+    assert [weight_decay_at(i, total, 0.04, 0.4) for i in range(total)] == pytest.approx(ref)
+    assert weight_decay_at(0, total, 0.04, 0.4) == pytest.approx(0.04)
+
+
+def test_dino_trains_with_its_loop_defaults_and_a_config_turns_them_off(train_shards):
+    from cl_core.engine import weight_decay_at
+
+    loop = _method_loop("dino", train_shards)
+    assert (loop.grad_clip, loop.weight_decay_end) == (3.0, 0.4)
+    seen = []
+    loop.run(lambda m, s: seen.append(m))
+    last = weight_decay_at(loop.total_steps - 1, loop.total_steps, loop.cfg.weight_decay, 0.4)
+    assert seen[-1]["train/weight_decay"] == pytest.approx(last)
+    groups = loop.optimizer.param_groups
+    assert any(g["weight_decay"] == pytest.approx(last) for g in groups)
+    assert all(g["weight_decay"] in (0.0, pytest.approx(last)) for g in groups)  # biases and norms stay at 0
+    other = _method_loop("simclr", train_shards)
+    assert (other.grad_clip, other.weight_decay_end) == (0.0, None)
+    import dataclasses
+
+    off = _method_loop("dino", train_shards)
+    off = PretrainLoop(off.method, off.method, off.stream,
+                       dataclasses.replace(off.cfg, grad_clip=0.0, weight_decay_end=None), torch.device("cpu"))
+    assert off.grad_clip == 0.0 and off.weight_decay_end == 0.4  # None keeps the method's default

@@ -76,3 +76,69 @@ def test_without_process_group_gather_flag_changes_nothing():
     assert NTXentLoss(0.5, gather_distributed=True)(z0, z1).item() == pytest.approx(
         NTXentLoss(0.5, gather_distributed=False)(z0, z1).item()
     )
+
+
+def simclr_tf_loss(h1: torch.Tensor, h2: torch.Tensor, t: float) -> torch.Tensor:
+    """SimCLR's TensorFlow contrastive loss re-derived: per direction the cross entropy
+    of [logits_ab, logits_aa - masks * LARGE] against the positive's column, averaged
+    over the batch, and the two directions added (loss_a + loss_b)."""
+    h1, h2 = F.normalize(h1, dim=1), F.normalize(h2, dim=1)
+    n = h1.shape[0]
+    large = 1e9
+    masks = torch.eye(n, dtype=h1.dtype)
+    logits_aa = h1 @ h1.T / t - masks * large
+    logits_bb = h2 @ h2.T / t - masks * large
+    logits_ab, logits_ba = h1 @ h2.T / t, h2 @ h1.T / t
+    target = torch.arange(n)
+    loss_a = F.cross_entropy(torch.cat([logits_ab, logits_aa], dim=1), target)
+    loss_b = F.cross_entropy(torch.cat([logits_ba, logits_bb], dim=1), target)
+    return loss_a + loss_b
+
+
+def _toy(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x0, x1 = torch.randn(6, 5, generator=g, dtype=torch.float64), torch.randn(6, 5, generator=g, dtype=torch.float64)
+    w = torch.randn(4, 5, generator=g, dtype=torch.float64)
+    b = torch.randn(4, generator=g, dtype=torch.float64)
+    return x0, x1, w, b
+
+
+def test_the_tf_loss_is_twice_this_one():
+    x0, x1, w, _ = _toy()
+    z0, z1 = x0 @ w.T, x1 @ w.T
+    ours = NTXentLoss(0.5, gather_distributed=False)(z0, z1)
+    assert simclr_tf_loss(z0, z1, 0.5).item() == pytest.approx(2 * ours.item(), rel=1e-6)
+
+
+def _train(loss_fn, opt_name: str, lr: float, wd: float, steps: int):
+    from cl_core.optim import build_optimizer
+
+    x0, x1, w0, b0 = _toy()
+    w, b = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(b0.clone())
+    groups = [{"params": [w], "weight_decay": wd, "lars_exclude": False},
+              {"params": [b], "weight_decay": 0.0, "lars_exclude": True}]
+    opt = build_optimizer(opt_name, groups, lr, weight_decay=wd, momentum=0.9)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss_fn(x0 @ w.T + b, x1 @ w.T + b).backward()
+        opt.step()
+    return w.detach(), b.detach(), w0, b0
+
+
+def test_the_documented_learning_rate_equivalence_with_the_official_recipe():
+    ours = NTXentLoss(0.5, gather_distributed=False)
+
+    def official(z0, z1):
+        return simclr_tf_loss(z0, z1, 0.5)
+
+    # SGD: twice the learning rate and half the weight decay give the official steps
+    w_tf, b_tf, _, _ = _train(official, "sgd", 0.1, 1e-2, steps=5)
+    w_us, b_us, _, _ = _train(ours, "sgd", 0.2, 5e-3, steps=5)
+    torch.testing.assert_close(w_us, w_tf)
+    torch.testing.assert_close(b_us, b_tf)
+    # LARS: the same learning rate and half the weight decay give the official step of an
+    # adapted weight; an excluded bias moves half as far
+    w_tf, b_tf, w0, b0 = _train(official, "lars", 0.5, 1e-2, steps=1)
+    w_us, b_us, _, _ = _train(ours, "lars", 0.5, 5e-3, steps=1)
+    torch.testing.assert_close(w_us, w_tf)
+    torch.testing.assert_close(b_us - b0, (b_tf - b0) / 2)

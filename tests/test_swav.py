@@ -137,6 +137,22 @@ def test_forward_is_the_swapped_loss_of_the_sinkhorn_codes():
     assert torch.isfinite(m(_views(6, 1, n_local=0)).loss)  # no local views: the two globals predict each other
 
 
+def test_prototype_scores_are_float32_under_bf16_autocast():
+    m = _small()
+    g = torch.Generator().manual_seed(2)
+    z = F.normalize(torch.randn(16, m.prototypes.in_features, generator=g), dim=1)
+    exact = z @ m.prototypes.weight.T
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scores = m.scores(z)
+        rounded = m.prototypes(z)  # what autocast alone would give
+    assert scores.dtype == torch.float32
+    torch.testing.assert_close(scores, exact)
+    assert (rounded.float() - exact).abs().max() > 1e-4  # bf16 would have moved them
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(_views(6, 0))
+    assert torch.isfinite(out.loss)
+
+
 def test_prototypes_normalised_frozen_then_trained():
     m = _small(freeze_prototypes_steps=2)
     torch.testing.assert_close(m.prototypes.weight.norm(dim=1), torch.ones(m.num_prototypes))

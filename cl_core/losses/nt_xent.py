@@ -26,6 +26,19 @@ class NTXentLoss(nn.Module):
     ``-log(exp(sim(z_i, z_j)/T) / sum_{k != i} exp(sim(z_i, z_k)/T))`` with cosine
     similarity ``sim``.
 
+    Scale, compared with SimCLR's TensorFlow code: that code adds the two directions'
+    batch means (``loss_a + loss_b``), twice this mean over the 2N anchors. Gradients are
+    therefore half the official ones, and the official recipe corresponds to:
+
+    - SGD (momentum, coupled weight decay): ``lr_base`` twice the official one and
+      ``weight_decay`` half of it give exactly the official steps;
+    - LARS: the same ``lr_base`` and half the official ``weight_decay`` give exactly the
+      official steps of every adapted weight (the trust ratio cancels the factor); the
+      excluded biases and BatchNorm parameters (no adaptation) step half as far as in
+      the official code.
+
+    ``tests/test_nt_xent.py`` checks the factor and both equivalences step by step.
+
     Args:
         temperature: T > 0. SimCLR used 0.1 at large batch, 0.5 for CIFAR-10.
         gather_distributed: gather negatives from all workers when a process group is

@@ -20,7 +20,7 @@ import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -108,6 +108,9 @@ class Method(nn.Module):
     - ``uses_labels``: ``forward(views, labels, aux)`` (supervised objectives, SupCon).
     - ``needs_index``: ``forward(views, index=...)`` with each sample's dense index in
       the training split (memory banks).
+    - ``loop_defaults``: the method's own defaults for the loop's general options that
+      a config leaves unset (``grad_clip``, ``weight_decay_end``; see
+      :class:`cl_core.engine.LoopConfig`), e.g. DINO's gradient clipping.
 
     Hooks the loop calls, in order, for each step: :meth:`set_progress` (schedules),
     ``forward``, backward, :meth:`before_optimizer_step` (gradient surgery such as
@@ -119,6 +122,7 @@ class Method(nn.Module):
     view_kind: ViewKind = "two_views"
     uses_labels: bool = False
     needs_index: bool = False
+    loop_defaults: ClassVar[dict[str, float]] = {}
     backbone: nn.Module
     feat_dim: int
 

@@ -62,6 +62,9 @@ class DINO(Method):
     """
 
     view_kind = "multi_crop"
+    # the official training loop (main_dino.py): every student tensor's gradient clipped to
+    # norm 3.0, weight decay on a cosine from the configured value (0.04) to 0.4
+    loop_defaults = {"grad_clip": 3.0, "weight_decay_end": 0.4}
 
     center: torch.Tensor
 

@@ -107,6 +107,13 @@ class SwAV(Method):
         """Unit-norm embeddings of all views, in view order: (len(views) * N, proj_dim)."""
         return F.normalize(self.projector(forward_by_resolution(self.backbone, views)).float(), dim=1)
 
+    def scores(self, z: torch.Tensor) -> torch.Tensor:
+        """Prototype scores ``z C^T`` in float32 with autocast off: Sinkhorn exponentiates
+        them divided by epsilon (0.05), where bf16's rounding would move the codes by
+        percents."""
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            return self.prototypes(z.float())
+
     @torch.no_grad()
     def codes(self, scores: torch.Tensor) -> torch.Tensor:
         """Codes (2, N, K) of the 2 global views from their scores (2, N, K); with a full
@@ -114,7 +121,7 @@ class SwAV(Method):
         use_queue = self.queue_length > 0 and int(self.queue_filled) >= self.queue_length
         out = []
         for i in range(2):
-            extra = self.prototypes(self.queue[i]).float() if use_queue else None
+            extra = self.scores(self.queue[i]) if use_queue else None
             out.append(sinkhorn(scores[i], self.epsilon, self.sinkhorn_iterations, extra=extra,
                                 gather_distributed=self.gather_distributed))
         return torch.stack(out)
@@ -138,7 +145,7 @@ class SwAV(Method):
     def forward(self, views: list[torch.Tensor]) -> StepOutput:
         n = check_multicrop(views, "swav")
         z = self.embed(views)  # (V * N, D), unit norm
-        scores = self.prototypes(z).float().reshape(len(views), n, self.num_prototypes)  # (V, N, K)
+        scores = self.scores(z).reshape(len(views), n, self.num_prototypes)  # (V, N, K), float32
         q = self.codes(scores[:2].detach())  # (2, N, K), rows sum to 1
         loss = swapped_prediction_loss(scores, q, self.temperature)
         if self.training and self.queue_length > 0 and getattr(self, "progress_step", 0) >= self.queue_start_step:

@@ -47,7 +47,7 @@ class DINOHead(nn.Module):
     """``last_layer(normalize(mlp(h)))`` with ``mlp = MLP([in, hidden, hidden, bottleneck],
     norm=False, activation="gelu")`` (Linear weights truncated-normal, std 0.02, biases
     zero, as in DINO's code) and ``last_layer`` a :class:`WeightNormLinear` to
-    ``out_dim``."""
+    ``out_dim``, computed in float32 (autocast off) whatever the MLP ran in."""
 
     def __init__(self, in_dim: int, out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256,
                  norm_last_layer: bool = True) -> None:
@@ -62,4 +62,8 @@ class DINOHead(nn.Module):
         self.out_dim = out_dim
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.last_layer(F.normalize(self.mlp(h), dim=-1))
+        z = F.normalize(self.mlp(h).float(), dim=-1)
+        # the logits in float32 even under bf16 autocast: after the teacher's temperature
+        # (0.04) bf16's 8-bit mantissa moves them by tenths
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            return self.last_layer(z)

@@ -207,7 +207,8 @@ def loop_config(section: TrainingConfig, batch_size: int | None = None) -> LoopC
         checkpoint_every_steps=section.checkpoint_every_steps,
         checkpoint_every_minutes=section.checkpoint_every_minutes, precision=section.precision,
         channels_last=None if section.channels_last == "auto" else bool(section.channels_last),
-        compile=section.compile, cpu_allocator=section.cpu_allocator)
+        compile=section.compile, cpu_allocator=section.cpu_allocator, grad_clip=section.grad_clip,
+        weight_decay_end=section.weight_decay_end)
 
 
 @dataclass
