@@ -117,6 +117,25 @@ def fashion() -> str:
         for name in sorted(ab["rows"], key=order):
             r = ab["rows"][name]
             out.append(f"| {name} | {_pm(r['probe_top1'])} | {_pm(r['knn_top1'])} |")
+        rows = ab["rows"]
+
+        def pt(a: str, b: str) -> float:
+            return 100 * (rows[a]["probe_top1"]["mean"] - rows[b]["probe_top1"]["mean"])
+
+        def sd(*names: str) -> float:
+            return 100 * max(rows[n]["probe_top1"]["std"] for n in names)
+
+        heads = [f"head_layers={k}" for k in (3, 1, 0)]
+        if all(h in rows for h in heads):
+            out += ["", f"Probe, head: nonlinear (3 layers) − linear {pt(heads[0], heads[1]):+.1f} pt, linear − none "
+                    f"{pt(heads[1], heads[2]):+.1f} pt (the seeds' std up to {sd(*heads):.1f} pt)."]
+        temps = sorted((float(n.split("=")[1]), n) for n in rows if n.startswith("temperature="))
+        if len(temps) >= 3:
+            best_t, best = max(temps, key=lambda tn: rows[tn[1]]["probe_top1"]["mean"])
+            where = "interior" if best_t not in (temps[0][0], temps[-1][0]) else "at an end of the range"
+            others = ", ".join(f"{pt(best, n):+.1f} pt over T = {t:g}" for t, n in temps if n != best)
+            out[-1] += (f" Temperature: the best mean probe is at T = {best_t:g} ({where}; {others}; the seeds' std "
+                        f"up to {sd(*(n for _, n in temps)):.1f} pt).")
         out += ["", f"(`bench/fashion_mnist.py ablations`, {ab['date']}.)"]
     return "\n".join(out).strip() or "(run bench/fashion_mnist.py)"
 
