@@ -259,7 +259,7 @@ def stage_times(per_seed: dict[str, dict]) -> dict:
     return out
 
 
-def resummarize(path: Path, work: str, config: str = "fashion_mnist") -> None:
+def resummarize(path: Path, work: str, config: str = "fashion_mnist", shared_cores: bool = False) -> None:
     """Rewrite ``path``'s summary from its per-seed records, adding the pretrain run's
     per-epoch times from the work dir's MLflow store."""
     import mlflow
@@ -277,7 +277,9 @@ def resummarize(path: Path, work: str, config: str = "fashion_mnist") -> None:
                 for k in ("train/epoch_seconds", "train/images_per_sec")}
         first["pretrain_epochs"] = {"epoch_seconds": hist["train/epoch_seconds"],
                                     "images_per_sec": hist["train/images_per_sec"], "run_id": rid}
-    path.write_text(json.dumps({"machine": data["machine"], "date": data["date"], **summarize(per_seed)}, indent=2))
+    shared = shared_cores or data.get("shared_cores", False)
+    path.write_text(json.dumps({"machine": data["machine"], "date": data["date"], "shared_cores": shared,
+                                **summarize(per_seed)}, indent=2))
     print(f"written to {path}")
 
 
@@ -306,12 +308,14 @@ def main() -> None:
     rs.add_argument("path", type=Path)
     rs.add_argument("--work-dir", required=True)
     rs.add_argument("--config", default="fashion_mnist")
+    rs.add_argument("--shared-cores", action="store_true", help="record that other work shared the cores during "
+                    "every run (the stage times are then upper bounds)")
     args = ap.parse_args()
     if not Path(FASHION).is_dir():
         sys.exit(f"{FASHION} is missing: make fashion-mnist-data (or apt-get install -y dataset-fashion-mnist)")
     work = args.work_dir or tempfile.mkdtemp(prefix="clpipe-fashion-")
     if args.cmd == "resummarize":
-        resummarize(args.path, work, args.config)
+        resummarize(args.path, work, args.config, args.shared_cores)
     elif args.cmd == "recipe":
         recipe(work, args.space, args.trial_epochs, args.samples)
     elif args.cmd == "ablations":

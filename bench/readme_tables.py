@@ -84,7 +84,9 @@ def fashion() -> str:
         st = ", ".join(f"{k} {v / 60:.1f} min" for k, v in fast.items())
         out += [f"The 2-core chain (`clpipe run fashion_mnist`): {st}; {sum(fast.values()) / 60:.1f} min in all "
                 "(each stage's compute time, the fastest of its runs here: shard, labels and pretrain ran once, "
-                f"finetune, distill and evaluate once per seed)."]
+                f"finetune, distill and evaluate once per seed"
+                + ("; every one of these runs shared the 2 cores with other work, so the times are upper bounds)."
+                   if tg.get("shared_cores") else ").")]
         ep = tg.get("pretrain_epochs")
         if ep:
             rates = ep["images_per_sec"]
