@@ -88,9 +88,9 @@ def probe(result, labels: int = 800, seed: int = 0) -> dict:
             "probe_labels": len(pick), "train_images": len(tr_y), "test_images": len(te_y)}
 
 
-def write(name: str, payload: dict) -> Path:
+def write(name: str, payload: dict, path: Path | None = None) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"fashion_{name}.json"
+    path = path or RESULTS / f"fashion_{name}.json"
     path.write_text(json.dumps({"machine": machine(), "date": time.strftime("%Y-%m-%d"), **payload}, indent=2))
     print(f"written to {path}")
     return path
@@ -186,6 +186,11 @@ def targets(work: str, seeds: list[int], config: str = "fashion_mnist", extra: l
         src = client.get_run(stage.run_id).data.metrics.get("stage/seconds")
         return {"seconds": src, "cached": True, "computed_in_run": stage.run_id}
 
+    def curves(result, stage: str, names) -> dict:  # val metric per epoch: where training stood when it stopped
+        rid = result.stages[stage].run_id
+        return {n: [round(m.value, 4) for m in sorted(client.get_metric_history(rid, n), key=lambda m: m.step)]
+                for n in names}
+
     for seed in seeds:
         over = [*extra, *([f"finetune.seed={seed}", f"distill.seed={seed}"] if seed else [])]
         load = os.getloadavg()[0]  # > 0.5: something else shared the cores at the start
@@ -193,11 +198,6 @@ def targets(work: str, seeds: list[int], config: str = "fashion_mnist", extra: l
         small, small_secs = run(work, [*over, "distill.student_width=16",
                                        "distill.temperature=1.0"], "evaluate", config=config)
         dist = small.stages["distill"].outputs["models"]
-
-        def curves(result, stage: str, names) -> dict:  # val metric per epoch: where training stood when it stopped
-            rid = result.stages[stage].run_id
-            return {n: [round(m.value, 4) for m in sorted(client.get_metric_history(rid, n), key=lambda m: m.step)]
-                    for n in names}
         fr = list(res.stages["distill"].outputs["models"])
         per_seed[str(seed)] = {
             "config": fingerprint, "load_average_at_start": load, "seconds": secs, "stages": {k: seconds(v) for k, v in res.stages.items()},
@@ -210,9 +210,7 @@ def targets(work: str, seeds: list[int], config: str = "fashion_mnist", extra: l
                        "distill": curves(res, "distill", [f"{n}/val/top1" for n in fr]),
                        "small_distill": curves(small, "distill", [f"{n}/val/top1" for n in fr])}}
         print(seed, json.dumps({k: v for k, v in per_seed[str(seed)].items() if k != "metrics"}), flush=True)
-        path.write_text(json.dumps({"machine": machine(), "date": time.strftime("%Y-%m-%d"),
-                                    **summarize(per_seed)}, indent=2))
-        print(f"written to {path}", flush=True)
+        write(name, summarize(per_seed), path)
 
 
 def summarize(per_seed: dict[str, dict]) -> dict:
