@@ -67,9 +67,8 @@ def clip_per_parameter(params, max_norm: float) -> None:
 
 def weight_decay_at(step: int, total_steps: int, start: float, end: float) -> float:
     """DINO's cosine weight-decay schedule: ``start`` at step 0 towards ``end`` at
-    ``total_steps``; a pure function of the step."""
-    t = min(1.0, step / max(1, total_steps))
-    return end + 0.5 * (start - end) * (1 + math.cos(math.pi * t))
+    ``total_steps`` (the learning rate's cosine without warm-up); a pure function of the step."""
+    return lr_at(step, total_steps=total_steps, warmup_steps=0, peak_lr=start, final_lr=end)
 
 
 def rank_seed(seed: int, rank: int) -> int:
