@@ -175,7 +175,11 @@ class PretrainConfig(TrainingConfig):
     cifar_stem: bool = False
     patch_size: int = Field(4, ge=1, description="ViT backbones: patch side in pixels (views.image_size must be a multiple)")
     vit_depth: int = Field(12, ge=1, description="ViT backbones: Transformer blocks (ViT-Tiny/Small: 12)")
-    sync_bn: bool = Field(False, description="BatchNorm statistics over all workers (torch SyncBatchNorm; CUDA workers only)")
+    sync_bn: Literal["auto", True, False] = Field(
+        "auto", description="BatchNorm statistics over all workers' batches together when num_workers > 1 (torch's "
+        "SyncBatchNorm on CUDA, cl_core's GlobalBatchNorm elsewhere); auto: what the method's authors trained with "
+        "(on for SimCLR, SupCon, BYOL, SimSiam, SwAV, DINO, Barlow Twins, VICReg, MoCo v3; off for MoCo v1/v2, which "
+        "shuffle BN instead, InstDisc, CMC, CPC, SimCSE)")
     params: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="hyperparameters per method: params.<method>.<name>; only the selected method's are used",

@@ -42,6 +42,8 @@ class BarlowTwins(Method):
     (sum_{i != j} C_ij^2, unweighted), ``train/c_diag_mean`` (mean C_ii).
     """
 
+    global_bn = True  # main.py: convert_sync_batchnorm
+
     def __init__(
         self,
         backbone: str = "small_cnn",

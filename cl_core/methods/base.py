@@ -111,6 +111,9 @@ class Method(nn.Module):
     - ``loop_defaults``: the method's own defaults for the loop's general options that
       a config leaves unset (``grad_clip``, ``weight_decay_end``; see
       :class:`cl_core.engine.LoopConfig`), e.g. DINO's gradient clipping.
+    - ``global_bn``: whether the authors' code normalises with the batch statistics of
+      all workers together (``SyncBatchNorm`` / cross-replica BN) when it trains on
+      several; ``pretrain.sync_bn: auto`` follows it (:mod:`cl_core.models.global_bn`).
 
     Hooks the loop calls, in order, for each step: :meth:`set_progress` (schedules),
     ``forward``, backward, :meth:`before_optimizer_step` (gradient surgery such as
@@ -123,6 +126,7 @@ class Method(nn.Module):
     uses_labels: bool = False
     needs_index: bool = False
     loop_defaults: ClassVar[dict[str, float]] = {}
+    global_bn: ClassVar[bool] = False
     backbone: nn.Module
     feat_dim: int
 

@@ -45,6 +45,8 @@ class BYOL(Method):
     target over both directions), ``train/tau`` (this step's EMA momentum).
     """
 
+    global_bn = True  # BYOL appendix: batch statistics over all devices (cross-replica BN)
+
     def __init__(
         self,
         backbone: str = "small_cnn",

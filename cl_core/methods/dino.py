@@ -68,6 +68,8 @@ class DINO(Method):
 
     center: torch.Tensor
 
+    global_bn = True  # main_dino.py: convert_sync_batchnorm when the backbone has BatchNorm
+
     def __init__(
         self,
         backbone: str = "small_cnn",

@@ -68,6 +68,8 @@ class MoCoV3(Method):
             have no patch projection.
     """
 
+    global_bn = True  # main_moco.py: convert_sync_batchnorm
+
     def __init__(
         self,
         backbone: str = "small_cnn",

@@ -29,6 +29,8 @@ class SimCLR(Method):
         proj_dim: output dim of the head.
     """
 
+    global_bn = True  # SimCLR section 2.2 (global BN): cross-replica BN in the TF code
+
     def __init__(
         self,
         backbone: str = "small_cnn",

@@ -49,6 +49,8 @@ class SimSiam(Method):
     (Fig. 2: about 0 when collapsed, about 1/sqrt(d) for well-spread outputs).
     """
 
+    global_bn = True  # main_simsiam.py: convert_sync_batchnorm
+
     def __init__(
         self,
         backbone: str = "small_cnn",

@@ -50,6 +50,8 @@ class SupCon(Method):
 
     uses_labels = True
 
+    global_bn = True  # the TF SupCon code trains with SimCLR's cross-replica BN
+
     def __init__(
         self,
         backbone: str = "small_cnn",

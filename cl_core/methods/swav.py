@@ -61,6 +61,8 @@ class SwAV(Method):
     queue_ptr: torch.Tensor
     queue_filled: torch.Tensor
 
+    global_bn = True  # main_swav.py: --sync_bn pytorch (default)
+
     def __init__(
         self,
         backbone: str = "small_cnn",

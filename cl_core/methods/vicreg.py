@@ -43,6 +43,8 @@ class VICReg(Method):
     ``train/variance`` ((v(Z) + v(Z')) / 2), ``train/covariance`` (c(Z) + c(Z')).
     """
 
+    global_bn = True  # main_vicreg.py: convert_sync_batchnorm
+
     def __init__(
         self,
         backbone: str = "small_cnn",

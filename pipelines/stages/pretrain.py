@@ -25,6 +25,7 @@ from cl_core.engine import PretrainLoop
 from cl_core.evaluate import extract_features, knn_top1
 from cl_core.methods import Method, get_method
 from cl_core.models import saved
+from cl_core.models.global_bn import convert_global_bn, has_batch_norm
 from pipelines import plots, ray_env, tracking
 from pipelines.config import (
     SWEEP_TRAINING_FIELDS,
@@ -53,6 +54,14 @@ CONFIG_FILE = "config.json"
 def build_method(model: dict, *, gather_distributed: bool = True) -> Method:
     """The method described by a checkpoint's / Encoder's ``model`` record."""
     return get_method(model["method"])(**model["kwargs"], gather_distributed=gather_distributed)
+
+
+def global_bn(p: PretrainConfig, world: int) -> bool:
+    """Whether pretraining on ``world`` workers normalises over the global batch
+    (``pretrain.sync_bn``; auto: the method's ``global_bn``, its authors' choice)."""
+    if world < 2:
+        return False
+    return get_method(p.method).global_bn if p.sync_bn == "auto" else bool(p.sync_bn)
 
 
 def load_method(encoder: dict) -> Method:
@@ -107,8 +116,9 @@ def train_worker(config: dict) -> list[dict] | None:
     method = build_method(config["model"]).to(device)
     loop_cfg = loop_config(p)
     method = loop_cfg.settings_for(device).prepare(method)
-    if p.sync_bn and world > 1:
-        method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
+    if global_bn(p, world):
+        method = (torch.nn.SyncBatchNorm.convert_sync_batchnorm(method) if device.type == "cuda"
+                  else convert_global_bn(method))
     # queues, banks and centers are kept equal on every worker by gathered updates; DDP's
     # per-step broadcast of rank 0's buffers would resend a 65,536-key queue (32 MiB) each step
     model = train.torch.prepare_model(method, parallel_strategy_kwargs={"forward_sync_buffers": False})
@@ -147,7 +157,10 @@ def train_worker(config: dict) -> list[dict] | None:
     record_placement(world, log)  # a collective: every rank
     if rank == 0:
         if tracked:
-            print(f"[pretrain] {loop.describe()}", flush=True)
+            bn = ("" if not has_batch_norm(method) else
+                  "; BatchNorm statistics over all workers" if global_bn(p, world) else
+                  "; BatchNorm statistics per worker" if world > 1 else "")
+            print(f"[pretrain] {loop.describe()}{bn}", flush=True)
         labeled = config["labeled"] and config["val_urls"]
         if labeled:
             if text:
@@ -236,9 +249,6 @@ def pretrain(ctx: StageContext, cfg: PretrainConfig, inputs: dict) -> dict:
     if get_method(cfg.method).uses_labels and not manifest["labeled"]:
         raise ValueError(f"pretrain.method: {cfg.method} is supervised and needs labeled shards, but the source of "
                          f"{shard_set['shard_dir']} has no labels; use a labeled source or a self-supervised method")
-    if cfg.sync_bn and cfg.num_workers > 1 and not use_gpu(cfg):
-        raise ValueError("pretrain.sync_bn: torch's SyncBatchNorm runs on CUDA workers only; set it to false on CPU "
-                         "(MoCo's shuffle_bn works on CPU)")
     model = {"method": cfg.method, "kwargs": cfg.model_kwargs(num_samples=sum(train_counts))}
     modality = manifest.get("modality", "image")
     if modality == "text":
