@@ -27,7 +27,6 @@ import json
 import multiprocessing as mp
 import os
 import platform
-import resource
 import sys
 import tempfile
 import time
@@ -158,17 +157,34 @@ def run_method(name: str, shard_dir: Path, manifest: dict, a: argparse.Namespace
                      lr_base=s["lr_base"], weight_decay=s.get("weight_decay", 1e-6), warmup_epochs=1,
                      loader_workers=a.loader_workers)
     loop = PretrainLoop(method, method, stream, cfg, torch.device("cpu"))
+    before_mib = _status_mib("VmRSS")  # this process with torch, the method and the loop built
+    _reset_peak()
     t0 = time.perf_counter()
     history = loop.run(lambda m, st: None)
     wall = time.perf_counter() - t0
     # peak resident memory of training (the evaluation below loads the splits as floats)
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mib = _status_mib("VmHWM")
     ips = [h["train/images_per_sec"] for h in history[1:]] or [history[0]["train/images_per_sec"]]
     result = evaluate(method.encoder().eval(), shard_dir, manifest, views.image_size)
     return {"method": name, "view_kind": cls.view_kind, **result, "images_per_sec": float(np.median(ips)),
             "ms_per_step": 1000 * a.batch_size / float(np.median(ips)), "peak_rss_mib": peak_mib,
+            "rss_before_training_mib": before_mib, "training_rss_increase_mib": peak_mib - before_mib,
             "params": sum(p.numel() for p in method.parameters()),
             "final_loss": history[-1]["train/loss"], "seconds": wall, "settings": s}
+
+
+def _status_mib(field: str) -> float:
+    """A field of /proc/self/status in MiB: VmRSS (now), VmHWM (the peak since the last
+    reset; getrusage's ru_maxrss would start from the parent's size at the fork)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _reset_peak() -> None:
+    """Start VmHWM again from the current RSS (Linux >= 4.0: ``echo 5 > clear_refs``)."""
+    Path("/proc/self/clear_refs").write_text("5")
 
 
 def _child(name: str, shard_dir: str, manifest: dict, a: argparse.Namespace, q) -> None:
@@ -217,10 +233,10 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"[methods] {name} ...", flush=True)
             r = in_fresh_process(name, shard_dir, manifest, a)
             print(f"[methods] {name}: kNN {r['knn_top1']:.4f}, probe {r['probe_top1']:.4f}, "
-                  f"{r['ms_per_step']:.0f} ms/step, peak {r['peak_rss_mib']:.0f} MiB, {r['seconds']:.0f} s", flush=True)
+                  f"{r['ms_per_step']:.0f} ms/step, training +{r['training_rss_increase_mib']:.0f} MiB RSS, {r['seconds']:.0f} s", flush=True)
             rows.append(r)
     splits = manifest["splits"]
-    out = {"bench": "methods", "data": a.data, "epochs": a.epochs, "batch_size": a.batch_size,
+    out = {"bench": "methods", "date": time.strftime("%Y-%m-%d"), "data": a.data, "epochs": a.epochs, "batch_size": a.batch_size,
            "views": DATA[a.data].model_dump(mode="json"), "backbone": f"small_cnn (width {a.width})",
            "train_images": int(splits["train"]["num_samples"]), "test_images": int(splits["test"]["num_samples"]),
            "threads": a.threads, "loader_workers": a.loader_workers,
@@ -236,14 +252,14 @@ def markdown(out: dict) -> str:
     lines = [f"{out['data']}: {out['epochs']} epochs of {out['train_images']:,} training images, batch "
              f"{out['batch_size']}, {out['views']['image_size']} px, {out['backbone']}; top-1 on "
              f"{out['test_images']:,} test images", "",
-             "| method | views | kNN top-1 | linear probe top-1 | ms/step | step vs SimCLR | peak RSS (MiB) | "
+             "| method | views | kNN top-1 | linear probe top-1 | ms/step | step vs SimCLR | RSS added by training (MiB) | "
              "optimizer, lr/256 |",
              "|---|---|---:|---:|---:|---:|---:|---|"]
     for r in sorted(out["rows"], key=lambda r: -r["probe_top1"]):
         s = r["settings"]
         rel = f"{r['ms_per_step'] / base['ms_per_step']:.2f}x" if base else ""
         lines.append(f"| {r['method']} | {r['view_kind']} | {r['knn_top1']:.3f} | {r['probe_top1']:.3f} | "
-                     f"{r['ms_per_step']:.0f} | {rel} | {r['peak_rss_mib']:.0f} | {s['optimizer']} {s['lr_base']:g} |")
+                     f"{r['ms_per_step']:.0f} | {rel} | {r['training_rss_increase_mib']:.0f} | {s['optimizer']} {s['lr_base']:g} |")
     b = out["random_init"]
     lines.append(f"| random-init encoder | | {b['knn_top1']:.3f} | {b['probe_top1']:.3f} | | | | |")
     return "\n".join(lines)
