@@ -1,10 +1,12 @@
-"""Put the recorded results into the README: every figure between the README's
-``<!-- bench:NAME -->`` and ``<!-- /bench:NAME -->`` markers is generated here from
+"""Put the recorded results into the docs: every figure between a page's
+``<!-- bench:NAME -->`` and ``<!-- /bench:NAME -->`` markers is generated here, from
 bench/results/*.json (digits_default, fashion_recipe, fashion_targets,
-fashion_ablations); nothing there is typed by hand.
+fashion_ablations, methods) or from the code (each method's defaults and the comments that
+give their source); nothing there is typed by hand. The pages: README.md,
+bench/README.md, docs/methods.md.
 
-    .venv/bin/python bench/readme_tables.py          # rewrite README.md
-    .venv/bin/python bench/readme_tables.py --check  # exit 1 if README.md is stale
+    .venv/bin/python bench/readme_tables.py          # rewrite the pages
+    .venv/bin/python bench/readme_tables.py --check  # exit 1 if one is stale
 """
 
 from __future__ import annotations
@@ -142,27 +144,88 @@ def fashion() -> str:
     return "\n".join(out).strip() or "(run bench/fashion_mnist.py)"
 
 
-BLOCKS = {"digits": digits, "fashion": fashion}
+def method_defaults() -> str:
+    """Each method's hyperparameters, defaults and the source its constructor names."""
+    import inspect
+
+    sys.path.insert(0, str(ROOT))
+    from cl_core.methods import get_method, known_methods, method_params
+
+    lines = ["| method | hyperparameter | default | source |", "|---|---|---|---|"]
+    for m in known_methods():
+        src = inspect.getsource(get_method(m).__init__).splitlines()
+        for k, v in method_params(m).items():
+            line = next((ln for ln in src if re.match(rf"\s+{k}\s*:", ln)), "")
+            source = line.split("#", 1)[1].strip() if "#" in line else ""
+            lines.append(f"| `{m}` | `{k}` | `{v!r}` | {source.replace('|', '/')} |")
+    return "\n".join(lines)
 
 
-def render(text: str) -> str:
-    for name, fn in BLOCKS.items():
+def methods() -> str:
+    d = _load("methods")
+    if d is None or "views" not in d:  # none yet, or the digits-only format of an older bench/methods.py
+        return "(run bench/methods.py)"
+    base = next((r for r in d["rows"] if r["method"] == "simclr"), None)
+    views = d["views"]
+    data = {"fashion": "Fashion-MNIST", "digits": "digits"}.get(d["data"], d["data"])
+    lines = [f"{data}, {d['train_images']:,} training images x {d['epochs']} epochs, batch {d['batch_size']}, "
+             f"{views['image_size']} px (multi-crop: 2 x {views['image_size']} px + {views['local_views']} x "
+             f"{views['local_image_size']} px), {d['backbone']}, one process with {d['threads']} threads and "
+             f"{d['loader_workers']} DataLoader worker; top-1 on {d['test_images']:,} test images "
+             f"({d['date'] if 'date' in d else 'bench/results/methods.json'}, {d['machine']['cpu_cores']} cores, "
+             f"{d['machine']['gpu'] or 'no GPU'}):", "",
+             "| method | kNN top-1 | linear probe top-1 | ms per step | step time vs SimCLR | RSS added by training (MiB) "
+             "| peak RSS (MiB) | optimizer, lr per 256 | set for this data |",
+             "|---|---:|---:|---:|---:|---:|---:|---|---|"]
+    for r in sorted(d["rows"], key=lambda r: -r["probe_top1"]):
+        s = r["settings"]
+        rel = f"{r['ms_per_step'] / base['ms_per_step']:.2f}x" if base else ""
+        sized = ", ".join(f"{k} {v}" for k, v in s["params"].items()) or ""
+        lines.append(f"| `{r['method']}` | {r['knn_top1']:.3f} | {r['probe_top1']:.3f} | {r['ms_per_step']:.0f} | {rel} "
+                     f"| {r['training_rss_increase_mib']:.0f} | {r['peak_rss_mib']:.0f} | {s['optimizer']} {s['lr_base']:g}, wd {s.get('weight_decay', 1e-6):g} "
+                     f"| {sized} |")
+    b = d["random_init"]
+    lines.append(f"| random-init encoder | {b['knn_top1']:.3f} | {b['probe_top1']:.3f} | | | | | | |")
+    below = [f"`{r['method']}`" for r in d["rows"] if r["probe_top1"] < b["probe_top1"]]
+    if below:
+        lines += ["", f"Below the random-init encoder's linear probe after this budget: {', '.join(below)}."]
+    return "\n".join(lines)
+
+
+BLOCKS = {"digits": digits, "fashion": fashion, "method_defaults": method_defaults, "methods": methods}
+PAGES = {"README.md": ("digits", "fashion"), "bench/README.md": ("methods",),
+         "docs/methods.md": ("method_defaults", "methods")}
+
+
+def render(text: str, names: tuple[str, ...] = PAGES["README.md"]) -> str:
+    for name in names:
+        fn = BLOCKS[name]
         pat = re.compile(rf"(<!-- bench:{name} -->\n)(?:.*?\n)?(<!-- /bench:{name} -->)", re.S)
         if not pat.search(text):
-            raise SystemExit(f"README.md: the markers <!-- bench:{name} --> ... <!-- /bench:{name} --> are missing")
-        text = pat.sub(lambda m, fn=fn: m.group(1) + fn() + "\n" + m.group(2), text)
+            raise SystemExit(f"the markers <!-- bench:{name} --> ... <!-- /bench:{name} --> are missing")
+        body = fn()
+        text = pat.sub(lambda m, body=body: m.group(1) + body + "\n" + m.group(2), text)
     return text
+
+
+def stale() -> list[str]:
+    """The pages whose generated blocks differ from what the recorded runs render."""
+    return [page for page, names in PAGES.items()
+            if render((ROOT / page).read_text(), names) != (ROOT / page).read_text()]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--check", action="store_true")
     args = ap.parse_args()
-    readme = ROOT / "README.md"
-    new = render(readme.read_text())
     if args.check:
-        sys.exit(0 if new == readme.read_text() else 1)
-    readme.write_text(new)
+        bad = stale()
+        for page in bad:
+            print(f"{page} is stale: run .venv/bin/python bench/readme_tables.py")
+        sys.exit(1 if bad else 0)
+    for page, names in PAGES.items():
+        path = ROOT / page
+        path.write_text(render(path.read_text(), names))
 
 
 if __name__ == "__main__":
