@@ -168,6 +168,16 @@ class TrainingConfig(Section):
         return v
 
 
+class MonitorConfig(Section):
+    """The val kNN monitor of pretraining and of the sweep's trials (the sweep ranks by it)."""
+
+    enabled: bool = Field(True, description="measure val/knn_top1 after every epoch (rank 0); false: no monitor "
+                          "(the sweep needs it)")
+    max_bank: int = Field(10_000, ge=1, description="training images in the kNN bank (the first ones in shard "
+                          "order); the features are streamed from the shards, so memory stays flat in the split's size")
+    max_val: int = Field(10_000, ge=1, description="val images scored (the first ones in shard order)")
+
+
 class PretrainConfig(TrainingConfig):
     method: str = "simclr"
     backbone: Literal["small_cnn", "resnet18", "resnet50", "vit_tiny", "vit_small", "text_transformer"] = "small_cnn"
@@ -187,6 +197,7 @@ class PretrainConfig(TrainingConfig):
     views: ViewsConfig = ViewsConfig()
     knn_k: int = Field(20, ge=1)
     knn_temperature: float = Field(0.07, gt=0)
+    monitor: MonitorConfig = MonitorConfig()
 
     @field_validator("method")
     @classmethod
@@ -482,6 +493,9 @@ class PipelineConfig(Section):
     def _check_sweep(self) -> None:
         """Every swept name exists and every candidate value builds the method, before any trial runs."""
         sw, pre = self.sweep, self.pretrain
+        if not pre.monitor.enabled:
+            raise ValueError("pretrain.monitor.enabled: false, but the sweep ranks its trials by the monitor's "
+                             "val/knn_top1; turn the monitor on or set sweep.enabled: false")
         if not sw.space:
             raise ValueError("sweep.space: empty; name at least one hyperparameter to sweep, e.g. "
                              "space: {temperature: {grid: [0.1, 0.5]}}, or set sweep.enabled: false")

@@ -18,7 +18,7 @@ from ray import train
 from cl_core.augment import EvalTransform, MultiCropTransform, SimCLRTransform
 from cl_core.augment_device import DeviceViews
 from cl_core.data import storage
-from cl_core.data.reader import ShardStream, load_split
+from cl_core.data.reader import ShardStream
 from cl_core.data.shards import ShardCheck, read_manifest
 from cl_core.data.text import load_text_split, load_tokenizer, text_stream
 from cl_core.engine import PretrainLoop
@@ -26,6 +26,7 @@ from cl_core.evaluate import extract_features, knn_top1
 from cl_core.methods import Method, get_method
 from cl_core.models import saved
 from cl_core.models.global_bn import convert_global_bn, has_batch_norm
+from cl_core.monitor import KnnMonitor
 from pipelines import plots, ray_env, tracking
 from pipelines.config import (
     SWEEP_TRAINING_FIELDS,
@@ -62,6 +63,14 @@ def global_bn(p: PretrainConfig, world: int) -> bool:
     if world < 2:
         return False
     return get_method(p.method).global_bn if p.sync_bn == "auto" else bool(p.sync_bn)
+
+
+def knn_monitor(p: PretrainConfig, bank_urls, val_urls, device, bank_verify=None, val_verify=None) -> KnnMonitor:
+    """The val kNN monitor of ``pretrain.monitor``: at most ``max_bank`` training and
+    ``max_val`` val images, their features streamed from the shards at every call."""
+    return KnnMonitor(bank_urls, val_urls, EvalTransform(p.views.image_size), k=p.knn_k,
+                      temperature=p.knn_temperature, max_bank=p.monitor.max_bank, max_val=p.monitor.max_val,
+                      device=device, bank_verify=bank_verify, val_verify=val_verify)
 
 
 def load_method(encoder: dict) -> Method:
@@ -161,21 +170,24 @@ def train_worker(config: dict) -> list[dict] | None:
                   "; BatchNorm statistics over all workers" if global_bn(p, world) else
                   "; BatchNorm statistics per worker" if world > 1 else "")
             print(f"[pretrain] {loop.describe()}{bn}", flush=True)
-        labeled = config["labeled"] and config["val_urls"]
-        if labeled:
-            if text:
-                tok = load_tokenizer(config["shard_dir"], manifest)
-                bank_x, bank_y = load_text_split(urls, tok, max_len)
-                val_x, val_y = load_text_split(config["val_urls"], tok, max_len)
-            else:
-                tf = EvalTransform(v.image_size)
-                bank_x, bank_y = load_split(urls, tf, verify=config.get("train_verify"))
-                val_x, val_y = load_split(config["val_urls"], tf, verify=config.get("val_verify"))
+        labeled = config["labeled"] and config["val_urls"] and p.monitor.enabled
+        if labeled and text:
+            tok = load_tokenizer(config["shard_dir"], manifest)
+            bank_x, bank_y = load_text_split(urls, tok, max_len)
+            val_x, val_y = load_text_split(config["val_urls"], tok, max_len)
+            bank_x, bank_y = bank_x[:p.monitor.max_bank], bank_y[:p.monitor.max_bank]
+            val_x, val_y = val_x[:p.monitor.max_val], val_y[:p.monitor.max_val]
 
             def evaluate(encoder: torch.nn.Module) -> dict[str, float]:
                 fb = extract_features(encoder, bank_x, device=device)
                 fv = extract_features(encoder, val_x, device=device)
                 return {"val/knn_top1": knn_top1(fb, bank_y, fv, val_y, k=p.knn_k, temperature=p.knn_temperature)}
+        elif labeled:
+            monitor = knn_monitor(p, urls, config["val_urls"], device, config.get("train_verify"),
+                                  config.get("val_verify"))
+
+            def evaluate(encoder: torch.nn.Module) -> dict[str, float]:
+                return {"val/knn_top1": monitor(encoder)}
 
     def report(metrics: dict[str, float], state: dict | None) -> None:
         if rank != 0:

@@ -32,12 +32,10 @@ import mlflow
 import torch
 from ray import tune
 
-from cl_core.augment import EvalTransform
 from cl_core.data import storage
-from cl_core.data.reader import ShardStream, load_split
+from cl_core.data.reader import ShardStream
 from cl_core.data.shards import read_manifest
 from cl_core.engine import PretrainLoop
-from cl_core.evaluate import extract_features, knn_top1
 from pipelines import plots, ray_env, tracking
 from pipelines.config import PretrainConfig, SweepConfig, SweepStageConfig, apply_sweep
 from pipelines.console import console
@@ -48,6 +46,7 @@ from pipelines.stages._train import Trainer, loop_config
 from pipelines.stages.pretrain import (
     build_method,
     device_views,
+    knn_monitor,
     make_worker_config,
     train_worker,
     view_transform,
@@ -86,13 +85,10 @@ def trial(config: dict[str, Any], base: dict[str, Any]) -> None:
     if ckpt is not None:
         with ckpt.as_directory() as d:
             loop.load_state_dict(torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=True))
-    tf = EvalTransform(p.views.image_size)
-    bank_x, bank_y = load_split(train.urls, tf, verify=train.verify)
-    val_x, val_y = load_split(val.urls, tf, verify=val.verify)
+    monitor = knn_monitor(p, train.urls, val.urls, device, train.verify, val.verify)
 
     def evaluate(encoder: torch.nn.Module) -> dict[str, float]:
-        fb, fv = extract_features(encoder, bank_x, device=device), extract_features(encoder, val_x, device=device)
-        return {METRIC: knn_top1(fb, bank_y, fv, val_y, k=p.knn_k, temperature=p.knn_temperature)}
+        return {METRIC: monitor(encoder)}
 
     def report(metrics: dict[str, float], state: dict | None) -> None:
         keep = {k: v for k, v in metrics.items() if k.startswith(("train/", "val/")) or k in ("epoch", "step")}
