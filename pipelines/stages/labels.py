@@ -30,19 +30,50 @@ from pipelines.stages._data import checked_split
 IDS_FILE = "label_subsets.json"
 
 
-def _write_copy(samples: list[dict], path: Path) -> dict:
-    """Write already-encoded samples (raw member bytes) to one shard, atomically."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        with wds.TarWriter(tmp, mtime=S.SHARD_MTIME) as sink:
-            for smp in samples:
-                sink.write({k: v for k, v in smp.items() if k == "__key__" or not k.startswith("__")})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return {"name": path.name, "num_samples": len(samples), "sha256": S.sha256_file(path), "bytes": path.stat().st_size}
+class _SubsetWriter:
+    """Writes one label subset's shards while the training split streams past: the
+    already-encoded samples (raw member bytes) of the ``ranges`` of its sorted indices,
+    each shard written to a temporary name and renamed when complete. Holds one open
+    shard, never the samples."""
+
+    def __init__(self, directory: Path, ranges: list[tuple[int, int]]):
+        self.directory, self.ranges = directory, ranges
+        self.count = 0  # samples written
+        self.shard = 0  # index of the open (or next) shard
+        self.results: list[dict] = []
+        self._sink: wds.TarWriter | None = None
+        self._tmp = ""
+
+    def _path(self) -> Path:
+        return self.directory / f"train-{self.shard:06d}.tar"
+
+    def add(self, sample: dict) -> None:
+        if self._sink is None:
+            fd, self._tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{self._path().name}.", suffix=".tmp")
+            os.close(fd)
+            self._sink = wds.TarWriter(self._tmp, mtime=S.SHARD_MTIME)
+        self._sink.write({k: v for k, v in sample.items() if k == "__key__" or not k.startswith("__")})
+        self.count += 1
+        if self.count == self.ranges[self.shard][1]:
+            self._sink.close()
+            self._sink = None
+            path = self._path()
+            os.replace(self._tmp, path)
+            a, b = self.ranges[self.shard]
+            self.results.append({"name": path.name, "num_samples": b - a, "sha256": S.sha256_file(path),
+                                 "bytes": path.stat().st_size})
+            self.shard += 1
+
+    def abort(self) -> None:
+        if self._sink is not None:
+            self._sink.close()
+            Path(self._tmp).unlink(missing_ok=True)
+            self._sink = None
+
+
+def _train_samples(train):
+    """The training split's samples as raw member bytes, in manifest order."""
+    return tar_samples(({"url": u} for u in train.urls), verify=train.verify)
 
 
 def labels(ctx: StageContext, cfg: LabelsConfig, inputs: dict) -> dict:
@@ -52,9 +83,13 @@ def labels(ctx: StageContext, cfg: LabelsConfig, inputs: dict) -> dict:
                          "use a labeled source (image_folder with class folders, npz with 'labels')")
     manifest = S.read_manifest(shard_set["shard_dir"])
     train = checked_split(shard_set["shard_dir"], manifest, "train")
-    samples = list(tar_samples(({"url": u} for u in train.urls), verify=train.verify))  # raw bytes, in manifest order
-    ys = [int(s["cls"]) for s in samples]
-    ids = [json.loads(s["json"])["id"] for s in samples]
+    # two passes over the split, so that no image is held: its labels and ids, then the
+    # chosen samples straight into their subsets' shards
+    ys: list[int] = []
+    ids: list[str] = []
+    for smp in _train_samples(train):
+        ys.append(int(smp["cls"]))
+        ids.append(json.loads(smp["json"])["id"])
     missing = sorted(set(range(manifest["num_classes"])) - set(ys))
     if missing:
         names = [manifest["class_names"][c] for c in missing]
@@ -65,15 +100,32 @@ def labels(ctx: StageContext, cfg: LabelsConfig, inputs: dict) -> dict:
     except ValueError as e:
         raise ValueError(f"labels.fractions: {e}") from None
     out = ctx.output_dir
-    record: dict = {"seed": ctx.seed, "num_train": len(samples), "subsets": {}}
+    record: dict = {"seed": ctx.seed, "num_train": len(ys), "subsets": {}}
     outputs: dict = {"subsets": {}, "num_classes": manifest["num_classes"]}
+    writers: dict[float, _SubsetWriter] = {}
     for f, idx in chosen.items():
-        name = fraction_name(f)
-        d = out / name
+        d = out / fraction_name(f)
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir(parents=True)
         ranges = S.plan_shards(len(idx), manifest["config"]["samples_per_shard"], manifest["config"]["min_shards"])
-        results = [_write_copy([samples[i] for i in idx[a:b]], d / f"train-{j:06d}.tar") for j, (a, b) in enumerate(ranges)]
+        writers[f] = _SubsetWriter(d, ranges)
+    members = {f: set(idx) for f, idx in chosen.items()}
+    try:
+        for i, smp in enumerate(_train_samples(train)):
+            for f, writer in writers.items():
+                if i in members[f]:
+                    writer.add(smp)
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
+    for f, idx in chosen.items():
+        name = fraction_name(f)
+        d = out / name
+        results = writers[f].results
+        if writers[f].count != len(idx) or len(results) != len(writers[f].ranges):
+            raise RuntimeError(f"labels: the second read of the training split gave {writers[f].count} of the "
+                               f"{len(idx)} samples of the {name} subset; the shards changed while the stage ran")
         counts = Counter(ys[i] for i in idx)
         sub_manifest = {
             "format": "clpipe-label-subset/1", "fraction": f, "seed": ctx.seed, "num_samples": len(idx),
@@ -92,7 +144,7 @@ def labels(ctx: StageContext, cfg: LabelsConfig, inputs: dict) -> dict:
         outputs["subsets"][name] = {"fraction": f, "shard_dir": where, "num_samples": len(idx),
                                     "min_per_class": min(counts.values())}
         mlflow.log_metrics({f"{name}/num_labels": len(idx), f"{name}/min_per_class": min(counts.values())})
-        console.print(f"labels: {f:g} of {len(samples)} training images -> {len(idx)} labels "
+        console.print(f"labels: {f:g} of {len(ys)} training images -> {len(idx)} labels "
                       f"({min(counts.values())}-{max(counts.values())} per class)")
     (out / IDS_FILE).write_text(json.dumps(record, indent=1))
     mlflow.log_artifact(str(out / IDS_FILE))
