@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,6 +20,53 @@ def extract_features(
     out = [encoder(images[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(images), batch_size)]
     encoder.train(was_training)
     return torch.cat(out) if out else torch.empty(0)
+
+
+@torch.no_grad()
+def stream_outputs(modules: dict[str, nn.Module], samples: Iterable[tuple[Any, int, Any]],
+                   transform: Callable[[Any], torch.Tensor], *, limit: int | None = None, batch_size: int = 512,
+                   device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Every module's outputs (on CPU, float) and the labels of the first ``limit`` (all
+    with None) ``(image, label, ...)`` samples, in one pass: ``batch_size`` images are
+    transformed and stacked, then go through each module in eval mode. Only the outputs
+    are kept, never the images, so memory grows with N x output size alone."""
+    modes = {name: m.training for name, m in modules.items()}
+    for m in modules.values():
+        m.eval()
+    outs: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
+    labels: list[int] = []
+    batch: list[torch.Tensor] = []
+
+    def flush() -> None:
+        if batch:
+            x = torch.stack(batch).to(device)
+            for name, m in modules.items():
+                outs[name].append(m(x).float().cpu())
+            batch.clear()
+
+    try:
+        for sample in samples:
+            if limit is not None and len(labels) >= limit:
+                break
+            batch.append(transform(sample[0]))
+            labels.append(int(sample[1]))
+            if len(batch) == batch_size:
+                flush()
+        flush()
+    finally:
+        for name, m in modules.items():
+            m.train(modes[name])
+    return ({name: torch.cat(o) if o else torch.empty(0) for name, o in outs.items()},
+            torch.as_tensor(labels, dtype=torch.long))
+
+
+def stream_features(encoder: nn.Module, samples: Iterable[tuple[Any, int, Any]],
+                    transform: Callable[[Any], torch.Tensor], *, limit: int | None = None, batch_size: int = 512,
+                    device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`stream_outputs` of one encoder: features (N, D) and labels (N,)."""
+    outs, labels = stream_outputs({"f": encoder}, samples, transform, limit=limit, batch_size=batch_size,
+                                  device=device)
+    return outs["f"], labels
 
 
 @torch.no_grad()

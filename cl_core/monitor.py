@@ -9,48 +9,14 @@ floats), so the memory it takes does not grow with the data set.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from cl_core.data.reader import sample_pipeline
-from cl_core.evaluate import knn_top1
-
-
-@torch.no_grad()
-def stream_features(encoder: nn.Module, samples: Iterable[tuple[Any, int, int]], transform: Callable[[Any], torch.Tensor],
-                    *, limit: int | None = None, batch_size: int = 512,
-                    device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Features (N, D) on CPU and labels (N,) of the first ``limit`` (all with None)
-    ``(image, label, index)`` samples, ``batch_size`` images at a time, the encoder in eval
-    mode."""
-    was_training = encoder.training
-    encoder.eval()
-    feats: list[torch.Tensor] = []
-    labels: list[int] = []
-    batch: list[torch.Tensor] = []
-
-    def flush() -> None:
-        if batch:
-            feats.append(encoder(torch.stack(batch).to(device)).float().cpu())
-            batch.clear()
-
-    try:
-        for img, label, _ in samples:
-            if limit is not None and len(labels) >= limit:
-                break
-            batch.append(transform(img))
-            labels.append(int(label))
-            if len(batch) == batch_size:
-                flush()
-        flush()
-    finally:
-        encoder.train(was_training)
-    if not feats:
-        return torch.empty(0), torch.empty(0, dtype=torch.long)
-    return torch.cat(feats), torch.as_tensor(labels, dtype=torch.long)
+from cl_core.evaluate import knn_top1, stream_features
 
 
 class KnnMonitor:

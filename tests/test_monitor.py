@@ -10,9 +10,9 @@ from cl_core.augment import EvalTransform
 from cl_core.data import shards as S
 from cl_core.data.reader import load_split, sample_pipeline
 from cl_core.data.sources import digits_source
-from cl_core.evaluate import extract_features, knn_top1
+from cl_core.evaluate import extract_features, knn_top1, stream_features
 from cl_core.methods import get_method
-from cl_core.monitor import KnnMonitor, stream_features
+from cl_core.monitor import KnnMonitor
 from pipelines.config import ConfigError, load_config
 from tests.test_shards import write_set
 

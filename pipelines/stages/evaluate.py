@@ -16,10 +16,10 @@ import ray
 import torch
 
 from cl_core.augment import EvalTransform
-from cl_core.data.reader import load_split
+from cl_core.data.reader import sample_pipeline
 from cl_core.data.shards import check_shards, read_manifest
-from cl_core.evaluate import extract_features, knn_top1, linear_probe_top1, top1
-from pipelines import plots
+from cl_core.evaluate import knn_top1, linear_probe_top1, stream_features, stream_outputs, top1
+from pipelines import plots, ray_env
 from pipelines.config import EvaluateConfig
 from pipelines.console import console
 from pipelines.graph import StageContext
@@ -29,54 +29,79 @@ from pipelines.stages.pretrain import build_method, load_encoder
 COLUMNS = ("labels", "encoder_knn", "encoder_linear", "baseline", "teacher", "student")
 
 
-def _predict(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([model(x[i:i + 512]).argmax(1) for i in range(0, len(x), 512)])
+def _split(shard_dir: str, manifest: dict, split: str):
+    check = check_shards(shard_dir, manifest, split)
+    return check, sample_pipeline(check.urls, verify=check.verify)
 
 
-@ray.remote(num_cpus=1)
 def _evaluate_task(shard_dir: str, encoder: dict, subsets: dict, finetune: dict, distill: dict, cfg: dict,
-                   seed: int) -> dict:
-    torch.set_num_threads(1)
+                   seed: int, threads: int, gpu: bool) -> dict:
+    """Runs as a Ray task with ``threads`` CPUs (and a GPU with ``gpu``). Each split is read
+    once, streamed from its shards in batches through every network that needs it; only
+    features and predictions are kept, never the images."""
+    torch.set_num_threads(threads)
+    device = torch.device("cuda" if gpu and torch.cuda.is_available() else "cpu")
     manifest = read_manifest(shard_dir)
     tf = EvalTransform(encoder["image_size"])
-    train, test = (check_shards(shard_dir, manifest, s) for s in ("train", "test"))
-    train_x, train_y = load_split(train.urls, tf, verify=train.verify)
-    test_x, test_y = load_split(test.urls, tf, verify=test.verify)
     torch.manual_seed(seed)
-    enc = load_encoder(encoder)
-    encoders = {"pretrained": enc, "random_init": build_method(encoder["model"], gather_distributed=False).encoder().eval()}
+    enc = load_encoder(encoder).to(device)
+    random_init = build_method(encoder["model"], gather_distributed=False).encoder().eval().to(device)
+    encoders = {"pretrained": enc, "random_init": random_init}
+    classifiers: dict[str, torch.nn.Module] = {}
+    for frac_name in subsets["subsets"]:
+        for kind, models in (("baseline", finetune["models"]), ("teacher", finetune["models"]),
+                             ("student", distill["models"])):
+            record = models.get(f"{kind}_{frac_name}")
+            if record is not None:
+                classifiers[f"{kind}_{frac_name}"] = load_classifier(record).to(device)
+    stream = {"batch_size": 512, "device": device}
+    train, samples = _split(shard_dir, manifest, "train")
+    train_out, train_y = stream_outputs(encoders, samples, tf, limit=cfg["max_train"], **stream)
+    test, samples = _split(shard_dir, manifest, "test")
+    test_out, test_y = stream_outputs({**encoders, **classifiers}, samples, tf, **stream)
     metrics: dict[str, float] = {"test/num_samples": float(len(test_y))}
     for split, check in (("train", train), ("test", test)):  # truncated shards: their readable samples are used
         if check.lost_samples:
             metrics[f"data/{split}_lost_samples"] = float(check.lost_samples)
+    if cfg["max_train"] is not None and len(train_y) < manifest["splits"]["train"]["num_samples"]:
+        metrics["test/train_images_used"] = float(len(train_y))
     probe = {"weight_decay": cfg["probe_weight_decay"], "max_iter": cfg["probe_max_iter"]}
     knn = {"k": cfg["knn_k"], "temperature": cfg["knn_temperature"]}
-    feats = {name: (extract_features(e, train_x), extract_features(e, test_x)) for name, e in encoders.items()}
-    for name, (ftr, fte) in feats.items():
+    for name in encoders:
+        ftr, fte = train_out[name], test_out[name]
         metrics[f"test/{name}/knn_top1"] = knn_top1(ftr, train_y, fte, test_y, **knn)
         metrics[f"test/{name}/linear_top1"] = linear_probe_top1(ftr, train_y, fte, test_y, **probe)
     rows, predictions = [], {}
     for frac_name, sub in subsets["subsets"].items():
-        labeled = check_shards(sub["shard_dir"], read_manifest(sub["shard_dir"]), "train")
-        lx, ly = load_split(labeled.urls, tf, verify=labeled.verify)
-        flx, fte = extract_features(enc, lx), feats["pretrained"][1]
+        _, samples = _split(sub["shard_dir"], read_manifest(sub["shard_dir"]), "train")
+        flx, ly = stream_features(enc, samples, tf, **stream)
+        fte = test_out["pretrained"]
         row = {"label_fraction": sub["fraction"], "labels": len(ly),
                "encoder_knn": knn_top1(flx, ly, fte, test_y, **knn),
                "encoder_linear": linear_probe_top1(flx, ly, fte, test_y, **probe)}
-        for kind, models in (("baseline", finetune["models"]), ("teacher", finetune["models"]), ("student", distill["models"])):
-            record = models.get(f"{kind}_{frac_name}")
-            if record is None:
-                continue
-            pred = _predict(load_classifier(record), test_x)
-            row[kind] = top1(pred, test_y)
-            predictions[f"{kind}_{frac_name}"] = pred.tolist()
+        for kind in ("baseline", "teacher", "student"):
+            name = f"{kind}_{frac_name}"
+            if name in classifiers:
+                pred = test_out[name].argmax(1)
+                row[kind] = top1(pred, test_y)
+                predictions[name] = pred.tolist()
         rows.append(row)
         for k, v in row.items():
             if k != "label_fraction":
                 metrics[f"test/{frac_name}/{k if k == 'labels' else k + '_top1'}"] = float(v)
     return {"metrics": metrics, "rows": rows, "predictions": predictions, "test_labels": test_y.tolist(),
             "class_names": manifest["class_names"]}
+
+
+def task_resources(cfg: EvaluateConfig) -> tuple[int, bool]:
+    """(CPUs, GPU) of the evaluation task: ``evaluate.num_cpus``, else every CPU of the
+    largest node that is up (1 with none up yet: the autoscaler's first node); a GPU
+    when ``evaluate.use_gpu`` says so (auto: when the cluster has one)."""
+    gpu = ray_env.cluster_gpus() >= 1 if cfg.use_gpu == "auto" else bool(cfg.use_gpu)
+    if cfg.num_cpus is not None:
+        return cfg.num_cpus, gpu
+    alive = [n.get("Resources", {}).get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
+    return max(1, int(max(alive, default=1))), gpu
 
 
 def results_markdown(rows: list[dict], metrics: dict[str, float]) -> str:
@@ -100,8 +125,10 @@ def evaluate(ctx: StageContext, cfg: EvaluateConfig, inputs: dict) -> dict:
     manifest = read_manifest(shard_set["shard_dir"])
     n_test = manifest["splits"]["test"]["num_samples"]
     console.print(f"evaluate: teacher, student, baseline, kNN (k={cfg.knn_k}) and linear probe on {n_test} test images")
-    res = ray.get(_evaluate_task.remote(shard_set["shard_dir"], encoder, inputs["labels"], inputs["finetune"],
-                                        inputs["distill"], cfg.model_dump(), ctx.seed))
+    cpus, gpu = task_resources(cfg)
+    task = ray.remote(_evaluate_task).options(num_cpus=cpus, num_gpus=1 if gpu else 0)
+    res = ray.get(task.remote(shard_set["shard_dir"], encoder, inputs["labels"], inputs["finetune"],
+                              inputs["distill"], cfg.model_dump(), ctx.seed, cpus, gpu))
     metrics, rows = res["metrics"], res["rows"]
     mlflow.log_metrics(metrics)
     table = results_markdown(rows, metrics)
