@@ -151,7 +151,9 @@ def ablations(work: str, seeds: list[int], temperatures: list[float]) -> None:
         rows[name] = {"overrides": over, "runs": runs, "probe_top1": _stats([r["probe_top1"] for r in runs]),
                       "knn_top1": _stats([r["knn_top1"] for r in runs])}
     rows[f"temperature={t0}"] = rows["head_layers=3"]  # the shipped temperature with the shipped head
-    write("ablations", {"setting": QUICK, "seeds": seeds, "rows": rows})
+    # the whole pretrain section the runs resolved to (BatchNorm across workers included)
+    section = load_config("fashion_mnist", QUICK).pretrain.model_dump(mode="json")
+    write("ablations", {"setting": QUICK, "pretrain": section, "seeds": seeds, "rows": rows})
 
 
 def targets(work: str, seeds: list[int], config: str = "fashion_mnist", extra: list[str] | None = None,
