@@ -184,7 +184,7 @@ def targets(work: str, seeds: list[int], config: str = "fashion_mnist", extra: l
     def seconds(stage) -> dict:
         """A stage's compute time: its own, or for a cache hit the time of the run it reused."""
         if not stage.cached:
-            return {"seconds": stage.seconds, "cached": False}
+            return {"seconds": stage.seconds, "cached": False, "run_id": stage.run_id}
         src = client.get_run(stage.run_id).data.metrics.get("stage/seconds")
         return {"seconds": src, "cached": True, "computed_in_run": stage.run_id}
 
@@ -271,7 +271,11 @@ def resummarize(path: Path, work: str, config: str = "fashion_mnist", shared_cor
     client = mlflow.MlflowClient(tracking_uri=load_config(config, [f"work_dir={work}"]).tracking_uri())
     first = per_seed[sorted(per_seed, key=int)[0]]
     pre = first["stages"]["pretrain"]
-    rid = pre.get("computed_in_run") or first.get("pretrain_run_id")
+    rid = pre.get("computed_in_run") or pre.get("run_id") or first.get("pretrain_run_id")
+    if not rid:  # a record from before the run ids were kept: the work dir's one computed pretrain
+        runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                  "tags.`clpipe.stage` = 'pretrain' and tags.`clpipe.cache_hit` = 'false'")
+        rid = runs[0].info.run_id if len(runs) == 1 else None
     if rid:
         hist = {k: [m.value for m in sorted(client.get_metric_history(rid, k), key=lambda m: m.step)]
                 for k in ("train/epoch_seconds", "train/images_per_sec")}
