@@ -168,6 +168,11 @@ def methods() -> str:
     d = _load("methods")
     if d is None or "views" not in d:  # none yet, or the digits-only format of an older bench/methods.py
         return "(run bench/methods.py)"
+    return methods_table(d)
+
+
+def methods_table(d: dict) -> str:
+    """bench/methods.py's results as markdown (what it prints, and the docs' block)."""
     base = next((r for r in d["rows"] if r["method"] == "simclr"), None)
     views = d["views"]
     data = {"fashion": "Fashion-MNIST", "digits": "digits"}.get(d["data"], d["data"])
