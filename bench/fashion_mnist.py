@@ -151,7 +151,9 @@ def ablations(work: str, seeds: list[int], temperatures: list[float]) -> None:
         rows[name] = {"overrides": over, "runs": runs, "probe_top1": _stats([r["probe_top1"] for r in runs]),
                       "knn_top1": _stats([r["knn_top1"] for r in runs])}
     rows[f"temperature={t0}"] = rows["head_layers=3"]  # the shipped temperature with the shipped head
-    write("ablations", {"setting": QUICK, "seeds": seeds, "rows": rows})
+    # the whole pretrain section the runs resolved to (BatchNorm across workers included)
+    section = load_config("fashion_mnist", QUICK).pretrain.model_dump(mode="json")
+    write("ablations", {"setting": QUICK, "pretrain": section, "seeds": seeds, "rows": rows})
 
 
 def targets(work: str, seeds: list[int], config: str = "fashion_mnist", extra: list[str] | None = None,
@@ -182,7 +184,7 @@ def targets(work: str, seeds: list[int], config: str = "fashion_mnist", extra: l
     def seconds(stage) -> dict:
         """A stage's compute time: its own, or for a cache hit the time of the run it reused."""
         if not stage.cached:
-            return {"seconds": stage.seconds, "cached": False}
+            return {"seconds": stage.seconds, "cached": False, "run_id": stage.run_id}
         src = client.get_run(stage.run_id).data.metrics.get("stage/seconds")
         return {"seconds": src, "cached": True, "computed_in_run": stage.run_id}
 
@@ -269,7 +271,11 @@ def resummarize(path: Path, work: str, config: str = "fashion_mnist", shared_cor
     client = mlflow.MlflowClient(tracking_uri=load_config(config, [f"work_dir={work}"]).tracking_uri())
     first = per_seed[sorted(per_seed, key=int)[0]]
     pre = first["stages"]["pretrain"]
-    rid = pre.get("computed_in_run") or first.get("pretrain_run_id")
+    rid = pre.get("computed_in_run") or pre.get("run_id") or first.get("pretrain_run_id")
+    if not rid:  # a record from before the run ids were kept: the work dir's one computed pretrain
+        runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                  "tags.`clpipe.stage` = 'pretrain' and tags.`clpipe.cache_hit` = 'false'")
+        rid = runs[0].info.run_id if len(runs) == 1 else None
     if rid:
         hist = {k: [m.value for m in sorted(client.get_metric_history(rid, k), key=lambda m: m.step)]
                 for k in ("train/epoch_seconds", "train/images_per_sec")}

@@ -248,21 +248,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def markdown(out: dict) -> str:
-    base = next((r for r in out["rows"] if r["method"] == "simclr"), None)
-    lines = [f"{out['data']}: {out['epochs']} epochs of {out['train_images']:,} training images, batch "
-             f"{out['batch_size']}, {out['views']['image_size']} px, {out['backbone']}; top-1 on "
-             f"{out['test_images']:,} test images", "",
-             "| method | views | kNN top-1 | linear probe top-1 | ms/step | step vs SimCLR | RSS added by training (MiB) | "
-             "optimizer, lr/256 |",
-             "|---|---|---:|---:|---:|---:|---:|---|"]
-    for r in sorted(out["rows"], key=lambda r: -r["probe_top1"]):
-        s = r["settings"]
-        rel = f"{r['ms_per_step'] / base['ms_per_step']:.2f}x" if base else ""
-        lines.append(f"| {r['method']} | {r['view_kind']} | {r['knn_top1']:.3f} | {r['probe_top1']:.3f} | "
-                     f"{r['ms_per_step']:.0f} | {rel} | {r['training_rss_increase_mib']:.0f} | {s['optimizer']} {s['lr_base']:g} |")
-    b = out["random_init"]
-    lines.append(f"| random-init encoder | | {b['knn_top1']:.3f} | {b['probe_top1']:.3f} | | | | |")
-    return "\n".join(lines)
+    from readme_tables import methods_table  # bench/ is the script's folder, first on sys.path
+
+    return methods_table(out)
 
 
 if __name__ == "__main__":
