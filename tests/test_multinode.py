@@ -114,6 +114,13 @@ def test_pretrain_runs_one_worker_on_each_of_two_nodes(two_node_cluster, tmp_pat
     assert pre.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(pre.info.run_id, "epoch")] == [1]
 
+    # the shard tasks were spread over both nodes, and the stage logged its write rate
+    shard_nodes = json.loads(children["shard"].data.tags["clpipe.shard.nodes"])
+    assert set(shard_nodes) == cluster_nodes and all(n >= 1 for n in shard_nodes.values()), shard_nodes
+    assert children["shard"].data.metrics["images_per_sec"] > 0 and children["shard"].data.metrics["mb_per_sec"] > 0
+    out = capsys.readouterr().out
+    assert "shard: 1797 images, " in out and " images/s, " in out and "on 2 node(s)" in out
+
     # both nodes did work: one training worker on each of the cluster's two nodes
     nodes = json.loads(pre.data.tags["clpipe.train.nodes"])
     assert nodes == {node_id: 1 for node_id in cluster_nodes}

@@ -281,3 +281,57 @@ def load_split(urls: Sequence[str], transform: Callable[[Image.Image], torch.Ten
     if not xs:
         return torch.empty(0), torch.empty(0, dtype=torch.long)
     return torch.stack(xs), torch.as_tensor(np.asarray(ys), dtype=torch.long)
+
+
+class EvalSplit:
+    """A split read in transformed batches for repeated evaluation (the val checks of
+    fine-tuning and distillation), with memory bounded independently of its size.
+
+    The first pass streams the split from its shards; when the whole split, transformed,
+    fits in ``cache_bytes`` it is kept and later passes reuse it (a small val split is
+    decoded once); otherwise every pass streams it again and nothing is kept. Each pass
+    yields ``(images, labels)`` batches of ``batch_size`` in shard order, the same batches
+    either way."""
+
+    def __init__(self, urls: Sequence[str], transform: Callable[[Image.Image], torch.Tensor], *,
+                 verify: Mapping[str, Mapping] | None = None, batch_size: int = 512, cache_bytes: int = 64 << 20):
+        self.urls, self.transform, self.verify = list(urls), transform, verify
+        self.batch_size, self.cache_bytes = batch_size, cache_bytes
+        self._cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._streamed = False  # a pass found the split larger than the cache
+
+    @property
+    def cached(self) -> bool:
+        return self._cache is not None
+
+    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self._cache is not None:
+            yield from self._cache
+            return
+        keep: list[tuple[torch.Tensor, torch.Tensor]] | None = None if self._streamed else []
+        size = 0
+        xs: list[torch.Tensor] = []
+        ys: list[int] = []
+        samples = iter(sample_pipeline(self.urls, verify=self.verify))
+        done = False
+        while not done:
+            for img, label, _ in samples:
+                xs.append(self.transform(img))
+                ys.append(int(label))
+                if len(xs) == self.batch_size:
+                    break
+            else:
+                done = True
+            if not xs:
+                break
+            b = torch.stack(xs), torch.as_tensor(ys, dtype=torch.long)
+            xs, ys = [], []
+            if keep is not None:
+                size += b[0].numel() * b[0].element_size()
+                if size <= self.cache_bytes:
+                    keep.append(b)
+                else:  # too large to keep: every pass streams
+                    keep, self._streamed = None, True
+            yield b
+        if keep is not None:  # the whole split fitted
+            self._cache = keep

@@ -9,10 +9,12 @@ is described by a small picklable spec (``describe()``) from which a worker rebu
 from __future__ import annotations
 
 import io
+import shutil
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -91,24 +93,56 @@ class Source:
     def labeled(self) -> bool:
         return bool(self.class_names)
 
+    def stage(self, scratch: str | Path) -> None:
+        """Make the source cheap to read from many tasks at once, using ``scratch`` (a
+        folder every node sees) if it needs room; most sources have nothing to do."""
+
     def official_test(self) -> set[int] | None:
         """The indices of the source's own test set (kept whole as the test split instead
         of a random share), or None when it has none."""
         return None
 
 
-class ArraySource(Source):
-    """Images held in memory as uint8 (N, H, W) or (N, H, W, C)."""
+class MappedImages:
+    """uint8 images memory-mapped from the ``.npy`` payload at ``offset`` in ``file`` (a
+    plain .npy, or a member stored uncompressed in a .npz). Pickled as that location, not
+    as the bytes, so a shard task maps the file itself and touches only its own images:
+    nobody holds the whole array in memory."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray | None, class_names: list[str], prefix: str, spec: dict):
-        self.images, self.labels, self.class_names, self.prefix, self._spec = images, labels, class_names, prefix, spec
+    def __init__(self, file: str, offset: int, shape: tuple[int, ...], fortran: bool, squeeze: bool = False):
+        self.file, self.offset, self.shape, self.fortran, self.squeeze = file, offset, tuple(shape), fortran, squeeze
+        self._array: np.ndarray | None = None
+
+    @property
+    def array(self) -> np.ndarray:
+        if self._array is None:
+            a: np.ndarray = np.memmap(self.file, dtype=np.uint8, mode="r", offset=self.offset, shape=self.shape,
+                                      order="F" if self.fortran else "C")
+            self._array = a[..., 0] if self.squeeze else a
+        return self._array
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_array": None}
+
+
+class ArraySource(Source):
+    """Images as uint8 (N, H, W) or (N, H, W, C): held in memory, or memory-mapped from a
+    file (:class:`MappedImages`)."""
+
+    def __init__(self, images: np.ndarray | MappedImages, labels: np.ndarray | None, class_names: list[str], prefix: str,
+                 spec: dict):
+        self._images, self.labels, self.class_names, self.prefix, self._spec = images, labels, class_names, prefix, spec
+
+    @property
+    def images(self) -> np.ndarray:
+        return self._images.array if isinstance(self._images, MappedImages) else self._images
 
     def refs(self) -> list[SampleRef]:
         lab = self.labels if self.labels is not None else np.full(len(self.images), -1)
         return [SampleRef(i, f"{self.prefix}-{i:06d}", int(lab[i])) for i in range(len(self.images))]
 
     def encode(self, ref: SampleRef) -> tuple[bytes, str]:
-        return encode_png(self.images[ref.index]), "png"
+        return encode_png(np.ascontiguousarray(self.images[ref.index])), "png"
 
     def describe(self) -> dict:
         return dict(self._spec)
@@ -124,20 +158,120 @@ def digits_source() -> ArraySource:
     return ArraySource(images, d.target.astype(np.int64), [str(c) for c in range(10)], "digits", {"kind": "digits"})
 
 
+def _npy_header(f: IO[bytes]) -> tuple[tuple[int, ...], bool, np.dtype]:
+    version = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read(f)
+    return tuple(shape), bool(fortran), np.dtype(dtype)
+
+
+class NpzSource(ArraySource):
+    """A local ``.npz``: its ``images`` member is never read whole into memory. Stored
+    uncompressed (``np.savez``), it is memory-mapped where it lies in the file; compressed
+    (``np.savez_compressed``), :meth:`stage` unpacks it once, streaming, into a scratch
+    folder that the shard tasks map (before that, reads decompress it into memory)."""
+
+    def __init__(self, path: Path, shape: tuple[int, ...], fortran: bool, offset: int | None,
+                 labels: np.ndarray | None, class_names: list[str], spec: dict):
+        self.path, self.shape, self.fortran = path, shape, fortran
+        squeeze = len(shape) == 4 and shape[-1] == 1
+        images: np.ndarray | MappedImages | None = None
+        if offset is not None:
+            images = MappedImages(str(path), offset, shape, fortran, squeeze)
+        super().__init__(images, labels, class_names, path.stem, spec)  # type: ignore[arg-type]
+        self.squeeze = squeeze
+
+    @property
+    def images(self) -> np.ndarray:
+        if self._images is None:  # compressed and not staged: decompress into memory
+            with np.load(self.path, allow_pickle=False) as z:
+                a = z["images"]
+            self._images = a[..., 0] if self.squeeze else a
+        return super().images
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def refs(self) -> list[SampleRef]:
+        lab = self.labels if self.labels is not None else np.full(self.shape[0], -1)
+        return [SampleRef(i, f"{self.prefix}-{i:06d}", int(lab[i])) for i in range(self.shape[0])]
+
+    def stage(self, scratch: str | Path) -> None:
+        if isinstance(self._images, MappedImages):
+            return
+        dst = Path(scratch) / f".{self.path.stem}-images.npy"
+        with zipfile.ZipFile(self.path) as z, z.open("images.npy") as src, open(dst, "wb") as out:
+            shutil.copyfileobj(src, out, 1 << 20)
+        with open(dst, "rb") as f:
+            _npy_header(f)
+            offset = f.tell()
+        self._images = MappedImages(str(dst), offset, self.shape, self.fortran, self.squeeze)
+
+
+def _open_local_npz(path: Path) -> NpzSource:
+    spec = {"kind": "npz", "path": str(path.resolve())}
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+            if "images.npy" not in names:
+                found = ", ".join(n.removesuffix(".npy") for n in names)
+                raise SourceError(f"data.source.path: {path} has no 'images' array (found: {found}); save images as "
+                                  "uint8 NHWC under 'images'")
+            info = z.getinfo("images.npy")
+            with z.open(info) as f:
+                shape, fortran, dtype = _npy_header(f)
+                header = f.tell() if info.compress_type == zipfile.ZIP_STORED else None
+            labels = None
+            if "labels.npy" in names:
+                with z.open("labels.npy") as f:
+                    labels = np.lib.format.read_array(f, allow_pickle=False)
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        if isinstance(e, SourceError):
+            raise
+        raise SourceError(f"data.source.path: {path} is not a readable .npz file ({e})") from e
+    offset = None
+    if header is not None:  # the member's data starts after its local header (30 bytes + name + extra)
+        with open(path, "rb") as raw:
+            raw.seek(info.header_offset)
+            local = raw.read(30)
+            name_len, extra_len = int.from_bytes(local[26:28], "little"), int.from_bytes(local[28:30], "little")
+            offset = info.header_offset + 30 + name_len + extra_len + header
+    _check_arrays(path, dtype, shape, labels)
+    labels, class_names = _labels(labels)
+    return NpzSource(path, shape, fortran, offset, labels, class_names, spec)
+
+
+def _check_arrays(path: str | Path, dtype: np.dtype, shape: tuple[int, ...], labels: np.ndarray | None) -> None:
+    if dtype != np.uint8:
+        raise SourceError(f"data.source.path: {path}: 'images' must be uint8, got {dtype}; convert with images.astype(np.uint8)")
+    if len(shape) not in (3, 4) or (len(shape) == 4 and shape[-1] not in (1, 3, 4)):
+        raise SourceError(f"data.source.path: {path}: 'images' must be N x H x W or N x H x W x C (C=1,3,4), got shape {shape}")
+    if labels is not None and (labels.shape != (shape[0],) or not np.issubdtype(labels.dtype, np.integer)
+                               or (len(labels) and labels.min() < 0)):
+        raise SourceError(f"data.source.path: {path}: 'labels' must be non-negative integers of shape ({shape[0]},), got {labels.dtype} {labels.shape}")
+
+
+def _labels(labels: np.ndarray | None) -> tuple[np.ndarray | None, list[str]]:
+    if labels is None:
+        return None, []
+    labels = labels.astype(np.int64)
+    return labels, ([str(c) for c in range(int(labels.max()) + 1)] if len(labels) else [])
+
+
 def npz_source(path: str | Path) -> ArraySource:
     """A ``.npz`` file with ``images`` (uint8, N x H x W [x C], C in 1/3/4) and optional
-    integer ``labels`` (N,) with values 0..K-1."""
-    if storage.is_s3(path):
-        spec_path, stem = str(path), str(path).rstrip("/").rsplit("/", 1)[-1].removesuffix(".npz")
-        try:
-            blob: Any = io.BytesIO(storage.read_bytes(str(path)))
-        except storage.StorageError as e:
-            raise SourceError(f"data.source.path: {e}") from None
-    else:
+    integer ``labels`` (N,) with values 0..K-1. A local file is memory-mapped
+    (:class:`NpzSource`); one in S3 is read into memory."""
+    if not storage.is_s3(path):
         path = Path(path)
         if not path.is_file():
             raise SourceError(f"data.source.path: {path} does not exist; give an existing .npz file")
-        spec_path, stem, blob = str(path.resolve()), path.stem, path
+        return _open_local_npz(path)
+    spec_path, stem = str(path), str(path).rstrip("/").rsplit("/", 1)[-1].removesuffix(".npz")
+    try:
+        blob: Any = io.BytesIO(storage.read_bytes(str(path)))
+    except storage.StorageError as e:
+        raise SourceError(f"data.source.path: {e}") from None
     try:
         with np.load(blob, allow_pickle=False) as z:
             if "images" not in z:
@@ -148,18 +282,10 @@ def npz_source(path: str | Path) -> ArraySource:
         if isinstance(e, SourceError):
             raise
         raise SourceError(f"data.source.path: {path} is not a readable .npz file ({e})") from e
-    if images.dtype != np.uint8:
-        raise SourceError(f"data.source.path: {path}: 'images' must be uint8, got {images.dtype}; convert with images.astype(np.uint8)")
-    if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3, 4)):
-        raise SourceError(f"data.source.path: {path}: 'images' must be N x H x W or N x H x W x C (C=1,3,4), got shape {images.shape}")
+    _check_arrays(path, images.dtype, images.shape, labels)
     if images.ndim == 4 and images.shape[-1] == 1:
         images = images[..., 0]
-    class_names: list[str] = []
-    if labels is not None:
-        if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer) or (len(labels) and labels.min() < 0):
-            raise SourceError(f"data.source.path: {path}: 'labels' must be non-negative integers of shape ({len(images)},), got {labels.dtype} {labels.shape}")
-        labels = labels.astype(np.int64)
-        class_names = [str(c) for c in range(int(labels.max()) + 1)] if len(labels) else []
+    labels, class_names = _labels(labels)
     return ArraySource(images, labels, class_names, stem, {"kind": "npz", "path": spec_path})
 
 

@@ -37,10 +37,10 @@ from ray.train.torch import TorchTrainer
 
 from cl_core.augment import EvalTransform, FinetuneTransform
 from cl_core.data import storage
-from cl_core.data.reader import ShardStream, load_split, training_loader
+from cl_core.data.reader import EvalSplit, ShardStream, load_split, training_loader
 from cl_core.data.shards import sha256_file
 from cl_core.engine import LoopConfig, PretrainLoop
-from cl_core.evaluate import recalibrate_batch_norm, top1
+from cl_core.evaluate import recalibrate_batch_norm
 from cl_core.methods.base import Method
 from pipelines import ray_env, tracking
 from pipelines.config import CropFlipConfig, TrainingConfig
@@ -285,12 +285,13 @@ class SequentialJobs:
     def __init__(self, config: dict, worker: Worker, log_prefix: str) -> None:
         self.config, self.w, self.prefix = config, worker, log_prefix
         self.log: tracking.WorkerLog | None = None
-        self.val: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.val: EvalSplit | None = None
         if worker.rank == 0:
             self.log = tracking.WorkerLog(config["tracking_uri"], config["run_id"], prefix=log_prefix)
         record_placement(worker.world, self.log)
         if worker.rank == 0:
-            self.val = load_split(config["val_urls"], EvalTransform(config["image_size"]), verify=config.get("val_verify"))
+            # streamed from its shards at each check, kept in memory only while it fits a fixed budget
+            self.val = EvalSplit(config["val_urls"], EvalTransform(config["image_size"]), verify=config.get("val_verify"))
         self.finished: dict[str, dict] = {}
         self.resume: dict | None = None
         ckpt = train.get_checkpoint()
@@ -345,15 +346,18 @@ class SequentialJobs:
 
         def evaluate(_encoder) -> dict[str, float]:
             assert self.val is not None
-            x, y = self.val
             if calibration is not None:  # rank 0's statistics reach the other ranks with DDP's buffer broadcast
                 recalibrate_batch_norm(classifier, calibration)
             was = classifier.training
             classifier.eval()
+            correct = total = 0
             with torch.no_grad():
-                logits = torch.cat([classifier(x[j:j + 512].to(self.w.device)).float().cpu() for j in range(0, len(x), 512)])
+                for x, y in self.val.batches():
+                    correct += int((classifier(x.to(self.w.device)).float().cpu().argmax(1) == y).sum())
+                    total += len(y)
             classifier.train(was)
-            return {"val/top1": top1(logits, y)}
+            # float32, as top1's mean: the same values as over one tensor of the whole split
+            return {"val/top1": (torch.tensor(float(correct)) / total).item() if total else 0.0}
 
         if self.w.rank == 0 and not resuming:  # epoch 0, the starting point, is a candidate too
             start = evaluate(None)

@@ -76,13 +76,15 @@ def init_from_probe(clf, job: dict, image_size: int, bn_images: int) -> None:
     import torch
 
     from cl_core.augment import EvalTransform
-    from cl_core.data.reader import load_split
-    from cl_core.evaluate import extract_features, fit_linear_probe, recalibrate_batch_norm
+    from cl_core.data.reader import load_split, sample_pipeline
+    from cl_core.evaluate import fit_linear_probe, recalibrate_batch_norm, stream_features
 
-    x, y = load_split(job["urls"], EvalTransform(image_size), verify=job.get("verify"))
-    if bn_images:
-        recalibrate_batch_norm(clf, x[:bn_images])
-    feats = extract_features(torch.nn.Sequential(clf.backbone, clf.neck), x)
+    transform = EvalTransform(image_size)
+    if bn_images:  # the first bn_images labeled images, the only ones held as images
+        recalibrate_batch_norm(clf, load_split(job["urls"], transform, verify=job.get("verify"), limit=bn_images)[0])
+    # the probe's features streamed in batches: memory grows with N x feature size, not N images
+    feats, y = stream_features(torch.nn.Sequential(clf.backbone, clf.neck),
+                               sample_pipeline(job["urls"], verify=job.get("verify")), transform)
     weight, bias = fit_linear_probe(feats, y, clf.num_classes)
     with torch.no_grad():
         clf.fc.weight.copy_(weight)
