@@ -27,8 +27,16 @@ Run (about 1-2 minutes on 2 cores with the defaults)::
     .venv/bin/python bench/loader.py --source digits      # scikit-learn digits, 1,797 8x8
     .venv/bin/python bench/loader.py --samples-per-shard 64,256,1000   # compare shard sizes
     .venv/bin/python bench/loader.py --transform tensor   # the readers alone: decode, no augmentation
+    .venv/bin/python bench/loader.py --format jpeg --image-size 224 --num-images 2000 --batch-size 64
+        # 224 px JPEGs: two SimCLR views per image, and the loader's part of decode_on: device
 
-Results go to bench/results/loader[-digits][-decode-only].json.
+With ``--format jpeg`` the images are stored as JPEG (quality 90) in the shards and in the
+folder alike, and one more row times the loader's part of ``views.decode_on: device``
+(the JPEG header, the crop boxes and flips; the bytes travel, the decoding and the views
+are made on the training device, not timed here). ``distinct_per_s_per_worker`` is the
+rate per DataLoader worker, each with a core of its own.
+
+Results go to bench/results/loader[-digits][-decode-only][-jpeg-SIZE].json.
 """
 
 from __future__ import annotations
@@ -55,8 +63,9 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from cl_core.augment import SimCLRTransform
 from cl_core.data import shards as S
+from cl_core.data.device_decode import CropPlan, collate_encoded, decode_encoded
 from cl_core.data.reader import ShardStream, training_loader
-from cl_core.data.sources import ArraySource, digits_source, npz_source
+from cl_core.data.sources import ArraySource, Source, digits_source, npz_source
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PREFETCH = 4  # what training_loader uses; the ImageFolder loader gets the same
@@ -101,7 +110,30 @@ def stock_webdataset_loader(urls: list[str], transform, batch_size: int, workers
     return wds.WebLoader(ds, batch_size=None, num_workers=workers, prefetch_factor=PREFETCH if workers else None)
 
 
-def write_shards(source: ArraySource, refs: list, directory: Path, per_shard: int, min_shards: int):
+class JpegSource(Source):
+    """Another source's images stored as JPEG (quality 90) instead of PNG."""
+
+    def __init__(self, inner: ArraySource):
+        self.inner, self.class_names = inner, inner.class_names
+
+    def refs(self):
+        return self.inner.refs()
+
+    def encode(self, ref):
+        import io
+
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(self.inner.images[ref.index])).convert("RGB").save(buf, format="JPEG",
+                                                                                                  quality=90)
+        return buf.getvalue(), "jpg"
+
+    def describe(self) -> dict:
+        return {"kind": "jpeg", "of": self.inner.describe()}
+
+
+def write_shards(source: Source, refs: list, directory: Path, per_shard: int, min_shards: int):
     """The shard stage's writing path, train split only: (urls, counts)."""
     directory.mkdir(parents=True)
     ranges = S.plan_shards(len(refs), per_shard, min_shards)
@@ -112,7 +144,7 @@ def write_shards(source: ArraySource, refs: list, directory: Path, per_shard: in
     return S.shard_urls(directory, S.read_manifest(directory), "train")
 
 
-def write_image_folder(source: ArraySource, refs: list, root: Path) -> None:
+def write_image_folder(source: Source, refs: list, root: Path) -> None:
     """The same PNG bytes as in the shards, as ``root/<class>/<index>.png``."""
     for r in refs:
         data, ext = source.encode(r)
@@ -124,8 +156,8 @@ def time_epoch(loader) -> dict:
     """One full epoch, timed from creating the iterator (worker start-up included)."""
     t0 = time.perf_counter()
     images, first = 0, None
-    for _views, labels in loader:
-        images += labels.numel()
+    for batch in loader:  # (views, labels[, index])
+        images += batch[1].numel()
         first = first if first is not None else time.perf_counter() - t0
     seconds = time.perf_counter() - t0
     return {"seconds": seconds, "images": images, "first_batch_s": first, "images_per_s": images / seconds}
@@ -144,6 +176,8 @@ def machine() -> dict:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--source", choices=["synthetic", "digits"], default="synthetic")
+    p.add_argument("--format", choices=["png", "jpeg"], default="png",
+                   help="how the images are stored, in the shards and in the folder alike (jpeg: quality 90)")
     p.add_argument("--num-images", type=int, default=10000, help="synthetic source only")
     p.add_argument("--image-size", type=int, default=32, help="synthetic side and view side")
     p.add_argument("--batch-size", type=int, default=256)
@@ -156,7 +190,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--data-dir", type=Path, help="where to write the data (default: a temp dir)")
     p.add_argument("--out", type=Path, help="JSON path (default: bench/results/loader[-digits].json)")
     a = p.parse_args(argv)
-    suffix = ("" if a.source == "synthetic" else f"-{a.source}") + ("" if a.transform == "simclr" else "-decode-only")
+    suffix = (("" if a.source == "synthetic" else f"-{a.source}") + ("" if a.transform == "simclr" else "-decode-only")
+              + ("" if a.format == "png" else f"-jpeg-{a.image_size}"))
     out = a.out or RESULTS / f"loader{suffix}.json"
     sizes = [int(s) for s in a.samples_per_shard.split(",")]
     torch.set_num_threads(1)  # the main process only receives batches; leave the cores to the workers
@@ -169,6 +204,8 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             synthetic_npz(tmp / "images.npz", a.num_images, a.image_size)
             source = npz_source(tmp / "images.npz")
+        if a.format == "jpeg":
+            source = JpegSource(source)
         refs = S.split_refs(source.refs(), val_fraction=0.0, test_fraction=0.0, seed=0, stratified=True)["train"]
         shard_sets = {n: write_shards(source, refs, tmp / f"shards-{n}", n, max(1, a.workers)) for n in sizes}
         write_image_folder(source, refs, tmp / "folder")
@@ -193,6 +230,19 @@ def main(argv: list[str] | None = None) -> dict:
         sides["imagefolder"] = lambda rep: (DataLoader(
             folder, batch_size=a.batch_size, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(rep),
             num_workers=a.workers, prefetch_factor=PREFETCH if a.workers else None), None)
+        if a.format == "jpeg" and a.transform == "simclr":
+            # views.decode_on: device, the loader's part alone: JPEG headers, crop boxes and flips; the bytes
+            # travel (the decode, the crops and the colour run batched on the training device)
+            n0 = sizes[0]
+            plan_stream = ShardStream(*shard_sets[n0], transform=CropPlan([a.image_size] * 2, [(0.08, 1.0)] * 2, 0.5),
+                                      batch_size=a.batch_size, rank=0, world_size=1, loader_workers=a.workers,
+                                      shuffle_buffer=a.shuffle_buffer, seed=0, decode=decode_encoded,
+                                      collate=collate_encoded)
+
+            def bytes_only(rep: int):
+                plan_stream.set_epoch(rep)
+                return training_loader(plan_stream, num_workers=a.workers), plan_stream.plan().unique_samples
+            sides[f"decode_on: device, the loader's part ({n0}/shard)"] = bytes_only
         names = list(sides)
         runs: dict[str, list[dict]] = {name: [] for name in names}
         for rep in range(a.repeats + 1):
@@ -210,6 +260,8 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {name: {k: statistics.median(r[k] for r in rs) for k in keys}
                | {"images": rs[0]["images"], "distinct": rs[0]["distinct"]} for name, rs in runs.items()}
     best = max([n for n in names if n.startswith("webdataset")], key=lambda k: summary[k]["distinct_per_s"])
+    for s_ in summary.values():  # the DataLoader workers are the cores' only load
+        s_["distinct_per_s_per_worker"] = s_["distinct_per_s"] / max(1, a.workers)
     stock = next(n for n in names if n.startswith("stock"))
     ratio = summary[best]["distinct_per_s"] / summary["imagefolder"]["distinct_per_s"]
     print(f"\n{len(refs)} images ({a.source}), batch {a.batch_size}, {a.workers} DataLoader workers, "
@@ -229,7 +281,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "batch_size": a.batch_size, "workers": a.workers, "repeats": a.repeats, "warmup_epochs": 1,
                      "samples_per_shard": sizes, "shuffle_buffer": a.shuffle_buffer, "prefetch_factor": PREFETCH,
                      "transform": "SimCLRTransform(image_size), defaults, 2 views" if a.transform == "simclr"
-                     else "PILToTensor only (readers alone)", "decode": "PIL, convert RGB",
+                     else "PILToTensor only (readers alone)", "decode": "PIL, convert RGB", "format": a.format,
                      "imagefolder": "DataLoader(shuffle=True, drop_last=True)"},
         "summary": summary, "ratio_webdataset_over_imagefolder": ratio, "ratio_of": best,
         "ratio_webdataset_over_stock_webdataset": ratio_stock, "runs": runs,

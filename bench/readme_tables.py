@@ -1,7 +1,7 @@
 """Put the recorded results into the docs: every figure between a page's
 ``<!-- bench:NAME -->`` and ``<!-- /bench:NAME -->`` markers is generated here, from
 bench/results/*.json (digits_default, fashion_recipe, fashion_targets,
-fashion_ablations, methods) or from the code (each method's defaults and the comments that
+fashion_ablations, methods, scale, shard_rate, e2e) or from the code (each method's defaults and the comments that
 give their source); nothing there is typed by hand. The pages: README.md,
 bench/README.md, docs/methods.md.
 
@@ -200,8 +200,63 @@ def methods_table(d: dict) -> str:
     return "\n".join(lines)
 
 
-BLOCKS = {"digits": digits, "fashion": fashion, "method_defaults": method_defaults, "methods": methods}
-PAGES = {"README.md": ("digits", "fashion"), "bench/README.md": ("methods",),
+def scale() -> str:
+    """bench/scale.py (peak RSS per stage at two sizes), bench/shard_rate.py (the shard
+    stage against tar) and bench/e2e.py (the pretrain stage against a plain loop)."""
+    out: list[str] = []
+    d = _load("scale")
+    if d is None:
+        out.append("(memory: run bench/scale.py)")
+    else:
+        m = d["machine"]
+        out += [f"Peak RSS (MB) per stage at two sizes of the same generated data ({d['date']}, {m['cpu_cores']} cores, "
+                f"{m['gpu'] or 'no GPU'}; target: growth below {d['growth_limit']:.0%} for the driver and the largest "
+                "Ray worker; Ray's daemons are shown, not checked):", "",
+                "| source | images | stage | driver | largest worker | Ray daemons | below target |",
+                "|---|---|---|---|---|---|---|"]
+
+        def cell(r: dict) -> str:
+            g = "" if r["growth"] is None else f" ({r['growth']:+.1%})"
+            return f"{r['small_mb']:.0f} -> {r['large_mb']:.0f}{g}"
+
+        for src, res in d["sources"].items():
+            a, b = res["sizes"]
+            for name, row in res["stages"].items():
+                out.append(f"| {src} | {a:,} -> {b:,} | {name} | {cell(row['driver'])} | {cell(row['worker'])} "
+                           f"| {cell(row['ray'])} | {'yes' if row['ok'] else '**no**'} |")
+    r = _load("shard_rate")
+    out.append("")
+    if r is None:
+        out.append("(shard rate: run bench/shard_rate.py)")
+    else:
+        out += [f"The shard stage on {r['images']:,} JPEG files of {r['image_size']} px ({r['source_mb']:.0f} MB), "
+                f"against `tar -cf` of the same files ({r['date']}):", "",
+                "| side | seconds | images/s | MB/s | vs tar | shards per node |", "|---|---:|---:|---:|---:|---|"]
+        for key, label in (("tar", "tar -cf"), ("shard_folder", "shard stage, local folder"),
+                           ("shard_s3", "shard stage, S3 (SeaweedFS)")):
+            if key in r:
+                x = r[key]
+                vs = f"{x['vs_tar']:.2f}x" if "vs_tar" in x else ""
+                nodes = ", ".join(str(v) for v in x.get("nodes", {}).values())
+                out.append(f"| {label} | {x['seconds']:.1f} | {x['images_per_sec']:,.0f} | {x['mb_per_sec']:.1f} "
+                           f"| {vs} | {nodes} |")
+    e = _load("e2e")
+    out.append("")
+    if e is None:
+        out.append("(pretrain against a plain loop: run bench/e2e.py)")
+    else:
+        out += [f"The pretrain stage against a plain PyTorch loop, Fashion-MNIST, {e['plain']['train_images']:,} "
+                f"training images x {e['epochs']} epochs, global batch {e['global_batch']} ({e['date']}):", "",
+                "| side | images/s | vs plain | wall s | vs plain |", "|---|---:|---:|---:|---:|",
+                f"| plain loop | {e['plain']['images_per_sec']:.0f} | 1.00x | {e['plain']['wall_seconds']:.0f} | 1.00x |"]
+        for name, st in e["stage"].items():
+            out.append(f"| stage: {name} | {st['images_per_sec']:.0f} | {st['images_per_sec_vs_plain']:.2f}x "
+                       f"| {st['wall_seconds']:.0f} | {st['wall_vs_plain']:.2f}x |")
+    return "\n".join(out)
+
+
+BLOCKS = {"scale": scale, "digits": digits, "fashion": fashion, "method_defaults": method_defaults, "methods": methods}
+PAGES = {"README.md": ("digits", "fashion"), "bench/README.md": ("methods", "scale"),
          "docs/methods.md": ("method_defaults", "methods")}
 
 

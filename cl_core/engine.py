@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from cl_core import allocator, distributed
+from cl_core.data.device_decode import EncodedBatch
 from cl_core.data.reader import ShardStream, training_loader
 from cl_core.methods.base import Method
 from cl_core.optim import build_optimizer, lr_at, scale_lr, set_lr
@@ -299,6 +300,8 @@ class PretrainLoop:
         start_batch = self.batch_in_epoch
         t0 = time.perf_counter() - self._seconds
         for views, labels, index in loader:
+            if isinstance(views, EncodedBatch):  # views.decode_on: device: JPEG bytes and crop boxes
+                views = views.decode(self.device)
             views = [self.settings.input(v) for v in views]
             if self.view_augment is not None:
                 views = self.view_augment(views, self._step_generator())

@@ -110,6 +110,10 @@ class ViewsConfig(Section):
                                                     "grayscale, blur, normalize) runs: 'loader' per image in the "
                                                     "DataLoader workers; 'device' batched on the training device "
                                                     "(the GPU), with the loader decoding, cropping and flipping only")
+    decode_on: Literal["auto", "loader", "device"] = Field(
+        "auto", description="where JPEG images are decoded, cropped and flipped: 'loader' in the DataLoader workers; "
+        "'device' batched on the training device (nvJPEG on a GPU), the loader reading only bytes; 'auto': the "
+        "device when augment_on is 'device' and the worker has a GPU")
 
     @field_validator("local_crop_scale")
     @classmethod
@@ -117,6 +121,13 @@ class ViewsConfig(Section):
         if not 0 < v[0] <= v[1] <= 1:
             raise ValueError(f"must be (min, max) with 0 < min <= max <= 1, got {list(v)}")
         return v
+
+    @model_validator(mode="after")
+    def _decode_needs_device_augment(self) -> ViewsConfig:
+        if self.decode_on == "device" and self.augment_on != "device":
+            raise ValueError("decode_on: device needs augment_on: device (the colour augmentation follows the crops "
+                             "on the device); set augment_on: device, or decode_on: loader")
+        return self
 
     def local_size(self) -> int:
         return self.local_image_size or max(4, round(self.image_size * 96 / 224))

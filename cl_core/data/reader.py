@@ -15,6 +15,7 @@ import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import numpy as np
 import torch
@@ -188,7 +189,9 @@ class ShardStream(IterableDataset):
         seed: int = 0,
         decode: Callable[[dict], tuple] = decode_sample,
         verify: Mapping[str, Mapping] | None = None,
+        collate: Callable[[list], Any] | None = None,
     ) -> None:
+        self.collate = collate  # the DataLoader's collate_fn (None: its default)
         self.verify = dict(verify) if verify else None  # url -> {"sha256", "truncated"}: ShardCheck.verify
         self.urls, self.counts = list(urls), list(counts)
         self.decode = decode  # shard sample -> (input, label, index); input goes to ``transform``
@@ -259,6 +262,7 @@ def training_loader(stream: ShardStream, *, num_workers: int, pin_memory: bool =
     return DataLoader(
         stream,
         batch_size=stream.batch_size,
+        collate_fn=stream.collate,
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=False,

@@ -18,6 +18,7 @@ from ray import train
 from cl_core.augment import EvalTransform, MultiCropTransform, SimCLRTransform
 from cl_core.augment_device import DeviceViews
 from cl_core.data import storage
+from cl_core.data.device_decode import CropPlan, collate_encoded, decode_encoded
 from cl_core.data.reader import ShardStream
 from cl_core.data.shards import ShardCheck, read_manifest
 from cl_core.data.text import load_text_split, load_tokenizer, text_stream
@@ -105,6 +106,36 @@ def view_transform(method: str, v: ViewsConfig):
     raise ValueError(f"pretrain: {method} takes {kind} inputs, which the image pipeline does not make")
 
 
+def decodes_on_device(v: ViewsConfig, device: torch.device) -> bool:
+    """``views.decode_on``: auto decodes on the device when the colour augmentation runs
+    there and the device is a GPU (on a CPU the loader processes decode in parallel)."""
+    if v.decode_on == "auto":
+        return v.augment_on == "device" and device.type == "cuda"
+    return v.decode_on == "device"
+
+
+def crop_plan(method: str, v: ViewsConfig) -> CropPlan:
+    """The loader's part of :func:`view_transform` with ``decode_on: device``: each view's
+    crop box and flip, the views' sides and crop scales as the CPU transform makes them."""
+    kind = get_method(method).view_kind
+    if kind == "multi_crop":
+        g, local = (v.crop_min_scale, 1.0), tuple(v.local_crop_scale)
+        return CropPlan([v.image_size] * 2 + [v.local_size()] * v.local_views, [g] * 2 + [local] * v.local_views,
+                        v.hflip_prob)
+    if kind in ("two_views", "single"):
+        n = 2 if kind == "two_views" else 1
+        return CropPlan([v.image_size] * n, [(v.crop_min_scale, 1.0)] * n, v.hflip_prob)
+    raise ValueError(f"pretrain: {method} takes {kind} inputs, which the image pipeline does not make")
+
+
+def view_stream(method: str, v: ViewsConfig, device: torch.device) -> dict:
+    """:class:`ShardStream`'s view arguments: the transform, and with ``decode_on: device``
+    the loader's crop plan, its decode and collate (the engine then decodes the batch)."""
+    if decodes_on_device(v, device):
+        return {"transform": crop_plan(method, v), "decode": decode_encoded, "collate": collate_encoded}
+    return {"transform": view_transform(method, v)}
+
+
 def device_views(v: ViewsConfig) -> DeviceViews | None:
     """The colour augmentation on the training device (``views.augment_on: device``)."""
     if v.augment_on != "device":
@@ -144,7 +175,7 @@ def train_worker(config: dict) -> list[dict] | None:
         stream = ShardStream(
             urls, counts, rank=rank, world_size=world, loader_workers=p.loader_workers,
             batch_size=p.batch_size_per_worker, shuffle_buffer=p.shuffle_buffer, seed=config["seed"],
-            transform=view_transform(config["model"]["method"], v), verify=config.get("train_verify"),
+            verify=config.get("train_verify"), **view_stream(config["model"]["method"], v, device),
         )
     loop = PretrainLoop(model, method, stream, loop_cfg, device, view_augment=None if text else device_views(v))
 
