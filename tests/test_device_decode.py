@@ -123,15 +123,17 @@ def test_a_jpeg_header_is_all_the_loader_reads():
     assert not s.flips.any()
 
 
-def test_decode_on_config():
+def test_decode_on_config(shard_sets):
     from pipelines.config import ConfigError, ViewsConfig, load_config
     from pipelines.stages.pretrain import crop_plan, decodes_on_device
 
     with pytest.raises(ConfigError, match=r"pretrain.views.decode_on: device needs augment_on: device"):
         load_config("default", ["pretrain.views.decode_on=device"])
-    auto = ViewsConfig(augment_on="device")
-    assert decodes_on_device(auto, torch.device("cuda")) and not decodes_on_device(auto, torch.device("cpu"))
-    assert not decodes_on_device(ViewsConfig(), torch.device("cuda"))  # colour in the loader: decode there too
+    auto, jpg, png = ViewsConfig(augment_on="device"), shard_sets["jpg"][0], shard_sets["png"][0]
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert decodes_on_device(auto, cuda, jpg) and not decodes_on_device(auto, cpu, jpg)
+    assert not decodes_on_device(auto, cuda, png)  # PNGs would travel whole: decoded and cropped in the loader
+    assert not decodes_on_device(ViewsConfig(), cuda, jpg)  # colour in the loader: decode there too
     assert decodes_on_device(ViewsConfig(augment_on="device", decode_on="device"), torch.device("cpu"))
     v = ViewsConfig(image_size=32, local_views=3, local_image_size=12, crop_min_scale=0.3, augment_on="device")
     plan = crop_plan("swav", v)

@@ -29,7 +29,7 @@ from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms.functional import pil_to_tensor
 from torchvision.transforms.v2 import functional as TF
 
-from cl_core.data.reader import decode_sample
+from cl_core.data.reader import decode_sample, sample_pipeline
 
 RATIO = (3.0 / 4.0, 4.0 / 3.0)  # RandomResizedCrop's default aspect ratios, as the loader's transforms use
 
@@ -45,6 +45,15 @@ class EncodedSample:
     boxes: torch.Tensor  # [views, 4] int64
     flips: torch.Tensor  # [views] bool
     sizes: tuple[int, ...]  # each view's output side
+
+
+def holds_jpeg(urls: Sequence[str]) -> bool:
+    """Whether the shard set's images are JPEGs, from its first sample (a shard set is
+    written from one source, whose images keep their format: JPEG files stay JPEG, the
+    rest become PNG)."""
+    for sample in sample_pipeline(list(urls)[:1], decode=None):
+        return "jpg" in sample or "jpeg" in sample
+    return False
 
 
 def decode_encoded(sample: dict) -> tuple[bytes | Image.Image, int, int]:

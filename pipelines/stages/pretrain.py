@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import mlflow
@@ -18,7 +19,7 @@ from ray import train
 from cl_core.augment import EvalTransform, MultiCropTransform, SimCLRTransform
 from cl_core.augment_device import DeviceViews
 from cl_core.data import storage
-from cl_core.data.device_decode import CropPlan, collate_encoded, decode_encoded
+from cl_core.data.device_decode import CropPlan, collate_encoded, decode_encoded, holds_jpeg
 from cl_core.data.reader import ShardStream
 from cl_core.data.shards import ShardCheck, read_manifest
 from cl_core.data.text import load_text_split, load_tokenizer, text_stream
@@ -106,11 +107,12 @@ def view_transform(method: str, v: ViewsConfig):
     raise ValueError(f"pretrain: {method} takes {kind} inputs, which the image pipeline does not make")
 
 
-def decodes_on_device(v: ViewsConfig, device: torch.device) -> bool:
+def decodes_on_device(v: ViewsConfig, device: torch.device, urls: Sequence[str] = ()) -> bool:
     """``views.decode_on``: auto decodes on the device when the colour augmentation runs
-    there and the device is a GPU (on a CPU the loader processes decode in parallel)."""
+    there, the device is a GPU (on a CPU the loader processes decode in parallel) and the
+    shards at ``urls`` hold JPEGs (a PNG would travel whole, as pixels, for nothing)."""
     if v.decode_on == "auto":
-        return v.augment_on == "device" and device.type == "cuda"
+        return v.augment_on == "device" and device.type == "cuda" and holds_jpeg(urls)
     return v.decode_on == "device"
 
 
@@ -128,10 +130,11 @@ def crop_plan(method: str, v: ViewsConfig) -> CropPlan:
     raise ValueError(f"pretrain: {method} takes {kind} inputs, which the image pipeline does not make")
 
 
-def view_stream(method: str, v: ViewsConfig, device: torch.device) -> dict:
-    """:class:`ShardStream`'s view arguments: the transform, and with ``decode_on: device``
-    the loader's crop plan, its decode and collate (the engine then decodes the batch)."""
-    if decodes_on_device(v, device):
+def view_stream(method: str, v: ViewsConfig, device: torch.device, urls: Sequence[str]) -> dict:
+    """:class:`ShardStream`'s view arguments for the shards at ``urls``: the transform, and
+    with ``decode_on: device`` the loader's crop plan, its decode and collate (the engine
+    then decodes the batch)."""
+    if decodes_on_device(v, device, urls):
         return {"transform": crop_plan(method, v), "decode": decode_encoded, "collate": collate_encoded}
     return {"transform": view_transform(method, v)}
 
@@ -175,7 +178,7 @@ def train_worker(config: dict) -> list[dict] | None:
         stream = ShardStream(
             urls, counts, rank=rank, world_size=world, loader_workers=p.loader_workers,
             batch_size=p.batch_size_per_worker, shuffle_buffer=p.shuffle_buffer, seed=config["seed"],
-            verify=config.get("train_verify"), **view_stream(config["model"]["method"], v, device),
+            verify=config.get("train_verify"), **view_stream(config["model"]["method"], v, device, urls),
         )
     loop = PretrainLoop(model, method, stream, loop_cfg, device, view_augment=None if text else device_views(v))
 

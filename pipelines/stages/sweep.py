@@ -79,7 +79,7 @@ def trial(config: dict[str, Any], base: dict[str, Any]) -> None:
     method = cfg.settings_for(device).prepare(build_method(model, gather_distributed=False).to(device))
     stream = ShardStream(train.urls, train.counts, rank=0, world_size=1, loader_workers=0, verify=train.verify,
                          batch_size=p.batch_size_per_worker, shuffle_buffer=p.shuffle_buffer, seed=base["seed"],
-                         **view_stream(p.method, p.views, device))
+                         **view_stream(p.method, p.views, device, train.urls))
     loop = PretrainLoop(method, method, stream, cfg, device, view_augment=device_views(p.views))
     ckpt = tune.get_checkpoint()
     if ckpt is not None:
