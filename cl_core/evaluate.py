@@ -79,6 +79,7 @@ def knn_predict(
     k: int = 20,
     temperature: float = 0.07,
     chunk: int = 1024,
+    max_elements: int = 1 << 24,
 ) -> torch.Tensor:
     """Weighted kNN of InstDisc [0]: cosine similarity on L2-normalised features, the k
     nearest training samples vote for their class with weight exp(s / T).
@@ -90,6 +91,8 @@ def knn_predict(
         raise ValueError(f"knn temperature must be > 0, got {temperature}")
     bank = F.normalize(train_features.float(), dim=1)  # (M, D)
     k = min(k, bank.shape[0])
+    # queries per similarity block: at most max_elements scores (64 MiB) at once, whatever the bank's size
+    chunk = max(1, min(chunk, max_elements // max(1, bank.shape[0])))
     preds = []
     for i in range(0, len(query_features), chunk):
         q = F.normalize(query_features[i : i + chunk].float(), dim=1)  # (B, D)

@@ -420,8 +420,9 @@ class EvaluateConfig(Section):
     knn_temperature: float = Field(0.07, gt=0)
     probe_weight_decay: float = Field(1e-4, ge=0)
     probe_max_iter: int = Field(200, ge=1)
-    max_train: int | None = Field(None, ge=1, description="training images (the first in shard order) for the "
-                                  "all-labels kNN bank and linear probe; null: all of them")
+    max_train: int | None = Field(60_000, ge=1, description="training images (the first in shard order) for the "
+                                  "all-labels kNN bank and linear probe: MNIST-sized sets whole, larger ones a "
+                                  "bounded sample, so the evaluation's memory stops growing; null: all of them")
     num_cpus: int | None = Field(None, ge=1, description="CPUs (and torch threads) of the evaluation task; null: "
                                  "every CPU of the largest node")
     use_gpu: Literal["auto", True, False] = Field("auto", description="run the evaluation on a GPU (auto: when the "

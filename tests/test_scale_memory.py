@@ -90,3 +90,24 @@ def test_peak_memory_of_shard_and_pretrain_is_flat_in_the_data_size(tmp_path):
         for role in ("driver", "worker"):
             r = row[role]
             assert r["growth"] < scale.GROWTH_LIMIT and r["large_mb"] - r["small_mb"] < 40, (name, role, r)
+
+
+def test_knn_blocks_are_bounded_and_give_the_same_votes():
+    from cl_core.evaluate import knn_predict
+
+    g = torch.Generator().manual_seed(0)
+    bank, labels, queries = torch.randn(3000, 16, generator=g), torch.randint(0, 5, (3000,), generator=g), \
+        torch.randn(700, 16, generator=g)
+    whole = knn_predict(bank, labels, queries, num_classes=5)
+    small = knn_predict(bank, labels, queries, num_classes=5, max_elements=3000 * 7)  # 7 queries per block
+    assert torch.equal(whole, small)
+
+
+def test_a_shard_task_releases_the_mapped_source(tmp_path, arrays):
+    x, y = arrays
+    np.savez(tmp_path / "a.npz", images=x, labels=y)
+    src = npz_source(tmp_path / "a.npz")
+    src.encode(src.refs()[0])
+    assert src._images._array is not None
+    src.release()
+    assert src._images._array is None and src.encode(src.refs()[1])[1] == "png"  # reopened on the next read

@@ -93,6 +93,10 @@ class Source:
     def labeled(self) -> bool:
         return bool(self.class_names)
 
+    def release(self) -> None:
+        """Drop what reading samples left behind (a memory map's touched pages count in
+        the process's RSS until it is unmapped); the next read reopens it."""
+
     def stage(self, scratch: str | Path) -> None:
         """Make the source cheap to read from many tasks at once, using ``scratch`` (a
         folder every node sees) if it needs room; most sources have nothing to do."""
@@ -121,6 +125,9 @@ class MappedImages:
             self._array = a[..., 0] if self.squeeze else a
         return self._array
 
+    def release(self) -> None:
+        self._array = None  # the last reference: the map is closed
+
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_array": None}
 
@@ -136,6 +143,10 @@ class ArraySource(Source):
     @property
     def images(self) -> np.ndarray:
         return self._images.array if isinstance(self._images, MappedImages) else self._images
+
+    def release(self) -> None:
+        if isinstance(self._images, MappedImages):
+            self._images.release()
 
     def refs(self) -> list[SampleRef]:
         lab = self.labels if self.labels is not None else np.full(len(self.images), -1)

@@ -28,12 +28,15 @@ def _write_shard_task(source: Source, refs: list, path: str, dest: str | None) -
     drop the local file (the task may run on any node). Returns the shard's record and
     the id of the node that wrote it."""
     node = ray.get_runtime_context().get_node_id()
-    if dest is None:
-        return S.write_shard(source, refs, path), node
-    with tempfile.TemporaryDirectory() as d:
-        result = S.write_shard(source, refs, Path(d) / Path(path).name)
-        storage.upload_file(Path(d) / Path(path).name, dest)
-    return result, node
+    try:
+        if dest is None:
+            return S.write_shard(source, refs, path), node
+        with tempfile.TemporaryDirectory() as d:
+            result = S.write_shard(source, refs, Path(d) / Path(path).name)
+            storage.upload_file(Path(d) / Path(path).name, dest)
+        return result, node
+    finally:  # a worker runs many shard tasks: none keeps the pages of a mapped source it touched
+        source.release()
 
 
 def _gather(pending: dict[str, list], total: int) -> tuple[dict[str, list], dict[str, float]]:
