@@ -102,7 +102,7 @@ STAGES = ["shard", "labels", "pretrain", "finetune", "distill", "evaluate", "reg
 # out of work. The lanes are about equally long (in-suite times: bench/results/test_suite.json);
 # the unit tests fill in behind whichever lane ends first.
 LANES = {
-    "lane-1": ["test_pipeline_e2e.py", "test_faults.py", "test_sweep.py"],
+    "lane-1": ["test_pipeline_e2e.py", "test_faults.py", "test_sweep.py", "test_scale_memory.py"],
     "lane-2": ["test_twohost.py", "test_s3.py", "test_stack.py", "test_multinode.py", "test_mlflow_outage.py",
                "test_pipeline_methods.py", "test_reliability.py"],
 }

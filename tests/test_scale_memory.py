@@ -72,6 +72,7 @@ def test_eval_split_batches_are_the_same_cached_or_streamed(digits_shards):  # n
     assert cached.cached and not streamed.cached  # the whole split fitted 64 MiB; 150 images' worth did not
 
 
+@pytest.mark.slow
 def test_peak_memory_of_shard_and_pretrain_is_flat_in_the_data_size(tmp_path):
     """``bench/scale.py``'s check at a tenth of its sizes, on the stages that read the whole
     training split (the shard stage's source, pretraining with its kNN monitor): 1,000 and
