@@ -280,6 +280,10 @@ def main() -> None:
 
     results = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "chain": [*CHAIN, *a.set],
                "growth_limit": GROWTH_LIMIT, "sources": {}}
+    if a.out.exists():  # the other sources' records stay (measured with the same chain)
+        old = json.loads(a.out.read_text())
+        if old.get("chain") == results["chain"]:
+            results["sources"] = {k: v for k, v in old["sources"].items() if k not in a.sources}
     with tempfile.TemporaryDirectory(prefix="clpipe-scale-") as d:
         tmp = Path(d)
         for source in a.sources:

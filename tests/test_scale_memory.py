@@ -104,11 +104,12 @@ def test_knn_blocks_are_bounded_and_give_the_same_votes():
     assert torch.equal(whole, small)
 
 
-def test_a_shard_task_releases_the_mapped_source(tmp_path, arrays):
+def test_a_shard_task_releases_the_source_file(tmp_path, arrays):
     x, y = arrays
     np.savez(tmp_path / "a.npz", images=x, labels=y)
     src = npz_source(tmp_path / "a.npz")
-    src.encode(src.refs()[0])
-    assert src._images._array is not None
+    src.encode(src.refs()[0])  # one positioned read: the file is open, not mapped
+    assert src._images._fd is not None and src._images._array is None
     src.release()
-    assert src._images._array is None and src.encode(src.refs()[1])[1] == "png"  # reopened on the next read
+    assert src._images._fd is None and src.encode(src.refs()[1])[1] == "png"  # reopened on the next read
+    src.release()
