@@ -106,42 +106,17 @@ def main() -> None:
                  "image_size": a.image_size}
     with tempfile.TemporaryDirectory(prefix="clpipe-shard-rate-", dir=os.environ.get("CLPIPE_BENCH_TMP")) as d:
         tmp = Path(d)
-        root = tmp / "jpegs"
-        src_bytes = make_jpegs(root, a.images, a.image_size)
-        res["source_mb"] = src_bytes / 1e6
-        mb = src_bytes / 1e6
-
-        def rates(seconds: float) -> dict:
-            return {"seconds": round(seconds, 2), "images_per_sec": round(a.images / seconds, 1),
-                    "mb_per_sec": round(mb / seconds, 2)}
-
-        res["tar"] = rates(time_tar(root, tmp / "all.tar"))
-        print("tar", res["tar"], flush=True)
-        st = shard_stage(str(root), tmp / "work-folder", a.images)
-        res["shard_folder"] = {**rates(st["stage_seconds"]), "tasks_images_per_sec": st["images_per_sec"],
-                               "tasks_mb_per_sec_written": st["mb_per_sec"], "nodes": st["nodes"]}
-        print("shard (folder)", res["shard_folder"], flush=True)
-        if a.s3:
-            from cl_core.data import storage
+        server = None
+        if a.s3:  # before Ray starts: its workers take the credentials from this environment
             from infra import seaweed
 
             server = seaweed.start(tmp / "weed", seaweed.free_s3_port(), access_key=secrets.token_hex(10),
                                    secret_key=secrets.token_hex(20))
-            try:
-                os.environ.update(server.env())
-                storage.client().create_bucket(Bucket=BUCKET)
-                files = sorted(root.rglob("*.jpg"))
-                t0 = time.perf_counter()
-                with ThreadPoolExecutor(a.upload_threads) as pool:
-                    list(pool.map(lambda p: storage.upload_file(p, f"s3://{BUCKET}/jpegs/{p.relative_to(root)}"),
-                                  files))
-                res["s3_upload"] = rates(time.perf_counter() - t0)
-                print("upload", res["s3_upload"], flush=True)
-                st = shard_stage(f"s3://{BUCKET}/jpegs", tmp / "work-s3", a.images)
-                res["shard_s3"] = {**rates(st["stage_seconds"]), "tasks_images_per_sec": st["images_per_sec"],
-                                   "tasks_mb_per_sec_written": st["mb_per_sec"], "nodes": st["nodes"]}
-                print("shard (s3)", res["shard_s3"], flush=True)
-            finally:
+            os.environ.update(server.env())
+        try:
+            _measure(a, tmp, res, server)
+        finally:
+            if server is not None:
                 server.stop()
     for k in ("shard_folder", "shard_s3"):
         if k in res:
@@ -149,6 +124,38 @@ def main() -> None:
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=2) + "\n")
     print(f"written to {a.out}")
+
+
+def _measure(a: argparse.Namespace, tmp: Path, res: dict, server) -> None:
+    root = tmp / "jpegs"
+    src_bytes = make_jpegs(root, a.images, a.image_size)
+    res["source_mb"] = src_bytes / 1e6
+    mb = src_bytes / 1e6
+
+    def rates(seconds: float) -> dict:
+        return {"seconds": round(seconds, 2), "images_per_sec": round(a.images / seconds, 1),
+                "mb_per_sec": round(mb / seconds, 2)}
+
+    res["tar"] = rates(time_tar(root, tmp / "all.tar"))
+    print("tar", res["tar"], flush=True)
+    st = shard_stage(str(root), tmp / "work-folder", a.images)
+    res["shard_folder"] = {**rates(st["stage_seconds"]), "tasks_images_per_sec": st["images_per_sec"],
+                           "tasks_mb_per_sec_written": st["mb_per_sec"], "nodes": st["nodes"]}
+    print("shard (folder)", res["shard_folder"], flush=True)
+    if server is not None:
+        from cl_core.data import storage
+
+        storage.client().create_bucket(Bucket=BUCKET)
+        files = sorted(root.rglob("*.jpg"))
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(a.upload_threads) as pool:
+            list(pool.map(lambda p: storage.upload_file(p, f"s3://{BUCKET}/jpegs/{p.relative_to(root)}"), files))
+        res["s3_upload"] = rates(time.perf_counter() - t0)
+        print("upload", res["s3_upload"], flush=True)
+        st = shard_stage(f"s3://{BUCKET}/jpegs", tmp / "work-s3", a.images)
+        res["shard_s3"] = {**rates(st["stage_seconds"]), "tasks_images_per_sec": st["images_per_sec"],
+                           "tasks_mb_per_sec_written": st["mb_per_sec"], "nodes": st["nodes"]}
+        print("shard (s3)", res["shard_s3"], flush=True)
 
 
 if __name__ == "__main__":
