@@ -174,14 +174,15 @@ def test_a_source_file_a_shard_task_cannot_read_fails_the_stage_in_one_line(loca
     line = "data.source: cannot read /data/x.png (FileNotFoundError: gone) after 4 attempts; every node ..."
 
     @ray.remote
-    def task(fail: bool) -> int:
+    def task(fail: bool) -> tuple[dict, str]:  # a shard task's (record, node id)
         if fail:
             raise SourceReadError(line)
-        return 1
+        return {"num_samples": 1, "corrupt": [], "bytes": 10}, "node-a"
 
-    assert _gather([task.remote(False)]) == [1]
+    results, rate = _gather({"train": [task.remote(False)]}, total=1)
+    assert results == {"train": [{"num_samples": 1, "corrupt": [], "bytes": 10}]} and rate["nodes"] == {"node-a": 1}
     with pytest.raises(SourceReadError) as e:
-        _gather([task.remote(False), task.remote(True)])
+        _gather({"train": [task.remote(False)], "val": [task.remote(True)]}, total=2)
     assert type(e.value) is SourceReadError and str(e.value) == line
 
 
