@@ -119,11 +119,8 @@ def stage(work: str, samples: int, epochs: int, extra: list[str]) -> dict:
     ips = hist["train/images_per_sec"]
     return {"overrides": extra, "wall_seconds": (info.end_time - info.start_time) / 1000,
             "epochs": [{"seconds": s, "images_per_sec": r} for s, r in zip(hist["train/epoch_seconds"], ips, strict=True)],
-            "images_per_sec": statistics.median(ips[1:] or ips), "train_images": cfg_train_count(result)}
-
-
-def cfg_train_count(result) -> int:
-    return int(result.stages["shard"].outputs["counts"]["train"])
+            "images_per_sec": statistics.median(ips[1:] or ips),
+            "train_images": int(result.stages["shard"].outputs["counts"]["train"])}
 
 
 def main() -> None:

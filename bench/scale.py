@@ -49,6 +49,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from infra import procs  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 STAGES = ["shard", "sweep", "pretrain", "labels", "finetune", "distill", "evaluate", "register"]
 CHAIN = ["pretrain.backbone_width=8", "pretrain.epochs=1", "pretrain.batch_size_per_worker=64",
@@ -106,20 +108,6 @@ def upload_folder(root: Path, bucket: str, prefix: str, threads: int = 16) -> st
 
 # ---- memory sampling ---------------------------------------------------------------------------------------
 
-def _children() -> dict[int, list[int]]:
-    kids: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        kids.setdefault(ppid, []).append(int(d))
-    return kids
-
-
 def _rss_mb(pid: int) -> float | None:
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -163,7 +151,7 @@ class Sampler(threading.Thread):
     def run(self) -> None:
         me = os.getpid()
         while not self.stop.is_set():
-            kids = _children()
+            kids = procs.children_by_parent()
             peak = {"driver": _rss_mb(me) or 0.0, "worker": 0.0, "ray": 0.0}
             stack = [(k, "ray") for k in kids.get(me, [])]
             while stack:

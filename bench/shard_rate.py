@@ -71,7 +71,7 @@ def time_tar(root: Path, out: Path) -> float:
     return seconds
 
 
-def shard_stage(path: str, work: Path, n: int) -> dict:
+def shard_stage(path: str, work: Path) -> dict:
     """The shard stage alone on ``path``, twice (the first warms the cache and Ray's workers,
     its result is dropped); the second's stage run: seconds and its rate metrics."""
     import mlflow
@@ -138,7 +138,7 @@ def _measure(a: argparse.Namespace, tmp: Path, res: dict, server) -> None:
 
     res["tar"] = rates(time_tar(root, tmp / "all.tar"))
     print("tar", res["tar"], flush=True)
-    st = shard_stage(str(root), tmp / "work-folder", a.images)
+    st = shard_stage(str(root), tmp / "work-folder")
     res["shard_folder"] = {**rates(st["stage_seconds"]), "tasks_images_per_sec": st["images_per_sec"],
                            "tasks_mb_per_sec_written": st["mb_per_sec"], "nodes": st["nodes"]}
     print("shard (folder)", res["shard_folder"], flush=True)
@@ -152,7 +152,7 @@ def _measure(a: argparse.Namespace, tmp: Path, res: dict, server) -> None:
             list(pool.map(lambda p: storage.upload_file(p, f"s3://{BUCKET}/jpegs/{p.relative_to(root)}"), files))
         res["s3_upload"] = rates(time.perf_counter() - t0)
         print("upload", res["s3_upload"], flush=True)
-        st = shard_stage(f"s3://{BUCKET}/jpegs", tmp / "work-s3", a.images)
+        st = shard_stage(f"s3://{BUCKET}/jpegs", tmp / "work-s3")
         res["shard_s3"] = {**rates(st["stage_seconds"]), "tasks_images_per_sec": st["images_per_sec"],
                            "tasks_mb_per_sec_written": st["mb_per_sec"], "nodes": st["nodes"]}
         print("shard (s3)", res["shard_s3"], flush=True)

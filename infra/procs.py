@@ -60,6 +60,21 @@ def spawn(cmd: Sequence[str], log: Path, env: dict[str, str | None] | None = Non
     return proc.pid
 
 
+def children_by_parent() -> dict[int, list[int]]:
+    """Every live process's pid under its parent's pid (from /proc; a process that exits
+    while it is read is left out)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])  # "pid (comm) state ppid": comm may hold spaces
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    return children
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

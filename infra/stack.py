@@ -189,15 +189,7 @@ def _group_alive(pgid: int) -> bool:
 
 def _descendants(pid: int) -> list[int]:
     """``pid``'s process tree (children by parent pid, from /proc), ``pid`` excluded."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
+    children = procs.children_by_parent()
     out, todo = [], list(children.get(pid, []))
     while todo:
         p = todo.pop()

@@ -223,9 +223,6 @@ class NpzSource(ArraySource):
             self._images = a[..., 0] if self.squeeze else a
         return super().images
 
-    def __len__(self) -> int:
-        return self.shape[0]
-
     def refs(self) -> list[SampleRef]:
         lab = self.labels if self.labels is not None else np.full(self.shape[0], -1)
         return [SampleRef(i, f"{self.prefix}-{i:06d}", int(lab[i])) for i in range(self.shape[0])]
