@@ -54,6 +54,7 @@ VARIANTS = {
     "one_worker": ["pretrain.num_workers=1", "pretrain.cpus_per_worker=2", "pretrain.batch_size_per_worker=64"],
     "no_global_bn": ["pretrain.sync_bn=false"],
     "no_monitor": ["pretrain.monitor.enabled=false"],
+    "augment_on_device": ["pretrain.views.augment_on=device"],
 }
 
 

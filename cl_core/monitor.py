@@ -5,6 +5,11 @@ Nothing is held between calls but the shard addresses: each call decodes at most
 ``max_bank`` training and ``max_val`` val samples in shard order, in batches of
 ``batch_size`` through the encoder on ``device``, and keeps only their features (N x D
 floats), so the memory it takes does not grow with the data set.
+
+Under a process group every rank calls the monitor: rank ``r`` of ``W`` decodes and
+encodes the samples at positions ``r, r + W, ...`` only (the others' bytes are read and
+skipped), and one all_gather puts the features back in shard order on every rank, so the
+result is the single-process one in a ``W``-th of the time.
 """
 
 from __future__ import annotations
@@ -15,8 +20,37 @@ from typing import Any
 import torch
 from torch import nn
 
-from cl_core.data.reader import sample_pipeline
+from cl_core import distributed
+from cl_core.data.reader import decode_sample, sample_pipeline
 from cl_core.evaluate import knn_top1, stream_features
+
+
+def _part(samples, limit: int | None, rank: int, world: int):
+    """The decoded samples at positions ``rank, rank + world, ...`` of the first ``limit``."""
+    for i, sample in enumerate(samples):
+        if limit is not None and i >= limit:
+            return
+        if i % world == rank:
+            yield decode_sample(sample)
+
+
+def _interleave(features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's part (rank ``r`` holds positions ``r, r + W, ...``), gathered, in position order."""
+    world = distributed.world_size()
+    dim = features.shape[1] if features.dim() == 2 else 0  # 0: an empty part
+    sizes = distributed.gather_nograd(torch.tensor([[len(labels), dim]], device=features.device)).tolist()
+    counts = [c for c, _ in sizes]
+    n, dim = max(counts), max(d for _, d in sizes)
+    pad_f = torch.zeros(n, dim, device=features.device)
+    pad_f[:len(labels)] = features.reshape(len(labels), dim)
+    pad_y = torch.full((n,), -1.0, device=features.device)
+    pad_y[:len(labels)] = labels.float()
+    both = distributed.gather_nograd(torch.cat([pad_f, pad_y.unsqueeze(1)], 1).unsqueeze(0))  # (W, n, dim + 1)
+    total = sum(counts)
+    # position i is rank i % W's entry i // W
+    order = torch.arange(total)
+    rows = both[order % world, order // world]
+    return rows[:, :dim].contiguous(), rows[:, dim].round().long()
 
 
 class KnnMonitor:
@@ -34,10 +68,18 @@ class KnnMonitor:
 
     def features(self, encoder: nn.Module, urls: Sequence[str], limit: int | None,
                  verify: Mapping[str, Mapping] | None) -> tuple[torch.Tensor, torch.Tensor]:
-        return stream_features(encoder, sample_pipeline(urls, verify=verify), self.transform, limit=limit,
-                               batch_size=self.batch_size, device=self.device)
+        """The features and labels of the first ``limit`` samples of ``urls``, in order
+        (this rank's part, gathered, under a process group)."""
+        world = distributed.world_size()
+        if world == 1:
+            return stream_features(encoder, sample_pipeline(urls, verify=verify), self.transform, limit=limit,
+                                   batch_size=self.batch_size, device=self.device)
+        part = _part(sample_pipeline(urls, verify=verify, decode=None), limit, distributed.rank(), world)
+        f, y = stream_features(encoder, part, self.transform, batch_size=self.batch_size, device=self.device)
+        return _interleave(f.to(self.device), y.to(self.device))
 
     def __call__(self, encoder: nn.Module) -> float:
+        """Val kNN top-1; under a process group, every rank calls it and gets the same value."""
         fb, yb = self.features(encoder, self.bank_urls, self.max_bank, self.bank_verify)
         fv, yv = self.features(encoder, self.val_urls, self.max_val, self.val_verify)
         return knn_top1(fb, yb, fv, yv, k=self.k, temperature=self.temperature)

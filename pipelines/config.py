@@ -182,7 +182,7 @@ class TrainingConfig(Section):
 class MonitorConfig(Section):
     """The val kNN monitor of pretraining and of the sweep's trials (the sweep ranks by it)."""
 
-    enabled: bool = Field(True, description="measure val/knn_top1 after every epoch (rank 0); false: no monitor "
+    enabled: bool = Field(True, description="measure val/knn_top1 after every epoch (every worker encodes its share); false: no monitor "
                           "(the sweep needs it)")
     max_bank: int = Field(10_000, ge=1, description="training images in the kNN bank (the first ones in shard "
                           "order); the features are streamed from the shards, so memory stays flat in the split's size")

@@ -14,6 +14,7 @@ from cl_core.evaluate import extract_features, knn_top1, stream_features
 from cl_core.methods import get_method
 from cl_core.monitor import KnnMonitor
 from pipelines.config import ConfigError, load_config
+from tests.gloo import run_workers
 from tests.test_shards import write_set
 
 
@@ -52,6 +53,27 @@ def test_the_monitor_gives_the_whole_split_result_and_bounds_its_bank(digits_sha
     bounded = knn_top1(extract_features(enc, bx[:100]), by[:100], extract_features(enc, vx[:50]), vy[:50], k=20,
                        temperature=0.07)
     assert small(enc) == bounded
+
+
+def _monitor_worker(rank: int, world: int, urls: dict, max_bank: int, max_val: int):
+    monitor = KnnMonitor(urls["train"], urls["val"], EvalTransform(16), k=20, temperature=0.07, max_bank=max_bank,
+                         max_val=max_val)
+    return monitor(_encoder()), monitor.features(_encoder(), urls["train"], max_bank, None)
+
+
+@pytest.mark.parametrize("max_bank,max_val", [(10_000, 10_000), (100, 2)])
+def test_ranks_share_the_monitor_and_get_the_single_process_result(digits_shards, max_bank, max_val):
+    """3 gloo ranks: each encodes every third sample; gathered in shard order, the bank
+    and the val top-1 are the single process's (uneven parts, a rank with no val sample)."""
+    tf, enc = EvalTransform(16), _encoder()
+    alone = KnnMonitor(digits_shards["train"], digits_shards["val"], tf, k=20, temperature=0.07, max_bank=max_bank,
+                       max_val=max_val)
+    expected = alone(enc)
+    fb, yb = alone.features(enc, alone.bank_urls, max_bank, None)
+    for top1, (f, y) in run_workers(_monitor_worker, 3, digits_shards, max_bank, max_val):
+        assert top1 == pytest.approx(expected, abs=1e-9)
+        assert torch.equal(y, yb)
+        torch.testing.assert_close(f, fb, rtol=1e-4, atol=1e-5)
 
 
 def test_the_sweep_needs_the_monitor():

@@ -198,30 +198,30 @@ def train_worker(config: dict) -> list[dict] | None:
     if rank == 0 and tracked:
         log = tracking.WorkerLog(config["tracking_uri"], config["run_id"], prefix="pretrain")
     record_placement(world, log)  # a collective: every rank
-    if rank == 0:
-        if tracked:
-            bn = ("" if not has_batch_norm(method) else
-                  "; BatchNorm statistics over all workers" if global_bn(p, world) else
-                  "; BatchNorm statistics per worker" if world > 1 else "")
-            print(f"[pretrain] {loop.describe()}{bn}", flush=True)
-        labeled = config["labeled"] and config["val_urls"] and p.monitor.enabled
-        if labeled and text:
-            tok = load_tokenizer(config["shard_dir"], manifest)
-            bank_x, bank_y = load_text_split(urls, tok, max_len)
-            val_x, val_y = load_text_split(config["val_urls"], tok, max_len)
-            bank_x, bank_y = bank_x[:p.monitor.max_bank], bank_y[:p.monitor.max_bank]
-            val_x, val_y = val_x[:p.monitor.max_val], val_y[:p.monitor.max_val]
+    if rank == 0 and tracked:
+        bn = ("" if not has_batch_norm(method) else
+              "; BatchNorm statistics over all workers" if global_bn(p, world) else
+              "; BatchNorm statistics per worker" if world > 1 else "")
+        print(f"[pretrain] {loop.describe()}{bn}", flush=True)
+    labeled = config["labeled"] and config["val_urls"] and p.monitor.enabled
+    if labeled and text and rank == 0:
+        tok = load_tokenizer(config["shard_dir"], manifest)
+        bank_x, bank_y = load_text_split(urls, tok, max_len)
+        val_x, val_y = load_text_split(config["val_urls"], tok, max_len)
+        bank_x, bank_y = bank_x[:p.monitor.max_bank], bank_y[:p.monitor.max_bank]
+        val_x, val_y = val_x[:p.monitor.max_val], val_y[:p.monitor.max_val]
 
-            def evaluate(encoder: torch.nn.Module) -> dict[str, float]:
-                fb = extract_features(encoder, bank_x, device=device)
-                fv = extract_features(encoder, val_x, device=device)
-                return {"val/knn_top1": knn_top1(fb, bank_y, fv, val_y, k=p.knn_k, temperature=p.knn_temperature)}
-        elif labeled:
-            monitor = knn_monitor(p, urls, config["val_urls"], device, config.get("train_verify"),
-                                  config.get("val_verify"))
+        def evaluate(encoder: torch.nn.Module) -> dict[str, float]:
+            fb = extract_features(encoder, bank_x, device=device)
+            fv = extract_features(encoder, val_x, device=device)
+            return {"val/knn_top1": knn_top1(fb, bank_y, fv, val_y, k=p.knn_k, temperature=p.knn_temperature)}
+    elif labeled and not text:
+        # every rank encodes its share of the bank and the val images (cl_core.monitor)
+        monitor = knn_monitor(p, urls, config["val_urls"], device, config.get("train_verify"),
+                              config.get("val_verify"))
 
-            def evaluate(encoder: torch.nn.Module) -> dict[str, float]:
-                return {"val/knn_top1": monitor(encoder)}
+        def evaluate(encoder: torch.nn.Module) -> dict[str, float]:
+            return {"val/knn_top1": monitor(encoder)}
 
     def report(metrics: dict[str, float], state: dict | None) -> None:
         if rank != 0:
