@@ -9,6 +9,33 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from cl_core.shm_group import ShmGroup
+
+_shm: ShmGroup | None = None  # small collectives through /dev/shm (use_shared_memory)
+
+
+def use_shared_memory() -> bool:
+    """Route the small collectives below (at most 1 MiB of CPU tensor: BatchNorm statistics,
+    gathered embeddings, their gradients) through shared memory when every rank of the
+    process group is on this host (:class:`cl_core.shm_group.ShmGroup`); larger ones, and
+    every collective elsewhere, stay on the process group. A collective: call it on every
+    rank. Returns whether it is on."""
+    global _shm
+    release_shared_memory()
+    _shm = ShmGroup.create()
+    return _shm is not None
+
+
+def release_shared_memory() -> None:
+    global _shm
+    if _shm is not None:
+        _shm.close()
+        _shm = None
+
+
+def _shm_for(x: torch.Tensor) -> ShmGroup | None:
+    return _shm if _shm is not None and _shm.fits(x) else None
+
 
 def is_dist() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -33,6 +60,9 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        shm = _shm_for(x)
+        if shm is not None:
+            return tuple(shm.all_gather(x).unbind(0))
         out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
         dist.all_gather(out, x.contiguous())
         return tuple(out)
@@ -40,6 +70,9 @@ class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         g = torch.stack(grads)  # (W, N, D)
+        shm = _shm_for(g)
+        if shm is not None:
+            return shm.all_reduce_sum(g)[dist.get_rank()]
         dist.all_reduce(g, op=dist.ReduceOp.SUM)
         return g[dist.get_rank()]
 
@@ -59,6 +92,9 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     """Mean of ``x`` over ranks, without gradient (for logging)."""
     if world_size() == 1:
         return x.detach()
+    shm = _shm_for(x)
+    if shm is not None:
+        return shm.all_reduce_sum(x) / world_size()
     y = x.detach().clone()
     dist.all_reduce(y, op=dist.ReduceOp.SUM)
     return y / world_size()
@@ -70,6 +106,9 @@ def gather_nograd(x: torch.Tensor) -> torch.Tensor:
     queues and memory banks). Returns ``x.detach()`` without a process group."""
     if world_size() == 1:
         return x.detach()
+    shm = _shm_for(x)
+    if shm is not None:
+        return shm.all_gather(x).flatten(0, 1) if x.dim() else shm.all_gather(x)
     out = [torch.empty_like(x) for _ in range(world_size())]
     dist.all_gather(out, x.detach().contiguous())
     return torch.cat(out, dim=0)
@@ -79,7 +118,11 @@ def all_reduce_sum_(x: torch.Tensor) -> torch.Tensor:
     """In-place sum over ranks, without gradient (e.g. Sinkhorn marginals, DINO's
     center). Returns ``x``; a no-op without a process group."""
     if world_size() > 1:
-        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        shm = _shm_for(x)
+        if shm is not None:
+            x.copy_(shm.all_reduce_sum(x))
+        else:
+            dist.all_reduce(x, op=dist.ReduceOp.SUM)
     return x
 
 

@@ -125,6 +125,8 @@ def test_pretrain_runs_one_worker_on_each_of_two_nodes(two_node_cluster, tmp_pat
     nodes = json.loads(pre.data.tags["clpipe.train.nodes"])
     assert nodes == {node_id: 1 for node_id in cluster_nodes}
     assert json.loads(pre.data.tags["clpipe.train.node_ips"]) == {two_node_cluster.head_node.node_ip_address: 2}
+    # two Ray nodes of one machine share its /dev/shm: the per-step collectives go through it
+    assert pre.data.tags["clpipe.train.small_collectives"] == "shared_memory"
 
     # joined from outside a job, the run gave its workers the locations set here, and no credential
     @ray.remote(num_cpus=0)

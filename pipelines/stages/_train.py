@@ -35,6 +35,7 @@ from ray.train import (
 )
 from ray.train.torch import TorchTrainer
 
+from cl_core import distributed
 from cl_core.augment import EvalTransform, FinetuneTransform
 from cl_core.data import storage
 from cl_core.data.reader import EvalSplit, ShardStream, load_split, training_loader
@@ -231,17 +232,24 @@ def record_placement(world: int, log: tracking.WorkerLog | None) -> None:
     """Where the workers of this Ray Train group run, gathered from every rank (a
     collective: call it on all of them) and, with ``log`` (rank 0 of a tracked run), kept
     as the run's tags ``clpipe.train.nodes`` ({Ray node id: workers}) and
-    ``clpipe.train.node_ips`` ({node IP: workers})."""
+    ``clpipe.train.node_ips`` ({node IP: workers}). On gloo, it also turns on
+    :func:`cl_core.distributed.use_shared_memory` where every worker shares this host's
+    ``/dev/shm`` (tag ``clpipe.train.small_collectives``)."""
     import ray
 
     mine = (ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address())
     every = [mine]
+    shm = False
     if world > 1:
         every = [("", "")] * world
         torch.distributed.all_gather_object(every, mine)
+        # the small per-step collectives through /dev/shm when every worker is on one host
+        shm = distributed.use_shared_memory() if torch.distributed.get_backend() == "gloo" else False
     if log is not None:
         log.tags({"clpipe.train.nodes": json.dumps(dict(Counter(n for n, _ in every)), sort_keys=True),
-                  "clpipe.train.node_ips": json.dumps(dict(Counter(ip for _, ip in every)), sort_keys=True)})
+                  "clpipe.train.node_ips": json.dumps(dict(Counter(ip for _, ip in every)), sort_keys=True),
+                  "clpipe.train.small_collectives": "shared_memory" if shm else
+                  ("process_group" if world > 1 else "none")})
 
 
 def crop_flip(views: CropFlipConfig, image_size: int, n_views: int = 1) -> FinetuneTransform:
