@@ -240,17 +240,21 @@ def scale() -> str:
                 nodes = ", ".join(str(v) for v in x.get("nodes", {}).values())
                 out.append(f"| {label} | {x['seconds']:.1f} | {x['images_per_sec']:,.0f} | {x['mb_per_sec']:.1f} "
                            f"| {vs} | {nodes} |")
-    e = _load("e2e")
-    out.append("")
-    if e is None:
-        out.append("(pretrain against a plain loop: run bench/e2e.py)")
-    else:
+    for name in ("e2e", "e2e_full"):
+        e = _load(name)
+        out.append("")
+        if e is None:
+            out.append(f"(pretrain against a plain loop: run bench/e2e.py{' --samples 60000' if name != 'e2e' else ''})")
+            continue
+        t = e.get("target", {})
         out += [f"The pretrain stage against a plain PyTorch loop, Fashion-MNIST, {e['plain']['train_images']:,} "
-                f"training images x {e['epochs']} epochs, global batch {e['global_batch']} ({e['date']}):", "",
+                f"training images x {e['epochs']} epochs, global batch {e['global_batch']} ({e['date']}, "
+                f"`bench/results/{name}.json`; target: images/s >= {t.get('images_per_sec_vs_plain', 1.0):.1f}x, wall "
+                f"<= {t.get('wall_vs_plain', 1.1):.1f}x):", "",
                 "| side | images/s | vs plain | wall s | vs plain |", "|---|---:|---:|---:|---:|",
                 f"| plain loop | {e['plain']['images_per_sec']:.0f} | 1.00x | {e['plain']['wall_seconds']:.0f} | 1.00x |"]
-        for name, st in e["stage"].items():
-            out.append(f"| stage: {name} | {st['images_per_sec']:.0f} | {st['images_per_sec_vs_plain']:.2f}x "
+        for side, st in e["stage"].items():
+            out.append(f"| stage: {side} | {st['images_per_sec']:.0f} | {st['images_per_sec_vs_plain']:.2f}x "
                        f"| {st['wall_seconds']:.0f} | {st['wall_vs_plain']:.2f}x |")
     return "\n".join(out)
 

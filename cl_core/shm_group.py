@@ -61,7 +61,7 @@ class ShmGroup:
             return None
         rank, world = dist.get_rank(), dist.get_world_size()
         usable = platform.machine().lower() in ("x86_64", "amd64") and SHM_DIR.is_dir()
-        name = [None]
+        name: list[str | None] = [None]
         if rank == 0 and usable:
             path = SHM_DIR / f"clpipe-collectives-{os.getpid()}-{secrets.token_hex(8)}"
             try:
