@@ -236,7 +236,7 @@ def scale() -> str:
                            ("shard_s3", "shard stage, S3 (SeaweedFS)")):
             if key in r:
                 x = r[key]
-                vs = f"{x['vs_tar']:.2f}x" if "vs_tar" in x else ""
+                vs = f"{x['vs_tar']:.2g}x" if "vs_tar" in x else ""
                 nodes = ", ".join(str(v) for v in x.get("nodes", {}).values())
                 out.append(f"| {label} | {x['seconds']:.1f} | {x['images_per_sec']:,.0f} | {x['mb_per_sec']:.1f} "
                            f"| {vs} | {nodes} |")
