@@ -108,7 +108,7 @@ def gather_nograd(x: torch.Tensor) -> torch.Tensor:
         return x.detach()
     shm = _shm_for(x)
     if shm is not None:
-        return shm.all_gather(x).flatten(0, 1) if x.dim() else shm.all_gather(x)
+        return shm.all_gather(x).flatten(0, 1)
     out = [torch.empty_like(x) for _ in range(world_size())]
     dist.all_gather(out, x.detach().contiguous())
     return torch.cat(out, dim=0)

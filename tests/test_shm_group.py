@@ -53,7 +53,7 @@ def test_shared_memory_collectives_give_the_process_groups_results(world):
             assert all(torch.equal(r["out"][kind][i], res[0]["out"][kind][i]) for r in res)
 
 
-def _one_rank_cannot_map(rank: int, world: int, tmp: str) -> bool:
+def _one_rank_cannot_map(rank: int, world: int) -> bool:
     init = shm_group.ShmGroup.__init__
     if rank == 1:
         shm_group.ShmGroup.__init__ = _refuse  # type: ignore[method-assign]
@@ -68,8 +68,8 @@ def _refuse(self, *args, **kwargs):
     raise OSError("no such file (a private /dev/shm)")
 
 
-def test_a_rank_that_cannot_map_the_file_keeps_every_rank_on_the_process_group(tmp_path):
-    assert run_workers(_one_rank_cannot_map, 2, str(tmp_path)) == [False, False]
+def test_a_rank_that_cannot_map_the_file_keeps_every_rank_on_the_process_group():
+    assert run_workers(_one_rank_cannot_map, 2) == [False, False]
 
 
 def _late_rank(rank: int, world: int) -> str:
