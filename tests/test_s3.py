@@ -286,3 +286,37 @@ def test_an_s3_lease_has_one_holder_and_a_dead_holders_lease_is_taken_over(s3, m
     said.clear()
     with leases.lease(root, "pretrain-abc", wait_s=10, say=said.append):
         assert "taking over a lease not renewed" in said[0] and "pid 1 on gone" in said[0]
+
+
+def test_an_s3_folder_shard_reads_ahead_and_keeps_order_and_errors(s3, tmp_path, monkeypatch):
+    """Shards from an ``s3://`` image folder fetch several objects at once
+    (``S3_READS_IN_FLIGHT``) yet come out byte-identical to reading one object at a
+    time; an undecodable object is still counted as corrupt at its place; an object gone
+    after the listing still fails the shard with the one-line read error naming it."""
+    import numpy as np
+
+    from cl_core.data import shards as S
+    from cl_core.data import sources
+    from cl_core.data.sources import encode_png, open_source
+
+    monkeypatch.setattr(sources, "READ_BACKOFF_S", 0.0)
+    rng = np.random.default_rng(1)
+    base = f"s3://{BUCKET}/sources/ahead"
+    for i in range(40):  # more than the read-ahead window, so it refills
+        data = b"not a png" if i == 23 else encode_png(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8))
+        storage.write_bytes(f"{base}/{i:03d}.png", data)
+    src = open_source({"kind": "image_folder", "path": base})
+    refs = src.refs()
+    assert sources.S3_READS_IN_FLIGHT > 1
+    ahead = S.write_shard(src, refs, tmp_path / "ahead.tar")
+    monkeypatch.setattr(sources, "S3_READS_IN_FLIGHT", 1)
+    one = S.write_shard(src, refs, tmp_path / "one.tar")
+    assert ahead["sha256"] == one["sha256"] and ahead["num_samples"] == one["num_samples"] == 39
+    assert [c["id"] for c in ahead["corrupt"]] == [c["id"] for c in one["corrupt"]] == ["023.png"]
+    monkeypatch.setattr(sources, "S3_READS_IN_FLIGHT", 16)
+    storage.client().delete_object(Bucket=BUCKET, Key="sources/ahead/031.png")
+    with pytest.raises(sources.SourceReadError) as e:
+        S.write_shard(src, refs, tmp_path / "gone.tar")
+    msg = str(e.value)
+    assert len(msg.splitlines()) == 1 and f"cannot read {base}/031.png" in msg, msg
+    assert not list(tmp_path.glob("gone.tar")) and not list(tmp_path.glob(".gone.tar.*"))

@@ -122,9 +122,9 @@ def write_shard(source: Source, refs: Sequence[SampleRef], path: str | Path) -> 
         # a fixed integer mtime: plain ustar headers (no pax record per member) and
         # byte-identical shards, hence equal sha256s, for equal inputs
         with wds.TarWriter(tmp, mtime=SHARD_MTIME) as sink:
-            for r in refs:
+            for r, encode in source.encoded(refs):
                 try:
-                    data, ext = source.encode(r)
+                    data, ext = encode()
                 except UndecodableImage as e:  # only a decode failure is a corrupt sample; I/O errors fail the shard
                     corrupt.append({"id": r.id, "error": str(e)[:200]})
                     continue

@@ -13,7 +13,11 @@ import os
 import shutil
 import time
 import zipfile
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
@@ -41,19 +45,32 @@ class SourceReadError(OSError):
 
 READ_ATTEMPTS = 4
 READ_BACKOFF_S = 0.5  # doubled after each failed attempt
+# GETs in flight per shard task for a source under s3:// (one object per image; pyarrow's
+# S3 client, which waits without the GIL): one at a time, a task mostly waited on round trips
+S3_READS_IN_FLIGHT = int(os.environ.get("CLPIPE_S3_READS_IN_FLIGHT", "16"))
+_readers: ThreadPoolExecutor | None = None  # per process, kept across the shard tasks a Ray worker runs
 
 
-def read_source_bytes(path: str) -> bytes:
-    """A source file's bytes. An I/O error (a throttled or broken S3 read, a timeout, a
-    path missing on this node) is retried with exponential backoff, then raised as a
-    :class:`SourceReadError` naming the file."""
+def _reader_pool() -> ThreadPoolExecutor:
+    global _readers
+    if _readers is None:
+        _readers = ThreadPoolExecutor(max(1, S3_READS_IN_FLIGHT), thread_name_prefix="clpipe-source-read")
+    return _readers
+
+
+def read_source_bytes(path: str, read: Callable[[str], bytes] | None = None) -> bytes:
+    """A source file's bytes, by ``read`` (default :func:`storage.read_bytes`). An I/O
+    error (a throttled or broken S3 read, a timeout, a path missing on this node) is
+    retried with exponential backoff, then raised as a :class:`SourceReadError` naming
+    the file."""
+    read = read or storage.read_bytes
     for attempt in range(READ_ATTEMPTS - 1):
         try:
-            return storage.read_bytes(path)
+            return read(path)
         except OSError:
             time.sleep(READ_BACKOFF_S * 2 ** attempt)
     try:
-        return storage.read_bytes(path)
+        return read(path)
     except OSError as e:
         cause = (str(e).splitlines() or [""])[0][:300]
         raise SourceReadError(
@@ -86,6 +103,13 @@ class Source:
         """(image bytes, extension) of one sample; raises :class:`UndecodableImage` for an
         image that does not decode and :class:`SourceReadError` for one that cannot be read."""
         raise NotImplementedError
+
+    def encoded(self, refs: Sequence[SampleRef]) -> Iterator[tuple[SampleRef, Callable[[], tuple[bytes, str]]]]:
+        """``refs`` in order, each with a call that gives what :meth:`encode` gives (and
+        raises what it raises). A source whose reads wait on the network fetches ahead
+        here, several at a time; the default encodes one sample after the other."""
+        for r in refs:
+            yield r, partial(self.encode, r)
 
     def describe(self) -> dict:
         raise NotImplementedError
@@ -364,8 +388,34 @@ class ImageFolderSource(Source):
         return [SampleRef(i, rel, lab) for i, (_, rel, lab) in enumerate(self._files)]
 
     def encode(self, ref: SampleRef) -> tuple[bytes, str]:
+        return self._encode_bytes(ref, read_source_bytes(self._files[ref.index][0]))
+
+    def encoded(self, refs: Sequence[SampleRef]) -> Iterator[tuple[SampleRef, Callable[[], tuple[bytes, str]]]]:
+        """Under ``s3://``, up to :data:`S3_READS_IN_FLIGHT` GETs (:func:`storage.read_object`)
+        run ahead of the sample being encoded, in order, a read's error surfacing at its
+        own sample; a local folder reads one file after the other."""
+        if not storage.is_s3(self.uri) or S3_READS_IN_FLIGHT <= 1:
+            yield from super().encoded(refs)
+            return
+        pool, ahead = _reader_pool(), deque[tuple[SampleRef, Future[bytes]]]()
+        todo = iter(refs)
+        try:
+            while True:
+                while len(ahead) < S3_READS_IN_FLIGHT and (r := next(todo, None)) is not None:
+                    ahead.append((r, pool.submit(read_source_bytes, self._files[r.index][0], storage.read_object)))
+                if not ahead:
+                    return
+                r, fut = ahead.popleft()
+                yield r, partial(self._encode_future, r, fut)
+        finally:  # the consumer stopped early (a failed shard): drop the reads not yet started
+            for _, fut in ahead:
+                fut.cancel()
+
+    def _encode_future(self, ref: SampleRef, fut: Future[bytes]) -> tuple[bytes, str]:
+        return self._encode_bytes(ref, fut.result())
+
+    def _encode_bytes(self, ref: SampleRef, data: bytes) -> tuple[bytes, str]:
         path = self._files[ref.index][0]
-        data = read_source_bytes(path)
         try:
             with Image.open(io.BytesIO(data)) as im:
                 fmt = im.format
