@@ -9,20 +9,21 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from cl_core.shm_group import ShmGroup
+from cl_core.shm_group import SLOT_BYTES, ShmGroup
 
 _shm: ShmGroup | None = None  # small collectives through /dev/shm (use_shared_memory)
 
 
-def use_shared_memory() -> bool:
-    """Route the small collectives below (at most 1 MiB of CPU tensor: BatchNorm statistics,
-    gathered embeddings, their gradients) through shared memory when every rank of the
+def use_shared_memory(slot_bytes: int = SLOT_BYTES) -> bool:
+    """Route the small collectives below (at most ``slot_bytes`` of CPU tensor, 4 MiB by
+    default: BatchNorm statistics, gathered embeddings, their gradients, and with
+    :func:`share_gradient_reduction` DDP's gradient buckets) through shared memory when every rank of the
     process group is on this host (:class:`cl_core.shm_group.ShmGroup`); larger ones, and
     every collective elsewhere, stay on the process group. A collective: call it on every
     rank. Returns whether it is on."""
     global _shm
     release_shared_memory()
-    _shm = ShmGroup.create()
+    _shm = ShmGroup.create(slot_bytes)
     return _shm is not None
 
 
@@ -124,6 +125,37 @@ def all_reduce_sum_(x: torch.Tensor) -> torch.Tensor:
         else:
             dist.all_reduce(x, op=dist.ReduceOp.SUM)
     return x
+
+
+def _ddp_average_hook(process_group, bucket):  # no annotations: DDP compares them with real types
+    """DDP's gradient all-reduce (the bucket divided by the world size, then summed over
+    ranks, as its built-in hook does) through shared memory when it is on and the bucket
+    fits (:func:`use_shared_memory`); otherwise the built-in hook on the process group.
+    ``bucket``: a ``dist.GradBucket``; returns a ``torch.futures.Future`` of its tensor."""
+    grads = bucket.buffer()
+    shm = _shm_for(grads)
+    if shm is None:
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        return default_hooks.allreduce_hook(process_group, bucket)
+    grads.div_(world_size())
+    grads.copy_(shm.all_reduce_sum(grads))
+    done: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+    done.set_result(grads)
+    return done
+
+
+def share_gradient_reduction(model: torch.nn.Module) -> bool:
+    """Let a CPU model's DDP gradient all-reduce go through shared memory whenever
+    :func:`use_shared_memory` is on and a bucket fits, like the small collectives (call
+    it before the first backward; it may come before :func:`use_shared_memory`). A no-op,
+    returning False, for a model that is not DDP or not on the CPU."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not isinstance(model, DistributedDataParallel) or model.device_type != "cpu":
+        return False
+    model.register_comm_hook(None, _ddp_average_hook)
+    return True
 
 
 def broadcast_(x: torch.Tensor, src: int = 0) -> torch.Tensor:

@@ -92,22 +92,42 @@ def test_a_rank_that_never_arrives_is_named():
     assert out[0] == "shared-memory collective 2: rank(s) [1] did not arrive within 0.5 s"
 
 
-def _ddp_grads(rank: int, world: int, shm: bool) -> list[torch.Tensor]:
+def _ddp_grads(rank: int, world: int, shm: bool, hook: bool = False,
+               slot_bytes: int = 4 << 20) -> tuple[list[torch.Tensor], int]:
+    """Gradients of DDP + global BN + SimCLR after one backward, and the number of
+    collectives that went through shared memory."""
     from tests.test_global_bn import _batch, _method, _split
 
     if shm:
-        assert distributed.use_shared_memory()
+        assert distributed.use_shared_memory(slot_bytes)
     try:
         method = convert_global_bn(_method("simclr", gather=True))
         model = torch.nn.parallel.DistributedDataParallel(method, broadcast_buffers=False)
+        if hook:
+            assert distributed.share_gradient_reduction(model)
         model(**{k: _split(v, rank) for k, v in _batch("simclr").items()}).loss.backward()
-        return [p.grad for p in method.parameters()]
+        return [p.grad for p in method.parameters()], (distributed._shm.count if shm else 0)
     finally:
         distributed.release_shared_memory()
 
 
 def test_global_bn_and_the_contrastive_gather_give_the_same_gradients_through_shared_memory():
+    """The small collectives through shared memory, then DDP's gradient buckets too (the
+    comm hook), then buckets larger than the slot (the hook hands them to gloo): the same
+    gradients as gloo alone."""
     ref = run_workers(_ddp_grads, 2, False)
-    for rank_grads, ref_grads in zip(run_workers(_ddp_grads, 2, True), ref, strict=True):
-        for g, want in zip(rank_grads, ref_grads, strict=True):
-            torch.testing.assert_close(g, want, rtol=1e-5, atol=1e-7)
+    counts = {}
+    for case, args in {"collectives": (True,), "and gradients": (True, True),
+                       "gradients over the slot": (True, True, 4096)}.items():
+        out = run_workers(_ddp_grads, 2, *args)
+        counts[case] = out[0][1]
+        for (rank_grads, _), (ref_grads, _) in zip(out, ref, strict=True):
+            for g, want in zip(rank_grads, ref_grads, strict=True):
+                torch.testing.assert_close(g, want, rtol=1e-5, atol=1e-7)
+    # the hook moved DDP's bucket(s) to shared memory; with a 4 KiB slot they stayed on gloo
+    assert counts["and gradients"] > counts["collectives"], counts
+    assert counts["gradients over the slot"] < counts["and gradients"], counts
+
+
+def test_gradient_reduction_is_left_alone_without_ddp():
+    assert not distributed.share_gradient_reduction(torch.nn.Linear(2, 2))

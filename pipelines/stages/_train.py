@@ -330,6 +330,7 @@ class SequentialJobs:
         cfg = loop_config(section, stream.batch_size)
         objective = cfg.settings_for(self.w.device).prepare(objective.to(self.w.device))
         model = train.torch.prepare_model(objective)
+        distributed.share_gradient_reduction(model)  # DDP's gradient buckets through /dev/shm too, where it is on
         # a budget in steps as well as epochs: 1% of the labels may be one batch per epoch
         steps = stream.plan().steps
         epochs = max(section.epochs, -(-getattr(section, "min_steps", 0) // max(1, steps)))

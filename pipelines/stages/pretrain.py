@@ -16,6 +16,7 @@ import mlflow
 import torch
 from ray import train
 
+from cl_core import distributed
 from cl_core.augment import EvalTransform, MultiCropTransform, SimCLRTransform
 from cl_core.augment_device import DeviceViews
 from cl_core.data import storage
@@ -165,6 +166,7 @@ def train_worker(config: dict) -> list[dict] | None:
     # queues, banks and centers are kept equal on every worker by gathered updates; DDP's
     # per-step broadcast of rank 0's buffers would resend a 65,536-key queue (32 MiB) each step
     model = train.torch.prepare_model(method, parallel_strategy_kwargs={"forward_sync_buffers": False})
+    distributed.share_gradient_reduction(model)  # DDP's gradient buckets through /dev/shm too, where it is on
     urls, counts = config["train_urls"], config["train_counts"]
     v = p.views
     text = config["modality"] == "text"
