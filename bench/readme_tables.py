@@ -233,28 +233,36 @@ def scale() -> str:
                 f"against `tar -cf` of the same files ({r['date']}):", "",
                 "| side | seconds | images/s | MB/s | vs tar | shards per node |", "|---|---:|---:|---:|---:|---|"]
         for key, label in (("tar", "tar -cf"), ("shard_folder", "shard stage, local folder"),
-                           ("shard_s3", "shard stage, S3 (SeaweedFS)")):
+                           ("shard_s3", "shard stage, S3 (SeaweedFS), 16 GETs in flight per task"),
+                           ("shard_s3_one_at_a_time", "shard stage, S3, one GET at a time")):
             if key in r:
                 x = r[key]
                 vs = f"{x['vs_tar']:.2g}x" if "vs_tar" in x else ""
                 nodes = ", ".join(str(v) for v in x.get("nodes", {}).values())
                 out.append(f"| {label} | {x['seconds']:.1f} | {x['images_per_sec']:,.0f} | {x['mb_per_sec']:.1f} "
                            f"| {vs} | {nodes} |")
-    for name in ("e2e", "e2e_full"):
+    for name in ("e2e", "e2e_full", "e2e_full_rounds"):
         e = _load(name)
         out.append("")
+        if e is None and name == "e2e_full_rounds":
+            out.pop()
+            continue
         if e is None:
             out.append(f"(pretrain against a plain loop: run bench/e2e.py{' --samples 60000' if name != 'e2e' else ''})")
             continue
         t = e.get("target", {})
         out += [f"The pretrain stage against a plain PyTorch loop, Fashion-MNIST, {e['plain']['train_images']:,} "
-                f"training images x {e['epochs']} epochs, global batch {e['global_batch']} ({e['date']}, "
+                f"training images x {e['epochs']} epochs, global batch {e['global_batch']} ("
+                + (f"medians of {e['repeats']} rounds, each ratio within its round; " if e.get("repeats", 1) > 1
+                   else "") + f"{e['date']}, "
                 f"`bench/results/{name}.json`; target: images/s >= {t.get('images_per_sec_vs_plain', 1.0):.1f}x, wall "
                 f"<= {t.get('wall_vs_plain', 1.1):.1f}x):", "",
                 "| side | images/s | vs plain | wall s | vs plain |", "|---|---:|---:|---:|---:|",
                 f"| plain loop | {e['plain']['images_per_sec']:.0f} | 1.00x | {e['plain']['wall_seconds']:.0f} | 1.00x |"]
         for side, st in e["stage"].items():
-            out.append(f"| stage: {side} | {st['images_per_sec']:.0f} | {st['images_per_sec_vs_plain']:.2f}x "
+            each = st.get("images_per_sec_vs_plain_each")
+            spread = f" ({', '.join(f'{x:.2f}' for x in each)})" if each else ""
+            out.append(f"| stage: {side} | {st['images_per_sec']:.0f} | {st['images_per_sec_vs_plain']:.2f}x{spread} "
                        f"| {st['wall_seconds']:.0f} | {st['wall_vs_plain']:.2f}x |")
     return "\n".join(out)
 
