@@ -10,13 +10,15 @@ disk, with the files in the page cache for both (each side runs once before it i
   file is found here, not in training) and write each image into its tar shard, then the
   manifest with every shard's sha256;
 - ``shard (s3)`` (``--s3``): the same files as objects in a SeaweedFS S3 server on
-  127.0.0.1 (one PUT each, not timed), sharded from ``s3://``.
+  127.0.0.1 (one PUT each, not timed), sharded from ``s3://`` with up to 16 GETs in flight
+  per task (pyarrow's S3 client), then again with one GET at a time
+  (``CLPIPE_S3_READS_IN_FLIGHT=1``: boto3, the reader before the read-ahead), side by side.
 
 Each side's rate is images/s and MB/s of source bytes over its whole wall time (the
 stage's from its MLflow run: start-up of Ray excluded, listing included), and the
 tasks' own window (the stage's ``images_per_sec`` metric).
 
-Run (about 10 minutes on 2 cores with the defaults)::
+Run (about 16 minutes on 2 cores with the defaults)::
 
     .venv/bin/python bench/shard_rate.py                 # 100,000 64 px JPEGs, folder and S3
     .venv/bin/python bench/shard_rate.py --images 5000 --no-s3 --out /tmp/shard_rate.json
@@ -118,7 +120,7 @@ def main() -> None:
         finally:
             if server is not None:
                 server.stop()
-    for k in ("shard_folder", "shard_s3"):
+    for k in ("shard_folder", "shard_s3", "shard_s3_one_at_a_time"):
         if k in res:
             res[k]["vs_tar"] = round(res[k]["images_per_sec"] / res["tar"]["images_per_sec"], 4)
     a.out.parent.mkdir(parents=True, exist_ok=True)
@@ -156,6 +158,22 @@ def _measure(a: argparse.Namespace, tmp: Path, res: dict, server) -> None:
         res["shard_s3"] = {**rates(st["stage_seconds"]), "tasks_images_per_sec": st["images_per_sec"],
                            "tasks_mb_per_sec_written": st["mb_per_sec"], "nodes": st["nodes"]}
         print("shard (s3)", res["shard_s3"], flush=True)
+        # side by side: the same stage reading one object at a time (boto3, as before the
+        # read-ahead), in a fresh Ray whose workers see CLPIPE_S3_READS_IN_FLIGHT=1
+        import ray
+
+        ray.shutdown()
+        os.environ["CLPIPE_S3_READS_IN_FLIGHT"] = "1"
+        try:
+            st = shard_stage(f"s3://{BUCKET}/jpegs", tmp / "work-s3-one")
+        finally:
+            os.environ.pop("CLPIPE_S3_READS_IN_FLIGHT")
+            ray.shutdown()
+        res["shard_s3_one_at_a_time"] = {**rates(st["stage_seconds"]), "tasks_images_per_sec": st["images_per_sec"],
+                                         "tasks_mb_per_sec_written": st["mb_per_sec"], "nodes": st["nodes"]}
+        res["s3_read_ahead_speedup"] = round(res["shard_s3"]["images_per_sec"]
+                                             / res["shard_s3_one_at_a_time"]["images_per_sec"], 3)
+        print("shard (s3, one object at a time)", res["shard_s3_one_at_a_time"], flush=True)
 
 
 if __name__ == "__main__":
