@@ -157,21 +157,23 @@ def main() -> None:
     res: dict = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "samples": a.samples, "epochs": a.epochs,
                  "global_batch": 64, "repeats": a.repeats,
                  "target": {"images_per_sec_vs_plain": 1.0, "wall_vs_plain": 1.1}, "stage": {}}
+    import ray
+
     rounds: list[dict] = []
+    images = None  # the plain loop's images: the stage's training count, drawn once
+    cfg = load_config("fashion_mnist", [f"work_dir={work}"])
     for r in range(a.repeats):  # each round: every variant, then the plain loop right after them
         rnd: dict = {"stage": {}}
         for name in a.variants:
             rnd["stage"][name] = stage(work, a.samples, a.epochs, VARIANTS[name], rerun=r > 0)
             print(r, name, json.dumps({k: v for k, v in rnd["stage"][name].items() if k != "epochs"}), flush=True)
-        import ray
-
         ray.shutdown()  # the plain loop runs without Ray's daemons (they take a few % of the cores even idle)
-        n = rnd["stage"][a.variants[0]]["train_images"]
-        src = IdxSource(FASHION)
-        images = src.images[:src.n_train][np.random.default_rng(0).permutation(src.n_train)[:n]]
-        cfg = load_config("fashion_mnist", [f"work_dir={work}"])
+        if images is None:
+            n = rnd["stage"][a.variants[0]]["train_images"]
+            src = IdxSource(FASHION)
+            images = src.images[:src.n_train][np.random.default_rng(0).permutation(src.n_train)[:n]]
         rnd["plain"] = plain(images, cfg, a.epochs, 64)
-        rnd["plain"]["train_images"] = n
+        rnd["plain"]["train_images"] = len(images)
         print(r, "plain", json.dumps({k: v for k, v in rnd["plain"].items() if k != "epochs"}), flush=True)
         for st in rnd["stage"].values():  # each ratio against the plain loop of the same round
             st["images_per_sec_vs_plain"] = round(st["images_per_sec"] / rnd["plain"]["images_per_sec"], 4)

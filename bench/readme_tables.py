@@ -243,10 +243,9 @@ def scale() -> str:
                            f"| {vs} | {nodes} |")
     for name in ("e2e", "e2e_full", "e2e_full_rounds"):
         e = _load(name)
-        out.append("")
-        if e is None and name == "e2e_full_rounds":
-            out.pop()
+        if e is None and name == "e2e_full_rounds":  # optional: the rounds of bench/e2e.py --repeats
             continue
+        out.append("")
         if e is None:
             out.append(f"(pretrain against a plain loop: run bench/e2e.py{' --samples 60000' if name != 'e2e' else ''})")
             continue

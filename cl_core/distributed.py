@@ -17,8 +17,8 @@ _shm: ShmGroup | None = None  # small collectives through /dev/shm (use_shared_m
 def use_shared_memory(slot_bytes: int = SLOT_BYTES) -> bool:
     """Route the small collectives below (at most ``slot_bytes`` of CPU tensor, 4 MiB by
     default: BatchNorm statistics, gathered embeddings, their gradients, and with
-    :func:`share_gradient_reduction` DDP's gradient buckets) through shared memory when every rank of the
-    process group is on this host (:class:`cl_core.shm_group.ShmGroup`); larger ones, and
+    :func:`share_gradient_reduction` DDP's gradient buckets) through shared memory when
+    every rank of the process group is on this host (:class:`cl_core.shm_group.ShmGroup`); larger ones, and
     every collective elsewhere, stay on the process group. A collective: call it on every
     rank. Returns whether it is on."""
     global _shm

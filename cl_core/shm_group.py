@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 SHM_DIR = Path("/dev/shm")
-SLOT_BYTES = 4 << 20  # the largest tensor sent this way (a small CNN's whole gradient); larger ones take the process group
+SLOT_BYTES = 4 << 20  # the largest tensor sent this way (a small CNN's gradients); larger: the process group
 _LINE = 64  # one cache line per sequence number
 _SPINS = 100  # busy polls (about 1 us each) before sleeping
 _MIN_SLEEP_S, _MAX_SLEEP_S = 2e-5, 1e-3

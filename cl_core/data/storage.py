@@ -72,11 +72,17 @@ def endpoint() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
 
 
+def _env_key() -> tuple:
+    """What a cached S3 client depends on: the endpoint, the credentials (secrets hashed),
+    the region and the process."""
+    return (endpoint(), os.environ.get("AWS_ACCESS_KEY_ID"), hash(os.environ.get("AWS_SECRET_ACCESS_KEY")),
+            hash(os.environ.get("AWS_SESSION_TOKEN")), os.environ.get("AWS_DEFAULT_REGION"), os.getpid())
+
+
 def client() -> Any:
     """A boto3 S3 client for this thread and environment (cached), with bounded
     timeouts and retries."""
-    key = (endpoint(), os.environ.get("AWS_ACCESS_KEY_ID"), hash(os.environ.get("AWS_SECRET_ACCESS_KEY")),
-           hash(os.environ.get("AWS_SESSION_TOKEN")), os.environ.get("AWS_DEFAULT_REGION"), os.getpid())
+    key = _env_key()
     cached = getattr(_local, "clients", None)
     if cached is None:
         cached = _local.clients = {}
@@ -171,6 +177,11 @@ def delete_prefix(uri: str) -> int:
 def pyarrow_fs(uri: str) -> tuple[Any, str]:
     """(pyarrow S3FileSystem for the AWS environment, the path inside it) for an
     ``s3://`` URI: what Ray Train/Tune take as ``storage_filesystem`` and ``storage_path``."""
+    bucket, key = split_s3(uri)
+    return _new_arrow_fs(), f"{bucket}/{key}".rstrip("/")
+
+
+def _new_arrow_fs() -> Any:
     from pyarrow import fs
 
     ep = endpoint()
@@ -183,8 +194,7 @@ def pyarrow_fs(uri: str) -> tuple[Any, str]:
     # the shared credentials file, an instance or pod role) finds and refreshes them; keys passed here
     # would be pickled with the filesystem (Ray Tune stores its run config, filesystem included, in the
     # bucket) and would never refresh
-    bucket, key = split_s3(uri)
-    return fs.S3FileSystem(**kwargs), f"{bucket}/{key}".rstrip("/")
+    return fs.S3FileSystem(**kwargs)
 
 
 def check_bucket(uri: str) -> None:
@@ -205,10 +215,9 @@ def check_bucket(uri: str) -> None:
 
 def _arrow_fs() -> Any:
     """pyarrow's S3 filesystem for this process and AWS environment (cached)."""
-    key = (endpoint(), os.environ.get("AWS_ACCESS_KEY_ID"), hash(os.environ.get("AWS_SECRET_ACCESS_KEY")),
-           hash(os.environ.get("AWS_SESSION_TOKEN")), os.environ.get("AWS_DEFAULT_REGION"), os.getpid())
+    key = _env_key()
     if _arrow.get("key") != key:
-        _arrow.update(key=key, fs=pyarrow_fs("s3://bucket")[0])
+        _arrow.update(key=key, fs=_new_arrow_fs())
     return _arrow["fs"]
 
 
