@@ -10,6 +10,7 @@ Subcommands::
     .venv/bin/python bench/fashion_mnist.py recipe     # the sweep that chose the recipe, and old vs new
     .venv/bin/python bench/fashion_mnist.py ablations  # head: none / linear / 3-layer; temperature
     .venv/bin/python bench/fashion_mnist.py targets    # the 2-core chain: 1% and 10% labels, 3 seeds
+    .venv/bin/python bench/fashion_mnist.py distill-init --work-dir W  # the student's start, side by side
 
 ``recipe`` and ``ablations`` use the quick setting of the first look at the data: 8,000
 training images (20% of them val, 6,400 trained on), 10 epochs at 28 px, global batch
@@ -48,6 +49,11 @@ DIGITS_RECIPE = ["pretrain.views.image_size=28", "pretrain.views.crop_min_scale=
                  "pretrain.views.jitter_strength=0.5", "pretrain.optimizer=lars", "pretrain.lr_base=1.0",
                  "pretrain.weight_decay=1.0e-6", "pretrain.warmup_epochs=2", "pretrain.params.simclr.temperature=0.5",
                  "pretrain.params.simclr.head_layers=3"]
+
+
+# the small student (about 1/4 of the teacher's parameters) from scratch: SimCLRv2's big-to-small T = 1, LARS
+SMALL_STUDENT = ["distill.student_width=16", "distill.temperature=1.0", "distill.init=scratch",
+                 "distill.optimizer=lars", "distill.lr_base=0.5"]
 
 
 def run(work: str, overrides: list[str], until: str, quiet: bool = True, config: str = "fashion_mnist"):
@@ -197,8 +203,7 @@ def targets(work: str, seeds: list[int], config: str = "fashion_mnist", extra: l
         over = [*extra, *([f"finetune.seed={seed}", f"distill.seed={seed}"] if seed else [])]
         load = os.getloadavg()[0]  # > 0.5: something else shared the cores at the start
         res, secs = run(work, over, "evaluate", quiet=False, config=config)
-        small, small_secs = run(work, [*over, "distill.student_width=16",
-                                       "distill.temperature=1.0"], "evaluate", config=config)
+        small, small_secs = run(work, [*over, *SMALL_STUDENT], "evaluate", config=config)
         dist = small.stages["distill"].outputs["models"]
         fr = list(res.stages["distill"].outputs["models"])
         per_seed[str(seed)] = {
@@ -213,6 +218,39 @@ def targets(work: str, seeds: list[int], config: str = "fashion_mnist", extra: l
                        "small_distill": curves(small, "distill", [f"{n}/val/top1" for n in fr])}}
         print(seed, json.dumps({k: v for k, v in per_seed[str(seed)].items() if k != "metrics"}), flush=True)
         write(name, summarize(per_seed), path)
+
+
+def distill_init(work: str, seed: int, inits: list[str]) -> None:
+    """The distill stage of the shipped 2-core config once per ``distill.init``, side by
+    side on one pretrained encoder and one seed's fine-tuned teachers (every upstream stage
+    from the cache): each student's test top-1 against its teacher's, its val curve and the
+    stage's time."""
+    import mlflow
+
+    from pipelines.config import load_config
+
+    client = mlflow.MlflowClient(tracking_uri=load_config("fashion_mnist", [f"work_dir={work}"]).tracking_uri())
+    over = [f"finetune.seed={seed}", f"distill.seed={seed}"] if seed else []
+    path = RESULTS / "fashion_distill_init.json"
+    old = json.loads(path.read_text()) if path.exists() else {}
+    runs = old.get("runs", {}) if old.get("seed") == seed else {}  # earlier variants on the same teachers stay
+    for init in inits:  # INIT or INIT:KEY=VALUE,... (more distill overrides)
+        name, _, extra = init.partition(":")
+        res, secs = run(work, [*over, f"distill.init={name}", *(f"distill.{kv}" for kv in extra.split(",") if kv)],
+                        "evaluate")
+        st = res.stages["distill"]
+        rows = {str(r["label_fraction"]): r for r in res.stages["evaluate"].outputs["rows"]}
+        names = list(st.outputs["models"])
+        runs[init] = {
+            "distill_seconds": st.seconds if not st.cached else
+            client.get_run(st.run_id).data.metrics.get("stage/seconds"),
+            "distill_cached": st.cached, "run_id": st.run_id,
+            "rows": {f: {"labels": r["labels"], "teacher": r["teacher"], "student": r["student"],
+                         "student_minus_teacher": r["student"] - r["teacher"]} for f, r in rows.items()},
+            "val_curves": {n: [round(m.value, 4) for m in sorted(client.get_metric_history(st.run_id, f"{n}/val/top1"),
+                                                                 key=lambda m: m.step)] for n in names}}
+        print(init, json.dumps(runs[init]["rows"]), flush=True)
+        write("distill_init", {"seed": seed, "runs": runs})
 
 
 def summarize(per_seed: dict[str, dict]) -> dict:
@@ -299,7 +337,11 @@ def main() -> None:
     a = sub.add_parser("ablations")
     a.add_argument("--temperatures", type=float, nargs="+", default=[0.2, 0.5, 1.0])
     t = sub.add_parser("targets")
-    for p in (r, a, t):
+    di = sub.add_parser("distill-init", help="the students of each distill.init side by side on one seed's teachers")
+    di.add_argument("--seed", type=int, default=0)
+    di.add_argument("--inits", nargs="+", default=["scratch", "pretrained", "teacher"],
+                    help="INIT, or INIT:KEY=VALUE,... with more distill.* overrides (e.g. pretrained:lr_base=0.1)")
+    for p in (r, a, t, di):
         p.add_argument("--work-dir", help="default: a fresh temporary directory")
     for p in (a, t):
         p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -322,6 +364,8 @@ def main() -> None:
         resummarize(args.path, work, args.config, args.shared_cores)
     elif args.cmd == "recipe":
         recipe(work, args.space, args.trial_epochs, args.samples)
+    elif args.cmd == "distill-init":
+        distill_init(work, args.seed, args.inits)
     elif args.cmd == "ablations":
         ablations(work, args.seeds, args.temperatures)
     else:

@@ -84,7 +84,8 @@ def fashion() -> str:
         n = len(tg["seeds"])
         fast = tg.get("stage_seconds_fastest") or {k: v["seconds"] for k, v in tg["stage_seconds_first_seed"].items()}
         st = ", ".join(f"{k} {v / 60:.1f} min" for k, v in fast.items())
-        out += [f"The 2-core chain (`clpipe run fashion_mnist`): {st}; {sum(fast.values()) / 60:.1f} min in all "
+        cpu = tg.get("machine", {}).get("cpu_model") or "this machine"
+        out += [f"The 2-core chain (`clpipe run fashion_mnist`, {cpu}): {st}; {sum(fast.values()) / 60:.1f} min in all "
                 "(each stage's compute time, the fastest of its runs here: shard, labels and pretrain ran once, "
                 f"finetune, distill and evaluate once per seed"
                 + ("; every one of these runs shared the 2 cores with other work, so the times are upper bounds)."
@@ -113,6 +114,22 @@ def fashion() -> str:
                        f"{_pm(r['student_minus_teacher'], 100, '+.1f')} pt | {_pm(r['small_student'])} | "
                        f"{_pm(r['small_minus_teacher'], 100, '+.1f')} pt |")
         out += ["", f"(`bench/fashion_mnist.py targets`, {tg['date']}.)", ""]
+    di = _load("fashion_distill_init")
+    if di is not None:
+        runs = di["runs"]
+        fr = sorted(next(iter(runs.values()))["rows"], key=float)
+        out += [f"Where the self-distilled student starts (`distill.init`), side by side on seed {di['seed']}'s "
+                "teachers (one pretrained encoder, every upstream stage shared; `bench/fashion_mnist.py "
+                "distill-init`, " + di["date"] + "; a row without overrides trains as the distill section did before, "
+                "LARS at lr 0.5):", "",
+                "| distill.init | " + " | ".join(f"student − teacher, {float(f):g}" for f in fr) + " | distill |",
+                "|---|" + "---:|" * (len(fr) + 1)]
+        for init, r in runs.items():
+            label = init.replace(":", " with distill.").replace(",", ", distill.")
+            out.append(f"| {label} | " + " | ".join(f"{r['rows'][f]['student_minus_teacher'] * 100:+.1f} pt ("
+                                                  f"{r['rows'][f]['student']:.3f})" for f in fr)
+                       + f" | {r['distill_seconds'] / 60:.1f} min |")
+        out.append("")
     ab = _load("fashion_ablations")
     if ab is not None:
         out += [f"SimCLR's ablations in the 8,000-image setting, mean ± std over seeds {ab['seeds']}:", "",

@@ -389,6 +389,10 @@ class DistillConfig(TrainingConfig):
     student_width: int | None = Field(None, ge=1, description="small_cnn only; None: the teacher's")
     temperature: float = Field(0.1, gt=0, description="SimCLRv2: 0.1 self-distillation, 1.0 big-to-small")
     alpha: float = Field(0.0, ge=0, description="weight of cross-entropy on the labeled subset")
+    init: Literal["scratch", "pretrained", "teacher"] = Field(
+        "scratch", description="the student's starting weights: scratch (random, SimCLRv2's distillation), "
+        "pretrained (the pretrain stage's encoder, before fine-tuning) or teacher (the fine-tuned teacher's "
+        "encoder); the last two need the student to have the teacher's architecture (self-distillation)")
     views: CropFlipConfig = CropFlipConfig()
     epochs: int = Field(20, ge=1)
     batch_size_per_worker: int = Field(64, ge=1)

@@ -76,3 +76,34 @@ def test_objective_keeps_the_teacher_frozen_in_eval_mode():
     assert torch.equal(teacher[2].running_mean, before)  # eval mode: BN statistics untouched
     assert "train/labeled_ce" in out.metrics
     assert out.loss.item() == pytest.approx(out.metrics["train/distill_loss"].item() + 0.5 * out.metrics["train/labeled_ce"].item())
+
+
+def test_a_self_distilled_student_can_start_from_the_teachers_or_the_pretrained_encoder():
+    """``distill.init``: the student's backbone is a copy of the start's (its linear layer
+    stays new); a student of another architecture is a one-line error naming the fix."""
+    from cl_core.methods import get_method
+    from cl_core.models import build_classifier, classifier_from_pretrained
+    from pipelines.config import DistillConfig
+    from pipelines.stages.distill import check_init, init_student, student_spec
+    from pipelines.stages.finetune import teacher_spec
+
+    torch.manual_seed(0)
+    method = get_method("simclr")(backbone="small_cnn", backbone_args={"width": 8, "in_channels": 1},
+                                  gather_distributed=False)
+    record = {"method": "simclr", "kwargs": {"backbone": "small_cnn", "backbone_args": {"width": 8, "in_channels": 1}}}
+    t_spec = teacher_spec(record, 10, 1)
+    teacher = classifier_from_pretrained(method, t_spec)
+    for start in (teacher, method):
+        student = build_classifier(student_spec(t_spec, 10, DistillConfig()))
+        fc = student.fc.weight.clone()
+        check_init(DistillConfig(init="teacher"), student, start, "the teacher")
+        init_student(student, start)
+        src = start.backbone if start is teacher else start.encoder()
+        assert all(torch.equal(a, b) for a, b in zip(student.backbone.state_dict().values(),
+                                                     src.state_dict().values(), strict=True))
+        assert torch.equal(student.fc.weight, fc)
+    small = DistillConfig(init="teacher", student_width=4)
+    student = build_classifier(student_spec(t_spec, 10, small))
+    with pytest.raises(ValueError, match=r"distill.init: 'teacher' starts the student from the teacher, whose "
+                       r"architecture differs .* set distill.init=scratch"):
+        check_init(small, student, teacher, "the teacher")

@@ -131,6 +131,11 @@ def test_chain_input_errors_are_one_clear_line(chain, local_ray, tmp_path, capsy
     # a student backbone that does not exist is a config error
     assert main([*args, "--set", "distill.student_backbone=resnet7"]) == 2
     assert "distill.student_backbone: unknown backbone 'resnet7'; known backbones: resnet18, resnet50, small_cnn" in capsys.readouterr().err
+    # a student of another architecture cannot start from the teacher's encoder
+    assert main([*args, "--set", "distill.init=teacher", "--set", "distill.student_width=8"]) == 1
+    err = capsys.readouterr().err
+    assert "stage distill failed" in err and "distill.init: 'teacher' starts the student from" in err
+    assert "set distill.init=scratch" in err and len(err.strip().splitlines()) == 1
     # --only with an upstream stage that never ran
     assert main(["run", "--work-dir", str(tmp_path / "empty"), "--only", "distill"]) == 1
     assert "upstream stage" in capsys.readouterr().err

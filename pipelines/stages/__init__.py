@@ -19,7 +19,7 @@ STAGES = [
               enabled=lambda c: c.sweep.enabled and not c.is_text()),  # image methods only
     StageSpec("pretrain", pretrain, lambda c: c.pretrain, deps=("shard", "sweep")),
     StageSpec("finetune", finetune, lambda c: c.finetune, deps=("shard", "pretrain", "labels")),
-    StageSpec("distill", distill, lambda c: c.distill, deps=("shard", "labels", "finetune")),
+    StageSpec("distill", distill, lambda c: c.distill, deps=("shard", "pretrain", "labels", "finetune")),
     StageSpec("evaluate", evaluate, lambda c: c.evaluate, deps=("shard", "pretrain", "labels", "finetune", "distill")),
     # the registry names derive from the config's name when registry.model_name is unset
     StageSpec("register", register, lambda c: c.registry.model_copy(update={"model_name": c.model_name()}),

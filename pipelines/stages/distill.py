@@ -4,11 +4,15 @@ Per label fraction, on Ray Train workers: a student (the teacher's backbone for
 self-distillation, or a smaller one from the config) trained on every training image,
 labels unused, to match the frozen teacher's softmax at temperature T on the same
 crop-and-flip view; optionally plus ``alpha`` x cross-entropy on the labeled subset.
+The student starts from random weights (``init: scratch``), or for self-distillation
+from the pretrained encoder (``pretrained``) or the fine-tuned teacher's encoder
+(``teacher``), with a new linear layer.
 """
 
 from __future__ import annotations
 
 import mlflow
+import torch
 
 from cl_core.data.reader import ShardStream
 from cl_core.data.shards import read_manifest
@@ -29,11 +33,10 @@ from pipelines.stages._train import (
     fit,
     load_classifier,
 )
+from pipelines.stages.pretrain import load_method
 
 
 def distill_worker(config: dict) -> list[dict] | None:
-    import torch
-
     w = Worker.setup(config["threads"])
     d = DistillConfig.model_validate(config["distill"])
     runner = SequentialJobs(config, w, "distill")
@@ -43,6 +46,8 @@ def distill_worker(config: dict) -> list[dict] | None:
         teacher = load_classifier(job["teacher"])
         torch.manual_seed(config["seed"])
         student = build_classifier(job["spec"])
+        if d.init != "scratch":  # a resumed run loads its checkpoint over this afterwards
+            init_student(student, teacher if d.init == "teacher" else load_method(config["encoder"]))
         stream = ShardStream(config["train_urls"], config["train_counts"], rank=w.rank, world_size=w.world,
                              loader_workers=d.loader_workers, batch_size=d.batch_size_per_worker,
                              shuffle_buffer=d.shuffle_buffer, seed=config["seed"], transform=tf,
@@ -65,6 +70,29 @@ def distill_worker(config: dict) -> list[dict] | None:
     return history if w.rank == 0 else None
 
 
+def _encoder_of(model) -> torch.nn.Module:
+    """The backbone of a classifier, or the encoder of a pretrained method."""
+    return model.backbone if hasattr(model, "fc") else model.encoder()
+
+
+def init_student(student, start) -> None:
+    """Copy the backbone of ``start`` (a classifier, or a pretrained method's encoder)
+    into the student's; the student's linear layer keeps its random initialisation."""
+    student.backbone.load_state_dict(_encoder_of(start).state_dict())
+
+
+def check_init(cfg: DistillConfig, student, start, where: str) -> None:
+    """``distill.init`` other than scratch needs the student's backbone to have exactly the
+    parameters of ``start``'s (the teacher's or the pretrained encoder's)."""
+    want = {k: tuple(v.shape) for k, v in _encoder_of(start).state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in student.backbone.state_dict().items()}
+    if want != have:
+        raise ValueError(f"distill.init: {cfg.init!r} starts the student from {where}, whose architecture differs from "
+                         f"the student's (student_backbone={cfg.student_backbone}, student_width={cfg.student_width}); "
+                         "set distill.init=scratch for a different student, or leave student_backbone and "
+                         "student_width null")
+
+
 def student_spec(t_spec: dict, num_classes: int, cfg: DistillConfig) -> dict:
     """The student's classifier spec: by default the teacher's encoder architecture
     without the head layers (self-distillation); or ``student_backbone`` /
@@ -83,6 +111,7 @@ def student_spec(t_spec: dict, num_classes: int, cfg: DistillConfig) -> dict:
 
 def distill(ctx: StageContext, cfg: DistillConfig, inputs: dict) -> dict:
     shard_set, teachers, subsets = inputs["shard"], inputs["finetune"], inputs["labels"]
+    pretrained = load_method(inputs["pretrain"]) if cfg.init == "pretrained" else None
     num_classes = shard_set["num_classes"]
     manifest = read_manifest(shard_set["shard_dir"])
     train, val = (checked_split(shard_set["shard_dir"], manifest, s) for s in ("train", "val"))
@@ -98,7 +127,11 @@ def distill(ctx: StageContext, cfg: DistillConfig, inputs: dict) -> dict:
             raise ValueError(f"distill: the teacher {record['model_path']} predicts {teacher.num_classes} classes but the "
                              f"shard set {shard_set['shard_dir']} has {num_classes}; fine-tune a teacher on this data")
         spec = student_spec(record["spec"], num_classes, cfg)
-        student_params = num_parameters(build_classifier(spec))
+        student = build_classifier(spec)
+        if cfg.init != "scratch":
+            check_init(cfg, student, teacher if pretrained is None else pretrained,
+                       record["model_path"] if pretrained is None else "the pretrained encoder")
+        student_params = num_parameters(student)
         sub_manifest = read_manifest(sub["shard_dir"])
         labeled = checked_split(sub["shard_dir"], sub_manifest, "train", name=f"labels_{name}")
         labeled_urls, labeled_counts = labeled.urls, labeled.counts
@@ -108,13 +141,14 @@ def distill(ctx: StageContext, cfg: DistillConfig, inputs: dict) -> dict:
                      "teacher_params": num_parameters(teacher), "student_params": student_params})
     j0 = jobs[0]
     console.print(f"distill: {len(jobs)} student(s) on {sum(train_counts)} unlabeled training images, T={cfg.temperature}"
-                  f"{f', alpha={cfg.alpha}' if cfg.alpha else ''}; student {j0['spec']['backbone']} "
+                  f"{f', alpha={cfg.alpha}' if cfg.alpha else ''}; student"
+                  f"{'' if cfg.init == 'scratch' else f' (from the {cfg.init} encoder)'} {j0['spec']['backbone']} "
                   f"({j0['student_params']:,} params) from teacher ({j0['teacher_params']:,} params)")
     worker_config = {
         "distill": cfg.model_dump(mode="json"), "jobs": jobs, "seed": ctx.seed if cfg.seed is None else cfg.seed, "threads": max(1, int(cfg.cpus_per_worker)),
         "train_urls": train_urls, "train_counts": train_counts, "val_urls": val_urls,
         "train_verify": train.verify, "val_verify": val.verify,
-        "image_size": teachers["image_size"], "tracking_uri": ctx.tracking_uri, "run_id": ctx.run_id,
+        "image_size": teachers["image_size"], "encoder": inputs["pretrain"], "tracking_uri": ctx.tracking_uri, "run_id": ctx.run_id,
     }
     result = fit(ctx, distill_worker, worker_config, cfg)
     models = collect_models(result, ctx.output_dir)
