@@ -188,11 +188,7 @@ def targets(work: str, seeds: list[int], config: str = "fashion_mnist", extra: l
     client = mlflow.MlflowClient(tracking_uri=cfg.tracking_uri())
 
     def seconds(stage) -> dict:
-        """A stage's compute time: its own, or for a cache hit the time of the run it reused."""
-        if not stage.cached:
-            return {"seconds": stage.seconds, "cached": False, "run_id": stage.run_id}
-        src = client.get_run(stage.run_id).data.metrics.get("stage/seconds")
-        return {"seconds": src, "cached": True, "computed_in_run": stage.run_id}
+        return stage_seconds(client, stage)
 
     def curves(result, stage: str, names) -> dict:  # val metric per epoch: where training stood when it stopped
         rid = result.stages[stage].run_id
@@ -220,6 +216,14 @@ def targets(work: str, seeds: list[int], config: str = "fashion_mnist", extra: l
         write(name, summarize(per_seed), path)
 
 
+def stage_seconds(client, stage) -> dict:
+    """A stage's compute time: its own, or for a cache hit the time of the run it reused."""
+    if not stage.cached:
+        return {"seconds": stage.seconds, "cached": False, "run_id": stage.run_id}
+    src = client.get_run(stage.run_id).data.metrics.get("stage/seconds")
+    return {"seconds": src, "cached": True, "computed_in_run": stage.run_id}
+
+
 def distill_init(work: str, seed: int, inits: list[str]) -> None:
     """The distill stage of the shipped 2-core config once per ``distill.init``, side by
     side on one pretrained encoder and one seed's fine-tuned teachers (every upstream stage
@@ -242,8 +246,7 @@ def distill_init(work: str, seed: int, inits: list[str]) -> None:
         rows = {str(r["label_fraction"]): r for r in res.stages["evaluate"].outputs["rows"]}
         names = list(st.outputs["models"])
         runs[init] = {
-            "distill_seconds": st.seconds if not st.cached else
-            client.get_run(st.run_id).data.metrics.get("stage/seconds"),
+            "distill_seconds": stage_seconds(client, st)["seconds"],
             "distill_cached": st.cached, "run_id": st.run_id,
             "rows": {f: {"labels": r["labels"], "teacher": r["teacher"], "student": r["student"],
                          "student_minus_teacher": r["student"] - r["teacher"]} for f, r in rows.items()},

@@ -93,12 +93,11 @@ def test_a_self_distilled_student_can_start_from_the_teachers_or_the_pretrained_
     record = {"method": "simclr", "kwargs": {"backbone": "small_cnn", "backbone_args": {"width": 8, "in_channels": 1}}}
     t_spec = teacher_spec(record, 10, 1)
     teacher = classifier_from_pretrained(method, t_spec)
-    for start in (teacher, method):
+    for src in (teacher.backbone, method.encoder()):
         student = build_classifier(student_spec(t_spec, 10, DistillConfig()))
         fc = student.fc.weight.clone()
-        check_init(DistillConfig(init="teacher"), student, start, "the teacher")
-        init_student(student, start)
-        src = start.backbone if start is teacher else start.encoder()
+        check_init(DistillConfig(init="teacher"), student, src, "the teacher")
+        init_student(student, src)
         assert all(torch.equal(a, b) for a, b in zip(student.backbone.state_dict().values(),
                                                      src.state_dict().values(), strict=True))
         assert torch.equal(student.fc.weight, fc)
@@ -106,4 +105,4 @@ def test_a_self_distilled_student_can_start_from_the_teachers_or_the_pretrained_
     student = build_classifier(student_spec(t_spec, 10, small))
     with pytest.raises(ValueError, match=r"distill.init: 'teacher' starts the student from the teacher, whose "
                        r"architecture differs .* set distill.init=scratch"):
-        check_init(small, student, teacher, "the teacher")
+        check_init(small, student, teacher.backbone, "the teacher")

@@ -47,7 +47,7 @@ def distill_worker(config: dict) -> list[dict] | None:
         torch.manual_seed(config["seed"])
         student = build_classifier(job["spec"])
         if d.init != "scratch":  # a resumed run loads its checkpoint over this afterwards
-            init_student(student, teacher if d.init == "teacher" else load_method(config["encoder"]))
+            init_student(student, teacher.backbone if d.init == "teacher" else load_method(config["encoder"]).encoder())
         stream = ShardStream(config["train_urls"], config["train_counts"], rank=w.rank, world_size=w.world,
                              loader_workers=d.loader_workers, batch_size=d.batch_size_per_worker,
                              shuffle_buffer=d.shuffle_buffer, seed=config["seed"], transform=tf,
@@ -70,21 +70,16 @@ def distill_worker(config: dict) -> list[dict] | None:
     return history if w.rank == 0 else None
 
 
-def _encoder_of(model) -> torch.nn.Module:
-    """The backbone of a classifier, or the encoder of a pretrained method."""
-    return model.backbone if hasattr(model, "fc") else model.encoder()
+def init_student(student, encoder: torch.nn.Module) -> None:
+    """Copy ``encoder`` (the teacher's backbone, or the pretrained method's encoder) into
+    the student's backbone; the student's linear layer keeps its random initialisation."""
+    student.backbone.load_state_dict(encoder.state_dict())
 
 
-def init_student(student, start) -> None:
-    """Copy the backbone of ``start`` (a classifier, or a pretrained method's encoder)
-    into the student's; the student's linear layer keeps its random initialisation."""
-    student.backbone.load_state_dict(_encoder_of(start).state_dict())
-
-
-def check_init(cfg: DistillConfig, student, start, where: str) -> None:
+def check_init(cfg: DistillConfig, student, encoder: torch.nn.Module, where: str) -> None:
     """``distill.init`` other than scratch needs the student's backbone to have exactly the
     parameters of ``start``'s (the teacher's or the pretrained encoder's)."""
-    want = {k: tuple(v.shape) for k, v in _encoder_of(start).state_dict().items()}
+    want = {k: tuple(v.shape) for k, v in encoder.state_dict().items()}
     have = {k: tuple(v.shape) for k, v in student.backbone.state_dict().items()}
     if want != have:
         raise ValueError(f"distill.init: {cfg.init!r} starts the student from {where}, whose architecture differs from "
@@ -129,7 +124,7 @@ def distill(ctx: StageContext, cfg: DistillConfig, inputs: dict) -> dict:
         spec = student_spec(record["spec"], num_classes, cfg)
         student = build_classifier(spec)
         if cfg.init != "scratch":
-            check_init(cfg, student, teacher if pretrained is None else pretrained,
+            check_init(cfg, student, teacher.backbone if pretrained is None else pretrained.encoder(),
                        record["model_path"] if pretrained is None else "the pretrained encoder")
         student_params = num_parameters(student)
         sub_manifest = read_manifest(sub["shard_dir"])
