@@ -1,6 +1,6 @@
 """Put the recorded results into the docs: every figure between a page's
 ``<!-- bench:NAME -->`` and ``<!-- /bench:NAME -->`` markers is generated here, from
-bench/results/*.json (digits_default, fashion_recipe, fashion_targets,
+bench/results/*.json (digits_default, digits_finetune, fashion_recipe, fashion_targets,
 fashion_ablations, methods, scale, shard_rate, e2e) or from the code (each method's defaults and the comments that
 give their source); nothing there is typed by hand. The pages: README.md,
 bench/README.md, docs/methods.md.
@@ -56,6 +56,25 @@ def digits() -> str:
                  f"{m['test/random_init/linear_top1']:.3f} | | | |")
     lines.append("")
     lines.append(f"(`bench/digits_default.py`, {d['date']}; one test image is {100 / n_test:.2f} points.)")
+    return "\n".join(lines)
+
+
+def digits_finetune() -> str:
+    d = _load("digits_finetune")
+    if d is None:
+        return "(run bench/digits_finetune.py)"
+    seeds = [r["seed"] for r in next(iter(d["runs"].values()))]
+    lines = [f"The teacher against a linear probe of its own encoder on the same 126 labels, test top-1 on "
+             f"269 images, seeds {', '.join(map(str, seeds))}, each seed's encoder shared by every row "
+             f"({' '.join(f'`{o}`' for o in d['budget'])}):", "",
+             "| fine-tuning | teacher (mean) | teacher - probe, per seed (points) | mean | smallest |",
+             "|---|---:|---|---:|---:|"]
+    for name, s in d["summary"].items():
+        each = ", ".join(f"{100 * r['teacher_minus_probe']:+.1f}" for r in d["runs"][name])
+        lines.append(f"| {name} | {s['mean_teacher']:.3f} | {each} | {100 * s['mean_teacher_minus_probe']:+.1f} | "
+                     f"{100 * s['min_teacher_minus_probe']:+.1f} |")
+    lines.append("")
+    lines.append(f"(`bench/digits_finetune.py`, {d['date']}, {d['machine']['cpu_model']}.)")
     return "\n".join(lines)
 
 
@@ -283,8 +302,8 @@ def scale() -> str:
     return "\n".join(out)
 
 
-BLOCKS = {"scale": scale, "digits": digits, "fashion": fashion, "method_defaults": method_defaults, "methods": methods}
-PAGES = {"README.md": ("digits", "fashion"), "bench/README.md": ("methods", "scale"),
+BLOCKS = {"scale": scale, "digits": digits, "digits_finetune": digits_finetune, "fashion": fashion, "method_defaults": method_defaults, "methods": methods}
+PAGES = {"README.md": ("digits", "digits_finetune", "fashion"), "bench/README.md": ("methods", "scale"),
          "docs/methods.md": ("method_defaults", "methods")}
 
 

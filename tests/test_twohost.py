@@ -269,6 +269,6 @@ def _moco_run(runs: dict, outputs: dict) -> None:
     q, k = dict(method.backbone.named_parameters()), dict(method.key_backbone.named_parameters())
     assert any(not torch.equal(q[n], k[n]) for n in q)
     fin = runs["finetune"]
-    assert fin["params"]["finetune_from_head_layer"] == "None"  # resolved to 0: MoCo has no SimCLR head
+    assert fin["params"]["finetune_from_head_layer"] == "0"  # the encoder alone (default.yaml; MoCo has no SimCLR head)
     assert 0 <= fin["metrics"]["teacher_10pct/selected_val_top1"] <= 1
     assert "teacher_10pct/train/supcon" in fin["metrics"]
