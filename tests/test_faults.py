@@ -221,13 +221,19 @@ def test_worker_and_driver_deaths_resume_exactly(chain, local_ray, tmp_path, cap
     # trained itself)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS", "AWS_"))}
     log_path = tmp_path / "second.log"
+    # the failed run's surviving rank may have registered a checkpoint past the one the kill was
+    # seen at: the rerun must be killed at one it wrote itself, after it resumed
+    left = _registered_position(work, "distill", reference["distill"])
+    after = max(_step(second_seen), _step(left) if left is not None else 0)
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "pipelines", *args, "--set", f"ray.address={local_ray}"],
                                 stdout=log, stderr=subprocess.STDOUT, env={**env, "PYTHONUNBUFFERED": "1"},
                                 start_new_session=True, cwd=ROOT)
         try:
+            wait_until(lambda: "[distill] student_1pct: resumed from checkpoint" in log_path.read_text()
+                       or proc.poll() is not None, 400, "the rerun to resume distill")
             _wait_for_checkpoint(work, "distill", "student_1pct: epoch 2, batch", lambda: proc.poll() is None,
-                                 _step(second_seen), reference["distill"])
+                                 after, reference["distill"])
         finally:
             os.killpg(proc.pid, signal.SIGKILL)  # the driver only: the cluster's processes are not in its session
             proc.wait()
