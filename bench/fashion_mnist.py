@@ -179,9 +179,12 @@ def targets(work: str, seeds: list[int], config: str = "fashion_mnist", extra: l
     dump = cfg.model_dump(mode="json")
     for section in ("finetune", "distill"):
         dump[section].pop("seed")
-    fingerprint = {k: v for k, v in dump.items() if k not in ("work_dir", "name")}
+    # what the results depend on: not where runs are stored and tracked, nor how Ray is reached
+    untracked = ("work_dir", "name", "mlflow", "ray")
+    fingerprint = {k: v for k, v in dump.items() if k not in untracked}
     per_seed: dict[str, dict] = json.loads(path.read_text())["per_seed"] if path.exists() else {}
-    stale = [s for s, r in per_seed.items() if r.get("config") != fingerprint]
+    stale = [s for s, r in per_seed.items()
+             if {k: v for k, v in r.get("config", {}).items() if k not in untracked} != fingerprint]
     if stale:
         print(f"{path}: dropping seeds {stale}: measured with another configuration", flush=True)
         per_seed = {s: r for s, r in per_seed.items() if s not in stale}
@@ -206,6 +209,8 @@ def targets(work: str, seeds: list[int], config: str = "fashion_mnist", extra: l
             "config": fingerprint, "load_average_at_start": load, "seconds": secs, "stages": {k: seconds(v) for k, v in res.stages.items()},
             "rows": res.stages["evaluate"].outputs["rows"], "metrics": res.stages["evaluate"].outputs["metrics"],
             "small_rows": small.stages["evaluate"].outputs["rows"], "small_seconds": small_secs,
+            # its distill and evaluate compute time (from the runs that computed them, when cached)
+            "small_stages": {k: seconds(small.stages[k]) for k in ("distill", "evaluate")},
             "small_params": {k: (v.get("params"), v.get("teacher_params")) for k, v in dist.items()},
             "curves": {"pretrain": curves(res, "pretrain", ["val/knn_top1"]),
                        "finetune": curves(res, "finetune", [f"{p}_{n.split('_', 1)[1]}/val/top1" for n in fr

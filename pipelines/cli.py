@@ -42,8 +42,8 @@ def _config(args: argparse.Namespace) -> PipelineConfig:
 
 def run(cfg: PipelineConfig, *, rerun: str | None = None, only: str | None = None, until: str | None = None,
         forward_secrets: bool = False):
-    """Run the stages (shard -> pretrain, labels -> finetune -> distill -> evaluate ->
-    register) and print the summary. Returns the PipelineResult."""
+    """Run the stages (shard -> labels -> sweep -> pretrain -> finetune -> distill ->
+    evaluate -> register) and print the summary. Returns the PipelineResult."""
     from cl_core.data import storage
     from pipelines import ray_env, tracking
     from pipelines.config import ConfigError
@@ -233,10 +233,11 @@ def _load_stack_env(args: argparse.Namespace) -> None:
     stack.load_env(job_address=args.address if args.command in JOB_COMMANDS else None)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The ``clpipe`` command line (every subcommand and option; parsing imports no torch)."""
     parser = argparse.ArgumentParser(prog="clpipe", description="Contrastive pretraining pipelines on Ray with MLflow.")
     sub = parser.add_subparsers(dest="command")
-    p_run = sub.add_parser("run", help="run the pipeline (shard, pretrain, labels, finetune, distill, evaluate, register)")
+    p_run = sub.add_parser("run", help="run the pipeline (shard, labels, sweep, pretrain, finetune, distill, evaluate, register)")
     _add_config_args(p_run)
     p_run.add_argument("--rerun", metavar="STAGE", help="recompute STAGE and everything downstream of it (ignore the cache)")
     p_run.add_argument("--only", metavar="STAGE", help="compute STAGE alone against the cached outputs of its upstream stages")
@@ -249,9 +250,14 @@ def main(argv: list[str] | None = None) -> int:
     _add_config_args(p_sweep)
     p_cfg = sub.add_parser("config", help="validate a config and print it resolved")
     _add_config_args(p_cfg)
-    sub.add_parser("methods", help="list the known methods with their hyperparameters and defaults")
+    sub.add_parser("methods", help="list the known methods with their hyperparameters, defaults and default sweep space")
     _add_stack_commands(sub)
     _add_job_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         args = parser.parse_args(["run", *(argv or [])])
@@ -276,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
             for name in known_methods():
                 cls = get_method(name)
                 hp = ", ".join(f"{k}={v!r}" for k, v in method_params(name).items())
-                print(f"{name:<13} {cls.view_kind:<10} {hp}")
+                swept = "; ".join(f"{k} {v}" for k, v in cls.sweep_space.items())
+                print(f"{name:<13} {cls.view_kind:<10} {hp}\n{'':<24} sweep.space by default: {swept}")
             return 0
         if args.command == "sweep":
             args.overrides = [*args.overrides, "sweep.enabled=true"]

@@ -7,6 +7,7 @@ that names the field, and ``--set a.b=v`` overrides go through the same validati
 from __future__ import annotations
 
 import copy
+import difflib
 import inspect
 import os
 from pathlib import Path
@@ -96,10 +97,10 @@ class DataConfig(Section):
 
 
 class ViewsConfig(Section):
-    image_size: int = Field(32, ge=4)
-    crop_min_scale: float = Field(0.08, gt=0, le=1)
-    hflip_prob: float = Field(0.5, ge=0, le=1)
-    jitter_strength: float = Field(1.0, ge=0)
+    image_size: int = Field(16, ge=4)
+    crop_min_scale: float = Field(0.3, gt=0, le=1)
+    hflip_prob: float = Field(0.0, ge=0, le=1)
+    jitter_strength: float = Field(0.5, ge=0)
     jitter_prob: float = Field(0.8, ge=0, le=1)
     grayscale_prob: float = Field(0.2, ge=0, le=1)
     blur_prob: float = Field(0.0, ge=0, le=1, description="SimCLR: 0.5 on ImageNet, off for small images")
@@ -202,9 +203,16 @@ class PretrainConfig(TrainingConfig):
         "(on for SimCLR, SupCon, BYOL, SimSiam, SwAV, DINO, Barlow Twins, VICReg, MoCo v3; off for MoCo v1/v2, which "
         "shuffle BN instead, InstDisc, CMC, CPC, SimCSE)")
     params: dict[str, dict[str, Any]] = Field(
-        default_factory=dict,
+        default_factory=lambda: {"simclr": {"temperature": 0.5, "head_layers": 3, "proj_dim": 64}},
         description="hyperparameters per method: params.<method>.<name>; only the selected method's are used",
     )
+    epochs: int = Field(25, ge=1)
+    batch_size_per_worker: int = Field(32, ge=1)
+    optimizer: Literal["sgd", "adamw", "lars"] = "sgd"
+    lr_base: float = Field(1.0, gt=0, description="per 256 images")
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_epochs: float = Field(2.0, ge=0)
+    shuffle_buffer: int = Field(500, ge=0)
     views: ViewsConfig = ViewsConfig()
     knn_k: int = Field(20, ge=1)
     knn_temperature: float = Field(0.07, gt=0)
@@ -287,10 +295,11 @@ class SweepConfig(Section):
     ``workers_per_trial`` workers) scored by val kNN top-1 every epoch, successive halving stops poor
     trials early, and the best values feed the pretrain stage."""
 
-    enabled: bool = False
-    space: dict[str, dict[str, Any]] = Field(
-        default_factory=dict,
-        description="NAME: {grid: [..]} | {choice: [..]} | {uniform: [lo, hi]} | {loguniform: [lo, hi]}; NAME is a "
+    enabled: bool = True
+    space: dict[str, dict[str, Any]] | None = Field(
+        None,
+        description="None: the method's own space (`clpipe methods` lists each one's); else "
+                    "NAME: {grid: [..]} | {choice: [..]} | {uniform: [lo, hi]} | {loguniform: [lo, hi]}; NAME is a "
                     "hyperparameter of the method (temperature, momentum, head_layers, ...), a training field "
                     "(lr_base, weight_decay, batch_size_per_worker, optimizer, warmup_epochs) or a view field "
                     "(crop_min_scale, jitter_strength, hflip_prob)")
@@ -307,8 +316,8 @@ class SweepConfig(Section):
 
     @field_validator("space")
     @classmethod
-    def _space(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        for name, dom in v.items():
+    def _space(cls, v: dict[str, dict[str, Any]] | None) -> dict[str, dict[str, Any]] | None:
+        for name, dom in (v or {}).items():
             if not isinstance(dom, dict) or len(dom) != 1 or next(iter(dom)) not in DOMAINS:
                 raise ValueError(f"space.{name}: expected one of {{grid: [...]}}, {{choice: [...]}}, "
                                  f"{{uniform: [lo, hi]}}, {{loguniform: [lo, hi]}}, got {dom!r}")
@@ -324,7 +333,12 @@ class SweepConfig(Section):
 
     def candidates(self, name: str) -> list[Any]:
         """The values of ``name`` worth validating: every grid/choice value, the range bounds."""
-        return list(next(iter(self.space[name].values())))
+        return list(next(iter((self.space or {})[name].values())))
+
+
+def method_sweep_space(method: str) -> dict[str, dict[str, list[Any]]]:
+    """The sweep space of ``method`` when the config names none: its ``sweep_space`` grids."""
+    return {name: {"grid": list(values)} for name, values in get_method(method).sweep_space.items()}
 
 
 class SweepStageConfig(Section):
@@ -335,7 +349,7 @@ class SweepStageConfig(Section):
 
 
 class LabelsConfig(Section):
-    fractions: list[float] = Field([0.01, 0.1], min_length=1,
+    fractions: list[float] = Field([0.1], min_length=1,
                                    description="label fractions of the training split (SimCLRv2: 1% and 10%)")
 
     @field_validator("fractions")
@@ -352,13 +366,13 @@ class LabelsConfig(Section):
 class CropFlipConfig(Section):
     """Views for fine-tuning and distillation: random resized crop and flip only."""
 
-    crop_min_scale: float = Field(0.08, gt=0, le=1)
-    hflip_prob: float = Field(0.5, ge=0, le=1)
+    crop_min_scale: float = Field(0.8, gt=0, le=1)
+    hflip_prob: float = Field(0.0, ge=0, le=1)
 
 
 class FinetuneConfig(TrainingConfig):
     finetune_from_head_layer: int | None = Field(
-        None, ge=0, le=4,
+        0, ge=0, le=4,
         description="projection-head layers kept (SimCLRv2: 1; 0: encoder only); None: 1 for SimCLR's head, else 0")
     num_classes: int | None = Field(None, ge=2, description="None: the data's class count; set it to assert that count")
     objective: Literal["cross_entropy", "supcon"] = Field(
@@ -374,11 +388,14 @@ class FinetuneConfig(TrainingConfig):
     seed: int | None = Field(None, description="this stage's training seed (initialisation, batch order, "
                              "augmentation); null: the pipeline's seed. Repeats over seeds keep the shards, labels "
                              "and encoder")
-    min_steps: int = Field(0, ge=0, description="raise the epochs of a small labeled subset to at least this many steps")
+    min_steps: int = Field(120, ge=0, description="raise the epochs of a small labeled subset to at least this many steps")
     batch_size_per_worker: int = Field(32, ge=1)
-    lr_base: float = Field(0.1, gt=0, description="per 256 images")
+    optimizer: Literal["sgd", "adamw", "lars"] = "sgd"
+    lr_base: float = Field(0.2, gt=0, description="per 256 images")
     weight_decay: float = Field(0.0, ge=0)
     warmup_epochs: float = Field(0.0, ge=0)
+    loader_workers: int = Field(0, ge=0, description="DataLoader worker processes per training worker")
+    shuffle_buffer: int = Field(200, ge=0)
     bn_recalibration_images: int = Field(
         2048, ge=0, description="before each val evaluation, BatchNorm statistics are recomputed on up to this many "
         "of the training images, uncropped (precise BN); 0: the running averages as they are")
@@ -394,8 +411,10 @@ class DistillConfig(TrainingConfig):
         "pretrained (the pretrain stage's encoder, before fine-tuning) or teacher (the fine-tuned teacher's "
         "encoder); the last two need the student to have the teacher's architecture (self-distillation)")
     views: CropFlipConfig = CropFlipConfig()
-    epochs: int = Field(20, ge=1)
-    batch_size_per_worker: int = Field(64, ge=1)
+    epochs: int = Field(10, ge=1)
+    batch_size_per_worker: int = Field(32, ge=1)
+    lr_base: float = Field(1.0, gt=0, description="per 256 images")
+    shuffle_buffer: int = Field(500, ge=0)
     seed: int | None = Field(None, description="this stage's training seed (initialisation, batch order, "
                              "augmentation); null: the pipeline's seed. Repeats over seeds keep the shards, labels "
                              "and encoder")
@@ -437,6 +456,9 @@ class MlflowConfig(Section):
     tracking_uri: str | None = Field(None, description="default: sqlite:///<work_dir>/mlflow.db")
     experiment: str = "clpipe"
     artifact_location: str | None = Field(None, description="default: <work_dir>/mlartifacts")
+    system_metrics_seconds: float = Field(
+        10.0, ge=0, description="MLflow system metrics (CPU, memory, disk, network; GPU with pynvml) on the training "
+        "and evaluate stages' runs, one sample per this many seconds (MLflow's default); 0: off")
 
 
 class RayConfig(Section):
@@ -483,6 +505,24 @@ class PipelineConfig(Section):
                              "object storage set data.output, ray.storage_path and mlflow.artifact_location to "
                              "s3://... and MLFLOW_TRACKING_URI to a tracking server")
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_sweep_space(cls, data: Any) -> Any:
+        """An unset ``sweep.space`` becomes the method's own, so changing the method changes
+        what is swept (SimCLR's temperature, BYOL's target decay, ...)."""
+        if not isinstance(data, dict):
+            return data
+        sweep, pretrain = data.get("sweep"), data.get("pretrain")
+        method = pretrain.get("method", "simclr") if isinstance(pretrain, dict) else \
+            getattr(pretrain, "method", "simclr")
+        if method not in known_methods():
+            return data  # the method's own one-line error follows
+        if sweep is None or isinstance(sweep, dict) and sweep.get("space") is None:
+            return {**data, "sweep": {**(sweep or {}), "space": method_sweep_space(method)}}
+        if isinstance(sweep, SweepConfig) and sweep.space is None:
+            return {**data, "sweep": sweep.model_copy(update={"space": method_sweep_space(method)})}
+        return data
 
     @model_validator(mode="after")
     def _across_sections(self) -> PipelineConfig:
@@ -634,14 +674,33 @@ def _model_at(loc: tuple) -> Any:
     return model
 
 
-def _format_errors(e: ValidationError, source: str) -> str:
+def _unknown_field(loc: tuple[str, ...], data: dict) -> str:
+    """What to say about a field the config does not have: the method's hyperparameter it
+    is (they live under ``pretrain.params.<method>``), a near spelling, or the known fields."""
+    known = sorted(getattr(_model_at(loc[:-1]), "model_fields", {}))
+    name = loc[-1]
+    pretrain = data.get("pretrain") if isinstance(data.get("pretrain"), dict) else {}
+    method = pretrain.get("method", "simclr")
+    if loc[:-1] == ("pretrain",) and method in known_methods():
+        params = method_params(method)
+        if name in params:
+            return f"unknown field; {name} is a hyperparameter of {method}: set pretrain.params.{method}.{name}"
+        near = difflib.get_close_matches(name, params, n=1, cutoff=0.8)
+        if near and not difflib.get_close_matches(name, known, n=1, cutoff=0.8):
+            return f"unknown field; did you mean pretrain.params.{method}.{near[0]} (a hyperparameter of {method})?"
+    near = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+    if near:
+        return f"unknown field; did you mean {'.'.join((*loc[:-1], near[0]))}?"
+    return f"unknown field; known fields here: {', '.join(known)}"
+
+
+def _format_errors(e: ValidationError, source: str, data: dict | None = None) -> str:
     lines = []
     for err in e.errors():
         loc = tuple(str(p) for p in err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            known = ", ".join(sorted(getattr(_model_at(loc[:-1]), "model_fields", {})))
-            msg = f"unknown field; known fields here: {known}"
+            msg = _unknown_field(loc, data or {})
         elif err["type"] == "literal_error":
             msg = f"{msg}, got {err.get('input')!r}"
         else:
@@ -672,7 +731,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 def apply_override(data: dict, keys: list[str], value: Any) -> None:
     node = data
     for k in keys[:-1]:
-        nxt = node.setdefault(k, {})
+        if node.get(k) is None:  # an unset section (sweep.space: null) takes the first field named in it
+            node[k] = {}
+        nxt = node[k]
         if not isinstance(nxt, dict):
             raise ConfigError(f"--set {'.'.join(keys)}: {k} is not a section")
         node = nxt
@@ -716,7 +777,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     try:
         return PipelineConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_errors(e, source)) from None
+        raise ConfigError(_format_errors(e, source, data)) from None
 
 
 REPLACED_WHOLE = {("sweep", "space")}  # a file's search space replaces the default one instead of adding to it

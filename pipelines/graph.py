@@ -39,6 +39,8 @@ class StageSpec:
     # optional stages (the sweep): when this says False the stage is skipped and its
     # dependents run without its outputs (their cache keys then do not name it)
     enabled: Callable[[PipelineConfig], bool] = lambda cfg: True
+    # MLflow system metrics (CPU, memory, disk, network; GPU with pynvml) while the stage computes
+    system_metrics: bool = False
 
 
 @dataclass
@@ -142,8 +144,12 @@ def run_pipeline(cfg: PipelineConfig, stages: list[StageSpec], *, experiment_id:
         keep = _ancestors(stages, only) | {only}
         selected = [s for s in selected if s.name in keep]
         forced |= {only}
+    source = tracking.source_tags()
+    if cfg.mlflow.system_metrics_seconds:
+        mlflow.set_system_metrics_sampling_interval(cfg.mlflow.system_metrics_seconds)
+        mlflow.set_system_metrics_samples_before_logging(1)
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_name or f"pipeline {cfg.name}",
-                          tags={tracking.TAG_KIND: "pipeline"}) as parent:
+                          tags={tracking.TAG_KIND: "pipeline", **source}) as parent:
         result = PipelineResult(parent.info.run_id)
         tracking.log_params(parent.info.run_id, flatten(cfg.model_dump(mode="json")))
         mlflow.log_dict(cfg.model_dump(mode="json"), "config.json")
@@ -155,7 +161,7 @@ def run_pipeline(cfg: PipelineConfig, stages: list[StageSpec], *, experiment_id:
         for spec in selected:
             must_cache = only is not None and spec.name != only
             res = _run_stage(spec, cfg, experiment_id, parent.info.run_id, keys, result,
-                             force=spec.name in forced, cache_only=must_cache, only=only)
+                             force=spec.name in forced, cache_only=must_cache, only=only, source=source)
             keys[spec.name] = res.key
             result.stages[spec.name] = res
             mlflow.set_tag(f"clpipe.stage.{spec.name}.run_id", res.run_id)
@@ -163,6 +169,10 @@ def run_pipeline(cfg: PipelineConfig, stages: list[StageSpec], *, experiment_id:
         result.seconds = time.perf_counter() - t0
         mlflow.log_metric("pipeline/seconds", result.seconds)
         mlflow.log_text(_chain_markdown(result), "chain.md")
+        evaluated = result.stages.get("evaluate")
+        if evaluated is not None:  # the results on the run a user opens first
+            mlflow.log_metrics(evaluated.outputs["metrics"])
+            mlflow.log_text(evaluated.outputs["table_md"], "results.md")
     return result
 
 
@@ -180,7 +190,7 @@ def _missing_paths(outputs: dict) -> list[str]:
 
 def _run_stage(spec: StageSpec, cfg: PipelineConfig, experiment_id: str, parent_id: str,
                keys: dict[str, str], result: PipelineResult, *, force: bool = False, cache_only: bool = False,
-               only: str | None = None) -> StageResult:
+               only: str | None = None, source: dict[str, str] | None = None) -> StageResult:
     deps = [d for d in spec.deps if d in keys]  # a disabled optional stage is not an input
     upstream_keys = {d: keys[d] for d in deps}
     key = cache_key(spec, cfg, upstream_keys)
@@ -193,13 +203,18 @@ def _run_stage(spec: StageSpec, cfg: PipelineConfig, experiment_id: str, parent_
         tracking.TAG_UPSTREAM: json.dumps(upstream_runs),
         tracking.TAG_UPSTREAM_URIS: json.dumps({d: tracking.artifact_uri(r) for d, r in upstream_runs.items()}),
         "mlflow.parentRunId": parent_id,
+        **(source or {}),
     }
+    shards = inputs.get("shard")
+    dataset = f"{cfg.name}-shards"
     t0 = time.perf_counter()
 
     def reuse(cached: Run, outputs: dict) -> StageResult:
         with mlflow.start_run(experiment_id=experiment_id, run_name=f"{spec.name} (cached)", nested=True,
                               tags={**tags, tracking.TAG_CACHE_HIT: "true",
                                     tracking.TAG_CACHED_FROM: cached.info.run_id}) as run:
+            if shards is not None:
+                tracking.log_shard_input(shards, dataset, spec.name)
             tracking.save_outputs(run.info.run_id, outputs)
         console.print(f"[bold]{spec.name}[/]: cached, reusing run {cached.info.run_id} (key {key[:12]})")
         return StageResult(spec.name, key, cached.info.run_id, outputs, True, time.perf_counter() - t0)
@@ -225,14 +240,17 @@ def _run_stage(spec: StageSpec, cfg: PipelineConfig, experiment_id: str, parent_
             outputs = tracking.load_outputs(cached.info.run_id)
             if not _missing_paths(outputs):
                 return reuse(cached, outputs)
-        return _compute(spec, cfg, experiment_id, parent_id, key, tags, upstream_runs, inputs, force, t0)
+        return _compute(spec, cfg, experiment_id, parent_id, key, tags, upstream_runs, inputs, force, t0, dataset)
 
 
 def _compute(spec: StageSpec, cfg: PipelineConfig, experiment_id: str, parent_id: str, key: str, tags: dict,
-             upstream_runs: dict[str, str], inputs: dict, force: bool, t0: float) -> StageResult:
+             upstream_runs: dict[str, str], inputs: dict, force: bool, t0: float, dataset: str) -> StageResult:
     console.rule(f"stage {spec.name}")
     with mlflow.start_run(experiment_id=experiment_id, run_name=spec.name, nested=True,
-                          tags={**tags, tracking.TAG_CACHE_HIT: "false", "clpipe.forced": str(force).lower()}) as run:
+                          tags={**tags, tracking.TAG_CACHE_HIT: "false", "clpipe.forced": str(force).lower()},
+                          log_system_metrics=spec.system_metrics and cfg.mlflow.system_metrics_seconds > 0) as run:
+        if "shard" in inputs:
+            tracking.log_shard_input(inputs["shard"], dataset, spec.name)
         section = spec.section(cfg)
         tracking.log_params(run.info.run_id, flatten(section.model_dump(mode="json")))
         mlflow.log_dict(section.model_dump(mode="json"), f"{spec.name}_config.json")

@@ -197,3 +197,47 @@ def quiet() -> None:
     """Silence MLflow's per-run 'View run at' lines and emoji banners in the console."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     logging.getLogger("mlflow").setLevel(logging.WARNING)
+
+
+def source_tags() -> dict[str, str]:
+    """The code a run ran: ``clpipe.version`` (the installed package's) and, from a git
+    checkout of the project, ``mlflow.source.git.commit`` (MLflow's own tag for it)."""
+    import importlib.metadata
+    import subprocess
+
+    try:
+        tags = {"clpipe.version": importlib.metadata.version("clpipe")}
+    except importlib.metadata.PackageNotFoundError:  # the source tree on sys.path, not installed
+        tags = {"clpipe.version": "unknown"}
+    root = Path(__file__).resolve().parents[1]
+    if (root / ".git").exists():
+        try:
+            commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                    timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            commit = ""
+        if len(commit) == 40:
+            tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+DATASET_CONTEXT = {"labels": "labels", "sweep": "training", "pretrain": "training", "finetune": "training",
+                   "distill": "training", "evaluate": "evaluation"}
+
+
+def log_shard_input(shards: dict, name: str, stage: str) -> None:
+    """The shard set as the active run's input dataset (MLflow's ``log_input``): its URI
+    as the source and its manifest's sha256 as the digest (MLflow keeps 36 characters of a
+    digest: the first 32 hex digits, 128 bits; the whole sha256 is the
+    ``clpipe.dataset.manifest_sha256`` tag)."""
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    with warnings.catch_warnings():  # a local path "can be interpreted in multiple ways": it is a local path
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(shards["shard_dir"])
+    dataset = MetaDataset(source=source, name=name, digest=shards["manifest_sha256"][:32])
+    mlflow.log_input(dataset, context=DATASET_CONTEXT.get(stage, stage))
+    mlflow.set_tag("clpipe.dataset.manifest_sha256", shards["manifest_sha256"])

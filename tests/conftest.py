@@ -90,7 +90,8 @@ def s3_server(directory: Path, bucket: str) -> Iterator:
 TINY = ["--set", "sweep.enabled=false", "--set", "pretrain.epochs=2", "--set", "pretrain.batch_size_per_worker=32",
         "--set", "finetune.epochs=3", "--set", "distill.epochs=2", "--set", "labels.fractions=[0.01, 0.1]",
         "--set", "finetune.min_steps=0", "--set", "pretrain.checkpoint_every_steps=4", "--set", "pretrain.max_failures=1",
-        "--set", "distill.checkpoint_every_steps=4", "--set", "distill.max_failures=0"]
+        "--set", "distill.checkpoint_every_steps=4", "--set", "distill.max_failures=0",
+        "--set", "mlflow.system_metrics_seconds=1"]
 STAGES = ["shard", "labels", "pretrain", "finetune", "distill", "evaluate", "register"]
 
 

@@ -20,7 +20,9 @@ def test_defaults():
 
 
 @pytest.mark.parametrize("override,message", [
-    ("pretrain.tempreature=0.1", "pretrain.tempreature: unknown field; known fields here: backbone, backbone_width, batch_size_per_worker"),
+    ("pretrain.tempreature=0.1", "pretrain.tempreature: unknown field; did you mean pretrain.params.simclr.temperature (a "
+                                 "hyperparameter of simclr)?"),
+    ("pretrain.colour=1", "pretrain.colour: unknown field; known fields here: backbone, backbone_width, batch_size_per_worker"),
     ("pretrain.method=simclrr", "pretrain.method: unknown method 'simclrr'; known methods: "),
     ("pretrain.params.simclr.temperature=0", "pretrain.params.simclr.temperature: must be a finite number > 0, got 0"),
     ("pretrain.params.simclr.temperature=-0.5", "pretrain.params.simclr.temperature: must be a finite number > 0"),
@@ -105,3 +107,18 @@ def test_shipped_configs_load_by_name_and_a_missing_data_package_names_its_insta
         load_config(overrides=["data.source={kind: idx, path: /nonexistent/fashion-mnist/}"])
     assert "install it: apt-get install -y dataset-fashion-mnist (as root; or make fashion-mnist)" in str(e.value)
     assert len(str(e.value).splitlines()) <= 2
+
+
+def test_one_set_of_defaults_the_models_are_default_yaml():
+    """default.yaml documents the defaults; the config models hold the same ones, so a
+    section built in code (``PretrainConfig()``) is the embedded default's section."""
+    from pipelines.config import DEFAULT_CONFIG, PipelineConfig, flatten
+
+    assert PipelineConfig().model_dump(mode="json") == load_config().model_dump(mode="json")
+    bare = flatten(PipelineConfig().model_dump(mode="json"))
+    for key, value in flatten(yaml.safe_load(DEFAULT_CONFIG.read_text())).items():
+        if key == "sweep.space":  # null: the method's own space, resolved by the model
+            assert value is None
+            continue
+        assert key in bare, f"default.yaml names {key}, which the config does not have"
+        assert bare[key] == value, f"{key}: default.yaml {value!r}, the config model {bare[key]!r}"

@@ -77,9 +77,23 @@ def test_the_chain_logs_lineage_metrics_and_models(chain, monkeypatch):
         assert mv.tags["clpipe.manifest_sha256"] == manifest_sha
         assert float(mv.tags["test_top1"]) >= 0
     stage_of = {"encoder": "pretrain", "teacher": "finetune", "student": "distill"}
+    logged = {stage: outputs(client, children[stage].info.run_id) for stage in stage_of.values()}
+    model_ids = {"encoder": logged["pretrain"]["model_id"], "teacher": logged["finetune"]["models"]["teacher_10pct"]["model_id"],
+                 "student": logged["distill"]["models"]["student_10pct"]["model_id"]}
     for role, stage in stage_of.items():
         mv = client.get_model_version(f"default-{role}", "1")
         assert mv.tags["clpipe.stage_run_id"] == children[stage].info.run_id
+        # registered from the model its training stage logged (logged once), described
+        assert mv.source == f"models:/{model_ids[role]}" and mv.run_id == children[stage].info.run_id
+        model = client.get_logged_model(model_ids[role])
+        assert json.loads(model.tags["mlflow.modelVersions"]) == [{"name": f"default-{role}", "version": 1}]
+        assert model.source_run_id == children[stage].info.run_id
+        linked = {"encoder/val_knn_top1"} if role == "encoder" else {f"{role}_10pct/selected_val_top1"}
+        assert {m.key for m in model.metrics} >= linked, model.metrics
+        assert "test top-1" in mv.description and client.get_registered_model(f"default-{role}").description
+    # each training stage logged every model it trained, and register logged none
+    assert {m.name for m in client.search_logged_models(experiment_ids=[chain.exp_id])} == {
+        "encoder", "teacher_1pct", "baseline_1pct", "teacher_10pct", "baseline_10pct", "student_1pct", "student_10pct"}
     store = f"sqlite:///{chain.work / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)  # MLflow exports it too: gone again after the test
     mlflow.set_tracking_uri(store)  # models:/ URIs resolve through it
@@ -92,6 +106,46 @@ def test_the_chain_logs_lineage_metrics_and_models(chain, monkeypatch):
     assert np.allclose(served.predict(x.numpy()), logits, atol=1e-4)
     assert np.isclose(float(client.get_model_version("default-student", "1").tags["test_top1"]),
                       float(ev.data.metrics["test/10pct/student_top1"]), atol=1e-5)
+    # what serving the model in an environment of its own needs: pinned requirements and the cl_core code
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{model_ids['student']}", dst_path=str(chain.work.parent / "served")))
+    reqs = {line.split("==")[0] for line in (local / "requirements.txt").read_text().split()}
+    assert {"mlflow", "torch", "torchvision", "numpy", "pillow"} <= reqs, reqs
+    assert (local / "code" / "cl_core" / "models" / "saved.py").is_file()
+
+
+def test_the_chain_records_what_mlflow_users_expect(chain):
+    """Source tags, the shard set as every reading stage's input dataset, system metrics on
+    the training stages, and the results on the parent run."""
+    client, parent, children = chain.client, chain.parent, chain.runs
+    root = Path(__file__).resolve().parents[1]
+    for run in (parent, *children.values()):
+        assert run.data.tags["clpipe.version"] not in ("", "unknown"), run.info.run_name
+        if (root / ".git").exists():
+            assert len(run.data.tags["mlflow.source.git.commit"]) == 40, run.info.run_name
+
+    sha = outputs(client, children["shard"].info.run_id)["manifest_sha256"]
+    shard_dir = outputs(client, children["shard"].info.run_id)["shard_dir"]
+    context = {"labels": "labels", "pretrain": "training", "finetune": "training", "distill": "training",
+               "evaluate": "evaluation"}  # (the chain runs no sweep; the sweep stage's run logs it as training)
+    for stage, ctx in context.items():
+        inputs = client.get_run(children[stage].info.run_id).inputs.dataset_inputs
+        assert len(inputs) == 1, (stage, inputs)
+        ds = inputs[0].dataset
+        assert (ds.name, ds.digest) == ("default-shards", sha[:32]), stage
+        assert json.loads(ds.source)["uri"] == shard_dir and ds.source_type == "local"
+        assert {t.key: t.value for t in inputs[0].tags}["mlflow.data.context"] == ctx
+        assert children[stage].data.tags["clpipe.dataset.manifest_sha256"] == sha
+    assert not client.get_run(children["shard"].info.run_id).inputs.dataset_inputs
+
+    for stage in ("pretrain", "finetune", "distill", "evaluate"):  # sampled every second (TINY)
+        system = [k for k in children[stage].data.metrics if k.startswith("system/")]
+        assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(system), stage
+    assert not [k for k in children["shard"].data.metrics if k.startswith("system/")]
+
+    ev = children["evaluate"].data.metrics
+    results = {k: v for k, v in ev.items() if k.startswith("test/")}
+    assert results and all(parent.data.metrics[k] == v for k, v in results.items())
+    assert "results.md" in {a.path for a in client.list_artifacts(parent.info.run_id)}
 
 
 def test_reruns_use_the_cache_and_register_new_candidates(chain, local_ray, capsys):

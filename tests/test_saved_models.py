@@ -156,12 +156,19 @@ def test_the_artifacts_hold_no_pickled_objects_and_loading_unpickles_none(store,
     local = Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(tmp_path)))
     files = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()}
     assert {"MLmodel", "data/weights/state_dict.pt", "data/weights/builder.json"} <= files
-    # no pickled module (pytorch flavor model.pth / pt2, cloudpickled python_model), no code
-    assert not [f for f in files if f.endswith((".pkl", ".pth", ".pt2", ".cloudpickle")) or f.startswith("code/")]
+    # no pickled module (pytorch flavor model.pth / pt2, cloudpickled python_model); the code is the
+    # cl_core package's own source, byte for byte (for an environment built from the requirements alone)
+    assert not [f for f in files if f.endswith((".pkl", ".pth", ".pt2", ".cloudpickle"))]
+    code = {f.removeprefix("code/") for f in files if f.startswith("code/") and "__pycache__" not in f}
+    package = Path(saved.__file__).resolve().parents[1]
+    assert code == {p.relative_to(package.parent).as_posix() for p in package.rglob("*.py")}
+    assert all((local / "code" / f).read_bytes() == (package.parent / f).read_bytes() for f in code)
     meta = Model.load(local / "MLmodel")
     assert set(meta.flavors) == {"python_function"}
     assert meta.flavors["python_function"]["loader_module"] == "cl_core.models.saved"
-    assert "code" not in meta.flavors["python_function"] or meta.flavors["python_function"]["code"] is None
+    assert meta.flavors["python_function"]["code"] == "code"
+    reqs = (local / "requirements.txt").read_text().split()
+    assert {r.split("==")[0] for r in reqs} == {"mlflow", "torch", "torchvision", "numpy", "pillow"}, reqs
     assert json.loads((local / "data/weights/builder.json").read_text())["builder"] == builder
     # the weights file is a plain state_dict: tensors (storages) and an OrderedDict only
     names = _globals(local / "data/weights/state_dict.pt")

@@ -111,6 +111,9 @@ class Method(nn.Module):
     - ``loop_defaults``: the method's own defaults for the loop's general options that
       a config leaves unset (``grad_clip``, ``weight_decay_end``; see
       :class:`cl_core.engine.LoopConfig`), e.g. DINO's gradient clipping.
+    - ``sweep_space``: the hyperparameters a sweep varies when its config names no space
+      (``sweep.space`` unset), each with the grid to try, e.g. SimCLR's temperatures;
+      a name is one of the method's hyperparameters or a training field (``lr_base``).
     - ``global_bn``: whether the authors' code normalises with the batch statistics of
       all workers together (``SyncBatchNorm`` / cross-replica BN) when it trains on
       several; ``pretrain.sync_bn: auto`` follows it (:mod:`cl_core.models.global_bn`).
@@ -127,6 +130,7 @@ class Method(nn.Module):
     needs_index: bool = False
     loop_defaults: ClassVar[dict[str, float]] = {}
     global_bn: ClassVar[bool] = False
+    sweep_space: ClassVar[dict[str, list[Any]]] = {}
     backbone: nn.Module
     feat_dim: int
 

@@ -15,6 +15,8 @@ constructor and has no effect).
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 
 from cl_core.losses.byol import byol_loss
@@ -44,6 +46,8 @@ class BYOL(Method):
     Metrics: ``train/loss``, ``train/cos_sim`` (mean cosine between prediction and
     target over both directions), ``train/tau`` (this step's EMA momentum).
     """
+    # the sweep's default space (sweep.space unset): BYOL's target decay ablation (Table 5b)
+    sweep_space: ClassVar[dict[str, list[Any]]] = {"tau_base": [0.9, 0.99, 0.996]}
 
     global_bn = True  # BYOL appendix: batch statistics over all devices (cross-replica BN)
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from typing import cast
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -112,6 +112,8 @@ class CMC(Method):
         num_negatives: bank entries drawn per anchor (``memory_bank``).
         bank_momentum: m of the bank update ``v <- normalize(m v + (1 - m) z)``.
     """
+    # the sweep's default space (sweep.space unset): around CMC's 0.07
+    sweep_space: ClassVar[dict[str, list[Any]]] = {"temperature": [0.05, 0.07, 0.1]}
 
     view_kind = "single"
     backbone: LabViewEncoder

@@ -32,7 +32,7 @@ and jitter); the data stream's image-level augmentation is applied instead.
 
 from __future__ import annotations
 
-from typing import cast
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +75,8 @@ class CPC(Method):
         patch_norm: ``layer`` (replace the backbone's BatchNorm2d by layer norm) or
             ``batch`` (keep it).
     """
+    # the sweep's default space (sweep.space unset): no temperature or EMA: the learning rate
+    sweep_space: ClassVar[dict[str, list[Any]]] = {"lr_base": [0.05, 0.2, 1.0]}
 
     view_kind = "single"
 

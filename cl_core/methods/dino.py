@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 from torch import nn
 
@@ -60,6 +62,8 @@ class DINO(Method):
             is dropped (DINO's code: the first epoch, 1251 iterations at batch 1024 on
             ImageNet; set it to one epoch of your data).
     """
+    # the sweep's default space (sweep.space unset): DINO's teacher momentum around its 0.996
+    sweep_space: ClassVar[dict[str, list[Any]]] = {"momentum": [0.99, 0.996, 0.999]}
 
     view_kind = "multi_crop"
     # the official training loop (main_dino.py): every student tensor's gradient clipped to

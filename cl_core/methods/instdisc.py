@@ -13,6 +13,8 @@ uniformly from the bank, by noise-contrastive estimation of the non-parametric s
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -59,6 +61,8 @@ class InstDisc(Method):
         bank_momentum: m of the bank update.
         proj_dim: dim of v.
     """
+    # the sweep's default space (sweep.space unset): around InstDisc's 0.07
+    sweep_space: ClassVar[dict[str, list[Any]]] = {"temperature": [0.05, 0.07, 0.1]}
 
     view_kind = "single"
     needs_index = True

@@ -17,6 +17,8 @@ paper found to stabilise training.
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 from torch import nn
 
@@ -67,6 +69,8 @@ class MoCoV3(Method):
             fixed (no gradient, not in the optimizer); ignored for other backbones, which
             have no patch projection.
     """
+    # the sweep's default space (sweep.space unset): MoCo v3's EMA momentum (0.99 default, cosine to 1)
+    sweep_space: ClassVar[dict[str, list[Any]]] = {"momentum": [0.9, 0.99, 0.996]}
 
     global_bn = True  # main_moco.py: convert_sync_batchnorm
 

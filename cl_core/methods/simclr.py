@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 
 from cl_core.losses import NTXentLoss
@@ -28,6 +30,8 @@ class SimCLR(Method):
         head_hidden_dim: hidden width of the head; None keeps the feature width.
         proj_dim: output dim of the head.
     """
+    # the sweep's default space (sweep.space unset): SimCLR's Table 5 range
+    sweep_space: ClassVar[dict[str, list[Any]]] = {"temperature": [0.1, 0.2, 0.5, 1.0]}
 
     global_bn = True  # SimCLR section 2.2 (global BN): cross-replica BN in the TF code
 

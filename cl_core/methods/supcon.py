@@ -11,6 +11,8 @@ trains both in one pass).
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 import torch.nn.functional as F
 
@@ -47,6 +49,8 @@ class SupCon(Method):
         head_hidden_dim: hidden width of the head; None keeps the feature width.
         proj_dim: output dim of the head.
     """
+    # the sweep's default space (sweep.space unset): around SupCon's 0.1
+    sweep_space: ClassVar[dict[str, list[Any]]] = {"temperature": [0.05, 0.1, 0.2]}
 
     uses_labels = True
 

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +55,8 @@ class SwAV(Method):
             once it is full; it holds embeddings of the whole global batch (gathered).
         queue_start_step: the optimizer step from which the queue is written.
     """
+    # the sweep's default space (sweep.space unset): the prototype softmax temperature around SwAV's 0.1
+    sweep_space: ClassVar[dict[str, list[Any]]] = {"temperature": [0.05, 0.1, 0.2]}
 
     view_kind = "multi_crop"
 

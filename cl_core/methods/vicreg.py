@@ -12,6 +12,8 @@ paper's Eq. 6 writes their sum).
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 from torch import nn
 
@@ -42,6 +44,8 @@ class VICReg(Method):
     Metrics: ``train/loss`` and the unweighted terms ``train/invariance`` (MSE),
     ``train/variance`` ((v(Z) + v(Z')) / 2), ``train/covariance`` (c(Z) + c(Z')).
     """
+    # the sweep's default space (sweep.space unset): the invariance weight around VICReg's 25
+    sweep_space: ClassVar[dict[str, list[Any]]] = {"invariance_weight": [10.0, 25.0, 50.0]}
 
     global_bn = True  # main_vicreg.py: convert_sync_batchnorm
 

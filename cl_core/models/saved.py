@@ -125,6 +125,7 @@ def log_model(
     signature: ModelSignature | None = None,
     input_example: np.ndarray | None = None,
     pip_requirements: list[str] | None = None,
+    code_paths: list[str] | None = None,
 ) -> ModelInfo:
     """Log ``module`` to the active MLflow run as ``name`` (and register it as a new version
     of ``registered_model_name`` when given).
@@ -133,7 +134,10 @@ def log_model(
     ``state_dict`` must fit it exactly, which is checked here, so a logged model always
     loads. With ``input_example`` and no ``signature``, the signature is inferred from the
     module's eval-mode output on the example; on CPU, the rebuilt module must give the
-    same output. ``pip_requirements`` default: this torch version.
+    same output. ``pip_requirements`` default: what loading and predicting imports, at the
+    versions installed here (:func:`requirements`); ``code_paths`` default: this ``cl_core``
+    package, copied into the model, so the model loads in an environment made from its
+    requirements alone (``mlflow models predict``, ``mlflow models serve``).
     """
     builder = _json_builder(builder)
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
@@ -149,7 +153,9 @@ def log_model(
                 raise ValueError("builder: the module rebuilt from it computes other outputs than the module given; "
                                  "pass the builder the module was made from")
     if pip_requirements is None:
-        pip_requirements = [f"torch=={torch.__version__.split('+')[0]}"]
+        pip_requirements = requirements()
+    if code_paths is None:
+        code_paths = [str(Path(__file__).resolve().parents[1])]  # the cl_core package
     with tempfile.TemporaryDirectory() as d:
         data = Path(d) / DATA_DIR
         data.mkdir()
@@ -157,10 +163,22 @@ def log_model(
         (data / BUILDER_FILE).write_text(json.dumps({"format": FORMAT, "builder": builder}, indent=2, sort_keys=True))
         info = mlflow.pyfunc.log_model(
             name=name, loader_module=__name__, data_path=str(data), registered_model_name=registered_model_name,
-            signature=signature, input_example=input_example, pip_requirements=pip_requirements,
+            signature=signature, input_example=input_example, pip_requirements=pip_requirements, code_paths=code_paths,
             model_config={"device": None},  # mlflow.pyfunc.load_model(uri, model_config={"device": "cpu"})
             metadata={"format": FORMAT, "builder_kind": builder["kind"]})
     return info
+
+
+def requirements() -> list[str]:
+    """The packages a logged model's loader imports (besides MLflow, which MLflow adds),
+    pinned to the installed versions: torch, torchvision (backbones, preprocessing),
+    numpy and Pillow (torchvision's transforms)."""
+    import importlib.metadata
+
+    out = []
+    for dist in ("torch", "torchvision", "numpy", "pillow"):
+        out.append(f"{dist}=={importlib.metadata.version(dist).split('+')[0]}")
+    return out
 
 
 def _read_builder(data_path: str | Path) -> dict[str, Any]:

@@ -16,11 +16,12 @@ STAGES = [
     StageSpec("labels", labels, lambda c: c.labels, deps=("shard",)),  # before pretrain: bad fractions fail fast
     # optional: Ray Tune over the method's hyperparameters; its best values feed pretrain
     StageSpec("sweep", sweep, lambda c: SweepStageConfig(sweep=c.sweep, pretrain=c.pretrain), deps=("shard",),
-              enabled=lambda c: c.sweep.enabled and not c.is_text()),  # image methods only
-    StageSpec("pretrain", pretrain, lambda c: c.pretrain, deps=("shard", "sweep")),
-    StageSpec("finetune", finetune, lambda c: c.finetune, deps=("shard", "pretrain", "labels")),
-    StageSpec("distill", distill, lambda c: c.distill, deps=("shard", "pretrain", "labels", "finetune")),
-    StageSpec("evaluate", evaluate, lambda c: c.evaluate, deps=("shard", "pretrain", "labels", "finetune", "distill")),
+              enabled=lambda c: c.sweep.enabled and not c.is_text(), system_metrics=True),  # image methods only
+    StageSpec("pretrain", pretrain, lambda c: c.pretrain, deps=("shard", "sweep"), system_metrics=True),
+    StageSpec("finetune", finetune, lambda c: c.finetune, deps=("shard", "pretrain", "labels"), system_metrics=True),
+    StageSpec("distill", distill, lambda c: c.distill, deps=("shard", "pretrain", "labels", "finetune"), system_metrics=True),
+    StageSpec("evaluate", evaluate, lambda c: c.evaluate, deps=("shard", "pretrain", "labels", "finetune", "distill"),
+              system_metrics=True),
     # the registry names derive from the config's name when registry.model_name is unset
     StageSpec("register", register, lambda c: c.registry.model_copy(update={"model_name": c.model_name()}),
               deps=("shard", "pretrain", "labels", "finetune", "distill", "evaluate")),

@@ -461,3 +461,29 @@ def load_classifier(record: dict) -> torch.nn.Module:
     model = build_classifier(rec["spec"])
     model.load_state_dict(rec["state_dict"])
     return model.eval()
+
+
+def input_example(urls: list[str], image_size: int, verify: dict | None = None):
+    """Two preprocessed images (float32, ``(2, C, H, W)``) of the first of ``urls``: a
+    logged model's input example, from which MLflow infers its signature."""
+    import numpy as np
+
+    x, _ = load_split(urls[:1], EvalTransform(image_size), verify, limit=2)
+    return x.numpy().astype(np.float32)
+
+
+def log_classifiers(models: dict[str, dict], example) -> None:
+    """Log every classifier a stage trained as an MLflow model of the stage's run (once:
+    the register stage registers these), with its ``NAME/selected_val_top1`` and
+    ``NAME/selected_epoch`` metrics linked to it; each record gets its ``model_uri`` and
+    ``model_id``."""
+    import mlflow
+
+    from cl_core.models import saved
+
+    for name, rec in models.items():
+        info = saved.log_model(load_classifier(rec), name=name, builder={"kind": "classifier", "spec": rec["spec"]},
+                               input_example=example)
+        mlflow.log_metrics({f"{name}/selected_val_top1": rec["val_top1"], f"{name}/selected_epoch": rec["selected_epoch"]},
+                           model_id=info.model_id)
+        rec.update(model_uri=info.model_uri, model_id=info.model_id)

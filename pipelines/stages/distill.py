@@ -31,7 +31,9 @@ from pipelines.stages._train import (
     crop_flip,
     cycle,
     fit,
+    input_example,
     load_classifier,
+    log_classifiers,
 )
 from pipelines.stages.pretrain import load_method
 
@@ -149,9 +151,8 @@ def distill(ctx: StageContext, cfg: DistillConfig, inputs: dict) -> dict:
     models = collect_models(result, ctx.output_dir)
     for j in jobs:
         models[j["name"]].update(params=j["student_params"], teacher_params=j["teacher_params"], fraction=j["fraction"])
-    mlflow.log_artifacts(str(ctx.output_dir / "models"), "models")
-    mlflow.log_metrics({f"{n}/selected_val_top1": m["val_top1"] for n, m in models.items()}
-                       | {"student_params": j0["student_params"], "teacher_params": j0["teacher_params"]})
+    log_classifiers(models, input_example(val_urls, teachers["image_size"], val.verify))
+    mlflow.log_metrics({"student_params": j0["student_params"], "teacher_params": j0["teacher_params"]})
     for n, m in models.items():
         console.print(f"distill: {n}: val top-1 {m['val_top1']:.4f} at epoch {m['selected_epoch']}")
     return {"models": models, "num_classes": num_classes, "image_size": teachers["image_size"]}

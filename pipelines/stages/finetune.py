@@ -12,8 +12,6 @@ labels with the same budget. Each model keeps the epoch with the best val top-1.
 
 from __future__ import annotations
 
-import mlflow
-
 from cl_core.data.reader import ShardStream
 from cl_core.data.shards import read_manifest
 from cl_core.finetune import SupervisedObjective
@@ -31,6 +29,8 @@ from pipelines.stages._train import (
     collect_models,
     crop_flip,
     fit,
+    input_example,
+    log_classifiers,
 )
 from pipelines.stages.pretrain import load_method
 
@@ -131,9 +131,7 @@ def finetune(ctx: StageContext, cfg: FinetuneConfig, inputs: dict) -> dict:
     }
     result = fit(ctx, finetune_worker, worker_config, cfg)
     models = collect_models(result, ctx.output_dir)
-    mlflow.log_artifacts(str(ctx.output_dir / "models"), "models")
-    mlflow.log_metrics({f"{n}/selected_epoch": m["selected_epoch"] for n, m in models.items()}
-                       | {f"{n}/selected_val_top1": m["val_top1"] for n, m in models.items()})
+    log_classifiers(models, input_example(val_urls, encoder["image_size"], val.verify))
     for n, m in models.items():
         console.print(f"finetune: {n}: val top-1 {m['val_top1']:.4f} at epoch {m['selected_epoch']}")
     return {"models": models, "num_classes": num_classes, "image_size": encoder["image_size"],

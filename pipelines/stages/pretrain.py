@@ -44,6 +44,7 @@ from pipelines.stages._data import checked_split
 from pipelines.stages._train import (
     checkpoint_uri,
     fit,
+    input_example,
     loop_config,
     record_placement,
     report_checkpoint,
@@ -326,6 +327,14 @@ def pretrain(ctx: StageContext, cfg: PretrainConfig, inputs: dict) -> dict:
     encoder = {"checkpoint_dir": ckpt, "model": model, "feat_dim": build_method(model).feat_dim,
                "image_size": cfg.views.image_size, "final_metrics": final, "modality": modality}
     # weights + a JSON builder, loaded with weights_only (cl_core.models.saved.load_model)
-    info = saved.log_model(load_encoder(encoder), name="encoder", builder={"kind": "encoder", "model": model})
-    encoder["model_uri"] = info.model_uri
+    # with two val images as input example (and so a signature) where the encoder reads images
+    urls = checks["val"].urls or train_urls
+    example = input_example(urls, cfg.views.image_size, checks["val"].verify or checks["train"].verify) \
+        if modality == "image" else None
+    info = saved.log_model(load_encoder(encoder), name="encoder", builder={"kind": "encoder", "model": model},
+                           input_example=example)
+    if final:  # the final epoch's metrics, linked to the model (the per-epoch histories stay as they are)
+        mlflow.log_metrics({f"encoder/{k.replace('/', '_')}": float(v) for k, v in final.items()
+                            if isinstance(v, (int, float))}, model_id=info.model_id)
+    encoder.update(model_uri=info.model_uri, model_id=info.model_id)
     return encoder

@@ -1,9 +1,11 @@
 """register: the encoder, the teacher and the student in the MLflow model registry.
 
-Each model is logged by :func:`cl_core.models.saved.log_model` (its ``state_dict`` and
-a JSON recipe of its architecture, so loading it unpickles nothing; signature and input
-example from real test images, preprocessed as at training time) and registered as a
-new version of ``NAME-encoder`` / ``NAME-teacher`` / ``NAME-student``. The version is
+Each model was logged once, by the stage that trained it (pretrain, finetune, distill),
+with :func:`cl_core.models.saved.log_model` (its ``state_dict`` and a JSON recipe of its
+architecture, so loading it unpickles nothing; signature and input example from real val
+images, preprocessed as at training time; pinned requirements and the ``cl_core`` code).
+This stage registers those logged models as a new version of ``NAME-encoder`` /
+``NAME-teacher`` / ``NAME-student``, each model and version with a description. The version is
 tagged with its lineage (pipeline run, stage run, shard manifest sha256, label fraction,
 seed) and its test metrics, gets alias ``candidate``, and takes alias ``champion`` only
 if there is none, or if the champion was trained on the same data (equal shard manifest
@@ -16,13 +18,14 @@ two runs that register at once cannot both read the old champion. Load one with
 
 from __future__ import annotations
 
+import contextlib
+import io
+import sys
+
 import mlflow
-import numpy as np
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from cl_core.augment import EvalTransform
-from cl_core.data.reader import load_split
 from cl_core.data.shards import read_manifest, shard_urls
 from cl_core.data.subsets import fraction_name
 from cl_core.models import saved
@@ -30,10 +33,11 @@ from pipelines import leases
 from pipelines.config import RegisterConfig
 from pipelines.console import console
 from pipelines.graph import StageContext
-from pipelines.stages._train import load_classifier
+from pipelines.stages._train import input_example, load_classifier
 from pipelines.stages.pretrain import load_encoder
 
 METRIC_TAG = "test_top1"
+STAGE_OF = {"encoder": "pretrain", "teacher": "finetune", "student": "distill"}
 SHA_TAG = "clpipe.manifest_sha256"
 
 
@@ -47,6 +51,25 @@ def _champion(client: MlflowClient, name: str) -> tuple[str | None, float | None
     return mv.version, float(value) if value is not None else None, mv.tags.get(SHA_TAG)
 
 
+def _register(client: MlflowClient, model_uri: str, name: str, about: str, description: str) -> str:
+    """A new version of ``name`` (created, described by ``about``, if new) for the logged
+    model ``model_uri``, described by ``description``; MLflow's own "registered" and
+    "created version" prints are left out (the stage prints its line)."""
+    try:
+        client.create_registered_model(name, description=about)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    quiet = io.StringIO()
+    with contextlib.redirect_stderr(quiet):
+        mv = mlflow.register_model(model_uri, name)
+    for line in quiet.getvalue().splitlines():  # anything else MLflow says still shows
+        if not line.startswith(("Successfully registered model", "Created version")):
+            print(line, file=sys.stderr)
+    client.update_model_version(name, mv.version, description=description)
+    return str(mv.version)
+
+
 def register(ctx: StageContext, cfg: RegisterConfig, inputs: dict) -> dict:
     if not cfg.enabled:
         console.print("register: disabled (registry.enabled: false)")
@@ -58,31 +81,43 @@ def register(ctx: StageContext, cfg: RegisterConfig, inputs: dict) -> dict:
     if row is None or "student" not in row or "teacher" not in row:
         raise ValueError(f"register: evaluate run {ctx.upstream_run_ids.get('evaluate')} has no teacher/student results "
                          f"for label fraction {fraction}")
-    manifest = read_manifest(shard_set["shard_dir"])
     image_size = inputs["pretrain"]["image_size"]
-    x, _ = load_split(shard_urls(shard_set["shard_dir"], manifest, "test")[0][:1], EvalTransform(image_size))
-    example = x[:2].numpy().astype(np.float32)
     teacher = inputs["finetune"]["models"][f"teacher_{frac_name}"]
     student = inputs["distill"]["models"][f"student_{frac_name}"]
-    # role: (module, builder that rebuilds its architecture, test top-1, extra metric tags)
+    # role: (the training stage's record, builder that rebuilds its architecture, test top-1, extra metric tags)
     models = {
-        "encoder": (load_encoder(inputs["pretrain"]), {"kind": "encoder", "model": inputs["pretrain"]["model"]},
+        "encoder": (inputs["pretrain"], {"kind": "encoder", "model": inputs["pretrain"]["model"]},
                     row["encoder_linear"], {"test_knn_top1": row["encoder_knn"], "test_linear_top1": row["encoder_linear"]}),
-        "teacher": (load_classifier(teacher), {"kind": "classifier", "spec": teacher["spec"]}, row["teacher"], {}),
-        "student": (load_classifier(student), {"kind": "classifier", "spec": student["spec"]}, row["student"], {}),
+        "teacher": (teacher, {"kind": "classifier", "spec": teacher["spec"]}, row["teacher"], {}),
+        "student": (student, {"kind": "classifier", "spec": student["spec"]}, row["student"], {}),
     }
+    method = inputs["pretrain"]["model"]["method"]
+    about = {"encoder": f"clpipe: the {method} encoder (images -> features) of the pretrain stage",
+             "teacher": f"clpipe: the {method} encoder fine-tuned with a linear layer on a labeled subset (the teacher)",
+             "student": "clpipe: the student distilled from the teacher on the unlabeled images"}
+    about = {k: v + "; one version per pipeline run, alias candidate = the latest, champion = the best test top-1 "
+             "on the same data" for k, v in about.items()}
     stage_runs = {"encoder": ctx.upstream_run_ids["pretrain"], "teacher": ctx.upstream_run_ids["finetune"],
                   "student": ctx.upstream_run_ids["distill"]}
     client = MlflowClient()
     base = ctx.config.model_name()
     versions = {}
-    for role, (model, builder, test_top1, extra) in models.items():
+    example = None
+    for role, (record, builder, test_top1, extra) in models.items():
         name = f"{base}-{role}"
         test_top1 = round(float(test_top1), 6)  # compared with the champion's tag, which holds 6 decimals
-        # the signature comes from the model's eval-mode output on the example
-        info = saved.log_model(model.eval(), name=role, builder=builder, registered_model_name=name,
-                               input_example=example)
-        version = str(info.registered_model_version)
+        model_uri = record.get("model_uri")
+        if model_uri is None:  # a stage run cached from before the training stages logged their models
+            if example is None:
+                manifest = read_manifest(shard_set["shard_dir"])
+                urls = shard_urls(shard_set["shard_dir"], manifest, "val")[0] or \
+                    shard_urls(shard_set["shard_dir"], manifest, "test")[0]
+                example = input_example(urls, image_size)
+            module = load_encoder(record) if role == "encoder" else load_classifier(record)
+            model_uri = saved.log_model(module, name=role, builder=builder, input_example=example).model_uri
+        version = _register(client, model_uri, name, about[role],
+                            f"pipeline {ctx.config.name}, run {ctx.parent_run_id}, seed {ctx.seed}, {fraction:.0%} of "
+                            f"the labels: test top-1 {test_top1:.4f} (logged by {STAGE_OF[role]} run {stage_runs[role]})")
         tags = {
             "clpipe.pipeline_run_id": ctx.parent_run_id, "clpipe.stage_run_id": stage_runs[role],
             "clpipe.register_run_id": ctx.run_id, SHA_TAG: shard_set["manifest_sha256"],

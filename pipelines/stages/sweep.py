@@ -202,7 +202,8 @@ def sweep(ctx: StageContext, cfg: SweepStageConfig, inputs: dict) -> dict:
     train, val = (checked_split(shard_set["shard_dir"], manifest, s) for s in ("train", "val"))
     if not val.urls:
         raise ValueError("sweep: the val split is empty; set data.val_fraction > 0")
-    names = sorted(sw.space)
+    space = sw.space or {}  # the config resolves an unset space to the method's own
+    names = sorted(space)
     workers = sw.workers_per_trial
     gpu = _use_gpu(pre, workers)
     concurrent = _concurrency(sw, gpu)
@@ -231,7 +232,7 @@ def sweep(ctx: StageContext, cfg: SweepStageConfig, inputs: dict) -> dict:
     # rungs in epochs (the loop's own count, which survives a restore) rather than Tune's report count;
     # each rung decided once all of its trials reported (pipelines/halving.py), so a rerun stops the same
     # trials; the scheduler (not Tune's searcher, which would count paused trials as running) limits concurrency
-    total = sw.num_samples * math.prod(len(v["grid"]) for v in sw.space.values() if "grid" in v)
+    total = sw.num_samples * math.prod(len(v["grid"]) for v in space.values() if "grid" in v)
     scheduler = SyncHalving(time_attr="epoch", max_t=sw.epochs,
                             grace_period=min(sw.grace_period, sw.epochs), reduction_factor=sw.reduction_factor,
                             total_trials=total, max_running=concurrent)
@@ -246,13 +247,13 @@ def sweep(ctx: StageContext, cfg: SweepStageConfig, inputs: dict) -> dict:
         tuner = tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, resume_errored=True,
                                    storage_filesystem=storage_fs)
     else:
-        console.print(f"sweep: {pre.method}, {' x '.join(f'{n} {_space_text(sw.space[n])}' for n in names)}, "
+        console.print(f"sweep: {pre.method}, {' x '.join(f'{n} {_space_text(space[n])}' for n in names)}, "
                       f"{sw.num_samples} sample(s), {sw.epochs} epochs per trial, {workers} worker(s) per trial"
                       f"{' with GPUs' if gpu else ''}, {sw.search} search, successive halving, "
                       f"{concurrent or 'as many as the nodes hold'} at a time")
         tuner = tune.Tuner(
             trainable,
-            param_space={n: _domain(sw.space[n]) for n in names},
+            param_space={n: _domain(space[n]) for n in names},
             tune_config=tune.TuneConfig(metric=METRIC, mode="max", scheduler=scheduler, search_alg=search_alg,
                                         num_samples=sw.num_samples,
                                         trial_name_creator=_trial_name(names), trial_dirname_creator=_trial_name(names)),
