@@ -233,6 +233,23 @@ def _load_stack_env(args: argparse.Namespace) -> None:
     stack.load_env(job_address=args.address if args.command in JOB_COMMANDS else None)
 
 
+def _export(args: argparse.Namespace) -> int:
+    import mlflow
+
+    from pipelines.config import load_config
+    from pipelines.export import describe, export
+
+    overrides = [f"work_dir={args.work_dir}"] if args.work_dir else []
+    mlflow.set_tracking_uri(load_config(None, overrides).tracking_uri())
+    try:
+        out = export(args.model, args.output, args.format)
+    except (ValueError, RuntimeError, OSError, mlflow.exceptions.MlflowException) as e:
+        print(f"clpipe: export {args.model}: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 1
+    print(f"clpipe: {args.model} -> {out} ({args.format}, outputs checked); load it with {describe(out, args.format)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``clpipe`` command line (every subcommand and option; parsing imports no torch)."""
     parser = argparse.ArgumentParser(prog="clpipe", description="Contrastive pretraining pipelines on Ray with MLflow.")
@@ -251,6 +268,13 @@ def build_parser() -> argparse.ArgumentParser:
     p_cfg = sub.add_parser("config", help="validate a config and print it resolved")
     _add_config_args(p_cfg)
     sub.add_parser("methods", help="list the known methods with their hyperparameters, defaults and default sweep space")
+    p_exp = sub.add_parser("export", help="write a logged or registered model as a state_dict folder, TorchScript or "
+                           "ONNX file, checked against the model's outputs on its input example")
+    p_exp.add_argument("model", help="MLflow model URI, e.g. models:/default-student@champion")
+    p_exp.add_argument("output", help="the file (torchscript, onnx) or folder (state_dict) to write")
+    p_exp.add_argument("--format", default="torchscript", choices=["state_dict", "torchscript", "onnx"])
+    p_exp.add_argument("--work-dir", help="the pipeline's work dir, whose MLflow store holds the model (default: "
+                       "$MLFLOW_TRACKING_URI, else ./clpipe-work)")
     _add_stack_commands(sub)
     _add_job_commands(sub)
     return parser
@@ -285,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
                 swept = "; ".join(f"{k} {v}" for k, v in cls.sweep_space.items())
                 print(f"{name:<13} {cls.view_kind:<10} {hp}\n{'':<24} sweep.space by default: {swept}")
             return 0
+        if args.command == "export":
+            return _export(args)
         if args.command == "sweep":
             args.overrides = [*args.overrides, "sweep.enabled=true"]
         cfg = _config(args)

@@ -171,8 +171,10 @@ def run_pipeline(cfg: PipelineConfig, stages: list[StageSpec], *, experiment_id:
         mlflow.log_text(_chain_markdown(result), "chain.md")
         evaluated = result.stages.get("evaluate")
         if evaluated is not None:  # the results on the run a user opens first
-            mlflow.log_metrics(evaluated.outputs["metrics"])
-            mlflow.log_text(evaluated.outputs["table_md"], "results.md")
+            if isinstance(evaluated.outputs.get("metrics"), dict):
+                mlflow.log_metrics(evaluated.outputs["metrics"])
+            if isinstance(evaluated.outputs.get("table_md"), str):
+                mlflow.log_text(evaluated.outputs["table_md"], "results.md")
     return result
 
 
@@ -205,7 +207,9 @@ def _run_stage(spec: StageSpec, cfg: PipelineConfig, experiment_id: str, parent_
         "mlflow.parentRunId": parent_id,
         **(source or {}),
     }
-    shards = inputs.get("shard")
+    shards = inputs.get("shard")  # a shard set (a graph of other stages may have a "shard" of its own)
+    if not (isinstance(shards, dict) and {"shard_dir", "manifest_sha256"} <= shards.keys()):
+        shards = None
     dataset = f"{cfg.name}-shards"
     t0 = time.perf_counter()
 
@@ -240,17 +244,19 @@ def _run_stage(spec: StageSpec, cfg: PipelineConfig, experiment_id: str, parent_
             outputs = tracking.load_outputs(cached.info.run_id)
             if not _missing_paths(outputs):
                 return reuse(cached, outputs)
-        return _compute(spec, cfg, experiment_id, parent_id, key, tags, upstream_runs, inputs, force, t0, dataset)
+        return _compute(spec, cfg, experiment_id, parent_id, key, tags, upstream_runs, inputs, force, t0,
+                        dataset, shards)
 
 
 def _compute(spec: StageSpec, cfg: PipelineConfig, experiment_id: str, parent_id: str, key: str, tags: dict,
-             upstream_runs: dict[str, str], inputs: dict, force: bool, t0: float, dataset: str) -> StageResult:
+             upstream_runs: dict[str, str], inputs: dict, force: bool, t0: float, dataset: str,
+             shards: dict | None) -> StageResult:
     console.rule(f"stage {spec.name}")
     with mlflow.start_run(experiment_id=experiment_id, run_name=spec.name, nested=True,
                           tags={**tags, tracking.TAG_CACHE_HIT: "false", "clpipe.forced": str(force).lower()},
                           log_system_metrics=spec.system_metrics and cfg.mlflow.system_metrics_seconds > 0) as run:
-        if "shard" in inputs:
-            tracking.log_shard_input(inputs["shard"], dataset, spec.name)
+        if shards is not None:
+            tracking.log_shard_input(shards, dataset, spec.name)
         section = spec.section(cfg)
         tracking.log_params(run.info.run_id, flatten(section.model_dump(mode="json")))
         mlflow.log_dict(section.model_dump(mode="json"), f"{spec.name}_config.json")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,8 @@ def init(cfg: RayConfig, forward_secrets: bool = False) -> None:
     # train.report blocks while its previous report is uncollected, so short epochs and
     # frequent checkpoints would wait for Ray's default 2 s poll
     os.environ[TRAIN_POLL_ENV] = str(cfg.train_poll_seconds)
+    if not sys.stdout.isatty():  # workers' lines in a file or a job log: no colour codes before each one
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     if ray.is_initialized():
         return
     # token auth is for shared clusters; a local Ray on loopback runs without it

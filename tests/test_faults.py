@@ -141,7 +141,7 @@ class Killer(threading.Thread):
 
 
 def _metrics(run) -> dict[str, float]:
-    return {k: v for k, v in run.data.metrics.items() if not k.endswith(TIMING)}
+    return {k: v for k, v in run.data.metrics.items() if not k.endswith(TIMING) and not k.startswith("system/")}
 
 
 def _final_state(client, run) -> dict:

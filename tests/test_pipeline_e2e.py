@@ -117,6 +117,8 @@ def test_the_chain_records_what_mlflow_users_expect(chain):
     """Source tags, the shard set as every reading stage's input dataset, system metrics on
     the training stages, and the results on the parent run."""
     client, parent, children = chain.client, chain.parent, chain.runs
+    # the console, written to a file: the workers' lines without colour codes
+    assert "(RayTrainWorker pid=" in chain.out and "\x1b[" not in chain.out
     root = Path(__file__).resolve().parents[1]
     for run in (parent, *children.values()):
         assert run.data.tags["clpipe.version"] not in ("", "unknown"), run.info.run_name
@@ -271,3 +273,43 @@ def test_ray_train_poll_interval_reaches_the_controller(local_ray, monkeypatch):
     monkeypatch.delenv(ray_env.TRAIN_POLL_ENV, raising=False)
     ray_env.init(RayConfig(train_poll_seconds=0.25))  # Ray is up: only the setting changes
     assert get_env_vars_to_propagate()[ray_env.TRAIN_POLL_ENV] == "0.25"
+
+
+def test_export_the_registered_student_as_a_state_dict_torchscript_and_onnx(chain, tmp_path, monkeypatch, capsys):
+    """`clpipe export`: each format is written, checked against the logged model and
+    loadable outside MLflow (TorchScript without cl_core, ONNX with onnxruntime)."""
+    import numpy as np
+    import torch
+
+    from cl_core.augment import EvalTransform
+    from cl_core.data.reader import load_split
+    from cl_core.models.saved import build_module, load_model
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = "models:/default-student@champion"
+    paths = {fmt: tmp_path / name for fmt, name in (("state_dict", "student"), ("torchscript", "student.pt"),
+                                                    ("onnx", "student.onnx"))}
+    for fmt, path in paths.items():
+        assert main(["export", uri, str(path), "--format", fmt, "--work-dir", str(chain.work)]) == 0, capsys.readouterr()
+        assert f"-> {path} ({fmt}, outputs checked)" in capsys.readouterr().out
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{chain.work / 'mlflow.db'}")
+    shard_dir = outputs(chain.client, chain.runs["shard"].info.run_id)["shard_dir"]
+    x, _ = load_split([str(next(Path(shard_dir).glob("test-*.tar")))], EvalTransform(16), limit=64)
+    want = load_model(uri)(x).detach()
+    # the state_dict folder: tensors only, and the recipe that rebuilds the architecture
+    module = build_module(json.loads((paths["state_dict"] / "builder.json").read_text())["builder"])
+    module.load_state_dict(torch.load(paths["state_dict"] / "state_dict.pt", weights_only=True))
+    torch.testing.assert_close(module.eval()(x).detach(), want, rtol=1e-4, atol=1e-5)
+    # TorchScript and ONNX, on a batch of another size than the example's
+    torch.testing.assert_close(torch.jit.load(str(paths["torchscript"]))(x).detach(), want, rtol=1e-4, atol=1e-5)
+    import onnxruntime
+
+    sess = onnxruntime.InferenceSession(str(paths["onnx"]), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-4)
+    # a model URI that does not exist: one line
+    assert main(["export", "models:/default-nothing@champion", str(tmp_path / "x.pt"), "--work-dir", str(chain.work)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("clpipe: export models:/default-nothing@champion: "), err

@@ -149,6 +149,11 @@ def test_the_default_sweep_twice_gives_the_same_trials_stops_and_best(tmp_path, 
         assert main([*args, *extra]) == 0
         out = capsys.readouterr().out
         assert "successive halving, 2 at a time" in out, out[-2000:]
+        # progress: a line per trial epoch (with the epochs done of those planned) and per finished trial
+        progress = [ln for ln in out.splitlines() if ln.startswith("sweep: temperature=")]
+        assert sum(" val kNN top-1 " in ln for ln in progress) == 7, progress  # 1 + 1 + 2 + 3 epochs
+        assert [ln.rsplit("[", 1)[1] for ln in progress if "trials finished" in ln] == \
+            [f"{i}/4 trials finished]" for i in range(1, 5)], progress
         client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
         sw = latest_children(client, client.get_experiment_by_name("clpipe").experiment_id)["sweep"]
         ranked = outputs(client, sw.info.run_id)["ranked"]

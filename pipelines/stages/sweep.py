@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +139,38 @@ def _domain(spec: dict[str, Any]) -> Any:
     kind, values = next(iter(spec.items()))
     return {"grid": tune.grid_search, "choice": tune.choice}[kind](values) if kind in ("grid", "choice") else \
         {"uniform": tune.uniform, "loguniform": tune.loguniform}[kind](*values)
+
+
+class _Progress(tune.Callback):
+    """One console line per trial epoch and per finished trial, with the sweep's progress in
+    epochs and an estimate of the time left (at most: the halving may stop trials early)."""
+
+    def __init__(self, names: list[str], epochs: int, total_trials: int) -> None:
+        self.names, self.epochs, self.planned = names, epochs, max(1, total_trials) * epochs
+        self.done = self.finished = 0
+        self.t0 = time.perf_counter()
+
+    def _values(self, trial) -> str:
+        return ", ".join(f"{n}={_fmt(trial.config.get(n))}" for n in self.names)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        if METRIC not in result:
+            return
+        self.done += 1
+        elapsed = time.perf_counter() - self.t0
+        left = elapsed / self.done * max(0, self.planned - self.done)
+        console.print(f"sweep: {self._values(trial)}: epoch {int(result.get('epoch', 0))}/{self.epochs} val kNN top-1 "
+                      f"{result[METRIC]:.4f} [{self.done}/{self.planned} trial epochs, {elapsed:.0f} s, "
+                      f"at most ~{left:.0f} s left]")
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        ran = int((trial.last_result or {}).get("epoch", 0))
+        if ran < self.epochs:  # the halving's stop: its remaining epochs are not run
+            self.planned -= self.epochs - ran
+        self.finished += 1  # (Tune sets the trial's status after its callbacks)
+        finished = self.finished
+        console.print(f"sweep: {self._values(trial)}: {'stopped by the halving after' if ran < self.epochs else 'done,'} "
+                      f"{ran} epoch(s) [{finished}/{len(trials)} trials finished]")
 
 
 def _trial_name(names: list[str]):
@@ -259,7 +292,8 @@ def sweep(ctx: StageContext, cfg: SweepStageConfig, inputs: dict) -> dict:
                                         trial_name_creator=_trial_name(names), trial_dirname_creator=_trial_name(names)),
             run_config=tune.RunConfig(name=ctx.ray_run_name, storage_path=storage_path, storage_filesystem=storage_fs,
                                       verbose=0,
-                                      callbacks=[CSVLoggerCallback(), JsonLoggerCallback()],
+                                      callbacks=[CSVLoggerCallback(), JsonLoggerCallback(),
+                                                 _Progress(names, sw.epochs, total)],
                                       failure_config=tune.FailureConfig(max_failures=pre.max_failures),
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
         )
