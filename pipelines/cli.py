@@ -236,11 +236,12 @@ def _load_stack_env(args: argparse.Namespace) -> None:
 def _export(args: argparse.Namespace) -> int:
     import mlflow
 
+    from pipelines import tracking
     from pipelines.config import load_config
     from pipelines.export import describe, export
 
     overrides = [f"work_dir={args.work_dir}"] if args.work_dir else []
-    mlflow.set_tracking_uri(load_config(None, overrides).tracking_uri())
+    tracking.use(load_config(None, overrides).tracking_uri())
     try:
         out = export(args.model, args.output, args.format)
     except (ValueError, RuntimeError, OSError, mlflow.exceptions.MlflowException) as e:

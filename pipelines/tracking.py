@@ -23,6 +23,18 @@ OUTPUTS_FILE = "clpipe_outputs.json"
 MAX_PARAM_LEN = 6000
 
 
+def use(tracking_uri: str) -> None:
+    """Point this process's MLflow at ``tracking_uri``. MLflow's set_tracking_uri also exports
+    MLFLOW_TRACKING_URI, which the config reads as the user's choice: the environment stays
+    as the user set it (workers get the URI explicitly)."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(tracking_uri)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 def setup(tracking_uri: str, experiment: str, artifact_location: str | None) -> str:
     """Point MLflow at the store and make sure the experiment exists; returns its id.
     ``artifact_location`` None: the tracking server's default (its artifact proxy)."""
@@ -31,14 +43,7 @@ def setup(tracking_uri: str, experiment: str, artifact_location: str | None) -> 
         Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     if tracking_uri.startswith(("http://", "https://")):
         _check_server(tracking_uri)
-    # MLflow's set_tracking_uri also exports MLFLOW_TRACKING_URI, which the config reads as the user's
-    # choice: keep the environment as the user set it (workers get the URI explicitly)
-    before = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(tracking_uri)
-    if before is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = before
+    use(tracking_uri)
     if artifact_location and artifact_location.startswith("s3://") and os.environ.get("AWS_ENDPOINT_URL") \
             and not os.environ.get("MLFLOW_S3_ENDPOINT_URL"):
         os.environ["MLFLOW_S3_ENDPOINT_URL"] = os.environ["AWS_ENDPOINT_URL"]  # MLflow's own name for it

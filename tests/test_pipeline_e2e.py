@@ -278,6 +278,7 @@ def test_ray_train_poll_interval_reaches_the_controller(local_ray, monkeypatch):
 def test_export_the_registered_student_as_a_state_dict_torchscript_and_onnx(chain, tmp_path, monkeypatch, capsys):
     """`clpipe export`: each format is written, checked against the logged model and
     loadable outside MLflow (TorchScript without cl_core, ONNX with onnxruntime)."""
+    import mlflow
     import numpy as np
     import torch
 
@@ -292,9 +293,10 @@ def test_export_the_registered_student_as_a_state_dict_torchscript_and_onnx(chai
     for fmt, path in paths.items():
         assert main(["export", uri, str(path), "--format", fmt, "--work-dir", str(chain.work)]) == 0, capsys.readouterr()
         assert f"-> {path} ({fmt}, outputs checked)" in capsys.readouterr().out
-    import mlflow
-
-    mlflow.set_tracking_uri(f"sqlite:///{chain.work / 'mlflow.db'}")
+    assert "MLFLOW_TRACKING_URI" not in os.environ  # the export left the environment as it was
+    store = f"sqlite:///{chain.work / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)  # MLflow exports it too: gone again after the test
+    mlflow.set_tracking_uri(store)
     shard_dir = outputs(chain.client, chain.runs["shard"].info.run_id)["shard_dir"]
     x, _ = load_split([str(next(Path(shard_dir).glob("test-*.tar")))], EvalTransform(16), limit=64)
     want = load_model(uri)(x).detach()
