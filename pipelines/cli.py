@@ -99,6 +99,8 @@ def _summary(cfg: PipelineConfig, result, wall: float) -> None:
     for name, s in result.stages.items():
         console.print(f"  {name:<9} {'cached' if s.cached else f'{s.seconds:6.1f} s'}  run {s.run_id}")
     console.print(f"wall time {wall:.1f} s; MLflow parent run {result.run_id}")
+    if result.report is not None:
+        console.print(f"report: {result.report} (report.html on the parent run)")
     console.print(f"open the MLflow UI: [bold]{tracking.ui_command(cfg.tracking_uri())}[/]")
 
 

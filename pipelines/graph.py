@@ -23,7 +23,7 @@ from mlflow.entities import Run
 from pydantic import BaseModel
 
 from cl_core.data import storage
-from pipelines import leases, ray_env, tracking
+from pipelines import leases, ray_env, report, tracking
 from pipelines.config import PipelineConfig, flatten
 from pipelines.console import console
 from pipelines.errors import StageError
@@ -78,6 +78,7 @@ class StageResult:
     outputs: dict
     cached: bool
     seconds: float
+    started: float = 0.0  # seconds from the pipeline's start
 
 
 @dataclass
@@ -85,6 +86,7 @@ class PipelineResult:
     run_id: str
     stages: dict[str, StageResult] = field(default_factory=dict)
     seconds: float = 0.0
+    report: Path | None = None  # the HTML report (also report.html on the parent run)
 
 
 def cache_key(spec: StageSpec, cfg: PipelineConfig, upstream_keys: dict[str, str]) -> str:
@@ -160,8 +162,10 @@ def run_pipeline(cfg: PipelineConfig, stages: list[StageSpec], *, experiment_id:
         keys: dict[str, str] = {}
         for spec in selected:
             must_cache = only is not None and spec.name != only
+            started = time.perf_counter() - t0
             res = _run_stage(spec, cfg, experiment_id, parent.info.run_id, keys, result,
                              force=spec.name in forced, cache_only=must_cache, only=only, source=source)
+            res.started = started
             keys[spec.name] = res.key
             result.stages[spec.name] = res
             mlflow.set_tag(f"clpipe.stage.{spec.name}.run_id", res.run_id)
@@ -175,6 +179,11 @@ def run_pipeline(cfg: PipelineConfig, stages: list[StageSpec], *, experiment_id:
                 mlflow.log_metrics(evaluated.outputs["metrics"])
             if isinstance(evaluated.outputs.get("table_md"), str):
                 mlflow.log_text(evaluated.outputs["table_md"], "results.md")
+        try:  # the run's results are in MLflow already: a report that fails to build says so and no more
+            result.report = report.write(result, cfg)
+        except Exception as e:
+            mlflow.set_tag("clpipe.report_error", f"{type(e).__name__}: {e}"[:5000])
+            console.print(f"[yellow]report: not written ({type(e).__name__}: {e})[/]")
     return result
 
 

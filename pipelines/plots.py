@@ -37,6 +37,22 @@ def training_curves(history: list[dict], path: Path, title: str) -> Path:
     return path
 
 
+def metric_curves(series: dict[str, list[tuple[int, float]]], path: Path, title: str, ylabel: str) -> Path:
+    """One line per name over its (step, value) points."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    for name, points in series.items():
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=name)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def confusion_matrices(predictions: dict[str, list[int]], labels: list[int], class_names: list[str], path: Path,
                        title: str) -> Path:
     """One confusion matrix (rows: true class, columns: predicted) per model, side by side."""

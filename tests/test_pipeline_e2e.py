@@ -5,6 +5,7 @@ config change or ``--rerun`` propagates through the stage graph: tests/test_grap
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -315,3 +316,73 @@ def test_export_the_registered_student_as_a_state_dict_torchscript_and_onnx(chai
     assert main(["export", "models:/default-nothing@champion", str(tmp_path / "x.pt"), "--work-dir", str(chain.work)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("clpipe: export models:/default-nothing@champion: "), err
+
+
+def test_the_run_report_renders_in_headless_chromium(chain, tmp_path):
+    """The parent run's report.html (also written under the work dir): every section, every
+    image decoded, no console error or failed load in Chromium; its numbers are the runs'."""
+    from tests.browser import render
+
+    parent = chain.parent.info.run_id
+    local = chain.work / "reports" / f"{parent}.html"
+    assert f"report: {local}" in chain.out
+    page = Path(chain.client.download_artifacts(parent, "report.html", str(tmp_path)))
+    assert page.read_text() == local.read_text()
+    text = page.read_text()
+    assert "<script" not in text and not re.findall(r'(?:src|href)="(?!data:image/png;base64,)', text)
+
+    seen = render(page, tmp_path / "report.png")
+    assert not seen.errors, seen.errors
+    assert seen.headings == ["Stage timeline", "Training curves", "Results (test split)", "Confusion matrices",
+                             "Lineage"]
+    # pretrain curves, fine-tuning and distillation curves, a confusion figure per label fraction
+    assert len(seen.images) == 5, seen.images
+    assert all(i["complete"] and i["width"] > 100 and i["height"] > 100 for i in seen.images), seen.images
+    assert (tmp_path / "report.png").stat().st_size > 50_000
+
+    metrics = chain.runs["evaluate"].data.metrics
+    for frac in ("1pct", "10pct"):
+        for kind in ("teacher", "student", "baseline"):
+            assert f"{metrics[f'test/{frac}/{kind}_top1']:.4f}" in seen.text, (frac, kind)
+    for stage, run in chain.runs.items():
+        assert stage in seen.text and run.info.run_id in seen.text
+    for role in ("encoder", "teacher", "student"):
+        assert f"models:/default-{role}/1" in seen.text
+
+
+def test_a_registered_model_serves_with_mlflow_models_predict_in_a_fresh_virtualenv(chain, tmp_path):
+    """The student as a user deploys it: a new virtualenv with the model's requirements.txt
+    only (pip takes the wheels from the machine's configured cache), no clpipe, no cl_core but
+    the model's own code; `mlflow models predict` there gives the in-process predictions."""
+    import subprocess
+    import sys
+
+    import mlflow
+    import numpy as np
+
+    uri = "models:/default-student/1"
+    store = f"sqlite:///{chain.work / 'mlflow.db'}"
+    model = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path / "model"), tracking_uri=store))
+    env_dir = tmp_path / "venv"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env["MLFLOW_TRACKING_URI"] = store
+    try:
+        subprocess.run([sys.executable, "-m", "venv", str(env_dir)], check=True)
+        pip = subprocess.run([str(env_dir / "bin" / "pip"), "install", "-q", "-r", str(model / "requirements.txt")],
+                             capture_output=True, text=True, env=env, cwd=tmp_path)
+        assert pip.returncode == 0, pip.stderr[-3000:]
+        python = str(env_dir / "bin" / "python")
+        bare = subprocess.run([python, "-c", "import cl_core"], capture_output=True, text=True, env=env, cwd=tmp_path)
+        assert "No module named 'cl_core'" in bare.stderr  # only the model's code_paths bring it
+        out = tmp_path / "predictions.json"
+        served = subprocess.run([str(env_dir / "bin" / "mlflow"), "models", "predict", "-m", uri, "-i",
+                                 str(model / "serving_input_example.json"), "-t", "json", "-o", str(out),
+                                 "--env-manager", "local"], capture_output=True, text=True, env=env, cwd=tmp_path)
+        assert served.returncode == 0, served.stderr[-3000:]
+        got = np.asarray(json.loads(out.read_text())["predictions"], dtype=np.float32)
+    finally:
+        shutil.rmtree(env_dir, ignore_errors=True)  # a CUDA build of torch: several GB
+    x = np.asarray(json.loads((model / "serving_input_example.json").read_text())["inputs"], dtype=np.float32)
+    want = mlflow.pyfunc.load_model(str(model)).predict(x)
+    assert got.shape == want.shape == (len(x), 10)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)

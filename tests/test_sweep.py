@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from pipelines import tracking
 from pipelines.cli import main
 from pipelines.config import ConfigError, load_config
-from tests.conftest import latest_children, outputs
+from tests.conftest import latest_children, outputs, pipeline_runs
 
 ON = ["sweep.enabled=true", "sweep.space={}"]
 
@@ -131,6 +131,11 @@ def test_sweep_logs_every_trial_and_stops_poor_ones(tmp_path, local_ray, capsys)
     assert states, "no trial checkpoint under ray_results"
     for state in states:
         assert torch.load(state, weights_only=True)["model"]["memory.bank"].shape[0] == 1259
+    # the run report shows the sweep: the ranked trials and its figures
+    parent = pipeline_runs(client, exp_id)[0].info.run_id
+    report = (work / "reports" / f"{parent}.html").read_text()
+    sweep_part = report.split("<h2 id=sweep>")[1].split("<h2 ")[0]
+    assert sweep_part.count("<tr>") == 1 + 3 and sweep_part.count('<img src="data:image/png;base64,') >= 3
     # a finished sweep is served from the stage cache
     capsys.readouterr()
     assert main(args) == 0

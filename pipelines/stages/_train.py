@@ -45,6 +45,7 @@ from cl_core.evaluate import recalibrate_batch_norm
 from cl_core.methods.base import Method
 from pipelines import ray_env, tracking
 from pipelines.config import CropFlipConfig, TrainingConfig
+from pipelines.console import Eta
 from pipelines.graph import StageContext
 
 STATE_FILE = "state.pt"
@@ -345,7 +346,7 @@ class SequentialJobs:
             if self.w.rank == 0:
                 print(f"[{self.prefix}] {name}: resumed from checkpoint at {loop.position()}", flush=True)
         elif self.w.rank == 0:
-            print(f"[{self.prefix}] {name}: {loop.describe()}", flush=True)
+            print(f"[{self.prefix}] {name} (model {i + 1} of {len(jobs)}): {loop.describe()}", flush=True)
 
         calibration = None
         n_cal = getattr(section, "bn_recalibration_images", 0)
@@ -375,6 +376,8 @@ class SequentialJobs:
             assert self.log is not None
             self.log.metrics({f"{name}/val/top1": start["val/top1"]}, step=0)
 
+        eta = Eta(epochs, loop.epoch)
+
         def report(metrics: dict[str, float], state: dict | None) -> None:
             # every epoch: MLflow metrics and best-epoch selection on rank 0; Ray Train
             # (a round trip through its controller) only on checkpoint epochs, on every rank alike
@@ -391,9 +394,9 @@ class SequentialJobs:
             assert self.log is not None
             self.log.metrics({f"{name}/{k}": v for k, v in metrics.items()}, step=epoch)
             if at_checkpoint:
-                print("[{}] {} epoch {}/{}  loss {:.4f}  val top-1 {:.3f} (best {:.3f} at epoch {})".format(
+                print("[{}] {} epoch {}/{}  loss {:.4f}  val top-1 {:.3f} (best {:.3f} at epoch {})  {}".format(
                     self.prefix, name, epoch, epochs, metrics["train/loss"], metrics["val/top1"],
-                    best["val_top1"], best["epoch"]), flush=True)
+                    best["val_top1"], best["epoch"], eta(epoch)), flush=True)
                 self._checkpoint({"job": i, "loop": state, "best": best}, metrics, f"{name}: {where()}")
 
         def checkpoint(position: dict[str, float], state: dict) -> None:  # inside an epoch

@@ -38,7 +38,7 @@ from pipelines.config import (
     ViewsConfig,
     apply_sweep,
 )
-from pipelines.console import console
+from pipelines.console import Eta, console
 from pipelines.graph import StageContext
 from pipelines.stages._data import checked_split
 from pipelines.stages._train import (
@@ -226,15 +226,18 @@ def train_worker(config: dict) -> list[dict] | None:
         def evaluate(encoder: torch.nn.Module) -> dict[str, float]:
             return {"val/knn_top1": monitor(encoder)}
 
+    eta = Eta(p.epochs, loop.epoch)
+
     def report(metrics: dict[str, float], state: dict | None) -> None:
         if rank != 0:
             train.report(metrics, checkpoint=None)
             return
         if log is not None:
             log.metrics(metrics, step=int(metrics["epoch"]))
-            print("[pretrain] epoch {:.0f}/{}  loss {:.4f}  lr {:.4g}  {:.0f} img/s{}".format(
+            print("[pretrain] epoch {:.0f}/{}  loss {:.4f}  lr {:.4g}  {:.0f} img/s{}  {}".format(
                 metrics["epoch"], p.epochs, metrics["train/loss"], metrics["train/lr"], metrics["train/images_per_sec"],
-                f"  val kNN top-1 {metrics['val/knn_top1']:.3f}" if "val/knn_top1" in metrics else ""), flush=True)
+                f"  val kNN top-1 {metrics['val/knn_top1']:.3f}" if "val/knn_top1" in metrics else "",
+                eta(int(metrics["epoch"]))), flush=True)
         save(metrics, state)
 
     def save(metrics: dict[str, float], state: dict | None) -> None:
