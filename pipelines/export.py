@@ -44,23 +44,24 @@ def export(uri: str, out: str | Path, fmt: str) -> Path:
         raise ValueError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
     out = Path(out)
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
-    data = saved._data_path(local, uri)
+    data = saved.data_path(local, uri)
     module = saved.load_module(data)
+    x = torch.from_numpy(_example(local, uri))
+    with torch.no_grad():
+        want = module(x)
     if fmt == "state_dict":
         out.mkdir(parents=True, exist_ok=True)
         torch.save(module.state_dict(), out / saved.WEIGHTS_FILE)
         shutil.copyfile(data / saved.BUILDER_FILE, out / saved.BUILDER_FILE)
-        again = saved.load_module(out)
-        x = torch.from_numpy(_example(local, uri))
-        _check(module(x), again(x), out)
+        with torch.no_grad():
+            _check(want, saved.load_module(out)(x), out)
         return out
-    x = torch.from_numpy(_example(local, uri))
-    want = module(x)
     if fmt == "torchscript":
         with torch.no_grad():
             traced = torch.jit.trace(module, x)
         traced.save(str(out))
-        _check(want, torch.jit.load(str(out))(x), out)
+        with torch.no_grad():
+            _check(want, torch.jit.load(str(out))(x), out)
         return out
     missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
     if missing:

@@ -95,6 +95,9 @@ def test_the_documents_print_commands():
     commands = [c for doc in DOCS for c in _commands(doc)]
     assert len(commands) >= 20, commands
     assert ["run", "--set", "pretrain.method=byol", "--until", "pretrain"] in commands
+    # every subcommand of the real parser is shown at least once, so none goes undocumented
+    sub = next(a for a in build_parser()._actions if a.__class__.__name__ == "_SubParsersAction")
+    assert set(sub.choices) - {c[0] for c in commands if c} == set(), "document these commands"
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)

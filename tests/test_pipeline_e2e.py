@@ -18,12 +18,28 @@ from tests.conftest import STAGES, latest_children, outputs, recomputed
 pytestmark = pytest.mark.slow  # on one xdist process with the chain fixture: tests/conftest.py LANES
 
 
+def _use_the_chains_store(chain, monkeypatch) -> None:
+    """MLflow (and models:/ URIs) on the chain's store for this test only."""
+    import mlflow
+
+    store = f"sqlite:///{chain.work / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)  # MLflow exports it too: gone again after the test
+    mlflow.set_tracking_uri(store)
+
+
+def _test_images(chain, limit: int | None = None):
+    """(images, labels) of the chain's first test shard, preprocessed as for evaluation."""
+    from cl_core.augment import EvalTransform
+    from cl_core.data.reader import load_split
+
+    shard_dir = outputs(chain.client, chain.runs["shard"].info.run_id)["shard_dir"]
+    return load_split([str(next(Path(shard_dir).glob("test-*.tar")))], EvalTransform(16), limit=limit)
+
+
 def test_the_chain_logs_lineage_metrics_and_models(chain, monkeypatch):
     import mlflow.pyfunc
     import numpy as np
 
-    from cl_core.augment import EvalTransform
-    from cl_core.data.reader import load_split
     from cl_core.models.saved import load_model
 
     for col in ("supervised", "teacher", "student", "encoder"):
@@ -95,12 +111,9 @@ def test_the_chain_logs_lineage_metrics_and_models(chain, monkeypatch):
     # each training stage logged every model it trained, and register logged none
     assert {m.name for m in client.search_logged_models(experiment_ids=[chain.exp_id])} == {
         "encoder", "teacher_1pct", "baseline_1pct", "teacher_10pct", "baseline_10pct", "student_1pct", "student_10pct"}
-    store = f"sqlite:///{chain.work / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)  # MLflow exports it too: gone again after the test
-    mlflow.set_tracking_uri(store)  # models:/ URIs resolve through it
+    _use_the_chains_store(chain, monkeypatch)  # models:/ URIs resolve through it
     student = load_model("models:/default-student@champion")  # state_dict + builder, nothing unpickled
-    shard_dir = outputs(client, shard.info.run_id)["shard_dir"]
-    x, y = load_split([str(next(Path(shard_dir).glob("test-*.tar")))], EvalTransform(16))
+    x, y = _test_images(chain)
     logits = student(x).detach().numpy()
     assert logits.argmax(1).shape == y.shape
     served = mlflow.pyfunc.load_model("models:/default-student@champion", model_config={"device": "cpu"})
@@ -279,12 +292,9 @@ def test_ray_train_poll_interval_reaches_the_controller(local_ray, monkeypatch):
 def test_export_the_registered_student_as_a_state_dict_torchscript_and_onnx(chain, tmp_path, monkeypatch, capsys):
     """`clpipe export`: each format is written, checked against the logged model and
     loadable outside MLflow (TorchScript without cl_core, ONNX with onnxruntime)."""
-    import mlflow
     import numpy as np
     import torch
 
-    from cl_core.augment import EvalTransform
-    from cl_core.data.reader import load_split
     from cl_core.models.saved import build_module, load_model
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -295,11 +305,8 @@ def test_export_the_registered_student_as_a_state_dict_torchscript_and_onnx(chai
         assert main(["export", uri, str(path), "--format", fmt, "--work-dir", str(chain.work)]) == 0, capsys.readouterr()
         assert f"-> {path} ({fmt}, outputs checked)" in capsys.readouterr().out
     assert "MLFLOW_TRACKING_URI" not in os.environ  # the export left the environment as it was
-    store = f"sqlite:///{chain.work / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)  # MLflow exports it too: gone again after the test
-    mlflow.set_tracking_uri(store)
-    shard_dir = outputs(chain.client, chain.runs["shard"].info.run_id)["shard_dir"]
-    x, _ = load_split([str(next(Path(shard_dir).glob("test-*.tar")))], EvalTransform(16), limit=64)
+    _use_the_chains_store(chain, monkeypatch)
+    x, _ = _test_images(chain, limit=64)
     want = load_model(uri)(x).detach()
     # the state_dict folder: tensors only, and the recipe that rebuilds the architecture
     module = build_module(json.loads((paths["state_dict"] / "builder.json").read_text())["builder"])

@@ -209,7 +209,9 @@ def load_module(data_path: str | Path, *, map_location: str | torch.device = "cp
     return module.to(map_location).eval()
 
 
-def _data_path(local: str | Path, uri: str) -> Path:
+def data_path(local: str | Path, uri: str) -> Path:
+    """The weights folder (``state_dict.pt``, ``builder.json``) of the downloaded model at
+    ``local``; a one-line error naming ``uri`` for a model :func:`log_model` did not log."""
     meta = Model.load(os.path.join(local, "MLmodel"))
     conf = meta.flavors.get("python_function") or {}
     if conf.get("loader_module") != __name__:
@@ -226,7 +228,7 @@ def load_model(uri: str, *, dst_path: str | None = None, map_location: str | tor
     given), rebuilds the architecture from ``builder.json`` and loads the weights with
     ``torch.load(weights_only=True)``."""
     local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst_path)
-    return load_module(_data_path(local, uri), map_location=map_location)
+    return load_module(data_path(local, uri), map_location=map_location)
 
 
 class SavedModel:
