@@ -84,8 +84,9 @@ class _Views(torch.utils.data.Dataset):
 
 def plain(images: np.ndarray, cfg, epochs: int, batch: int, threads: int = 2) -> dict:
     """The plain loop; per-epoch seconds and images/s, and the wall time."""
+    from cl_core.methods import build_method
     from cl_core.optim import build_optimizer, scale_lr
-    from pipelines.stages.pretrain import build_method, view_transform
+    from pipelines.stages._pretraining import view_transform
 
     p = cfg.pretrain
     torch.set_num_threads(threads)

@@ -75,7 +75,7 @@ def probe(result, labels: int = 800, seed: int = 0) -> dict:
     from cl_core.data.reader import load_split
     from cl_core.data.shards import read_manifest, shard_urls
     from cl_core.evaluate import extract_features, knn_top1, linear_probe_top1
-    from pipelines.stages.pretrain import load_encoder
+    from pipelines.stages._pretraining import load_encoder
 
     enc = result.stages["pretrain"].outputs
     shard_dir = result.stages["shard"].outputs["shard_dir"]
@@ -179,8 +179,9 @@ def targets(work: str, seeds: list[int], config: str = "fashion_mnist", extra: l
     dump = cfg.model_dump(mode="json")
     for section in ("finetune", "distill"):
         dump[section].pop("seed")
-    # what the results depend on: not where runs are stored and tracked, nor how Ray is reached
-    untracked = ("work_dir", "name", "mlflow", "ray")
+    # what the results depend on: not where runs are stored, tracked and registered, nor how Ray is
+    # reached ("registry": the register section's name before it took the stage's)
+    untracked = ("work_dir", "name", "mlflow", "ray", "register", "registry")
     fingerprint = {k: v for k, v in dump.items() if k not in untracked}
     per_seed: dict[str, dict] = json.loads(path.read_text())["per_seed"] if path.exists() else {}
     stale = [s for s, r in per_seed.items()

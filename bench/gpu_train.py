@@ -3,7 +3,7 @@ against views made on the device.
 
 Synthetic JPEG images (``--source-size`` px, quality 90; ``bench/loader.py``'s noise with
 a coloured disc or square) are written as tar shards by the shard stage's writer. Then the
-project's training loop (``ShardStream`` -> ``PretrainLoop``: DDP-free, one process, bf16
+project's training loop (``ShardStream`` -> ``TrainingLoop``: DDP-free, one process, bf16
 autocast and channels_last on CUDA) trains SimCLR for one epoch three ways, the same
 model, batch and seeds:
 
@@ -69,7 +69,7 @@ def train_one(way: str, urls: list[str], counts: list[int], a: argparse.Namespac
     from cl_core.augment_device import DeviceViews
     from cl_core.data.device_decode import CropPlan, collate_encoded, decode_encoded
     from cl_core.data.reader import ShardStream
-    from cl_core.engine import LoopConfig, PretrainLoop
+    from cl_core.engine import LoopConfig, TrainingLoop
     from cl_core.methods.simclr import SimCLR
 
     colour = {"jitter_strength": 1.0, "jitter_prob": 0.8, "grayscale_prob": 0.2, "blur_prob": a.blur}
@@ -88,7 +88,7 @@ def train_one(way: str, urls: list[str], counts: list[int], a: argparse.Namespac
     cfg = LoopConfig(epochs=1, batch_size_per_worker=a.batch_size, optimizer="lars", lr_base=0.3, warmup_epochs=0,
                      loader_workers=a.loader_workers, log_every_steps=1)
     method = cfg.settings_for(device).prepare(method)
-    loop = PretrainLoop(method, method, stream, cfg, device,
+    loop = TrainingLoop(method, method, stream, cfg, device,
                         view_augment=None if way == "loader" else DeviceViews(**colour))
     steps: list[float] = []
 

@@ -2,7 +2,7 @@
 kNN and linear-probe top-1 on the official test images, step time, peak memory.
 
 Not part of the test suite. Each method trains in a fresh process of its own (so its
-peak RSS is its own) with the project's ``PretrainLoop`` (one worker, one DataLoader
+peak RSS is its own) with the project's ``TrainingLoop`` (one worker, one DataLoader
 process) on WebDataset shards of a stratified subset of the training images, for the
 same epochs and batch. Then, from the final encoder: kNN top-1 (k = 20, the pipeline's
 monitor) with the training subset as the labeled bank, and a logistic-regression probe
@@ -41,11 +41,11 @@ from cl_core.augment import EvalTransform  # noqa: E402
 from cl_core.data import shards as S  # noqa: E402
 from cl_core.data.reader import ShardStream, load_split  # noqa: E402
 from cl_core.data.sources import IdxSource, digits_source  # noqa: E402
-from cl_core.engine import LoopConfig, PretrainLoop  # noqa: E402
+from cl_core.engine import LoopConfig, TrainingLoop  # noqa: E402
 from cl_core.evaluate import extract_features, knn_top1, linear_probe_top1  # noqa: E402
 from cl_core.methods import get_method, known_methods  # noqa: E402
 from pipelines.config import ViewsConfig  # noqa: E402
-from pipelines.stages.pretrain import view_transform  # noqa: E402
+from pipelines.stages._pretraining import view_transform  # noqa: E402
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -156,7 +156,7 @@ def run_method(name: str, shard_dir: Path, manifest: dict, a: argparse.Namespace
     cfg = LoopConfig(epochs=a.epochs, batch_size_per_worker=a.batch_size, optimizer=s["optimizer"],
                      lr_base=s["lr_base"], weight_decay=s.get("weight_decay", 1e-6), warmup_epochs=1,
                      loader_workers=a.loader_workers)
-    loop = PretrainLoop(method, method, stream, cfg, torch.device("cpu"))
+    loop = TrainingLoop(method, method, stream, cfg, torch.device("cpu"))
     before_mib = _status_mib("VmRSS")  # this process with torch, the method and the loop built
     _reset_peak()
     t0 = time.perf_counter()

@@ -1,6 +1,6 @@
 """The cost of Ray Train: the same training loop bare and as a Ray Train run.
 
-Both sides run the project's ``PretrainLoop`` (SimCLR, small CNN, the digits shards
+Both sides run the project's ``TrainingLoop`` (SimCLR, small CNN, the digits shards
 read by ``ShardStream``, DDP over gloo, a checkpoint every epoch) on the same number of
 worker processes with the same threads each:
 
@@ -41,7 +41,7 @@ from cl_core import distributed  # noqa: E402
 from cl_core.augment import SimCLRTransform  # noqa: E402
 from cl_core.data import shards as S  # noqa: E402
 from cl_core.data.reader import ShardStream  # noqa: E402
-from cl_core.engine import LoopConfig, PretrainLoop  # noqa: E402
+from cl_core.engine import LoopConfig, TrainingLoop  # noqa: E402
 from cl_core.methods import SimCLR  # noqa: E402
 from infra.procs import free_port  # noqa: E402
 from pipelines.config import RayConfig  # noqa: E402
@@ -61,7 +61,7 @@ def train_loop(rank: int, world: int, cfg: dict, wrap, save) -> dict:
     urls, counts = S.shard_urls(cfg["shard_dir"], cfg["manifest"], "train")
     stream = ShardStream(urls, counts, transform=SimCLRTransform(16, crop_min_scale=0.3), batch_size=32, rank=rank,
                          world_size=world, loader_workers=cfg["loader_workers"], shuffle_buffer=500, seed=0)
-    loop = PretrainLoop(model, method, stream, LoopConfig(epochs=cfg["epochs"], batch_size_per_worker=32,
+    loop = TrainingLoop(model, method, stream, LoopConfig(epochs=cfg["epochs"], batch_size_per_worker=32,
                                                           loader_workers=cfg["loader_workers"],
                                                           log_every_steps=1), torch.device("cpu"))
     stamps: list[float] = []

@@ -10,7 +10,7 @@ around a few functions for the duration of the run (restored afterwards):
 - the MLflow calls the driver makes: every public ``MlflowClient`` method, the fluent
   functions (``mlflow.start_run``, ``end_run``, ``log_*``, ``set_tag(s)``, ...),
   ``mlflow.pyfunc.log_model``, ``mlflow.artifacts.load_dict``,
-  ``cl_core.models.saved.log_model`` and the wrappers in ``pipelines.tracking``. Only the
+  ``pipelines.models.log_model`` and the wrappers in ``pipelines.tracking``. Only the
   outermost call is timed (no double counting), and its time goes to the stage whose
   MLflow run window [start, end] it overlaps;
 - ``fit`` of the Ray Train stages (pretrain, finetune, distill) and ``Tuner.fit`` of
@@ -165,8 +165,7 @@ def instrument(probe: Probe) -> None:
     from mlflow.tracking import MlflowClient
 
     import pipelines.cli
-    from cl_core.models import saved
-    from pipelines import ray_env, tracking
+    from pipelines import models, ray_env, tracking
 
     # the stage modules (pipelines.stages re-exports functions of the same names)
     _train, pretrain, finetune, distill, sweep = (importlib.import_module(f"pipelines.stages.{m}")
@@ -179,7 +178,7 @@ def instrument(probe: Probe) -> None:
         probe.mlflow_function(mlflow.tracking.fluent, name, f"mlflow.{name}")
     probe.mlflow_function(mlflow.pyfunc, "log_model", "mlflow.pyfunc.log_model")
     probe.mlflow_function(mlflow.artifacts, "load_dict", "mlflow.artifacts.load_dict")
-    probe.mlflow_function(saved, "log_model", "saved.log_model")
+    probe.mlflow_function(models, "log_model", "models.log_model")
     for name in TRACKING:
         probe.mlflow_function(tracking, name, f"tracking.{name}")
     probe.span(ray_env, "init", "ray_init")

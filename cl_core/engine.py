@@ -123,8 +123,10 @@ ReportFn = Callable[[dict[str, float], dict | None], None]
 CheckpointFn = Callable[[dict[str, float], dict], None]
 
 
-class PretrainLoop:
-    """Owns the optimizer, the step counter and the epoch counter of one worker.
+class TrainingLoop:
+    """Owns the optimizer, the step counter and the epoch counter of one worker: the loop
+    of every training stage (pretraining, sweep trials, fine-tuning, distillation), each
+    training one :class:`Method` objective.
 
     Args:
         model: the method, possibly wrapped by DDP (its forward returns a StepOutput).

@@ -22,6 +22,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -135,20 +136,27 @@ def withheld_secrets() -> list[str]:
     return [k for k in SECRET_ENV if os.environ.get(k)]
 
 
-def build_job(config: str | None, overrides: list[str], root: Path, flags: list[str] | None = None,
+@dataclass(frozen=True)
+class Pipeline:
+    """The pipeline a job runs, as the caller (``clpipe submit``) validated it: this module
+    knows no config schema."""
+
+    name: str
+    config: str | None  # as given on the command line (None: the embedded default)
+    config_file: Path | None  # the file it names
+    work_dir: str
+    tracking_uri: str | None  # the config's mlflow.tracking_uri
+
+
+def build_job(config_file: Path | None, overrides: list[str], root: Path, flags: list[str] | None = None,
               forward_secrets: bool = False) -> tuple[str, dict[str, Any]]:
     """The entrypoint and runtime_env that run ``clpipe run CONFIG --set ...`` as a job."""
     args = ["python", "-m", "pipelines", "run"]
     env = forwarded_env(forward_secrets)
     env["PYTHONUNBUFFERED"] = "1"  # logs reach `clpipe logs` as they are printed
     prefix = ""
-    if config is not None:
-        from pipelines.config import ConfigError, config_path
-
-        try:
-            path = config_path(config).resolve()  # a file, or a shipped config's name
-        except ConfigError as e:
-            raise JobsError(f"config {e}") from None
+    if config_file is not None:
+        path = Path(config_file).resolve()
         rel = path.relative_to(root) if path.is_relative_to(root) else None
         if rel is not None and not any(part in EXCLUDES or part.endswith(".egg-info") for part in rel.parts):
             args.append(rel.as_posix())  # uploaded with the working dir
@@ -169,19 +177,15 @@ def _submission_id(name: str) -> str:
     return f"clpipe-{slug}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
 
-def submit(config: str | None, overrides: list[str], *, address: str | None = None, follow: bool = True,
+def submit(pipeline: Pipeline, overrides: list[str], *, address: str | None = None, follow: bool = True,
            flags: list[str] | None = None, forward_secrets: bool = False, say: Callable[[str], None] = print) -> int:
-    """Validate the config here, submit it as a Ray Job, print the id and (``follow``)
-    stream the logs until the job ends. Returns 0 only if the job SUCCEEDED (or was
-    submitted, with ``follow`` off)."""
-    from pipelines.config import load_config
-
-    cfg = load_config(config, overrides)  # a typo fails here, not minutes later on the cluster
+    """Submit the (validated) pipeline as a Ray Job, print the id and (``follow``) stream
+    the logs until the job ends. Returns 0 only if the job SUCCEEDED (or was submitted,
+    with ``follow`` off)."""
     client = connect(address)
     url = resolve_address(address)
     root = project_root()
-    work = [o.split("=", 1)[1] for o in overrides if o.startswith("work_dir=")]
-    work_dir = work[-1] if work else cfg.work_dir
+    work_dir = pipeline.work_dir
     excludes_extra: list[str] = []
     if "://" not in work_dir:
         wp = Path(work_dir).expanduser()
@@ -190,22 +194,23 @@ def submit(config: str | None, overrides: list[str], *, address: str | None = No
                 "project; pass an absolute path (--work-dir) or an s3:// location to keep the outputs")
         elif wp.resolve().is_relative_to(root):
             excludes_extra.append("/" + wp.resolve().relative_to(root).as_posix())
-    entrypoint, runtime_env = build_job(config, overrides, root, flags, forward_secrets)
+    entrypoint, runtime_env = build_job(pipeline.config_file, overrides, root, flags, forward_secrets)
     withheld = [] if forward_secrets else withheld_secrets()
     if withheld:
         say(f"note: not sent to the cluster: {', '.join(withheld)}; the job uses the credentials of the cluster's "
             "nodes (instance role, their environment or ~/.aws). --forward-secrets sends these, readable by anyone "
             "who can reach the job server")
     runtime_env["excludes"] += excludes_extra
-    tracking = runtime_env["env_vars"].get("MLFLOW_TRACKING_URI") or cfg.mlflow.tracking_uri or \
+    tracking = runtime_env["env_vars"].get("MLFLOW_TRACKING_URI") or pipeline.tracking_uri or \
         "sqlite in the work dir on the cluster"
-    job_id = _submission_id(cfg.name)
+    job_id = _submission_id(pipeline.name)
     try:
         client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=job_id,
-                          metadata={"clpipe.pipeline": cfg.name, "clpipe.config": config or "(embedded default)"})
+                          metadata={"clpipe.pipeline": pipeline.name,
+                                    "clpipe.config": pipeline.config or "(embedded default)"})
     except Exception as e:
         raise JobsError(f"submitting to {url} failed: {procs.one_line(e)}") from None
-    say(f"submitted job {job_id} to {url} (pipeline {cfg.name}, MLflow {tracking})")
+    say(f"submitted job {job_id} to {url} (pipeline {pipeline.name}, MLflow {tracking})")
     if not follow:
         say(f"follow it: clpipe logs {job_id} --follow --address {url}; stop it: clpipe stop {job_id} --address {url}")
         return 0

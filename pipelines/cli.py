@@ -208,13 +208,16 @@ def _jobs(args: argparse.Namespace) -> int:
     from infra import jobs
 
     if args.command == "submit":
-        from pipelines.config import ConfigError
+        from pipelines.config import ConfigError, config_path, load_config
 
         flags = [x for flag in ("rerun", "only", "until") if getattr(args, flag)
                  for x in (f"--{flag}", getattr(args, flag))]
         overrides = list(args.overrides) + ([f"work_dir={args.work_dir}"] if args.work_dir else [])
         try:
-            return jobs.submit(args.config, overrides, address=args.address, follow=not args.no_follow, flags=flags,
+            cfg = load_config(args.config, overrides)  # a typo fails here, not minutes later on the cluster
+            pipeline = jobs.Pipeline(cfg.name, args.config, config_path(args.config) if args.config else None,
+                                     args.work_dir or cfg.work_dir, cfg.mlflow.tracking_uri)
+            return jobs.submit(pipeline, overrides, address=args.address, follow=not args.no_follow, flags=flags,
                                forward_secrets=args.forward_secrets)
         except ConfigError as e:
             print(f"clpipe: config error:\n{e}", file=sys.stderr)

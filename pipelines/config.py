@@ -10,6 +10,7 @@ import copy
 import difflib
 import inspect
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -482,6 +483,11 @@ class RayConfig(Section):
                           "a cluster joined through `address` keeps its own settings")
 
 
+# the section has the stage's name, `register`, which is also a classmethod of every ABC (pydantic's
+# models among them): the field shadows it on instances only, as fields do, so pydantic's warning is moot
+warnings.filterwarnings("ignore", message='Field name "register" in "PipelineConfig" shadows', category=UserWarning)
+
+
 class PipelineConfig(Section):
     name: str = "default"
     seed: int = 0
@@ -493,7 +499,7 @@ class PipelineConfig(Section):
     finetune: FinetuneConfig = FinetuneConfig()
     distill: DistillConfig = DistillConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
-    registry: RegisterConfig = RegisterConfig()
+    register: RegisterConfig = RegisterConfig()
     mlflow: MlflowConfig = MlflowConfig()
     ray: RayConfig = RayConfig()
 
@@ -545,8 +551,8 @@ class PipelineConfig(Section):
             raise ValueError(f"pretrain.method: {self.pretrain.method} {'reads text' if text_method else 'reads images'} "
                              f"but data.source.kind is {self.data.source.kind}; pair text methods (simcse) with a text "
                              "source and image methods with an image source")
-        if self.registry.label_fraction is not None and self.registry.label_fraction not in self.labels.fractions:
-            raise ValueError(f"registry.label_fraction ({self.registry.label_fraction}) is not one of "
+        if self.register.label_fraction is not None and self.register.label_fraction not in self.labels.fractions:
+            raise ValueError(f"register.label_fraction ({self.register.label_fraction}) is not one of "
                              f"labels.fractions {self.labels.fractions}")
         if self.distill.student_width is not None and (self.distill.student_backbone or self.pretrain.backbone) != "small_cnn":
             raise ValueError("distill.student_width applies to the small_cnn backbone only; leave it unset")
@@ -591,7 +597,7 @@ class PipelineConfig(Section):
         return self.data.source.kind == "text"
 
     def model_name(self) -> str:
-        return self.registry.model_name or self.name
+        return self.register.model_name or self.name
 
     def work_path(self) -> Path:
         return Path(self.work_dir).expanduser().resolve()

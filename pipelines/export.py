@@ -26,6 +26,7 @@ import torch
 from mlflow.models import Model
 
 from cl_core.models import saved
+from pipelines import models
 
 FORMATS = ("state_dict", "torchscript", "onnx")
 
@@ -44,7 +45,7 @@ def export(uri: str, out: str | Path, fmt: str) -> Path:
         raise ValueError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
     out = Path(out)
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
-    data = saved.data_path(local, uri)
+    data = models.data_path(local, uri)
     module = saved.load_module(data)
     x = torch.from_numpy(_example(local, uri))
     with torch.no_grad():

@@ -19,7 +19,7 @@ from cl_core.data import shards as S
 from cl_core.data.device_decode import CropPlan, EncodedBatch, collate_encoded, decode_encoded
 from cl_core.data.reader import ShardStream, training_loader
 from cl_core.data.sources import ImageFolderSource
-from cl_core.engine import LoopConfig, PretrainLoop
+from cl_core.engine import LoopConfig, TrainingLoop
 from cl_core.methods.simclr import SimCLR
 from tests.test_shards import write_set
 
@@ -105,7 +105,7 @@ def test_the_loop_trains_on_encoded_batches(shard_sets):
                          collate=collate_encoded)
     cfg = LoopConfig(epochs=1, batch_size_per_worker=4, optimizer="sgd", lr_base=0.1, warmup_epochs=0,
                      loader_workers=1)
-    loop = PretrainLoop(method, method, stream, cfg, torch.device("cpu"),
+    loop = TrainingLoop(method, method, stream, cfg, torch.device("cpu"),
                         view_augment=DeviceViews(jitter_strength=0.5, jitter_prob=0.8, grayscale_prob=0.2,
                                                  blur_prob=0.0))
     history = loop.run(lambda m, s: None)
@@ -125,7 +125,7 @@ def test_a_jpeg_header_is_all_the_loader_reads():
 
 def test_decode_on_config(shard_sets):
     from pipelines.config import ConfigError, ViewsConfig, load_config
-    from pipelines.stages.pretrain import crop_plan, decodes_on_device
+    from pipelines.stages._pretraining import crop_plan, decodes_on_device
 
     with pytest.raises(ConfigError, match=r"pretrain.views.decode_on: device needs augment_on: device"):
         load_config("default", ["pretrain.views.decode_on=device"])

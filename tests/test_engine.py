@@ -9,7 +9,7 @@ from cl_core.augment import SimCLRTransform
 from cl_core.data import shards as S
 from cl_core.data.reader import ShardStream
 from cl_core.data.sources import npz_source
-from cl_core.engine import LoopConfig, NonFiniteLossError, PretrainLoop
+from cl_core.engine import LoopConfig, NonFiniteLossError, TrainingLoop
 from cl_core.methods import SimCLR
 from tests.test_shards import write_set
 
@@ -30,7 +30,7 @@ def _loop(train_shards, epochs=2, lr_base=0.3, device_views=None, **cfg_kw):
                          world_size=1, loader_workers=0, shuffle_buffer=10, seed=0)
     cfg = LoopConfig(epochs=epochs, batch_size_per_worker=8, optimizer="lars", lr_base=lr_base, warmup_epochs=1,
                      loader_workers=0, **cfg_kw)
-    return PretrainLoop(method, method, stream, cfg, torch.device("cpu"), view_augment=device_views)
+    return TrainingLoop(method, method, stream, cfg, torch.device("cpu"), view_augment=device_views)
 
 
 def test_loop_reports_each_epoch_with_state(train_shards):
@@ -75,7 +75,7 @@ def _method_loop(name, train_shards):
 
     from cl_core.methods import get_method
     from pipelines.config import ViewsConfig
-    from pipelines.stages.pretrain import view_transform
+    from pipelines.stages._pretraining import view_transform
 
     urls, counts = train_shards
     cls = get_method(name)
@@ -93,7 +93,7 @@ def _method_loop(name, train_shards):
                          loader_workers=0, shuffle_buffer=10, seed=0)
     cfg = LoopConfig(epochs=2, batch_size_per_worker=8, optimizer="sgd", lr_base=0.3, warmup_epochs=1,
                      loader_workers=0)
-    return PretrainLoop(method, method, stream, cfg, torch.device("cpu"))
+    return TrainingLoop(method, method, stream, cfg, torch.device("cpu"))
 
 
 def _resumed_equals_straight(name, train_shards, path, interrupt) -> None:
@@ -317,7 +317,7 @@ def _two_rank_draws(rank: int, world: int, urls: list[str], counts: list[int]) -
     weights = torch.cat([p.detach().flatten() for p in method.parameters()])
     stream = ShardStream(urls, counts, transform=SimCLRTransform(8), batch_size=4, rank=rank, world_size=world,
                          loader_workers=1, shuffle_buffer=10, seed=0)
-    loop = PretrainLoop(method, method, stream, LoopConfig(epochs=1, batch_size_per_worker=4, loader_workers=1),
+    loop = TrainingLoop(method, method, stream, LoopConfig(epochs=1, batch_size_per_worker=4, loader_workers=1),
                         torch.device("cpu"))
     state = loop.state_dict()
     draws = torch.randint(0, 2**31, (8,))  # what the step's negatives and dropout masks draw from
@@ -387,6 +387,6 @@ def test_dino_trains_with_its_loop_defaults_and_a_config_turns_them_off(train_sh
     import dataclasses
 
     off = _method_loop("dino", train_shards)
-    off = PretrainLoop(off.method, off.method, off.stream,
+    off = TrainingLoop(off.method, off.method, off.stream,
                        dataclasses.replace(off.cfg, grad_clip=0.0, weight_decay_end=None), torch.device("cpu"))
     assert off.grad_clip == 0.0 and off.weight_decay_end == 0.4  # None keeps the method's default

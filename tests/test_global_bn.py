@@ -15,7 +15,7 @@ from torch import nn
 from cl_core.methods import get_method, known_methods
 from cl_core.models.global_bn import GlobalBatchNorm, convert_global_bn, local_statistics
 from pipelines.config import PretrainConfig
-from pipelines.stages.pretrain import global_bn
+from pipelines.stages._pretraining import global_bn
 from tests.gloo import run_workers
 
 WORLD = 2

@@ -33,7 +33,7 @@ def test_the_job_carries_the_config_and_the_locations_and_secrets_only_when_aske
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:8333")
     monkeypatch.setenv("UNRELATED_SECRET", "nope")
     inside = root / "pipelines" / "configs" / "default.yaml"
-    entry, renv = jobs.build_job(str(inside), ["pretrain.epochs=1"], root)
+    entry, renv = jobs.build_job(inside, ["pretrain.epochs=1"], root)
     assert entry == "python -m pipelines run pipelines/configs/default.yaml --set pretrain.epochs=1"
     assert renv["working_dir"] == str(root) and ".clpipe-stack" in renv["excludes"] and ".venv" in renv["excludes"]
     assert renv["env_vars"]["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5000"
@@ -41,17 +41,25 @@ def test_the_job_carries_the_config_and_the_locations_and_secrets_only_when_aske
     assert not set(secrets) & set(renv["env_vars"]) and not any(v in repr(renv) for v in secrets.values())
     assert jobs.withheld_secrets() == list(jobs.SECRET_ENV)
     assert "UNRELATED_SECRET" not in renv["env_vars"] and "RAY_ADDRESS" not in renv["env_vars"]
-    _, renv = jobs.build_job(str(inside), [], root, forward_secrets=True)  # --forward-secrets
+    _, renv = jobs.build_job(inside, [], root, forward_secrets=True)  # --forward-secrets
     assert {k: renv["env_vars"][k] for k in secrets} == secrets
 
     outside = tmp_path / "my config.yaml"  # outside the project: its text travels in the runtime_env
     outside.write_text("name: outside\n")
-    entry, renv = jobs.build_job(str(outside), [], root)
+    entry, renv = jobs.build_job(outside, [], root)
     assert renv["env_vars"][jobs.CONFIG_ENV] == "name: outside\n"
     assert entry.startswith(f'printf "%s" "${jobs.CONFIG_ENV}" > ') and "python -m pipelines run 'clpipe-job-" in entry
     assert "s3cr3t-value" not in entry
 
     entry, _ = jobs.build_job(None, ["work_dir=/w"], root, ["--until", "shard"])
     assert entry == "python -m pipelines run --set work_dir=/w --until shard"
-    with pytest.raises(jobs.JobsError, match="config file not found"):
-        jobs.build_job(str(tmp_path / "missing.yaml"), [], root)
+
+
+def test_a_submit_with_a_bad_config_fails_before_it_connects(tmp_path, capsys):
+    """The config is validated where `clpipe submit` runs: exit 2, no job server asked."""
+    address = f"http://127.0.0.1:{procs.free_port()}"
+    assert main(["submit", str(tmp_path / "missing.yaml"), "--address", address]) == 2
+    err = capsys.readouterr().err
+    assert "config file not found" in err and "no Ray job server" not in err
+    assert main(["submit", "--set", "pretrain.epochs=0", "--address", address]) == 2
+    assert "pretrain.epochs" in capsys.readouterr().err

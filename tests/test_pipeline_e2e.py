@@ -40,7 +40,7 @@ def test_the_chain_logs_lineage_metrics_and_models(chain, monkeypatch):
     import mlflow.pyfunc
     import numpy as np
 
-    from cl_core.models.saved import load_model
+    from pipelines.models import load_model
 
     for col in ("supervised", "teacher", "student", "encoder"):
         assert col in chain.out
@@ -295,7 +295,8 @@ def test_export_the_registered_student_as_a_state_dict_torchscript_and_onnx(chai
     import numpy as np
     import torch
 
-    from cl_core.models.saved import build_module, load_model
+    from cl_core.models.saved import build_module
+    from pipelines.models import load_model
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     uri = "models:/default-student@champion"

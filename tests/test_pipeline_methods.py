@@ -11,7 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipelines.cli import main
-from pipelines.stages.pretrain import load_method
+from pipelines.stages._pretraining import load_method
 from tests.conftest import latest_children, outputs
 
 pytestmark = pytest.mark.slow

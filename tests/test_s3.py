@@ -156,7 +156,7 @@ def test_pipeline_shards_checkpoints_and_artifacts_in_s3(s3, tmp_path, capsys):
 
     from cl_core.data.shards import read_manifest
     from pipelines.cli import main
-    from pipelines.stages.pretrain import load_method
+    from pipelines.stages._pretraining import load_method
     from tests.conftest import latest_children, outputs
 
     work = tmp_path / "work"

@@ -26,6 +26,7 @@ from cl_core.data import shards as S
 from cl_core.data.sources import ArraySource
 from cl_core.methods import SimCLR, get_method
 from cl_core.models import build_classifier, classifier_from_pretrained, classifier_spec, saved
+from pipelines import models
 from tests.conftest import make_images
 
 SIMCLR = {"method": "simclr", "kwargs": {"backbone": "small_cnn", "backbone_args": {"width": 8}, "head_layers": 2,
@@ -96,12 +97,12 @@ def test_a_classifier_loads_back_as_a_module_and_as_a_pyfunc(store):
     model, builder = _teacher()
     x = _images()
     with mlflow.start_run(experiment_id=store):
-        info = saved.log_model(model, name="teacher", builder=builder, registered_model_name="t-teacher",
+        info = models.log_model(model, name="teacher", builder=builder, registered_model_name="t-teacher",
                                input_example=x)
     assert info.registered_model_version == 1
     MlflowClient().set_registered_model_alias("t-teacher", "champion", "1")
     for uri in ("models:/t-teacher@champion", "models:/t-teacher/1", info.model_uri):
-        back = saved.load_model(uri)
+        back = models.load_model(uri)
         assert type(back).__name__ == "Classifier" and not back.training
         np.testing.assert_array_equal(_out(back, x), _out(model, x))
     pf = mlflow.pyfunc.load_model("models:/t-teacher@champion", model_config=CPU)
@@ -121,11 +122,11 @@ def test_a_text_encoder_takes_token_ids(store):
     encoder = method(**rec["kwargs"], gather_distributed=False).encoder().eval()
     ids = method.example_batch(n=3)["views"][0].numpy()
     with mlflow.start_run(experiment_id=store):
-        info = saved.log_model(encoder, name="encoder", builder={"kind": "encoder", "model": rec}, input_example=ids)
+        info = models.log_model(encoder, name="encoder", builder={"kind": "encoder", "model": rec}, input_example=ids)
     pf = mlflow.pyfunc.load_model(info.model_uri, model_config=CPU)
     assert pf.metadata.signature.inputs.to_dict()[0]["tensor-spec"]["dtype"] == "int64"
     np.testing.assert_allclose(pf.predict(ids), _out(encoder, ids), rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(_out(saved.load_model(info.model_uri), ids), _out(encoder, ids))
+    np.testing.assert_array_equal(_out(models.load_model(info.model_uri), ids), _out(encoder, ids))
 
 
 def test_an_encoder_logged_as_the_pretrain_stage_does(store):
@@ -133,12 +134,12 @@ def test_an_encoder_logged_as_the_pretrain_stage_does(store):
     method = SimCLR(**SIMCLR["kwargs"], gather_distributed=False)
     encoder = method.encoder().eval()
     with mlflow.start_run(experiment_id=store):
-        info = saved.log_model(encoder, name="encoder", builder={"kind": "encoder", "model": SIMCLR})
+        info = models.log_model(encoder, name="encoder", builder={"kind": "encoder", "model": SIMCLR})
     x = _images(3)
     pf = mlflow.pyfunc.load_model(info.model_uri, model_config=CPU)
     assert pf.metadata.signature is None
     np.testing.assert_allclose(pf.predict(x), _out(encoder, x), rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(_out(saved.load_model(info.model_uri), x), _out(encoder, x))
+    np.testing.assert_array_equal(_out(models.load_model(info.model_uri), x), _out(encoder, x))
 
 
 def _globals(pt: Path) -> set[str]:
@@ -152,7 +153,7 @@ def test_the_artifacts_hold_no_pickled_objects_and_loading_unpickles_none(store,
     model, builder = _teacher()
     x = _images()
     with mlflow.start_run(experiment_id=store):
-        info = saved.log_model(model, name="teacher", builder=builder, input_example=x)
+        info = models.log_model(model, name="teacher", builder=builder, input_example=x)
     local = Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(tmp_path)))
     files = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()}
     assert {"MLmodel", "data/weights/state_dict.pt", "data/weights/builder.json"} <= files
@@ -180,7 +181,7 @@ def test_the_artifacts_hold_no_pickled_objects_and_loading_unpickles_none(store,
         torch.load(local / "data/weights/state_dict.pt", weights_only=False)
     assert ("torch._utils", "_rebuild_tensor_v2") in found
     with _Recorder() as found:  # ... and sees nothing while the saved model loads and predicts
-        back = saved.load_model(info.model_uri)
+        back = models.load_model(info.model_uri)
         pf = mlflow.pyfunc.load_model(info.model_uri)
         pf.predict(x)
     assert found == []
@@ -200,13 +201,13 @@ class _Payload:
 def test_a_weights_file_with_objects_is_refused_not_run(store, tmp_path):
     model, builder = _teacher()
     with mlflow.start_run(experiment_id=store):
-        info = saved.log_model(model, name="teacher", builder=builder)
+        info = models.log_model(model, name="teacher", builder=builder)
     local = Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(tmp_path / "model")))
     marker = tmp_path / "ran"
     weights = local / "data/weights/state_dict.pt"
     torch.save({"fc.weight": _Payload(marker)}, weights)
     with pytest.raises(ValueError, match=r"state_dict\.pt: holds objects other than tensors") as e:
-        saved.load_model(str(local))
+        models.load_model(str(local))
     assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match="holds objects other than tensors"):
         mlflow.pyfunc.load_model(str(local))
@@ -218,8 +219,8 @@ def test_a_pickled_pytorch_flavor_model_is_not_loaded(store):
     with mlflow.start_run(experiment_id=store):
         info = mlflow.pytorch.log_model(model, name="pickled", serialization_format="pickle",
                                         pip_requirements=["torch"])
-    with pytest.raises(ValueError, match="not a model logged by cl_core.models.saved.log_model") as e:
-        saved.load_model(info.model_uri)
+    with pytest.raises(ValueError, match="not a model logged by pipelines.models.log_model") as e:
+        models.load_model(info.model_uri)
     assert "'mlflow.pytorch'" in str(e.value) and "\n" not in str(e.value)
 
 
@@ -235,7 +236,7 @@ def test_a_pickled_pytorch_flavor_model_is_not_loaded(store):
 def test_a_builder_that_does_not_rebuild_the_module_is_refused_before_logging(builder, error):
     model = build_classifier(classifier_spec(backbone="small_cnn", num_classes=3, width=8))
     with pytest.raises(ValueError, match=error) as e:
-        saved.log_model(model, name="m", builder=builder)
+        models.log_model(model, name="m", builder=builder)
     assert "\n" not in str(e.value)
 
 
@@ -245,7 +246,7 @@ def test_a_builder_that_computes_otherwise_is_refused():
     encoder = cpc(**kw, patch_size=4, gather_distributed=False).encoder()
     other = {"kind": "encoder", "model": {"method": "cpc", "kwargs": {**kw, "patch_size": 6}}}  # the same weights
     with pytest.raises(ValueError, match="builder: the module rebuilt from it computes other outputs") as e:
-        saved.log_model(encoder, name="m", builder=other, input_example=_images())
+        models.log_model(encoder, name="m", builder=other, input_example=_images())
     assert "\n" not in str(e.value)
 
 
@@ -333,8 +334,8 @@ def test_the_register_stage_logs_safe_models_with_tags_and_aliases(store, tmp_pa
     x = _images()
     teacher = load_classifier(inputs["finetune"]["models"]["teacher_10pct"])
     with _Recorder() as found:
-        back = saved.load_model("models:/reg-teacher@champion")
-        encoder = saved.load_model("models:/reg-encoder@champion")
+        back = models.load_model("models:/reg-teacher@champion")
+        encoder = models.load_model("models:/reg-encoder@champion")
     assert found == []
     np.testing.assert_array_equal(_out(back, x), _out(teacher, x))
     method = SimCLR(**SIMCLR["kwargs"], gather_distributed=False)

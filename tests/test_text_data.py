@@ -26,7 +26,7 @@ from cl_core.data.text import (
     text_stream,
     write_text_shards,
 )
-from cl_core.engine import LoopConfig, PretrainLoop
+from cl_core.engine import LoopConfig, TrainingLoop
 from cl_core.methods.simcse import SimCSE
 from cl_core.text.corpus import python_docs_sentences, write_corpus
 from cl_core.text.tokenizer import (
@@ -298,7 +298,7 @@ def test_pretrain_loop_runs_simcse_on_text_shards_and_embeds_a_split(text_set):
     stream = text_stream(out, m, batch_size=8, rank=0, world_size=1, loader_workers=0, max_len=20, shuffle_buffer=16)
     cfg = LoopConfig(epochs=1, batch_size_per_worker=8, optimizer="adamw", lr_base=1e-3, warmup_epochs=0,
                      loader_workers=0)
-    loop = PretrainLoop(method, method, stream, cfg, torch.device("cpu"))
+    loop = TrainingLoop(method, method, stream, cfg, torch.device("cpu"))
     reports = []
     loop.run(lambda metrics, state: reports.append(metrics))
     assert len(reports) == 1 and reports[0]["step"] == loop.steps_per_epoch

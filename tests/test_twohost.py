@@ -257,7 +257,7 @@ def _moco_run(runs: dict, outputs: dict) -> None:
     here from the shared path."""
     import torch
 
-    from pipelines.stages.pretrain import load_method
+    from pipelines.stages._pretraining import load_method
 
     pre = runs["pretrain"]
     assert pre["params"]["method.queue_size"] == "256" and pre["params"]["method.momentum"] == "0.99"

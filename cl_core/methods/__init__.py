@@ -11,6 +11,7 @@ from cl_core.methods.base import (
     METHODS,
     Method,
     StepOutput,
+    build_method,
     get_method,
     known_methods,
     method_params,
@@ -22,4 +23,4 @@ for _info in pkgutil.iter_modules(__path__):
     if _info.name != "base" and not _info.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_info.name}")
 
-__all__ = ["METHODS", "Method", "SimCLR", "StepOutput", "get_method", "known_methods", "method_params", "register"]
+__all__ = ["METHODS", "Method", "SimCLR", "StepOutput", "build_method", "get_method", "known_methods", "method_params", "register"]

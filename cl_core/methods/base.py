@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -55,6 +55,12 @@ def get_method(name: str) -> type[Method]:
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; known methods: {', '.join(known_methods())}")
     return METHODS[name]
+
+
+def build_method(record: Mapping[str, Any], *, gather_distributed: bool = True) -> Method:
+    """The method a record describes: ``{"method": NAME, "kwargs": {...}}`` (a checkpoint's,
+    an Encoder's or a saved model's ``model`` record)."""
+    return get_method(record["method"])(**record.get("kwargs", {}), gather_distributed=gather_distributed)
 
 
 def method_params(name: str) -> dict[str, Any]:

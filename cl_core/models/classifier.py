@@ -81,10 +81,9 @@ def build_classifier(spec: dict[str, Any]) -> Classifier:
     method's ``encoder()`` (any architecture: two-stream CMC, CPC's patch grid, ViTs);
     otherwise a plain backbone of ``spec["backbone"]``."""
     if spec.get("encoder"):
-        from cl_core.methods import get_method  # the methods build on this module
+        from cl_core.methods import build_method  # the methods build on this module
 
-        rec = spec["encoder"]
-        method = get_method(rec["method"])(**rec["kwargs"], gather_distributed=False)
+        method = build_method(spec["encoder"], gather_distributed=False)
         return classifier_from_pretrained(method, spec, init_fc=False)
     backbone, feat_dim = build_backbone(spec["backbone"], in_channels=spec.get("in_channels", 3),
                                         cifar_stem=spec.get("cifar_stem", False), width=spec.get("width", 32))

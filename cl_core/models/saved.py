@@ -1,7 +1,7 @@
-"""MLflow models that load without unpickling: weights plus a JSON recipe.
+"""Models saved as weights plus a JSON recipe, so loading one unpickles nothing.
 
-A model logged by :func:`log_model` is an MLflow ``python_function`` model whose data
-folder holds two files:
+The pure-PyTorch half of a logged model (the MLflow half, logging and downloading, is
+``pipelines.models``). A saved model's data folder holds two files:
 
 - ``state_dict.pt``: the module's ``state_dict`` (tensors only), read back with
   ``torch.load(weights_only=True)``, PyTorch's restricted loader that accepts tensors
@@ -11,13 +11,14 @@ folder holds two files:
   ``{"kind": "encoder", "model": {"method": NAME, "kwargs": {...}}}`` (the encoder of a
   pretrained method of :mod:`cl_core.methods`).
 
-Its ``loader_module`` is this module, so ``mlflow.pyfunc.load_model(uri)`` imports the
-installed ``cl_core`` (no code is read from the artifacts) and ``predict`` maps an array
-(images ``(N, C, H, W)`` float32, or token ids ``(N, L)`` int64 for text encoders) to
-the module's output as a numpy array. :func:`load_model` gives the ``torch.nn.Module``
-back. Both need ``cl_core`` importable where the model is loaded. The pyfunc predicts
-on ``model_config={"device": ...}``, else ``MLFLOW_DEFAULT_PREDICTION_DEVICE``, else CUDA
-when there is one, as MLflow's pytorch flavor does.
+This module is the MLflow ``python_function`` model's ``loader_module``: MLflow calls
+:func:`_load_pyfunc` with the data folder, and ``predict`` maps an array (images
+``(N, C, H, W)`` float32, or token ids ``(N, L)`` int64 for text encoders) to the
+module's output as a numpy array. It imports no MLflow: a logged model carries this
+``cl_core`` package as its code (``code_paths``) and loads wherever torch does. The
+pyfunc predicts on ``model_config={"device": ...}``, else
+``MLFLOW_DEFAULT_PREDICTION_DEVICE``, else CUDA when there is one, as MLflow's pytorch
+flavor does.
 
 MLflow's pytorch flavor would instead pickle the module (``serialization_format=
 "pickle"``: loading runs whatever the pickle names) or export a ``torch.export`` graph
@@ -30,17 +31,12 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import mlflow.artifacts
-import mlflow.pyfunc
 import numpy as np
 import torch
-from mlflow.models import Model, ModelSignature, infer_signature
-from mlflow.models.model import ModelInfo
 from torch import nn
 
 FORMAT = "cl_core-state-dict/1"
@@ -69,10 +65,9 @@ def build_module(builder: Mapping[str, Any]) -> nn.Module:
         from cl_core.models.classifier import build_classifier
 
         return build_classifier(dict(builder["spec"]))
-    from cl_core.methods import get_method  # the methods build on cl_core.models
+    from cl_core.methods import build_method  # the methods build on cl_core.models
 
-    model = builder["model"]
-    return get_method(model["method"])(**model.get("kwargs", {}), gather_distributed=False).encoder()
+    return build_method(builder["model"], gather_distributed=False).encoder()
 
 
 def _json_builder(builder: Mapping[str, Any]) -> dict[str, Any]:
@@ -116,75 +111,38 @@ def _forward(module: nn.Module, x: np.ndarray | torch.Tensor) -> np.ndarray:
     return out.detach().cpu().numpy()
 
 
-def log_model(
-    module: nn.Module,
-    *,
-    name: str,
-    builder: Mapping[str, Any],
-    registered_model_name: str | None = None,
-    signature: ModelSignature | None = None,
-    input_example: np.ndarray | None = None,
-    pip_requirements: list[str] | None = None,
-    code_paths: list[str] | None = None,
-) -> ModelInfo:
-    """Log ``module`` to the active MLflow run as ``name`` (and register it as a new version
-    of ``registered_model_name`` when given).
+def save_module(module: nn.Module, builder: Mapping[str, Any], data_dir: str | Path,
+                input_example: np.ndarray | None = None) -> np.ndarray | None:
+    """Write ``module`` to ``data_dir`` as ``state_dict.pt`` and ``builder.json``; returns
+    the module's eval-mode output on ``input_example`` (None without one).
 
     ``builder`` rebuilds the architecture (see the module docstring); the module's
-    ``state_dict`` must fit it exactly, which is checked here, so a logged model always
-    loads. With ``input_example`` and no ``signature``, the signature is inferred from the
-    module's eval-mode output on the example; on CPU, the rebuilt module must give the
-    same output. ``pip_requirements`` default: what loading and predicting imports, at the
-    versions installed here (:func:`requirements`); ``code_paths`` default: this ``cl_core``
-    package, copied into the model, so the model loads in an environment made from its
-    requirements alone (``mlflow models predict``, ``mlflow models serve``).
-    """
+    ``state_dict`` must fit it exactly, which is checked here, so a saved module always
+    loads. With ``input_example`` on CPU, the rebuilt module must give the same output."""
     builder = _json_builder(builder)
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
     rebuilt = build_module(builder)
     _load_state(rebuilt, state, "builder")
+    out = None
     if input_example is not None:
         out = _forward(module, input_example)
-        if signature is None:
-            signature = infer_signature(input_example, out)
         if all(p.device.type == "cpu" for p in module.parameters()):
             again = _forward(rebuilt, input_example)
             if again.shape != out.shape or not np.allclose(again, out, rtol=1e-4, atol=1e-5):
                 raise ValueError("builder: the module rebuilt from it computes other outputs than the module given; "
                                  "pass the builder the module was made from")
-    if pip_requirements is None:
-        pip_requirements = requirements()
-    if code_paths is None:
-        code_paths = [str(Path(__file__).resolve().parents[1])]  # the cl_core package
-    with tempfile.TemporaryDirectory() as d:
-        data = Path(d) / DATA_DIR
-        data.mkdir()
-        torch.save(state, data / WEIGHTS_FILE)
-        (data / BUILDER_FILE).write_text(json.dumps({"format": FORMAT, "builder": builder}, indent=2, sort_keys=True))
-        info = mlflow.pyfunc.log_model(
-            name=name, loader_module=__name__, data_path=str(data), registered_model_name=registered_model_name,
-            signature=signature, input_example=input_example, pip_requirements=pip_requirements, code_paths=code_paths,
-            model_config={"device": None},  # mlflow.pyfunc.load_model(uri, model_config={"device": "cpu"})
-            metadata={"format": FORMAT, "builder_kind": builder["kind"]})
-    return info
-
-
-def requirements() -> list[str]:
-    """The packages a logged model's loader imports (besides MLflow, which MLflow adds),
-    pinned to the installed versions: torch, torchvision (backbones, preprocessing),
-    numpy and Pillow (torchvision's transforms)."""
-    import importlib.metadata
-
-    out = []
-    for dist in ("torch", "torchvision", "numpy", "pillow"):
-        out.append(f"{dist}=={importlib.metadata.version(dist).split('+')[0]}")
+    data = Path(data_dir)
+    data.mkdir(parents=True, exist_ok=True)
+    torch.save(state, data / WEIGHTS_FILE)
+    (data / BUILDER_FILE).write_text(json.dumps({"format": FORMAT, "builder": builder}, indent=2, sort_keys=True))
     return out
 
 
-def _read_builder(data_path: str | Path) -> dict[str, Any]:
+def read_builder(data_path: str | Path) -> dict[str, Any]:
+    """The architecture's recipe in ``data_path``'s ``builder.json`` (format checked)."""
     path = Path(data_path) / BUILDER_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; this is not a model logged by cl_core.models.saved.log_model")
+        raise FileNotFoundError(f"{path}: missing; this is not a model logged by pipelines.models.log_model")
     record = json.loads(path.read_text())
     if record.get("format") != FORMAT:
         raise ValueError(f"{path}: format {record.get('format')!r}, expected {FORMAT!r}; "
@@ -196,39 +154,17 @@ def load_module(data_path: str | Path, *, map_location: str | torch.device = "cp
     """The module saved in ``data_path`` (the model's ``data/weights`` folder), in eval mode.
     The weights are read with ``torch.load(weights_only=True)``: a file holding anything
     other than tensors and plain containers is refused, never executed."""
-    module = build_module(_read_builder(data_path))
+    module = build_module(read_builder(data_path))
     path = Path(data_path) / WEIGHTS_FILE
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:
         raise ValueError(f"{path}: holds objects other than tensors, so it was not loaded; the file was not written by "
-                         "cl_core.models.saved.log_model (re-log the model)") from None
+                         "pipelines.models.log_model (re-log the model)") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path}: not a state_dict of tensors; re-log the model with cl_core.models.saved.log_model")
+        raise ValueError(f"{path}: not a state_dict of tensors; re-log the model with pipelines.models.log_model")
     _load_state(module, state, str(path))
     return module.to(map_location).eval()
-
-
-def data_path(local: str | Path, uri: str) -> Path:
-    """The weights folder (``state_dict.pt``, ``builder.json``) of the downloaded model at
-    ``local``; a one-line error naming ``uri`` for a model :func:`log_model` did not log."""
-    meta = Model.load(os.path.join(local, "MLmodel"))
-    conf = meta.flavors.get("python_function") or {}
-    if conf.get("loader_module") != __name__:
-        raise ValueError(f"{uri}: not a model logged by cl_core.models.saved.log_model (its python_function loader is "
-                         f"{conf.get('loader_module')!r}); pickled pytorch-flavor models are not loaded here")
-    return Path(local) / conf["data"]
-
-
-def load_model(uri: str, *, dst_path: str | None = None, map_location: str | torch.device = "cpu") -> nn.Module:
-    """The ``torch.nn.Module`` of a model logged by :func:`log_model`, in eval mode.
-
-    ``uri``: any MLflow model URI (``models:/NAME@champion``, ``models:/NAME/3``,
-    ``runs:/RUN/NAME``, a local folder). Downloads the model (into ``dst_path`` when
-    given), rebuilds the architecture from ``builder.json`` and loads the weights with
-    ``torch.load(weights_only=True)``."""
-    local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst_path)
-    return load_module(data_path(local, uri), map_location=map_location)
 
 
 class SavedModel:

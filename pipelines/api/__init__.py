@@ -70,7 +70,7 @@ def run(config: PipelineConfig | str | Path | None = None, *, overrides: dict[st
 def load_model(uri: str, map_location: str | torch.device = "cpu") -> torch.nn.Module:
     """A logged or registered model (``models:/NAME@champion``, ``models:/NAME/3``) as a torch
     module in eval mode."""
-    from cl_core.models.saved import load_model as _load
+    from pipelines.models import load_model as _load
 
     return _load(uri, map_location=map_location)
 

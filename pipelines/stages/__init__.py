@@ -22,8 +22,8 @@ STAGES = [
     StageSpec("distill", distill, lambda c: c.distill, deps=("shard", "pretrain", "labels", "finetune"), system_metrics=True),
     StageSpec("evaluate", evaluate, lambda c: c.evaluate, deps=("shard", "pretrain", "labels", "finetune", "distill"),
               system_metrics=True),
-    # the registry names derive from the config's name when registry.model_name is unset
-    StageSpec("register", register, lambda c: c.registry.model_copy(update={"model_name": c.model_name()}),
+    # the registry names derive from the config's name when register.model_name is unset
+    StageSpec("register", register, lambda c: c.register.model_copy(update={"model_name": c.model_name()}),
               deps=("shard", "pretrain", "labels", "finetune", "distill", "evaluate")),
 ]
 

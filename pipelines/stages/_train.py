@@ -40,7 +40,7 @@ from cl_core.augment import EvalTransform, FinetuneTransform
 from cl_core.data import storage
 from cl_core.data.reader import EvalSplit, ShardStream, load_split, training_loader
 from cl_core.data.shards import sha256_file
-from cl_core.engine import LoopConfig, PretrainLoop
+from cl_core.engine import LoopConfig, TrainingLoop
 from cl_core.evaluate import recalibrate_batch_norm
 from cl_core.methods.base import Method
 from pipelines import ray_env, tracking
@@ -48,7 +48,7 @@ from pipelines.config import CropFlipConfig, TrainingConfig
 from pipelines.console import Eta
 from pipelines.graph import StageContext
 
-STATE_FILE = "state.pt"
+STATE_FILE = "state.pt"  # a checkpoint's training state (model, optimizer, loop, RNG), in every stage
 MODELS_DIR = "models"
 CHECKPOINT_INFO = "checkpoint.json"  # written last: sha256 of every file and the loop position
 MAX_CHECKPOINTS_PER_MODEL = 10  # short epochs (a few labeled batches) checkpoint every few epochs
@@ -335,7 +335,7 @@ class SequentialJobs:
         # a budget in steps as well as epochs: 1% of the labels may be one batch per epoch
         steps = stream.plan().steps
         epochs = max(section.epochs, -(-getattr(section, "min_steps", 0) // max(1, steps)))
-        loop = PretrainLoop(model, objective, stream, dataclasses.replace(cfg, epochs=epochs), self.w.device, aux=aux)
+        loop = TrainingLoop(model, objective, stream, dataclasses.replace(cfg, epochs=epochs), self.w.device, aux=aux)
         ckpt_every = max(1, epochs // MAX_CHECKPOINTS_PER_MODEL)
         where = loop.position  # for the checkpoints' records (``loop`` is deleted at the end)
         best = {"val_top1": -1.0, "epoch": 0, "state_dict": None}
@@ -482,11 +482,11 @@ def log_classifiers(models: dict[str, dict], example) -> None:
     ``model_id``."""
     import mlflow
 
-    from cl_core.models import saved
+    from pipelines import models as logged
 
     for name, rec in models.items():
-        info = saved.log_model(load_classifier(rec), name=name, builder={"kind": "classifier", "spec": rec["spec"]},
-                               input_example=example)
+        info = logged.log_model(load_classifier(rec), name=name, builder={"kind": "classifier", "spec": rec["spec"]},
+                                input_example=example)
         mlflow.log_metrics({f"{name}/selected_val_top1": rec["val_top1"], f"{name}/selected_epoch": rec["selected_epoch"]},
                            model_id=info.model_id)
         rec.update(model_uri=info.model_uri, model_id=info.model_id)

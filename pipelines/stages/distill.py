@@ -23,6 +23,7 @@ from pipelines.config import DistillConfig
 from pipelines.console import console
 from pipelines.graph import StageContext
 from pipelines.stages._data import checked_split
+from pipelines.stages._pretraining import load_method
 from pipelines.stages._train import (
     SequentialJobs,
     Worker,
@@ -35,7 +36,6 @@ from pipelines.stages._train import (
     load_classifier,
     log_classifiers,
 )
-from pipelines.stages.pretrain import load_method
 
 
 def distill_worker(config: dict) -> list[dict] | None:

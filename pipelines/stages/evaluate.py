@@ -19,12 +19,13 @@ from cl_core.augment import EvalTransform
 from cl_core.data.reader import sample_pipeline
 from cl_core.data.shards import check_shards, read_manifest
 from cl_core.evaluate import knn_top1, linear_probe_top1, stream_features, stream_outputs, top1
+from cl_core.methods import build_method
 from pipelines import plots, ray_env
 from pipelines.config import EvaluateConfig
 from pipelines.console import console
 from pipelines.graph import StageContext
+from pipelines.stages._pretraining import load_encoder
 from pipelines.stages._train import load_classifier
-from pipelines.stages.pretrain import build_method, load_encoder
 
 COLUMNS = ("labels", "encoder_knn", "encoder_linear", "baseline", "teacher", "student")
 

@@ -22,6 +22,7 @@ from pipelines.config import FinetuneConfig
 from pipelines.console import console
 from pipelines.graph import StageContext
 from pipelines.stages._data import checked_split
+from pipelines.stages._pretraining import load_method
 from pipelines.stages._train import (
     SequentialJobs,
     Worker,
@@ -32,7 +33,6 @@ from pipelines.stages._train import (
     input_example,
     log_classifiers,
 )
-from pipelines.stages.pretrain import load_method
 
 
 def finetune_worker(config: dict) -> list[dict] | None:

@@ -1,7 +1,7 @@
 """register: the encoder, the teacher and the student in the MLflow model registry.
 
 Each model was logged once, by the stage that trained it (pretrain, finetune, distill),
-with :func:`cl_core.models.saved.log_model` (its ``state_dict`` and a JSON recipe of its
+with :func:`pipelines.models.log_model` (its ``state_dict`` and a JSON recipe of its
 architecture, so loading it unpickles nothing; signature and input example from real val
 images, preprocessed as at training time; pinned requirements and the ``cl_core`` code).
 This stage registers those logged models as a new version of ``NAME-encoder`` /
@@ -12,7 +12,7 @@ if there is none, or if the champion was trained on the same data (equal shard m
 sha256) and its test top-1 is beaten: test sets of other data are not comparable. The
 read, compare and set happen under a lease on the model name (``pipelines.leases``), so
 two runs that register at once cannot both read the old champion. Load one with
-``cl_core.models.saved.load_model("models:/NAME-student@champion")`` (a torch module) or
+``pipelines.models.load_model("models:/NAME-student@champion")`` (a torch module) or
 ``mlflow.pyfunc.load_model(...)`` (numpy in, numpy out).
 """
 
@@ -28,13 +28,12 @@ from mlflow.tracking import MlflowClient
 
 from cl_core.data.shards import read_manifest, shard_urls
 from cl_core.data.subsets import fraction_name
-from cl_core.models import saved
-from pipelines import leases
+from pipelines import leases, models
 from pipelines.config import RegisterConfig
 from pipelines.console import console
 from pipelines.graph import StageContext
+from pipelines.stages._pretraining import load_encoder
 from pipelines.stages._train import input_example, load_classifier
-from pipelines.stages.pretrain import load_encoder
 
 METRIC_TAG = "test_top1"
 STAGE_OF = {"encoder": "pretrain", "teacher": "finetune", "student": "distill"}
@@ -72,7 +71,7 @@ def _register(client: MlflowClient, model_uri: str, name: str, about: str, descr
 
 def register(ctx: StageContext, cfg: RegisterConfig, inputs: dict) -> dict:
     if not cfg.enabled:
-        console.print("register: disabled (registry.enabled: false)")
+        console.print("register: disabled (register.enabled: false)")
         return {"versions": {}}
     shard_set, subsets, ev = inputs["shard"], inputs["labels"]["subsets"], inputs["evaluate"]
     fraction = cfg.label_fraction if cfg.label_fraction is not None else max(s["fraction"] for s in subsets.values())
@@ -85,7 +84,7 @@ def register(ctx: StageContext, cfg: RegisterConfig, inputs: dict) -> dict:
     teacher = inputs["finetune"]["models"][f"teacher_{frac_name}"]
     student = inputs["distill"]["models"][f"student_{frac_name}"]
     # role: (the training stage's record, builder that rebuilds its architecture, test top-1, extra metric tags)
-    models = {
+    roles = {
         "encoder": (inputs["pretrain"], {"kind": "encoder", "model": inputs["pretrain"]["model"]},
                     row["encoder_linear"], {"test_knn_top1": row["encoder_knn"], "test_linear_top1": row["encoder_linear"]}),
         "teacher": (teacher, {"kind": "classifier", "spec": teacher["spec"]}, row["teacher"], {}),
@@ -103,7 +102,7 @@ def register(ctx: StageContext, cfg: RegisterConfig, inputs: dict) -> dict:
     base = ctx.config.model_name()
     versions = {}
     example = None
-    for role, (record, builder, test_top1, extra) in models.items():
+    for role, (record, builder, test_top1, extra) in roles.items():
         name = f"{base}-{role}"
         test_top1 = round(float(test_top1), 6)  # compared with the champion's tag, which holds 6 decimals
         model_uri = record.get("model_uri")
@@ -114,7 +113,7 @@ def register(ctx: StageContext, cfg: RegisterConfig, inputs: dict) -> dict:
                     shard_urls(shard_set["shard_dir"], manifest, "test")[0]
                 example = input_example(urls, image_size)
             module = load_encoder(record) if role == "encoder" else load_classifier(record)
-            model_uri = saved.log_model(module, name=role, builder=builder, input_example=example).model_uri
+            model_uri = models.log_model(module, name=role, builder=builder, input_example=example).model_uri
         version = _register(client, model_uri, name, about[role],
                             f"pipeline {ctx.config.name}, run {ctx.parent_run_id}, seed {ctx.seed}, {fraction:.0%} of "
                             f"the labels: test top-1 {test_top1:.4f} (logged by {STAGE_OF[role]} run {stage_runs[role]})")

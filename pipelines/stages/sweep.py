@@ -4,7 +4,7 @@
 Each trial is a short pretrain of the configured method that reports val kNN top-1
 after every epoch; successive halving (ASHA's rungs, each decided once all of its
 trials reported: pipelines/halving.py) stops the trials that trail. With
-``workers_per_trial: 1`` a trial is the project's ``PretrainLoop`` in the Tune trial
+``workers_per_trial: 1`` a trial is the project's ``TrainingLoop`` in the Tune trial
 process itself; with more, the trial is a small driver that runs the pretrain stage's
 ``train_worker`` on its own ``TorchTrainer`` (Ray's Train-in-Tune pattern: the trial
 reserves almost nothing, its Train workers reserve the rest of ``cpus_per_trial``) and
@@ -36,25 +36,24 @@ from ray import tune
 from cl_core.data import storage
 from cl_core.data.reader import ShardStream
 from cl_core.data.shards import read_manifest
-from cl_core.engine import PretrainLoop
+from cl_core.engine import TrainingLoop
+from cl_core.methods import build_method
 from pipelines import plots, ray_env, tracking
 from pipelines.config import PretrainConfig, SweepConfig, SweepStageConfig, apply_sweep
 from pipelines.console import console
 from pipelines.graph import StageContext
 from pipelines.halving import SyncHalving
 from pipelines.stages._data import checked_split
-from pipelines.stages._train import Trainer, loop_config
-from pipelines.stages.pretrain import (
-    build_method,
+from pipelines.stages._pretraining import (
     device_views,
     knn_monitor,
     make_worker_config,
     train_worker,
     view_stream,
 )
+from pipelines.stages._train import STATE_FILE, Trainer, loop_config
 
 METRIC = "val/knn_top1"
-STATE_FILE = "state.pt"
 DRIVER_CPUS = 0.01  # what a multi-worker trial's driver reserves; its Train workers get the rest
 
 
@@ -81,7 +80,7 @@ def trial(config: dict[str, Any], base: dict[str, Any]) -> None:
     stream = ShardStream(train.urls, train.counts, rank=0, world_size=1, loader_workers=0, verify=train.verify,
                          batch_size=p.batch_size_per_worker, shuffle_buffer=p.shuffle_buffer, seed=base["seed"],
                          **view_stream(p.method, p.views, device, train.urls))
-    loop = PretrainLoop(method, method, stream, cfg, device, view_augment=device_views(p.views))
+    loop = TrainingLoop(method, method, stream, cfg, device, view_augment=device_views(p.views))
     ckpt = tune.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
