@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from cl_core.errors import HyperparameterError
 from cl_core.methods import get_method, known_methods, method_params
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
@@ -259,11 +260,12 @@ class PretrainConfig(TrainingConfig):
         try:
             with torch.device("meta"):
                 get_method(self.method)(**kwargs, gather_distributed=False)
+        except HyperparameterError as e:
+            if e.name in self.method_kwargs():  # the method's own hyperparameter: its field
+                raise ValueError(f"params.{self.method}.{e.name}: {e.problem}") from None
+            raise ValueError(f"{self.method} on {self.backbone}: {e}") from None
         except (ValueError, TypeError) as e:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            name = msg.split(" ", 1)[0].rstrip(":")
-            if name in self.method_kwargs() and " " in msg:  # "temperature must be > 0" -> params.simclr.temperature: must be > 0
-                raise ValueError(f"params.{self.method}.{name}: {msg.split(' ', 1)[1].lstrip(': ')}") from None
             raise ValueError(f"{self.method} on {self.backbone}: {msg}") from None
         return self
 

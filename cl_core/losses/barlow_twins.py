@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from cl_core import distributed
+from cl_core.errors import HyperparameterError
 
 
 def standardize(z: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -81,9 +82,9 @@ class BarlowTwinsLoss(nn.Module):
     def __init__(self, lambd: float = 0.0051, eps: float = 1e-5, gather_distributed: bool = True) -> None:
         super().__init__()
         if not isinstance(lambd, (int, float)) or isinstance(lambd, bool) or not math.isfinite(lambd) or lambd < 0:
-            raise ValueError(f"lambd must be a finite number >= 0, got {lambd!r}")
+            raise HyperparameterError("lambd", f"must be a finite number >= 0, got {lambd!r}")
         if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps) or eps < 0:
-            raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+            raise HyperparameterError("eps", f"must be a finite number >= 0, got {eps!r}")
         self.lambd, self.eps = float(lambd), float(eps)
         self.gather_distributed = gather_distributed
 

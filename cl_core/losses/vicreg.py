@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cl_core import distributed
+from cl_core.errors import HyperparameterError
 from cl_core.losses.barlow_twins import off_diagonal
 
 
@@ -58,7 +59,7 @@ class VICRegTerms(NamedTuple):
 
 def _nonnegative(name: str, value: float) -> float:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        raise HyperparameterError(name, f"must be a finite number >= 0, got {value!r}")
     return float(value)
 
 
@@ -89,7 +90,7 @@ class VICRegLoss(nn.Module):
         self.covariance_weight = _nonnegative("covariance_weight", covariance_weight)
         for name, value in (("gamma", gamma), ("eps", eps)):
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+                raise HyperparameterError(name, f"must be a finite number > 0, got {value!r}")
         self.gamma, self.eps = float(gamma), float(eps)
         self.gather_distributed = gather_distributed
 

@@ -25,6 +25,8 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
+from cl_core.errors import HyperparameterError
+
 METHODS: dict[str, type[Method]] = {}
 
 # the constructor arguments the pipeline fills in itself (num_samples: the training split's size, for
@@ -79,20 +81,20 @@ def method_params(name: str) -> dict[str, Any]:
 
 def check_positive(name: str, value: float) -> float:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        raise HyperparameterError(name, f"must be a finite number > 0, got {value!r}")
     return float(value)
 
 
 def check_momentum(name: str, value: float) -> float:
     """An EMA momentum: in [0, 1)."""
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1:
-        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+        raise HyperparameterError(name, f"must be in [0, 1), got {value!r}")
     return float(value)
 
 
 def check_int(name: str, value: int, minimum: int = 1) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        raise HyperparameterError(name, f"must be an integer >= {minimum}, got {value!r}")
     return value
 
 

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cl_core.errors import HyperparameterError
 from cl_core.losses.multiview_nce import CrossViewInfoNCE, bank_infonce
 from cl_core.methods.base import (
     Method,
@@ -55,20 +56,20 @@ def validate_channel_split(split: Sequence[Sequence[int]]) -> tuple[tuple[int, .
     """At least two non-empty, disjoint groups of Lab channel indices (0 = L, 1 = a, 2 = b)."""
     example = "e.g. [[0], [1, 2]] for L and ab"
     if isinstance(split, (str, bytes)) or not isinstance(split, Sequence) or len(split) < 2:
-        raise ValueError(f"channel_split must be a list of at least 2 channel groups, {example}; got {split!r}")
+        raise HyperparameterError("channel_split", f"must be a list of at least 2 channel groups, {example}; got {split!r}")
     groups = []
     for g in split:
         if isinstance(g, (str, bytes)) or not isinstance(g, Sequence) or len(g) == 0:
-            raise ValueError(f"channel_split: every group must be a non-empty list of channel indices, {example}; "
+            raise HyperparameterError("channel_split", f"every group must be a non-empty list of channel indices, {example}; "
                              f"got {split!r}")
         for c in g:
             if not isinstance(c, int) or isinstance(c, bool) or not 0 <= c <= 2:
-                raise ValueError(f"channel_split: channel indices must be integers in 0..2 (L, a, b), got {c!r} "
+                raise HyperparameterError("channel_split", f"channel indices must be integers in 0..2 (L, a, b), got {c!r} "
                                  f"in {split!r}")
         groups.append(tuple(g))
     flat = [c for g in groups for c in g]
     if len(flat) != len(set(flat)):
-        raise ValueError(f"channel_split: groups must be disjoint (no channel twice), got {split!r}")
+        raise HyperparameterError("channel_split", f"groups must be disjoint (no channel twice), got {split!r}")
     return tuple(groups)
 
 
@@ -135,7 +136,7 @@ class CMC(Method):
         super().__init__()
         self.groups = validate_channel_split(channel_split)
         if objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+            raise HyperparameterError("objective", f"must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
         self.objective = objective
         self.temperature = check_positive("temperature", temperature)
         self.proj_dim = check_int("proj_dim", proj_dim)

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cl_core.errors import HyperparameterError
 from cl_core.losses.cpc_infonce import GridInfoNCE
 from cl_core.methods.base import Method, StepOutput, check_int, check_positive, register
 from cl_core.models import build_backbone
@@ -100,9 +101,9 @@ class CPC(Method):
     ) -> None:
         super().__init__()
         if context not in CONTEXTS:
-            raise ValueError(f"context must be one of {', '.join(CONTEXTS)}, got {context!r}")
+            raise HyperparameterError("context", f"must be one of {', '.join(CONTEXTS)}, got {context!r}")
         if patch_norm not in PATCH_NORMS:
-            raise ValueError(f"patch_norm must be one of {', '.join(PATCH_NORMS)}, got {patch_norm!r}")
+            raise HyperparameterError("patch_norm", f"must be one of {', '.join(PATCH_NORMS)}, got {patch_norm!r}")
         self.patch_size = None if patch_size is None else check_int("patch_size", patch_size)
         self.patch_stride = None if patch_stride is None else check_int("patch_stride", patch_stride)
         check_int("context_layers", context_layers)
@@ -110,12 +111,12 @@ class CPC(Method):
         self.min_offset = check_int("min_offset", min_offset)
         self.max_offset = check_int("max_offset", max_offset)
         if max_offset < min_offset:
-            raise ValueError(f"max_offset must be >= min_offset ({min_offset}), got {max_offset}")
+            raise HyperparameterError("max_offset", f"must be >= min_offset ({min_offset}), got {max_offset}")
         if target_dim is not None:
             check_int("target_dim", target_dim)
         self.emb_scale = check_positive("emb_scale", emb_scale)
         if directions not in (1, 2):
-            raise ValueError(f"directions must be 1 (top-down) or 2 (top-down and bottom-up), got {directions!r}")
+            raise HyperparameterError("directions", f"must be 1 (top-down) or 2 (top-down and bottom-up), got {directions!r}")
         self.context_kind = context
 
         self.backbone, self.feat_dim = build_backbone(backbone, **(backbone_args or {}))

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from cl_core.errors import HyperparameterError
 from cl_core.losses.dino import batch_center, dino_loss
 from cl_core.methods.base import (
     Method,
@@ -101,7 +102,7 @@ class DINO(Method):
         self.warmup_teacher_temp = check_positive("warmup_teacher_temp", warmup_teacher_temp)
         if not isinstance(teacher_temp_warmup, (int, float)) or isinstance(teacher_temp_warmup, bool) \
                 or not 0 <= teacher_temp_warmup <= 1:
-            raise ValueError(f"teacher_temp_warmup must be a fraction of training in [0, 1], got {teacher_temp_warmup!r}")
+            raise HyperparameterError("teacher_temp_warmup", f"must be a fraction of training in [0, 1], got {teacher_temp_warmup!r}")
         self.teacher_temp_warmup = float(teacher_temp_warmup)
         self.center_momentum = check_momentum("center_momentum", center_momentum)
         self.momentum = check_momentum("momentum", momentum)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cl_core import distributed
+from cl_core.errors import HyperparameterError
 from cl_core.losses.nce import bank_info_nce_loss, estimate_partition, nce_loss
 from cl_core.methods.base import (
     Method,
@@ -83,7 +84,7 @@ class InstDisc(Method):
     ) -> None:
         super().__init__()
         if loss not in LOSSES:
-            raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+            raise HyperparameterError("loss", f"must be one of {', '.join(LOSSES)}, got {loss!r}")
         self.num_samples = check_int("num_samples", num_samples, minimum=2)
         self.loss_kind = loss
         self.temperature = check_positive("temperature", temperature)

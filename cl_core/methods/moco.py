@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cl_core.errors import HyperparameterError
 from cl_core.losses.infonce import queue_infonce
 from cl_core.methods.base import (
     Method,
@@ -42,7 +43,7 @@ MOMENTUM_SCHEDULES = ("constant", "cosine")
 
 def check_momentum_schedule(value: str) -> str:
     if value not in MOMENTUM_SCHEDULES:
-        raise ValueError(f"momentum_schedule must be one of {', '.join(MOMENTUM_SCHEDULES)}, got {value!r}")
+        raise HyperparameterError("momentum_schedule", f"must be one of {', '.join(MOMENTUM_SCHEDULES)}, got {value!r}")
     return value
 
 
@@ -100,7 +101,7 @@ class MoCo(Method):
     ) -> None:
         super().__init__()
         if version not in (1, 2) or isinstance(version, bool):
-            raise ValueError(f"version must be 1 or 2, got {version!r}")
+            raise HyperparameterError("version", f"must be 1 or 2, got {version!r}")
         self.version = version
         default_t = 0.07 if version == 1 else 0.2
         self.temperature = default_t if temperature is None else check_positive("temperature", temperature)

@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from cl_core.errors import HyperparameterError
 from cl_core.losses import NTXentLoss
 from cl_core.methods.base import Method, StepOutput, check_positive, register
 from cl_core.models import SimCLRProjectionHead, build_backbone
@@ -48,7 +49,7 @@ class SimCLR(Method):
     ) -> None:
         super().__init__()
         if head_layers not in (0, 1, 2, 3, 4):
-            raise ValueError(f"head_layers must be 2, 3 or 4 (1: a linear head, 0: none), got {head_layers!r}")
+            raise HyperparameterError("head_layers", f"must be 2, 3 or 4 (1: a linear head, 0: none), got {head_layers!r}")
         self.backbone, self.feat_dim = build_backbone(backbone, **(backbone_args or {}))
         self.head = SimCLRProjectionHead(self.feat_dim, head_hidden_dim or self.feat_dim, proj_dim, head_layers)
         self.criterion = NTXentLoss(check_positive("temperature", temperature), gather_distributed=gather_distributed)

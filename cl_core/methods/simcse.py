@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cl_core.errors import HyperparameterError
 from cl_core.losses.simcse import SimCSELoss
 from cl_core.methods.base import (
     Method,
@@ -81,7 +82,7 @@ class SimCSE(Method):
             raise ValueError(f"simcse: backbone must be a text encoder ({', '.join(sorted(TEXT_ENCODERS))}), got "
                              f"{backbone!r}; SimCSE encodes token ids, not images")
         if pooler not in POOLERS:
-            raise ValueError(f"pooler must be one of {', '.join(POOLERS)}, got {pooler!r}")
+            raise HyperparameterError("pooler", f"must be one of {', '.join(POOLERS)}, got {pooler!r}")
         sizes: dict[str, Any] = {
             "vocab_size": check_int("vocab_size", vocab_size, BYTE_OFFSET + 1),
             "max_len": check_int("max_len", max_len, 2),
@@ -92,7 +93,7 @@ class SimCSE(Method):
         }
         sizes.update({k: v for k, v in (backbone_args or {}).items() if k in sizes})
         if sizes["dim"] % sizes["heads"]:
-            raise ValueError(f"heads must divide dim, got heads={sizes['heads']} and dim={sizes['dim']}")
+            raise HyperparameterError("heads", f"must divide dim, got heads={sizes['heads']} and dim={sizes['dim']}")
         self.backbone, self.feat_dim = build_text_encoder(backbone, **{**(backbone_args or {}), **sizes})
         self.max_len, self.vocab_size, self.pooler = sizes["max_len"], sizes["vocab_size"], pooler
         if pooler != "cls":  # built only when used, so that every parameter gets a gradient (DDP)
