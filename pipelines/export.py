@@ -4,7 +4,7 @@ Formats:
 
 - ``state_dict``: a folder with ``state_dict.pt`` (tensors only: ``torch.load(...,
   weights_only=True)``) and ``builder.json`` (the architecture's recipe, for
-  ``cl_core.models.saved.build_module``);
+  ``cl_core.downstream.saved.build_module``);
 - ``torchscript``: ``torch.jit.trace`` of the eval-mode module on the model's input
   example, loadable with ``torch.jit.load`` without this package;
 - ``onnx``: ``torch.onnx.export`` (the dynamo exporter; needs ``onnx`` and
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from mlflow.models import Model
 
-from cl_core.models import saved
+from cl_core.downstream import saved
 from pipelines import models
 
 FORMATS = ("state_dict", "torchscript", "onnx")
@@ -90,7 +90,7 @@ def _check(want: torch.Tensor, got: torch.Tensor, out: Path) -> None:
 def describe(out: Path, fmt: str) -> str:
     """How to load what :func:`export` wrote."""
     return {"state_dict": f"torch.load('{out}/{saved.WEIGHTS_FILE}', weights_only=True); architecture: "
-                          f"cl_core.models.saved.build_module(json.load(open('{out}/{saved.BUILDER_FILE}'))['builder'])",
+                          f"cl_core.downstream.saved.build_module(json.load(open('{out}/{saved.BUILDER_FILE}'))['builder'])",
             "torchscript": f"torch.jit.load('{out}')",
             "onnx": f"onnxruntime.InferenceSession('{out}')"}[fmt]
 

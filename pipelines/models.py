@@ -1,8 +1,8 @@
 """Logged models, MLflow's half: a torch module logged as an MLflow ``python_function``
 model that loads without unpickling, and loaded back.
 
-The data folder is :func:`cl_core.models.saved.save_module`'s (weights and a JSON recipe
-of the architecture), the loader module is ``cl_core.models.saved``, and the model
+The data folder is :func:`cl_core.downstream.saved.save_module`'s (weights and a JSON recipe
+of the architecture), the loader module is ``cl_core.downstream.saved``, and the model
 carries the ``cl_core`` package as its code with pinned requirements, so it loads in an
 environment made from its ``requirements.txt`` alone (``mlflow models predict``,
 ``mlflow models serve``) as well as with ``mlflow.pyfunc.load_model`` here.
@@ -24,7 +24,11 @@ from mlflow.models import Model, ModelSignature, infer_signature
 from mlflow.models.model import ModelInfo
 from torch import nn
 
-from cl_core.models import saved
+import cl_core
+from cl_core.downstream import saved
+
+# the loader module of the models this logs, and the name it had before cl_core.downstream
+LOADERS = (saved.__name__, "cl_core.models.saved")
 
 
 def log_model(
@@ -41,7 +45,7 @@ def log_model(
     """Log ``module`` to the active MLflow run as ``name`` (and register it as a new version
     of ``registered_model_name`` when given).
 
-    ``builder`` rebuilds the architecture (:mod:`cl_core.models.saved`); the module's
+    ``builder`` rebuilds the architecture (:mod:`cl_core.downstream.saved`); the module's
     ``state_dict`` must fit it exactly, which is checked, so a logged model always loads.
     With ``input_example`` and no ``signature``, the signature is inferred from the
     module's eval-mode output on the example. ``pip_requirements`` default: what loading
@@ -51,7 +55,7 @@ def log_model(
     if pip_requirements is None:
         pip_requirements = requirements()
     if code_paths is None:
-        code_paths = [str(Path(saved.__file__).resolve().parents[1])]  # the cl_core package
+        code_paths = [str(Path(cl_core.__file__).resolve().parent)]  # the cl_core package
     with tempfile.TemporaryDirectory() as d:
         data = Path(d) / saved.DATA_DIR
         out = saved.save_module(module, builder, data, input_example=input_example)
@@ -78,7 +82,7 @@ def data_path(local: str | Path, uri: str) -> Path:
     ``local``; a one-line error naming ``uri`` for a model :func:`log_model` did not log."""
     meta = Model.load(str(Path(local) / "MLmodel"))
     conf = meta.flavors.get("python_function") or {}
-    if conf.get("loader_module") != saved.__name__:
+    if conf.get("loader_module") not in LOADERS:
         raise ValueError(f"{uri}: not a model logged by pipelines.models.log_model (its python_function loader is "
                          f"{conf.get('loader_module')!r}); pickled pytorch-flavor models are not loaded here")
     return Path(local) / conf["data"]

@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch import nn
 
+from cl_core.downstream import build_classifier, classifier_from_pretrained, classifier_spec
 from cl_core.methods import SimCLR
-from cl_core.models import build_classifier, classifier_from_pretrained, classifier_spec
 
 
 def _spec(k: int, **kw):

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from cl_core.distill import DistillObjective, distillation_loss
+from cl_core.downstream.distill import DistillObjective, distillation_loss
 
 
 def _reference(student: list[list[float]], teacher: list[list[float]], t: float) -> float:
@@ -81,8 +81,8 @@ def test_objective_keeps_the_teacher_frozen_in_eval_mode():
 def test_a_self_distilled_student_can_start_from_the_teachers_or_the_pretrained_encoder():
     """``distill.init``: the student's backbone is a copy of the start's (its linear layer
     stays new); a student of another architecture is a one-line error naming the fix."""
+    from cl_core.downstream import build_classifier, classifier_from_pretrained
     from cl_core.methods import get_method
-    from cl_core.models import build_classifier, classifier_from_pretrained
     from pipelines.config import DistillConfig
     from pipelines.stages.distill import check_init, init_student, student_spec
     from pipelines.stages.finetune import teacher_spec

@@ -268,10 +268,10 @@ def test_compile_switch_trains_like_eager(train_shards):
 
 
 def test_compile_targets_are_the_networks():
-    from cl_core.distill import DistillObjective
+    from cl_core.downstream.classifier import build_classifier
+    from cl_core.downstream.distill import DistillObjective
     from cl_core.engine import compile_networks
     from cl_core.methods import get_method
-    from cl_core.models.classifier import build_classifier
 
     byol = get_method("byol")("small_cnn", backbone_args={"width": 4}, proj_dim=8, proj_hidden_dim=8)
     assert [id(m) for m in byol.compile_targets()] == [id(byol.backbone), *map(id, byol.momentum_targets())]

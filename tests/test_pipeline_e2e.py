@@ -295,7 +295,7 @@ def test_export_the_registered_student_as_a_state_dict_torchscript_and_onnx(chai
     import numpy as np
     import torch
 
-    from cl_core.models.saved import build_module
+    from cl_core.downstream.saved import build_module
     from pipelines.models import load_model
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -1,4 +1,4 @@
-"""Registered models as a state_dict plus a JSON builder (cl_core.models.saved): they load
+"""Registered models as a state_dict plus a JSON builder (cl_core.downstream.saved): they load
 back as the same module and as an MLflow pyfunc, and loading unpickles no objects.
 
 A sqlite MLflow store in a temporary folder, no Ray."""
@@ -22,10 +22,11 @@ import torch
 from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 
+import cl_core
 from cl_core.data import shards as S
 from cl_core.data.sources import ArraySource
+from cl_core.downstream import build_classifier, classifier_from_pretrained, classifier_spec
 from cl_core.methods import SimCLR, get_method
-from cl_core.models import build_classifier, classifier_from_pretrained, classifier_spec, saved
 from pipelines import models
 from tests.conftest import make_images
 
@@ -161,12 +162,12 @@ def test_the_artifacts_hold_no_pickled_objects_and_loading_unpickles_none(store,
     # cl_core package's own source, byte for byte (for an environment built from the requirements alone)
     assert not [f for f in files if f.endswith((".pkl", ".pth", ".pt2", ".cloudpickle"))]
     code = {f.removeprefix("code/") for f in files if f.startswith("code/") and "__pycache__" not in f}
-    package = Path(saved.__file__).resolve().parents[1]
+    package = Path(cl_core.__file__).resolve().parent
     assert code == {p.relative_to(package.parent).as_posix() for p in package.rglob("*.py")}
     assert all((local / "code" / f).read_bytes() == (package.parent / f).read_bytes() for f in code)
     meta = Model.load(local / "MLmodel")
     assert set(meta.flavors) == {"python_function"}
-    assert meta.flavors["python_function"]["loader_module"] == "cl_core.models.saved"
+    assert meta.flavors["python_function"]["loader_module"] == "cl_core.downstream.saved"
     assert meta.flavors["python_function"]["code"] == "code"
     reqs = (local / "requirements.txt").read_text().split()
     assert {r.split("==")[0] for r in reqs} == {"mlflow", "torch", "torchvision", "numpy", "pillow"}, reqs
@@ -212,6 +213,21 @@ def test_a_weights_file_with_objects_is_refused_not_run(store, tmp_path):
     with pytest.raises(ValueError, match="holds objects other than tensors"):
         mlflow.pyfunc.load_model(str(local))
     assert not marker.exists()
+
+
+def test_a_model_logged_with_the_loaders_former_name_still_loads(store, tmp_path):
+    """Models logged before cl_core.downstream name ``cl_core.models.saved`` as their loader."""
+    model, builder = _teacher()
+    x = _images()
+    with mlflow.start_run(experiment_id=store):
+        info = models.log_model(model, name="teacher", builder=builder, input_example=x)
+    local = Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(tmp_path)))
+    mlmodel = local / "MLmodel"
+    text = mlmodel.read_text()
+    assert "loader_module: cl_core.downstream.saved" in text
+    mlmodel.write_text(text.replace("loader_module: cl_core.downstream.saved", "loader_module: cl_core.models.saved"))
+    np.testing.assert_array_equal(_out(models.load_model(str(local)), x), _out(model, x))
+    np.testing.assert_array_equal(mlflow.pyfunc.load_model(str(local), model_config=CPU).predict(x), _out(model, x))
 
 
 def test_a_pickled_pytorch_flavor_model_is_not_loaded(store):

@@ -190,14 +190,14 @@ def test_paper_defaults():
 
 
 def _toy_classifier(d_in: int, classes: int):
-    from cl_core.models import Classifier
+    from cl_core.downstream import Classifier
 
     backbone = nn.Sequential(nn.Flatten(), nn.Linear(d_in, 16), nn.ReLU(), nn.Linear(16, 16))
     return Classifier(backbone, nn.Sequential(), 16, classes)
 
 
 def test_objective_trains_a_separable_toy_set():
-    from cl_core.supcon_finetune import SupConObjective
+    from cl_core.downstream.supcon_finetune import SupConObjective
 
     torch.manual_seed(0)
     classes, n = 3, 24
@@ -229,7 +229,7 @@ def test_objective_trains_a_separable_toy_set():
 
 def test_objective_routes_gradients():
     """fc learns from the cross-entropy only; features and head from SupCon only."""
-    from cl_core.supcon_finetune import SupConObjective
+    from cl_core.downstream.supcon_finetune import SupConObjective
 
     torch.manual_seed(1)
     obj = SupConObjective(_toy_classifier(6, 2), proj_dim=4, gather_distributed=False)
@@ -251,8 +251,8 @@ def test_objective_routes_gradients():
 
 
 def test_objective_is_not_a_registered_method():
+    from cl_core.downstream.supcon_finetune import SupConObjective
     from cl_core.methods import get_method, known_methods
-    from cl_core.supcon_finetune import SupConObjective
 
     assert "supcon" in known_methods()
     assert not any(get_method(k) is SupConObjective for k in known_methods())

@@ -2,7 +2,7 @@
 
 The positives of an anchor are all samples of its class in the batch, not only the
 other view of the same image; the encoder is then used with a classifier trained on
-top of it (see :class:`cl_core.supcon_finetune.SupConObjective` for a stage that
+top of it (see :class:`cl_core.downstream.supcon_finetune.SupConObjective` for a stage that
 trains both in one pass).
 
 - [0] Khosla et al., Supervised Contrastive Learning, NeurIPS 2020,

@@ -1,15 +1,6 @@
-"""Backbones and heads."""
+"""Backbones and heads (the classifier built on a pretrained method: :mod:`cl_core.downstream`)."""
 
 from cl_core.models.backbones import BACKBONES, SmallCNN, build_backbone
-from cl_core.models.classifier import (
-    Classifier,
-    build_classifier,
-    classifier_from_pretrained,
-    classifier_spec,
-)
 from cl_core.models.heads import SimCLRProjectionHead
 
-__all__ = [
-    "BACKBONES", "Classifier", "SimCLRProjectionHead", "SmallCNN", "build_backbone", "build_classifier",
-    "classifier_from_pretrained", "classifier_spec",
-]
+__all__ = ["BACKBONES", "SimCLRProjectionHead", "SmallCNN", "build_backbone"]

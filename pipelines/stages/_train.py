@@ -451,7 +451,7 @@ def collect_models(result: Result, out_dir: Path) -> dict[str, dict]:
 
 def load_classifier(record: dict) -> torch.nn.Module:
     """A classifier saved by :class:`SequentialJobs` (``weights_only`` load), in eval mode."""
-    from cl_core.models import build_classifier
+    from cl_core.downstream import build_classifier
 
     path = record["model_path"]
     if not storage.exists(path):

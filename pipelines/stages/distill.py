@@ -16,9 +16,9 @@ import torch
 
 from cl_core.data.reader import ShardStream
 from cl_core.data.shards import read_manifest
-from cl_core.distill import DistillObjective
-from cl_core.models import build_classifier, classifier_spec
-from cl_core.models.classifier import num_parameters
+from cl_core.downstream import build_classifier, classifier_spec
+from cl_core.downstream.classifier import num_parameters
+from cl_core.downstream.distill import DistillObjective
 from pipelines.config import DistillConfig
 from pipelines.console import console
 from pipelines.graph import StageContext

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from cl_core.data.reader import ShardStream
 from cl_core.data.shards import read_manifest
-from cl_core.finetune import SupervisedObjective
+from cl_core.downstream import build_classifier, classifier_from_pretrained, classifier_spec
+from cl_core.downstream.finetune import SupervisedObjective
+from cl_core.downstream.supcon_finetune import SupConObjective
 from cl_core.methods import method_params
-from cl_core.models import build_classifier, classifier_from_pretrained, classifier_spec
-from cl_core.supcon_finetune import SupConObjective
 from pipelines.config import FinetuneConfig
 from pipelines.console import console
 from pipelines.graph import StageContext

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cl_core.downstream.classifier import Classifier
 from cl_core.methods.base import Method, StepOutput
-from cl_core.models.classifier import Classifier
 
 
 class SupervisedObjective(Method):

@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cl_core.downstream.classifier import Classifier
 from cl_core.losses.supcon import SupConLoss
 from cl_core.methods.base import Method, StepOutput, check_int, check_positive
 from cl_core.methods.supcon import check_labeled
-from cl_core.models.classifier import Classifier
 from cl_core.models.heads import MLP
 
 
@@ -34,7 +34,7 @@ class SupConObjective(Method):
 
     Args:
         classifier: the model being trained (its backbone may be shared with a pretrained
-            method, as :func:`cl_core.models.classifier_from_pretrained` does).
+            method, as :func:`cl_core.downstream.classifier_from_pretrained` does).
         head: projection head on ``classifier.features`` output (e.g. a pretrained
             SupCon method's ``head``); None builds ``MLP([F, F, proj_dim], norm=False)``.
         temperature: SupCon temperature.

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cl_core.methods import build_method
 from cl_core.models.backbones import build_backbone
 from cl_core.models.heads import SimCLRProjectionHead
 
@@ -81,8 +82,6 @@ def build_classifier(spec: dict[str, Any]) -> Classifier:
     method's ``encoder()`` (any architecture: two-stream CMC, CPC's patch grid, ViTs);
     otherwise a plain backbone of ``spec["backbone"]``."""
     if spec.get("encoder"):
-        from cl_core.methods import build_method  # the methods build on this module
-
         method = build_method(spec["encoder"], gather_distributed=False)
         return classifier_from_pretrained(method, spec, init_fc=False)
     backbone, feat_dim = build_backbone(spec["backbone"], in_channels=spec.get("in_channels", 3),
