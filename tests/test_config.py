@@ -122,3 +122,26 @@ def test_one_set_of_defaults_the_models_are_default_yaml():
             continue
         assert key in bare, f"default.yaml names {key}, which the config does not have"
         assert bare[key] == value, f"{key}: default.yaml {value!r}, the config model {bare[key]!r}"
+
+
+def test_the_training_loop_takes_its_settings_from_the_section_by_name():
+    """cl_core's LoopConfig and the stages' TrainingConfig: the same names and defaults (the
+    loop's own defaults serve callers of cl_core that have no config), copied by name."""
+    import dataclasses
+
+    from cl_core.engine import LoopConfig
+    from pipelines.config import FinetuneConfig, PretrainConfig, TrainingConfig
+    from pipelines.stages._train import loop_config
+
+    fields = TrainingConfig.model_fields
+    for f in dataclasses.fields(LoopConfig):
+        assert f.name in fields, f"LoopConfig.{f.name} is no TrainingConfig field"
+        if f.default is not dataclasses.MISSING:
+            expected = None if f.name == "channels_last" else f.default  # the config's "auto": None in the loop
+            got = fields[f.name].default
+            assert (None if got == "auto" and f.name == "channels_last" else got) == expected, f.name
+    for section in (PretrainConfig(epochs=3, grad_clip=1.5, channels_last=True), FinetuneConfig(precision="fp32")):
+        loop = loop_config(section)
+        assert (loop.epochs, loop.grad_clip, loop.precision) == (section.epochs, section.grad_clip, section.precision)
+        assert loop.channels_last == (True if section.channels_last is True else None)
+    assert loop_config(PretrainConfig(), batch_size=7).batch_size_per_worker == 7

@@ -201,16 +201,13 @@ def fit(ctx: StageContext, worker: Callable[[dict], Any], worker_config: dict, s
 
 
 def loop_config(section: TrainingConfig, batch_size: int | None = None) -> LoopConfig:
-    return LoopConfig(
-        epochs=section.epochs, batch_size_per_worker=batch_size or section.batch_size_per_worker,
-        optimizer=section.optimizer, lr_base=section.lr_base, lr_scaling=section.lr_scaling,
-        weight_decay=section.weight_decay, momentum=section.momentum, warmup_epochs=section.warmup_epochs,
-        loader_workers=section.loader_workers, log_every_steps=section.log_every_steps,
-        checkpoint_every_steps=section.checkpoint_every_steps,
-        checkpoint_every_minutes=section.checkpoint_every_minutes, precision=section.precision,
-        channels_last=None if section.channels_last == "auto" else bool(section.channels_last),
-        compile=section.compile, cpu_allocator=section.cpu_allocator, grad_clip=section.grad_clip,
-        weight_decay_end=section.weight_decay_end)
+    """The training loop's settings: every :class:`LoopConfig` field is the stage section's
+    field of that name (tests/test_config.py holds the two to the same names and defaults)."""
+    values = {f.name: getattr(section, f.name) for f in dataclasses.fields(LoopConfig)}
+    values["channels_last"] = None if section.channels_last == "auto" else bool(section.channels_last)
+    if batch_size:
+        values["batch_size_per_worker"] = batch_size
+    return LoopConfig(**values)
 
 
 @dataclass
