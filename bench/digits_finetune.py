@@ -2,7 +2,7 @@
 seeds: which fine-tuning setting makes the fine-tuned teacher at least as good as the
 probe (issue: a fine-tuned teacher must not end below a linear probe on the same labels).
 
-Each seed pretrains once (the budget of tests/test_pipeline_methods.py: 5 epochs, no
+Each seed pretrains once (the budget of tests/pipelines/test_pipeline_methods.py: 5 epochs, no
 sweep) and every variant fine-tunes the same encoder on the same 126 labels (10%), then
 evaluate scores the teacher and the probe on the same 269 test images. Run (about 17
 minutes on 2 cores)::

@@ -37,7 +37,7 @@ class NTXentLoss(nn.Module):
       excluded biases and BatchNorm parameters (no adaptation) step half as far as in
       the official code.
 
-    ``tests/test_nt_xent.py`` checks the factor and both equivalences step by step.
+    ``tests/cl_core/test_nt_xent.py`` checks the factor and both equivalences step by step.
 
     Args:
         temperature: T > 0. SimCLR used 0.1 at large batch, 0.5 for CIFAR-10.

@@ -202,7 +202,7 @@ def fit(ctx: StageContext, worker: Callable[[dict], Any], worker_config: dict, s
 
 def loop_config(section: TrainingConfig, batch_size: int | None = None) -> LoopConfig:
     """The training loop's settings: every :class:`LoopConfig` field is the stage section's
-    field of that name (tests/test_config.py holds the two to the same names and defaults)."""
+    field of that name (tests/pipelines/test_config.py holds the two to the same names and defaults)."""
     values = {f.name: getattr(section, f.name) for f in dataclasses.fields(LoopConfig)}
     values["channels_last"] = None if section.channels_last == "auto" else bool(section.channels_last)
     if batch_size:

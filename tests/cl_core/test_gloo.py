@@ -40,7 +40,7 @@ def test_a_failing_rank_is_reported_and_the_next_call_gets_a_new_group(monkeypat
     with pytest.raises(gloo.WorkerFailed) as e:
         gloo.run_workers(_rank1_raises, 2)
     text = str(e.value)
-    assert "tests.test_gloo._rank1_raises failed on 2 processes" in text
+    assert "tests.cl_core.test_gloo._rank1_raises failed on 2 processes" in text
     assert "rank 1: ValueError: rank 1 gives up before the collective" in text
     assert "rank 0: no result within 3 s" in text  # the peer stuck in all_reduce is named too
     assert [r["sum"] for r in gloo.run_workers(_sum_of_ranks, 2, 1.0)] == [1.0, 1.0]

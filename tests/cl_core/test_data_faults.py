@@ -12,7 +12,7 @@ from cl_core.data import shards as S
 from cl_core.data import storage
 from cl_core.data.sources import npz_source
 from cl_core.data.tario import ShardChecksumError, TarFormatError, tar_samples
-from tests.test_shards import write_set
+from tests.cl_core.test_shards import write_set
 
 
 def _read(urls, verify=None, handler=None):
@@ -190,7 +190,7 @@ def test_manifest_without_sizes_still_loads(shard_set):
 
 @pytest.fixture
 def s3(tmp_path):
-    """A SeaweedFS S3 server (see tests/test_s3.py) with a bucket; the AWS environment
+    """A SeaweedFS S3 server (see tests/pipelines/test_s3.py) with a bucket; the AWS environment
     points at it during the test."""
     from tests.conftest import s3_server
 

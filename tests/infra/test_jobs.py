@@ -1,6 +1,6 @@
 """`clpipe submit | jobs | logs | stop` without a job server: an address that does not
 answer, and the job a submit builds (entrypoint, runtime env, no secret in the command).
-The jobs themselves run against the local stack in tests/test_stack.py."""
+The jobs themselves run against the local stack in tests/infra/test_stack.py."""
 
 import time
 

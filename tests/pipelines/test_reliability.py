@@ -16,7 +16,7 @@ from pipelines.stages._train import (
     verify_checkpoint,
     write_checkpoint_dir,
 )
-from tests.test_shards import write_set
+from tests.cl_core.test_shards import write_set
 
 
 def _checkpoint(root):

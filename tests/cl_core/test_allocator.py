@@ -58,8 +58,8 @@ def test_large_blocks_still_allocate_from_threads(restore):
 def test_the_loop_applies_the_setting(restore, npz_file, tmp_path):
     from cl_core.data import shards as S
     from cl_core.data.sources import npz_source
-    from tests.test_engine import _loop
-    from tests.test_shards import write_set
+    from tests.cl_core.test_engine import _loop
+    from tests.cl_core.test_shards import write_set
 
     (tmp_path / "s").mkdir()
     urls = S.shard_urls(tmp_path / "s", write_set(npz_source(npz_file), tmp_path / "s", per_shard=6), "train")

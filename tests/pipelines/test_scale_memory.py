@@ -16,9 +16,9 @@ import torch
 from cl_core.augment import EvalTransform
 from cl_core.data.reader import EvalSplit, load_split
 from cl_core.data.sources import ArraySource, MappedImages, NpzSource, SourceError, npz_source
-from tests.test_monitor import digits_shards  # noqa: F401  (fixture)
+from tests.cl_core.test_monitor import digits_shards  # noqa: F401  (fixture)
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
+BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
 @pytest.fixture

@@ -44,7 +44,7 @@ from tests.conftest import cmdline, latest_children, mlflow_client, outputs, rec
 
 pytestmark = pytest.mark.slow  # on one xdist process with the chain fixture: tests/conftest.py LANES
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 UNTIL = ["--until", "distill"]
 TIMING = ("per_sec", "seconds")  # wall-clock metrics differ between runs
 

@@ -9,7 +9,7 @@ from setuptools.config.pyprojecttoml import read_configuration
 import clpipe
 from pipelines.config import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_the_installed_packages_are_the_source_trees_and_clpipe_is_pipelines_api():

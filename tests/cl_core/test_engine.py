@@ -11,7 +11,7 @@ from cl_core.data.reader import ShardStream
 from cl_core.data.sources import npz_source
 from cl_core.engine import LoopConfig, NonFiniteLossError, TrainingLoop
 from cl_core.methods import SimCLR
-from tests.test_shards import write_set
+from tests.cl_core.test_shards import write_set
 
 
 @pytest.fixture

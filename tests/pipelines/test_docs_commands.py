@@ -25,7 +25,7 @@ import pytest
 from pipelines.cli import _config, build_parser, main
 from pipelines.config import load_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 COMMAND = re.compile(r"^(\$ )?clpipe(\s|$)")

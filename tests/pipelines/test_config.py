@@ -5,7 +5,7 @@ import yaml
 
 from pipelines.config import ConfigError, load_config
 
-CONFIGS = sorted((Path(__file__).parents[1] / "pipelines" / "configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).parents[2] / "pipelines" / "configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -75,7 +75,7 @@ def test_file_then_overrides(tmp_path, image_folder):
 
 
 def test_readme_yaml_snippets_validate(tmp_path, image_folder):
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
     blocks = [b.split("```", 1)[0] for b in readme.split("```yaml\n")[1:]]
     assert blocks
     for i, block in enumerate(blocks):

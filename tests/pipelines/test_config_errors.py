@@ -12,7 +12,7 @@ import pytest
 
 from pipelines.cli import main
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 DOC = ROOT / "docs" / "config_errors.md"
 HEADER = "clpipe: config error:"
 # | `ARGS` | `YAML` or nothing | `ERROR LINE` |

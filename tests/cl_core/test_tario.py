@@ -9,7 +9,7 @@ import webdataset as wds
 from cl_core.data import shards as S
 from cl_core.data.sources import npz_source
 from cl_core.data.tario import TarFormatError, iter_tar_files, tar_samples
-from tests.test_shards import write_set
+from tests.cl_core.test_shards import write_set
 
 
 def _wds_samples(urls):

@@ -2,7 +2,7 @@
 127.0.0.1, on ports picked free for the test; every process is stopped by pid. One stack,
 started by ``clpipe stack up`` for the module, also takes the pipeline as Ray Jobs:
 `clpipe submit | stop` and the documented `ray job submit` (the whole chain as a job, with
-`clpipe jobs` and `logs`, runs on two hosts in tests/test_twohost.py); the module's last
+`clpipe jobs` and `logs`, runs on two hosts in tests/infra/test_twohost.py); the module's last
 test takes it down with ``clpipe stack down``."""
 
 import contextlib
@@ -216,7 +216,7 @@ def test_stop_ends_a_running_job_submitted_with_a_config_outside_the_project(liv
     cfg = tmp_path / "long.yaml"  # outside the project: its text travels with the job
     cfg.write_text("name: long-job\nsweep:\n  enabled: false\npretrain:\n  epochs: 500\n")
     # Ray's own variables name another cluster (dead addresses): Ray's job client prefers them to the address
-    # it is given, clpipe's must not (the whole chain as a job: tests/test_twohost.py)
+    # it is given, clpipe's must not (the whole chain as a job: tests/infra/test_twohost.py)
     saved = {k: os.environ.get(k) for k in jobs.ADDRESS_ENV}
     os.environ.update(RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{procs.free_port()}",
                       RAY_ADDRESS=f"127.0.0.1:{procs.free_port()}")
@@ -390,7 +390,7 @@ def test_jobs_commands_reach_a_head_with_token_auth(tmp_path, clean_env, monkeyp
             env = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH_")},
                    "RAY_AUTH_MODE": "token", **token_env}
             return subprocess.run([sys.executable, "-m", "pipelines", *args, "--address", url], capture_output=True,
-                                  text=True, env=env, cwd=Path(__file__).parents[1], timeout=120)
+                                  text=True, env=env, cwd=Path(__file__).parents[2], timeout=120)
 
         r = cli("jobs", RAY_AUTH_TOKEN=token)
         assert r.returncode == 0 and f"no jobs on {url}" in r.stdout, r.stdout + r.stderr

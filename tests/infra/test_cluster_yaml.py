@@ -23,7 +23,7 @@ import ray.autoscaler
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 AWS = ROOT / "ray_cluster.yaml"
 ONPREM = ROOT / "infra" / "onprem_cluster.yaml"
 DOC = ROOT / "docs" / "cluster.md"

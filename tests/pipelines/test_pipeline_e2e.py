@@ -1,7 +1,7 @@
 """The default pipeline (the SimCLRv2 chain) end to end on a local Ray (2 CPUs) with a tiny
 budget: one run of the chain (the session's ``chain`` fixture) whose outputs every test
 here inspects, its cached reruns, and the input errors it reports in one line. How a
-config change or ``--rerun`` propagates through the stage graph: tests/test_graph.py."""
+config change or ``--rerun`` propagates through the stage graph: tests/pipelines/test_graph.py."""
 
 import json
 import os
@@ -133,7 +133,7 @@ def test_the_chain_records_what_mlflow_users_expect(chain):
     client, parent, children = chain.client, chain.parent, chain.runs
     # the console, written to a file: the workers' lines without colour codes
     assert "(RayTrainWorker pid=" in chain.out and "\x1b[" not in chain.out
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     for run in (parent, *children.values()):
         assert run.data.tags["clpipe.version"] not in ("", "unknown"), run.info.run_name
         if (root / ".git").exists():
@@ -166,7 +166,7 @@ def test_the_chain_records_what_mlflow_users_expect(chain):
 
 def test_reruns_use_the_cache_and_register_new_candidates(chain, local_ray, capsys):
     """The real stages behind the graph's cache (its rules on every kind of change, --rerun
-    and --only: tests/test_graph.py): evaluate reruns on its upstream stages' cached
+    and --only: tests/pipelines/test_graph.py): evaluate reruns on its upstream stages' cached
     outputs, and the registry's candidate and champion aliases follow new versions."""
     client, exp_id, args = chain.client, chain.exp_id, chain.args
     # the same command again: every stage cached, nothing recomputed
@@ -240,7 +240,7 @@ def test_a_source_with_no_decodable_image_fails_the_shard_stage_clearly(local_ra
 
 def test_a_source_file_a_shard_task_cannot_read_fails_the_stage_in_one_line(local_ray):
     """A shard task's SourceReadError (after its retries) reaches the stage as that one line,
-    not as Ray's remote traceback (the retries and what counts as corrupt: tests/test_shards.py)."""
+    not as Ray's remote traceback (the retries and what counts as corrupt: tests/cl_core/test_shards.py)."""
     import ray
 
     from cl_core.data.sources import SourceReadError

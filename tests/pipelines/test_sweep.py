@@ -96,7 +96,7 @@ def test_the_sweep_sizes_itself_from_what_the_cluster_can_hold(monkeypatch, caps
 
 def test_sweep_logs_every_trial_and_stops_poor_ones(tmp_path, local_ray, capsys):
     """How the best values feed the pretrain stage: the S3 pipeline's sweep
-    (tests/test_s3.py)."""
+    (tests/pipelines/test_s3.py)."""
     import torch
 
     work = tmp_path / "work"
@@ -189,7 +189,7 @@ def _kill_during_first_trial(cmd: list[str], work: Path, checkpointed, log: Path
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                                cwd=Path(__file__).parents[1])
+                                cwd=Path(__file__).parents[2])
         try:
             deadline = time.time() + 300
             while time.time() < deadline and not checkpointed(work / "ray_results"):

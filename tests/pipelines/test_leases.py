@@ -1,7 +1,7 @@
 """Leases (pipelines/leases.py): one holder at a time for a stage key or a registry
 name. The file lease across processes (and its release when the holder dies); the
 pipeline's second run of a stage key waits for the first and takes its result from the
-cache. The S3 lease runs against SeaweedFS in tests/test_s3.py."""
+cache. The S3 lease runs against SeaweedFS in tests/pipelines/test_s3.py."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def test_a_file_lease_has_one_holder_and_dies_with_it(tmp_path):
 
 def test_a_second_run_of_a_stage_key_waits_and_reuses_the_first_ones_result(tmp_path, capsys):
     """Two runs of the same config at once (real MLflow store, the stages' work replaced as
-    in tests/test_graph.py): the first computes the shard stage while holding its lease;
+    in tests/pipelines/test_graph.py): the first computes the shard stage while holding its lease;
     the second finds no cached run, waits on the lease, then takes the first one's result
     from the cache instead of computing the same key into the same output dir."""
     import dataclasses

@@ -1,8 +1,8 @@
 """The preflight of local paths on a cluster (pipelines.ray_env.preflight) without a
 cluster: which locations are checked, and the refusal where no node can check them. The
 check itself (a marker file looked for by a task on each node) runs on two nodes in
-tests/test_multinode.py (one filesystem: passes) and on two hosts in
-tests/test_twohost.py (a private work dir: refused; a shared one: passes)."""
+tests/pipelines/test_multinode.py (one filesystem: passes) and on two hosts in
+tests/infra/test_twohost.py (a private work dir: refused; a shared one: passes)."""
 
 from __future__ import annotations
 

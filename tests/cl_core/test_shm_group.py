@@ -96,7 +96,7 @@ def _ddp_grads(rank: int, world: int, shm: bool, hook: bool = False,
                slot_bytes: int = 4 << 20) -> tuple[list[torch.Tensor], int]:
     """Gradients of DDP + global BN + SimCLR after one backward, and the number of
     collectives that went through shared memory."""
-    from tests.test_global_bn import _batch, _method, _split
+    from tests.cl_core.test_global_bn import _batch, _method, _split
 
     if shm:
         assert distributed.use_shared_memory(slot_bytes)

@@ -14,8 +14,8 @@ from cl_core.evaluate import extract_features, knn_top1, stream_features
 from cl_core.methods import get_method
 from cl_core.monitor import KnnMonitor
 from pipelines.config import ConfigError, load_config
+from tests.cl_core.test_shards import write_set
 from tests.gloo import run_workers
-from tests.test_shards import write_set
 
 
 @pytest.fixture(scope="module")

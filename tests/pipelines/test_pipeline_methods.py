@@ -1,9 +1,9 @@
 """Methods other than SimCLR through the pipeline on a local Ray: SimCSE pretrains on a text
 source (shards of sentences and a locally trained tokenizer). The other methods ride on
 runs that other tests make anyway: MoCo with a supervised contrastive fine-tune is the
-pipeline submitted as a job (tests/test_stack.py), SwAV with multi-crop views and device
-augmentation is the S3 pipeline (tests/test_s3.py) and InstDisc's memory bank is the
-successive-halving sweep's (tests/test_sweep.py)."""
+pipeline submitted as a job (tests/infra/test_stack.py), SwAV with multi-crop views and device
+augmentation is the S3 pipeline (tests/pipelines/test_s3.py) and InstDisc's memory bank is the
+successive-halving sweep's (tests/pipelines/test_sweep.py)."""
 
 import math
 
@@ -37,7 +37,7 @@ def test_simcse_pretrains_on_a_text_source(tmp_path, local_ray, capsys):
     assert "tokenizer.json" in {a.path for a in client.list_artifacts(shard.info.run_id)}
     assert pre.data.params["method.temperature"] == "0.05" and pre.data.params["method.dim"] == "32"
     hist = [m.value for m in client.get_metric_history(pre.info.run_id, "train/loss")]
-    assert len(hist) == 2 and all(math.isfinite(v) for v in hist)  # that it learns: tests/test_simcse.py
+    assert len(hist) == 2 and all(math.isfinite(v) for v in hist)  # that it learns: tests/cl_core/test_simcse.py
     method = load_method(outputs(client, pre.info.run_id))
     assert method.name == "simcse" and method.vocab_size == shard.data.metrics["tokenizer_vocab_size"]
     # an image stage on a text pipeline is refused

@@ -21,7 +21,7 @@ from cl_core.data.reader import ShardStream, training_loader
 from cl_core.data.sources import ImageFolderSource
 from cl_core.engine import LoopConfig, TrainingLoop
 from cl_core.methods.simclr import SimCLR
-from tests.test_shards import write_set
+from tests.cl_core.test_shards import write_set
 
 
 def _picture(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
