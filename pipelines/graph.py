@@ -23,7 +23,7 @@ from mlflow.entities import Run
 from pydantic import BaseModel
 
 from cl_core.data import storage
-from pipelines import leases, ray_env, report, tracking
+from pipelines import leases, report, tracking
 from pipelines.config import PipelineConfig, flatten
 from pipelines.console import console
 from pipelines.errors import StageError
@@ -271,13 +271,8 @@ def _compute(spec: StageSpec, cfg: PipelineConfig, experiment_id: str, parent_id
         mlflow.log_dict(section.model_dump(mode="json"), f"{spec.name}_config.json")
         out_dir = cfg.work_path() / spec.name / key[:16]
         ctx = StageContext(spec.name, key, run.info.run_id, parent_id, cfg, out_dir, upstream_runs, rerun=force)
-        if force:  # recompute from scratch: drop partial outputs and the Ray run this key would resume
+        if force:  # recompute from scratch: drop partial outputs (a stage drops what it keeps elsewhere: ctx.rerun)
             shutil.rmtree(out_dir, ignore_errors=True)
-            run_dir = ray_env.run_uri(cfg, ctx.ray_run_name)
-            if storage.is_s3(run_dir):
-                storage.delete_prefix(run_dir)
-            else:
-                shutil.rmtree(run_dir, ignore_errors=True)
         out_dir.mkdir(parents=True, exist_ok=True)
         try:
             outputs = spec.fn(ctx, section, inputs)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -230,3 +231,13 @@ def run_uri(cfg: PipelineConfig, name: str) -> str:
     """Where Ray keeps the run (or Tune experiment) ``name``."""
     path, fs = storage(cfg)
     return storage_uri(f"{path}/{name}", fs)
+
+
+def forget_run(cfg: PipelineConfig, name: str) -> None:
+    """Delete the Ray run (or Tune experiment) ``name`` and its checkpoints, so a run of
+    that name starts afresh instead of resuming (``--rerun``)."""
+    uri = run_uri(cfg, name)
+    if storage_lib.is_s3(uri):
+        storage_lib.delete_prefix(uri)
+    else:
+        shutil.rmtree(uri, ignore_errors=True)

@@ -178,6 +178,8 @@ def _failure_message(ctx: StageContext, section: TrainingConfig, err: BaseExcept
 def fit(ctx: StageContext, worker: Callable[[dict], Any], worker_config: dict, section: TrainingConfig) -> Result:
     """Run ``worker`` on ``section.num_workers`` Ray Train workers; a failure raises
     :class:`TrainingFailed` naming the stage and the checkpoint to resume from."""
+    if ctx.rerun:  # --rerun: a fresh Ray run, not a resume of this key's last one
+        ray_env.forget_run(ctx.config, ctx.ray_run_name)
     storage_path, storage_fs = ray_env.storage(ctx.config)
     trainer = Trainer(
         worker,

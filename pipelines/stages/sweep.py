@@ -239,6 +239,8 @@ def sweep(ctx: StageContext, cfg: SweepStageConfig, inputs: dict) -> dict:
     workers = sw.workers_per_trial
     gpu = _use_gpu(pre, workers)
     concurrent = _concurrency(sw, gpu)
+    if ctx.rerun:  # --rerun: a fresh experiment, not a resume of this key's last one
+        ray_env.forget_run(ctx.config, ctx.ray_run_name)
     storage_path, storage_fs = ray_env.storage(ctx.config)  # local, or S3 through pyarrow
     exp_path = f"{storage_path}/{ctx.ray_run_name}"
     exp_dir = ray_env.storage_uri(exp_path, storage_fs)

@@ -190,6 +190,12 @@ def test_reruns_use_the_cache_and_register_new_candidates(chain, local_ray, caps
     assert str(client.get_model_version_by_alias("default-teacher", "candidate").version) == "3"
     assert str(client.get_model_version_by_alias("default-teacher", "champion").version) == "1"
 
+    # --rerun distill: the stage's Ray run starts afresh (its finished checkpoint is not resumed)
+    assert main([*args, "--rerun", "distill"]) == 0
+    out = capsys.readouterr().out
+    assert "[distill] student_1pct (model 1 of 2):" in out and "resumed from checkpoint" not in out
+    assert recomputed(latest_children(client, exp_id)) == {"distill", "evaluate", "register"}
+
 
 def test_chain_input_errors_are_one_clear_line(chain, local_ray, tmp_path, capsys):
     args = chain.args  # the chain's work dir: every upstream stage below comes from its cache
