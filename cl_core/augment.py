@@ -8,6 +8,7 @@ the input and ``torch.manual_seed``: the reader seeds each DataLoader worker fro
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torchvision.transforms import v2
@@ -76,7 +77,7 @@ class SimCLRTransform:
             self.transform = v2.Compose(ops + _normalize(mean, std))
         self.n_views = n_views
 
-    def __call__(self, image) -> list[torch.Tensor]:
+    def __call__(self, image: Any) -> list[torch.Tensor]:
         return [self.transform(image) for _ in range(self.n_views)]
 
 
@@ -110,7 +111,7 @@ class MultiCropTransform:
         self.local_tf.transform.transforms[1].scale = tuple(local_scale)
         self.n_global, self.n_local = n_global, n_local
 
-    def __call__(self, image) -> list[torch.Tensor]:
+    def __call__(self, image: Any) -> list[torch.Tensor]:
         return ([self.global_tf.transform(image) for _ in range(self.n_global)]
                 + [self.local_tf.transform(image) for _ in range(self.n_local)])
 
@@ -125,7 +126,7 @@ class EvalTransform:
             [v2.ToImage(), v2.Resize((image_size, image_size), antialias=True), *_normalize(mean, std)]
         )
 
-    def __call__(self, image) -> torch.Tensor:
+    def __call__(self, image: Any) -> torch.Tensor:
         return self.transform(image)
 
 
@@ -156,5 +157,5 @@ class FinetuneTransform:
         ])
         self.n_views = n_views  # 2 for a supervised contrastive (SupCon) fine-tune
 
-    def __call__(self, image) -> list[torch.Tensor]:
+    def __call__(self, image: Any) -> list[torch.Tensor]:
         return [self.transform(image) for _ in range(self.n_views)]

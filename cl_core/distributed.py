@@ -6,6 +6,8 @@ Every helper falls back to single-process behaviour (rank 0, world size 1) when 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 
@@ -60,7 +62,7 @@ class _GatherWithGrad(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+    def forward(ctx: Any, x: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
         shm = _shm_for(x)
         if shm is not None:
             return tuple(shm.all_gather(x).unbind(0))
@@ -69,7 +71,7 @@ class _GatherWithGrad(torch.autograd.Function):
         return tuple(out)
 
     @staticmethod
-    def backward(ctx, *grads: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def backward(ctx: Any, *grads: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         g = torch.stack(grads)  # (W, N, D)
         shm = _shm_for(g)
         if shm is not None:
@@ -127,7 +129,10 @@ def all_reduce_sum_(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _ddp_average_hook(process_group, bucket):  # no annotations: DDP compares them with real types
+# a type comment, not annotations: DDP compares the hook's annotations with the real types, and
+# under `from __future__ import annotations` they would be strings
+def _ddp_average_hook(process_group, bucket):
+    # type: (dist.ProcessGroup | None, dist.GradBucket) -> torch.futures.Future[torch.Tensor]
     """DDP's gradient all-reduce (the bucket divided by the world size, then summed over
     ranks, as its built-in hook does) through shared memory when it is on and the bucket
     fits (:func:`use_shared_memory`); otherwise the built-in hook on the process group.
@@ -137,7 +142,8 @@ def _ddp_average_hook(process_group, bucket):  # no annotations: DDP compares th
     if shm is None:
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-        return default_hooks.allreduce_hook(process_group, bucket)
+        # allreduce_hook's annotation omits None, which it takes as the default group
+        return default_hooks.allreduce_hook(process_group, bucket)  # type: ignore[arg-type]
     grads.div_(world_size())
     grads.copy_(shm.all_reduce_sum(grads))
     done: torch.futures.Future[torch.Tensor] = torch.futures.Future()

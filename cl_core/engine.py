@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -56,7 +56,7 @@ class NonFiniteLossError(FloatingPointError):
     pass
 
 
-def clip_per_parameter(params, max_norm: float) -> None:
+def clip_per_parameter(params: Iterable[torch.Tensor], max_norm: float) -> None:
     """Scale each tensor's gradient whose l2 norm exceeds ``max_norm`` down to it (with
     DINO's 1e-6 in the denominator); per tensor, not the global norm of
     ``torch.nn.utils.clip_grad_norm_``."""
@@ -249,7 +249,7 @@ class TrainingLoop:
         seed = (self.stream.seed * 1_000_003 + distributed.rank()) * 1_000_000_007 + self.step
         return self._augment_gen.manual_seed(seed % (2**63))
 
-    def _aux_batch(self):
+    def _aux_batch(self) -> tuple[list[torch.Tensor], torch.Tensor] | None:
         if self.aux is None:
             return None
         views, labels, *_ = self.aux()
@@ -292,7 +292,8 @@ class TrainingLoop:
             due = due or distributed.broadcast_flag(late, self.device)
         return due
 
-    def _epoch(self, report: ReportFn, evaluate, log, checkpoint: CheckpointFn | None) -> dict[str, float]:
+    def _epoch(self, report: ReportFn, evaluate: Callable[[nn.Module], dict[str, float]] | None,
+               log: Callable[[int, dict[str, float]], None] | None, checkpoint: CheckpointFn | None) -> dict[str, float]:
         # a checkpoint taken inside this epoch resumes at its next batch: the stream skips
         # the batches already trained on (the epoch's data order is a function of the seed)
         self.stream.set_epoch(self.epoch, skip_batches=self.batch_in_epoch)

@@ -134,7 +134,7 @@ def fit_linear_probe(
     clf = nn.Linear(x.shape[1], num_classes)
     opt = torch.optim.LBFGS(clf.parameters(), lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
 
-    def closure():
+    def closure() -> torch.Tensor:
         opt.zero_grad()
         loss = F.cross_entropy(clf(x), labels) + weight_decay * clf.weight.pow(2).sum()
         loss.backward()

@@ -14,10 +14,11 @@ result is the single-process one in a ``W``-th of the time.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
+from PIL import Image
 from torch import nn
 
 from cl_core import distributed
@@ -25,7 +26,8 @@ from cl_core.data.reader import decode_sample, sample_pipeline
 from cl_core.evaluate import knn_top1, stream_features
 
 
-def _part(samples, limit: int | None, rank: int, world: int):
+def _part(samples: Iterable[dict[str, Any]], limit: int | None, rank: int,
+          world: int) -> Iterator[tuple[Image.Image, int, int]]:
     """The decoded samples at positions ``rank, rank + world, ...`` of the first ``limit``."""
     for i, sample in enumerate(samples):
         if limit is not None and i >= limit:

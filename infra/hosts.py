@@ -22,7 +22,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +41,7 @@ class Host:
     def argv(self, cmd: Sequence[str]) -> list[str]:
         return ["nsenter", f"--target={self.anchor}", "--net", "--mount", "--", *cmd]
 
-    def env(self, extra: dict[str, str | None] | None = None) -> dict[str, str]:
+    def env(self, extra: Mapping[str, str | None] | None = None) -> dict[str, str]:
         """This process's environment less Ray's and the AWS/MLflow settings of this
         machine, with the host's own home, plus ``extra``."""
         drop = ("RAY_", "AWS_", "MLFLOW_", "CLPIPE_")
@@ -54,12 +54,12 @@ class Host:
                 env[k] = v
         return env
 
-    def run(self, cmd: Sequence[str], env: dict[str, str | None] | None = None, timeout: float = 120,
+    def run(self, cmd: Sequence[str], env: Mapping[str, str | None] | None = None, timeout: float = 120,
             cwd: Path | None = None) -> subprocess.CompletedProcess:
         return subprocess.run(self.argv(cmd), env=self.env(env), capture_output=True, text=True, timeout=timeout,
                               cwd=cwd)
 
-    def spawn(self, cmd: Sequence[str], log: Path, env: dict[str, str | None] | None = None,
+    def spawn(self, cmd: Sequence[str], log: Path, env: Mapping[str, str | None] | None = None,
               cwd: Path | None = None) -> int:
         """Start ``cmd`` on the host in a session of its own (output to ``log``, a path of
         this machine); returns its pid."""
@@ -68,7 +68,7 @@ class Host:
                                  start_new_session=True)
         return p.pid
 
-    def popen(self, cmd: Sequence[str], env: dict[str, str | None] | None = None,
+    def popen(self, cmd: Sequence[str], env: Mapping[str, str | None] | None = None,
               cwd: Path | None = None) -> subprocess.Popen:
         """``cmd`` on the host with its output (stdout and stderr) to read as text lines."""
         return subprocess.Popen(self.argv(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

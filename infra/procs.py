@@ -11,7 +11,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 
@@ -47,7 +47,7 @@ def require_free(ports: dict[str, int], host: str = "127.0.0.1") -> None:
                                "port")
 
 
-def spawn(cmd: Sequence[str], log: Path, env: dict[str, str | None] | None = None, cwd: Path | None = None) -> int:
+def spawn(cmd: Sequence[str], log: Path, env: Mapping[str, str | None] | None = None, cwd: Path | None = None) -> int:
     """Start ``cmd`` in a new session, stdout and stderr to ``log``; return its pid (also its
     process-group id). ``env`` adds to this process's environment; a None value removes the
     variable."""

@@ -543,7 +543,7 @@ class PipelineConfig(Section):
         if k and layers is None:
             raise ValueError(f"finetune.finetune_from_head_layer ({k}): {self.pretrain.method} has no SimCLR-style "
                              "projection head to fine-tune from; set it to 0 (or leave it unset)")
-        if k and k > layers:
+        if k and layers is not None and k > layers:
             raise ValueError(f"finetune.finetune_from_head_layer ({k}) > pretrain.params.{self.pretrain.method}.head_layers "
                              f"({layers}): the head has only {layers} layers to fine-tune from")
         if self.sweep.enabled:
@@ -687,7 +687,8 @@ def _unknown_field(loc: tuple[str, ...], data: dict) -> str:
     is (they live under ``pretrain.params.<method>``), a near spelling, or the known fields."""
     known = sorted(getattr(_model_at(loc[:-1]), "model_fields", {}))
     name = loc[-1]
-    pretrain = data.get("pretrain") if isinstance(data.get("pretrain"), dict) else {}
+    raw = data.get("pretrain")
+    pretrain: dict = raw if isinstance(raw, dict) else {}
     method = pretrain.get("method", "simclr")
     if loc[:-1] == ("pretrain",) and method in known_methods():
         params = method_params(method)

@@ -70,6 +70,7 @@ def export(uri: str, out: str | Path, fmt: str) -> Path:
                          "(and onnxruntime to run the file)")
     batch = torch.export.Dim("batch", min=1)
     program = torch.onnx.export(module, (x,), dynamo=True, dynamic_shapes=({0: batch},))
+    assert program is not None  # the dynamo exporter returns the program
     program.save(str(out))
     if importlib.util.find_spec("onnxruntime") is not None:  # check the file where it can be run
         import onnxruntime

@@ -139,9 +139,10 @@ def _with_index(samples: Iterator[dict], offsets: dict[str, int]) -> Iterator[di
         yield s
 
 
-def sample_pipeline(urls: Sequence[str], *, shuffle_buffer: int = 0, seed: int = 0, handler=wds.reraise_exception,
+def sample_pipeline(urls: Sequence[str], *, shuffle_buffer: int = 0, seed: int = 0,
+                    handler: Callable[[Exception], bool] = wds.reraise_exception,
                     offsets: dict[str, int] | None = None, decode: Callable[[dict], tuple] | None = decode_sample,
-                    verify: Mapping[str, Mapping] | None = None):
+                    verify: Mapping[str, Mapping] | None = None) -> wds.DataPipeline:
     """A WebDataset pipeline over ``urls`` yielding (PIL RGB image, label, index) per sample
     (``decode``'s result: e.g. (text, label, index) with :func:`cl_core.data.text.decode_text`).
 

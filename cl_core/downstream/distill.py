@@ -67,7 +67,8 @@ class DistillObjective(Method):
         self.teacher.eval()
         return self
 
-    def forward(self, views: list[torch.Tensor], labels: torch.Tensor | None = None, aux=None):
+    def forward(self, views: list[torch.Tensor], labels: torch.Tensor | None = None,
+                aux: tuple[list[torch.Tensor], torch.Tensor] | None = None) -> StepOutput:
         (x,) = views
         with torch.no_grad():
             t = self.teacher(x)

@@ -63,7 +63,8 @@ class SupConObjective(Method):
     def encoder(self) -> nn.Module:
         return self.classifier.backbone
 
-    def forward(self, views: list[torch.Tensor], labels: torch.Tensor | None = None, aux=None) -> StepOutput:  # type: ignore[override]
+    def forward(self, views: list[torch.Tensor], labels: torch.Tensor | None = None,  # type: ignore[override]
+                aux: tuple[list[torch.Tensor], torch.Tensor] | None = None) -> StepOutput:
         """``views``: two (N, C, H, W) views; ``labels``: (N,) classes; ``aux`` is unused."""
         x0, x1 = views
         n = x0.shape[0]

@@ -76,7 +76,8 @@ class SupCon(Method):
         self.criterion = SupConLoss(check_positive("temperature", temperature), base_temperature,
                                     gather_distributed=gather_distributed)
 
-    def forward(self, views: list[torch.Tensor], labels: torch.Tensor | None = None, aux=None) -> StepOutput:  # type: ignore[override]
+    def forward(self, views: list[torch.Tensor], labels: torch.Tensor | None = None,  # type: ignore[override]
+                aux: tuple[list[torch.Tensor], torch.Tensor] | None = None) -> StepOutput:
         """``views``: two (N, C, H, W) views; ``labels``: (N,) classes; ``aux`` is unused."""
         x0, x1 = views
         n = x0.shape[0]

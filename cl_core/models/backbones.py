@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -15,9 +16,11 @@ from torchvision import models as tvm
 
 BACKBONES: dict[str, Callable[..., tuple[nn.Module, int]]] = {}
 
+_Builder = TypeVar("_Builder", bound=Callable[..., tuple[nn.Module, int]])
 
-def _register(name: str):
-    def deco(fn):
+
+def _register(name: str) -> Callable[[_Builder], _Builder]:
+    def deco(fn: _Builder) -> _Builder:
         BACKBONES[name] = fn
         return fn
 
@@ -145,7 +148,7 @@ def _sincos_2d(grid: int, dim: int) -> torch.Tensor:
 _VIT_SIZES = {"vit_tiny": (192, 3), "vit_small": (384, 6)}  # (width, heads), DeiT's Tiny/Small, 12 blocks
 
 
-def _vit(name: str):
+def _vit(name: str) -> Callable[..., tuple[nn.Module, int]]:
     dim, heads = _VIT_SIZES[name]
 
     def build(in_channels: int = 3, image_size: int = 32, patch_size: int = 4, depth: int = 12,

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
@@ -37,7 +38,8 @@ class GlobalBatchNorm(_BatchNorm):
     """BatchNorm1d/2d/3d whose batch statistics are those of all workers' batches together."""
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, device=None, dtype=None) -> None:
+                 track_running_stats: bool = True, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         self.synchronize = True  # switched off by :func:`local_statistics`
 
@@ -86,13 +88,15 @@ class _GlobalNormalize(torch.autograd.Function):
     as the running ones)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mean, var, eps: float, total: float):  # type: ignore[override]
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor,  # type: ignore[override]
+                var: torch.Tensor, eps: float, total: float) -> torch.Tensor:
         ctx.save_for_backward(x, weight, mean, var)
         ctx.eps, ctx.total = eps, total
         return torch.nn.functional.batch_norm(x, mean, var, weight, bias, training=False, eps=eps)
 
     @staticmethod
-    def backward(ctx, dy):  # type: ignore[override]
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,  # type: ignore[override]
+                                                       None, None, None, None]:
         x, weight, mean, var = ctx.saved_tensors
         dy = dy.contiguous()
         # eval-mode backward's weight and bias gradients are the local sums of dy * x_hat and dy

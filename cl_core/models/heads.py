@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 
@@ -44,7 +45,7 @@ class SimCLRProjectionHead(nn.Module):
         self.num_layers = num_layers
         self.output_dim = output_dim if num_layers else input_dim
 
-    def forward(self, h, upto: int | None = None):
+    def forward(self, h: torch.Tensor, upto: int | None = None) -> torch.Tensor:
         """Project h; ``upto=k`` returns the output of the first k layers (SimCLRv2 fine-tuning)."""
         for layer in self.layers[: self.num_layers if upto is None else upto]:
             h = layer(h)

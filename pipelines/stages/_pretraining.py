@@ -15,6 +15,7 @@ import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from ray import train
@@ -86,7 +87,7 @@ def view_transform(method: str, v: ViewsConfig):
     """The views the method's ``view_kind`` asks for, from the ``pretrain.views`` section
     (crop and flip only with ``augment_on: device``: :func:`device_views` does the rest)."""
     kind = get_method(method).view_kind
-    color = dict(hflip_prob=v.hflip_prob, jitter_strength=v.jitter_strength, jitter_prob=v.jitter_prob,
+    color: dict[str, Any] = dict(hflip_prob=v.hflip_prob, jitter_strength=v.jitter_strength, jitter_prob=v.jitter_prob,
                  grayscale_prob=v.grayscale_prob, blur_prob=v.blur_prob, color=v.augment_on == "loader")
     if kind == "multi_crop":
         return MultiCropTransform(v.image_size, v.local_size(), global_scale=(v.crop_min_scale, 1.0),
@@ -111,7 +112,7 @@ def crop_plan(method: str, v: ViewsConfig) -> CropPlan:
     crop box and flip, the views' sides and crop scales as the CPU transform makes them."""
     kind = get_method(method).view_kind
     if kind == "multi_crop":
-        g, local = (v.crop_min_scale, 1.0), tuple(v.local_crop_scale)
+        g, local = (v.crop_min_scale, 1.0), (v.local_crop_scale[0], v.local_crop_scale[1])
         return CropPlan([v.image_size] * 2 + [v.local_size()] * v.local_views, [g] * 2 + [local] * v.local_views,
                         v.hflip_prob)
     if kind in ("two_views", "single"):
@@ -148,10 +149,10 @@ def train_worker(config: dict) -> list[dict] | None:
     torch.manual_seed(config["seed"])  # the initial weights (DDP then sends rank 0's to every rank)
     method = build_method(config["model"]).to(device)
     loop_cfg = loop_config(p)
-    method = loop_cfg.settings_for(device).prepare(method)
+    method = cast(Method, loop_cfg.settings_for(device).prepare(method))
     if global_bn(p, world):
-        method = (torch.nn.SyncBatchNorm.convert_sync_batchnorm(method) if device.type == "cuda"
-                  else convert_global_bn(method))
+        method = cast(Method, torch.nn.SyncBatchNorm.convert_sync_batchnorm(method) if device.type == "cuda"
+                      else convert_global_bn(method))
     # queues, banks and centers are kept equal on every worker by gathered updates; DDP's
     # per-step broadcast of rank 0's buffers would resend a 65,536-key queue (32 MiB) each step
     model = train.torch.prepare_model(method, parallel_strategy_kwargs={"forward_sync_buffers": False})

@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from ray import train
@@ -40,6 +40,7 @@ from cl_core.augment import EvalTransform, FinetuneTransform
 from cl_core.data import storage
 from cl_core.data.reader import EvalSplit, ShardStream, load_split, training_loader
 from cl_core.data.shards import sha256_file
+from cl_core.downstream import Classifier
 from cl_core.engine import LoopConfig, TrainingLoop
 from cl_core.evaluate import recalibrate_batch_norm
 from cl_core.methods.base import Method
@@ -54,10 +55,11 @@ CHECKPOINT_INFO = "checkpoint.json"  # written last: sha256 of every file and th
 MAX_CHECKPOINTS_PER_MODEL = 10  # short epochs (a few labeled batches) checkpoint every few epochs
 
 
+DATASETS_CALLBACK: type | None
 try:
-    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback as DATASETS_CALLBACK
 except ImportError:  # Train V1 or a moved module: nothing to leave out
-    DatasetsCallback = None
+    DATASETS_CALLBACK = None
 
 
 class Trainer(TorchTrainer):
@@ -71,15 +73,17 @@ class Trainer(TorchTrainer):
     """
 
     def _create_default_callbacks(self) -> list:
-        callbacks = super()._create_default_callbacks()
-        if self.datasets or DatasetsCallback is None:
+        callbacks = super()._create_default_callbacks()  # type: ignore[misc]  # Train V2's (the stubs are V1's)
+        if self.datasets or DATASETS_CALLBACK is None:
             return callbacks
-        return [c for c in callbacks if not isinstance(c, DatasetsCallback)]
+        return [c for c in callbacks if not isinstance(c, DATASETS_CALLBACK)]
 
 
 def checkpoint_uri(result: Result) -> str:
     """The final checkpoint of ``result`` as a local path or an ``s3://`` URI."""
     ckpt = result.checkpoint
+    if ckpt is None:
+        raise RuntimeError(f"{result.path}: the training run ended without a checkpoint")
     return ray_env.storage_uri(ckpt.path, ckpt.filesystem if _is_s3_fs(ckpt.filesystem) else None)
 
 
@@ -193,7 +197,7 @@ def fit(ctx: StageContext, worker: Callable[[dict], Any], worker_config: dict, s
             checkpoint_config=CheckpointConfig(num_to_keep=1),
             failure_config=FailureConfig(max_failures=section.max_failures),
             logging_config=LoggingConfig(log_level=ctx.config.ray.train_log_level),
-        ),
+        ),  # type: ignore[call-arg]  # RunConfig of Train V2 (the stubs are V1's)
     )
     try:
         return trainer.fit()
@@ -326,9 +330,10 @@ class SequentialJobs:
     def _one(self, i: int, job: dict, jobs: list[dict], build, section: TrainingConfig) -> list[dict]:
         name = job["name"]
         resuming = bool(self.resume and self.resume["job"] == i and self.resume["loop"] is not None)
-        objective, classifier, stream, aux = build(job, int(self.resume["loop"]["step"]) if resuming else 0)
+        start = int(self.resume["loop"]["step"]) if resuming and self.resume is not None else 0
+        objective, classifier, stream, aux = build(job, start)
         cfg = loop_config(section, stream.batch_size)
-        objective = cfg.settings_for(self.w.device).prepare(objective.to(self.w.device))
+        objective = cast(Method, cfg.settings_for(self.w.device).prepare(objective.to(self.w.device)))
         model = train.torch.prepare_model(objective)
         distributed.share_gradient_reduction(model)  # DDP's gradient buckets through /dev/shm too, where it is on
         # a budget in steps as well as epochs: 1% of the labels may be one batch per epoch
@@ -337,7 +342,7 @@ class SequentialJobs:
         loop = TrainingLoop(model, objective, stream, dataclasses.replace(cfg, epochs=epochs), self.w.device, aux=aux)
         ckpt_every = max(1, epochs // MAX_CHECKPOINTS_PER_MODEL)
         where = loop.position  # for the checkpoints' records (``loop`` is deleted at the end)
-        best = {"val_top1": -1.0, "epoch": 0, "state_dict": None}
+        best: dict[str, Any] = {"val_top1": -1.0, "epoch": 0, "state_dict": None}
         if resuming:
             assert self.resume is not None
             loop.load_state_dict(self.resume["loop"])
@@ -369,11 +374,11 @@ class SequentialJobs:
             return {"val/top1": (torch.tensor(float(correct)) / total).item() if total else 0.0}
 
         if self.w.rank == 0 and not resuming:  # epoch 0, the starting point, is a candidate too
-            start = evaluate(None)
-            best.update(val_top1=start["val/top1"], epoch=0,
+            initial = evaluate(None)
+            best.update(val_top1=initial["val/top1"], epoch=0,
                         state_dict={k: v.detach().cpu().clone() for k, v in classifier.state_dict().items()})
             assert self.log is not None
-            self.log.metrics({f"{name}/val/top1": start["val/top1"]}, step=0)
+            self.log.metrics({f"{name}/val/top1": initial["val/top1"]}, step=0)
 
         eta = Eta(epochs, loop.epoch)
 
@@ -448,7 +453,7 @@ def collect_models(result: Result, out_dir: Path) -> dict[str, dict]:
     return out
 
 
-def load_classifier(record: dict) -> torch.nn.Module:
+def load_classifier(record: dict) -> Classifier:
     """A classifier saved by :class:`SequentialJobs` (``weights_only`` load), in eval mode."""
     from cl_core.downstream import build_classifier
 

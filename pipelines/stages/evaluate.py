@@ -10,6 +10,7 @@ randomly initialised one. Logs confusion matrices, a markdown and a JSON results
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import mlflow
 import ray
@@ -55,7 +56,7 @@ def _evaluate_task(shard_dir: str, encoder: dict, subsets: dict, finetune: dict,
             record = models.get(f"{kind}_{frac_name}")
             if record is not None:
                 classifiers[f"{kind}_{frac_name}"] = load_classifier(record).to(device)
-    stream = {"batch_size": 512, "device": device}
+    stream: dict[str, Any] = {"batch_size": 512, "device": device}
     train, samples = _split(shard_dir, manifest, "train")
     train_out, train_y = stream_outputs(encoders, samples, tf, limit=cfg["max_train"], **stream)
     test, samples = _split(shard_dir, manifest, "test")

@@ -12,6 +12,10 @@ labels with the same budget. Each model keeps the epoch with the best val top-1.
 
 from __future__ import annotations
 
+from typing import cast
+
+import torch
+
 from cl_core.data.reader import ShardStream
 from cl_core.data.shards import read_manifest
 from cl_core.downstream import build_classifier, classifier_from_pretrained, classifier_spec
@@ -36,7 +40,6 @@ from pipelines.stages._train import (
 
 
 def finetune_worker(config: dict) -> list[dict] | None:
-    import torch
 
     w = Worker.setup(config["threads"])
     f = FinetuneConfig.model_validate(config["finetune"])
@@ -49,7 +52,7 @@ def finetune_worker(config: dict) -> list[dict] | None:
             method = load_method(config["encoder"])
             clf = classifier_from_pretrained(method, job["spec"])
             if config["encoder"]["model"]["method"] == "supcon":
-                head = method.head  # continue the pretrained SupCon projection head
+                head = cast(torch.nn.Module, method.head)  # continue the pretrained SupCon projection head
             if f.head_init == "probe" and start_step == 0:
                 init_from_probe(clf, job, config["image_size"], f.bn_recalibration_images)
         else:
@@ -73,7 +76,6 @@ def init_from_probe(clf, job: dict, image_size: int, bn_images: int) -> None:
     (uncropped, as for the val checks), then its new linear layer set to a
     logistic-regression probe of their features. Every rank computes the same values
     (the same images, the same deterministic fit)."""
-    import torch
 
     from cl_core.augment import EvalTransform
     from cl_core.data.reader import load_split, sample_pipeline

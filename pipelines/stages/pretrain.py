@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import mlflow
 
@@ -43,7 +44,7 @@ def pretrain(ctx: StageContext, cfg: PretrainConfig, inputs: dict) -> dict:
     if get_method(cfg.method).uses_labels and not manifest["labeled"]:
         raise ValueError(f"pretrain.method: {cfg.method} is supervised and needs labeled shards, but the source of "
                          f"{shard_set['shard_dir']} has no labels; use a labeled source or a self-supervised method")
-    model = {"method": cfg.method, "kwargs": cfg.model_kwargs(num_samples=sum(train_counts))}
+    model: dict[str, Any] = {"method": cfg.method, "kwargs": cfg.model_kwargs(num_samples=sum(train_counts))}
     modality = manifest.get("modality", "image")
     if modality == "text":
         kw = model["kwargs"]
@@ -62,7 +63,7 @@ def pretrain(ctx: StageContext, cfg: PretrainConfig, inputs: dict) -> dict:
                   f"in {len(train_urls)} shards")
     result = fit(ctx, train_worker, worker_config, cfg)
     ckpt = checkpoint_uri(result)  # local, or s3:// when ray.storage_path is
-    history = result.return_value or []
+    history = result.return_value or []  # type: ignore[attr-defined]  # Train V2's Result (the stubs are V1's)
     final = json.loads(storage.read_bytes(storage.join(ckpt, CONFIG_FILE)))["metrics"]
     local = Path(ckpt) if not storage.is_s3(ckpt) else storage.download_dir(ckpt, ctx.output_dir / "checkpoint")
     mlflow.log_artifacts(str(local), "checkpoint")

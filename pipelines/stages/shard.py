@@ -8,6 +8,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import ray
@@ -39,7 +40,7 @@ def _write_shard_task(source: Source, refs: list, path: str, dest: str | None) -
         source.release()
 
 
-def _gather(pending: dict[str, list], total: int) -> tuple[dict[str, list], dict[str, float]]:
+def _gather(pending: dict[str, list], total: int) -> tuple[dict[str, list], dict[str, Any]]:
     """The shard tasks' results per split, in order, collected as they finish with a
     progress display (a bar on a terminal, a line every 10% or 30 s otherwise), and the
     rate: images/s and MB/s of shards written. A source file that could not be read fails

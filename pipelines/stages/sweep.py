@@ -27,17 +27,18 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import mlflow
 import torch
 from ray import tune
+from ray.tune.search import SearchAlgorithm, Searcher
 
 from cl_core.data import storage
 from cl_core.data.reader import ShardStream
 from cl_core.data.shards import read_manifest
 from cl_core.engine import TrainingLoop
-from cl_core.methods import build_method
+from cl_core.methods import Method, build_method
 from pipelines import plots, ray_env, tracking
 from pipelines.config import PretrainConfig, SweepConfig, SweepStageConfig, apply_sweep
 from pipelines.console import console
@@ -76,7 +77,7 @@ def trial(config: dict[str, Any], base: dict[str, Any]) -> None:
     train, val = base["checks"]["train"], base["checks"]["val"]
     model = {"method": p.method, "kwargs": p.model_kwargs(num_samples=sum(train.counts))}
     cfg = loop_config(p)
-    method = cfg.settings_for(device).prepare(build_method(model, gather_distributed=False).to(device))
+    method = cast(Method, cfg.settings_for(device).prepare(build_method(model, gather_distributed=False).to(device)))
     stream = ShardStream(train.urls, train.counts, rank=0, world_size=1, loader_workers=0, verify=train.verify,
                          batch_size=p.batch_size_per_worker, shuffle_buffer=p.shuffle_buffer, seed=base["seed"],
                          **view_stream(p.method, p.views, device, train.urls))
@@ -118,16 +119,17 @@ def trial_group(config: dict[str, Any], base: dict[str, Any]) -> None:
                                        checks=base["checks"],
                                        tracking_uri=None, run_id=None)
     trainer = Trainer(
-        train_worker,
+        train_worker,  # type: ignore[arg-type]  # Train V2 returns its value (the stubs are V1's)
         train_loop_config=worker_config,
         scaling_config=ScalingConfig(num_workers=base["workers"], use_gpu=base["gpu"],
                                      resources_per_worker={"CPU": per_worker}),
         run_config=RunConfig(
             name=tune.get_context().get_trial_name(), storage_path=base["train_storage"],
             storage_filesystem=base["storage_fs"],
-            callbacks=[TuneReportCallback()], checkpoint_config=CheckpointConfig(num_to_keep=1),
+            callbacks=[TuneReportCallback()],  # type: ignore[list-item]  # a Train V2 callback (V1 stubs)
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
             failure_config=FailureConfig(max_failures=p.max_failures),
-            logging_config=LoggingConfig(log_level=base["train_log_level"])),
+            logging_config=LoggingConfig(log_level=base["train_log_level"])),  # type: ignore[call-arg]  # V2's
     )
     result = trainer.fit()
     if result.error:
@@ -258,7 +260,7 @@ def sweep(ctx: StageContext, cfg: SweepStageConfig, inputs: dict) -> dict:
     if sw.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        search_alg = OptunaSearch(seed=seed)
+        search_alg: Searcher | SearchAlgorithm = OptunaSearch(seed=seed)
     else:  # seeded: random domains (choice, uniform) draw the same values on every run
         from ray.tune.search import BasicVariantGenerator
 
@@ -299,27 +301,30 @@ def sweep(ctx: StageContext, cfg: SweepStageConfig, inputs: dict) -> dict:
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
         )
     grid = tuner.fit()
+    results = [grid[i] for i in range(len(grid))]
     if _set_output:
         os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
-    errors = [r for r in grid if r.error is not None]
+    errors = [r for r in results if r.error is not None]
     if errors:
         raise RuntimeError(f"sweep: {len(errors)} trial(s) failed; first: {str(errors[0].error).splitlines()[0]} "
                            f"(logs under {exp_dir})")
-    rows = []
-    for r in grid:
+    rows: list[dict[str, Any]] = []
+    for r in results:
         df = r.metrics_dataframe
         if df is not None and "epoch" in df:  # one row per epoch: a resumed trial may repeat one
             df = df.dropna(subset=["epoch"]).drop_duplicates("epoch", keep="last").sort_values("epoch")
         curve = [float(x) for x in df[METRIC]] if df is not None and METRIC in df else []
         epochs_run = int(df["epoch"].iloc[-1]) if df is not None and "epoch" in df and len(df) else len(curve)
-        rows.append({"trial": Path(r.path).name, **{n: r.config[n] for n in names},
+        config = r.config or {}
+        rows.append({"trial": Path(r.path).name, **{n: config[n] for n in names},
                      "best": max(curve) if curve else math.nan, "last": curve[-1] if curve else math.nan,
                      "epochs_run": epochs_run, "stopped_early": epochs_run < sw.epochs, "curve": curve,
                      "loss": [float(x) for x in df["train/loss"]] if df is not None and "train/loss" in df else []})
     # trials that ran every epoch first (a stopped trial's last value is from an early rung), then by value
-    rows.sort(key=lambda r: (r["stopped_early"], -(r["last"] if not math.isnan(r["last"]) else -1), r["trial"]))
-    for rank, r in enumerate(rows, 1):
-        r["rank"] = rank
+    rows.sort(key=lambda row: (row["stopped_early"], -(row["last"] if not math.isnan(row["last"]) else -1),
+                               row["trial"]))
+    for rank, row in enumerate(rows, 1):
+        row["rank"] = rank
     _log(ctx, rows, names, sw)
     best = {n: rows[0][n] for n in names}
     console.print(f"sweep: best {', '.join(f'{n}={_fmt(v)}' for n, v in best.items())} "
