@@ -36,6 +36,7 @@ test-fast: $(STAMP) bytecode
 
 lint: $(STAMP)
 	$(BIN)/ruff check cl_core pipelines infra tests bench
+	$(BIN)/ruff format --check cl_core pipelines infra tests bench
 	$(BIN)/lint-imports
 	$(BIN)/mypy
 

@@ -39,18 +39,28 @@ def run_config(config: str, reps: int, steps: int, warmup: int) -> dict:
         side.ask(warmup)
     seconds: dict[str, list[float]] = {k: [] for k in sides}
     for r in range(reps):
-        for k in (list(sides) if r % 2 == 0 else list(reversed(sides))):
+        for k in list(sides) if r % 2 == 0 else list(reversed(sides)):
             seconds[k].append(sides[k].ask(steps))
     rss = {k: side.close() for k, side in sides.items()}
     med = {k: statistics.median(batch * steps / s for s in v) for k, v in seconds.items()}
-    return {"config": config, "batch": batch, "steps_per_rep": steps, "reps": reps,
-            "images_per_sec": {k: [batch * steps / s for s in v] for k, v in seconds.items()},
-            "median_images_per_sec": med, "peak_rss_mib": rss,
-            "cache_speedup": {"clpipe": med["clpipe/cache"] / med["clpipe/system"],
-                              "lightly": med["lightly/cache"] / med["lightly/system"]},
-            "ratio_same_allocator": {"system": med["clpipe/system"] / med["lightly/system"],
-                                     "cache": med["clpipe/cache"] / med["lightly/cache"]},
-            "ratio_as_shipped": med["clpipe/cache"] / med["lightly/system"]}
+    return {
+        "config": config,
+        "batch": batch,
+        "steps_per_rep": steps,
+        "reps": reps,
+        "images_per_sec": {k: [batch * steps / s for s in v] for k, v in seconds.items()},
+        "median_images_per_sec": med,
+        "peak_rss_mib": rss,
+        "cache_speedup": {
+            "clpipe": med["clpipe/cache"] / med["clpipe/system"],
+            "lightly": med["lightly/cache"] / med["lightly/system"],
+        },
+        "ratio_same_allocator": {
+            "system": med["clpipe/system"] / med["lightly/system"],
+            "cache": med["clpipe/cache"] / med["lightly/cache"],
+        },
+        "ratio_as_shipped": med["clpipe/cache"] / med["lightly/system"],
+    }
 
 
 def main() -> None:
@@ -63,21 +73,36 @@ def main() -> None:
     args = ap.parse_args()
     results = [run_config(c, args.reps, args.steps, args.warmup) for c in args.configs]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"benchmark": "cpu-allocator", "device": "cpu",
-                                    "machine": machine() | {"torch_threads": torch.get_num_threads()},
-                                    "results": results}, indent=2))
-    print("| config | clpipe cache | clpipe system | lightly system | lightly cache | cache speed-up (clpipe) "
-          "| clpipe/lightly, same allocator (system / cache) | as shipped (clpipe cache / lightly system) |")
+    args.out.write_text(
+        json.dumps(
+            {
+                "benchmark": "cpu-allocator",
+                "device": "cpu",
+                "machine": machine() | {"torch_threads": torch.get_num_threads()},
+                "results": results,
+            },
+            indent=2,
+        )
+    )
+    print(
+        "| config | clpipe cache | clpipe system | lightly system | lightly cache | cache speed-up (clpipe) "
+        "| clpipe/lightly, same allocator (system / cache) | as shipped (clpipe cache / lightly system) |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         m = r["median_images_per_sec"]
         same = r["ratio_same_allocator"]
-        print(f"| {r['config']} | {m['clpipe/cache']:.0f} | {m['clpipe/system']:.0f} | {m['lightly/system']:.0f} | "
-              f"{m['lightly/cache']:.0f} | {r['cache_speedup']['clpipe']:.2f}x | {same['system']:.2f}x / "
-              f"{same['cache']:.2f}x | {r['ratio_as_shipped']:.2f}x |")
-    print("images/s (an image = two views), medians over the repetitions; peak RSS (MiB): "
-          + "; ".join(f"{r['config']} " + ", ".join(f"{k} {v:.0f}" for k, v in r["peak_rss_mib"].items())
-                      for r in results))
+        print(
+            f"| {r['config']} | {m['clpipe/cache']:.0f} | {m['clpipe/system']:.0f} | {m['lightly/system']:.0f} | "
+            f"{m['lightly/cache']:.0f} | {r['cache_speedup']['clpipe']:.2f}x | {same['system']:.2f}x / "
+            f"{same['cache']:.2f}x | {r['ratio_as_shipped']:.2f}x |"
+        )
+    print(
+        "images/s (an image = two views), medians over the repetitions; peak RSS (MiB): "
+        + "; ".join(
+            f"{r['config']} " + ", ".join(f"{k} {v:.0f}" for k, v in r["peak_rss_mib"].items()) for r in results
+        )
+    )
     print(f"results: {args.out}")
 
 

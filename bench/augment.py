@@ -55,8 +55,9 @@ def per_image_transform(image_size: int, blur_prob: float) -> v2.Compose:
     if blur_prob > 0:
         k = max(3, int(0.1 * image_size) // 2 * 2 + 1)
         ops.append(v2.RandomApply([v2.GaussianBlur(k, sigma=(0.1, 2.0))], p=blur_prob))
-    return v2.Compose(ops + [v2.ToDtype(torch.float32, scale=True),
-                             v2.Normalize(mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))])
+    return v2.Compose(
+        ops + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))]
+    )
 
 
 def sync(device: torch.device) -> None:
@@ -109,9 +110,18 @@ def run_config(name: str, reps: int, all_threads: int) -> dict:
     torch.set_num_threads(all_threads)
     rates = {k: [batch / s for s in v] for k, v in seconds.items()}
     med = {k: statistics.median(v) for k, v in rates.items()}
-    out = {"config": name, "image_size": size, "batch": batch, "blur_prob": blur_prob, **COLOR, "reps": reps,
-           "threads": {k: v[2] for k, v in sides.items()}, "images_per_sec": rates,
-           "median_images_per_sec": med, "ratio": med["batched"] / med["per_image"]}
+    out = {
+        "config": name,
+        "image_size": size,
+        "batch": batch,
+        "blur_prob": blur_prob,
+        **COLOR,
+        "reps": reps,
+        "threads": {k: v[2] for k, v in sides.items()},
+        "images_per_sec": rates,
+        "median_images_per_sec": med,
+        "ratio": med["batched"] / med["per_image"],
+    }
     if "batched_cuda" in med:
         out["ratio_cuda"] = med["batched_cuda"] / med["per_image"]
     return out
@@ -126,21 +136,29 @@ def main() -> None:
     all_threads = torch.get_num_threads()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     results = [run_config(c, args.reps, all_threads) for c in (args.configs or list(CONFIGS))]
-    report = {"benchmark": "simclr-color-augment", "device": device,
-              "machine": machine() | {"torch_threads": all_threads}, "results": results}
+    report = {
+        "benchmark": "simclr-color-augment",
+        "device": device,
+        "machine": machine() | {"torch_threads": all_threads},
+        "results": results,
+    }
     out = args.out or RESULTS / f"augment-{device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     multi = f"batched_{all_threads}t"
     cuda = device == "cuda"
-    print("| config | batch | per image (1 thread) | batched CPU (1 thread) | ratio |"
-          + (f" batched CPU ({all_threads} threads) |" if all_threads > 1 else "")
-          + (" batched CUDA | CUDA / per image |" if cuda else ""))
+    print(
+        "| config | batch | per image (1 thread) | batched CPU (1 thread) | ratio |"
+        + (f" batched CPU ({all_threads} threads) |" if all_threads > 1 else "")
+        + (" batched CUDA | CUDA / per image |" if cuda else "")
+    )
     print("|---|---:|---:|---:|---:|" + ("---:|" if all_threads > 1 else "") + ("---:|---:|" if cuda else ""))
     for r in results:
         med = r["median_images_per_sec"]
-        row = (f"| {r['config']} (blur {r['blur_prob']}) | {r['batch']} | {med['per_image']:.0f} | "
-               f"{med['batched']:.0f} | {r['ratio']:.2f}x |")
+        row = (
+            f"| {r['config']} (blur {r['blur_prob']}) | {r['batch']} | {med['per_image']:.0f} | "
+            f"{med['batched']:.0f} | {r['ratio']:.2f}x |"
+        )
         if multi in med:
             row += f" {med[multi]:.0f} |"
         if cuda:

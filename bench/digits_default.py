@@ -40,9 +40,14 @@ def once() -> dict:
             result = run(cfg)
         seconds = time.perf_counter() - t0
         ev, sw = result.stages["evaluate"].outputs, result.stages["sweep"].outputs
-        return {"seconds": seconds, "stages": {k: round(v.seconds, 1) for k, v in result.stages.items()},
-                "rows": ev["rows"], "metrics": ev["metrics"], "sweep_best": sw["best"],
-                "sweep_ranked": [{k: r[k] for k in ("trial", "last", "epochs_run", "stopped_early")} for r in sw["ranked"]]}
+        return {
+            "seconds": seconds,
+            "stages": {k: round(v.seconds, 1) for k, v in result.stages.items()},
+            "rows": ev["rows"],
+            "metrics": ev["metrics"],
+            "sweep_best": sw["best"],
+            "sweep_ranked": [{k: r[k] for k in ("trial", "last", "epochs_run", "stopped_early")} for r in sw["ranked"]],
+        }
 
 
 def main() -> None:
@@ -50,8 +55,18 @@ def main() -> None:
     runs = [once(), once()]
     same = all(runs[0][k] == runs[1][k] for k in ("rows", "metrics", "sweep_best", "sweep_ranked"))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"machine": machine(), "date": time.strftime("%Y-%m-%d"), "identical": same,
-                                   "load_average_at_start": load, "runs": runs}, indent=2))
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "machine": machine(),
+                "date": time.strftime("%Y-%m-%d"),
+                "identical": same,
+                "load_average_at_start": load,
+                "runs": runs,
+            },
+            indent=2,
+        )
+    )
     print(json.dumps({"identical": same, "seconds": [r["seconds"] for r in runs], "rows": runs[0]["rows"]}, indent=1))
     print(f"written to {RESULTS}")
 

@@ -36,8 +36,12 @@ BUDGET = ["sweep.enabled=false", "pretrain.epochs=5", "finetune.baseline=false",
 VARIANTS = {
     "head layer 1, lr 0.1": ["finetune.finetune_from_head_layer=1", "finetune.lr_base=0.1"],
     "head layer 1, lr 0.2": ["finetune.finetune_from_head_layer=1", "finetune.lr_base=0.2"],
-    "head layer 1, lr 0.2, 120 epochs": ["finetune.finetune_from_head_layer=1", "finetune.lr_base=0.2",
-                                         "finetune.epochs=120", "finetune.min_steps=240"],
+    "head layer 1, lr 0.2, 120 epochs": [
+        "finetune.finetune_from_head_layer=1",
+        "finetune.lr_base=0.2",
+        "finetune.epochs=120",
+        "finetune.min_steps=240",
+    ],
     "encoder alone, lr 0.1": ["finetune.finetune_from_head_layer=0", "finetune.lr_base=0.1"],
     "encoder alone, lr 0.2": ["finetune.finetune_from_head_layer=0", "finetune.lr_base=0.2"],
 }
@@ -53,9 +57,15 @@ def once(work: str, seed: int, overrides: list[str]) -> dict:
         result = run(cfg, until="evaluate")
     (row,) = [r for r in result.stages["evaluate"].outputs["rows"] if r["label_fraction"] == 0.1]
     model = result.stages["finetune"].outputs["models"]["teacher_10pct"]
-    return {"seed": seed, "teacher": row["teacher"], "probe": row["encoder_linear"],
-            "teacher_minus_probe": row["teacher"] - row["encoder_linear"], "val_top1": model["val_top1"],
-            "selected_epoch": model["selected_epoch"], "seconds": round(time.perf_counter() - t0, 1)}
+    return {
+        "seed": seed,
+        "teacher": row["teacher"],
+        "probe": row["encoder_linear"],
+        "teacher_minus_probe": row["teacher"] - row["encoder_linear"],
+        "val_top1": model["val_top1"],
+        "selected_epoch": model["selected_epoch"],
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
 
 
 def main() -> None:
@@ -69,15 +79,33 @@ def main() -> None:
             for v in args.variants:
                 r = once(work, seed, VARIANTS[v])
                 runs[v].append(r)
-                print(f"seed {seed}  {v:24s} teacher {r['teacher']:.4f}  probe {r['probe']:.4f}  "
-                      f"diff {100 * r['teacher_minus_probe']:+.1f} pt", flush=True)
-    summary = {v: {"overrides": VARIANTS[v],
-                   "mean_teacher_minus_probe": statistics.mean(r["teacher_minus_probe"] for r in rs),
-                   "min_teacher_minus_probe": min(r["teacher_minus_probe"] for r in rs),
-                   "mean_teacher": statistics.mean(r["teacher"] for r in rs)} for v, rs in runs.items()}
+                print(
+                    f"seed {seed}  {v:24s} teacher {r['teacher']:.4f}  probe {r['probe']:.4f}  "
+                    f"diff {100 * r['teacher_minus_probe']:+.1f} pt",
+                    flush=True,
+                )
+    summary = {
+        v: {
+            "overrides": VARIANTS[v],
+            "mean_teacher_minus_probe": statistics.mean(r["teacher_minus_probe"] for r in rs),
+            "min_teacher_minus_probe": min(r["teacher_minus_probe"] for r in rs),
+            "mean_teacher": statistics.mean(r["teacher"] for r in rs),
+        }
+        for v, rs in runs.items()
+    }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"machine": machine(), "date": time.strftime("%Y-%m-%d"), "budget": BUDGET,
-                                   "summary": summary, "runs": runs}, indent=2))
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "machine": machine(),
+                "date": time.strftime("%Y-%m-%d"),
+                "budget": BUDGET,
+                "summary": summary,
+                "runs": runs,
+            },
+            indent=2,
+        )
+    )
     print(json.dumps(summary, indent=1))
     print(f"written to {RESULTS}")
 

@@ -92,12 +92,19 @@ def plain(images: np.ndarray, cfg, epochs: int, batch: int, threads: int = 2) ->
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     torch.manual_seed(0)
-    method = build_method({"method": p.method, "kwargs": p.model_kwargs(num_samples=len(images))},
-                          gather_distributed=False)
-    opt = build_optimizer(p.optimizer, method.param_groups(p.weight_decay), scale_lr(p.lr_base, batch, p.lr_scaling),
-                          weight_decay=p.weight_decay, momentum=p.momentum)
-    loader = torch.utils.data.DataLoader(_Views(images, view_transform(p.method, p.views)), batch_size=batch,
-                                         shuffle=True, drop_last=True, num_workers=1)
+    method = build_method(
+        {"method": p.method, "kwargs": p.model_kwargs(num_samples=len(images))}, gather_distributed=False
+    )
+    opt = build_optimizer(
+        p.optimizer,
+        method.param_groups(p.weight_decay),
+        scale_lr(p.lr_base, batch, p.lr_scaling),
+        weight_decay=p.weight_decay,
+        momentum=p.momentum,
+    )
+    loader = torch.utils.data.DataLoader(
+        _Views(images, view_transform(p.method, p.views)), batch_size=batch, shuffle=True, drop_last=True, num_workers=1
+    )
     method.train()
     epochs_out = []
     for _ in range(epochs):
@@ -110,8 +117,11 @@ def plain(images: np.ndarray, cfg, epochs: int, batch: int, threads: int = 2) ->
             n += len(views[0])
         sec = time.perf_counter() - e0
         epochs_out.append({"seconds": sec, "images_per_sec": n / sec, "images": n})
-    return {"wall_seconds": time.perf_counter() - t0, "epochs": epochs_out,
-            "images_per_sec": statistics.median(e["images_per_sec"] for e in epochs_out[1:] or epochs_out)}
+    return {
+        "wall_seconds": time.perf_counter() - t0,
+        "epochs": epochs_out,
+        "images_per_sec": statistics.median(e["images_per_sec"] for e in epochs_out[1:] or epochs_out),
+    }
 
 
 def stage(work: str, samples: int, epochs: int, extra: list[str], rerun: bool = False) -> dict:
@@ -120,21 +130,35 @@ def stage(work: str, samples: int, epochs: int, extra: list[str], rerun: bool = 
     from pipelines.cli import run
     from pipelines.config import load_config
 
-    cfg = load_config("fashion_mnist", [f"work_dir={work}", f"data.max_samples={samples}", "sweep.enabled=false",
-                                        f"pretrain.epochs={epochs}", "pretrain.batch_size_per_worker=32", *extra])
+    cfg = load_config(
+        "fashion_mnist",
+        [
+            f"work_dir={work}",
+            f"data.max_samples={samples}",
+            "sweep.enabled=false",
+            f"pretrain.epochs={epochs}",
+            "pretrain.batch_size_per_worker=32",
+            *extra,
+        ],
+    )
     with contextlib.redirect_stdout(io.StringIO()):
         result = run(cfg, until="pretrain", rerun="pretrain" if rerun else None)
     client = mlflow.MlflowClient(tracking_uri=cfg.tracking_uri())
     rid = result.stages["pretrain"].run_id
     info = client.get_run(rid).info
-    hist = {k: [m.value for m in sorted(client.get_metric_history(rid, k), key=lambda m: m.step)]
-            for k in ("train/images_per_sec", "train/epoch_seconds")}
+    hist = {
+        k: [m.value for m in sorted(client.get_metric_history(rid, k), key=lambda m: m.step)]
+        for k in ("train/images_per_sec", "train/epoch_seconds")
+    }
     ips = hist["train/images_per_sec"]
-    return {"overrides": extra, "wall_seconds": (info.end_time - info.start_time) / 1000,
-            "epochs": [{"seconds": s, "images_per_sec": r} for s, r in zip(hist["train/epoch_seconds"], ips, strict=True)],
-            "images_per_sec": statistics.median(ips[1:] or ips),
-            "train_images": int(result.stages["shard"].outputs["counts"]["train"]),
-            "small_collectives": client.get_run(rid).data.tags.get("clpipe.train.small_collectives")}
+    return {
+        "overrides": extra,
+        "wall_seconds": (info.end_time - info.start_time) / 1000,
+        "epochs": [{"seconds": s, "images_per_sec": r} for s, r in zip(hist["train/epoch_seconds"], ips, strict=True)],
+        "images_per_sec": statistics.median(ips[1:] or ips),
+        "train_images": int(result.stages["shard"].outputs["counts"]["train"]),
+        "small_collectives": client.get_run(rid).data.tags.get("clpipe.train.small_collectives"),
+    }
 
 
 def main() -> None:
@@ -142,8 +166,13 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=12_000, help="data.max_samples (train is 90%% of it)")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    ap.add_argument("--repeats", type=int, default=1, help="rounds of (every variant, then the plain loop); "
-                    "each ratio is taken within its round, and the medians over the rounds are reported")
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="rounds of (every variant, then the plain loop); "
+        "each ratio is taken within its round, and the medians over the rounds are reported",
+    )
     ap.add_argument("--work-dir", help="default: a fresh temporary directory")
     ap.add_argument("--out", type=Path, default=RESULTS / "e2e.json")
     a = ap.parse_args()
@@ -155,9 +184,16 @@ def main() -> None:
     from pipelines.config import load_config
 
     work = a.work_dir or tempfile.mkdtemp(prefix="clpipe-e2e-")
-    res: dict = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "samples": a.samples, "epochs": a.epochs,
-                 "global_batch": 64, "repeats": a.repeats,
-                 "target": {"images_per_sec_vs_plain": 1.0, "wall_vs_plain": 1.1}, "stage": {}}
+    res: dict = {
+        "machine": machine(),
+        "date": time.strftime("%Y-%m-%d"),
+        "samples": a.samples,
+        "epochs": a.epochs,
+        "global_batch": 64,
+        "repeats": a.repeats,
+        "target": {"images_per_sec_vs_plain": 1.0, "wall_vs_plain": 1.1},
+        "stage": {},
+    }
     import ray
 
     rounds: list[dict] = []
@@ -172,7 +208,7 @@ def main() -> None:
         if images is None:
             n = rnd["stage"][a.variants[0]]["train_images"]
             src = IdxSource(FASHION)
-            images = src.images[:src.n_train][np.random.default_rng(0).permutation(src.n_train)[:n]]
+            images = src.images[: src.n_train][np.random.default_rng(0).permutation(src.n_train)[:n]]
         rnd["plain"] = plain(images, cfg, a.epochs, 64)
         rnd["plain"]["train_images"] = len(images)
         print(r, "plain", json.dumps({k: v for k, v in rnd["plain"].items() if k != "epochs"}), flush=True)
@@ -185,15 +221,21 @@ def main() -> None:
     else:  # the median of each figure over the rounds; every round kept
         med = statistics.median
         res["rounds"] = rounds
-        res["plain"] = {"train_images": rounds[0]["plain"]["train_images"],
-                        **{k: med(rd["plain"][k] for rd in rounds) for k in ("images_per_sec", "wall_seconds")}}
-        res["stage"] = {name: {**{k: med(rd["stage"][name][k] for rd in rounds)
-                                  for k in ("images_per_sec", "wall_seconds", "images_per_sec_vs_plain",
-                                            "wall_vs_plain")},
-                               "small_collectives": rounds[-1]["stage"][name]["small_collectives"],
-                               "images_per_sec_vs_plain_each": [rd["stage"][name]["images_per_sec_vs_plain"]
-                                                                for rd in rounds]}
-                        for name in a.variants}
+        res["plain"] = {
+            "train_images": rounds[0]["plain"]["train_images"],
+            **{k: med(rd["plain"][k] for rd in rounds) for k in ("images_per_sec", "wall_seconds")},
+        }
+        res["stage"] = {
+            name: {
+                **{
+                    k: med(rd["stage"][name][k] for rd in rounds)
+                    for k in ("images_per_sec", "wall_seconds", "images_per_sec_vs_plain", "wall_vs_plain")
+                },
+                "small_collectives": rounds[-1]["stage"][name]["small_collectives"],
+                "images_per_sec_vs_plain_each": [rd["stage"][name]["images_per_sec_vs_plain"] for rd in rounds],
+            }
+            for name in a.variants
+        }
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=2) + "\n")
     print(f"written to {a.out}")

@@ -42,18 +42,39 @@ RESULTS = Path(__file__).parent / "results"
 FASHION = "/usr/share/datasets/fashion-mnist"
 
 # the setting of the first look (issue text): 8,000 images, 10 epochs, global batch 64
-QUICK = ["data.max_samples=8000", "data.val_fraction=0.2", "data.max_test_samples=2000", "data.samples_per_shard=512",
-         "pretrain.epochs=10", "pretrain.batch_size_per_worker=32", "pretrain.num_workers=2", "sweep.enabled=false"]
+QUICK = [
+    "data.max_samples=8000",
+    "data.val_fraction=0.2",
+    "data.max_test_samples=2000",
+    "data.samples_per_shard=512",
+    "pretrain.epochs=10",
+    "pretrain.batch_size_per_worker=32",
+    "pretrain.num_workers=2",
+    "sweep.enabled=false",
+]
 # the recipe digits' default.yaml ships (what the first look ran), at Fashion-MNIST's 28 px
-DIGITS_RECIPE = ["pretrain.views.image_size=28", "pretrain.views.crop_min_scale=0.3", "pretrain.views.hflip_prob=0.0",
-                 "pretrain.views.jitter_strength=0.5", "pretrain.optimizer=lars", "pretrain.lr_base=1.0",
-                 "pretrain.weight_decay=1.0e-6", "pretrain.warmup_epochs=2", "pretrain.params.simclr.temperature=0.5",
-                 "pretrain.params.simclr.head_layers=3"]
+DIGITS_RECIPE = [
+    "pretrain.views.image_size=28",
+    "pretrain.views.crop_min_scale=0.3",
+    "pretrain.views.hflip_prob=0.0",
+    "pretrain.views.jitter_strength=0.5",
+    "pretrain.optimizer=lars",
+    "pretrain.lr_base=1.0",
+    "pretrain.weight_decay=1.0e-6",
+    "pretrain.warmup_epochs=2",
+    "pretrain.params.simclr.temperature=0.5",
+    "pretrain.params.simclr.head_layers=3",
+]
 
 
 # the small student (about 1/4 of the teacher's parameters) from scratch: SimCLRv2's big-to-small T = 1, LARS
-SMALL_STUDENT = ["distill.student_width=16", "distill.temperature=1.0", "distill.init=scratch",
-                 "distill.optimizer=lars", "distill.lr_base=0.5"]
+SMALL_STUDENT = [
+    "distill.student_width=16",
+    "distill.temperature=1.0",
+    "distill.init=scratch",
+    "distill.optimizer=lars",
+    "distill.lr_base=0.5",
+]
 
 
 def run(work: str, overrides: list[str], until: str, quiet: bool = True, config: str = "fashion_mnist"):
@@ -87,11 +108,19 @@ def probe(result, labels: int = 800, seed: int = 0) -> dict:
     ftr, fte = extract_features(encoder, tr_x), extract_features(encoder, te_x)
     g = torch.Generator().manual_seed(seed)
     classes = int(tr_y.max()) + 1
-    pick = torch.cat([torch.nonzero(tr_y == c).flatten()[torch.randperm(int((tr_y == c).sum()), generator=g)
-                                                         [:labels // classes]] for c in range(classes)])
-    return {"knn_top1": knn_top1(ftr, tr_y, fte, te_y, k=20, temperature=0.07),
-            "probe_top1": linear_probe_top1(ftr[pick], tr_y[pick], fte, te_y),
-            "probe_labels": len(pick), "train_images": len(tr_y), "test_images": len(te_y)}
+    pick = torch.cat(
+        [
+            torch.nonzero(tr_y == c).flatten()[torch.randperm(int((tr_y == c).sum()), generator=g)[: labels // classes]]
+            for c in range(classes)
+        ]
+    )
+    return {
+        "knn_top1": knn_top1(ftr, tr_y, fte, te_y, k=20, temperature=0.07),
+        "probe_top1": linear_probe_top1(ftr[pick], tr_y[pick], fte, te_y),
+        "probe_labels": len(pick),
+        "train_images": len(tr_y),
+        "test_images": len(te_y),
+    }
 
 
 def write(name: str, payload: dict, path: Path | None = None) -> Path:
@@ -106,9 +135,17 @@ def recipe(work: str, space: str, trial_epochs: int, samples: int) -> None:
     """The sweep stage over the recipe on the quick setting (one Tune trial per CPU, each
     a 1-worker pretrain of global batch 64, halving at epochs 2, 4, 8), then the digits
     recipe and the chosen one trained side by side in the same setting and probed."""
-    sweep_set = [*QUICK, *DIGITS_RECIPE, "sweep.enabled=true", f"sweep.space={space}", f"sweep.epochs={trial_epochs}",
-                 "sweep.grace_period=2", "sweep.workers_per_trial=1", "sweep.cpus_per_trial=1",
-                 f"sweep.num_samples={samples}"]
+    sweep_set = [
+        *QUICK,
+        *DIGITS_RECIPE,
+        "sweep.enabled=true",
+        f"sweep.space={space}",
+        f"sweep.epochs={trial_epochs}",
+        "sweep.grace_period=2",
+        "sweep.workers_per_trial=1",
+        "sweep.cpus_per_trial=1",
+        f"sweep.num_samples={samples}",
+    ]
     sw, seconds = run(work, [*sweep_set, "pretrain.batch_size_per_worker=64"], "sweep", quiet=False)
     out = sw.stages["sweep"].outputs
     best = out["best"]
@@ -127,9 +164,21 @@ def recipe(work: str, space: str, trial_epochs: int, samples: int) -> None:
         res, secs = run(work, [*QUICK, *over], "pretrain")
         rows[name] = {"overrides": over, "seconds": secs, **probe(res)}
         print(name, json.dumps({k: v for k, v in rows[name].items() if k != "overrides"}), flush=True)
-    write("recipe", {"setting": QUICK, "sweep": {"space": space, "trial_epochs": trial_epochs, "seconds": seconds,
-                                                "best": best, "ranked": out["ranked"]},
-                     "runs": rows, "gain_probe_points": 100 * (rows["chosen"]["probe_top1"] - rows["digits_recipe"]["probe_top1"])})
+    write(
+        "recipe",
+        {
+            "setting": QUICK,
+            "sweep": {
+                "space": space,
+                "trial_epochs": trial_epochs,
+                "seconds": seconds,
+                "best": best,
+                "ranked": out["ranked"],
+            },
+            "runs": rows,
+            "gain_probe_points": 100 * (rows["chosen"]["probe_top1"] - rows["digits_recipe"]["probe_top1"]),
+        },
+    )
 
 
 def _stats(xs: list[float]) -> dict:
@@ -154,16 +203,21 @@ def ablations(work: str, seeds: list[int], temperatures: list[float]) -> None:
             res, secs = run(work, [*QUICK, f"seed={seed}", *over], "pretrain")
             runs.append({"seed": seed, "seconds": secs, **probe(res, seed=seed)})
             print(name, seed, json.dumps(runs[-1]), flush=True)
-        rows[name] = {"overrides": over, "runs": runs, "probe_top1": _stats([r["probe_top1"] for r in runs]),
-                      "knn_top1": _stats([r["knn_top1"] for r in runs])}
+        rows[name] = {
+            "overrides": over,
+            "runs": runs,
+            "probe_top1": _stats([r["probe_top1"] for r in runs]),
+            "knn_top1": _stats([r["knn_top1"] for r in runs]),
+        }
     rows[f"temperature={t0}"] = rows["head_layers=3"]  # the shipped temperature with the shipped head
     # the whole pretrain section the runs resolved to (BatchNorm across workers included)
     section = load_config("fashion_mnist", QUICK).pretrain.model_dump(mode="json")
     write("ablations", {"setting": QUICK, "pretrain": section, "seeds": seeds, "rows": rows})
 
 
-def targets(work: str, seeds: list[int], config: str = "fashion_mnist", extra: list[str] | None = None,
-            out: str | None = None) -> None:
+def targets(
+    work: str, seeds: list[int], config: str = "fashion_mnist", extra: list[str] | None = None, out: str | None = None
+) -> None:
     """The shipped 2-core config end to end (the first seed), then the fine-tune and
     distill stages again with the other seeds on the same shards, labels and encoder,
     and a small student (small_cnn width 16, T = 1) per seed. The JSON is rewritten
@@ -184,8 +238,11 @@ def targets(work: str, seeds: list[int], config: str = "fashion_mnist", extra: l
     untracked = ("work_dir", "name", "mlflow", "ray", "register", "registry")
     fingerprint = {k: v for k, v in dump.items() if k not in untracked}
     per_seed: dict[str, dict] = json.loads(path.read_text())["per_seed"] if path.exists() else {}
-    stale = [s for s, r in per_seed.items()
-             if {k: v for k, v in r.get("config", {}).items() if k not in untracked} != fingerprint]
+    stale = [
+        s
+        for s, r in per_seed.items()
+        if {k: v for k, v in r.get("config", {}).items() if k not in untracked} != fingerprint
+    ]
     if stale:
         print(f"{path}: dropping seeds {stale}: measured with another configuration", flush=True)
         per_seed = {s: r for s, r in per_seed.items() if s not in stale}
@@ -196,8 +253,10 @@ def targets(work: str, seeds: list[int], config: str = "fashion_mnist", extra: l
 
     def curves(result, stage: str, names) -> dict:  # val metric per epoch: where training stood when it stopped
         rid = result.stages[stage].run_id
-        return {n: [round(m.value, 4) for m in sorted(client.get_metric_history(rid, n), key=lambda m: m.step)]
-                for n in names}
+        return {
+            n: [round(m.value, 4) for m in sorted(client.get_metric_history(rid, n), key=lambda m: m.step)]
+            for n in names
+        }
 
     for seed in seeds:
         over = [*extra, *([f"finetune.seed={seed}", f"distill.seed={seed}"] if seed else [])]
@@ -207,17 +266,26 @@ def targets(work: str, seeds: list[int], config: str = "fashion_mnist", extra: l
         dist = small.stages["distill"].outputs["models"]
         fr = list(res.stages["distill"].outputs["models"])
         per_seed[str(seed)] = {
-            "config": fingerprint, "load_average_at_start": load, "seconds": secs, "stages": {k: seconds(v) for k, v in res.stages.items()},
-            "rows": res.stages["evaluate"].outputs["rows"], "metrics": res.stages["evaluate"].outputs["metrics"],
-            "small_rows": small.stages["evaluate"].outputs["rows"], "small_seconds": small_secs,
+            "config": fingerprint,
+            "load_average_at_start": load,
+            "seconds": secs,
+            "stages": {k: seconds(v) for k, v in res.stages.items()},
+            "rows": res.stages["evaluate"].outputs["rows"],
+            "metrics": res.stages["evaluate"].outputs["metrics"],
+            "small_rows": small.stages["evaluate"].outputs["rows"],
+            "small_seconds": small_secs,
             # its distill and evaluate compute time (from the runs that computed them, when cached)
             "small_stages": {k: seconds(small.stages[k]) for k in ("distill", "evaluate")},
             "small_params": {k: (v.get("params"), v.get("teacher_params")) for k, v in dist.items()},
-            "curves": {"pretrain": curves(res, "pretrain", ["val/knn_top1"]),
-                       "finetune": curves(res, "finetune", [f"{p}_{n.split('_', 1)[1]}/val/top1" for n in fr
-                                                            for p in ("teacher", "baseline")]),
-                       "distill": curves(res, "distill", [f"{n}/val/top1" for n in fr]),
-                       "small_distill": curves(small, "distill", [f"{n}/val/top1" for n in fr])}}
+            "curves": {
+                "pretrain": curves(res, "pretrain", ["val/knn_top1"]),
+                "finetune": curves(
+                    res, "finetune", [f"{p}_{n.split('_', 1)[1]}/val/top1" for n in fr for p in ("teacher", "baseline")]
+                ),
+                "distill": curves(res, "distill", [f"{n}/val/top1" for n in fr]),
+                "small_distill": curves(small, "distill", [f"{n}/val/top1" for n in fr]),
+            },
+        }
         print(seed, json.dumps({k: v for k, v in per_seed[str(seed)].items() if k != "metrics"}), flush=True)
         write(name, summarize(per_seed), path)
 
@@ -246,18 +314,33 @@ def distill_init(work: str, seed: int, inits: list[str]) -> None:
     runs = old.get("runs", {}) if old.get("seed") == seed else {}  # earlier variants on the same teachers stay
     for init in inits:  # INIT or INIT:KEY=VALUE,... (more distill overrides)
         name, _, extra = init.partition(":")
-        res, secs = run(work, [*over, f"distill.init={name}", *(f"distill.{kv}" for kv in extra.split(",") if kv)],
-                        "evaluate")
+        res, secs = run(
+            work, [*over, f"distill.init={name}", *(f"distill.{kv}" for kv in extra.split(",") if kv)], "evaluate"
+        )
         st = res.stages["distill"]
         rows = {str(r["label_fraction"]): r for r in res.stages["evaluate"].outputs["rows"]}
         names = list(st.outputs["models"])
         runs[init] = {
             "distill_seconds": stage_seconds(client, st)["seconds"],
-            "distill_cached": st.cached, "run_id": st.run_id,
-            "rows": {f: {"labels": r["labels"], "teacher": r["teacher"], "student": r["student"],
-                         "student_minus_teacher": r["student"] - r["teacher"]} for f, r in rows.items()},
-            "val_curves": {n: [round(m.value, 4) for m in sorted(client.get_metric_history(st.run_id, f"{n}/val/top1"),
-                                                                 key=lambda m: m.step)] for n in names}}
+            "distill_cached": st.cached,
+            "run_id": st.run_id,
+            "rows": {
+                f: {
+                    "labels": r["labels"],
+                    "teacher": r["teacher"],
+                    "student": r["student"],
+                    "student_minus_teacher": r["student"] - r["teacher"],
+                }
+                for f, r in rows.items()
+            },
+            "val_curves": {
+                n: [
+                    round(m.value, 4)
+                    for m in sorted(client.get_metric_history(st.run_id, f"{n}/val/top1"), key=lambda m: m.step)
+                ]
+                for n in names
+            },
+        }
         print(init, json.dumps(runs[init]["rows"]), flush=True)
         write("distill_init", {"seed": seed, "runs": runs})
 
@@ -267,23 +350,36 @@ def summarize(per_seed: dict[str, dict]) -> dict:
     fractions = sorted({r["label_fraction"] for r in per_seed[seeds[0]]["rows"]})
     table = {}
     for f in fractions:
+
         def col(key: str, rows: str = "rows", f=f) -> list[float]:
             return [next(r for r in per_seed[s][rows] if r["label_fraction"] == f)[key] for s in seeds]
+
         t, b, lp = col("teacher"), col("baseline"), col("encoder_linear")
         st, sm = col("student"), col("student", "small_rows")
-        table[str(f)] = {"labels": col("labels")[0], "baseline": _stats(b), "teacher": _stats(t),
-                         "encoder_linear": _stats(lp), "student": _stats(st), "small_student": _stats(sm),
-                         "teacher_minus_baseline": _stats([x - y for x, y in zip(t, b, strict=True)]),
-                         "teacher_minus_linear": _stats([x - y for x, y in zip(t, lp, strict=True)]),
-                         "student_minus_teacher": _stats([x - y for x, y in zip(st, t, strict=True)]),
-                         "small_minus_teacher": _stats([x - y for x, y in zip(sm, t, strict=True)])}
+        table[str(f)] = {
+            "labels": col("labels")[0],
+            "baseline": _stats(b),
+            "teacher": _stats(t),
+            "encoder_linear": _stats(lp),
+            "student": _stats(st),
+            "small_student": _stats(sm),
+            "teacher_minus_baseline": _stats([x - y for x, y in zip(t, b, strict=True)]),
+            "teacher_minus_linear": _stats([x - y for x, y in zip(t, lp, strict=True)]),
+            "student_minus_teacher": _stats([x - y for x, y in zip(st, t, strict=True)]),
+            "small_minus_teacher": _stats([x - y for x, y in zip(sm, t, strict=True)]),
+        }
     first = per_seed[seeds[0]]
-    return {"seeds": [int(s) for s in seeds], "per_seed": per_seed, "table": table,
-            "encoder_linear_all_labels": first["metrics"]["test/pretrained/linear_top1"],
-            "encoder_knn_all_labels": first["metrics"]["test/pretrained/knn_top1"],
-            "random_init_linear_all_labels": first["metrics"]["test/random_init/linear_top1"],
-            "chain_seconds": sum(v["seconds"] for v in first["stages"].values()),
-            "stage_seconds_first_seed": first["stages"], **stage_times(per_seed)}
+    return {
+        "seeds": [int(s) for s in seeds],
+        "per_seed": per_seed,
+        "table": table,
+        "encoder_linear_all_labels": first["metrics"]["test/pretrained/linear_top1"],
+        "encoder_knn_all_labels": first["metrics"]["test/pretrained/knn_top1"],
+        "random_init_linear_all_labels": first["metrics"]["test/random_init/linear_top1"],
+        "chain_seconds": sum(v["seconds"] for v in first["stages"].values()),
+        "stage_seconds_first_seed": first["stages"],
+        **stage_times(per_seed),
+    }
 
 
 def stage_times(per_seed: dict[str, dict]) -> dict:
@@ -301,8 +397,11 @@ def stage_times(per_seed: dict[str, dict]) -> dict:
     if ep and "pretrain" in best:
         overhead = best["pretrain"] - sum(ep["epoch_seconds"])  # start-up, val kNN, checkpoints
         at_fastest = overhead + len(ep["epoch_seconds"]) * min(ep["epoch_seconds"])
-        out |= {"pretrain_epochs": ep, "pretrain_seconds_at_fastest_epoch_rate": at_fastest,
-                "chain_seconds_at_fastest_pretrain_rate": out["chain_seconds_fastest"] - best["pretrain"] + at_fastest}
+        out |= {
+            "pretrain_epochs": ep,
+            "pretrain_seconds_at_fastest_epoch_rate": at_fastest,
+            "chain_seconds_at_fastest_pretrain_rate": out["chain_seconds_fastest"] - best["pretrain"] + at_fastest,
+        }
     return out
 
 
@@ -320,17 +419,27 @@ def resummarize(path: Path, work: str, config: str = "fashion_mnist", shared_cor
     pre = first["stages"]["pretrain"]
     rid = pre.get("computed_in_run") or pre.get("run_id") or first.get("pretrain_run_id")
     if not rid:  # a record from before the run ids were kept: the work dir's one computed pretrain
-        runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                                  "tags.`clpipe.stage` = 'pretrain' and tags.`clpipe.cache_hit` = 'false'")
+        runs = client.search_runs(
+            [e.experiment_id for e in client.search_experiments()],
+            "tags.`clpipe.stage` = 'pretrain' and tags.`clpipe.cache_hit` = 'false'",
+        )
         rid = runs[0].info.run_id if len(runs) == 1 else None
     if rid:
-        hist = {k: [m.value for m in sorted(client.get_metric_history(rid, k), key=lambda m: m.step)]
-                for k in ("train/epoch_seconds", "train/images_per_sec")}
-        first["pretrain_epochs"] = {"epoch_seconds": hist["train/epoch_seconds"],
-                                    "images_per_sec": hist["train/images_per_sec"], "run_id": rid}
+        hist = {
+            k: [m.value for m in sorted(client.get_metric_history(rid, k), key=lambda m: m.step)]
+            for k in ("train/epoch_seconds", "train/images_per_sec")
+        }
+        first["pretrain_epochs"] = {
+            "epoch_seconds": hist["train/epoch_seconds"],
+            "images_per_sec": hist["train/images_per_sec"],
+            "run_id": rid,
+        }
     shared = shared_cores or data.get("shared_cores", False)
-    path.write_text(json.dumps({"machine": data["machine"], "date": data["date"], "shared_cores": shared,
-                                **summarize(per_seed)}, indent=2))
+    path.write_text(
+        json.dumps(
+            {"machine": data["machine"], "date": data["date"], "shared_cores": shared, **summarize(per_seed)}, indent=2
+        )
+    )
     print(f"written to {path}")
 
 
@@ -338,9 +447,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("recipe")
-    r.add_argument("--space", default="{optimizer: {choice: [lars, sgd]}, lr_base: {choice: [0.3, 1.0, 3.0]}, "
-                   "weight_decay: {choice: [1.0e-6, 1.0e-4, 5.0e-4]}, crop_min_scale: {choice: [0.08, 0.2, 0.5]}, "
-                   "hflip_prob: {choice: [0.0, 0.5]}, head_layers: {choice: [2, 3]}, temperature: {choice: [0.1, 0.2, 0.5]}}")
+    r.add_argument(
+        "--space",
+        default="{optimizer: {choice: [lars, sgd]}, lr_base: {choice: [0.3, 1.0, 3.0]}, "
+        "weight_decay: {choice: [1.0e-6, 1.0e-4, 5.0e-4]}, crop_min_scale: {choice: [0.08, 0.2, 0.5]}, "
+        "hflip_prob: {choice: [0.0, 0.5]}, head_layers: {choice: [2, 3]}, temperature: {choice: [0.1, 0.2, 0.5]}}",
+    )
     r.add_argument("--trial-epochs", type=int, default=10)
     r.add_argument("--samples", type=int, default=16, help="trials drawn from the space (seeded)")
     a = sub.add_parser("ablations")
@@ -348,23 +460,37 @@ def main() -> None:
     t = sub.add_parser("targets")
     di = sub.add_parser("distill-init", help="the students of each distill.init side by side on one seed's teachers")
     di.add_argument("--seed", type=int, default=0)
-    di.add_argument("--inits", nargs="+", default=["scratch", "pretrained", "teacher"],
-                    help="INIT, or INIT:KEY=VALUE,... with more distill.* overrides (e.g. pretrained:lr_base=0.1)")
+    di.add_argument(
+        "--inits",
+        nargs="+",
+        default=["scratch", "pretrained", "teacher"],
+        help="INIT, or INIT:KEY=VALUE,... with more distill.* overrides (e.g. pretrained:lr_base=0.1)",
+    )
     for p in (r, a, t, di):
         p.add_argument("--work-dir", help="default: a fresh temporary directory")
     for p in (a, t):
         p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    t.add_argument("--config", default="fashion_mnist", help="fashion_mnist_gpu: the one-GPU variant "
-                   "(bench/results/fashion_targets_gpu.json)")
-    t.add_argument("--set", action="append", default=[], help="a config override (a quick check of the script; "
-                   "with --out elsewhere than bench/results)")
+    t.add_argument(
+        "--config",
+        default="fashion_mnist",
+        help="fashion_mnist_gpu: the one-GPU variant (bench/results/fashion_targets_gpu.json)",
+    )
+    t.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        help="a config override (a quick check of the script; with --out elsewhere than bench/results)",
+    )
     t.add_argument("--out", help="the JSON to write (default: bench/results/fashion_targets[_gpu].json)")
     rs = sub.add_parser("resummarize", help="rewrite a targets JSON's summary (adds the pretrain epochs' times)")
     rs.add_argument("path", type=Path)
     rs.add_argument("--work-dir", required=True)
     rs.add_argument("--config", default="fashion_mnist")
-    rs.add_argument("--shared-cores", action="store_true", help="record that other work shared the cores during "
-                    "every run (the stage times are then upper bounds)")
+    rs.add_argument(
+        "--shared-cores",
+        action="store_true",
+        help="record that other work shared the cores during every run (the stage times are then upper bounds)",
+    )
     args = ap.parse_args()
     if not Path(FASHION).is_dir():
         sys.exit(f"{FASHION} is missing: make fashion-mnist-data (or apt-get install -y dataset-fashion-mnist)")

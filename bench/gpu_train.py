@@ -78,18 +78,39 @@ def train_one(way: str, urls: list[str], counts: list[int], a: argparse.Namespac
     elif way == "colour_on_device":
         views = {"transform": SimCLRTransform(a.image_size, color=False, **colour)}
     else:
-        views = {"transform": CropPlan([a.image_size] * 2, [(0.08, 1.0)] * 2, 0.5), "decode": decode_encoded,
-                 "collate": collate_encoded}
-    stream = ShardStream(urls, counts, batch_size=a.batch_size, rank=0, world_size=1, loader_workers=a.loader_workers,
-                         shuffle_buffer=1000, seed=0, **views)
+        views = {
+            "transform": CropPlan([a.image_size] * 2, [(0.08, 1.0)] * 2, 0.5),
+            "decode": decode_encoded,
+            "collate": collate_encoded,
+        }
+    stream = ShardStream(
+        urls,
+        counts,
+        batch_size=a.batch_size,
+        rank=0,
+        world_size=1,
+        loader_workers=a.loader_workers,
+        shuffle_buffer=1000,
+        seed=0,
+        **views,
+    )
     torch.manual_seed(0)
-    method = SimCLR(a.backbone, backbone_args={"width": 16} if a.backbone == "small_cnn" else {},
-                    temperature=0.2).to(device)
-    cfg = LoopConfig(epochs=1, batch_size_per_worker=a.batch_size, optimizer="lars", lr_base=0.3, warmup_epochs=0,
-                     loader_workers=a.loader_workers, log_every_steps=1)
+    method = SimCLR(a.backbone, backbone_args={"width": 16} if a.backbone == "small_cnn" else {}, temperature=0.2).to(
+        device
+    )
+    cfg = LoopConfig(
+        epochs=1,
+        batch_size_per_worker=a.batch_size,
+        optimizer="lars",
+        lr_base=0.3,
+        warmup_epochs=0,
+        loader_workers=a.loader_workers,
+        log_every_steps=1,
+    )
     method = cfg.settings_for(device).prepare(method)
-    loop = TrainingLoop(method, method, stream, cfg, device,
-                        view_augment=None if way == "loader" else DeviceViews(**colour))
+    loop = TrainingLoop(
+        method, method, stream, cfg, device, view_augment=None if way == "loader" else DeviceViews(**colour)
+    )
     steps: list[float] = []
 
     def report(metrics: dict, state) -> None:
@@ -108,9 +129,15 @@ def train_one(way: str, urls: list[str], counts: list[int], a: argparse.Namespac
     seconds = time.perf_counter() - t0
     w = min(a.warmup, max(0, len(steps) - 2))
     steady = (len(steps) - 1 - w) * a.batch_size / (steps[-1] - steps[w]) if len(steps) - 1 > w else None
-    return {"way": way, "steps": loop.step, "epoch_seconds": seconds, "images_per_sec_epoch": loop.step * a.batch_size / seconds,
-            "images_per_sec_steady": steady, "loss": history[-1]["train/loss"],
-            "device_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None}
+    return {
+        "way": way,
+        "steps": loop.step,
+        "epoch_seconds": seconds,
+        "images_per_sec_epoch": loop.step * a.batch_size / seconds,
+        "images_per_sec_steady": steady,
+        "loss": history[-1]["train/loss"],
+        "device_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
+    }
 
 
 def main() -> None:
@@ -135,11 +162,18 @@ def main() -> None:
         sys.exit("bench/gpu_train.py: no CUDA device (use --smoke for the CPU check)")
     import torchvision
 
-    res: dict = {"machine": {"gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
-                             "cpu_cores": os.cpu_count(), "torch": torch.__version__,
-                             "torchvision": torchvision.__version__, "python": platform.python_version()},
-                 "date": time.strftime("%Y-%m-%d"), "settings": {k: v for k, v in vars(a).items() if k != "out"},
-                 "ways": {}}
+    res: dict = {
+        "machine": {
+            "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
+            "cpu_cores": os.cpu_count(),
+            "torch": torch.__version__,
+            "torchvision": torchvision.__version__,
+            "python": platform.python_version(),
+        },
+        "date": time.strftime("%Y-%m-%d"),
+        "settings": {k: v for k, v in vars(a).items() if k != "out"},
+        "ways": {},
+    }
     with tempfile.TemporaryDirectory(prefix="clpipe-gpu-") as d:
         t0 = time.perf_counter()
         urls, counts = make_shards(Path(d), a.images, a.source_size, per_shard=512 if not a.smoke else 16)

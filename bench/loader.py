@@ -103,10 +103,21 @@ def stock_webdataset_loader(urls: list[str], transform, batch_size: int, workers
     """WebDataset as its docs show it: ``tarfile_to_samples`` (Python's tarfile), the generic
     ``decode("pil")``, shard split across DataLoader workers, a shuffle buffer, batching
     in the workers. Each worker drops its last partial batch."""
-    ds = (wds.WebDataset(urls, shardshuffle=len(urls), seed=epoch, nodesplitter=wds.single_node_only,
-                         workersplitter=wds.split_by_worker, empty_check=False)
-          .shuffle(buffer).decode("pil").to_tuple("png;jpg", "cls")
-          .map(partial(_stock_sample, transform=transform)).batched(batch_size, partial=False))
+    ds = (
+        wds.WebDataset(
+            urls,
+            shardshuffle=len(urls),
+            seed=epoch,
+            nodesplitter=wds.single_node_only,
+            workersplitter=wds.split_by_worker,
+            empty_check=False,
+        )
+        .shuffle(buffer)
+        .decode("pil")
+        .to_tuple("png;jpg", "cls")
+        .map(partial(_stock_sample, transform=transform))
+        .batched(batch_size, partial=False)
+    )
     return wds.WebLoader(ds, batch_size=None, num_workers=workers, prefetch_factor=PREFETCH if workers else None)
 
 
@@ -125,8 +136,9 @@ class JpegSource(Source):
         from PIL import Image
 
         buf = io.BytesIO()
-        Image.fromarray(np.ascontiguousarray(self.inner.images[ref.index])).convert("RGB").save(buf, format="JPEG",
-                                                                                                  quality=90)
+        Image.fromarray(np.ascontiguousarray(self.inner.images[ref.index])).convert("RGB").save(
+            buf, format="JPEG", quality=90
+        )
         return buf.getvalue(), "jpg"
 
     def describe(self) -> dict:
@@ -138,8 +150,13 @@ def write_shards(source: Source, refs: list, directory: Path, per_shard: int, mi
     directory.mkdir(parents=True)
     ranges = S.plan_shards(len(refs), per_shard, min_shards)
     results = [S.write_shard(source, refs[a:b], directory / f"train-{i:06d}.tar") for i, (a, b) in enumerate(ranges)]
-    manifest = S.build_manifest(source=source, split_sizes={"train": len(refs)}, shard_results={"train": results},
-                                seed=0, config={"samples_per_shard": per_shard, "min_shards": min_shards})
+    manifest = S.build_manifest(
+        source=source,
+        split_sizes={"train": len(refs)},
+        shard_results={"train": results},
+        seed=0,
+        config={"samples_per_shard": per_shard, "min_shards": min_shards},
+    )
     S.write_manifest(directory, manifest)
     return S.shard_urls(directory, S.read_manifest(directory), "train")
 
@@ -166,18 +183,28 @@ def time_epoch(loader) -> dict:
 def machine() -> dict:
     lines = Path("/proc/cpuinfo").read_text().splitlines()
     cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), platform.processor())
-    return {"cpu_model": cpu or None, "cpu_cores": os.cpu_count(), "cpu_cores_usable": len(os.sched_getaffinity(0)),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "webdataset": getattr(wds, "__version__", None), "python": platform.python_version(),
-            "platform": platform.platform()}
+    return {
+        "cpu_model": cpu or None,
+        "cpu_cores": os.cpu_count(),
+        "cpu_cores_usable": len(os.sched_getaffinity(0)),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "webdataset": getattr(wds, "__version__", None),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--source", choices=["synthetic", "digits"], default="synthetic")
-    p.add_argument("--format", choices=["png", "jpeg"], default="png",
-                   help="how the images are stored, in the shards and in the folder alike (jpeg: quality 90)")
+    p.add_argument(
+        "--format",
+        choices=["png", "jpeg"],
+        default="png",
+        help="how the images are stored, in the shards and in the folder alike (jpeg: quality 90)",
+    )
     p.add_argument("--num-images", type=int, default=10000, help="synthetic source only")
     p.add_argument("--image-size", type=int, default=32, help="synthetic side and view side")
     p.add_argument("--batch-size", type=int, default=256)
@@ -185,13 +212,20 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=3, help="timed epochs per side (after 1 warm-up)")
     p.add_argument("--samples-per-shard", default="256", help="comma-separated; 256 = pipeline default")
     p.add_argument("--shuffle-buffer", type=int, default=500, help="500 = pipeline default")
-    p.add_argument("--transform", choices=["simclr", "tensor"], default="simclr",
-                   help="simclr: two SimCLR views (the training path); tensor: decode + to-tensor only")
+    p.add_argument(
+        "--transform",
+        choices=["simclr", "tensor"],
+        default="simclr",
+        help="simclr: two SimCLR views (the training path); tensor: decode + to-tensor only",
+    )
     p.add_argument("--data-dir", type=Path, help="where to write the data (default: a temp dir)")
     p.add_argument("--out", type=Path, help="JSON path (default: bench/results/loader[-digits].json)")
     a = p.parse_args(argv)
-    suffix = (("" if a.source == "synthetic" else f"-{a.source}") + ("" if a.transform == "simclr" else "-decode-only")
-              + ("" if a.format == "png" else f"-jpeg-{a.image_size}"))
+    suffix = (
+        ("" if a.source == "synthetic" else f"-{a.source}")
+        + ("" if a.transform == "simclr" else "-decode-only")
+        + ("" if a.format == "png" else f"-jpeg-{a.image_size}")
+    )
     out = a.out or RESULTS / f"loader{suffix}.json"
     sizes = [int(s) for s in a.samples_per_shard.split(",")]
     torch.set_num_threads(1)  # the main process only receives batches; leave the cores to the workers
@@ -214,34 +248,67 @@ def main(argv: list[str] | None = None) -> dict:
         # one instance, both sides; "tensor" measures the readers alone (decode, no augmentation)
         transform = SimCLRTransform(a.image_size) if a.transform == "simclr" else TensorViews()
         folder = ImageFolder(str(tmp / "folder"), transform=transform)  # default loader: PIL .convert("RGB")
-        streams = {n: ShardStream(urls, counts, transform=transform, batch_size=a.batch_size, rank=0, world_size=1,
-                                  loader_workers=a.workers, shuffle_buffer=a.shuffle_buffer, seed=0)
-                   for n, (urls, counts) in shard_sets.items()}
+        streams = {
+            n: ShardStream(
+                urls,
+                counts,
+                transform=transform,
+                batch_size=a.batch_size,
+                rank=0,
+                world_size=1,
+                loader_workers=a.workers,
+                shuffle_buffer=a.shuffle_buffer,
+                seed=0,
+            )
+            for n, (urls, counts) in shard_sets.items()
+        }
         # name -> rep -> (loader, distinct images per epoch or None for "as delivered")
         sides: dict[str, Callable[[int], tuple[Iterable, int | None]]] = {}
         for n, (urls, _) in shard_sets.items():
+
             def ours(rep: int, n: int = n):
                 streams[n].set_epoch(rep)
                 return training_loader(streams[n], num_workers=a.workers), streams[n].plan().unique_samples
+
             sides[f"webdataset ({n}/shard, {len(urls)} shards)"] = ours
         urls0 = shard_sets[sizes[0]][0]
         sides[f"stock webdataset ({sizes[0]}/shard)"] = lambda rep: (
-            stock_webdataset_loader(urls0, transform, a.batch_size, a.workers, a.shuffle_buffer, rep), None)
-        sides["imagefolder"] = lambda rep: (DataLoader(
-            folder, batch_size=a.batch_size, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(rep),
-            num_workers=a.workers, prefetch_factor=PREFETCH if a.workers else None), None)
+            stock_webdataset_loader(urls0, transform, a.batch_size, a.workers, a.shuffle_buffer, rep),
+            None,
+        )
+        sides["imagefolder"] = lambda rep: (
+            DataLoader(
+                folder,
+                batch_size=a.batch_size,
+                shuffle=True,
+                drop_last=True,
+                generator=torch.Generator().manual_seed(rep),
+                num_workers=a.workers,
+                prefetch_factor=PREFETCH if a.workers else None,
+            ),
+            None,
+        )
         if a.format == "jpeg" and a.transform == "simclr":
             # views.decode_on: device, the loader's part alone: JPEG headers, crop boxes and flips; the bytes
             # travel (the decode, the crops and the colour run batched on the training device)
             n0 = sizes[0]
-            plan_stream = ShardStream(*shard_sets[n0], transform=CropPlan([a.image_size] * 2, [(0.08, 1.0)] * 2, 0.5),
-                                      batch_size=a.batch_size, rank=0, world_size=1, loader_workers=a.workers,
-                                      shuffle_buffer=a.shuffle_buffer, seed=0, decode=decode_encoded,
-                                      collate=collate_encoded)
+            plan_stream = ShardStream(
+                *shard_sets[n0],
+                transform=CropPlan([a.image_size] * 2, [(0.08, 1.0)] * 2, 0.5),
+                batch_size=a.batch_size,
+                rank=0,
+                world_size=1,
+                loader_workers=a.workers,
+                shuffle_buffer=a.shuffle_buffer,
+                seed=0,
+                decode=decode_encoded,
+                collate=collate_encoded,
+            )
 
             def bytes_only(rep: int):
                 plan_stream.set_epoch(rep)
                 return training_loader(plan_stream, num_workers=a.workers), plan_stream.plan().unique_samples
+
             sides[f"decode_on: device, the loader's part ({n0}/shard)"] = bytes_only
         names = list(sides)
         runs: dict[str, list[dict]] = {name: [] for name in names}
@@ -251,40 +318,65 @@ def main(argv: list[str] | None = None) -> dict:
                 r = time_epoch(loader)
                 r["distinct"] = distinct if distinct is not None else r["images"]
                 r["distinct_per_s"] = r["distinct"] / r["seconds"]
-                log(f"rep {rep}{' (warm-up)' if rep == 0 else ''}: {name}: {r['images']} images in "
-                    f"{r['seconds']:.2f}s = {r['images_per_s']:.0f} img/s")
+                log(
+                    f"rep {rep}{' (warm-up)' if rep == 0 else ''}: {name}: {r['images']} images in "
+                    f"{r['seconds']:.2f}s = {r['images_per_s']:.0f} img/s"
+                )
                 if rep > 0:
                     runs[name].append(r)
 
     keys = ("images_per_s", "distinct_per_s", "seconds", "first_batch_s")
-    summary = {name: {k: statistics.median(r[k] for r in rs) for k in keys}
-               | {"images": rs[0]["images"], "distinct": rs[0]["distinct"]} for name, rs in runs.items()}
+    summary = {
+        name: {k: statistics.median(r[k] for r in rs) for k in keys}
+        | {"images": rs[0]["images"], "distinct": rs[0]["distinct"]}
+        for name, rs in runs.items()
+    }
     best = max([n for n in names if n.startswith("webdataset")], key=lambda k: summary[k]["distinct_per_s"])
     for s_ in summary.values():  # the DataLoader workers are the cores' only load
         s_["distinct_per_s_per_worker"] = s_["distinct_per_s"] / max(1, a.workers)
     stock = next(n for n in names if n.startswith("stock"))
     ratio = summary[best]["distinct_per_s"] / summary["imagefolder"]["distinct_per_s"]
-    print(f"\n{len(refs)} images ({a.source}), batch {a.batch_size}, {a.workers} DataLoader workers, "
-          f"median of {a.repeats} epochs after 1 warm-up\n")
+    print(
+        f"\n{len(refs)} images ({a.source}), batch {a.batch_size}, {a.workers} DataLoader workers, "
+        f"median of {a.repeats} epochs after 1 warm-up\n"
+    )
     print("| loader | images/s | distinct/s | epoch s | first batch s | delivered | distinct |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, s in summary.items():
-        print(f"| {name} | {s['images_per_s']:.0f} | {s['distinct_per_s']:.0f} | {s['seconds']:.2f} "
-              f"| {s['first_batch_s']:.2f} | {s['images']} | {s['distinct']} |")
+        print(
+            f"| {name} | {s['images_per_s']:.0f} | {s['distinct_per_s']:.0f} | {s['seconds']:.2f} "
+            f"| {s['first_batch_s']:.2f} | {s['images']} | {s['distinct']} |"
+        )
     ratio_stock = summary[best]["distinct_per_s"] / summary[stock]["distinct_per_s"]
     print(f"\nratio webdataset/imagefolder distinct images/s: {ratio:.3f}  ({best})")
     print(f"ratio webdataset/stock webdataset distinct images/s: {ratio_stock:.3f}")
 
     result = {
-        "benchmark": "loader", "machine": machine(),
-        "settings": {"source": a.source, "num_images": len(refs), "image_size": a.image_size,
-                     "batch_size": a.batch_size, "workers": a.workers, "repeats": a.repeats, "warmup_epochs": 1,
-                     "samples_per_shard": sizes, "shuffle_buffer": a.shuffle_buffer, "prefetch_factor": PREFETCH,
-                     "transform": "SimCLRTransform(image_size), defaults, 2 views" if a.transform == "simclr"
-                     else "PILToTensor only (readers alone)", "decode": "PIL, convert RGB", "format": a.format,
-                     "imagefolder": "DataLoader(shuffle=True, drop_last=True)"},
-        "summary": summary, "ratio_webdataset_over_imagefolder": ratio, "ratio_of": best,
-        "ratio_webdataset_over_stock_webdataset": ratio_stock, "runs": runs,
+        "benchmark": "loader",
+        "machine": machine(),
+        "settings": {
+            "source": a.source,
+            "num_images": len(refs),
+            "image_size": a.image_size,
+            "batch_size": a.batch_size,
+            "workers": a.workers,
+            "repeats": a.repeats,
+            "warmup_epochs": 1,
+            "samples_per_shard": sizes,
+            "shuffle_buffer": a.shuffle_buffer,
+            "prefetch_factor": PREFETCH,
+            "transform": "SimCLRTransform(image_size), defaults, 2 views"
+            if a.transform == "simclr"
+            else "PILToTensor only (readers alone)",
+            "decode": "PIL, convert RGB",
+            "format": a.format,
+            "imagefolder": "DataLoader(shuffle=True, drop_last=True)",
+        },
+        "summary": summary,
+        "ratio_webdataset_over_imagefolder": ratio,
+        "ratio_of": best,
+        "ratio_webdataset_over_stock_webdataset": ratio_stock,
+        "runs": runs,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

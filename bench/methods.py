@@ -54,19 +54,43 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # hyperparameters resized for a 1,259-image split (everything else: the paper defaults)
 SETTINGS: dict[str, dict] = {
     "simclr": {"optimizer": "lars", "lr_base": 1.0, "params": {"temperature": 0.5, "head_layers": 3, "proj_dim": 64}},
-    "moco": {"optimizer": "sgd", "lr_base": 0.12, "weight_decay": 1e-4,
-             "params": {"version": 2, "queue_size": 1024, "momentum": 0.99}},
+    "moco": {
+        "optimizer": "sgd",
+        "lr_base": 0.12,
+        "weight_decay": 1e-4,
+        "params": {"version": 2, "queue_size": 1024, "momentum": 0.99},
+    },
     "mocov3": {"optimizer": "lars", "lr_base": 1.0, "params": {"hidden_dim": 512, "proj_dim": 128}},
-    "byol": {"optimizer": "lars", "lr_base": 1.0, "params": {"proj_hidden_dim": 512, "proj_dim": 128, "tau_base": 0.99}},
-    "simsiam": {"optimizer": "sgd", "lr_base": 0.05, "weight_decay": 1e-4,
-                "params": {"proj_dim": 512, "pred_hidden_dim": 128}},
+    "byol": {
+        "optimizer": "lars",
+        "lr_base": 1.0,
+        "params": {"proj_hidden_dim": 512, "proj_dim": 128, "tau_base": 0.99},
+    },
+    "simsiam": {
+        "optimizer": "sgd",
+        "lr_base": 0.05,
+        "weight_decay": 1e-4,
+        "params": {"proj_dim": 512, "pred_hidden_dim": 128},
+    },
     "barlow_twins": {"optimizer": "lars", "lr_base": 0.4, "params": {"proj_hidden_dim": 512, "proj_dim": 512}},
     "vicreg": {"optimizer": "lars", "lr_base": 0.4, "params": {"proj_hidden_dim": 512, "proj_dim": 512}},
-    "swav": {"optimizer": "lars", "lr_base": 1.0,
-             "params": {"num_prototypes": 100, "hidden_dim": 512, "freeze_prototypes_steps": 20}},
-    "dino": {"optimizer": "adamw", "lr_base": 0.0005, "weight_decay": 0.04,
-             "params": {"out_dim": 1024, "hidden_dim": 512, "bottleneck_dim": 128, "momentum": 0.99,
-                        "freeze_last_layer_steps": 20}},
+    "swav": {
+        "optimizer": "lars",
+        "lr_base": 1.0,
+        "params": {"num_prototypes": 100, "hidden_dim": 512, "freeze_prototypes_steps": 20},
+    },
+    "dino": {
+        "optimizer": "adamw",
+        "lr_base": 0.0005,
+        "weight_decay": 0.04,
+        "params": {
+            "out_dim": 1024,
+            "hidden_dim": 512,
+            "bottleneck_dim": 128,
+            "momentum": 0.99,
+            "freeze_last_layer_steps": 20,
+        },
+    },
     "supcon": {"optimizer": "lars", "lr_base": 1.0, "params": {}},
     "instdisc": {"optimizer": "sgd", "lr_base": 0.12, "weight_decay": 1e-4, "params": {"num_negatives": 1024}},
     "cmc": {"optimizer": "sgd", "lr_base": 0.12, "weight_decay": 1e-4, "params": {}},
@@ -77,18 +101,37 @@ SETTINGS: dict[str, dict] = {
 def machine() -> dict:
     lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
     cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), platform.processor())
-    return {"cpu_model": cpu or None, "cpu_cores": os.cpu_count(), "torch": torch.__version__,
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "python": platform.python_version(), "platform": platform.platform()}
+    return {
+        "cpu_model": cpu or None,
+        "cpu_cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
 
 
 # per data set: the views (pipelines/configs/default.yaml for digits, fashion_mnist.yaml
 # for Fashion-MNIST; multi-crop: 2 global + 2 local views, local at 3/7 of the side)
 DATA = {
-    "digits": ViewsConfig(image_size=16, crop_min_scale=0.3, hflip_prob=0.0, jitter_strength=0.5, local_views=2,
-                          local_image_size=8, local_crop_scale=(0.1, 0.3)),
-    "fashion": ViewsConfig(image_size=28, crop_min_scale=0.2, hflip_prob=0.0, jitter_strength=0.5, local_views=2,
-                           local_image_size=12, local_crop_scale=(0.05, 0.2)),
+    "digits": ViewsConfig(
+        image_size=16,
+        crop_min_scale=0.3,
+        hflip_prob=0.0,
+        jitter_strength=0.5,
+        local_views=2,
+        local_image_size=8,
+        local_crop_scale=(0.1, 0.3),
+    ),
+    "fashion": ViewsConfig(
+        image_size=28,
+        crop_min_scale=0.2,
+        hflip_prob=0.0,
+        jitter_strength=0.5,
+        local_views=2,
+        local_image_size=12,
+        local_crop_scale=(0.05, 0.2),
+    ),
 }
 
 
@@ -113,20 +156,27 @@ def write_data(kind: str, out: Path, train_images: int, test_images: int, seed: 
     if kind == "digits":
         source = digits_source()
         parts = S.split_refs(source.refs(), val_fraction=0.15, test_fraction=0.15, seed=seed, stratified=True)
-        splits = {"train": _stratified(parts["train"], train_images, rng),
-                  "test": _stratified(parts["val"] + parts["test"], test_images, rng)}
+        splits = {
+            "train": _stratified(parts["train"], train_images, rng),
+            "test": _stratified(parts["val"] + parts["test"], test_images, rng),
+        }
     else:
         source = IdxSource(FASHION)
         refs = source.refs()
         official = source.official_test()
-        splits = {"train": _stratified([r for r in refs if r.index not in official], train_images, rng),
-                  "test": _stratified([r for r in refs if r.index in official], test_images, rng)}
+        splits = {
+            "train": _stratified([r for r in refs if r.index not in official], train_images, rng),
+            "test": _stratified([r for r in refs if r.index in official], test_images, rng),
+        }
     results = {}
     for split, items in splits.items():
-        results[split] = [S.write_shard(source, items[a:b], out / f"{split}-{i:06d}.tar")
-                          for i, (a, b) in enumerate(S.plan_shards(len(items), 1024, 4))]
-    manifest = S.build_manifest(source=source, split_sizes={k: len(v) for k, v in splits.items()},
-                                shard_results=results, seed=seed, config={})
+        results[split] = [
+            S.write_shard(source, items[a:b], out / f"{split}-{i:06d}.tar")
+            for i, (a, b) in enumerate(S.plan_shards(len(items), 1024, 4))
+        ]
+    manifest = S.build_manifest(
+        source=source, split_sizes={k: len(v) for k, v in splits.items()}, shard_results=results, seed=seed, config={}
+    )
     S.write_manifest(out, manifest)
     return manifest
 
@@ -135,8 +185,10 @@ def evaluate(encoder: torch.nn.Module, shard_dir: Path, manifest: dict, image_si
     tf = EvalTransform(image_size)
     (tr_x, tr_y), (te_x, te_y) = (load_split(S.shard_urls(shard_dir, manifest, s)[0], tf) for s in ("train", "test"))
     ftr, fte = extract_features(encoder, tr_x), extract_features(encoder, te_x)
-    return {"knn_top1": knn_top1(ftr, tr_y, fte, te_y, k=20, temperature=0.07),
-            "probe_top1": linear_probe_top1(ftr, tr_y, fte, te_y)}
+    return {
+        "knn_top1": knn_top1(ftr, tr_y, fte, te_y, k=20, temperature=0.07),
+        "probe_top1": linear_probe_top1(ftr, tr_y, fte, te_y),
+    }
 
 
 def run_method(name: str, shard_dir: Path, manifest: dict, a: argparse.Namespace) -> dict:
@@ -151,11 +203,26 @@ def run_method(name: str, shard_dir: Path, manifest: dict, a: argparse.Namespace
     if "num_samples" in inspect.signature(cls.__init__).parameters:
         kwargs["num_samples"] = sum(counts)
     method = cls(**kwargs, gather_distributed=False)
-    stream = ShardStream(urls, counts, transform=view_transform(name, views), batch_size=a.batch_size, rank=0,
-                         world_size=1, loader_workers=a.loader_workers, shuffle_buffer=2000, seed=0)
-    cfg = LoopConfig(epochs=a.epochs, batch_size_per_worker=a.batch_size, optimizer=s["optimizer"],
-                     lr_base=s["lr_base"], weight_decay=s.get("weight_decay", 1e-6), warmup_epochs=1,
-                     loader_workers=a.loader_workers)
+    stream = ShardStream(
+        urls,
+        counts,
+        transform=view_transform(name, views),
+        batch_size=a.batch_size,
+        rank=0,
+        world_size=1,
+        loader_workers=a.loader_workers,
+        shuffle_buffer=2000,
+        seed=0,
+    )
+    cfg = LoopConfig(
+        epochs=a.epochs,
+        batch_size_per_worker=a.batch_size,
+        optimizer=s["optimizer"],
+        lr_base=s["lr_base"],
+        weight_decay=s.get("weight_decay", 1e-6),
+        warmup_epochs=1,
+        loader_workers=a.loader_workers,
+    )
     loop = TrainingLoop(method, method, stream, cfg, torch.device("cpu"))
     before_mib = _status_mib("VmRSS")  # this process with torch, the method and the loop built
     _reset_peak()
@@ -166,11 +233,20 @@ def run_method(name: str, shard_dir: Path, manifest: dict, a: argparse.Namespace
     peak_mib = _status_mib("VmHWM")
     ips = [h["train/images_per_sec"] for h in history[1:]] or [history[0]["train/images_per_sec"]]
     result = evaluate(method.encoder().eval(), shard_dir, manifest, views.image_size)
-    return {"method": name, "view_kind": cls.view_kind, **result, "images_per_sec": float(np.median(ips)),
-            "ms_per_step": 1000 * a.batch_size / float(np.median(ips)), "peak_rss_mib": peak_mib,
-            "rss_before_training_mib": before_mib, "training_rss_increase_mib": peak_mib - before_mib,
-            "params": sum(p.numel() for p in method.parameters()),
-            "final_loss": history[-1]["train/loss"], "seconds": wall, "settings": s}
+    return {
+        "method": name,
+        "view_kind": cls.view_kind,
+        **result,
+        "images_per_sec": float(np.median(ips)),
+        "ms_per_step": 1000 * a.batch_size / float(np.median(ips)),
+        "peak_rss_mib": peak_mib,
+        "rss_before_training_mib": before_mib,
+        "training_rss_increase_mib": peak_mib - before_mib,
+        "params": sum(p.numel() for p in method.parameters()),
+        "final_loss": history[-1]["train/loss"],
+        "seconds": wall,
+        "settings": s,
+    }
 
 
 def _status_mib(field: str) -> float:
@@ -209,8 +285,12 @@ def in_fresh_process(name: str, shard_dir: Path, manifest: dict, a: argparse.Nam
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--methods", nargs="*", help="default: every image method")
-    p.add_argument("--data", choices=sorted(DATA), default="fashion" if FASHION.is_dir() else "digits",
-                   help="default: fashion where the dataset-fashion-mnist package is installed, else digits")
+    p.add_argument(
+        "--data",
+        choices=sorted(DATA),
+        default="fashion" if FASHION.is_dir() else "digits",
+        help="default: fashion where the dataset-fashion-mnist package is installed, else digits",
+    )
     p.add_argument("--train-images", type=int, default=10_000)
     p.add_argument("--test-images", type=int, default=10_000)
     p.add_argument("--epochs", type=int, default=4)
@@ -232,15 +312,30 @@ def main(argv: list[str] | None = None) -> dict:
         for name in names:
             print(f"[methods] {name} ...", flush=True)
             r = in_fresh_process(name, shard_dir, manifest, a)
-            print(f"[methods] {name}: kNN {r['knn_top1']:.4f}, probe {r['probe_top1']:.4f}, "
-                  f"{r['ms_per_step']:.0f} ms/step, training +{r['training_rss_increase_mib']:.0f} MiB RSS, {r['seconds']:.0f} s", flush=True)
+            print(
+                f"[methods] {name}: kNN {r['knn_top1']:.4f}, probe {r['probe_top1']:.4f}, "
+                f"{r['ms_per_step']:.0f} ms/step"
+                f", training +{r['training_rss_increase_mib']:.0f} MiB RSS, {r['seconds']:.0f} s",
+                flush=True,
+            )
             rows.append(r)
     splits = manifest["splits"]
-    out = {"bench": "methods", "date": time.strftime("%Y-%m-%d"), "data": a.data, "epochs": a.epochs, "batch_size": a.batch_size,
-           "views": DATA[a.data].model_dump(mode="json"), "backbone": f"small_cnn (width {a.width})",
-           "train_images": int(splits["train"]["num_samples"]), "test_images": int(splits["test"]["num_samples"]),
-           "threads": a.threads, "loader_workers": a.loader_workers,
-           "random_init": baseline, "machine": machine(), "rows": rows}
+    out = {
+        "bench": "methods",
+        "date": time.strftime("%Y-%m-%d"),
+        "data": a.data,
+        "epochs": a.epochs,
+        "batch_size": a.batch_size,
+        "views": DATA[a.data].model_dump(mode="json"),
+        "backbone": f"small_cnn (width {a.width})",
+        "train_images": int(splits["train"]["num_samples"]),
+        "test_images": int(splits["test"]["num_samples"]),
+        "threads": a.threads,
+        "loader_workers": a.loader_workers,
+        "random_init": baseline,
+        "machine": machine(),
+        "rows": rows,
+    }
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=2))
     print(markdown(out))

@@ -59,11 +59,26 @@ def train_loop(rank: int, world: int, cfg: dict, wrap, save) -> dict:
     method = SimCLR("small_cnn", backbone_args={"width": 32}, temperature=0.5, head_layers=3, proj_dim=64)
     model = wrap(method)
     urls, counts = S.shard_urls(cfg["shard_dir"], cfg["manifest"], "train")
-    stream = ShardStream(urls, counts, transform=SimCLRTransform(16, crop_min_scale=0.3), batch_size=32, rank=rank,
-                         world_size=world, loader_workers=cfg["loader_workers"], shuffle_buffer=500, seed=0)
-    loop = TrainingLoop(model, method, stream, LoopConfig(epochs=cfg["epochs"], batch_size_per_worker=32,
-                                                          loader_workers=cfg["loader_workers"],
-                                                          log_every_steps=1), torch.device("cpu"))
+    stream = ShardStream(
+        urls,
+        counts,
+        transform=SimCLRTransform(16, crop_min_scale=0.3),
+        batch_size=32,
+        rank=rank,
+        world_size=world,
+        loader_workers=cfg["loader_workers"],
+        shuffle_buffer=500,
+        seed=0,
+    )
+    loop = TrainingLoop(
+        model,
+        method,
+        stream,
+        LoopConfig(
+            epochs=cfg["epochs"], batch_size_per_worker=32, loader_workers=cfg["loader_workers"], log_every_steps=1
+        ),
+        torch.device("cpu"),
+    )
     stamps: list[float] = []
     ends: list[float] = []
 
@@ -72,9 +87,15 @@ def train_loop(rank: int, world: int, cfg: dict, wrap, save) -> dict:
         ends.append(time.time())
 
     loop.run(report, log=lambda step, m: stamps.append(time.time()))
-    return {"entered": entered, "first_step": stamps[0], "steps_per_epoch": loop.steps_per_epoch,
-            "epoch_ends": ends, "end": time.time(), "stamps": stamps,
-            "pids": distributed.all_gather_object(os.getpid())}
+    return {
+        "entered": entered,
+        "first_step": stamps[0],
+        "steps_per_epoch": loop.steps_per_epoch,
+        "epoch_ends": ends,
+        "end": time.time(),
+        "stamps": stamps,
+        "pids": distributed.all_gather_object(os.getpid()),
+    }
 
 
 # ---- where the CPU goes ---------------------------------------------------------------
@@ -89,8 +110,8 @@ def _proc_table() -> dict[int, tuple[int, str, float]]:
             stat = (d / "stat").read_text()
         except OSError:
             continue
-        name = stat[stat.index("(") + 1:stat.rindex(")")]
-        fields = stat[stat.rindex(")") + 2:].split()
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
         table[int(d.name)] = (int(fields[1]), name, (int(fields[11]) + int(fields[12])) / tick)
     return table
 
@@ -176,7 +197,9 @@ def _ray_worker(cfg: dict) -> dict | None:
         with tempfile.TemporaryDirectory() as d:
             if rank == 0:
                 torch.save(state, Path(d) / "state.pt")
-            train.report({"epoch": metrics["epoch"]}, checkpoint=train.Checkpoint.from_directory(d) if rank == 0 else None)
+            train.report(
+                {"epoch": metrics["epoch"]}, checkpoint=train.Checkpoint.from_directory(d) if rank == 0 else None
+            )
 
     result = train_loop(rank, ctx.get_world_size(), cfg, lambda m: train.torch.prepare_model(m), save)
     return result if rank == 0 else None
@@ -186,9 +209,12 @@ def run_ray(cfg: dict, world: int, storage: str, index: int) -> dict:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    trainer = TorchTrainer(_ray_worker, train_loop_config=cfg,
-                           scaling_config=ScalingConfig(num_workers=world, resources_per_worker={"CPU": cfg["threads"]}),
-                           run_config=RunConfig(name=f"overhead-{index}", storage_path=storage))
+    trainer = TorchTrainer(
+        _ray_worker,
+        train_loop_config=cfg,
+        scaling_config=ScalingConfig(num_workers=world, resources_per_worker={"CPU": cfg["threads"]}),
+        run_config=RunConfig(name=f"overhead-{index}", storage_path=storage),
+    )
     launched = time.time()
     result = trainer.fit()
     return {"launched": launched, **result.return_value}
@@ -200,15 +226,22 @@ def summarize(r: dict, sampler: CpuSampler) -> dict:
     # inside the epochs: the gaps between consecutive steps of one epoch; at the epoch
     # boundaries: from an epoch's last step to the next epoch's first (report, checkpoint,
     # the loader's restart), epochs 2.. only
-    inner = [b - a for e in range(1, len(ends)) for a, b in zip(stamps[e * n:(e + 1) * n - 1],
-                                                                 stamps[e * n + 1:(e + 1) * n], strict=True)]
+    inner = [
+        b - a
+        for e in range(1, len(ends))
+        for a, b in zip(stamps[e * n : (e + 1) * n - 1], stamps[e * n + 1 : (e + 1) * n], strict=True)
+    ]
     boundary = [stamps[e * n] - stamps[e * n - 1] for e in range(1, len(ends))]
     window = ends[-1] - ends[0]
     cpu = sampler.cpu_between(ends[0], ends[-1], r["pids"])
-    return {"startup_s": r["first_step"] - r["launched"], "step_ms": 1000 * steady,
-            "inner_step_ms": 1000 * statistics.median(inner), "epoch_boundary_ms": 1000 * statistics.median(boundary),
-            "total_s": r["end"] - r["launched"],
-            "cpu_cores_used": {k: v / window for k, v in cpu.items()}}
+    return {
+        "startup_s": r["first_step"] - r["launched"],
+        "step_ms": 1000 * steady,
+        "inner_step_ms": 1000 * statistics.median(inner),
+        "epoch_boundary_ms": 1000 * statistics.median(boundary),
+        "total_s": r["end"] - r["launched"],
+        "cpu_cores_used": {k: v / window for k, v in cpu.items()},
+    }
 
 
 def _median_cores(runs: list[dict[str, float]]) -> dict[str, float]:
@@ -224,9 +257,13 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--loader-workers", type=int, default=0)
-    ap.add_argument("--poll-seconds", type=float, default=RayConfig().train_poll_seconds,
-                    help="Ray Train controller's poll interval, as the pipeline sets it (ray.train_poll_seconds; "
-                         "Ray's own default is 2)")
+    ap.add_argument(
+        "--poll-seconds",
+        type=float,
+        default=RayConfig().train_poll_seconds,
+        help="Ray Train controller's poll interval, as the pipeline sets it (ray.train_poll_seconds; "
+        "Ray's own default is 2)",
+    )
     ap.add_argument("--out", type=Path, default=RESULTS / "overhead.json")
     a = ap.parse_args()
     import ray
@@ -235,8 +272,13 @@ def main() -> None:
         shard_dir = Path(tmp) / "shards"
         shard_dir.mkdir()
         manifest = write_digits(shard_dir)
-        cfg = {"shard_dir": str(shard_dir), "manifest": manifest, "epochs": a.epochs, "threads": a.threads,
-               "loader_workers": a.loader_workers}
+        cfg = {
+            "shard_dir": str(shard_dir),
+            "manifest": manifest,
+            "epochs": a.epochs,
+            "threads": a.threads,
+            "loader_workers": a.loader_workers,
+        }
         os.environ[TRAIN_POLL_ENV] = str(a.poll_seconds)  # as pipelines.ray_env.init does
         t0 = time.time()
         ray.init(address="local", num_cpus=a.workers * a.threads + 1, include_dashboard=False, log_to_driver=False)
@@ -252,31 +294,45 @@ def main() -> None:
                 runs[side].append(summarize(raw, sampler))
                 print(f"rep {i + 1} {side}: {runs[side][-1]}", flush=True)
         ray.shutdown()
-    med = {side: {k: statistics.median(r[k] for r in v) for k in v[0] if k != "cpu_cores_used"}
-           for side, v in runs.items()}
+    med = {
+        side: {k: statistics.median(r[k] for r in v) for k in v[0] if k != "cpu_cores_used"} for side, v in runs.items()
+    }
     cores = {side: _median_cores([r["cpu_cores_used"] for r in v]) for side, v in runs.items()}
     overhead = 100 * (med["ray"]["step_ms"] / med["bare"]["step_ms"] - 1)
-    report = {"benchmark": "ray-train-overhead", "machine": machine(), "settings": vars(a) | {"out": str(a.out)},
-              "ray_init_s": ray_init_s, "runs": runs, "median": med, "steady_state_overhead_pct": overhead,
-              "startup_extra_s": med["ray"]["startup_s"] - med["bare"]["startup_s"],
-              "inner_step_overhead_pct": 100 * (med["ray"]["inner_step_ms"] / med["bare"]["inner_step_ms"] - 1),
-              "epoch_boundary_extra_ms": med["ray"]["epoch_boundary_ms"] - med["bare"]["epoch_boundary_ms"],
-              "cpu_cores_used_steady_state": cores}
+    report = {
+        "benchmark": "ray-train-overhead",
+        "machine": machine(),
+        "settings": vars(a) | {"out": str(a.out)},
+        "ray_init_s": ray_init_s,
+        "runs": runs,
+        "median": med,
+        "steady_state_overhead_pct": overhead,
+        "startup_extra_s": med["ray"]["startup_s"] - med["bare"]["startup_s"],
+        "inner_step_overhead_pct": 100 * (med["ray"]["inner_step_ms"] / med["bare"]["inner_step_ms"] - 1),
+        "epoch_boundary_extra_ms": med["ray"]["epoch_boundary_ms"] - med["bare"]["epoch_boundary_ms"],
+        "cpu_cores_used_steady_state": cores,
+    }
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(report, indent=2))
-    print("| side | start-up to first step (s) | steady-state step (ms) | step inside an epoch (ms) "
-          "| epoch boundary (ms) | total (s) | CPU cores used, steady state |")
+    print(
+        "| side | start-up to first step (s) | steady-state step (ms) | step inside an epoch (ms) "
+        "| epoch boundary (ms) | total (s) | CPU cores used, steady state |"
+    )
     print("|---|---:|---:|---:|---:|---:|---|")
     for side in ("bare", "ray"):
         m = med[side]
         used = ", ".join(f"{k} {v:.2f}" for k, v in list(cores[side].items())[:5])
-        print(f"| {side} | {m['startup_s']:.1f} | {m['step_ms']:.1f} | {m['inner_step_ms']:.1f} | "
-              f"{m['epoch_boundary_ms']:.0f} | {m['total_s']:.1f} | {used} |")
-    print(f"\nRay Train steady-state overhead per step: {overhead:+.1f}% "
-          f"({report['inner_step_overhead_pct']:+.1f}% inside epochs, "
-          f"{report['epoch_boundary_extra_ms']:+.0f} ms per epoch boundary); fixed start-up: "
-          f"{report['startup_extra_s']:+.1f} s more than a bare launch (plus {ray_init_s:.1f} s to start the local Ray "
-          "once per pipeline)")
+        print(
+            f"| {side} | {m['startup_s']:.1f} | {m['step_ms']:.1f} | {m['inner_step_ms']:.1f} | "
+            f"{m['epoch_boundary_ms']:.0f} | {m['total_s']:.1f} | {used} |"
+        )
+    print(
+        f"\nRay Train steady-state overhead per step: {overhead:+.1f}% "
+        f"({report['inner_step_overhead_pct']:+.1f}% inside epochs, "
+        f"{report['epoch_boundary_extra_ms']:+.0f} ms per epoch boundary); fixed start-up: "
+        f"{report['startup_extra_s']:+.1f} s more than a bare launch (plus {ray_init_s:.1f} s to start the local Ray "
+        "once per pipeline)"
+    )
     print(f"results: {a.out}")
 
 

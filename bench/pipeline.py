@@ -70,9 +70,27 @@ RESULTS = Path(__file__).resolve().parent / "results"
 QUICK = ["sweep.enabled=false", "pretrain.epochs=2", "finetune.epochs=2", "finetune.min_steps=0", "distill.epochs=1"]
 TRAIN_STAGES = ("pretrain", "finetune", "distill")
 TASK_STAGES = ("shard", "evaluate")  # stages that run Ray tasks in the driver's Ray
-FLUENT = ("start_run", "end_run", "log_metric", "log_metrics", "log_param", "log_params", "set_tag", "set_tags",
-          "log_artifact", "log_artifacts", "log_dict", "log_text", "log_figure", "log_image", "get_run",
-          "register_model", "set_experiment", "search_runs", "set_tracking_uri")
+FLUENT = (
+    "start_run",
+    "end_run",
+    "log_metric",
+    "log_metrics",
+    "log_param",
+    "log_params",
+    "set_tag",
+    "set_tags",
+    "log_artifact",
+    "log_artifacts",
+    "log_dict",
+    "log_text",
+    "log_figure",
+    "log_image",
+    "get_run",
+    "register_model",
+    "set_experiment",
+    "search_runs",
+    "set_tracking_uri",
+)
 TRACKING = ("setup", "log_params", "log_metrics", "find_cached", "artifact_uri", "save_outputs", "load_outputs")
 LOCAL_ONLY = ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "CLPIPE_STACK_ENV")
 
@@ -168,8 +186,9 @@ def instrument(probe: Probe) -> None:
     from pipelines import models, ray_env, tracking
 
     # the stage modules (pipelines.stages re-exports functions of the same names)
-    _train, pretrain, finetune, distill, sweep = (importlib.import_module(f"pipelines.stages.{m}")
-                                                  for m in ("_train", "pretrain", "finetune", "distill", "sweep"))
+    _train, pretrain, finetune, distill, sweep = (
+        importlib.import_module(f"pipelines.stages.{m}") for m in ("_train", "pretrain", "finetune", "distill", "sweep")
+    )
 
     probe.mlflow_class(MlflowClient, "MlflowClient")
     for name in FLUENT:
@@ -225,8 +244,9 @@ def ray_task_events(wait_s: float = 3.0) -> list[dict]:
         from ray.util.state import list_tasks
 
         time.sleep(wait_s)  # task events reach the GCS about once a second
-        tasks = list_tasks(filters=[("type", "=", "NORMAL_TASK")], detail=True, limit=10_000, timeout=60,
-                           raise_on_missing_output=False)
+        tasks = list_tasks(
+            filters=[("type", "=", "NORMAL_TASK")], detail=True, limit=10_000, timeout=60, raise_on_missing_output=False
+        )
     except Exception as e:  # noqa: BLE001 - the state API is optional here: the row falls back
         print(f"[pipeline] Ray task events unavailable ({type(e).__name__}: {e})", flush=True)
         return []
@@ -237,8 +257,15 @@ def ray_task_events(wait_s: float = 3.0) -> list[dict]:
         start = ev[0]["start_time"] / 1000 if ev else (t["start_time_ms"] / 1000 if t.get("start_time_ms") else None)
         end = ev[0]["end_time"] / 1000 if ev else (t["end_time_ms"] / 1000 if t.get("end_time_ms") else None)
         if t.get("creation_time_ms") and start is not None and end is not None:
-            out.append({"name": t.get("func_or_class_name") or t.get("name"), "submitted": t["creation_time_ms"] / 1000,
-                        "start": start, "end": end, "source": "task:execute" if ev else "RUNNING state"})
+            out.append(
+                {
+                    "name": t.get("func_or_class_name") or t.get("name"),
+                    "submitted": t["creation_time_ms"] / 1000,
+                    "start": start,
+                    "end": end,
+                    "source": "task:execute" if ev else "RUNNING state",
+                }
+            )
     return out
 
 
@@ -255,10 +282,19 @@ def stage_row(name: str, client: Any, run_id: str, cached: bool, probe: Probe, t
             ops[label][1] += o
             if s <= (a + b) / 2 <= e:
                 ops[label][0] += 1
-    row: dict[str, Any] = {"stage": name, "cached": cached, "wall": wall, "ray_startup": None, "mlflow": mlflow_s,
-                           "compute": None, "other": None, "detail": {},
-                           "mlflow_ops": {k: {"calls": int(c), "seconds": round(v, 4)}
-                                          for k, (c, v) in sorted(ops.items(), key=lambda kv: -kv[1][1])}}
+    row: dict[str, Any] = {
+        "stage": name,
+        "cached": cached,
+        "wall": wall,
+        "ray_startup": None,
+        "mlflow": mlflow_s,
+        "compute": None,
+        "other": None,
+        "detail": {},
+        "mlflow_ops": {
+            k: {"calls": int(c), "seconds": round(v, 4)} for k, (c, v) in sorted(ops.items(), key=lambda kv: -kv[1][1])
+        },
+    }
     if cached:  # a cache hit: nothing computed
         row.update(compute=0.0, other=wall - mlflow_s)
         return row
@@ -273,10 +309,15 @@ def stage_row(name: str, client: Any, run_id: str, cached: bool, probe: Probe, t
         mlflow_in_fit = sum(overlap(a, b, fs, fe) for _, a, b in probe.mlflow_calls)
         row.update(ray_startup=first_start - fs, compute=compute)
         row["detail"] = {
-            "fit_s": fit_s, "before_first_epoch_s": first_start - fs, "epochs_s": compute,
-            "between_epochs_s": last_end - first_start - compute, "after_last_epoch_s": fe - last_end,
+            "fit_s": fit_s,
+            "before_first_epoch_s": first_start - fs,
+            "epochs_s": compute,
+            "between_epochs_s": last_end - first_start - compute,
+            "after_last_epoch_s": fe - last_end,
             "driver_outside_fit_s": wall - mlflow_s - fit_s + mlflow_in_fit,
-            "models": {m: {"epochs": len(rs), "epoch_seconds": [round(v, 4) for _, v, _ in rs]} for m, rs in epochs.items()},
+            "models": {
+                m: {"epochs": len(rs), "epoch_seconds": [round(v, 4) for _, v, _ in rs]} for m, rs in epochs.items()
+            },
         }
     elif name == "sweep" and probe.spans["tune_fit"]:
         tf = spans_in(probe.spans["tune_fit"], s, e)
@@ -288,27 +329,40 @@ def stage_row(name: str, client: Any, run_id: str, cached: bool, probe: Probe, t
                 if df is None or "epoch" not in df:
                     continue
                 df = df.dropna(subset=["epoch"]).drop_duplicates("epoch", keep="last").sort_values("epoch")
-                trials.append({"trial": Path(r.path).name, "epochs": len(df),
-                               "epoch_seconds": float(df["train/epoch_seconds"].sum()),
-                               "trial_seconds": float(df["time_total_s"].iloc[-1])})
+                trials.append(
+                    {
+                        "trial": Path(r.path).name,
+                        "epochs": len(df),
+                        "epoch_seconds": float(df["train/epoch_seconds"].sum()),
+                        "trial_seconds": float(df["time_total_s"].iloc[-1]),
+                    }
+                )
         slots_spans = spans_in(probe.spans["sweep_slots"], s, e)
         slots = min(int(slots_spans[-1]["value"]), len(trials)) if slots_spans and trials else 1
         epoch_sum = sum(t["epoch_seconds"] for t in trials)
         trial_sum = sum(t["trial_seconds"] for t in trials)
         row.update(ray_startup=fit_s - trial_sum / slots, compute=epoch_sum / slots)
-        row["detail"] = {"tune_fit_s": fit_s, "trial_slots": slots, "trials": trials,
-                         "trial_seconds_sum": trial_sum, "epoch_seconds_sum": epoch_sum,
-                         "in_trial_other_s": (trial_sum - epoch_sum) / slots,
-                         "driver_outside_fit_s": wall - mlflow_s - fit_s}
+        row["detail"] = {
+            "tune_fit_s": fit_s,
+            "trial_slots": slots,
+            "trials": trials,
+            "trial_seconds_sum": trial_sum,
+            "epoch_seconds_sum": epoch_sum,
+            "in_trial_other_s": (trial_sum - epoch_sum) / slots,
+            "driver_outside_fit_s": wall - mlflow_s - fit_s,
+        }
     elif name in TASK_STAGES:
         mine = [t for t in tasks if s <= t["submitted"] <= e]
         if mine:
             first = min(mine, key=lambda t: t["submitted"])
             row["ray_startup"] = min(t["start"] for t in mine) - first["submitted"]
-            row["detail"] = {"tasks": len(mine), "task_timing": mine[0]["source"],
-                             "first_task_wait_s": row["ray_startup"],
-                             "task_function_seconds_sum": sum(t["end"] - t["start"] for t in mine),
-                             "task_function_seconds_union": union_length([(t["start"], t["end"]) for t in mine])}
+            row["detail"] = {
+                "tasks": len(mine),
+                "task_timing": mine[0]["source"],
+                "first_task_wait_s": row["ray_startup"],
+                "task_function_seconds_sum": sum(t["end"] - t["start"] for t in mine),
+                "task_function_seconds_union": union_length([(t["start"], t["end"]) for t in mine]),
+            }
     if row["compute"] is None:
         row["compute"] = wall - mlflow_s - (row["ray_startup"] or 0.0)
     row["other"] = wall - mlflow_s - (row["ray_startup"] or 0.0) - row["compute"]
@@ -330,17 +384,33 @@ def analyse(probe: Probe, total: float, tasks: list[dict]) -> dict:
     for label, a, b in probe.mlflow_calls:
         ops[label][0] += 1
         ops[label][1] += b - a
-    driver = {"stage": "driver (outside stages)", "cached": False, "wall": driver_wall, "ray_startup": ray_init,
-              "mlflow": driver_mlflow, "compute": 0.0, "other": driver_wall - ray_init - driver_mlflow,
-              "detail": {"what": "Ray init, MLflow store set-up and parent run, cache lookups, config, summary"}}
+    driver = {
+        "stage": "driver (outside stages)",
+        "cached": False,
+        "wall": driver_wall,
+        "ray_startup": ray_init,
+        "mlflow": driver_mlflow,
+        "compute": 0.0,
+        "other": driver_wall - ray_init - driver_mlflow,
+        "detail": {"what": "Ray init, MLflow store set-up and parent run, cache lookups, config, summary"},
+    }
     rows = [driver, *rows]
-    tot = {"stage": "total", "wall": total, **{k: sum(r[k] or 0.0 for r in rows)
-                                              for k in ("ray_startup", "mlflow", "compute", "other")}}
+    tot = {
+        "stage": "total",
+        "wall": total,
+        **{k: sum(r[k] or 0.0 for r in rows) for k in ("ray_startup", "mlflow", "compute", "other")},
+    }
     for r in [*rows, tot]:
         r["compute_share"] = r["compute"] / r["wall"] if r["wall"] > 0 else None
-    return {"rows": rows, "total": tot, "ray_init_seconds": ray_init, "tracking_uri_kind": cfg.tracking_uri().split(":")[0],
-            "mlflow_ops": {k: {"calls": int(c), "seconds": round(v, 4)}
-                           for k, (c, v) in sorted(ops.items(), key=lambda kv: -kv[1][1])}}
+    return {
+        "rows": rows,
+        "total": tot,
+        "ray_init_seconds": ray_init,
+        "tracking_uri_kind": cfg.tracking_uri().split(":")[0],
+        "mlflow_ops": {
+            k: {"calls": int(c), "seconds": round(v, 4)} for k, (c, v) in sorted(ops.items(), key=lambda kv: -kv[1][1])
+        },
+    }
 
 
 # ---- output -------------------------------------------------------------------------
@@ -350,26 +420,44 @@ def _f(v: float | None, digits: int = 1) -> str:
 
 def markdown(out: dict) -> str:
     s = out["settings"]
-    lines = [f"`clpipe run` {'(quick) ' if s['quick'] else ''}overrides: {' '.join(s['overrides']) or 'none'}; "
-             f"{out['machine']['cpu_cores']} cores, GPU {out['machine']['gpu'] or 'none'}; "
-             f"wall {out['total']['wall']:.1f} s, driver Ray init {out['ray_init_seconds']:.1f} s "
-             f"(not in the total: imports {out['imports_seconds']:.1f} s, ray.shutdown "
-             f"{_f(out['ray_shutdown_seconds'])} s)", "",
-             "| stage | wall s | Ray start-up s | MLflow s | compute s | other s | compute share |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"`clpipe run` {'(quick) ' if s['quick'] else ''}overrides: {' '.join(s['overrides']) or 'none'}; "
+        f"{out['machine']['cpu_cores']} cores, GPU {out['machine']['gpu'] or 'none'}; "
+        f"wall {out['total']['wall']:.1f} s, driver Ray init {out['ray_init_seconds']:.1f} s "
+        f"(not in the total: imports {out['imports_seconds']:.1f} s, ray.shutdown "
+        f"{_f(out['ray_shutdown_seconds'])} s)",
+        "",
+        "| stage | wall s | Ray start-up s | MLflow s | compute s | other s | compute share |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in [*out["rows"], out["total"]]:
         name = f"**{r['stage']}**" if r["stage"] == "total" else r["stage"] + (" (cached)" if r.get("cached") else "")
         share = "-" if r["compute_share"] is None else f"{100 * r['compute_share']:.0f}%"
-        lines.append(f"| {name} | {_f(r['wall'])} | {_f(r['ray_startup'])} | {_f(r['mlflow'])} | {_f(r['compute'])} | "
-                     f"{_f(r['other'])} | {share} |")
+        lines.append(
+            f"| {name} | {_f(r['wall'])} | {_f(r['ray_startup'])} | {_f(r['mlflow'])} | {_f(r['compute'])} | "
+            f"{_f(r['other'])} | {share} |"
+        )
     train = [r for r in out["rows"] if r["stage"] in TRAIN_STAGES and "fit_s" in r["detail"]]
     if train:
-        lines += ["", "| training stage | fit s | before first epoch s | epochs s | between epochs s | "
-                      "after last epoch s | driver outside fit and MLflow s |", "|---|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            "| training stage | fit s | before first epoch s | epochs s | between epochs s | "
+            "after last epoch s | driver outside fit and MLflow s |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
         for r in train:
             d = r["detail"]
-            cells = [_f(d[k]) for k in ("fit_s", "before_first_epoch_s", "epochs_s", "between_epochs_s",
-                                        "after_last_epoch_s", "driver_outside_fit_s")]
+            cells = [
+                _f(d[k])
+                for k in (
+                    "fit_s",
+                    "before_first_epoch_s",
+                    "epochs_s",
+                    "between_epochs_s",
+                    "after_last_epoch_s",
+                    "driver_outside_fit_s",
+                )
+            ]
             lines.append(f"| {r['stage']} | {' | '.join(cells)} |")
     lines += ["", "| MLflow operation (driver, outermost call) | calls | s |", "|---|---:|---:|"]
     for k, v in list(out["mlflow_ops"].items())[:10]:
@@ -380,15 +468,23 @@ def markdown(out: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", help="YAML config (default: the embedded default pipeline)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="passed to clpipe run --set (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="passed to clpipe run --set (repeatable)",
+    )
     p.add_argument("--quick", action="store_true", help=f"a fast check: {' '.join(QUICK)}")
     p.add_argument("--out", default=str(RESULTS / "pipeline.json"))
     a = p.parse_args(argv)
     clash = [k for k in LOCAL_ONLY if os.environ.get(k)]
     if clash or (Path(".clpipe-stack") / "stack.env").is_file():
-        sys.exit(f"bench/pipeline.py measures the local run (its own Ray, sqlite MLflow store); unset "
-                 f"{', '.join(clash) or 'nothing'} and run from a directory without .clpipe-stack/stack.env")
+        sys.exit(
+            f"bench/pipeline.py measures the local run (its own Ray, sqlite MLflow store); unset "
+            f"{', '.join(clash) or 'nothing'} and run from a directory without .clpipe-stack/stack.env"
+        )
     overrides = [*(QUICK if a.quick else []), *a.overrides]
     load_before = os.getloadavg()
 
@@ -397,12 +493,18 @@ def main(argv: list[str] | None = None) -> dict:
 
     import pipelines.cli
     import pipelines.stages  # noqa: F401 - every stage module (torch, Ray Train/Tune, MLflow)
+
     imports_s = time.perf_counter() - t0
 
     probe = Probe()
     with tempfile.TemporaryDirectory(prefix="clpipe-bench-") as work:
-        argv_run = ["run", *([a.config] if a.config else []), "--work-dir", work,
-                    *[x for o in overrides for x in ("--set", o)]]
+        argv_run = [
+            "run",
+            *([a.config] if a.config else []),
+            "--work-dir",
+            work,
+            *[x for o in overrides for x in ("--set", o)],
+        ]
         try:
             instrument(probe)
             t0 = time.perf_counter()
@@ -419,22 +521,32 @@ def main(argv: list[str] | None = None) -> dict:
             t0 = time.perf_counter()
             ray.shutdown()
             shutdown_s = time.perf_counter() - t0
-    out = {"bench": "pipeline",
-           "settings": {"config": a.config or "pipelines/configs/default.yaml", "quick": a.quick,
-                        "overrides": overrides, "work_dir": "fresh temporary directory"},
-           "machine": machine(), "load_average_before": load_before, "load_average_after": os.getloadavg(),
-           "imports_seconds": imports_s, "ray_shutdown_seconds": shutdown_s, **analysis,
-           "notes": ["total = wall time of pipelines.cli.main(['run', ...]) in this process; imports and "
-                     "ray.shutdown are measured apart",
-                     "MLflow = the driver's MLflow calls (outermost call timed), split by overlap with each stage "
-                     "run's [start, end]; the Ray Train workers' own per-epoch log_batch calls are not in it "
-                     "(they fall in 'other')",
-                     "Ray Train stages: compute = sum of *train/epoch_seconds; Ray start-up = first epoch start "
-                     "(metric timestamp - value, so it includes the first epoch's val evaluation) - fit() start",
-                     "sweep: trial times divided by the trial slots Tune used; Ray start-up there includes idle "
-                     "slots",
-                     "shard/evaluate: Ray start-up = first task's submission to the start of its function "
-                     "(Ray task events)"]}
+    out = {
+        "bench": "pipeline",
+        "settings": {
+            "config": a.config or "pipelines/configs/default.yaml",
+            "quick": a.quick,
+            "overrides": overrides,
+            "work_dir": "fresh temporary directory",
+        },
+        "machine": machine(),
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+        "imports_seconds": imports_s,
+        "ray_shutdown_seconds": shutdown_s,
+        **analysis,
+        "notes": [
+            "total = wall time of pipelines.cli.main(['run', ...]) in this process; imports and "
+            "ray.shutdown are measured apart",
+            "MLflow = the driver's MLflow calls (outermost call timed), split by overlap with each stage "
+            "run's [start, end]; the Ray Train workers' own per-epoch log_batch calls are not in it "
+            "(they fall in 'other')",
+            "Ray Train stages: compute = sum of *train/epoch_seconds; Ray start-up = first epoch start "
+            "(metric timestamp - value, so it includes the first epoch's val evaluation) - fit() start",
+            "sweep: trial times divided by the trial slots Tune used; Ray start-up there includes idle slots",
+            "shard/evaluate: Ray start-up = first task's submission to the start of its function (Ray task events)",
+        ],
+    }
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=2, default=str))
     print(markdown(out))

@@ -38,22 +38,32 @@ def digits() -> str:
     stopped = sum(t["stopped_early"] for t in r["sweep_ranked"])
     n_test = int(m["test/num_samples"])
     load = d.get("load_average_at_start")
-    busy = "" if load is None or load < 0.5 else (f" (the recorded run shared the machine: load average {load:.1f} at "
-                                                   "its start)")
-    lines = [f"On a 2-core machine with no GPU it took {r['seconds']:.0f} s{busy} ({stages}). The sweep picked {best} "
-             f"(successive halving stopped {stopped} of the {len(r['sweep_ranked'])} trials). Run twice in a row in "
-             f"fresh work dirs, the two runs' sweep decisions and metrics were "
-             f"{'identical' if d['identical'] else 'NOT identical'} ({d['runs'][1]['seconds']:.0f} s the second time). "
-             f"On the {n_test} test images:", "",
-             "| label fraction | labels | encoder kNN | encoder linear | supervised baseline | teacher | student |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
+    busy = (
+        ""
+        if load is None or load < 0.5
+        else (f" (the recorded run shared the machine: load average {load:.1f} at its start)")
+    )
+    lines = [
+        f"On a 2-core machine with no GPU it took {r['seconds']:.0f} s{busy} ({stages}). The sweep picked {best} "
+        f"(successive halving stopped {stopped} of the {len(r['sweep_ranked'])} trials). Run twice in a row in "
+        f"fresh work dirs, the two runs' sweep decisions and metrics were "
+        f"{'identical' if d['identical'] else 'NOT identical'} ({d['runs'][1]['seconds']:.0f} s the second time). "
+        f"On the {n_test} test images:",
+        "",
+        "| label fraction | labels | encoder kNN | encoder linear | supervised baseline | teacher | student |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for row in r["rows"]:
-        lines.append(f"| {row['label_fraction']:g} | {row['labels']:,} | {row['encoder_knn']:.3f} | "
-                     f"{row['encoder_linear']:.3f} | {row.get('baseline', float('nan')):.3f} | "
-                     f"{row.get('teacher', float('nan')):.3f} | {row.get('student', float('nan')):.3f} |")
+        lines.append(
+            f"| {row['label_fraction']:g} | {row['labels']:,} | {row['encoder_knn']:.3f} | "
+            f"{row['encoder_linear']:.3f} | {row.get('baseline', float('nan')):.3f} | "
+            f"{row.get('teacher', float('nan')):.3f} | {row.get('student', float('nan')):.3f} |"
+        )
     lines.append(f"| 1 (all) | | {m['test/pretrained/knn_top1']:.3f} | {m['test/pretrained/linear_top1']:.3f} | | | |")
-    lines.append(f"| random-init encoder, all labels | | {m['test/random_init/knn_top1']:.3f} | "
-                 f"{m['test/random_init/linear_top1']:.3f} | | | |")
+    lines.append(
+        f"| random-init encoder, all labels | | {m['test/random_init/knn_top1']:.3f} | "
+        f"{m['test/random_init/linear_top1']:.3f} | | | |"
+    )
     lines.append("")
     lines.append(f"(`bench/digits_default.py`, {d['date']}; one test image is {100 / n_test:.2f} points.)")
     return "\n".join(lines)
@@ -64,15 +74,20 @@ def digits_finetune() -> str:
     if d is None:
         return "(run bench/digits_finetune.py)"
     seeds = [r["seed"] for r in next(iter(d["runs"].values()))]
-    lines = [f"The teacher against a linear probe of its own encoder on the same 126 labels, test top-1 on "
-             f"269 images, seeds {', '.join(map(str, seeds))}, each seed's encoder shared by every row "
-             f"({' '.join(f'`{o}`' for o in d['budget'])}):", "",
-             "| fine-tuning | teacher (mean) | teacher - probe, per seed (points) | mean | smallest |",
-             "|---|---:|---|---:|---:|"]
+    lines = [
+        f"The teacher against a linear probe of its own encoder on the same 126 labels, test top-1 on "
+        f"269 images, seeds {', '.join(map(str, seeds))}, each seed's encoder shared by every row "
+        f"({' '.join(f'`{o}`' for o in d['budget'])}):",
+        "",
+        "| fine-tuning | teacher (mean) | teacher - probe, per seed (points) | mean | smallest |",
+        "|---|---:|---|---:|---:|",
+    ]
     for name, s in d["summary"].items():
         each = ", ".join(f"{100 * r['teacher_minus_probe']:+.1f}" for r in d["runs"][name])
-        lines.append(f"| {name} | {s['mean_teacher']:.3f} | {each} | {100 * s['mean_teacher_minus_probe']:+.1f} | "
-                     f"{100 * s['min_teacher_minus_probe']:+.1f} |")
+        lines.append(
+            f"| {name} | {s['mean_teacher']:.3f} | {each} | {100 * s['mean_teacher_minus_probe']:+.1f} | "
+            f"{100 * s['min_teacher_minus_probe']:+.1f} |"
+        )
     lines.append("")
     lines.append(f"(`bench/digits_finetune.py`, {d['date']}, {d['machine']['cpu_model']}.)")
     return "\n".join(lines)
@@ -90,69 +105,106 @@ def fashion() -> str:
     if rec is not None:
         a, b = rec["runs"]["digits_recipe"], rec["runs"]["chosen"]
         best = ", ".join(f"{k} {v}" for k, v in rec["sweep"]["best"].items())
-        out += [f"The recipe: the sweep stage drew {len(rec['sweep']['ranked'])} recipes on 8,000 training images "
-                f"(6,400 trained on, 10 epochs, global batch 64) and kept {best}. Trained side by side in that "
-                f"setting and scored on 2,000 official test images:", "",
-                "| recipe | kNN (6,400 labels) | linear probe (800 labels) |", "|---|---:|---:|",
-                f"| digits' recipe at 28 px | {a['knn_top1']:.3f} | {a['probe_top1']:.3f} |",
-                f"| chosen on Fashion-MNIST | {b['knn_top1']:.3f} | {b['probe_top1']:.3f} |", "",
-                f"A gain of {rec['gain_probe_points']:+.1f} points of probe (`bench/fashion_mnist.py recipe`, "
-                f"{rec['date']}).", ""]
+        out += [
+            f"The recipe: the sweep stage drew {len(rec['sweep']['ranked'])} recipes on 8,000 training images "
+            f"(6,400 trained on, 10 epochs, global batch 64) and kept {best}. Trained side by side in that "
+            f"setting and scored on 2,000 official test images:",
+            "",
+            "| recipe | kNN (6,400 labels) | linear probe (800 labels) |",
+            "|---|---:|---:|",
+            f"| digits' recipe at 28 px | {a['knn_top1']:.3f} | {a['probe_top1']:.3f} |",
+            f"| chosen on Fashion-MNIST | {b['knn_top1']:.3f} | {b['probe_top1']:.3f} |",
+            "",
+            f"A gain of {rec['gain_probe_points']:+.1f} points of probe (`bench/fashion_mnist.py recipe`, "
+            f"{rec['date']}).",
+            "",
+        ]
     tg = _load("fashion_targets")
     if tg is not None:
         n = len(tg["seeds"])
         fast = tg.get("stage_seconds_fastest") or {k: v["seconds"] for k, v in tg["stage_seconds_first_seed"].items()}
         st = ", ".join(f"{k} {v / 60:.1f} min" for k, v in fast.items())
         cpu = tg.get("machine", {}).get("cpu_model") or "this machine"
-        out += [f"The 2-core chain (`clpipe run fashion_mnist`, {cpu}): {st}; {sum(fast.values()) / 60:.1f} min in all "
-                "(each stage's compute time, the fastest of its runs here: shard, labels and pretrain ran once, "
-                f"finetune, distill and evaluate once per seed"
-                + ("; every one of these runs shared the 2 cores with other work, so the times are upper bounds)."
-                   if tg.get("shared_cores") else ").")]
+        out += [
+            f"The 2-core chain (`clpipe run fashion_mnist`, {cpu}): {st}; {sum(fast.values()) / 60:.1f} min in all "
+            "(each stage's compute time, the fastest of its runs here: shard, labels and pretrain ran once, "
+            f"finetune, distill and evaluate once per seed"
+            + (
+                "; every one of these runs shared the 2 cores with other work, so the times are upper bounds)."
+                if tg.get("shared_cores")
+                else ")."
+            )
+        ]
         ep = tg.get("pretrain_epochs")
         if ep:
             rates = ep["images_per_sec"]
             later = rates[1:] or rates
-            why = ("other benches shared the cores for some of them" if tg.get("shared_cores") else
-                   "the first epoch includes the workers' start-up")
-            out[-1] += (f" The pretrain epochs ran at {min(rates):.0f}–{max(rates):.0f} images/s "
-                        f"({min(later):.0f}–{max(later):.0f} after the first; {why}); at its fastest epochs' rate "
-                        f"pretrain takes {tg['pretrain_seconds_at_fastest_epoch_rate'] / 60:.1f} min and the chain "
-                        f"{tg['chain_seconds_at_fastest_pretrain_rate'] / 60:.1f} min.")
-        out += ["", f"The encoder's linear probe with all labels: {tg['encoder_linear_all_labels']:.3f} (random-init "
-                f"encoder {tg['random_init_linear_all_labels']:.3f}). On the official 10,000 test images, "
-                + (f"mean ± std over {n} fine-tune/distill seeds on one pretrained encoder:" if n > 1 else
-                   "one seed (the repeats over fine-tune/distill seeds are still to run):"), "",
-                "| labels | baseline | teacher | teacher − baseline | linear probe | teacher − probe | student "
-                "| student − teacher | small student (¼ params) | small − teacher |",
-                "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            why = (
+                "other benches shared the cores for some of them"
+                if tg.get("shared_cores")
+                else "the first epoch includes the workers' start-up"
+            )
+            out[-1] += (
+                f" The pretrain epochs ran at {min(rates):.0f}–{max(rates):.0f} images/s "
+                f"({min(later):.0f}–{max(later):.0f} after the first; {why}); at its fastest epochs' rate "
+                f"pretrain takes {tg['pretrain_seconds_at_fastest_epoch_rate'] / 60:.1f} min and the chain "
+                f"{tg['chain_seconds_at_fastest_pretrain_rate'] / 60:.1f} min."
+            )
+        out += [
+            "",
+            f"The encoder's linear probe with all labels: {tg['encoder_linear_all_labels']:.3f} (random-init "
+            f"encoder {tg['random_init_linear_all_labels']:.3f}). On the official 10,000 test images, "
+            + (
+                f"mean ± std over {n} fine-tune/distill seeds on one pretrained encoder:"
+                if n > 1
+                else "one seed (the repeats over fine-tune/distill seeds are still to run):"
+            ),
+            "",
+            "| labels | baseline | teacher | teacher − baseline | linear probe | teacher − probe | student "
+            "| student − teacher | small student (¼ params) | small − teacher |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for f, r in sorted(tg["table"].items(), key=lambda kv: float(kv[0])):
-            out.append(f"| {float(f):g} ({r['labels']:,}) | {_pm(r['baseline'])} | {_pm(r['teacher'])} | "
-                       f"{_pm(r['teacher_minus_baseline'], 100, '+.1f')} pt | {_pm(r['encoder_linear'])} | "
-                       f"{_pm(r['teacher_minus_linear'], 100, '+.1f')} pt | {_pm(r['student'])} | "
-                       f"{_pm(r['student_minus_teacher'], 100, '+.1f')} pt | {_pm(r['small_student'])} | "
-                       f"{_pm(r['small_minus_teacher'], 100, '+.1f')} pt |")
+            out.append(
+                f"| {float(f):g} ({r['labels']:,}) | {_pm(r['baseline'])} | {_pm(r['teacher'])} | "
+                f"{_pm(r['teacher_minus_baseline'], 100, '+.1f')} pt | {_pm(r['encoder_linear'])} | "
+                f"{_pm(r['teacher_minus_linear'], 100, '+.1f')} pt | {_pm(r['student'])} | "
+                f"{_pm(r['student_minus_teacher'], 100, '+.1f')} pt | {_pm(r['small_student'])} | "
+                f"{_pm(r['small_minus_teacher'], 100, '+.1f')} pt |"
+            )
         out += ["", f"(`bench/fashion_mnist.py targets`, {tg['date']}.)", ""]
     di = _load("fashion_distill_init")
     if di is not None:
         runs = di["runs"]
         fr = sorted(next(iter(runs.values()))["rows"], key=float)
-        out += [f"Where the self-distilled student starts (`distill.init`), side by side on seed {di['seed']}'s "
-                "teachers (one pretrained encoder, every upstream stage shared; `bench/fashion_mnist.py "
-                "distill-init`, " + di["date"] + "; a row without overrides trains as the distill section did before, "
-                "LARS at lr 0.5):", "",
-                "| distill.init | " + " | ".join(f"student − teacher, {float(f):g}" for f in fr) + " | distill |",
-                "|---|" + "---:|" * (len(fr) + 1)]
+        out += [
+            f"Where the self-distilled student starts (`distill.init`), side by side on seed {di['seed']}'s "
+            "teachers (one pretrained encoder, every upstream stage shared; `bench/fashion_mnist.py "
+            "distill-init`, " + di["date"] + "; a row without overrides trains as the distill section did before, "
+            "LARS at lr 0.5):",
+            "",
+            "| distill.init | " + " | ".join(f"student − teacher, {float(f):g}" for f in fr) + " | distill |",
+            "|---|" + "---:|" * (len(fr) + 1),
+        ]
         for init, r in runs.items():
             label = init.replace(":", " with distill.").replace(",", ", distill.")
-            out.append(f"| {label} | " + " | ".join(f"{r['rows'][f]['student_minus_teacher'] * 100:+.1f} pt ("
-                                                  f"{r['rows'][f]['student']:.3f})" for f in fr)
-                       + f" | {r['distill_seconds'] / 60:.1f} min |")
+            out.append(
+                f"| {label} | "
+                + " | ".join(
+                    f"{r['rows'][f]['student_minus_teacher'] * 100:+.1f} pt ({r['rows'][f]['student']:.3f})" for f in fr
+                )
+                + f" | {r['distill_seconds'] / 60:.1f} min |"
+            )
         out.append("")
     ab = _load("fashion_ablations")
     if ab is not None:
-        out += [f"SimCLR's ablations in the 8,000-image setting, mean ± std over seeds {ab['seeds']}:", "",
-                "| variant | linear probe (800 labels) | kNN |", "|---|---:|---:|"]
+        out += [
+            f"SimCLR's ablations in the 8,000-image setting, mean ± std over seeds {ab['seeds']}:",
+            "",
+            "| variant | linear probe (800 labels) | kNN |",
+            "|---|---:|---:|",
+        ]
+
         def order(name: str) -> tuple:  # the heads as SimCLR's Figure 8 (3, 1, 0 layers), then temperature ascending
             key, value = name.split("=")
             return (key, -float(value) if key == "head_layers" else float(value))
@@ -170,15 +222,20 @@ def fashion() -> str:
 
         heads = [f"head_layers={k}" for k in (3, 1, 0)]
         if all(h in rows for h in heads):
-            out += ["", f"Probe, head: nonlinear (3 layers) − linear {pt(heads[0], heads[1]):+.1f} pt, linear − none "
-                    f"{pt(heads[1], heads[2]):+.1f} pt (the seeds' std up to {sd(*heads):.1f} pt)."]
+            out += [
+                "",
+                f"Probe, head: nonlinear (3 layers) − linear {pt(heads[0], heads[1]):+.1f} pt, linear − none "
+                f"{pt(heads[1], heads[2]):+.1f} pt (the seeds' std up to {sd(*heads):.1f} pt).",
+            ]
         temps = sorted((float(n.split("=")[1]), n) for n in rows if n.startswith("temperature="))
         if len(temps) >= 3:
             best_t, best = max(temps, key=lambda tn: rows[tn[1]]["probe_top1"]["mean"])
             where = "interior" if best_t not in (temps[0][0], temps[-1][0]) else "at an end of the range"
             others = ", ".join(f"{pt(best, n):+.1f} pt over T = {t:g}" for t, n in temps if n != best)
-            out[-1] += (f" Temperature: the best mean probe is at T = {best_t:g} ({where}; {others}; the seeds' std "
-                        f"up to {sd(*(n for _, n in temps)):.1f} pt).")
+            out[-1] += (
+                f" Temperature: the best mean probe is at T = {best_t:g} ({where}; {others}; the seeds' std "
+                f"up to {sd(*(n for _, n in temps)):.1f} pt)."
+            )
         out += ["", f"(`bench/fashion_mnist.py ablations`, {ab['date']}.)"]
     return "\n".join(out).strip() or "(run bench/fashion_mnist.py)"
 
@@ -212,22 +269,28 @@ def methods_table(d: dict) -> str:
     base = next((r for r in d["rows"] if r["method"] == "simclr"), None)
     views = d["views"]
     data = {"fashion": "Fashion-MNIST", "digits": "digits"}.get(d["data"], d["data"])
-    lines = [f"{data}, {d['train_images']:,} training images x {d['epochs']} epochs, batch {d['batch_size']}, "
-             f"{views['image_size']} px (multi-crop: 2 x {views['image_size']} px + {views['local_views']} x "
-             f"{views['local_image_size']} px), {d['backbone']}, one process with {d['threads']} threads and "
-             f"{d['loader_workers']} DataLoader worker; top-1 on {d['test_images']:,} test images "
-             f"({d['date'] if 'date' in d else 'bench/results/methods.json'}, {d['machine']['cpu_cores']} cores, "
-             f"{d['machine']['gpu'] or 'no GPU'}):", "",
-             "| method | kNN top-1 | linear probe top-1 | ms per step | step time vs SimCLR | RSS added by training (MiB) "
-             "| peak RSS (MiB) | optimizer, lr per 256 | set for this data |",
-             "|---|---:|---:|---:|---:|---:|---:|---|---|"]
+    lines = [
+        f"{data}, {d['train_images']:,} training images x {d['epochs']} epochs, batch {d['batch_size']}, "
+        f"{views['image_size']} px (multi-crop: 2 x {views['image_size']} px + {views['local_views']} x "
+        f"{views['local_image_size']} px), {d['backbone']}, one process with {d['threads']} threads and "
+        f"{d['loader_workers']} DataLoader worker; top-1 on {d['test_images']:,} test images "
+        f"({d['date'] if 'date' in d else 'bench/results/methods.json'}, {d['machine']['cpu_cores']} cores, "
+        f"{d['machine']['gpu'] or 'no GPU'}):",
+        "",
+        "| method | kNN top-1 | linear probe top-1 | ms per step | step time vs SimCLR | RSS added by training (MiB) "
+        "| peak RSS (MiB) | optimizer, lr per 256 | set for this data |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
     for r in sorted(d["rows"], key=lambda r: -r["probe_top1"]):
         s = r["settings"]
         rel = f"{r['ms_per_step'] / base['ms_per_step']:.2f}x" if base else ""
         sized = ", ".join(f"{k} {v}" for k, v in s["params"].items()) or ""
-        lines.append(f"| `{r['method']}` | {r['knn_top1']:.3f} | {r['probe_top1']:.3f} | {r['ms_per_step']:.0f} | {rel} "
-                     f"| {r['training_rss_increase_mib']:.0f} | {r['peak_rss_mib']:.0f} | {s['optimizer']} {s['lr_base']:g}, wd {s.get('weight_decay', 1e-6):g} "
-                     f"| {sized} |")
+        lines.append(
+            f"| `{r['method']}` | {r['knn_top1']:.3f} | {r['probe_top1']:.3f} | {r['ms_per_step']:.0f} | {rel} "
+            f"| {r['training_rss_increase_mib']:.0f} | {r['peak_rss_mib']:.0f} "
+            f"| {s['optimizer']} {s['lr_base']:g}, wd {s.get('weight_decay', 1e-6):g} "
+            f"| {sized} |"
+        )
     b = d["random_init"]
     lines.append(f"| random-init encoder | {b['knn_top1']:.3f} | {b['probe_top1']:.3f} | | | | | | |")
     below = [f"`{r['method']}`" for r in d["rows"] if r["probe_top1"] < b["probe_top1"]]
@@ -245,11 +308,14 @@ def scale() -> str:
         out.append("(memory: run bench/scale.py)")
     else:
         m = d["machine"]
-        out += [f"Peak RSS (MB) per stage at two sizes of the same generated data ({d['date']}, {m['cpu_cores']} cores, "
-                f"{m['gpu'] or 'no GPU'}; target: growth below {d['growth_limit']:.0%} for the driver and the largest "
-                "Ray worker; Ray's daemons are shown, not checked):", "",
-                "| source | images | stage | driver | largest worker | Ray daemons | below target |",
-                "|---|---|---|---|---|---|---|"]
+        out += [
+            f"Peak RSS (MB) per stage at two sizes of the same generated data ({d['date']}, {m['cpu_cores']} cores, "
+            f"{m['gpu'] or 'no GPU'}; target: growth below {d['growth_limit']:.0%} for the driver and the largest "
+            "Ray worker; Ray's daemons are shown, not checked):",
+            "",
+            "| source | images | stage | driver | largest worker | Ray daemons | below target |",
+            "|---|---|---|---|---|---|---|",
+        ]
 
         def cell(r: dict) -> str:
             g = "" if r["growth"] is None else f" ({r['growth']:+.1%})"
@@ -258,53 +324,82 @@ def scale() -> str:
         for src, res in d["sources"].items():
             a, b = res["sizes"]
             for name, row in res["stages"].items():
-                out.append(f"| {src} | {a:,} -> {b:,} | {name} | {cell(row['driver'])} | {cell(row['worker'])} "
-                           f"| {cell(row['ray'])} | {'yes' if row['ok'] else '**no**'} |")
+                out.append(
+                    f"| {src} | {a:,} -> {b:,} | {name} | {cell(row['driver'])} | {cell(row['worker'])} "
+                    f"| {cell(row['ray'])} | {'yes' if row['ok'] else '**no**'} |"
+                )
     r = _load("shard_rate")
     out.append("")
     if r is None:
         out.append("(shard rate: run bench/shard_rate.py)")
     else:
-        out += [f"The shard stage on {r['images']:,} JPEG files of {r['image_size']} px ({r['source_mb']:.0f} MB), "
-                f"against `tar -cf` of the same files ({r['date']}):", "",
-                "| side | seconds | images/s | MB/s | vs tar | shards per node |", "|---|---:|---:|---:|---:|---|"]
-        for key, label in (("tar", "tar -cf"), ("shard_folder", "shard stage, local folder"),
-                           ("shard_s3", "shard stage, S3 (SeaweedFS), 16 GETs in flight per task"),
-                           ("shard_s3_one_at_a_time", "shard stage, S3, one GET at a time")):
+        out += [
+            f"The shard stage on {r['images']:,} JPEG files of {r['image_size']} px ({r['source_mb']:.0f} MB), "
+            f"against `tar -cf` of the same files ({r['date']}):",
+            "",
+            "| side | seconds | images/s | MB/s | vs tar | shards per node |",
+            "|---|---:|---:|---:|---:|---|",
+        ]
+        for key, label in (
+            ("tar", "tar -cf"),
+            ("shard_folder", "shard stage, local folder"),
+            ("shard_s3", "shard stage, S3 (SeaweedFS), 16 GETs in flight per task"),
+            ("shard_s3_one_at_a_time", "shard stage, S3, one GET at a time"),
+        ):
             if key in r:
                 x = r[key]
                 vs = f"{x['vs_tar']:.2g}x" if "vs_tar" in x else ""
                 nodes = ", ".join(str(v) for v in x.get("nodes", {}).values())
-                out.append(f"| {label} | {x['seconds']:.1f} | {x['images_per_sec']:,.0f} | {x['mb_per_sec']:.1f} "
-                           f"| {vs} | {nodes} |")
+                out.append(
+                    f"| {label} | {x['seconds']:.1f} | {x['images_per_sec']:,.0f} | {x['mb_per_sec']:.1f} "
+                    f"| {vs} | {nodes} |"
+                )
     for name in ("e2e", "e2e_full", "e2e_full_rounds"):
         e = _load(name)
         if e is None and name == "e2e_full_rounds":  # optional: the rounds of bench/e2e.py --repeats
             continue
         out.append("")
         if e is None:
-            out.append(f"(pretrain against a plain loop: run bench/e2e.py{' --samples 60000' if name != 'e2e' else ''})")
+            out.append(
+                f"(pretrain against a plain loop: run bench/e2e.py{' --samples 60000' if name != 'e2e' else ''})"
+            )
             continue
         t = e.get("target", {})
-        out += [f"The pretrain stage against a plain PyTorch loop, Fashion-MNIST, {e['plain']['train_images']:,} "
-                f"training images x {e['epochs']} epochs, global batch {e['global_batch']} ("
-                + (f"medians of {e['repeats']} rounds, each ratio within its round; " if e.get("repeats", 1) > 1
-                   else "") + f"{e['date']}, "
-                f"`bench/results/{name}.json`; target: images/s >= {t.get('images_per_sec_vs_plain', 1.0):.1f}x, wall "
-                f"<= {t.get('wall_vs_plain', 1.1):.1f}x):", "",
-                "| side | images/s | vs plain | wall s | vs plain |", "|---|---:|---:|---:|---:|",
-                f"| plain loop | {e['plain']['images_per_sec']:.0f} | 1.00x | {e['plain']['wall_seconds']:.0f} | 1.00x |"]
+        out += [
+            f"The pretrain stage against a plain PyTorch loop, Fashion-MNIST, {e['plain']['train_images']:,} "
+            f"training images x {e['epochs']} epochs, global batch {e['global_batch']} ("
+            + (f"medians of {e['repeats']} rounds, each ratio within its round; " if e.get("repeats", 1) > 1 else "")
+            + f"{e['date']}, "
+            f"`bench/results/{name}.json`; target: images/s >= {t.get('images_per_sec_vs_plain', 1.0):.1f}x, wall "
+            f"<= {t.get('wall_vs_plain', 1.1):.1f}x):",
+            "",
+            "| side | images/s | vs plain | wall s | vs plain |",
+            "|---|---:|---:|---:|---:|",
+            f"| plain loop | {e['plain']['images_per_sec']:.0f} | 1.00x | {e['plain']['wall_seconds']:.0f} | 1.00x |",
+        ]
         for side, st in e["stage"].items():
             each = st.get("images_per_sec_vs_plain_each")
             spread = f" ({', '.join(f'{x:.2f}' for x in each)})" if each else ""
-            out.append(f"| stage: {side} | {st['images_per_sec']:.0f} | {st['images_per_sec_vs_plain']:.2f}x{spread} "
-                       f"| {st['wall_seconds']:.0f} | {st['wall_vs_plain']:.2f}x |")
+            out.append(
+                f"| stage: {side} | {st['images_per_sec']:.0f} | {st['images_per_sec_vs_plain']:.2f}x{spread} "
+                f"| {st['wall_seconds']:.0f} | {st['wall_vs_plain']:.2f}x |"
+            )
     return "\n".join(out)
 
 
-BLOCKS = {"scale": scale, "digits": digits, "digits_finetune": digits_finetune, "fashion": fashion, "method_defaults": method_defaults, "methods": methods}
-PAGES = {"README.md": ("digits", "digits_finetune", "fashion"), "bench/README.md": ("methods", "scale"),
-         "docs/methods.md": ("method_defaults", "methods")}
+BLOCKS = {
+    "scale": scale,
+    "digits": digits,
+    "digits_finetune": digits_finetune,
+    "fashion": fashion,
+    "method_defaults": method_defaults,
+    "methods": methods,
+}
+PAGES = {
+    "README.md": ("digits", "digits_finetune", "fashion"),
+    "bench/README.md": ("methods", "scale"),
+    "docs/methods.md": ("method_defaults", "methods"),
+}
 
 
 def render(text: str, names: tuple[str, ...] = PAGES["README.md"]) -> str:
@@ -320,8 +415,9 @@ def render(text: str, names: tuple[str, ...] = PAGES["README.md"]) -> str:
 
 def stale() -> list[str]:
     """The pages whose generated blocks differ from what the recorded runs render."""
-    return [page for page, names in PAGES.items()
-            if render((ROOT / page).read_text(), names) != (ROOT / page).read_text()]
+    return [
+        page for page, names in PAGES.items() if render((ROOT / page).read_text(), names) != (ROOT / page).read_text()
+    ]
 
 
 def main() -> None:

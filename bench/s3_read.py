@@ -85,8 +85,9 @@ def digits_images(n: int, size: int) -> ArraySource:
 
     d = load_digits()
     small = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)
-    big = np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.Resampling.BILINEAR).convert("RGB"))
-                    for im in small])
+    big = np.stack(
+        [np.asarray(Image.fromarray(im).resize((size, size), Image.Resampling.BILINEAR).convert("RGB")) for im in small]
+    )
     idx = np.arange(n) % len(big)
     labels = d.target.astype(np.int64)[idx]
     return ArraySource(big[idx], labels, [str(c) for c in range(10)], "digits", {"kind": "digits-upscaled"})
@@ -102,28 +103,39 @@ def _map(fn: Callable[[Any], Any], items: Sequence, threads: int) -> list:
         return list(pool.map(fn, items))
 
 
-def upload_shards(source: ArraySource, refs: list[SampleRef], tmp: Path, base: str, per_shard: int,
-                  min_shards: int, threads: int) -> dict:
+def upload_shards(
+    source: ArraySource, refs: list[SampleRef], tmp: Path, base: str, per_shard: int, min_shards: int, threads: int
+) -> dict:
     """Write the shards locally (encode + tar), upload them, then the manifest."""
     t0 = time.perf_counter()
     directory = tmp / "shards"
     directory.mkdir()
     ranges = S.plan_shards(len(refs), per_shard, min_shards)
     results = [S.write_shard(source, refs[a:b], directory / f"train-{i:06d}.tar") for i, (a, b) in enumerate(ranges)]
-    manifest = S.build_manifest(source=source, split_sizes={"train": len(refs)}, shard_results={"train": results},
-                                seed=0, config={"samples_per_shard": per_shard, "min_shards": min_shards})
+    manifest = S.build_manifest(
+        source=source,
+        split_sizes={"train": len(refs)},
+        shard_results={"train": results},
+        seed=0,
+        config={"samples_per_shard": per_shard, "min_shards": min_shards},
+    )
     t1 = time.perf_counter()
     names = [r["name"] for r in results]
     _map(lambda name: storage.upload_file(directory / name, storage.join(base, name)), names, threads)
     storage.write_bytes(storage.join(base, S.MANIFEST), json.dumps(manifest, indent=2).encode())
     t2 = time.perf_counter()
     size = sum((directory / n).stat().st_size for n in names)
-    return {"write_s": t1 - t0, "upload_s": t2 - t1, "objects": len(names) + 1, "bytes": size,
-            "upload_mb_per_s": size / 1e6 / (t2 - t1), "upload_objects_per_s": (len(names) + 1) / (t2 - t1)}
+    return {
+        "write_s": t1 - t0,
+        "upload_s": t2 - t1,
+        "objects": len(names) + 1,
+        "bytes": size,
+        "upload_mb_per_s": size / 1e6 / (t2 - t1),
+        "upload_objects_per_s": (len(names) + 1) / (t2 - t1),
+    }
 
 
-def upload_objects(source: ArraySource, refs: list[SampleRef], base: str,
-                   threads: int) -> dict:
+def upload_objects(source: ArraySource, refs: list[SampleRef], base: str, threads: int) -> dict:
     """Encode every image, then PUT each as ``images/KEY.png``, then ``images/labels.json``."""
     t0 = time.perf_counter()
     encoded = [(f"s{r.index:09d}", source.encode(r)[0], r.label, r.index) for r in refs]  # same key and bytes as shards
@@ -139,8 +151,14 @@ def upload_objects(source: ArraySource, refs: list[SampleRef], base: str,
     storage.write_bytes(storage.join(base, "labels.json"), json.dumps(index).encode())
     t2 = time.perf_counter()
     size = sum(len(d) for _, d, _, _ in encoded)
-    return {"encode_s": t1 - t0, "upload_s": t2 - t1, "objects": len(encoded) + 1, "bytes": size,
-            "upload_mb_per_s": size / 1e6 / (t2 - t1), "upload_objects_per_s": (len(encoded) + 1) / (t2 - t1)}
+    return {
+        "encode_s": t1 - t0,
+        "upload_s": t2 - t1,
+        "objects": len(encoded) + 1,
+        "bytes": size,
+        "upload_mb_per_s": size / 1e6 / (t2 - t1),
+        "upload_objects_per_s": (len(encoded) + 1) / (t2 - t1),
+    }
 
 
 # -- the object-per-image reader ---------------------------------------------------------
@@ -224,8 +242,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--samples-per-shard", type=int, default=256, help="256 = pipeline default")
     p.add_argument("--shuffle-buffer", type=int, default=500, help="500 = pipeline default")
     p.add_argument("--upload-threads", type=int, default=1, help="concurrent PUTs while uploading, both layouts")
-    p.add_argument("--transform", choices=["simclr", "tensor"], default="simclr",
-                   help="simclr: two SimCLR views (the training path); tensor: decode + to-tensor only")
+    p.add_argument(
+        "--transform",
+        choices=["simclr", "tensor"],
+        default="simclr",
+        help="simclr: two SimCLR views (the training path); tensor: decode + to-tensor only",
+    )
     p.add_argument("--data-dir", type=Path, help="where to put the server and shard files (default: a temp dir)")
     p.add_argument("--out", type=Path, help="JSON path (default: bench/results/s3_read[-digits].json)")
     a = p.parse_args(argv)
@@ -237,8 +259,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="bench-s3-", dir=a.data_dir) as tmp_name:
         tmp = Path(tmp_name)
-        server = seaweed.start(tmp / "weed", seaweed_port(), access_key=secrets.token_hex(10),
-                               secret_key=secrets.token_hex(20))
+        server = seaweed.start(
+            tmp / "weed", seaweed_port(), access_key=secrets.token_hex(10), secret_key=secrets.token_hex(20)
+        )
         log(f"SeaweedFS S3 at {server.endpoint} (pid {server.pid})")
         try:
             os.environ.update(server.env())  # before any boto3 client is made; workers inherit it
@@ -264,13 +287,19 @@ def run(a: argparse.Namespace, tmp: Path, worker_counts: list[int], log: Callabl
     refs = S.split_refs(source.refs(), val_fraction=0.0, test_fraction=0.0, seed=0, stratified=True)["train"]
     shard_base, object_base = f"s3://{BUCKET}/shards", f"s3://{BUCKET}/images"
 
-    up_shards = upload_shards(source, refs, tmp, shard_base, a.samples_per_shard, max(1, max(worker_counts)),
-                              a.upload_threads)
-    log(f"shards: {up_shards['objects'] - 1} x ~{a.samples_per_shard} images, {up_shards['bytes'] / 1e6:.1f} MB: written in "
-        f"{up_shards['write_s']:.1f}s, uploaded in {up_shards['upload_s']:.1f}s")
+    up_shards = upload_shards(
+        source, refs, tmp, shard_base, a.samples_per_shard, max(1, max(worker_counts)), a.upload_threads
+    )
+    log(
+        f"shards: {up_shards['objects'] - 1} x ~{a.samples_per_shard} images, "
+        f"{up_shards['bytes'] / 1e6:.1f} MB: written in "
+        f"{up_shards['write_s']:.1f}s, uploaded in {up_shards['upload_s']:.1f}s"
+    )
     up_objects = upload_objects(source, refs, object_base, a.upload_threads)
-    log(f"objects: {len(refs)} images, {up_objects['bytes'] / 1e6:.1f} MB: encoded in {up_objects['encode_s']:.1f}s, "
-        f"uploaded in {up_objects['upload_s']:.1f}s")
+    log(
+        f"objects: {len(refs)} images, {up_objects['bytes'] / 1e6:.1f} MB: encoded in {up_objects['encode_s']:.1f}s, "
+        f"uploaded in {up_objects['upload_s']:.1f}s"
+    )
 
     # what a training job starts from: the manifest (shard URLs, counts) and the labels index,
     # each read once from S3 before the first epoch
@@ -282,17 +311,33 @@ def run(a: argparse.Namespace, tmp: Path, worker_counts: list[int], log: Callabl
     transform = SimCLRTransform(a.image_size) if a.transform == "simclr" else TensorViews()
     sides: dict[str, Callable[[int], tuple[Any, int, int]]] = {}  # name -> rep -> (loader, distinct, GETs)
     for w in worker_counts:
+
         def shards(rep: int, w: int = w) -> tuple[Any, int, int]:
-            stream = ShardStream(urls, counts, transform=transform, batch_size=a.batch_size, rank=0, world_size=1,
-                                 loader_workers=w, shuffle_buffer=a.shuffle_buffer, seed=0)
+            stream = ShardStream(
+                urls,
+                counts,
+                transform=transform,
+                batch_size=a.batch_size,
+                rank=0,
+                world_size=1,
+                loader_workers=w,
+                shuffle_buffer=a.shuffle_buffer,
+                seed=0,
+            )
             stream.set_epoch(rep)
             return training_loader(stream, num_workers=w), stream.plan().unique_samples, len(urls)
 
         def objects(rep: int, w: int = w) -> tuple[Any, int, int]:
             ds = ObjectImages(object_base, items, transform)
-            loader = DataLoader(ds, batch_size=a.batch_size, shuffle=True, drop_last=False,
-                                generator=torch.Generator().manual_seed(rep), num_workers=w,
-                                prefetch_factor=PREFETCH if w else None)
+            loader = DataLoader(
+                ds,
+                batch_size=a.batch_size,
+                shuffle=True,
+                drop_last=False,
+                generator=torch.Generator().manual_seed(rep),
+                num_workers=w,
+                prefetch_factor=PREFETCH if w else None,
+            )
             return loader, len(ds), len(ds)
 
         sides[f"shards, {w} workers"] = shards
@@ -303,56 +348,91 @@ def run(a: argparse.Namespace, tmp: Path, worker_counts: list[int], log: Callabl
         for name, make in sides.items():
             loader, distinct, gets = make(rep)
             r = time_epoch(loader)
-            r |= {"distinct": distinct, "distinct_per_s": distinct / r["seconds"], "gets": gets,
-                  "loadavg_1m": os.getloadavg()[0]}  # other work on the machine shows up here
-            log(f"rep {rep}{' (warm-up)' if rep == 0 else ''}: {name}: {r['images']} images in "
-                f"{r['seconds']:.2f}s = {r['images_per_s']:.0f} img/s (load {r['loadavg_1m']:.1f})")
+            r |= {
+                "distinct": distinct,
+                "distinct_per_s": distinct / r["seconds"],
+                "gets": gets,
+                "loadavg_1m": os.getloadavg()[0],
+            }  # other work on the machine shows up here
+            log(
+                f"rep {rep}{' (warm-up)' if rep == 0 else ''}: {name}: {r['images']} images in "
+                f"{r['seconds']:.2f}s = {r['images_per_s']:.0f} img/s (load {r['loadavg_1m']:.1f})"
+            )
             if rep > 0:
                 runs[name].append(r)
 
     keys = ("images_per_s", "distinct_per_s", "seconds", "first_batch_s")
-    summary = {name: {k: statistics.median(r[k] for r in rs) for k in keys}
-               | {"images": rs[0]["images"], "distinct": rs[0]["distinct"], "gets": rs[0]["gets"]}
-               for name, rs in runs.items()}
-    ratios = {str(w): summary[f"shards, {w} workers"]["distinct_per_s"] / summary[f"objects, {w} workers"]["distinct_per_s"]
-              for w in worker_counts}
+    summary = {
+        name: {k: statistics.median(r[k] for r in rs) for k in keys}
+        | {"images": rs[0]["images"], "distinct": rs[0]["distinct"], "gets": rs[0]["gets"]}
+        for name, rs in runs.items()
+    }
+    ratios = {
+        str(w): summary[f"shards, {w} workers"]["distinct_per_s"] / summary[f"objects, {w} workers"]["distinct_per_s"]
+        for w in worker_counts
+    }
 
-    print(f"\n{len(refs)} images ({a.source}, {a.image_size} px PNG), SeaweedFS on 127.0.0.1, batch {a.batch_size}, "
-          f"{'two SimCLR views' if a.transform == 'simclr' else 'decode only'}, median of {a.repeats} epochs "
-          "after 1 warm-up\n")
+    print(
+        f"\n{len(refs)} images ({a.source}, {a.image_size} px PNG), SeaweedFS on 127.0.0.1, batch {a.batch_size}, "
+        f"{'two SimCLR views' if a.transform == 'simclr' else 'decode only'}, median of {a.repeats} epochs "
+        "after 1 warm-up\n"
+    )
     print("| layout | workers | images/s | distinct/s | epoch s | first batch s | GETs/epoch |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, s in summary.items():
         layout, nw = name.split(", ")
-        print(f"| {layout} | {nw.split()[0]} | {s['images_per_s']:.0f} | {s['distinct_per_s']:.0f} | {s['seconds']:.2f} "
-              f"| {s['first_batch_s']:.2f} | {s['gets']} |")
+        print(
+            f"| {layout} | {nw.split()[0]} | {s['images_per_s']:.0f} | {s['distinct_per_s']:.0f} | {s['seconds']:.2f} "
+            f"| {s['first_batch_s']:.2f} | {s['gets']} |"
+        )
     print()
     for nw, ratio in ratios.items():
         print(f"ratio shards/objects distinct images/s, {nw} workers: {ratio:.2f}")
     print("\n| upload | objects | MB | prepare s | upload s | MB/s | objects/s |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    for name, u, prep in (("shards (+ manifest)", up_shards, up_shards["write_s"]),
-                          ("one object per image (+ labels.json)", up_objects, up_objects["encode_s"])):
-        print(f"| {name} | {u['objects']} | {u['bytes'] / 1e6:.1f} | {prep:.2f} | {u['upload_s']:.2f} "
-              f"| {u['upload_mb_per_s']:.1f} | {u['upload_objects_per_s']:.0f} |")
+    for name, u, prep in (
+        ("shards (+ manifest)", up_shards, up_shards["write_s"]),
+        ("one object per image (+ labels.json)", up_objects, up_objects["encode_s"]),
+    ):
+        print(
+            f"| {name} | {u['objects']} | {u['bytes'] / 1e6:.1f} | {prep:.2f} | {u['upload_s']:.2f} "
+            f"| {u['upload_mb_per_s']:.1f} | {u['upload_objects_per_s']:.0f} |"
+        )
     print(f"\nupload time ratio objects/shards: {up_objects['upload_s'] / up_shards['upload_s']:.1f}x")
 
     return {
-        "benchmark": "s3_read", "machine": machine(),
-        "settings": {"source": a.source, "num_images": len(refs), "image_size": a.image_size,
-                     "batch_size": a.batch_size, "workers": worker_counts, "repeats": a.repeats, "warmup_epochs": 1,
-                     "samples_per_shard": a.samples_per_shard, "num_shards": len(urls),
-                     "shuffle_buffer": a.shuffle_buffer, "prefetch_factor": PREFETCH,
-                     "upload_threads": a.upload_threads,
-                     "transform": "SimCLRTransform(image_size), defaults, 2 views" if a.transform == "simclr"
-                     else "PILToTensor only (readers alone)", "decode": "reader.decode_sample: PIL, convert RGB",
-                     "server": "SeaweedFS `weed server -s3` on 127.0.0.1, same machine, credentials on",
-                     "shards": "ShardStream + training_loader over s3:// URLs (one streamed GET per shard)",
-                     "objects": "map-style Dataset, get_object per image, client per worker process, "
-                                "DataLoader(shuffle=True, drop_last=False)"},
-        "upload": {"shards": up_shards, "objects": up_objects,
-                   "ratio_objects_over_shards_upload_s": up_objects["upload_s"] / up_shards["upload_s"]},
-        "summary": summary, "ratio_shards_over_objects": ratios, "runs": runs,
+        "benchmark": "s3_read",
+        "machine": machine(),
+        "settings": {
+            "source": a.source,
+            "num_images": len(refs),
+            "image_size": a.image_size,
+            "batch_size": a.batch_size,
+            "workers": worker_counts,
+            "repeats": a.repeats,
+            "warmup_epochs": 1,
+            "samples_per_shard": a.samples_per_shard,
+            "num_shards": len(urls),
+            "shuffle_buffer": a.shuffle_buffer,
+            "prefetch_factor": PREFETCH,
+            "upload_threads": a.upload_threads,
+            "transform": "SimCLRTransform(image_size), defaults, 2 views"
+            if a.transform == "simclr"
+            else "PILToTensor only (readers alone)",
+            "decode": "reader.decode_sample: PIL, convert RGB",
+            "server": "SeaweedFS `weed server -s3` on 127.0.0.1, same machine, credentials on",
+            "shards": "ShardStream + training_loader over s3:// URLs (one streamed GET per shard)",
+            "objects": "map-style Dataset, get_object per image, client per worker process, "
+            "DataLoader(shuffle=True, drop_last=False)",
+        },
+        "upload": {
+            "shards": up_shards,
+            "objects": up_objects,
+            "ratio_objects_over_shards_upload_s": up_objects["upload_s"] / up_shards["upload_s"],
+        },
+        "summary": summary,
+        "ratio_shards_over_objects": ratios,
+        "runs": runs,
     }
 
 

@@ -53,16 +53,31 @@ from infra import procs  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STAGES = ["shard", "sweep", "pretrain", "labels", "finetune", "distill", "evaluate", "register"]
-CHAIN = ["pretrain.backbone_width=8", "pretrain.epochs=1", "pretrain.batch_size_per_worker=64",
-         "pretrain.warmup_epochs=0", "pretrain.views.image_size=16", "sweep.enabled=true", "sweep.epochs=1",
-         "sweep.space={temperature: {grid: [0.2, 0.5]}}", "labels.fractions=[0.01]", "finetune.epochs=1",
-         "finetune.min_steps=40", "finetune.batch_size_per_worker=64", "distill.epochs=1",
-         "distill.batch_size_per_worker=64", "distill.warmup_epochs=0", "data.samples_per_shard=1000",
-         "data.val_fraction=0.1", "data.test_fraction=0.1"]
+CHAIN = [
+    "pretrain.backbone_width=8",
+    "pretrain.epochs=1",
+    "pretrain.batch_size_per_worker=64",
+    "pretrain.warmup_epochs=0",
+    "pretrain.views.image_size=16",
+    "sweep.enabled=true",
+    "sweep.epochs=1",
+    "sweep.space={temperature: {grid: [0.2, 0.5]}}",
+    "labels.fractions=[0.01]",
+    "finetune.epochs=1",
+    "finetune.min_steps=40",
+    "finetune.batch_size_per_worker=64",
+    "distill.epochs=1",
+    "distill.batch_size_per_worker=64",
+    "distill.warmup_epochs=0",
+    "data.samples_per_shard=1000",
+    "data.val_fraction=0.1",
+    "data.test_fraction=0.1",
+]
 GROWTH_LIMIT = 0.10
 
 
 # ---- data -------------------------------------------------------------------------------------------------
+
 
 def images(n: int, size: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """``bench/loader.py``'s generator, made in blocks (it holds N x size^2 booleans at once)."""
@@ -107,6 +122,7 @@ def upload_folder(root: Path, bucket: str, prefix: str, threads: int = 16) -> st
 
 
 # ---- memory sampling ---------------------------------------------------------------------------------------
+
 
 def _rss_mb(pid: int) -> float | None:
     try:
@@ -165,8 +181,9 @@ class Sampler(threading.Thread):
             self.stop.wait(self.interval)
 
 
-def one(source: str, path: str, n: int, work: str, interval: float, overrides: list[str],
-        until: str | None = None) -> dict:
+def one(
+    source: str, path: str, n: int, work: str, interval: float, overrides: list[str], until: str | None = None
+) -> dict:
     """The chain on one data set, in this process: per stage, the peaks and seconds."""
     import mlflow
 
@@ -174,8 +191,9 @@ def one(source: str, path: str, n: int, work: str, interval: float, overrides: l
     from pipelines.config import load_config
 
     kind = "npz" if source == "npz" else "image_folder"
-    cfg = load_config("default", [f"work_dir={work}", f"data.source.kind={kind}", f"data.source.path={path}",
-                                  *CHAIN, *overrides])
+    cfg = load_config(
+        "default", [f"work_dir={work}", f"data.source.kind={kind}", f"data.source.path={path}", *CHAIN, *overrides]
+    )
     sampler = Sampler(interval)
     sampler.start()
     t0 = time.time()
@@ -188,13 +206,17 @@ def one(source: str, path: str, n: int, work: str, interval: float, overrides: l
         info = client.get_run(st.run_id).info
         lo, hi = info.start_time / 1000, (info.end_time or time.time() * 1000) / 1000
         window = [p for t, p in sampler.samples if lo <= t <= hi]
-        stages[name] = {"seconds": round(hi - lo, 1), "samples": len(window), "cached": st.cached,
-                        **{f"{r}_peak_mb": round(max((p[r] for p in window), default=0.0), 1)
-                           for r in ("driver", "worker", "ray")}}
+        stages[name] = {
+            "seconds": round(hi - lo, 1),
+            "samples": len(window),
+            "cached": st.cached,
+            **{f"{r}_peak_mb": round(max((p[r] for p in window), default=0.0), 1) for r in ("driver", "worker", "ray")},
+        }
     return {"source": source, "images": n, "seconds": round(time.time() - t0, 1), "stages": stages}
 
 
 # ---- the comparison -----------------------------------------------------------------------------------------
+
 
 def compare(small: dict, large: dict) -> dict:
     """Per stage: each role's peak at both sizes and the growth ratio - 1; ``ok`` when the
@@ -210,12 +232,24 @@ def compare(small: dict, large: dict) -> dict:
             row[r] = {"small_mb": x, "large_mb": y, "growth": round(y / x - 1, 4) if x else None}
         row["ok"] = all(row[r]["growth"] is None or row[r]["growth"] < GROWTH_LIMIT for r in ("driver", "worker"))
         rows[name] = row
-    return {"source": small["source"], "sizes": [small["images"], large["images"]], "stages": rows,
-            "ok": all(r["ok"] for r in rows.values())}
+    return {
+        "source": small["source"],
+        "sizes": [small["images"], large["images"]],
+        "stages": rows,
+        "ok": all(r["ok"] for r in rows.values()),
+    }
 
 
-def measure(source: str, sizes: list[int], tmp: Path, interval: float, env: dict | None = None,
-            log=print, overrides: list[str] = (), until: str | None = None) -> dict:
+def measure(
+    source: str,
+    sizes: list[int],
+    tmp: Path,
+    interval: float,
+    env: dict | None = None,
+    log=print,
+    overrides: list[str] = (),
+    until: str | None = None,
+) -> dict:
     """Both sizes of one source, each in its own process; the comparison."""
     runs = []
     for n in sizes:
@@ -227,9 +261,25 @@ def measure(source: str, sizes: list[int], tmp: Path, interval: float, env: dict
             if source == "s3":
                 path = upload_folder(data, BUCKET, f"{source}-{n}")
         out = tmp / f"run-{source}-{n}.json"
-        cmd = [sys.executable, __file__, "_one", "--source", source, "--path", path, "--images", str(n),
-               "--work", str(tmp / f"work-{source}-{n}"), "--interval", str(interval), "--out", str(out),
-               *[f"--set={o}" for o in overrides], *(["--until", until] if until else [])]
+        cmd = [
+            sys.executable,
+            __file__,
+            "_one",
+            "--source",
+            source,
+            "--path",
+            path,
+            "--images",
+            str(n),
+            "--work",
+            str(tmp / f"work-{source}-{n}"),
+            "--interval",
+            str(interval),
+            "--out",
+            str(out),
+            *[f"--set={o}" for o in overrides],
+            *(["--until", until] if until else []),
+        ]
         log(f"scale: {source} x {n}: chain running")
         proc = subprocess.run(cmd, env={**os.environ, **(env or {})}, capture_output=True, text=True)
         if proc.returncode:
@@ -266,8 +316,13 @@ def main() -> None:
         return
     from semi_supervised import machine  # one description of the machine for every bench
 
-    results = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "chain": [*CHAIN, *a.set],
-               "growth_limit": GROWTH_LIMIT, "sources": {}}
+    results = {
+        "machine": machine(),
+        "date": time.strftime("%Y-%m-%d"),
+        "chain": [*CHAIN, *a.set],
+        "growth_limit": GROWTH_LIMIT,
+        "sources": {},
+    }
     if a.out.exists():  # the other sources' records stay (measured with the same chain)
         old = json.loads(a.out.read_text())
         if old.get("chain") == results["chain"]:
@@ -280,8 +335,12 @@ def main() -> None:
             if source == "s3":
                 from infra import seaweed
 
-                server = seaweed.start(tmp / "weed", seaweed.free_s3_port(), access_key=secrets.token_hex(10),
-                                       secret_key=secrets.token_hex(20))
+                server = seaweed.start(
+                    tmp / "weed",
+                    seaweed.free_s3_port(),
+                    access_key=secrets.token_hex(10),
+                    secret_key=secrets.token_hex(20),
+                )
                 env = server.env()
                 os.environ.update(env)
                 from cl_core.data import storage
@@ -293,8 +352,9 @@ def main() -> None:
             finally:
                 if server is not None:
                     server.stop()
-            print(json.dumps({k: v for k, v in results["sources"][source].items() if k != "runs"}, indent=1),
-                  flush=True)
+            print(
+                json.dumps({k: v for k, v in results["sources"][source].items() if k != "runs"}, indent=1), flush=True
+            )
             a.out.parent.mkdir(parents=True, exist_ok=True)
             a.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"written to {a.out}")

@@ -37,9 +37,13 @@ RESULTS = Path(__file__).parent / "results" / "semi_supervised.json"
 def machine() -> dict:
     lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
     cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), platform.processor())
-    return {"cpu_model": cpu or None, "cpu_cores": os.cpu_count(), "torch": torch.__version__,
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "python": platform.python_version()}
+    return {
+        "cpu_model": cpu or None,
+        "cpu_cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+    }
 
 
 def run(work: str, overrides: list[str]) -> dict:
@@ -50,10 +54,14 @@ def run(work: str, overrides: list[str]) -> dict:
     t0 = time.perf_counter()
     result = run_pipeline(cfg)
     ev, dist = result.stages["evaluate"].outputs, result.stages["distill"].outputs
-    return {"overrides": overrides, "rows": ev["rows"], "seconds": time.perf_counter() - t0,
-            "student_params": {k: v.get("params") for k, v in dist["models"].items()},
-            "teacher_params": {k: v.get("teacher_params") for k, v in dist["models"].items()},
-            "stages": {k: {"seconds": s.seconds, "cached": s.cached} for k, s in result.stages.items()}}
+    return {
+        "overrides": overrides,
+        "rows": ev["rows"],
+        "seconds": time.perf_counter() - t0,
+        "student_params": {k: v.get("params") for k, v in dist["models"].items()},
+        "teacher_params": {k: v.get("teacher_params") for k, v in dist["models"].items()},
+        "stages": {k: {"seconds": s.seconds, "cached": s.cached} for k, s in result.stages.items()},
+    }
 
 
 def table(runs: dict[str, dict]) -> str:
@@ -69,9 +77,11 @@ def table(runs: dict[str, dict]) -> str:
     for f in sorted(self_rows):
         a, b = self_rows[f], small_rows[f]
         lines.append(
-            f"| {f:g} ({a['labels']}) | {a['baseline']:.4f} | {a['teacher']:.4f} | {100 * (a['teacher'] - a['baseline']):+.1f} pt "
+            f"| {f:g} ({a['labels']}) | {a['baseline']:.4f} | {a['teacher']:.4f} "
+            f"| {100 * (a['teacher'] - a['baseline']):+.1f} pt "
             f"| {a['student']:.4f} | {100 * (a['student'] - a['teacher']):+.1f} pt "
-            f"| {b['student']:.4f} | {100 * (b['student'] - b['teacher']):+.1f} pt |")
+            f"| {b['student']:.4f} | {100 * (b['student'] - b['teacher']):+.1f} pt |"
+        )
     return "\n".join(lines)
 
 

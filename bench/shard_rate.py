@@ -83,14 +83,24 @@ def shard_stage(path: str, work: Path) -> dict:
 
     out = {}
     for attempt in range(2):
-        cfg = load_config("default", [f"work_dir={work}-{attempt}", "data.source.kind=image_folder",
-                                      f"data.source.path={path}", "data.samples_per_shard=1000",
-                                      "sweep.enabled=false"])
+        cfg = load_config(
+            "default",
+            [
+                f"work_dir={work}-{attempt}",
+                "data.source.kind=image_folder",
+                f"data.source.path={path}",
+                "data.samples_per_shard=1000",
+                "sweep.enabled=false",
+            ],
+        )
         result = run(cfg, until="shard")
         client = mlflow.MlflowClient(tracking_uri=cfg.tracking_uri())
         r = client.get_run(result.stages["shard"].run_id)
-        out = {"stage_seconds": (r.info.end_time - r.info.start_time) / 1000, **r.data.metrics,
-               "nodes": json.loads(r.data.tags.get("clpipe.shard.nodes", "{}"))}
+        out = {
+            "stage_seconds": (r.info.end_time - r.info.start_time) / 1000,
+            **r.data.metrics,
+            "nodes": json.loads(r.data.tags.get("clpipe.shard.nodes", "{}")),
+        }
     return out
 
 
@@ -104,16 +114,21 @@ def main() -> None:
     a = ap.parse_args()
     from semi_supervised import machine
 
-    res: dict = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "images": a.images,
-                 "image_size": a.image_size}
+    res: dict = {
+        "machine": machine(),
+        "date": time.strftime("%Y-%m-%d"),
+        "images": a.images,
+        "image_size": a.image_size,
+    }
     with tempfile.TemporaryDirectory(prefix="clpipe-shard-rate-", dir=os.environ.get("CLPIPE_BENCH_TMP")) as d:
         tmp = Path(d)
         server = None
         if a.s3:  # before Ray starts: its workers take the credentials from this environment
             from infra import seaweed
 
-            server = seaweed.start(tmp / "weed", seaweed.free_s3_port(), access_key=secrets.token_hex(10),
-                                   secret_key=secrets.token_hex(20))
+            server = seaweed.start(
+                tmp / "weed", seaweed.free_s3_port(), access_key=secrets.token_hex(10), secret_key=secrets.token_hex(20)
+            )
             os.environ.update(server.env())
         try:
             _measure(a, tmp, res, server)
@@ -135,14 +150,21 @@ def _measure(a: argparse.Namespace, tmp: Path, res: dict, server) -> None:
     mb = src_bytes / 1e6
 
     def rates(seconds: float) -> dict:
-        return {"seconds": round(seconds, 2), "images_per_sec": round(a.images / seconds, 1),
-                "mb_per_sec": round(mb / seconds, 2)}
+        return {
+            "seconds": round(seconds, 2),
+            "images_per_sec": round(a.images / seconds, 1),
+            "mb_per_sec": round(mb / seconds, 2),
+        }
 
     res["tar"] = rates(time_tar(root, tmp / "all.tar"))
     print("tar", res["tar"], flush=True)
     st = shard_stage(str(root), tmp / "work-folder")
-    res["shard_folder"] = {**rates(st["stage_seconds"]), "tasks_images_per_sec": st["images_per_sec"],
-                           "tasks_mb_per_sec_written": st["mb_per_sec"], "nodes": st["nodes"]}
+    res["shard_folder"] = {
+        **rates(st["stage_seconds"]),
+        "tasks_images_per_sec": st["images_per_sec"],
+        "tasks_mb_per_sec_written": st["mb_per_sec"],
+        "nodes": st["nodes"],
+    }
     print("shard (folder)", res["shard_folder"], flush=True)
     if server is not None:
         from cl_core.data import storage
@@ -155,8 +177,12 @@ def _measure(a: argparse.Namespace, tmp: Path, res: dict, server) -> None:
         res["s3_upload"] = rates(time.perf_counter() - t0)
         print("upload", res["s3_upload"], flush=True)
         st = shard_stage(f"s3://{BUCKET}/jpegs", tmp / "work-s3")
-        res["shard_s3"] = {**rates(st["stage_seconds"]), "tasks_images_per_sec": st["images_per_sec"],
-                           "tasks_mb_per_sec_written": st["mb_per_sec"], "nodes": st["nodes"]}
+        res["shard_s3"] = {
+            **rates(st["stage_seconds"]),
+            "tasks_images_per_sec": st["images_per_sec"],
+            "tasks_mb_per_sec_written": st["mb_per_sec"],
+            "nodes": st["nodes"],
+        }
         print("shard (s3)", res["shard_s3"], flush=True)
         # side by side: the same stage reading one object at a time (boto3, as before the
         # read-ahead), in a fresh Ray whose workers see CLPIPE_S3_READS_IN_FLIGHT=1
@@ -169,10 +195,15 @@ def _measure(a: argparse.Namespace, tmp: Path, res: dict, server) -> None:
         finally:
             os.environ.pop("CLPIPE_S3_READS_IN_FLIGHT")
             ray.shutdown()
-        res["shard_s3_one_at_a_time"] = {**rates(st["stage_seconds"]), "tasks_images_per_sec": st["images_per_sec"],
-                                         "tasks_mb_per_sec_written": st["mb_per_sec"], "nodes": st["nodes"]}
-        res["s3_read_ahead_speedup"] = round(res["shard_s3"]["images_per_sec"]
-                                             / res["shard_s3_one_at_a_time"]["images_per_sec"], 3)
+        res["shard_s3_one_at_a_time"] = {
+            **rates(st["stage_seconds"]),
+            "tasks_images_per_sec": st["images_per_sec"],
+            "tasks_mb_per_sec_written": st["mb_per_sec"],
+            "nodes": st["nodes"],
+        }
+        res["s3_read_ahead_speedup"] = round(
+            res["shard_s3"]["images_per_sec"] / res["shard_s3_one_at_a_time"]["images_per_sec"], 3
+        )
         print("shard (s3, one object at a time)", res["shard_s3_one_at_a_time"], flush=True)
 
 

@@ -66,8 +66,15 @@ CONFIGS = {
 CPU_CONFIGS = ["small_cnn-32", "resnet18-32"]
 GPU_CONFIGS = ["resnet18-32-gpu", "resnet50-224"]
 # dense bf16 tensor-core peaks (no sparsity), FLOP/s
-PEAKS = {"H100 SXM": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H200": 989e12, "A100": 312e12, "L4": 121e12,
-         "A10G": 70e12}
+PEAKS = {
+    "H100 SXM": 989e12,
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "L4": 121e12,
+    "A10G": 70e12,
+}
 TEMPERATURE, PROJ_DIM = 0.5, 128
 
 
@@ -83,11 +90,13 @@ def peak_flops(name: str | None) -> float | None:
 class ProjectSide:
     """The project's SimCLR step, with the training loop's device settings."""
 
-    def __init__(self, backbone: str, args: dict, device: torch.device, bf16: bool | None = None,
-                 compile: bool = False) -> None:
+    def __init__(
+        self, backbone: str, args: dict, device: torch.device, bf16: bool | None = None, compile: bool = False
+    ) -> None:
         torch.manual_seed(0)
-        self.model = SimCLR(backbone, backbone_args=args, temperature=TEMPERATURE, proj_dim=PROJ_DIM,
-                            gather_distributed=False)
+        self.model = SimCLR(
+            backbone, backbone_args=args, temperature=TEMPERATURE, proj_dim=PROJ_DIM, gather_distributed=False
+        )
         self.settings = device_settings(device, bf16=bf16)
         self.model = self.settings.prepare(self.model.to(device))
         if compile:  # what the loop does with ``compile: true``
@@ -109,8 +118,9 @@ class LightlySide:
     """lightly's SimCLR: its projection head and NT-Xent on the same backbone, one
     forward pass per view (lightly's example)."""
 
-    def __init__(self, backbone: str, args: dict, device: torch.device, bf16: bool | None = False,
-                 compile: bool = False) -> None:
+    def __init__(
+        self, backbone: str, args: dict, device: torch.device, bf16: bool | None = False, compile: bool = False
+    ) -> None:
         from lightly.loss import NTXentLoss
         from lightly.models.modules import SimCLRProjectionHead
 
@@ -165,12 +175,23 @@ class SideProcess:
     """One side in its own process (spawned), so no side inherits another's heap or
     allocator state; the parent asks the sides in turn to time ``steps`` steps."""
 
-    def __init__(self, kind: str, config: str, device: torch.device, *, bf16: bool | None = None,
-                 compile: bool = False, alloc: str = "cache") -> None:
+    def __init__(
+        self,
+        kind: str,
+        config: str,
+        device: torch.device,
+        *,
+        bf16: bool | None = None,
+        compile: bool = False,
+        alloc: str = "cache",
+    ) -> None:
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_serve, args=(child, kind, config, str(device), bf16, compile, alloc,
-                                                     torch.get_num_threads()), daemon=True)
+        self.proc = ctx.Process(
+            target=_serve,
+            args=(child, kind, config, str(device), bf16, compile, alloc, torch.get_num_threads()),
+            daemon=True,
+        )
         self.proc.start()
 
     def ask(self, request):
@@ -187,8 +208,9 @@ class SideProcess:
         return rss
 
 
-def _serve(conn, kind: str, config: str, device_name: str, bf16: bool | None, compile: bool, alloc: str,
-           threads: int) -> None:
+def _serve(
+    conn, kind: str, config: str, device_name: str, bf16: bool | None, compile: bool, alloc: str, threads: int
+) -> None:
     torch.set_num_threads(threads)
     allocator.cache_freed_memory(alloc == "cache")
     device = torch.device(device_name)
@@ -214,12 +236,18 @@ def run_config(name: str, device: torch.device, reps: int, steps: int, warmup: i
     gives both sides each allocator."""
     backbone, args, _size, batch = CONFIGS[name]
     cuda = device.type == "cuda"
-    specs = {"clpipe": ("clpipe", None, False), "lightly": ("lightly", False, False),
-             "clpipe-bf16": ("clpipe", True, False), "lightly-bf16": ("lightly", True, False)}
+    specs = {
+        "clpipe": ("clpipe", None, False),
+        "lightly": ("lightly", False, False),
+        "clpipe-bf16": ("clpipe", True, False),
+        "lightly-bf16": ("lightly", True, False),
+    }
     if compile:  # the backbones under torch.compile, default precision of the device
         specs |= {"clpipe-compile": ("clpipe", None, True), "lightly-compile": ("lightly", cuda, True)}
-    sides = {k: SideProcess(kind, name, device, bf16=bf16, compile=comp, alloc="cache" if kind == "clpipe" else "system")
-             for k, (kind, bf16, comp) in specs.items()}
+    sides = {
+        k: SideProcess(kind, name, device, bf16=bf16, compile=comp, alloc="cache" if kind == "clpipe" else "system")
+        for k, (kind, bf16, comp) in specs.items()
+    }
     for side in sides.values():  # warm-up (and compilation), one side at a time
         side.ask(warmup)
     seconds: dict[str, list[float]] = {k: [] for k in sides}
@@ -231,22 +259,39 @@ def run_config(name: str, device: torch.device, reps: int, steps: int, warmup: i
     rss = {k: side.close() for k, side in sides.items()}
     rates = {k: [batch * steps / s for s in v] for k, v in seconds.items()}
     med = {k: statistics.median(v) for k, v in rates.items()}
-    out = {"config": name, "backbone": backbone, "backbone_args": args, "image_size": CONFIGS[name][2],
-           "batch": batch, "steps_per_rep": steps, "reps": reps, "images_per_sec": rates,
-           "median_images_per_sec": med, "peak_rss_mib": rss,
-           "ratio": med["clpipe"] / med["lightly"],
-           "ratio_same_precision": {"fp32" if not cuda else "bf16":
-                                    (med["clpipe"] / med["lightly"]) if not cuda
-                                    else med["clpipe"] / med["lightly-bf16"],
-                                    "bf16": med["clpipe-bf16"] / med["lightly-bf16"]}}
+    out = {
+        "config": name,
+        "backbone": backbone,
+        "backbone_args": args,
+        "image_size": CONFIGS[name][2],
+        "batch": batch,
+        "steps_per_rep": steps,
+        "reps": reps,
+        "images_per_sec": rates,
+        "median_images_per_sec": med,
+        "peak_rss_mib": rss,
+        "ratio": med["clpipe"] / med["lightly"],
+        "ratio_same_precision": {
+            "fp32" if not cuda else "bf16": (med["clpipe"] / med["lightly"])
+            if not cuda
+            else med["clpipe"] / med["lightly-bf16"],
+            "bf16": med["clpipe-bf16"] / med["lightly-bf16"],
+        },
+    }
     if compile:
-        out |= {"ratio_compiled": med["clpipe-compile"] / med["lightly-compile"],
-                "compile_speedup": med["clpipe-compile"] / med["clpipe"]}
+        out |= {
+            "ratio_compiled": med["clpipe-compile"] / med["lightly-compile"],
+            "compile_speedup": med["clpipe-compile"] / med["clpipe"],
+        }
     if flops is not None:
         peak = peak_flops(torch.cuda.get_device_name(0))
         achieved = flops * med["clpipe"] / batch
-        out |= {"step_flops": flops, "achieved_flops_per_sec": achieved, "peak_bf16_flops_per_sec": peak,
-                "mfu": achieved / peak if peak else None}
+        out |= {
+            "step_flops": flops,
+            "achieved_flops_per_sec": achieved,
+            "peak_bf16_flops_per_sec": peak,
+            "mfu": achieved / peak if peak else None,
+        }
     return out
 
 
@@ -263,27 +308,37 @@ def main() -> None:
     configs = args.configs or (GPU_CONFIGS if device.type == "cuda" else CPU_CONFIGS)
     steps = args.steps or (20 if device.type == "cuda" else 5)
     results = [run_config(c, device, args.reps, steps, args.warmup, args.compile) for c in configs]
-    report = {"benchmark": "simclr-step", "device": device.type,
-              "machine": machine() | {"torch_threads": torch.get_num_threads()}, "results": results}
+    report = {
+        "benchmark": "simclr-step",
+        "device": device.type,
+        "machine": machine() | {"torch_threads": torch.get_num_threads()},
+        "results": results,
+    }
     out = args.out or RESULTS / f"step-{device.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     cuda = device.type == "cuda"
-    print("| config | batch | clpipe | lightly | ratio | clpipe bf16 | lightly bf16 | bf16 ratio |"
-          + (" MFU |" if cuda else ""))
+    print(
+        "| config | batch | clpipe | lightly | ratio | clpipe bf16 | lightly bf16 | bf16 ratio |"
+        + (" MFU |" if cuda else "")
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if cuda else ""))
     for r in results:
         med = r["median_images_per_sec"]
         mfu = f" {r['mfu']:.1%} |" if r.get("mfu") is not None else (" n/a |" if cuda else "")
-        print(f"| {r['config']} | {r['batch']} | {med['clpipe']:.0f} | {med['lightly']:.0f} | {r['ratio']:.2f}x | "
-              f"{med['clpipe-bf16']:.0f} | {med['lightly-bf16']:.0f} | {r['ratio_same_precision']['bf16']:.2f}x |{mfu}")
+        print(
+            f"| {r['config']} | {r['batch']} | {med['clpipe']:.0f} | {med['lightly']:.0f} | {r['ratio']:.2f}x | "
+            f"{med['clpipe-bf16']:.0f} | {med['lightly-bf16']:.0f} | {r['ratio_same_precision']['bf16']:.2f}x |{mfu}"
+        )
     if args.compile:
         print("\n| config | clpipe compiled | lightly compiled | ratio | compile speed-up (clpipe) |")
         print("|---|---:|---:|---:|---:|")
         for r in results:
             med = r["median_images_per_sec"]
-            print(f"| {r['config']} | {med['clpipe-compile']:.0f} | {med['lightly-compile']:.0f} | "
-                  f"{r['ratio_compiled']:.2f}x | {r['compile_speedup']:.2f}x |")
+            print(
+                f"| {r['config']} | {med['clpipe-compile']:.0f} | {med['lightly-compile']:.0f} | "
+                f"{r['ratio_compiled']:.2f}x | {r['compile_speedup']:.2f}x |"
+            )
     print("images/s (an image = two views), medians over the repetitions")
     print(f"results: {out}")
 

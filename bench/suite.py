@@ -58,11 +58,25 @@ def run(cmd: list[str], cwd: Path, env: dict, log: Path) -> dict:
     b1, t1, s1 = cpu_times()
     text = log.read_text(errors="replace")
     summary = next((m.group(1) for ln in reversed(text.splitlines()) if (m := SUMMARY.match(ln.strip()))), None)
-    slowest = [ln.strip() for ln in text.split("slowest 20 durations", 1)[-1].splitlines()[1:21]
-               if re.match(r"^\d+\.\d+s ", ln.strip())] if "slowest 20 durations" in text else []
-    return {"seconds": round(wall, 1), "rc": rc, "summary": summary, "cpu_busy_share": round((b1 - b0) / (t1 - t0), 3),
-            "busy_cpu_seconds": round((b1 - b0) / os.sysconf("SC_CLK_TCK"), 1),
-            "steal_share": round((s1 - s0) / (t1 - t0), 4), "speed_probe_s": probe, "slowest": slowest}
+    slowest = (
+        [
+            ln.strip()
+            for ln in text.split("slowest 20 durations", 1)[-1].splitlines()[1:21]
+            if re.match(r"^\d+\.\d+s ", ln.strip())
+        ]
+        if "slowest 20 durations" in text
+        else []
+    )
+    return {
+        "seconds": round(wall, 1),
+        "rc": rc,
+        "summary": summary,
+        "cpu_busy_share": round((b1 - b0) / (t1 - t0), 3),
+        "busy_cpu_seconds": round((b1 - b0) / os.sysconf("SC_CLK_TCK"), 1),
+        "steal_share": round((s1 - s0) / (t1 - t0), 4),
+        "speed_probe_s": probe,
+        "slowest": slowest,
+    }
 
 
 def main() -> int:
@@ -83,22 +97,34 @@ def main() -> int:
     install_s = round(time.perf_counter() - t, 1)
     print(f"clone of {commit[:12]} in {clone}; make install {install_s} s", flush=True)
 
-    out: dict = {"commit": commit, "machine": {"cpu_cores": os.cpu_count(),
-                                               "cpu_cores_usable": len(os.sched_getaffinity(0)),
-                                               "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf(
-                                                   "SC_PHYS_PAGES") / 2**30, 1),
-                                               "python": platform.python_version(), "platform": platform.platform()},
-                 "install_seconds": install_s, "make_test": [], "make_test_fast": []}
-    jobs = [("make_test", ["make", "test", f"PYTEST_ARGS={CI_ARGS}"], a.test_runs),
-            ("make_test_fast", ["make", "test-fast", "PYTEST_ARGS=-q"], a.fast_runs)]
+    out: dict = {
+        "commit": commit,
+        "machine": {
+            "cpu_cores": os.cpu_count(),
+            "cpu_cores_usable": len(os.sched_getaffinity(0)),
+            "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "install_seconds": install_s,
+        "make_test": [],
+        "make_test_fast": [],
+    }
+    jobs = [
+        ("make_test", ["make", "test", f"PYTEST_ARGS={CI_ARGS}"], a.test_runs),
+        ("make_test_fast", ["make", "test-fast", "PYTEST_ARGS=-q"], a.fast_runs),
+    ]
     try:
         for key, cmd, n in jobs:
             for i in range(n):
                 cache = work / f"inductor-{key}-{i}"  # a new machine's empty compile cache
                 r = run(cmd, clone, {**env, "TORCHINDUCTOR_CACHE_DIR": str(cache)}, work / f"{key}-{i}.log")
                 out[key].append(r)
-                print(f"{key} #{i + 1}: {r['seconds']} s rc={r['rc']} {r['summary']} "
-                      f"(cpu busy {r['cpu_busy_share']:.0%}, probe {r['speed_probe_s']} s)", flush=True)
+                print(
+                    f"{key} #{i + 1}: {r['seconds']} s rc={r['rc']} {r['summary']} "
+                    f"(cpu busy {r['cpu_busy_share']:.0%}, probe {r['speed_probe_s']} s)",
+                    flush=True,
+                )
                 Path(a.out).write_text(json.dumps(out, indent=2))
     finally:
         Path(a.out).write_text(json.dumps(out, indent=2))

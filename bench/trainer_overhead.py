@@ -64,27 +64,45 @@ def main() -> int:
         for name, make in makers.items():
             before = len(list(logs.glob("worker-*.out")))
             c0, t0 = machine_cpu_seconds(), time.perf_counter()
-            make(loop, scaling_config=ScalingConfig(num_workers=2),
-                 run_config=RunConfig(name=f"{i}-{name.split()[-1]}", storage_path=storage)).fit()
+            make(
+                loop,
+                scaling_config=ScalingConfig(num_workers=2),
+                run_config=RunConfig(name=f"{i}-{name.split()[-1]}", storage_path=storage),
+            ).fit()
             time.sleep(2)  # the run's actors exit
-            samples[name].append({"cpu_s": round(machine_cpu_seconds() - c0, 2),
-                                  "wall_s": round(time.perf_counter() - t0 - 2, 2),
-                                  "processes": len(list(logs.glob("worker-*.out"))) - before})
+            samples[name].append(
+                {
+                    "cpu_s": round(machine_cpu_seconds() - c0, 2),
+                    "wall_s": round(time.perf_counter() - t0 - 2, 2),
+                    "processes": len(list(logs.glob("worker-*.out"))) - before,
+                }
+            )
             print(name, samples[name][-1], flush=True)
     ray.shutdown()
-    summary = {name: {"cpu_s_per_run": round(statistics.median(s["cpu_s"] for s in rs), 2),
-                      "wall_s_per_run": round(statistics.median(s["wall_s"] for s in rs), 2),
-                      "processes_per_run": statistics.median(s["processes"] for s in rs), "runs": rs}
-               for name, rs in samples.items()}
+    summary = {
+        name: {
+            "cpu_s_per_run": round(statistics.median(s["cpu_s"] for s in rs), 2),
+            "wall_s_per_run": round(statistics.median(s["wall_s"] for s in rs), 2),
+            "processes_per_run": statistics.median(s["processes"] for s in rs),
+            "runs": rs,
+        }
+        for name, rs in samples.items()
+    }
     a_, b_ = summary["ray TorchTrainer"], summary["pipeline Trainer"]
-    out = {"what": "2-worker TorchTrainer.fit of an empty loop on a local Ray (2 CPUs), medians",
-           "ray": ray.__version__, "cpu_cores": os.cpu_count(), "trainers": summary,
-           "cpu_ratio": round(b_["cpu_s_per_run"] / a_["cpu_s_per_run"], 3),
-           "wall_ratio": round(b_["wall_s_per_run"] / a_["wall_s_per_run"], 3)}
+    out = {
+        "what": "2-worker TorchTrainer.fit of an empty loop on a local Ray (2 CPUs), medians",
+        "ray": ray.__version__,
+        "cpu_cores": os.cpu_count(),
+        "trainers": summary,
+        "cpu_ratio": round(b_["cpu_s_per_run"] / a_["cpu_s_per_run"], 3),
+        "wall_ratio": round(b_["wall_s_per_run"] / a_["wall_s_per_run"], 3),
+    }
     Path(a.out).write_text(json.dumps(out, indent=2))
     for name, s in summary.items():
-        print(f"{name:24s} {s['cpu_s_per_run']:6.2f} cpu-s  {s['wall_s_per_run']:6.2f} s  "
-              f"{s['processes_per_run']} processes per run")
+        print(
+            f"{name:24s} {s['cpu_s_per_run']:6.2f} cpu-s  {s['wall_s_per_run']:6.2f} s  "
+            f"{s['processes_per_run']} processes per run"
+        )
     print(f"cpu ratio {out['cpu_ratio']}, wall ratio {out['wall_ratio']}")
     return 0
 

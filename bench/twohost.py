@@ -45,23 +45,41 @@ sys.path.insert(0, str(ROOT))
 
 from infra import hosts, stack  # noqa: E402
 
-QUICK = ["--set", "sweep.space={temperature: {grid: [0.2, 0.5]}}", "--set", "sweep.epochs=1",
-         "--set", "pretrain.epochs=1", "--set", "labels.fractions=[0.1]", "--set", "finetune.epochs=1",
-         "--set", "finetune.baseline=false", "--set", "finetune.min_steps=0", "--set", "distill.epochs=1"]
+QUICK = [
+    "--set",
+    "sweep.space={temperature: {grid: [0.2, 0.5]}}",
+    "--set",
+    "sweep.epochs=1",
+    "--set",
+    "pretrain.epochs=1",
+    "--set",
+    "labels.fractions=[0.1]",
+    "--set",
+    "finetune.epochs=1",
+    "--set",
+    "finetune.baseline=false",
+    "--set",
+    "finetune.min_steps=0",
+    "--set",
+    "distill.epochs=1",
+]
 STACK_DIR = "/tmp/stack"
 METRICS_PORT = 9327
 BUCKET = "clpipe"
 DONE_LINE = re.compile(r"^(\w+): done in ([0-9.]+) s")
-COUNTERS = {"written": "SeaweedFS_s3_bucket_traffic_received_bytes_total",
-            "read": "SeaweedFS_s3_bucket_traffic_sent_bytes_total"}
+COUNTERS = {
+    "written": "SeaweedFS_s3_bucket_traffic_received_bytes_total",
+    "read": "SeaweedFS_s3_bucket_traffic_sent_bytes_total",
+}
 # on host A for the whole job: SeaweedFS's counters every 0.25 s, one line each: wall-clock ms, read, written
 SAMPLER = f"""
 import sys, time, urllib.request
-names = {{"{COUNTERS['read']}": 0, "{COUNTERS['written']}": 1}}
+names = {{"{COUNTERS["read"]}": 0, "{COUNTERS["written"]}": 1}}
 while True:
     t = time.time()
     got = [0, 0]
-    for line in urllib.request.urlopen("http://" + sys.argv[1] + ":{METRICS_PORT}/metrics", timeout=10).read().decode().splitlines():
+    url = "http://" + sys.argv[1] + ":{METRICS_PORT}/metrics"
+    for line in urllib.request.urlopen(url, timeout=10).read().decode().splitlines():
         for name, i in names.items():
             if line.startswith(name + '{{bucket="{BUCKET}"}}'):
                 got[i] = int(float(line.split()[-1]))
@@ -74,7 +92,8 @@ import json
 from mlflow.tracking import MlflowClient
 c = MlflowClient()
 exp = c.get_experiment_by_name("clpipe")
-parent = c.search_runs([exp.experiment_id], "tags.`clpipe.kind` = 'pipeline'", order_by=["attributes.start_time DESC"])[0]
+pipelines = "tags.`clpipe.kind` = 'pipeline'"
+parent = c.search_runs([exp.experiment_id], pipelines, order_by=["attributes.start_time DESC"])[0]
 kids = c.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
 print(json.dumps({r.data.tags["clpipe.stage"]: [r.info.start_time, r.info.end_time] for r in kids}))
 """
@@ -89,8 +108,13 @@ def machine() -> dict:
 def one_host(args: list[str], work: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_", "MLFLOW_", "CLPIPE_"))}
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "pipelines", "run", "--work-dir", str(work),
-                        "--set", "ray.num_cpus=2", *args], cwd=ROOT, env=env, capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "pipelines", "run", "--work-dir", str(work), "--set", "ray.num_cpus=2", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     wall = time.perf_counter() - t0
     if r.returncode != 0:
         raise SystemExit(f"one-host run failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
@@ -116,9 +140,11 @@ def two_hosts(args: list[str], logs: Path) -> dict:
     private.mkdir(parents=True)
     try:
         with hosts.two_hosts(private=[private]) as (a, b):
-            setup = (f"from pathlib import Path; from infra import stack; stack.up(stack.StackConfig(dir=Path("
-                     f"'{STACK_DIR}'), host='{a.ip}', num_cpus=0, ray_auth='token', bucket='{BUCKET}', "
-                     f"s3_metrics_port={METRICS_PORT}))")
+            setup = (
+                f"from pathlib import Path; from infra import stack; stack.up(stack.StackConfig(dir=Path("
+                f"'{STACK_DIR}'), host='{a.ip}', num_cpus=0, ray_auth='token', bucket='{BUCKET}', "
+                f"s3_metrics_port={METRICS_PORT}))"
+            )
             t0 = time.perf_counter()
             r = a.run([sys.executable, "-c", setup], timeout=300, cwd=ROOT)
             if r.returncode != 0:
@@ -133,9 +159,19 @@ def two_hosts(args: list[str], logs: Path) -> dict:
                     raise SystemExit(f"host B's Ray node did not start:\n{b_log.read_text()[-3000:]}")
                 time.sleep(0.5)
             work = private / "work"
-            cmd = [sys.executable, "-m", "pipelines", "submit", "--work-dir", str(work),
-                   "--set", f"data.output=s3://{BUCKET}/run/data", "--set", f"ray.storage_path=s3://{BUCKET}/run/ray",
-                   *args]
+            cmd = [
+                sys.executable,
+                "-m",
+                "pipelines",
+                "submit",
+                "--work-dir",
+                str(work),
+                "--set",
+                f"data.output=s3://{BUCKET}/run/data",
+                "--set",
+                f"ray.storage_path=s3://{BUCKET}/run/ray",
+                *args,
+            ]
             sampler = a.popen([sys.executable, "-u", "-c", SAMPLER, a.ip])
             lines: list[str] = []
             reader = threading.Thread(target=lambda: lines.extend(sampler.stdout or []), daemon=True)
@@ -159,12 +195,20 @@ def two_hosts(args: list[str], logs: Path) -> dict:
             for name, (start, end) in sorted(windows.items(), key=lambda kv: kv[1][0]):
                 r0, w0 = _at(samples, start, after=False)
                 r1, w1 = _at(samples, end, after=True)
-                per_stage[name] = {"seconds": round((end - start) / 1000, 1), "s3_read_bytes": r1 - r0,
-                                   "s3_written_bytes": w1 - w0}
+                per_stage[name] = {
+                    "seconds": round((end - start) / 1000, 1),
+                    "s3_read_bytes": r1 - r0,
+                    "s3_written_bytes": w1 - w0,
+                }
             total_read, total_written = samples[-1][1] - samples[0][1], samples[-1][2] - samples[0][2]
-            return {"wall_s": round(wall, 1), "stack_up_s": round(stack_s, 1), "stage_s": _done(text),
-                    "per_stage": per_stage, "samples": len(samples),
-                    "s3_total": {"read_bytes": total_read, "written_bytes": total_written}}
+            return {
+                "wall_s": round(wall, 1),
+                "stack_up_s": round(stack_s, 1),
+                "stage_s": _done(text),
+                "per_stage": per_stage,
+                "samples": len(samples),
+                "s3_total": {"read_bytes": total_read, "written_bytes": total_written},
+            }
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -185,16 +229,26 @@ def main(argv: list[str] | None = None) -> dict:
         print("two hosts: stack on A, Ray node on B, clpipe submit from A ...", flush=True)
         two = two_hosts(args, Path(tmp))
         print(f"  {two['wall_s']} s", flush=True)
-    out = {"bench": "twohost", "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(),
-           "settings": {"config": "embedded default", "overrides": args, "cpus": 2},
-           "one_host": one, "two_hosts": two, "ratio_two_over_one": round(two["wall_s"] / one["wall_s"], 2)}
+    out = {
+        "bench": "twohost",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": machine(),
+        "settings": {"config": "embedded default", "overrides": args, "cpus": 2},
+        "one_host": one,
+        "two_hosts": two,
+        "ratio_two_over_one": round(two["wall_s"] / one["wall_s"], 2),
+    }
     Path(a.out).write_text(json.dumps(out, indent=2))
     print("\n| stage | one host s | two hosts s | S3 read MB | S3 written MB |\n|---|---|---|---|---|")
     for name, row in two["per_stage"].items():
-        print(f"| {name} | {one['stage_s'].get(name, '-')} | {two['stage_s'].get(name, '-')} | "
-              f"{row['s3_read_bytes'] / 1e6:.2f} | {row['s3_written_bytes'] / 1e6:.2f} |")
-    print(f"| **wall** | {one['wall_s']} | {two['wall_s']} | {two['s3_total']['read_bytes'] / 1e6:.2f} | "
-          f"{two['s3_total']['written_bytes'] / 1e6:.2f} |")
+        print(
+            f"| {name} | {one['stage_s'].get(name, '-')} | {two['stage_s'].get(name, '-')} | "
+            f"{row['s3_read_bytes'] / 1e6:.2f} | {row['s3_written_bytes'] / 1e6:.2f} |"
+        )
+    print(
+        f"| **wall** | {one['wall_s']} | {two['wall_s']} | {two['s3_total']['read_bytes'] / 1e6:.2f} | "
+        f"{two['s3_total']['written_bytes'] / 1e6:.2f} |"
+    )
     print(f"two hosts / one host: {out['ratio_two_over_one']}x; wrote {a.out}")
     return out
 

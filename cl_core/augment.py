@@ -70,8 +70,10 @@ class SimCLRTransform:
         if not color:
             self.transform = v2.Compose([*ops, v2.ToPureTensor()])
         else:
-            ops += [v2.RandomApply([v2.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=jitter_prob),
-                    v2.RandomGrayscale(p=grayscale_prob)]
+            ops += [
+                v2.RandomApply([v2.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=jitter_prob),
+                v2.RandomGrayscale(p=grayscale_prob),
+            ]
             if blur_prob > 0:
                 ops.append(v2.RandomApply([v2.GaussianBlur(blur_kernel(image_size), sigma=(0.1, 2.0))], p=blur_prob))
             self.transform = v2.Compose(ops + _normalize(mean, std))
@@ -98,9 +100,17 @@ class MultiCropTransform:
             ``blur_prob``, ``color`` as in :class:`SimCLRTransform`.
     """
 
-    def __init__(self, image_size: int, local_size: int, *, global_scale: tuple[float, float] = (0.14, 1.0),
-                 local_scale: tuple[float, float] = (0.05, 0.14), n_global: int = 2, n_local: int = 6,
-                 **color: float | bool) -> None:
+    def __init__(
+        self,
+        image_size: int,
+        local_size: int,
+        *,
+        global_scale: tuple[float, float] = (0.14, 1.0),
+        local_scale: tuple[float, float] = (0.05, 0.14),
+        n_global: int = 2,
+        n_local: int = 6,
+        **color: float | bool,
+    ) -> None:
         if n_global < 2:
             raise ValueError(f"multi-crop needs at least 2 global views, got {n_global}")
         if n_local < 0:
@@ -112,8 +122,9 @@ class MultiCropTransform:
         self.n_global, self.n_local = n_global, n_local
 
     def __call__(self, image: Any) -> list[torch.Tensor]:
-        return ([self.global_tf.transform(image) for _ in range(self.n_global)]
-                + [self.local_tf.transform(image) for _ in range(self.n_local)])
+        return [self.global_tf.transform(image) for _ in range(self.n_global)] + [
+            self.local_tf.transform(image) for _ in range(self.n_local)
+        ]
 
 
 class EvalTransform:
@@ -149,12 +160,14 @@ class FinetuneTransform:
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
     ) -> None:
-        self.transform = v2.Compose([
-            v2.ToImage(),
-            v2.RandomResizedCrop(image_size, scale=(crop_min_scale, 1.0), antialias=True),
-            v2.RandomHorizontalFlip(p=hflip_prob),
-            *_normalize(mean, std),
-        ])
+        self.transform = v2.Compose(
+            [
+                v2.ToImage(),
+                v2.RandomResizedCrop(image_size, scale=(crop_min_scale, 1.0), antialias=True),
+                v2.RandomHorizontalFlip(p=hflip_prob),
+                *_normalize(mean, std),
+            ]
+        )
         self.n_views = n_views  # 2 for a supervised contrastive (SupCon) fine-tune
 
     def __call__(self, image: Any) -> list[torch.Tensor]:

@@ -258,16 +258,19 @@ class BatchColorAugment:
         self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(image_size={self.image_size}, jitter_strength={self.jitter_strength}, "
-                f"jitter_prob={self.jitter_prob}, grayscale_prob={self.grayscale_prob}, "
-                f"blur_prob={self.blur_prob}, kernel_size={self.kernel_size})")
+        return (
+            f"{type(self).__name__}(image_size={self.image_size}, jitter_strength={self.jitter_strength}, "
+            f"jitter_prob={self.jitter_prob}, grayscale_prob={self.grayscale_prob}, "
+            f"blur_prob={self.blur_prob}, kernel_size={self.kernel_size})"
+        )
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         self._check_input(x)
         return self.apply(x, self.draw(x.shape[0], generator, x.device))
 
-    def draw(self, batch_size: int, generator: torch.Generator,
-             device: torch.device | str | None = None) -> ColorParams:
+    def draw(
+        self, batch_size: int, generator: torch.Generator, device: torch.device | str | None = None
+    ) -> ColorParams:
         """Draw the parameters of ``batch_size`` samples: one ``torch.rand((batch_size,
         12), generator=generator)`` on ``device`` (default: the generator's), whose
         columns are, per sample: 0 jitter gate (applied if < jitter_prob); 1-4 sort keys
@@ -278,9 +281,10 @@ class BatchColorAugment:
         if batch_size < 0:
             raise ValueError(f"BatchColorAugment.draw: batch_size must be >= 0, got {batch_size}")
         _check_generator(generator, device)
-        u = torch.rand((batch_size, N_DRAWS), generator=generator,
-                       device=generator.device if device is None else device)
-        order = torch.argsort(u[:, _ORDER:_ORDER + 4], dim=1, stable=True)
+        u = torch.rand(
+            (batch_size, N_DRAWS), generator=generator, device=generator.device if device is None else device
+        )
+        order = torch.argsort(u[:, _ORDER : _ORDER + 4], dim=1, stable=True)
         factors = [lo + (hi - lo) * u[:, _FACTORS + k] for k, (lo, hi) in enumerate(self.ranges)]
         lo_s, hi_s = SIGMA_RANGE
         return ColorParams(
@@ -317,13 +321,15 @@ class BatchColorAugment:
         if gray is not None:
             img.index_copy_(0, gray, _luma(img.index_select(0, gray)).expand(-1, c, -1, -1))
         if blur is not None:
-            img.index_copy_(0, blur, gaussian_blur(img.index_select(0, blur), self.kernel_size,
-                                                   params.sigma.index_select(0, blur)))
+            img.index_copy_(
+                0, blur, gaussian_blur(img.index_select(0, blur), self.kernel_size, params.sigma.index_select(0, blur))
+            )
         out = torch.empty_like(x, dtype=torch.float32)  # x's memory format
         return torch.sub(img, mean, out=out).div_(std)
 
-    def _groups(self, params: ColorParams, c: int) -> tuple[list[list[torch.Tensor | None]], torch.Tensor | None,
-                                                             torch.Tensor | None]:
+    def _groups(
+        self, params: ColorParams, c: int
+    ) -> tuple[list[list[torch.Tensor | None]], torch.Tensor | None, torch.Tensor | None]:
         """Sample indices per (round, op), then of the grayscale and blurred samples, with
         one host sync: row r < 4 keys each sample by its op in round r (4: not
         jittered), row 4 by grayscale (0: yes, 4: no), row 5 by blur; a stable sort per
@@ -345,11 +351,14 @@ class BatchColorAugment:
 
     def _normalization(self, device: torch.device, c: int) -> tuple[torch.Tensor, torch.Tensor]:
         if len(self.mean) not in (1, c) or len(self.std) not in (1, c):
-            raise ValueError(f"BatchColorAugment: mean/std have {len(self.mean)}/{len(self.std)} values, "
-                             f"the input has {c} channels")
+            raise ValueError(
+                f"BatchColorAugment: mean/std have {len(self.mean)}/{len(self.std)} values, the input has {c} channels"
+            )
         if device not in self._stats:
-            self._stats[device] = (torch.tensor(self.mean, dtype=torch.float32, device=device).view(1, -1, 1, 1),
-                                   torch.tensor(self.std, dtype=torch.float32, device=device).view(1, -1, 1, 1))
+            self._stats[device] = (
+                torch.tensor(self.mean, dtype=torch.float32, device=device).view(1, -1, 1, 1),
+                torch.tensor(self.std, dtype=torch.float32, device=device).view(1, -1, 1, 1),
+            )
         return self._stats[device]
 
     @staticmethod

@@ -42,14 +42,19 @@ class LoopConfig:
     compile: bool = False  # torch.compile the method's networks (Method.compile_targets), in place
     cpu_allocator: str = "cache"  # on a CPU device: "cache" keeps freed memory for the next step (cl_core.allocator)
     # None: the method's loop_defaults (DINO: 3.0 and 0.4), else off / constant
-    grad_clip: float | None = None  # clip each parameter tensor's gradient to this l2 norm (DINO's clip_gradients); 0: off
+    grad_clip: float | None = (
+        None  # clip each parameter tensor's gradient to this l2 norm (DINO's clip_gradients); 0: off
+    )
     weight_decay_end: float | None = None  # cosine from weight_decay to this over training (DINO); unset: constant
 
     def settings_for(self, device: torch.device) -> DeviceSettings:
         """The step's device settings (what the loop uses; callers prepare the model
         with the same before wrapping it in DDP)."""
-        return device_settings(device, bf16=None if self.precision == "auto" else self.precision == "bf16",
-                               channels_last=self.channels_last)
+        return device_settings(
+            device,
+            bf16=None if self.precision == "auto" else self.precision == "bf16",
+            channels_last=self.channels_last,
+        )
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -100,7 +105,9 @@ class DeviceSettings:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
 
-def device_settings(device: torch.device, *, bf16: bool | None = None, channels_last: bool | None = None) -> DeviceSettings:
+def device_settings(
+    device: torch.device, *, bf16: bool | None = None, channels_last: bool | None = None
+) -> DeviceSettings:
     cuda = device.type == "cuda"
     return DeviceSettings(device, cuda if bf16 is None else bf16, cuda if channels_last is None else channels_last)
 
@@ -138,9 +145,16 @@ class TrainingLoop:
             (:class:`cl_core.augment_device.DeviceViews`), or None.
     """
 
-    def __init__(self, model: nn.Module, method: Method, stream: ShardStream, cfg: LoopConfig, device: torch.device,
-                 aux: Callable[[], tuple[list[torch.Tensor], torch.Tensor]] | None = None,
-                 view_augment: ViewAugmentFn | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        method: Method,
+        stream: ShardStream,
+        cfg: LoopConfig,
+        device: torch.device,
+        aux: Callable[[], tuple[list[torch.Tensor], torch.Tensor]] | None = None,
+        view_augment: ViewAugmentFn | None = None,
+    ):
         self.model, self.method, self.stream, self.cfg, self.device = model, method, stream, cfg, device
         self.aux = aux  # supervised objectives only: gives an extra labeled batch per step
         # views.augment_on: device: the loader's views are uint8 crops; their colour
@@ -154,12 +168,17 @@ class TrainingLoop:
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.warmup_steps = int(round(cfg.warmup_epochs * self.steps_per_epoch))
         self.optimizer = build_optimizer(
-            cfg.optimizer, method.param_groups(cfg.weight_decay), self.peak_lr,
-            weight_decay=cfg.weight_decay, momentum=cfg.momentum,
+            cfg.optimizer,
+            method.param_groups(cfg.weight_decay),
+            self.peak_lr,
+            weight_decay=cfg.weight_decay,
+            momentum=cfg.momentum,
         )
         defaults = type(method).loop_defaults
         self.grad_clip = float(defaults.get("grad_clip", 0.0) if cfg.grad_clip is None else cfg.grad_clip)
-        self.weight_decay_end = defaults.get("weight_decay_end") if cfg.weight_decay_end is None else cfg.weight_decay_end
+        self.weight_decay_end = (
+            defaults.get("weight_decay_end") if cfg.weight_decay_end is None else cfg.weight_decay_end
+        )
         # the groups that decay (the others, biases and norms, stay at 0 under the schedule),
         # known even when the configured decay is 0
         # (indices: loading an optimizer state replaces its group dicts)
@@ -188,8 +207,9 @@ class TrainingLoop:
         # every rank's generator and running sums, in one collective (every rank calls
         # state_dict at the same points)
         cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
-        per_rank = distributed.all_gather_object((torch.get_rng_state(), {k: float(v) for k, v in self._sums.items()},
-                                                  cuda_rng))
+        per_rank = distributed.all_gather_object(
+            (torch.get_rng_state(), {k: float(v) for k, v in self._sums.items()}, cuda_rng)
+        )
         return {
             "model": self.method.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -197,8 +217,13 @@ class TrainingLoop:
             "step": self.step,
             # the schedule is a pure function of the step (lr_at); its parameters are kept
             # so a checkpoint says which schedule it was on
-            "scheduler": {"kind": "warmup_cosine", "peak_lr": self.peak_lr, "warmup_steps": self.warmup_steps,
-                          "total_steps": self.total_steps, "lr": self.lr()},
+            "scheduler": {
+                "kind": "warmup_cosine",
+                "peak_lr": self.peak_lr,
+                "warmup_steps": self.warmup_steps,
+                "total_steps": self.total_steps,
+                "lr": self.lr(),
+            },
             "batch_in_epoch": self.batch_in_epoch,
             "epoch_sums": [sums for _, sums, _ in per_rank],
             "epoch_seconds": self._seconds,
@@ -292,13 +317,20 @@ class TrainingLoop:
             due = due or distributed.broadcast_flag(late, self.device)
         return due
 
-    def _epoch(self, report: ReportFn, evaluate: Callable[[nn.Module], dict[str, float]] | None,
-               log: Callable[[int, dict[str, float]], None] | None, checkpoint: CheckpointFn | None) -> dict[str, float]:
+    def _epoch(
+        self,
+        report: ReportFn,
+        evaluate: Callable[[nn.Module], dict[str, float]] | None,
+        log: Callable[[int, dict[str, float]], None] | None,
+        checkpoint: CheckpointFn | None,
+    ) -> dict[str, float]:
         # a checkpoint taken inside this epoch resumes at its next batch: the stream skips
         # the batches already trained on (the epoch's data order is a function of the seed)
         self.stream.set_epoch(self.epoch, skip_batches=self.batch_in_epoch)
         plan = self.stream.plan()
-        loader = training_loader(self.stream, num_workers=self.cfg.loader_workers, pin_memory=self.device.type == "cuda")
+        loader = training_loader(
+            self.stream, num_workers=self.cfg.loader_workers, pin_memory=self.device.type == "cuda"
+        )
         self.model.train()
         start_batch = self.batch_in_epoch
         t0 = time.perf_counter() - self._seconds
@@ -340,16 +372,26 @@ class TrainingLoop:
                 log(self.step, {"train/step_loss": float(out.loss.detach()), "train/lr": self.lr()})
             if checkpoint is not None and self._checkpoint_due(plan.steps):
                 self._seconds = time.perf_counter() - t0
-                checkpoint({"epoch": float(self.epoch), "step": float(self.step),
-                            "batch_in_epoch": float(self.batch_in_epoch)}, self.state_dict())
+                checkpoint(
+                    {
+                        "epoch": float(self.epoch),
+                        "step": float(self.step),
+                        "batch_in_epoch": float(self.batch_in_epoch),
+                    },
+                    self.state_dict(),
+                )
                 self._mark_checkpoint()
         elapsed = time.perf_counter() - t0
         n_steps = self.batch_in_epoch
         if n_steps != plan.steps:
-            raise RuntimeError(f"epoch {self.epoch}: loader gave {n_steps - start_batch} batches after batch "
-                               f"{start_batch}, the plan says {plan.steps} in all")
-        means = {k: distributed.all_reduce_mean(v.to(self.device) / max(1, n_steps)).item()
-                 for k, v in sorted(self._sums.items())}
+            raise RuntimeError(
+                f"epoch {self.epoch}: loader gave {n_steps - start_batch} batches after batch "
+                f"{start_batch}, the plan says {plan.steps} in all"
+            )
+        means = {
+            k: distributed.all_reduce_mean(v.to(self.device) / max(1, n_steps)).item()
+            for k, v in sorted(self._sums.items())
+        }
         mean_loss = means.pop("train/loss", float("nan"))
         self.epoch += 1
         self.batch_in_epoch, self._sums, self._seconds = 0, {}, 0.0
@@ -357,8 +399,11 @@ class TrainingLoop:
             **means,
             "train/loss": mean_loss,
             "train/lr": self.optimizer.param_groups[0]["lr"],
-            **({"train/weight_decay": self.optimizer.param_groups[self._decayed[0]]["weight_decay"]}
-               if self.weight_decay_end is not None and self._decayed else {}),
+            **(
+                {"train/weight_decay": self.optimizer.param_groups[self._decayed[0]]["weight_decay"]}
+                if self.weight_decay_end is not None and self._decayed
+                else {}
+            ),
             "train/images_per_sec": plan.samples_seen / elapsed,
             "train/epoch_seconds": elapsed,
             "epoch": float(self.epoch),
@@ -367,8 +412,9 @@ class TrainingLoop:
             "epoch/unique_samples": float(plan.unique_samples),
         }
         if not math.isfinite(mean_loss):
-            raise NonFiniteLossError(f"non-finite mean loss in epoch {self.epoch - 1}; "
-                                     f"the last good checkpoint: {self.last_checkpoint}")
+            raise NonFiniteLossError(
+                f"non-finite mean loss in epoch {self.epoch - 1}; the last good checkpoint: {self.last_checkpoint}"
+            )
         if evaluate is not None:
             metrics.update(evaluate(self.method.encoder()))
         report(metrics, self.state_dict())

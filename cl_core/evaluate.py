@@ -23,9 +23,15 @@ def extract_features(
 
 
 @torch.no_grad()
-def stream_outputs(modules: dict[str, nn.Module], samples: Iterable[tuple[Any, int, Any]],
-                   transform: Callable[[Any], torch.Tensor], *, limit: int | None = None, batch_size: int = 512,
-                   device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def stream_outputs(
+    modules: dict[str, nn.Module],
+    samples: Iterable[tuple[Any, int, Any]],
+    transform: Callable[[Any], torch.Tensor],
+    *,
+    limit: int | None = None,
+    batch_size: int = 512,
+    device: str | torch.device = "cpu",
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Every module's outputs (on CPU, float) and the labels of the first ``limit`` (all
     with None) ``(image, label, ...)`` samples, in one pass: ``batch_size`` images are
     transformed and stacked, then go through each module in eval mode. Only the outputs
@@ -56,16 +62,23 @@ def stream_outputs(modules: dict[str, nn.Module], samples: Iterable[tuple[Any, i
     finally:
         for name, m in modules.items():
             m.train(modes[name])
-    return ({name: torch.cat(o) if o else torch.empty(0) for name, o in outs.items()},
-            torch.as_tensor(labels, dtype=torch.long))
+    return (
+        {name: torch.cat(o) if o else torch.empty(0) for name, o in outs.items()},
+        torch.as_tensor(labels, dtype=torch.long),
+    )
 
 
-def stream_features(encoder: nn.Module, samples: Iterable[tuple[Any, int, Any]],
-                    transform: Callable[[Any], torch.Tensor], *, limit: int | None = None, batch_size: int = 512,
-                    device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def stream_features(
+    encoder: nn.Module,
+    samples: Iterable[tuple[Any, int, Any]],
+    transform: Callable[[Any], torch.Tensor],
+    *,
+    limit: int | None = None,
+    batch_size: int = 512,
+    device: str | torch.device = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`stream_outputs` of one encoder: features (N, D) and labels (N,)."""
-    outs, labels = stream_outputs({"f": encoder}, samples, transform, limit=limit, batch_size=batch_size,
-                                  device=device)
+    outs, labels = stream_outputs({"f": encoder}, samples, transform, limit=limit, batch_size=batch_size, device=device)
     return outs["f"], labels
 
 
@@ -113,7 +126,9 @@ def knn_top1(
     temperature: float = 0.07,
 ) -> float:
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    pred = knn_predict(train_features, train_labels, test_features, num_classes=num_classes, k=k, temperature=temperature)
+    pred = knn_predict(
+        train_features, train_labels, test_features, num_classes=num_classes, k=k, temperature=temperature
+    )
     return (pred == test_labels).float().mean().item()
 
 
@@ -158,8 +173,9 @@ def linear_probe_top1(
 ) -> float:
     """Top-1 on the test features of :func:`fit_linear_probe` fitted on the train ones."""
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    weight, bias = fit_linear_probe(train_features, train_labels, num_classes, weight_decay=weight_decay,
-                                    max_iter=max_iter)
+    weight, bias = fit_linear_probe(
+        train_features, train_labels, num_classes, weight_decay=weight_decay, max_iter=max_iter
+    )
     with torch.no_grad():
         return ((test_features.float() @ weight.T + bias).argmax(1) == test_labels).float().mean().item()
 
@@ -167,7 +183,6 @@ def linear_probe_top1(
 def top1(logits_or_pred: torch.Tensor, labels: torch.Tensor) -> float:
     pred = logits_or_pred.argmax(1) if logits_or_pred.dim() == 2 else logits_or_pred
     return (pred == labels).float().mean().item()
-
 
 
 def recalibrate_batch_norm(model: nn.Module, images: torch.Tensor, *, batch_size: int = 256) -> None:
@@ -190,7 +205,7 @@ def recalibrate_batch_norm(model: nn.Module, images: torch.Tensor, *, batch_size
     seen = 0
     with torch.no_grad():
         for i in range(0, len(images), batch_size):
-            chunk = images[i:i + batch_size]
+            chunk = images[i : i + batch_size]
             if len(chunk) < 2 and seen:  # a batch of 1 has no variance
                 break
             for m in norms:  # each batch weighs by its size: the average over all images

@@ -26,8 +26,9 @@ from cl_core.data.reader import decode_sample, sample_pipeline
 from cl_core.evaluate import knn_top1, stream_features
 
 
-def _part(samples: Iterable[dict[str, Any]], limit: int | None, rank: int,
-          world: int) -> Iterator[tuple[Image.Image, int, int]]:
+def _part(
+    samples: Iterable[dict[str, Any]], limit: int | None, rank: int, world: int
+) -> Iterator[tuple[Image.Image, int, int]]:
     """The decoded samples at positions ``rank, rank + world, ...`` of the first ``limit``."""
     for i, sample in enumerate(samples):
         if limit is not None and i >= limit:
@@ -44,9 +45,9 @@ def _interleave(features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Ten
     counts = [c for c, _ in sizes]
     n, dim = max(counts), max(d for _, d in sizes)
     pad_f = torch.zeros(n, dim, device=features.device)
-    pad_f[:len(labels)] = features.reshape(len(labels), dim)
+    pad_f[: len(labels)] = features.reshape(len(labels), dim)
     pad_y = torch.full((n,), -1.0, device=features.device)
-    pad_y[:len(labels)] = labels.float()
+    pad_y[: len(labels)] = labels.float()
     both = distributed.gather_nograd(torch.cat([pad_f, pad_y.unsqueeze(1)], 1).unsqueeze(0))  # (W, n, dim + 1)
     total = sum(counts)
     # position i is rank i % W's entry i // W
@@ -58,24 +59,42 @@ def _interleave(features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Ten
 class KnnMonitor:
     """``monitor(encoder)`` -> val kNN top-1, the bank and the queries read from shards."""
 
-    def __init__(self, bank_urls: Sequence[str], val_urls: Sequence[str], transform: Callable[[Any], torch.Tensor], *,
-                 k: int, temperature: float, max_bank: int | None, max_val: int | None,
-                 device: str | torch.device = "cpu", batch_size: int = 512,
-                 bank_verify: Mapping[str, Mapping] | None = None, val_verify: Mapping[str, Mapping] | None = None):
+    def __init__(
+        self,
+        bank_urls: Sequence[str],
+        val_urls: Sequence[str],
+        transform: Callable[[Any], torch.Tensor],
+        *,
+        k: int,
+        temperature: float,
+        max_bank: int | None,
+        max_val: int | None,
+        device: str | torch.device = "cpu",
+        batch_size: int = 512,
+        bank_verify: Mapping[str, Mapping] | None = None,
+        val_verify: Mapping[str, Mapping] | None = None,
+    ):
         self.bank_urls, self.val_urls, self.transform = list(bank_urls), list(val_urls), transform
         self.k, self.temperature = k, temperature
         self.max_bank, self.max_val = max_bank, max_val
         self.device, self.batch_size = device, batch_size
         self.bank_verify, self.val_verify = bank_verify, val_verify
 
-    def features(self, encoder: nn.Module, urls: Sequence[str], limit: int | None,
-                 verify: Mapping[str, Mapping] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def features(
+        self, encoder: nn.Module, urls: Sequence[str], limit: int | None, verify: Mapping[str, Mapping] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The features and labels of the first ``limit`` samples of ``urls``, in order
         (this rank's part, gathered, under a process group)."""
         world = distributed.world_size()
         if world == 1:
-            return stream_features(encoder, sample_pipeline(urls, verify=verify), self.transform, limit=limit,
-                                   batch_size=self.batch_size, device=self.device)
+            return stream_features(
+                encoder,
+                sample_pipeline(urls, verify=verify),
+                self.transform,
+                limit=limit,
+                batch_size=self.batch_size,
+                device=self.device,
+            )
         part = _part(sample_pipeline(urls, verify=verify, decode=None), limit, distributed.rank(), world)
         f, y = stream_features(encoder, part, self.transform, batch_size=self.batch_size, device=self.device)
         return _interleave(f.to(self.device), y.to(self.device))

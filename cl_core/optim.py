@@ -98,7 +98,9 @@ def lr_at(step: int, *, total_steps: int, warmup_steps: int, peak_lr: float, fin
     return final_lr + 0.5 * (peak_lr - final_lr) * (1 + math.cos(math.pi * t))
 
 
-def build_optimizer(name: str, param_groups: list[dict], lr: float, *, weight_decay: float, momentum: float = 0.9) -> Optimizer:
+def build_optimizer(
+    name: str, param_groups: list[dict], lr: float, *, weight_decay: float, momentum: float = 0.9
+) -> Optimizer:
     """SGD (Nesterov-free, momentum), AdamW or LARS over ``param_groups`` (see
     :meth:`cl_core.methods.Method.param_groups`, which already sets per-group decay)."""
     groups = [dict(g) for g in param_groups]

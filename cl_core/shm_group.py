@@ -2,11 +2,12 @@
 
 A step with global BatchNorm makes two collectives per BatchNorm layer (the statistics
 forward, the gradient sums backward) plus the contrastive loss's gather: about 16 small
-all_gathers / all_reduces per step for a four-block CNN with SimCLR's head. gloo sends each over TCP, and each costs the waiting
-process a wake-up, which on a virtual machine's busy cores takes milliseconds, a large
-part of a small model's step. Ranks on the same host can exchange such tensors through a
-shared file in ``/dev/shm`` instead: each rank writes its tensor to its own slot,
-publishes a sequence number, and polls until every rank has published the same number.
+all_gathers / all_reduces per step for a four-block CNN with SimCLR's head. gloo sends
+each over TCP, and each costs the waiting process a wake-up, which on a virtual
+machine's busy cores takes milliseconds, a large part of a small model's step. Ranks on
+the same host can exchange such tensors through a shared file in ``/dev/shm`` instead:
+each rank writes its tensor to its own slot, publishes a sequence number, and polls
+until every rank has published the same number.
 
 Layout: one int64 sequence number per rank (each on its own 64-byte line), then two
 buffers of ``world x slot_bytes``. Collective ``k`` uses buffer ``k % 2``: a rank can be
@@ -98,15 +99,17 @@ class ShmGroup:
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
         """(world, *x.shape): every rank's ``x``, in rank order."""
         if not self.fits(x):
-            raise ValueError(f"shared-memory all_gather: {x.numel() * x.element_size()} bytes on {x.device}; "
-                             f"at most {self.slot_bytes} bytes of CPU tensor")
+            raise ValueError(
+                f"shared-memory all_gather: {x.numel() * x.element_size()} bytes on {x.device}; "
+                f"at most {self.slot_bytes} bytes of CPU tensor"
+            )
         self.count += 1
         buf = self.count & 1
         raw = x.detach().contiguous().view(-1).view(torch.uint8).numpy()
-        self._data[buf, self.rank, :raw.size] = raw
+        self._data[buf, self.rank, : raw.size] = raw
         self._seq[self.rank] = self.count  # after the data: published
         self._wait(self.count)
-        out = torch.from_numpy(self._data[buf, :, :raw.size].copy())
+        out = torch.from_numpy(self._data[buf, :, : raw.size].copy())
         return out.view(x.dtype).view(self.world, *x.shape)
 
     def all_reduce_sum(self, x: torch.Tensor) -> torch.Tensor:
@@ -130,8 +133,9 @@ class ShmGroup:
             waited = time.monotonic() - start
             if waited > self.timeout_s:
                 late = [r for r in range(self.world) if int(seq[r]) < count]
-                raise TimeoutError(f"shared-memory collective {count}: rank(s) {late} did not arrive within "
-                                   f"{self.timeout_s:g} s")
+                raise TimeoutError(
+                    f"shared-memory collective {count}: rank(s) {late} did not arrive within {self.timeout_s:g} s"
+                )
             time.sleep(min(_MAX_SLEEP_S, max(_MIN_SLEEP_S, waited / 10)))
 
     def close(self) -> None:

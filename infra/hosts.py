@@ -54,25 +54,41 @@ class Host:
                 env[k] = v
         return env
 
-    def run(self, cmd: Sequence[str], env: Mapping[str, str | None] | None = None, timeout: float = 120,
-            cwd: Path | None = None) -> subprocess.CompletedProcess:
-        return subprocess.run(self.argv(cmd), env=self.env(env), capture_output=True, text=True, timeout=timeout,
-                              cwd=cwd)
+    def run(
+        self,
+        cmd: Sequence[str],
+        env: Mapping[str, str | None] | None = None,
+        timeout: float = 120,
+        cwd: Path | None = None,
+    ) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            self.argv(cmd), env=self.env(env), capture_output=True, text=True, timeout=timeout, cwd=cwd
+        )
 
-    def spawn(self, cmd: Sequence[str], log: Path, env: Mapping[str, str | None] | None = None,
-              cwd: Path | None = None) -> int:
+    def spawn(
+        self, cmd: Sequence[str], log: Path, env: Mapping[str, str | None] | None = None, cwd: Path | None = None
+    ) -> int:
         """Start ``cmd`` on the host in a session of its own (output to ``log``, a path of
         this machine); returns its pid."""
         with open(log, "ab") as out:
-            p = subprocess.Popen(self.argv(cmd), stdout=out, stderr=subprocess.STDOUT, env=self.env(env), cwd=cwd,
-                                 start_new_session=True)
+            p = subprocess.Popen(
+                self.argv(cmd), stdout=out, stderr=subprocess.STDOUT, env=self.env(env), cwd=cwd, start_new_session=True
+            )
         return p.pid
 
-    def popen(self, cmd: Sequence[str], env: Mapping[str, str | None] | None = None,
-              cwd: Path | None = None) -> subprocess.Popen:
+    def popen(
+        self, cmd: Sequence[str], env: Mapping[str, str | None] | None = None, cwd: Path | None = None
+    ) -> subprocess.Popen:
         """``cmd`` on the host with its output (stdout and stderr) to read as text lines."""
-        return subprocess.Popen(self.argv(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env=self.env(env), cwd=cwd, start_new_session=True)
+        return subprocess.Popen(
+            self.argv(cmd),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=self.env(env),
+            cwd=cwd,
+            start_new_session=True,
+        )
 
     def join_ray(self, head_ip: str, stack_env: dict[str, str], log: Path, num_cpus: int = 2) -> int:
         """Start a Ray worker node here (this virtualenv's ``ray start --block``) that joins
@@ -83,12 +99,27 @@ class Host:
         from infra.stack import METRICS_ENV
 
         bin_dir = Path(sys.executable).parent
-        env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": stack_env["RAY_AUTH_TOKEN"],
-               **dict.fromkeys(METRICS_ENV, "0"), "AWS_ACCESS_KEY_ID": stack_env["AWS_ACCESS_KEY_ID"],
-               "AWS_SECRET_ACCESS_KEY": stack_env["AWS_SECRET_ACCESS_KEY"],
-               "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
-        return self.spawn([str(bin_dir / "ray"), "start", f"--address={head_ip}:6379", f"--node-ip-address={self.ip}",
-                           f"--num-cpus={num_cpus}", "--disable-usage-stats", "--block"], log, env=env)
+        env = {
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": stack_env["RAY_AUTH_TOKEN"],
+            **dict.fromkeys(METRICS_ENV, "0"),
+            "AWS_ACCESS_KEY_ID": stack_env["AWS_ACCESS_KEY_ID"],
+            "AWS_SECRET_ACCESS_KEY": stack_env["AWS_SECRET_ACCESS_KEY"],
+            "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        }
+        return self.spawn(
+            [
+                str(bin_dir / "ray"),
+                "start",
+                f"--address={head_ip}:6379",
+                f"--node-ip-address={self.ip}",
+                f"--num-cpus={num_cpus}",
+                "--disable-usage-stats",
+                "--block",
+            ],
+            log,
+            env=env,
+        )
 
     def file(self, path: str | Path) -> Path:
         """``path`` as this host sees it (its private mounts included), read from here."""
@@ -124,11 +155,21 @@ def _anchor(netns: str, private: Sequence[Path]) -> int:
     """A process in ``netns`` with a private mount namespace: tmpfs over /tmp, /dev/shm
     and each of ``private``."""
     mounts = ["/tmp", "/dev/shm", *map(str, private)]
-    script = " && ".join([*(f"mount -t tmpfs -o mode=0755 tmpfs {m}" for m in mounts), f"mkdir -p {HOME}",
-                          "echo ready", "exec sleep 86400"])
-    p = subprocess.Popen(["ip", "netns", "exec", netns, "unshare", "--mount", "--propagation", "private",
-                          "sh", "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         start_new_session=True)
+    script = " && ".join(
+        [
+            *(f"mount -t tmpfs -o mode=0755 tmpfs {m}" for m in mounts),
+            f"mkdir -p {HOME}",
+            "echo ready",
+            "exec sleep 86400",
+        ]
+    )
+    p = subprocess.Popen(
+        ["ip", "netns", "exec", netns, "unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     assert p.stdout is not None
     line = p.stdout.readline().strip()
     if line != "ready":

@@ -33,20 +33,54 @@ DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 CONNECT_TIMEOUT = 10.0
 # what a job needs from the submitting environment: where tracking and storage are. Sent in
 # the job's runtime_env, which anyone who can reach the job server reads back
-FORWARD_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL",
-               "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE", "RAY_AUTH_MODE")
+FORWARD_ENV = (
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_S3_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_PROFILE",
+    "RAY_AUTH_MODE",
+)
 # credentials: the cluster's nodes use their own (instance or pod role, their environment, their
 # ~/.aws); sent only with --forward-secrets, and then readable from the job's runtime_env and Ray's logs
-SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_TOKEN",
-              "MLFLOW_TRACKING_PASSWORD")
+SECRET_ENV = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_TRACKING_PASSWORD",
+)
 # never uploaded with the project (on top of .gitignore, which Ray also honours)
-EXCLUDES = [".git", ".venv", "venv", ".clpipe-stack", "clpipe-work", "bench/results", "__pycache__", "*.pyc",
-            ".mypy_cache", ".pytest_cache", ".ruff_cache", "*.egg-info", "build", "dist", "mlruns", "mlartifacts"]
+EXCLUDES = [
+    ".git",
+    ".venv",
+    "venv",
+    ".clpipe-stack",
+    "clpipe-work",
+    "bench/results",
+    "__pycache__",
+    "*.pyc",
+    ".mypy_cache",
+    ".pytest_cache",
+    ".ruff_cache",
+    "*.egg-info",
+    "build",
+    "dist",
+    "mlruns",
+    "mlartifacts",
+]
 CONFIG_ENV = "CLPIPE_JOB_CONFIG_YAML"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 # Ray's client logs every packaging step and websocket event at INFO: keep the console to the job's own output
-_QUIET = ("ray._private.runtime_env.working_dir", "ray._private.runtime_env.packaging",
-          "ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk")
+_QUIET = (
+    "ray._private.runtime_env.working_dir",
+    "ray._private.runtime_env.packaging",
+    "ray.dashboard.modules.dashboard_sdk",
+    "ray.dashboard.modules.job.sdk",
+)
 
 
 class JobsError(RuntimeError):
@@ -77,8 +111,10 @@ def _auth_headers() -> dict[str, str]:
     try:
         return dict(get_auth_headers_if_auth_enabled({}))
     except AuthenticationError:  # token auth on, no token here
-        raise JobsError("RAY_AUTH_MODE=token but no token is set here: set RAY_AUTH_TOKEN to the cluster's token "
-                        "(or RAY_AUTH_TOKEN_PATH to a file holding it, or write it to ~/.ray/auth_token)") from None
+        raise JobsError(
+            "RAY_AUTH_MODE=token but no token is set here: set RAY_AUTH_TOKEN to the cluster's token "
+            "(or RAY_AUTH_TOKEN_PATH to a file holding it, or write it to ~/.ray/auth_token)"
+        ) from None
 
 
 def connect(address: str | None, timeout: float = CONNECT_TIMEOUT):
@@ -86,17 +122,23 @@ def connect(address: str | None, timeout: float = CONNECT_TIMEOUT):
     within ``timeout`` seconds when nothing answers there."""
     url = resolve_address(address)
     if not url.startswith(("http://", "https://")):
-        raise JobsError(f"--address {url}: the job server is the Ray dashboard's http(s) address, e.g. {DEFAULT_ADDRESS}")
-    hint = ("start a local cluster with `clpipe stack up`, or point --address / $CLPIPE_JOB_ADDRESS at a cluster's "
-            "dashboard (http://HOST:8265)")
+        raise JobsError(
+            f"--address {url}: the job server is the Ray dashboard's http(s) address, e.g. {DEFAULT_ADDRESS}"
+        )
+    hint = (
+        "start a local cluster with `clpipe stack up`, or point --address / $CLPIPE_JOB_ADDRESS at a cluster's "
+        "dashboard (http://HOST:8265)"
+    )
     try:
         probe = urllib.request.Request(f"{url}/api/version", headers=_auth_headers())
         with urllib.request.urlopen(probe, timeout=timeout) as r:
             r.read()
     except urllib.error.HTTPError as e:
         if e.code in (401, 403):
-            raise JobsError(f"the Ray job server at {url} refused the request (HTTP {e.code}): it uses token auth; "
-                            "set RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN)") from None
+            raise JobsError(
+                f"the Ray job server at {url} refused the request (HTTP {e.code}): it uses token auth; "
+                "set RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN)"
+            ) from None
         raise JobsError(f"{url} answered HTTP {e.code} to /api/version: not a Ray job server; {hint}") from None
     except (urllib.error.URLError, OSError, ValueError) as e:
         reason = getattr(e, "reason", e)
@@ -148,8 +190,13 @@ class Pipeline:
     tracking_uri: str | None  # the config's mlflow.tracking_uri
 
 
-def build_job(config_file: Path | None, overrides: list[str], root: Path, flags: list[str] | None = None,
-              forward_secrets: bool = False) -> tuple[str, dict[str, Any]]:
+def build_job(
+    config_file: Path | None,
+    overrides: list[str],
+    root: Path,
+    flags: list[str] | None = None,
+    forward_secrets: bool = False,
+) -> tuple[str, dict[str, Any]]:
     """The entrypoint and runtime_env that run ``clpipe run CONFIG --set ...`` as a job."""
     args = ["python", "-m", "pipelines", "run"]
     env = forwarded_env(forward_secrets)
@@ -177,8 +224,16 @@ def _submission_id(name: str) -> str:
     return f"clpipe-{slug}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
 
-def submit(pipeline: Pipeline, overrides: list[str], *, address: str | None = None, follow: bool = True,
-           flags: list[str] | None = None, forward_secrets: bool = False, say: Callable[[str], None] = print) -> int:
+def submit(
+    pipeline: Pipeline,
+    overrides: list[str],
+    *,
+    address: str | None = None,
+    follow: bool = True,
+    flags: list[str] | None = None,
+    forward_secrets: bool = False,
+    say: Callable[[str], None] = print,
+) -> int:
     """Submit the (validated) pipeline as a Ray Job, print the id and (``follow``) stream
     the logs until the job ends. Returns 0 only if the job SUCCEEDED (or was submitted,
     with ``follow`` off)."""
@@ -190,24 +245,34 @@ def submit(pipeline: Pipeline, overrides: list[str], *, address: str | None = No
     if "://" not in work_dir:
         wp = Path(work_dir).expanduser()
         if not wp.is_absolute():
-            say(f"note: work dir {work_dir!r} is relative: on the cluster it resolves inside the job's copy of the "
-                "project; pass an absolute path (--work-dir) or an s3:// location to keep the outputs")
+            say(
+                f"note: work dir {work_dir!r} is relative: on the cluster it resolves inside the job's copy of the "
+                "project; pass an absolute path (--work-dir) or an s3:// location to keep the outputs"
+            )
         elif wp.resolve().is_relative_to(root):
             excludes_extra.append("/" + wp.resolve().relative_to(root).as_posix())
     entrypoint, runtime_env = build_job(pipeline.config_file, overrides, root, flags, forward_secrets)
     withheld = [] if forward_secrets else withheld_secrets()
     if withheld:
-        say(f"note: not sent to the cluster: {', '.join(withheld)}; the job uses the credentials of the cluster's "
+        say(
+            f"note: not sent to the cluster: {', '.join(withheld)}; the job uses the credentials of the cluster's "
             "nodes (instance role, their environment or ~/.aws). --forward-secrets sends these, readable by anyone "
-            "who can reach the job server")
+            "who can reach the job server"
+        )
     runtime_env["excludes"] += excludes_extra
-    tracking = runtime_env["env_vars"].get("MLFLOW_TRACKING_URI") or pipeline.tracking_uri or \
-        "sqlite in the work dir on the cluster"
+    tracking = (
+        runtime_env["env_vars"].get("MLFLOW_TRACKING_URI")
+        or pipeline.tracking_uri
+        or "sqlite in the work dir on the cluster"
+    )
     job_id = _submission_id(pipeline.name)
     try:
-        client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=job_id,
-                          metadata={"clpipe.pipeline": pipeline.name,
-                                    "clpipe.config": pipeline.config or "(embedded default)"})
+        client.submit_job(
+            entrypoint=entrypoint,
+            runtime_env=runtime_env,
+            submission_id=job_id,
+            metadata={"clpipe.pipeline": pipeline.name, "clpipe.config": pipeline.config or "(embedded default)"},
+        )
     except Exception as e:
         raise JobsError(f"submitting to {url} failed: {procs.one_line(e)}") from None
     say(f"submitted job {job_id} to {url} (pipeline {pipeline.name}, MLflow {tracking})")
@@ -225,8 +290,10 @@ def _follow(client, job_id: str, url: str, say: Callable[[str], None]) -> int:
         say(f"\ndetached; job {job_id} keeps running (clpipe stop {job_id} --address {url})")
         return 130
     except Exception as e:  # the job server went away mid-stream
-        raise JobsError(f"lost the log stream of job {job_id} from {url} ({procs.one_line(e)}); the job may still run: "
-                        f"clpipe logs {job_id} --address {url}") from None
+        raise JobsError(
+            f"lost the log stream of job {job_id} from {url} ({procs.one_line(e)}); the job may still run: "
+            f"clpipe logs {job_id} --address {url}"
+        ) from None
     info = client.get_job_info(job_id)
     msg = f": {info.message}" if info.message and status != "SUCCEEDED" else ""
     say(f"job {job_id} {status}{msg}")

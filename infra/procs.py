@@ -43,8 +43,9 @@ def require_free(ports: dict[str, int], host: str = "127.0.0.1") -> None:
     """Raise one line naming the first port in use (``ports``: what -> port)."""
     for what, port in ports.items():
         if not port_free(port, host):
-            raise RuntimeError(f"{what}: port {host}:{port} is already in use; stop what holds it or choose another "
-                               "port")
+            raise RuntimeError(
+                f"{what}: port {host}:{port} is already in use; stop what holds it or choose another port"
+            )
 
 
 def spawn(cmd: Sequence[str], log: Path, env: Mapping[str, str | None] | None = None, cwd: Path | None = None) -> int:
@@ -54,9 +55,15 @@ def spawn(cmd: Sequence[str], log: Path, env: Mapping[str, str | None] | None = 
     log.parent.mkdir(parents=True, exist_ok=True)
     full = {**os.environ, **(env or {})}
     with open(log, "ab") as out:
-        proc = subprocess.Popen(list(cmd), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env={k: v for k, v in full.items() if v is not None}, cwd=cwd,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            list(cmd),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={k: v for k, v in full.items() if v is not None},
+            cwd=cwd,
+            start_new_session=True,
+        )
     return proc.pid
 
 
@@ -107,8 +114,9 @@ def stop(pid: int, timeout: float = 15.0) -> None:
             time.sleep(0.1)
 
 
-def wait_until(check: Callable[[], bool], timeout: float, what: str, pid: int | None = None,
-               log: Path | None = None) -> None:
+def wait_until(
+    check: Callable[[], bool], timeout: float, what: str, pid: int | None = None, log: Path | None = None
+) -> None:
     """Poll ``check`` until true; raise one line naming ``what`` (and the log) after
     ``timeout`` seconds or as soon as ``pid`` exits."""
     deadline = time.monotonic() + timeout
@@ -117,8 +125,9 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str, pid: int | 
             return
         if pid is not None and not alive(pid):
             tail = log.read_text(errors="replace").strip().splitlines()[-1:] if log and log.exists() else []
-            raise RuntimeError(f"{what} exited while starting{f': {tail[0]}' if tail else ''}"
-                               f"{f' (log {log})' if log else ''}")
+            raise RuntimeError(
+                f"{what} exited while starting{f': {tail[0]}' if tail else ''}{f' (log {log})' if log else ''}"
+            )
         time.sleep(0.25)
     raise RuntimeError(f"{what} did not become healthy within {timeout:g} s{f' (log {log})' if log else ''}")
 

@@ -79,6 +79,7 @@ class Service:
 
 # ---------------------------------------------------------------- files
 
+
 def url_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
 
@@ -141,8 +142,13 @@ def read_state(d: Path) -> dict | None:
 
 
 def _write_state(d: Path, cfg: StackConfig, services: list[Service]) -> None:
-    state = {"dir": str(d), "host": cfg.host, "bucket": cfg.bucket, "env_file": str(d / ENV_FILE),
-             "services": [asdict(s) for s in services]}
+    state = {
+        "dir": str(d),
+        "host": cfg.host,
+        "bucket": cfg.bucket,
+        "env_file": str(d / ENV_FILE),
+        "services": [asdict(s) for s in services],
+    }
     tmp = _state_path(d).with_suffix(".tmp")
     tmp.write_text(json.dumps(state, indent=2))
     tmp.replace(_state_path(d))
@@ -161,6 +167,7 @@ def _credentials(d: Path) -> tuple[str, str, str]:
 
 
 # ---------------------------------------------------------------- processes
+
 
 def _start_time(pid: int) -> str:
     try:
@@ -252,25 +259,36 @@ def _ray_temp_dir(d: Path) -> Path:
 
 # ---------------------------------------------------------------- up
 
+
 def planned_ports(cfg: StackConfig) -> dict[str, int]:
-    return {**seaweed.ports(cfg.s3_port), "MLflow server": cfg.mlflow_port, "Ray GCS": cfg.ray_port,
-            "Ray dashboard": cfg.dashboard_port}
+    return {
+        **seaweed.ports(cfg.s3_port),
+        "MLflow server": cfg.mlflow_port,
+        "Ray GCS": cfg.ray_port,
+        "Ray dashboard": cfg.dashboard_port,
+    }
 
 
 def _check_config(cfg: StackConfig) -> None:
     if not _BUCKET.match(cfg.bucket):
-        raise StackError(f"--bucket {cfg.bucket!r}: an S3 bucket name is 3-63 characters of a-z, 0-9, '.', '-' "
-                         "and starts and ends with a letter or digit")
+        raise StackError(
+            f"--bucket {cfg.bucket!r}: an S3 bucket name is 3-63 characters of a-z, 0-9, '.', '-' "
+            "and starts and ends with a letter or digit"
+        )
     if cfg.s3_port + 3 + seaweed.GRPC_OFFSET > 65535:
-        raise StackError(f"--s3-port {cfg.s3_port}: SeaweedFS also uses ports up to s3 port + "
-                         f"{3 + seaweed.GRPC_OFFSET}; choose one below {65535 - 3 - seaweed.GRPC_OFFSET}")
+        raise StackError(
+            f"--s3-port {cfg.s3_port}: SeaweedFS also uses ports up to s3 port + "
+            f"{3 + seaweed.GRPC_OFFSET}; choose one below {65535 - 3 - seaweed.GRPC_OFFSET}"
+        )
     seen: dict[int, str] = {}
     for what, port in planned_ports(cfg).items():
         if not 0 < port < 65536:
             raise StackError(f"{what}: port {port} is not a valid port number")
         if port in seen:
-            raise StackError(f"{what} and {seen[port]} would both use port {port}; choose other ports "
-                             "(SeaweedFS uses s3 port .. +3 and +10000 each)")
+            raise StackError(
+                f"{what} and {seen[port]} would both use port {port}; choose other ports "
+                "(SeaweedFS uses s3 port .. +3 and +10000 each)"
+            )
         seen[port] = what
 
 
@@ -283,8 +301,10 @@ def up(cfg: StackConfig, say: Callable[[str], None] = print) -> dict:
     if old:
         running = [s for s in (Service(**x) for x in old["services"]) if _ours(s)]
         if running:
-            raise StackError(f"a stack is already running from {d} (pids "
-                             f"{', '.join(str(s.pid) for s in running)}); stop it with `clpipe stack down --dir {d}`")
+            raise StackError(
+                f"a stack is already running from {d} (pids "
+                f"{', '.join(str(s.pid) for s in running)}); stop it with `clpipe stack down --dir {d}`"
+            )
     ports = planned_ports(cfg)
     try:
         procs.require_free(ports, cfg.host)
@@ -301,8 +321,11 @@ def up(cfg: StackConfig, say: Callable[[str], None] = print) -> dict:
     logs.mkdir(exist_ok=True)
     (d / ENV_FILE).unlink(missing_ok=True)
     access, secret, ray_token = _credentials(d)
-    ray_auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": ray_token} if cfg.ray_auth == "token" else \
-        {"RAY_AUTH_MODE": "disabled"}
+    ray_auth = (
+        {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": ray_token}
+        if cfg.ray_auth == "token"
+        else {"RAY_AUTH_MODE": "disabled"}
+    )
     h = url_host(cfg.host)
     services: list[Service] = []
 
@@ -315,29 +338,57 @@ def up(cfg: StackConfig, say: Callable[[str], None] = print) -> dict:
     try:
         # a. SeaweedFS, then the bucket
         t0 = time.perf_counter()
-        s3 = seaweed.start(d / "weed", cfg.s3_port, access, secret, host=cfg.host, timeout=cfg.timeout,
-                           metrics_port=cfg.s3_metrics_port)
+        s3 = seaweed.start(
+            d / "weed",
+            cfg.s3_port,
+            access,
+            secret,
+            host=cfg.host,
+            timeout=cfg.timeout,
+            metrics_port=cfg.s3_metrics_port,
+        )
         record(Service("s3", s3.pid, cfg.s3_port, f"http://{h}:{cfg.s3_port}", s3.log))
-        s3_env = {"AWS_ENDPOINT_URL": f"http://{h}:{cfg.s3_port}", "AWS_ACCESS_KEY_ID": access,
-                  "AWS_SECRET_ACCESS_KEY": secret, "AWS_DEFAULT_REGION": REGION}
+        s3_env = {
+            "AWS_ENDPOINT_URL": f"http://{h}:{cfg.s3_port}",
+            "AWS_ACCESS_KEY_ID": access,
+            "AWS_SECRET_ACCESS_KEY": secret,
+            "AWS_DEFAULT_REGION": REGION,
+        }
         _ensure_bucket(cfg.bucket, s3_env)
-        say(f"  s3      pid {s3.pid:<7} http://{h}:{cfg.s3_port}  bucket s3://{cfg.bucket}  "
-            f"({time.perf_counter() - t0:.1f} s)")
+        say(
+            f"  s3      pid {s3.pid:<7} http://{h}:{cfg.s3_port}  bucket s3://{cfg.bucket}  "
+            f"({time.perf_counter() - t0:.1f} s)"
+        )
 
         # b. the MLflow tracking server, proxying artifacts into s3://<bucket>/mlflow
         t0 = time.perf_counter()
         mlflow_log = logs / "mlflow.log"
-        mlflow_cmd = [sys.executable, "-m", "mlflow", "server",
-                      "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}",
-                      "--artifacts-destination", f"s3://{cfg.bucket}/mlflow",
-                      "--host", cfg.host, "--port", str(cfg.mlflow_port), "--workers", "1"]
+        mlflow_cmd = [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{d / 'mlflow.db'}",
+            "--artifacts-destination",
+            f"s3://{cfg.bucket}/mlflow",
+            "--host",
+            cfg.host,
+            "--port",
+            str(cfg.mlflow_port),
+            "--workers",
+            "1",
+        ]
         # MLflow 3 also starts a job runner and its consumer processes for its GenAI jobs
         # (judges, prompt optimisation), which nothing here submits; still on when the
         # environment turns it on
-        mlflow_env = {**s3_env, "MLFLOW_S3_ENDPOINT_URL": s3_env["AWS_ENDPOINT_URL"],
-                      "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
-                      "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION",
-                                                                           "false")}
+        mlflow_env = {
+            **s3_env,
+            "MLFLOW_S3_ENDPOINT_URL": s3_env["AWS_ENDPOINT_URL"],
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+            "DO_NOT_TRACK": "true",
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false"),
+        }
         pid = procs.spawn(mlflow_cmd, mlflow_log, env=mlflow_env, cwd=d)
         mlflow_url = f"http://{h}:{cfg.mlflow_port}"
         record(Service("mlflow", pid, cfg.mlflow_port, mlflow_url, str(mlflow_log)))
@@ -349,10 +400,20 @@ def up(cfg: StackConfig, say: Callable[[str], None] = print) -> dict:
         ray_log = logs / "ray.log"
         temp_dir = _ray_temp_dir(d)
         agent_port, client_port, metric_port = _free_ports(3, exclude=set(ports.values()))
-        ray_cmd = [ray_bin, "start", "--head", f"--node-ip-address={h}", f"--port={cfg.ray_port}",
-                   f"--dashboard-host={cfg.host}", f"--dashboard-port={cfg.dashboard_port}",
-                   f"--dashboard-agent-listen-port={agent_port}", f"--ray-client-server-port={client_port}",
-                   f"--temp-dir={temp_dir}", "--disable-usage-stats", "--block"]
+        ray_cmd = [
+            ray_bin,
+            "start",
+            "--head",
+            f"--node-ip-address={h}",
+            f"--port={cfg.ray_port}",
+            f"--dashboard-host={cfg.host}",
+            f"--dashboard-port={cfg.dashboard_port}",
+            f"--dashboard-agent-listen-port={agent_port}",
+            f"--ray-client-server-port={client_port}",
+            f"--temp-dir={temp_dir}",
+            "--disable-usage-stats",
+            "--block",
+        ]
         if cfg.num_cpus is not None:
             ray_cmd.append(f"--num-cpus={cfg.num_cpus}")
         # the job entrypoint's `python` resolves through this PATH: this venv first. A Ray this
@@ -363,21 +424,38 @@ def up(cfg: StackConfig, say: Callable[[str], None] = print) -> dict:
         # workers find them in their environment, and `clpipe submit` sends none (--forward-secrets)
         ray_env: dict[str, str | None] = {
             **s3_env,
-            **ray_auth, "PATH": f"{_venv_bin()}{os.pathsep}{os.environ.get('PATH', '')}",
-            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", "DASHBOARD_METRIC_PORT": str(metric_port),
-            "RAY_USAGE_STATS_ENABLED": "0", "RAY_API_SERVER_ADDRESS": None, "RAY_ADDRESS": None,
+            **ray_auth,
+            "PATH": f"{_venv_bin()}{os.pathsep}{os.environ.get('PATH', '')}",
+            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+            "DASHBOARD_METRIC_PORT": str(metric_port),
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_API_SERVER_ADDRESS": None,
+            "RAY_ADDRESS": None,
             # Ray's and Ray Train's metrics: nothing scrapes the stack's Ray (as for a local one: RayConfig.metrics)
-            **{k: os.environ.get(k, "0") for k in METRICS_ENV}}
+            **{k: os.environ.get(k, "0") for k in METRICS_ENV},
+        }
         pid = procs.spawn(ray_cmd, ray_log, env=ray_env, cwd=d)
         dash = f"http://{h}:{cfg.dashboard_port}"
-        record(Service("ray", pid, cfg.ray_port, dash, str(ray_log),
-                       extra={"dashboard_port": cfg.dashboard_port, "agent_port": agent_port,
-                              "client_port": client_port, "temp_dir": str(temp_dir)}))
+        record(
+            Service(
+                "ray",
+                pid,
+                cfg.ray_port,
+                dash,
+                str(ray_log),
+                extra={
+                    "dashboard_port": cfg.dashboard_port,
+                    "agent_port": agent_port,
+                    "client_port": client_port,
+                    "temp_dir": str(temp_dir),
+                },
+            )
+        )
         token = ray_auth.get("RAY_AUTH_TOKEN")
-        procs.wait_until(lambda: _ray_ok(dash, h, agent_port, token), cfg.timeout, "Ray head (dashboard and job agent)",
-                         pid, ray_log)
-        say(f"  ray     pid {pid:<7} {h}:{cfg.ray_port}  dashboard and jobs {dash}  "
-            f"({time.perf_counter() - t0:.1f} s)")
+        procs.wait_until(
+            lambda: _ray_ok(dash, h, agent_port, token), cfg.timeout, "Ray head (dashboard and job agent)", pid, ray_log
+        )
+        say(f"  ray     pid {pid:<7} {h}:{cfg.ray_port}  dashboard and jobs {dash}  ({time.perf_counter() - t0:.1f} s)")
     except BaseException as e:
         for s in reversed(services):
             _stop_service(s)
@@ -387,15 +465,19 @@ def up(cfg: StackConfig, say: Callable[[str], None] = print) -> dict:
         started = ", ".join(f"{s.name} (pid {s.pid})" for s in services) or "nothing"
         raise StackError(f"{procs.one_line(e)}; stopped what had started: {started}") from None
 
-    env = {"MLFLOW_TRACKING_URI": f"http://{h}:{cfg.mlflow_port}",
-           "RAY_ADDRESS": f"{h}:{cfg.ray_port}",
-           "CLPIPE_JOB_ADDRESS": f"http://{h}:{cfg.dashboard_port}",
-           **s3_env,
-           "MLFLOW_S3_ENDPOINT_URL": s3_env["AWS_ENDPOINT_URL"],
-           **ray_auth,
-           "CLPIPE_S3_BUCKET": cfg.bucket}
-    header = (f"# written by `clpipe stack up` ({time.strftime('%Y-%m-%d %H:%M:%S')}); removed by `clpipe stack down`.\n"
-              "# Holds the stack's S3 keys: keep it private (mode 0600).\n")
+    env = {
+        "MLFLOW_TRACKING_URI": f"http://{h}:{cfg.mlflow_port}",
+        "RAY_ADDRESS": f"{h}:{cfg.ray_port}",
+        "CLPIPE_JOB_ADDRESS": f"http://{h}:{cfg.dashboard_port}",
+        **s3_env,
+        "MLFLOW_S3_ENDPOINT_URL": s3_env["AWS_ENDPOINT_URL"],
+        **ray_auth,
+        "CLPIPE_S3_BUCKET": cfg.bucket,
+    }
+    header = (
+        f"# written by `clpipe stack up` ({time.strftime('%Y-%m-%d %H:%M:%S')}); removed by `clpipe stack down`.\n"
+        "# Holds the stack's S3 keys: keep it private (mode 0600).\n"
+    )
     _write_private(d / ENV_FILE, header + "".join(f"{k}={v}\n" for k, v in env.items()))
     say(f"stack up in {time.perf_counter() - t_all:.1f} s; env file {d / ENV_FILE}")
     state = read_state(d)
@@ -415,8 +497,9 @@ def _free_ports(n: int, exclude: set[int]) -> list[int]:
 def _ray_ok(dashboard: str, host: str, agent_port: int, token: str | None = None) -> bool:
     """The dashboard answers and the head's agent (which runs submitted jobs) is up."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    return procs.http_ok(f"{dashboard}/api/version", headers=headers) and \
-        procs.http_ok(f"http://{host}:{agent_port}/api/healthz", headers=headers)
+    return procs.http_ok(f"{dashboard}/api/version", headers=headers) and procs.http_ok(
+        f"http://{host}:{agent_port}/api/healthz", headers=headers
+    )
 
 
 def _ensure_bucket(bucket: str, env: dict[str, str]) -> None:
@@ -424,9 +507,14 @@ def _ensure_bucket(bucket: str, env: dict[str, str]) -> None:
     from botocore.config import Config
     from botocore.exceptions import BotoCoreError, ClientError
 
-    s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-                      aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name=env["AWS_DEFAULT_REGION"],
-                      config=Config(connect_timeout=5, read_timeout=30, retries={"max_attempts": 3}))
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=env["AWS_ENDPOINT_URL"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        region_name=env["AWS_DEFAULT_REGION"],
+        config=Config(connect_timeout=5, read_timeout=30, retries={"max_attempts": 3}),
+    )
     try:
         s3.head_bucket(Bucket=bucket)
         return
@@ -436,13 +524,15 @@ def _ensure_bucket(bucket: str, env: dict[str, str]) -> None:
         s3.create_bucket(Bucket=bucket)
     except ClientError as e:
         if e.response.get("Error", {}).get("Code") not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
-            raise StackError(f"--bucket {bucket}: could not create it ({e.response.get('Error', {}).get('Code')})") \
-                from None
+            raise StackError(
+                f"--bucket {bucket}: could not create it ({e.response.get('Error', {}).get('Code')})"
+            ) from None
     except BotoCoreError as e:
         raise StackError(f"--bucket {bucket}: could not create it ({type(e).__name__})") from None
 
 
 # ---------------------------------------------------------------- down, status
+
 
 def down(d: Path, say: Callable[[str], None] = print) -> bool:
     """Stop the recorded processes in reverse order and remove the env file. Returns
@@ -483,6 +573,16 @@ def status(d: Path) -> list[dict]:
             healthy = running and procs.http_ok(f"{s.url}/health")
         else:
             healthy = running and _ray_ok(s.url, url_host(state["host"]), s.extra.get("agent_port", 0))
-        rows.append({"name": s.name, "pid": s.pid, "port": s.port, "url": s.url, "running": running,
-                     "healthy": healthy, "log": s.log, **s.extra})
+        rows.append(
+            {
+                "name": s.name,
+                "pid": s.pid,
+                "port": s.port,
+                "url": s.url,
+                "running": running,
+                "healthy": healthy,
+                "log": s.log,
+                **s.extra,
+            }
+        )
     return rows

@@ -16,9 +16,11 @@ from pipelines.console import console
 from pipelines.errors import StageError
 
 JOB_COMMANDS = ("submit", "jobs", "logs", "stop")  # the Ray Jobs client commands
-SECRETS_HELP = ("also send this shell's AWS keys, session token and MLflow token/password to the cluster (default: "
-                "its nodes use their own credentials); anyone who can reach the cluster's job server can read them "
-                "back, and Ray's logs record them")
+SECRETS_HELP = (
+    "also send this shell's AWS keys, session token and MLflow token/password to the cluster (default: "
+    "its nodes use their own credentials); anyone who can reach the cluster's job server can read them "
+    "back, and Ray's logs record them"
+)
 
 if TYPE_CHECKING:  # the config module imports torch: `stack`, `jobs`, `logs`, `stop` start without it
     from pipelines.config import PipelineConfig
@@ -26,8 +28,14 @@ if TYPE_CHECKING:  # the config module imports torch: `stack`, `jobs`, `logs`, `
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="YAML config (default: the embedded digits pipeline)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set pretrain.epochs=5 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set pretrain.epochs=5 (repeatable)",
+    )
     p.add_argument("--work-dir", help="where shards, checkpoints and the MLflow store live (config: work_dir)")
 
 
@@ -40,8 +48,14 @@ def _config(args: argparse.Namespace) -> PipelineConfig:
     return load_config(args.config, overrides)
 
 
-def run(cfg: PipelineConfig, *, rerun: str | None = None, only: str | None = None, until: str | None = None,
-        forward_secrets: bool = False):
+def run(
+    cfg: PipelineConfig,
+    *,
+    rerun: str | None = None,
+    only: str | None = None,
+    until: str | None = None,
+    forward_secrets: bool = False,
+):
     """Run the stages (shard -> labels -> sweep -> pretrain -> finetune -> distill ->
     evaluate -> register) and print the summary. Returns the PipelineResult."""
     from cl_core.data import storage
@@ -62,11 +76,15 @@ def run(cfg: PipelineConfig, *, rerun: str | None = None, only: str | None = Non
     if cfg.is_text():
         image_only = {"labels", "finetune", "distill", "evaluate", "register"}
         if only in image_only or until in image_only:
-            raise ConfigError(f"--{'only' if only in image_only else 'until'} {only or until}: a text pipeline "
-                              f"({cfg.pretrain.method}) has the stages shard and pretrain only")
+            raise ConfigError(
+                f"--{'only' if only in image_only else 'until'} {only or until}: a text pipeline "
+                f"({cfg.pretrain.method}) has the stages shard and pretrain only"
+            )
         if until is None:
-            console.print(f"clpipe: {cfg.pretrain.method} reads text: running shard and pretrain (the sweep, labels, "
-                          "finetune, distill, evaluate and register stages are for images)")
+            console.print(
+                f"clpipe: {cfg.pretrain.method} reads text: running shard and pretrain (the sweep, labels, "
+                "finetune, distill, evaluate and register stages are for images)"
+            )
             until = "pretrain"
     result = run_pipeline(cfg, STAGES, experiment_id=exp_id, rerun=rerun, only=only, until=until)
     _summary(cfg, result, time.perf_counter() - t0)
@@ -82,15 +100,43 @@ def _summary(cfg: PipelineConfig, result, wall: float) -> None:
     if ev is not None and ev.outputs.get("rows"):
         metrics, rows = ev.outputs["metrics"], ev.outputs["rows"]
         t = Table(title=f"test top-1 ({int(metrics['test/num_samples'])} images)")
-        for col in ("label fraction", "labels", "encoder kNN", "encoder linear", "supervised baseline", "teacher", "student"):
+        for col in (
+            "label fraction",
+            "labels",
+            "encoder kNN",
+            "encoder linear",
+            "supervised baseline",
+            "teacher",
+            "student",
+        ):
             t.add_column(col, justify="right")
         for r in rows:
-            t.add_row(f"{r['label_fraction']:g}", str(r["labels"]),
-                      *[f"{r[c]:.4f}" if c in r else "-" for c in ("encoder_knn", "encoder_linear", "baseline", "teacher", "student")])
-        t.add_row("1 (all)", "-", f"{metrics['test/pretrained/knn_top1']:.4f}", f"{metrics['test/pretrained/linear_top1']:.4f}",
-                  "-", "-", "-")
-        t.add_row("random init, all", "-", f"{metrics['test/random_init/knn_top1']:.4f}",
-                  f"{metrics['test/random_init/linear_top1']:.4f}", "-", "-", "-")
+            t.add_row(
+                f"{r['label_fraction']:g}",
+                str(r["labels"]),
+                *[
+                    f"{r[c]:.4f}" if c in r else "-"
+                    for c in ("encoder_knn", "encoder_linear", "baseline", "teacher", "student")
+                ],
+            )
+        t.add_row(
+            "1 (all)",
+            "-",
+            f"{metrics['test/pretrained/knn_top1']:.4f}",
+            f"{metrics['test/pretrained/linear_top1']:.4f}",
+            "-",
+            "-",
+            "-",
+        )
+        t.add_row(
+            "random init, all",
+            "-",
+            f"{metrics['test/random_init/knn_top1']:.4f}",
+            f"{metrics['test/random_init/linear_top1']:.4f}",
+            "-",
+            "-",
+            "-",
+        )
         console.print(t)
     reg = result.stages.get("register")
     if reg is not None and not reg.cached:
@@ -113,8 +159,14 @@ def _print_trials(out: dict) -> None:
     for col in ("rank", *names, out["metric"], "best epoch value", "epochs", "ASHA"):
         t.add_column(col, justify="right")
     for r in ranked:
-        t.add_row(str(r["rank"]), *[f"{r[n]:.4g}" if isinstance(r[n], float) else str(r[n]) for n in names],
-                  f"{r['last']:.4f}", f"{r['best']:.4f}", str(r["epochs_run"]), "stopped" if r["stopped_early"] else "")
+        t.add_row(
+            str(r["rank"]),
+            *[f"{r[n]:.4g}" if isinstance(r[n], float) else str(r[n]) for n in names],
+            f"{r['last']:.4f}",
+            f"{r['best']:.4f}",
+            str(r["epochs_run"]),
+            "stopped" if r["stopped_early"] else "",
+        )
     console.print(t)
 
 
@@ -125,21 +177,37 @@ def _add_stack_commands(sub) -> None:
     p_down = ssub.add_parser("down", help="stop exactly the processes `up` started (by pid); remove the env file")
     p_status = ssub.add_parser("status", help="each service's pid, port and whether it answers")
     for q in (p_up, p_down, p_status):
-        q.add_argument("--dir", default=".clpipe-stack",
-                       help="state dir: S3 data, mlflow.db, logs, pids, the env file (default: ./.clpipe-stack)")
-    p_up.add_argument("--s3-port", type=int, default=8333, help="SeaweedFS S3 port (it also uses +1..+3 and +10000 each)")
+        q.add_argument(
+            "--dir",
+            default=".clpipe-stack",
+            help="state dir: S3 data, mlflow.db, logs, pids, the env file (default: ./.clpipe-stack)",
+        )
+    p_up.add_argument(
+        "--s3-port", type=int, default=8333, help="SeaweedFS S3 port (it also uses +1..+3 and +10000 each)"
+    )
     p_up.add_argument("--mlflow-port", type=int, default=5000, help="MLflow tracking server port")
     p_up.add_argument("--ray-port", type=int, default=6379, help="Ray GCS port (what RAY_ADDRESS names)")
     p_up.add_argument("--dashboard-port", type=int, default=8265, help="Ray dashboard and job server port")
-    p_up.add_argument("--host", default="127.0.0.1",
-                      help="interface the servers bind (default loopback; Ray's GCS and raylet listen on every "
-                           "interface whatever this says)")
+    p_up.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="interface the servers bind (default loopback; Ray's GCS and raylet listen on every "
+        "interface whatever this says)",
+    )
     p_up.add_argument("--bucket", default="clpipe", help="S3 bucket for MLflow artifacts (and your shards)")
-    p_up.add_argument("--num-cpus", type=int, help="logical CPUs of the Ray head (default: Ray counts them; 0: a head "
-                      "that runs no work, as on a cluster whose workers join it)")
-    p_up.add_argument("--ray-auth", choices=("disabled", "token"), default="disabled",
-                      help="token: Ray's token auth on the head (the token goes to the env file, 0600); other nodes "
-                      "join with RAY_AUTH_MODE=token and RAY_AUTH_TOKEN")
+    p_up.add_argument(
+        "--num-cpus",
+        type=int,
+        help="logical CPUs of the Ray head (default: Ray counts them; 0: a head "
+        "that runs no work, as on a cluster whose workers join it)",
+    )
+    p_up.add_argument(
+        "--ray-auth",
+        choices=("disabled", "token"),
+        default="disabled",
+        help="token: Ray's token auth on the head (the token goes to the env file, 0600); other nodes "
+        "join with RAY_AUTH_MODE=token and RAY_AUTH_TOKEN",
+    )
     p_up.add_argument("--timeout", type=float, default=120.0, help="seconds each server may take to become healthy")
 
 
@@ -170,24 +238,42 @@ def _stack(args: argparse.Namespace) -> int:
 
     d = Path(args.dir)
     if args.stack_command == "up":
-        cfg = stack.StackConfig(dir=d, s3_port=args.s3_port, mlflow_port=args.mlflow_port, ray_port=args.ray_port,
-                                dashboard_port=args.dashboard_port, host=args.host, bucket=args.bucket,
-                                num_cpus=args.num_cpus, timeout=args.timeout, ray_auth=args.ray_auth)
+        cfg = stack.StackConfig(
+            dir=d,
+            s3_port=args.s3_port,
+            mlflow_port=args.mlflow_port,
+            ray_port=args.ray_port,
+            dashboard_port=args.dashboard_port,
+            host=args.host,
+            bucket=args.bucket,
+            num_cpus=args.num_cpus,
+            timeout=args.timeout,
+            ray_auth=args.ray_auth,
+        )
         if args.host not in ("127.0.0.1", "localhost"):
-            guards = "S3 keys and the Ray token are the guards" if args.ray_auth == "token" else \
-                "S3 keys are the only guard (Ray has none: --ray-auth token turns its token auth on)"
-            print(f"clpipe: note: --host {args.host}: the servers are reachable beyond this machine; {guards}; "
-                  "MLflow has no authentication here")
+            guards = (
+                "S3 keys and the Ray token are the guards"
+                if args.ray_auth == "token"
+                else "S3 keys are the only guard (Ray has none: --ray-auth token turns its token auth on)"
+            )
+            print(
+                f"clpipe: note: --host {args.host}: the servers are reachable beyond this machine; {guards}; "
+                "MLflow has no authentication here"
+            )
         print(f"clpipe: starting the stack in {d.resolve()} ...")
         state = stack.up(cfg, say=print)
         env_file = state["env_file"]
         if d.resolve().name == stack.DEFAULT_DIR:
-            print(f"clpipe commands run from {d.resolve().parent} read it; elsewhere: export CLPIPE_STACK_ENV={env_file}")
+            print(
+                f"clpipe commands run from {d.resolve().parent} read it; elsewhere: export CLPIPE_STACK_ENV={env_file}"
+            )
         else:
             print(f"point clpipe at it: export CLPIPE_STACK_ENV={env_file}")
-        print(f"MLflow UI http://{stack.url_host(args.host)}:{args.mlflow_port}, "
-              f"Ray dashboard http://{stack.url_host(args.host)}:{args.dashboard_port}; stop: clpipe stack down"
-              f"{'' if args.dir == '.clpipe-stack' else f' --dir {args.dir}'}")
+        print(
+            f"MLflow UI http://{stack.url_host(args.host)}:{args.mlflow_port}, "
+            f"Ray dashboard http://{stack.url_host(args.host)}:{args.dashboard_port}; stop: clpipe stack down"
+            f"{'' if args.dir == '.clpipe-stack' else f' --dir {args.dir}'}"
+        )
         return 0
     if args.stack_command == "down":
         return 0 if stack.down(d, say=print) else 1
@@ -210,15 +296,27 @@ def _jobs(args: argparse.Namespace) -> int:
     if args.command == "submit":
         from pipelines.config import ConfigError, config_path, load_config
 
-        flags = [x for flag in ("rerun", "only", "until") if getattr(args, flag)
-                 for x in (f"--{flag}", getattr(args, flag))]
+        flags = [
+            x for flag in ("rerun", "only", "until") if getattr(args, flag) for x in (f"--{flag}", getattr(args, flag))
+        ]
         overrides = list(args.overrides) + ([f"work_dir={args.work_dir}"] if args.work_dir else [])
         try:
             cfg = load_config(args.config, overrides)  # a typo fails here, not minutes later on the cluster
-            pipeline = jobs.Pipeline(cfg.name, args.config, config_path(args.config) if args.config else None,
-                                     args.work_dir or cfg.work_dir, cfg.mlflow.tracking_uri)
-            return jobs.submit(pipeline, overrides, address=args.address, follow=not args.no_follow, flags=flags,
-                               forward_secrets=args.forward_secrets)
+            pipeline = jobs.Pipeline(
+                cfg.name,
+                args.config,
+                config_path(args.config) if args.config else None,
+                args.work_dir or cfg.work_dir,
+                cfg.mlflow.tracking_uri,
+            )
+            return jobs.submit(
+                pipeline,
+                overrides,
+                address=args.address,
+                follow=not args.no_follow,
+                flags=flags,
+                forward_secrets=args.forward_secrets,
+            )
         except ConfigError as e:
             print(f"clpipe: config error:\n{e}", file=sys.stderr)
             return 2
@@ -260,27 +358,46 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``clpipe`` command line (every subcommand and option; parsing imports no torch)."""
     parser = argparse.ArgumentParser(prog="clpipe", description="Contrastive pretraining pipelines on Ray with MLflow.")
     sub = parser.add_subparsers(dest="command")
-    p_run = sub.add_parser("run", help="run the pipeline (shard, labels, sweep, pretrain, finetune, distill, evaluate, register)")
+    p_run = sub.add_parser(
+        "run", help="run the pipeline (shard, labels, sweep, pretrain, finetune, distill, evaluate, register)"
+    )
     _add_config_args(p_run)
-    p_run.add_argument("--rerun", metavar="STAGE", help="recompute STAGE and everything downstream of it (ignore the cache)")
-    p_run.add_argument("--only", metavar="STAGE", help="compute STAGE alone against the cached outputs of its upstream stages")
+    p_run.add_argument(
+        "--rerun", metavar="STAGE", help="recompute STAGE and everything downstream of it (ignore the cache)"
+    )
+    p_run.add_argument(
+        "--only", metavar="STAGE", help="compute STAGE alone against the cached outputs of its upstream stages"
+    )
     p_run.add_argument("--until", metavar="STAGE", help="stop after STAGE (e.g. --until pretrain)")
-    p_run.add_argument("--forward-secrets", action="store_true",
-                       help="joining a running cluster (ray.address) from outside a job: also send this shell's "
-                       "credentials to the run's workers in its runtime_env (default: their nodes' own); anyone who "
-                       "can reach the cluster's job server can read them back, and Ray's logs record them")
-    p_sweep = sub.add_parser("sweep", help="run the sweep stage alone (shard, then Ray Tune) and print the ranked trials")
+    p_run.add_argument(
+        "--forward-secrets",
+        action="store_true",
+        help="joining a running cluster (ray.address) from outside a job: also send this shell's "
+        "credentials to the run's workers in its runtime_env (default: their nodes' own); anyone who "
+        "can reach the cluster's job server can read them back, and Ray's logs record them",
+    )
+    p_sweep = sub.add_parser(
+        "sweep", help="run the sweep stage alone (shard, then Ray Tune) and print the ranked trials"
+    )
     _add_config_args(p_sweep)
     p_cfg = sub.add_parser("config", help="validate a config and print it resolved")
     _add_config_args(p_cfg)
-    sub.add_parser("methods", help="list the known methods with their hyperparameters, defaults and default sweep space")
-    p_exp = sub.add_parser("export", help="write a logged or registered model as a state_dict folder, TorchScript or "
-                           "ONNX file, checked against the model's outputs on its input example")
+    sub.add_parser(
+        "methods", help="list the known methods with their hyperparameters, defaults and default sweep space"
+    )
+    p_exp = sub.add_parser(
+        "export",
+        help="write a logged or registered model as a state_dict folder, TorchScript or "
+        "ONNX file, checked against the model's outputs on its input example",
+    )
     p_exp.add_argument("model", help="MLflow model URI, e.g. models:/default-student@champion")
     p_exp.add_argument("output", help="the file (torchscript, onnx) or folder (state_dict) to write")
     p_exp.add_argument("--format", default="torchscript", choices=["state_dict", "torchscript", "onnx"])
-    p_exp.add_argument("--work-dir", help="the pipeline's work dir, whose MLflow store holds the model (default: "
-                       "$MLFLOW_TRACKING_URI, else ./clpipe-work)")
+    p_exp.add_argument(
+        "--work-dir",
+        help="the pipeline's work dir, whose MLflow store holds the model (default: "
+        "$MLFLOW_TRACKING_URI, else ./clpipe-work)",
+    )
     _add_stack_commands(sub)
     _add_job_commands(sub)
     return parser

@@ -34,8 +34,10 @@ FORMATS = ("state_dict", "torchscript", "onnx")
 def _example(local: Path, uri: str) -> np.ndarray:
     example = Model.load(local / "MLmodel").load_input_example(str(local))
     if example is None:
-        raise ValueError(f"{uri}: the model has no input example to trace and check the export with; log it with "
-                         "input_example (the pipeline's stages do)")
+        raise ValueError(
+            f"{uri}: the model has no input example to trace and check the export with; log it with "
+            "input_example (the pipeline's stages do)"
+        )
     return np.asarray(example)
 
 
@@ -66,8 +68,10 @@ def export(uri: str, out: str | Path, fmt: str) -> Path:
         return out
     missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
     if missing:
-        raise ValueError(f"--format onnx: {' and '.join(missing)} not installed; pip install onnx onnxscript "
-                         "(and onnxruntime to run the file)")
+        raise ValueError(
+            f"--format onnx: {' and '.join(missing)} not installed; pip install onnx onnxscript "
+            "(and onnxruntime to run the file)"
+        )
     batch = torch.export.Dim("batch", min=1)
     program = torch.onnx.export(module, (x,), dynamo=True, dynamic_shapes=({0: batch},))
     assert program is not None  # the dynamo exporter returns the program
@@ -84,16 +88,20 @@ def export(uri: str, out: str | Path, fmt: str) -> Path:
 def _check(want: torch.Tensor, got: torch.Tensor, out: Path) -> None:
     want, got = want.detach(), got.detach()
     if want.shape != got.shape or not torch.allclose(want, got, rtol=1e-4, atol=1e-5):
-        raise RuntimeError(f"{out}: the exported model's outputs differ from the logged model's "
-                           f"(max abs diff {(want - got).abs().max().item() if want.shape == got.shape else 'shape'})")
+        raise RuntimeError(
+            f"{out}: the exported model's outputs differ from the logged model's "
+            f"(max abs diff {(want - got).abs().max().item() if want.shape == got.shape else 'shape'})"
+        )
 
 
 def describe(out: Path, fmt: str) -> str:
     """How to load what :func:`export` wrote."""
-    return {"state_dict": f"torch.load('{out}/{saved.WEIGHTS_FILE}', weights_only=True); architecture: "
-                          f"cl_core.downstream.saved.build_module(json.load(open('{out}/{saved.BUILDER_FILE}'))['builder'])",
-            "torchscript": f"torch.jit.load('{out}')",
-            "onnx": f"onnxruntime.InferenceSession('{out}')"}[fmt]
+    return {
+        "state_dict": f"torch.load('{out}/{saved.WEIGHTS_FILE}', weights_only=True); architecture: "
+        f"cl_core.downstream.saved.build_module(json.load(open('{out}/{saved.BUILDER_FILE}'))['builder'])",
+        "torchscript": f"torch.jit.load('{out}')",
+        "onnx": f"onnxruntime.InferenceSession('{out}')",
+    }[fmt]
 
 
 __all__ = ["FORMATS", "describe", "export"]

@@ -120,8 +120,16 @@ def _ancestors(stages: list[StageSpec], name: str) -> set[str]:
     return out
 
 
-def run_pipeline(cfg: PipelineConfig, stages: list[StageSpec], *, experiment_id: str, run_name: str | None = None,
-                 rerun: str | None = None, only: str | None = None, until: str | None = None) -> PipelineResult:
+def run_pipeline(
+    cfg: PipelineConfig,
+    stages: list[StageSpec],
+    *,
+    experiment_id: str,
+    run_name: str | None = None,
+    rerun: str | None = None,
+    only: str | None = None,
+    until: str | None = None,
+) -> PipelineResult:
     """Run ``stages`` (in dependency order) under one parent MLflow run.
 
     ``rerun``: recompute that stage and everything downstream of it, ignoring the cache.
@@ -150,8 +158,11 @@ def run_pipeline(cfg: PipelineConfig, stages: list[StageSpec], *, experiment_id:
     if cfg.mlflow.system_metrics_seconds:
         mlflow.set_system_metrics_sampling_interval(cfg.mlflow.system_metrics_seconds)
         mlflow.set_system_metrics_samples_before_logging(1)
-    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name or f"pipeline {cfg.name}",
-                          tags={tracking.TAG_KIND: "pipeline", **source}) as parent:
+    with mlflow.start_run(
+        experiment_id=experiment_id,
+        run_name=run_name or f"pipeline {cfg.name}",
+        tags={tracking.TAG_KIND: "pipeline", **source},
+    ) as parent:
         result = PipelineResult(parent.info.run_id)
         tracking.log_params(parent.info.run_id, flatten(cfg.model_dump(mode="json")))
         mlflow.log_dict(cfg.model_dump(mode="json"), "config.json")
@@ -163,8 +174,18 @@ def run_pipeline(cfg: PipelineConfig, stages: list[StageSpec], *, experiment_id:
         for spec in selected:
             must_cache = only is not None and spec.name != only
             started = time.perf_counter() - t0
-            res = _run_stage(spec, cfg, experiment_id, parent.info.run_id, keys, result,
-                             force=spec.name in forced, cache_only=must_cache, only=only, source=source)
+            res = _run_stage(
+                spec,
+                cfg,
+                experiment_id,
+                parent.info.run_id,
+                keys,
+                result,
+                force=spec.name in forced,
+                cache_only=must_cache,
+                only=only,
+                source=source,
+            )
             res.started = started
             keys[spec.name] = res.key
             result.stages[spec.name] = res
@@ -195,13 +216,26 @@ def _chain_markdown(result: PipelineResult) -> str:
 
 
 def _missing_paths(outputs: dict) -> list[str]:
-    return [v for k, v in flatten(outputs).items()
-            if (k.endswith("_dir") or k.endswith("_path")) and isinstance(v, str) and not storage.exists_any(v)]
+    return [
+        v
+        for k, v in flatten(outputs).items()
+        if (k.endswith("_dir") or k.endswith("_path")) and isinstance(v, str) and not storage.exists_any(v)
+    ]
 
 
-def _run_stage(spec: StageSpec, cfg: PipelineConfig, experiment_id: str, parent_id: str,
-               keys: dict[str, str], result: PipelineResult, *, force: bool = False, cache_only: bool = False,
-               only: str | None = None, source: dict[str, str] | None = None) -> StageResult:
+def _run_stage(
+    spec: StageSpec,
+    cfg: PipelineConfig,
+    experiment_id: str,
+    parent_id: str,
+    keys: dict[str, str],
+    result: PipelineResult,
+    *,
+    force: bool = False,
+    cache_only: bool = False,
+    only: str | None = None,
+    source: dict[str, str] | None = None,
+) -> StageResult:
     deps = [d for d in spec.deps if d in keys]  # a disabled optional stage is not an input
     upstream_keys = {d: keys[d] for d in deps}
     key = cache_key(spec, cfg, upstream_keys)
@@ -223,9 +257,12 @@ def _run_stage(spec: StageSpec, cfg: PipelineConfig, experiment_id: str, parent_
     t0 = time.perf_counter()
 
     def reuse(cached: Run, outputs: dict) -> StageResult:
-        with mlflow.start_run(experiment_id=experiment_id, run_name=f"{spec.name} (cached)", nested=True,
-                              tags={**tags, tracking.TAG_CACHE_HIT: "true",
-                                    tracking.TAG_CACHED_FROM: cached.info.run_id}) as run:
+        with mlflow.start_run(
+            experiment_id=experiment_id,
+            run_name=f"{spec.name} (cached)",
+            nested=True,
+            tags={**tags, tracking.TAG_CACHE_HIT: "true", tracking.TAG_CACHED_FROM: cached.info.run_id},
+        ) as run:
             if shards is not None:
                 tracking.log_shard_input(shards, dataset, spec.name)
             tracking.save_outputs(run.info.run_id, outputs)
@@ -239,12 +276,16 @@ def _run_stage(spec: StageSpec, cfg: PipelineConfig, experiment_id: str, parent_
         if not missing:
             return reuse(cached, outputs)
         if cache_only:
-            raise StageError(f"--only {only}: upstream stage {spec.name}'s run {cached.info.run_id} lost its "
-                             f"artifact {missing[0]}; rerun it: clpipe run --rerun {spec.name}")
+            raise StageError(
+                f"--only {only}: upstream stage {spec.name}'s run {cached.info.run_id} lost its "
+                f"artifact {missing[0]}; rerun it: clpipe run --rerun {spec.name}"
+            )
         console.print(f"[bold]{spec.name}[/]: cached run {cached.info.run_id} lost {missing[0]}; recomputing")
     elif cache_only:
-        raise StageError(f"--only {only}: upstream stage {spec.name} has no finished run for this config "
-                         f"(key {key[:12]}); run the pipeline without --only first")
+        raise StageError(
+            f"--only {only}: upstream stage {spec.name} has no finished run for this config "
+            f"(key {key[:12]}); run the pipeline without --only first"
+        )
     # one run at a time computes a stage key (its output dir, shard set and Ray run are the key's): a second
     # run waits here, then takes the first one's result from the cache
     with leases.lease(leases.root_for(cfg), f"{spec.name}-{key[:16]}", say=console.print) as waited:
@@ -253,17 +294,33 @@ def _run_stage(spec: StageSpec, cfg: PipelineConfig, experiment_id: str, parent_
             outputs = tracking.load_outputs(cached.info.run_id)
             if not _missing_paths(outputs):
                 return reuse(cached, outputs)
-        return _compute(spec, cfg, experiment_id, parent_id, key, tags, upstream_runs, inputs, force, t0,
-                        dataset, shards)
+        return _compute(
+            spec, cfg, experiment_id, parent_id, key, tags, upstream_runs, inputs, force, t0, dataset, shards
+        )
 
 
-def _compute(spec: StageSpec, cfg: PipelineConfig, experiment_id: str, parent_id: str, key: str, tags: dict,
-             upstream_runs: dict[str, str], inputs: dict, force: bool, t0: float, dataset: str,
-             shards: dict | None) -> StageResult:
+def _compute(
+    spec: StageSpec,
+    cfg: PipelineConfig,
+    experiment_id: str,
+    parent_id: str,
+    key: str,
+    tags: dict,
+    upstream_runs: dict[str, str],
+    inputs: dict,
+    force: bool,
+    t0: float,
+    dataset: str,
+    shards: dict | None,
+) -> StageResult:
     console.rule(f"stage {spec.name}")
-    with mlflow.start_run(experiment_id=experiment_id, run_name=spec.name, nested=True,
-                          tags={**tags, tracking.TAG_CACHE_HIT: "false", "clpipe.forced": str(force).lower()},
-                          log_system_metrics=spec.system_metrics and cfg.mlflow.system_metrics_seconds > 0) as run:
+    with mlflow.start_run(
+        experiment_id=experiment_id,
+        run_name=spec.name,
+        nested=True,
+        tags={**tags, tracking.TAG_CACHE_HIT: "false", "clpipe.forced": str(force).lower()},
+        log_system_metrics=spec.system_metrics and cfg.mlflow.system_metrics_seconds > 0,
+    ) as run:
         if shards is not None:
             tracking.log_shard_input(shards, dataset, spec.name)
         section = spec.section(cfg)

@@ -27,8 +27,16 @@ if TYPE_CHECKING:
 class SyncHalving(FIFOScheduler):
     _supports_buffered_results = False  # one result at a time: a rung is decided on the result that completes it
 
-    def __init__(self, *, time_attr: str, max_t: int, grace_period: int, reduction_factor: int, total_trials: int,
-                 max_running: int | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        time_attr: str,
+        max_t: int,
+        grace_period: int,
+        reduction_factor: int,
+        total_trials: int,
+        max_running: int | None = None,
+    ) -> None:
         super().__init__()
         self.time_attr, self.sign = time_attr, 1.0  # metric and mode: Tune's (set_search_properties)
         self.reduction_factor, self.total, self.max_running = reduction_factor, total_trials, max_running
@@ -79,14 +87,17 @@ class SyncHalving(FIFOScheduler):
         """Decide rung ``k`` if every trial in the race has reported it: stop the paused
         losers, mark the winners to resume. Returns the action for ``current``."""
         if k in self.promoted:
-            return TrialScheduler.CONTINUE if current is None or current.trial_id in self.promoted[k] \
+            return (
+                TrialScheduler.CONTINUE
+                if current is None or current.trial_id in self.promoted[k]
                 else TrialScheduler.STOP
+            )
         expected = self._expected(controller, k)
         if expected is None or any(tid not in self.records[k] for tid in expected):
             return TrialScheduler.PAUSE
         trials = {t.trial_id: t for t in controller.get_trials()}
         ranked = sorted(expected, key=lambda tid: self._rank_key(tid, k, trials))
-        keep = set(ranked[:max(1, len(ranked) // self.reduction_factor)])
+        keep = set(ranked[: max(1, len(ranked) // self.reduction_factor)])
         self.promoted[k] = keep
         for tid in expected - keep:
             t = trials[tid]
@@ -129,8 +140,9 @@ class SyncHalving(FIFOScheduler):
 
     def _lost(self, trial: Trial) -> bool:
         """Whether a decided rung stopped ``trial``."""
-        return any(trial.trial_id in self.records[k] and trial.trial_id not in keep
-                   for k, keep in self.promoted.items())
+        return any(
+            trial.trial_id in self.records[k] and trial.trial_id not in keep for k, keep in self.promoted.items()
+        )
 
     def _may_resume(self, trial: Trial) -> bool:
         """A paused trial resumes once its last recorded rung promoted it (one paused

@@ -52,8 +52,7 @@ def _describe(holder: dict[str, Any]) -> str:
 
 
 @contextmanager
-def lease(root: str, name: str, *, wait_s: float | None = None,
-          say: Callable[[str], None] = print) -> Iterator[bool]:
+def lease(root: str, name: str, *, wait_s: float | None = None, say: Callable[[str], None] = print) -> Iterator[bool]:
     """Hold the lease ``name`` under ``root`` (an ``s3://`` prefix or a directory) for
     the ``with`` block. Yields whether it had to wait for another holder first. A lease
     held elsewhere for longer than ``wait_s`` seconds (None: no limit) raises
@@ -83,8 +82,10 @@ def _file_lease(path: Path, name: str, wait_s: float | None, say: Callable[[str]
                     say(f"{name}: another run holds it ({_describe(holder)}); waiting for it to finish")
                     waited = True
                 if deadline is not None and time.monotonic() > deadline:
-                    raise LeaseTimeout(f"{name}: held by another run ({_describe(holder)}) for over {wait_s:g} s; "
-                                       f"wait for it, or stop it ({path})") from None
+                    raise LeaseTimeout(
+                        f"{name}: held by another run ({_describe(holder)}) for over {wait_s:g} s; "
+                        f"wait for it, or stop it ({path})"
+                    ) from None
                 time.sleep(POLL_S)
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(_holder()).encode(), 0)
@@ -131,8 +132,10 @@ def _s3_lease(uri: str, name: str, wait_s: float | None, say: Callable[[str], No
             say(f"{name}: another run holds it ({_describe(holder)}); waiting for it to finish")
             waited = True
         if deadline is not None and time.monotonic() > deadline:
-            raise LeaseTimeout(f"{name}: held by another run ({_describe(holder)}) for over {wait_s:g} s; wait for "
-                               f"it, or stop it ({uri})")
+            raise LeaseTimeout(
+                f"{name}: held by another run ({_describe(holder)}) for over {wait_s:g} s; wait for "
+                f"it, or stop it ({uri})"
+            )
         time.sleep(POLL_S)
     stop = threading.Event()
 

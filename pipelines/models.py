@@ -63,18 +63,27 @@ def log_model(
             signature = infer_signature(input_example, out)
         kind = saved.read_builder(data)["kind"]
         return mlflow.pyfunc.log_model(
-            name=name, loader_module=saved.__name__, data_path=str(data), registered_model_name=registered_model_name,
-            signature=signature, input_example=input_example, pip_requirements=pip_requirements, code_paths=code_paths,
+            name=name,
+            loader_module=saved.__name__,
+            data_path=str(data),
+            registered_model_name=registered_model_name,
+            signature=signature,
+            input_example=input_example,
+            pip_requirements=pip_requirements,
+            code_paths=code_paths,
             model_config={"device": None},  # mlflow.pyfunc.load_model(uri, model_config={"device": "cpu"})
-            metadata={"format": saved.FORMAT, "builder_kind": kind})
+            metadata={"format": saved.FORMAT, "builder_kind": kind},
+        )
 
 
 def requirements() -> list[str]:
     """The packages a logged model's loader imports (besides MLflow, which MLflow adds),
     pinned to the installed versions: torch, torchvision (backbones, preprocessing),
     numpy and Pillow (torchvision's transforms)."""
-    return [f"{dist}=={importlib.metadata.version(dist).split('+')[0]}"
-            for dist in ("torch", "torchvision", "numpy", "pillow")]
+    return [
+        f"{dist}=={importlib.metadata.version(dist).split('+')[0]}"
+        for dist in ("torch", "torchvision", "numpy", "pillow")
+    ]
 
 
 def data_path(local: str | Path, uri: str) -> Path:
@@ -83,8 +92,10 @@ def data_path(local: str | Path, uri: str) -> Path:
     meta = Model.load(str(Path(local) / "MLmodel"))
     conf = meta.flavors.get("python_function") or {}
     if conf.get("loader_module") not in LOADERS:
-        raise ValueError(f"{uri}: not a model logged by pipelines.models.log_model (its python_function loader is "
-                         f"{conf.get('loader_module')!r}); pickled pytorch-flavor models are not loaded here")
+        raise ValueError(
+            f"{uri}: not a model logged by pipelines.models.log_model (its python_function loader is "
+            f"{conf.get('loader_module')!r}); pickled pytorch-flavor models are not loaded here"
+        )
     return Path(local) / conf["data"]
 
 

@@ -53,8 +53,9 @@ def metric_curves(series: dict[str, list[tuple[int, float]]], path: Path, title:
     return path
 
 
-def confusion_matrices(predictions: dict[str, list[int]], labels: list[int], class_names: list[str], path: Path,
-                       title: str) -> Path:
+def confusion_matrices(
+    predictions: dict[str, list[int]], labels: list[int], class_names: list[str], path: Path, title: str
+) -> Path:
     """One confusion matrix (rows: true class, columns: predicted) per model, side by side."""
     plt = _pyplot()
     import numpy as np
@@ -70,8 +71,15 @@ def confusion_matrices(predictions: dict[str, list[int]], labels: list[int], cla
         for i in range(k):
             for j in range(k):
                 if cm[i, j]:
-                    ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=6,
-                            color="white" if cm[i, j] > cm.max() / 2 else "black")
+                    ax.text(
+                        j,
+                        i,
+                        str(cm[i, j]),
+                        ha="center",
+                        va="center",
+                        fontsize=6,
+                        color="white" if cm[i, j] > cm.max() / 2 else "black",
+                    )
         ax.set_xticks(range(k), class_names, fontsize=6, rotation=90)
         ax.set_yticks(range(k), class_names, fontsize=6)
         ax.set_xlabel("predicted")
@@ -98,8 +106,13 @@ def sweep_plots(rows: list[dict], names: list[str], metric: str, max_epochs: int
         done = [r for r in rows if not r["stopped_early"]]
         stopped = [r for r in rows if r["stopped_early"]]
         ax.scatter([r[name] for r in done], [r["last"] for r in done], label=f"ran {max_epochs} epochs")
-        ax.scatter([r[name] for r in stopped], [r["last"] for r in stopped], marker="x", color="tab:red",
-                   label="stopped by ASHA (last value)")
+        ax.scatter(
+            [r[name] for r in stopped],
+            [r["last"] for r in stopped],
+            marker="x",
+            color="tab:red",
+            label="stopped by ASHA (last value)",
+        )
         if min(xs) > 0 and max(xs) / min(xs) >= 10:
             ax.set_xscale("log")
         ax.set_xlabel(name)

@@ -69,8 +69,14 @@ def init(cfg: RayConfig, forward_secrets: bool = False) -> None:
             # inherit the first setting, Train reads the second in the driver and its Tune trials
             for key in METRICS_ENV:
                 os.environ.setdefault(key, "0")
-        ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 dashboard_port=port, **kwargs)
+        ray.init(
+            address="local",
+            num_cpus=cfg.num_cpus,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=port,
+            **kwargs,
+        )
 
 
 def preflight(cfg: PipelineConfig) -> None:
@@ -89,18 +95,22 @@ def preflight(cfg: PipelineConfig) -> None:
     paths = cfg.node_paths()
     if not paths:
         return
-    fix = {"data.source.path": "put the source in S3 (data.source.path: s3://...)",
-           "data.output": "set data.output: s3://BUCKET/prefix",
-           "ray.storage_path": "set ray.storage_path: s3://BUCKET/prefix",
-           "mlflow.tracking_uri": "set MLFLOW_TRACKING_URI (or mlflow.tracking_uri) to a tracking server, "
-                                  "http://HOST:5000",
-           "mlflow.artifact_location": "set mlflow.artifact_location: s3://BUCKET/prefix"}
+    fix = {
+        "data.source.path": "put the source in S3 (data.source.path: s3://...)",
+        "data.output": "set data.output: s3://BUCKET/prefix",
+        "ray.storage_path": "set ray.storage_path: s3://BUCKET/prefix",
+        "mlflow.tracking_uri": "set MLFLOW_TRACKING_URI (or mlflow.tracking_uri) to a tracking server, "
+        "http://HOST:5000",
+        "mlflow.artifact_location": "set mlflow.artifact_location: s3://BUCKET/prefix",
+    }
     shared = "or mount it at the same path on every node (NFS-style) and set work_dir there"
     if not any(n.get("Resources", {}).get("CPU", 0) for n in nodes) and not cfg.ray.shared_fs:
         field, path, _ = paths[0]
-        raise ConfigError(f"{field}: {path} is a local path and no node of the cluster can run work yet (autoscaling "
-                          f"from zero), so it cannot be checked that every node sees it; {fix[field]}, {shared} and "
-                          "set ray.shared_fs: true")
+        raise ConfigError(
+            f"{field}: {path} is a local path and no node of the cluster can run work yet (autoscaling "
+            f"from zero), so it cannot be checked that every node sees it; {fix[field]}, {shared} and "
+            "set ray.shared_fs: true"
+        )
     token = secrets.token_hex(6)
     markers: list[tuple[str, str, str]] = []  # (field, path, what to look for)
     try:
@@ -117,18 +127,26 @@ def preflight(cfg: PipelineConfig) -> None:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         sees = ray.remote(num_cpus=0, max_retries=0)(procs.node_sees)  # a light module: a quick worker start
-        looks = [sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-                 .remote([m[2] for m in markers]) for n in nodes]
+        looks = [
+            sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
+                [m[2] for m in markers]
+            )
+            for n in nodes
+        ]
         try:
             seen = ray.get(looks, timeout=PROBE_TIMEOUT_S)
         except ray.exceptions.GetTimeoutError:
-            raise ConfigError(f"ray: not every node ran the storage check within {PROBE_TIMEOUT_S:g} s; check the "
-                              "cluster (ray status)") from None
+            raise ConfigError(
+                f"ray: not every node ran the storage check within {PROBE_TIMEOUT_S:g} s; check the "
+                "cluster (ray status)"
+            ) from None
         for ip, found in seen:
             for (field, path, _), ok in zip(markers, found, strict=True):
                 if not ok:
-                    raise ConfigError(f"{field}: {path} is not the same storage on node {ip} (a file written here "
-                                      f"is not there): {fix[field]}, {shared}")
+                    raise ConfigError(
+                        f"{field}: {path} is not the same storage on node {ip} (a file written here "
+                        f"is not there): {fix[field]}, {shared}"
+                    )
     finally:
         for _, _, m in markers:
             if ".clpipe-node-check-" in m:
@@ -148,8 +166,10 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
         with socket.create_connection((host, int(port)), timeout=timeout):
             return
     except (OSError, ValueError) as e:
-        raise ConnectionError(f"ray.address: no Ray cluster answers at {address} ({type(e).__name__}); start one "
-                              "(clpipe stack up, ray start --head) or fix ray.address / RAY_ADDRESS") from None
+        raise ConnectionError(
+            f"ray.address: no Ray cluster answers at {address} ({type(e).__name__}); start one "
+            "(clpipe stack up, ray start --head) or fix ray.address / RAY_ADDRESS"
+        ) from None
 
 
 def keep_credentials_out_of_tune() -> None:
@@ -167,8 +187,12 @@ def keep_credentials_out_of_tune() -> None:
         from ray.tune.execution import class_cache
     except ImportError:  # a Tune without the cache: nothing copied
         return
-    class_cache.ENV_VARS_TO_PROPAGATE -= {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN",
-                                          "AWS_SESSION_TOKEN"}
+    class_cache.ENV_VARS_TO_PROPAGATE -= {
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SECURITY_TOKEN",
+        "AWS_SESSION_TOKEN",
+    }
 
 
 def quiet_train_worker() -> None:

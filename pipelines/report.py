@@ -55,13 +55,21 @@ def _figure(path: Path, caption: str) -> str:
 
 def _run_pngs(client: MlflowClient, run_id: str, tmp: Path, prefix: str = "") -> list[Path]:
     """The PNG artifacts at the top of ``run_id``'s artifacts, downloaded (from any artifact store)."""
-    names = sorted(a.path for a in client.list_artifacts(run_id)
-                   if not a.is_dir and a.path.endswith(".png") and Path(a.path).name.startswith(prefix))
+    names = sorted(
+        a.path
+        for a in client.list_artifacts(run_id)
+        if not a.is_dir and a.path.endswith(".png") and Path(a.path).name.startswith(prefix)
+    )
     dst = tmp / run_id
     dst.mkdir(parents=True, exist_ok=True)
-    return [Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=n, dst_path=str(dst),
-                                                     tracking_uri=client.tracking_uri))
-            for n in names]
+    return [
+        Path(
+            mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=n, dst_path=str(dst), tracking_uri=client.tracking_uri
+            )
+        )
+        for n in names
+    ]
 
 
 def markdown_table(md: str) -> str:
@@ -77,8 +85,11 @@ def markdown_table(md: str) -> str:
     out = []
     for i, cells in enumerate(rows):
         tag = "th" if i == 0 else "td"
-        out.append("<tr>" + "".join(f'<{tag}{" class=l" if j == 0 else ""}>{_e(c)}</{tag}>'
-                                    for j, c in enumerate(cells)) + "</tr>")
+        out.append(
+            "<tr>"
+            + "".join(f"<{tag}{' class=l' if j == 0 else ''}>{_e(c)}</{tag}>" for j, c in enumerate(cells))
+            + "</tr>"
+        )
     return "<table>" + "".join(out) + "</table>" + "".join(tail)
 
 
@@ -88,16 +99,20 @@ def timeline_svg(stages: list[StageResult], computed_in: dict[str, float] | None
     computed_in = computed_in or {}
     total = max((s.started + s.seconds for s in stages), default=0.0) or 1.0
     left, width, row = 90, 700, 22
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 260}" '
-             f'height="{row * len(stages) + 30}" font-size="12" font-family="sans-serif">']
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 260}" '
+        f'height="{row * len(stages) + 30}" font-size="12" font-family="sans-serif">'
+    ]
     for i, s in enumerate(stages):
         y = 4 + i * row
         x = left + width * s.started / total
         w = max(1.5, width * s.seconds / total)
         kind = "cached" if s.cached else "computed"
         parts.append(f'<text x="{left - 6}" y="{y + 13}" text-anchor="end">{_e(s.name)}</text>')
-        parts.append(f'<rect x="{x:.1f}" y="{y}" width="{w:.1f}" height="{row - 6}" fill="{_COLOURS[kind]}">'
-                     f'<title>{_e(s.name)}: {kind}, {s.seconds:.1f} s</title></rect>')
+        parts.append(
+            f'<rect x="{x:.1f}" y="{y}" width="{w:.1f}" height="{row - 6}" fill="{_COLOURS[kind]}">'
+            f"<title>{_e(s.name)}: {kind}, {s.seconds:.1f} s</title></rect>"
+        )
         note = ""
         if s.cached:
             note = f" (cached; computed in {computed_in[s.name]:.1f} s)" if s.name in computed_in else " (cached)"
@@ -122,8 +137,10 @@ def _history_curves(client: MlflowClient, run_id: str, suffix: str, path: Path, 
 
 
 def _lineage(result: PipelineResult, client: MlflowClient) -> str:
-    head = ("<tr><th class=l>stage</th><th class=l>run</th><th class=l>cached</th><th class=l>cache key</th>"
-            "<th class=l>upstream runs</th><th class=l>input data set</th></tr>")
+    head = (
+        "<tr><th class=l>stage</th><th class=l>run</th><th class=l>cached</th><th class=l>cache key</th>"
+        "<th class=l>upstream runs</th><th class=l>input data set</th></tr>"
+    )
     rows = []
     for s in result.stages.values():
         run = client.get_run(s.run_id)
@@ -133,16 +150,24 @@ def _lineage(result: PipelineResult, client: MlflowClient) -> str:
         if run.inputs and run.inputs.dataset_inputs:
             ds = run.inputs.dataset_inputs[0].dataset
             data = f"{_e(ds.name)} <code>{_e(ds.digest)}</code>"
-        rows.append(f"<tr><td class=l>{_e(s.name)}</td><td class=l><code>{_e(s.run_id)}</code></td>"
-                    f"<td class=l>{'yes' if s.cached else 'no'}</td><td class=l><code>{_e(s.key[:12])}</code></td>"
-                    f"<td class=l>{ups}</td><td class=l>{data}</td></tr>")
+        rows.append(
+            f"<tr><td class=l>{_e(s.name)}</td><td class=l><code>{_e(s.run_id)}</code></td>"
+            f"<td class=l>{'yes' if s.cached else 'no'}</td><td class=l><code>{_e(s.key[:12])}</code></td>"
+            f"<td class=l>{ups}</td><td class=l>{data}</td></tr>"
+        )
     out = "<table>" + head + "".join(rows) + "</table>"
     reg = result.stages.get("register")
     versions = reg.outputs.get("versions", {}) if reg is not None else {}
     if versions:
-        out += "<p>Registered:</p><ul>" + "".join(
-            f"<li><code>{_e(v['uri'])}</code> (from the {_e(role)}, test top-1 {v['test_top1']:.4f}"
-            f"{', champion' if v.get('champion') else ''})</li>" for role, v in versions.items()) + "</ul>"
+        out += (
+            "<p>Registered:</p><ul>"
+            + "".join(
+                f"<li><code>{_e(v['uri'])}</code> (from the {_e(role)}, test top-1 {v['test_top1']:.4f}"
+                f"{', champion' if v.get('champion') else ''})</li>"
+                for role, v in versions.items()
+            )
+            + "</ul>"
+        )
     return out
 
 
@@ -152,12 +177,17 @@ def build(result: PipelineResult, cfg: PipelineConfig, client: MlflowClient, tmp
     st = result.stages
     tags = parent.data.tags
     started = datetime.datetime.fromtimestamp(parent.info.start_time / 1000, tz=datetime.timezone.utc)
-    body = [f"<h1>clpipe pipeline {_e(cfg.name)}</h1>",
-            f"<p class=muted>MLflow run <code>{_e(result.run_id)}</code> ({_e(parent.info.run_name)}), started "
-            f"{started:%Y-%m-%d %H:%M:%S} UTC, {result.seconds:.1f} s; clpipe {_e(tags.get('clpipe.version', '?'))}"
-            + (f", commit <code>{_e(tags['mlflow.source.git.commit'][:12])}</code>"
-               if "mlflow.source.git.commit" in tags else "")
-            + f"; method {_e(cfg.pretrain.method)}, backbone {_e(cfg.pretrain.backbone)}, seed {cfg.seed}</p>"]
+    body = [
+        f"<h1>clpipe pipeline {_e(cfg.name)}</h1>",
+        f"<p class=muted>MLflow run <code>{_e(result.run_id)}</code> ({_e(parent.info.run_name)}), started "
+        f"{started:%Y-%m-%d %H:%M:%S} UTC, {result.seconds:.1f} s; clpipe {_e(tags.get('clpipe.version', '?'))}"
+        + (
+            f", commit <code>{_e(tags['mlflow.source.git.commit'][:12])}</code>"
+            if "mlflow.source.git.commit" in tags
+            else ""
+        )
+        + f"; method {_e(cfg.pretrain.method)}, backbone {_e(cfg.pretrain.backbone)}, seed {cfg.seed}</p>",
+    ]
 
     body.append("<h2 id=timeline>Stage timeline</h2>")
     computed_in = {}
@@ -167,17 +197,22 @@ def build(result: PipelineResult, cfg: PipelineConfig, client: MlflowClient, tmp
             computed_in[s.name] = seconds
     body.append(timeline_svg(list(st.values()), computed_in))
     computed = sum(s.seconds for s in st.values() if not s.cached)
-    body.append(f"<p class=muted>{sum(not s.cached for s in st.values())} stage(s) computed in {computed:.1f} s, "
-                f"{sum(s.cached for s in st.values())} taken from the cache.</p>")
+    body.append(
+        f"<p class=muted>{sum(not s.cached for s in st.values())} stage(s) computed in {computed:.1f} s, "
+        f"{sum(s.cached for s in st.values())} taken from the cache.</p>"
+    )
 
     figures = []
     if "pretrain" in st:
-        figures += [_figure(p, "pretrain: train/loss and val kNN top-1 per epoch")
-                    for p in _run_pngs(client, st["pretrain"].run_id, tmp, "curves")]
+        figures += [
+            _figure(p, "pretrain: train/loss and val kNN top-1 per epoch")
+            for p in _run_pngs(client, st["pretrain"].run_id, tmp, "curves")
+        ]
     for name, what in (("finetune", "fine-tuning"), ("distill", "distillation")):
         if name in st:
-            p = _history_curves(client, st[name].run_id, "val/top1", tmp / f"{name}_curves.png",
-                                f"{what}: val top-1 per epoch")
+            p = _history_curves(
+                client, st[name].run_id, "val/top1", tmp / f"{name}_curves.png", f"{what}: val top-1 per epoch"
+            )
             if p is not None:
                 figures.append(_figure(p, f"{name}: val top-1 per epoch, each model"))
     if figures:
@@ -188,14 +223,28 @@ def build(result: PipelineResult, cfg: PipelineConfig, client: MlflowClient, tmp
         sw = st["sweep"].outputs
         body.append("<h2 id=sweep>Sweep</h2>")
         ranked = sw.get("ranked", [])
-        names = [k for k in (ranked[0] if ranked else {})
-                 if k not in ("rank", "trial", "best", "last", "epochs_run", "stopped_early")]
+        names = [
+            k
+            for k in (ranked[0] if ranked else {})
+            if k not in ("rank", "trial", "best", "last", "epochs_run", "stopped_early")
+        ]
         cols = ["rank", "trial", *names, "last", "epochs_run", "stopped_early"]
-        body.append(f"<p>{sw.get('trials', len(ranked))} trials ranked by {_e(sw.get('metric', ''))}; "
-                    f"best {_e(', '.join(f'{k}={v}' for k, v in sw.get('best', {}).items()))}.</p>")
-        body.append("<table><tr>" + "".join(f"<th>{_e(c)}</th>" for c in cols) + "</tr>" + "".join(
-            "<tr>" + "".join(f"<td>{_e(round(r[c], 4) if isinstance(r.get(c), float) else r.get(c))}</td>"
-                             for c in cols) + "</tr>" for r in ranked) + "</table>")
+        body.append(
+            f"<p>{sw.get('trials', len(ranked))} trials ranked by {_e(sw.get('metric', ''))}; "
+            f"best {_e(', '.join(f'{k}={v}' for k, v in sw.get('best', {}).items()))}.</p>"
+        )
+        body.append(
+            "<table><tr>"
+            + "".join(f"<th>{_e(c)}</th>" for c in cols)
+            + "</tr>"
+            + "".join(
+                "<tr>"
+                + "".join(f"<td>{_e(round(r[c], 4) if isinstance(r.get(c), float) else r.get(c))}</td>" for c in cols)
+                + "</tr>"
+                for r in ranked
+            )
+            + "</table>"
+        )
         body += [_figure(p, f"sweep: {p.stem.replace('_', ' ')}") for p in _run_pngs(client, st["sweep"].run_id, tmp)]
 
     if "evaluate" in st:
@@ -210,9 +259,11 @@ def build(result: PipelineResult, cfg: PipelineConfig, client: MlflowClient, tmp
 
     body.append("<h2 id=lineage>Lineage</h2>")
     body.append(_lineage(result, client))
-    return ("<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"
-            f"<title>clpipe {_e(cfg.name)} {_e(result.run_id[:8])}</title><style>{_CSS}</style></head>"
-            "<body>" + "\n".join(body) + "</body></html>\n")
+    return (
+        "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"
+        f"<title>clpipe {_e(cfg.name)} {_e(result.run_id[:8])}</title><style>{_CSS}</style></head>"
+        "<body>" + "\n".join(body) + "</body></html>\n"
+    )
 
 
 def write(result: PipelineResult, cfg: PipelineConfig) -> Path:

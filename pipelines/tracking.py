@@ -44,16 +44,22 @@ def setup(tracking_uri: str, experiment: str, artifact_location: str | None) -> 
     if tracking_uri.startswith(("http://", "https://")):
         _check_server(tracking_uri)
     use(tracking_uri)
-    if artifact_location and artifact_location.startswith("s3://") and os.environ.get("AWS_ENDPOINT_URL") \
-            and not os.environ.get("MLFLOW_S3_ENDPOINT_URL"):
+    if (
+        artifact_location
+        and artifact_location.startswith("s3://")
+        and os.environ.get("AWS_ENDPOINT_URL")
+        and not os.environ.get("MLFLOW_S3_ENDPOINT_URL")
+    ):
         os.environ["MLFLOW_S3_ENDPOINT_URL"] = os.environ["AWS_ENDPOINT_URL"]  # MLflow's own name for it
     client = MlflowClient(tracking_uri)
     try:
         exp = client.get_experiment_by_name(experiment)
     except Exception as e:  # a server that is down: one line, after MLflow's bounded retries
         if tracking_uri.startswith(("http://", "https://")):
-            raise ConnectionError(f"mlflow.tracking_uri: the MLflow server {tracking_uri} does not answer "
-                                  f"({type(e).__name__}); start it (clpipe stack up) or fix MLFLOW_TRACKING_URI") from None
+            raise ConnectionError(
+                f"mlflow.tracking_uri: the MLflow server {tracking_uri} does not answer "
+                f"({type(e).__name__}); start it (clpipe stack up) or fix MLFLOW_TRACKING_URI"
+            ) from None
         raise
     if exp is None:
         return client.create_experiment(experiment, artifact_location=artifact_location)
@@ -73,8 +79,10 @@ def _check_server(uri: str, timeout: float = 5.0) -> None:
         return  # it answers (a proxy or an older server without /health)
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
-        raise ConnectionError(f"mlflow.tracking_uri: the MLflow server {uri} does not answer ({reason}); start it "
-                              "(clpipe stack up) or fix mlflow.tracking_uri / MLFLOW_TRACKING_URI") from None
+        raise ConnectionError(
+            f"mlflow.tracking_uri: the MLflow server {uri} does not answer ({reason}); start it "
+            "(clpipe stack up) or fix mlflow.tracking_uri / MLFLOW_TRACKING_URI"
+        ) from None
 
 
 def log_params(run_id: str, params: dict[str, Any], client: MlflowClient | None = None) -> None:
@@ -107,15 +115,23 @@ class WorkerLog:
     server may be back by then); only what is still unsent after that is lost, and
     said so in one line."""
 
-    def __init__(self, tracking_uri: str, run_id: str, *, prefix: str = "mlflow",
-                 flush_timeout_s: float | None = None, request_timeout_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        tracking_uri: str,
+        run_id: str,
+        *,
+        prefix: str = "mlflow",
+        flush_timeout_s: float | None = None,
+        request_timeout_s: float = 10.0,
+    ) -> None:
         # MLflow reads these per request; this process (a training worker) makes no other MLflow calls
         os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
         os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(int(request_timeout_s))
         self.client = MlflowClient(tracking_uri)
         self.uri, self.run_id, self.prefix = tracking_uri, run_id, prefix
-        self.flush_timeout_s = float(os.environ.get("CLPIPE_MLFLOW_FLUSH_TIMEOUT_S", 300)) \
-            if flush_timeout_s is None else flush_timeout_s
+        self.flush_timeout_s = (
+            float(os.environ.get("CLPIPE_MLFLOW_FLUSH_TIMEOUT_S", 300)) if flush_timeout_s is None else flush_timeout_s
+        )
         self.pending: list[tuple[list[Metric], list[Any]]] = []
         self.failing = False
 
@@ -142,8 +158,11 @@ class WorkerLog:
                 self.client.log_batch(self.run_id, metrics=metrics, tags=tags)
             except Exception as e:  # the server down, slow or failing: keep it for later
                 if not self.failing:
-                    print(f"[{self.prefix}] MLflow at {self.uri} is not taking metrics ({type(e).__name__}); "
-                          "training goes on, they are kept and sent when it answers", flush=True)
+                    print(
+                        f"[{self.prefix}] MLflow at {self.uri} is not taking metrics ({type(e).__name__}); "
+                        "training goes on, they are kept and sent when it answers",
+                        flush=True,
+                    )
                 self.failing = True
                 return False
             self.pending.pop(0)
@@ -161,8 +180,11 @@ class WorkerLog:
             wait = min(wait * 2, 10.0)
         if self.pending:
             n = sum(len(m) + len(t) for m, t in self.pending)
-            print(f"[{self.prefix}] MLflow at {self.uri} did not answer for {self.flush_timeout_s:g} s after "
-                  f"training: {n} metric values and tags of run {self.run_id} were not recorded", flush=True)
+            print(
+                f"[{self.prefix}] MLflow at {self.uri} did not answer for {self.flush_timeout_s:g} s after "
+                f"training: {n} metric values and tags of run {self.run_id} were not recorded",
+                flush=True,
+            )
 
 
 def find_cached(experiment_id: str, stage: str, key: str) -> Run | None:
@@ -217,8 +239,9 @@ def source_tags() -> dict[str, str]:
     root = Path(__file__).resolve().parents[1]
     if (root / ".git").exists():
         try:
-            commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                    timeout=10).stdout.strip()
+            commit = subprocess.run(
+                ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+            ).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             commit = ""
         if len(commit) == 40:
@@ -226,8 +249,14 @@ def source_tags() -> dict[str, str]:
     return tags
 
 
-DATASET_CONTEXT = {"labels": "labels", "sweep": "training", "pretrain": "training", "finetune": "training",
-                   "distill": "training", "evaluate": "evaluation"}
+DATASET_CONTEXT = {
+    "labels": "labels",
+    "sweep": "training",
+    "pretrain": "training",
+    "finetune": "training",
+    "distill": "training",
+    "evaluate": "evaluation",
+}
 
 
 def log_shard_input(shards: dict, name: str, stage: str) -> None:

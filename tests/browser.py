@@ -11,8 +11,15 @@ import pytest
 
 # as root on a machine with no route out: no sandbox, and none of Chromium's background
 # connections (each would be refused and logged)
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync"]
+FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @dataclass
@@ -39,8 +46,10 @@ def render(page_path: Path, screenshot: Path) -> Rendered:
         browser = p.chromium.launch(executable_path=chromium(), args=FLAGS)
         try:
             page = browser.new_page(viewport={"width": 1200, "height": 900})
-            page.on("console", lambda m: out.errors.append(f"console {m.type}: {m.text}")
-                    if m.type in ("error", "warning") else None)
+            page.on(
+                "console",
+                lambda m: out.errors.append(f"console {m.type}: {m.text}") if m.type in ("error", "warning") else None,
+            )
             page.on("pageerror", lambda e: out.errors.append(f"page error: {e}"))
             page.on("requestfailed", lambda r: out.errors.append(f"failed to load {r.url[:120]}: {r.failure}"))
             page.goto(page_path.resolve().as_uri(), wait_until="load")

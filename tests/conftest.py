@@ -87,11 +87,32 @@ def s3_server(directory: Path, bucket: str) -> Iterator:
 # The chain's tiny budget. The checkpoint and restart settings are the fault tests' (each
 # faulted run must match this uninterrupted one metric for metric): mid-epoch checkpoints
 # every 4 steps, one automatic restart in pretrain, none in distill.
-TINY = ["--set", "sweep.enabled=false", "--set", "pretrain.epochs=2", "--set", "pretrain.batch_size_per_worker=32",
-        "--set", "finetune.epochs=3", "--set", "distill.epochs=2", "--set", "labels.fractions=[0.01, 0.1]",
-        "--set", "finetune.min_steps=0", "--set", "pretrain.checkpoint_every_steps=4", "--set", "pretrain.max_failures=1",
-        "--set", "distill.checkpoint_every_steps=4", "--set", "distill.max_failures=0",
-        "--set", "mlflow.system_metrics_seconds=1"]
+TINY = [
+    "--set",
+    "sweep.enabled=false",
+    "--set",
+    "pretrain.epochs=2",
+    "--set",
+    "pretrain.batch_size_per_worker=32",
+    "--set",
+    "finetune.epochs=3",
+    "--set",
+    "distill.epochs=2",
+    "--set",
+    "labels.fractions=[0.01, 0.1]",
+    "--set",
+    "finetune.min_steps=0",
+    "--set",
+    "pretrain.checkpoint_every_steps=4",
+    "--set",
+    "pretrain.max_failures=1",
+    "--set",
+    "distill.checkpoint_every_steps=4",
+    "--set",
+    "distill.max_failures=0",
+    "--set",
+    "mlflow.system_metrics_seconds=1",
+]
 STAGES = ["shard", "labels", "pretrain", "finetune", "distill", "evaluate", "register"]
 
 
@@ -104,8 +125,15 @@ STAGES = ["shard", "labels", "pretrain", "finetune", "distill", "evaluate", "reg
 # the unit tests fill in behind whichever lane ends first.
 LANES = {
     "lane-1": ["test_pipeline_e2e.py", "test_faults.py", "test_sweep.py", "test_scale_memory.py"],
-    "lane-2": ["test_twohost.py", "test_s3.py", "test_stack.py", "test_multinode.py", "test_mlflow_outage.py",
-               "test_pipeline_methods.py", "test_reliability.py"],
+    "lane-2": [
+        "test_twohost.py",
+        "test_s3.py",
+        "test_stack.py",
+        "test_multinode.py",
+        "test_mlflow_outage.py",
+        "test_pipeline_methods.py",
+        "test_reliability.py",
+    ],
 }
 
 
@@ -177,8 +205,11 @@ def pipeline_runs(client, exp_id: str, newest: bool = True) -> list:
     """The pipeline (parent) runs, newest first (or oldest first)."""
     from pipelines import tracking
 
-    return client.search_runs([exp_id], filter_string=f"tags.`{tracking.TAG_KIND}` = 'pipeline'",
-                              order_by=[f"attributes.start_time {'DESC' if newest else 'ASC'}"])
+    return client.search_runs(
+        [exp_id],
+        filter_string=f"tags.`{tracking.TAG_KIND}` = 'pipeline'",
+        order_by=[f"attributes.start_time {'DESC' if newest else 'ASC'}"],
+    )
 
 
 def children(client, exp_id: str, parent_id: str) -> dict:
@@ -233,5 +264,12 @@ def chain(tmp_path_factory):
     assert rc == 0, out.getvalue()[-4000:] + err.getvalue()[-4000:]
     client, exp_id = mlflow_client(work)
     parent = pipeline_runs(client, exp_id)[0]
-    return types.SimpleNamespace(work=work, args=args, out=out.getvalue(), client=client, exp_id=exp_id,
-                                 parent=parent, runs=children(client, exp_id, parent.info.run_id))
+    return types.SimpleNamespace(
+        work=work,
+        args=args,
+        out=out.getvalue(),
+        client=client,
+        exp_id=exp_id,
+        parent=parent,
+        runs=children(client, exp_id, parent.info.run_id),
+    )

@@ -88,8 +88,10 @@ class _Pool:
         self.tasks = [ctx.Queue() for _ in range(world_size)]
         self.results = ctx.Queue()
         port = free_port()
-        self.procs = [ctx.Process(target=_serve, args=(r, world_size, port, self.tasks[r], self.results), daemon=True)
-                      for r in range(world_size)]
+        self.procs = [
+            ctx.Process(target=_serve, args=(r, world_size, port, self.tasks[r], self.results), daemon=True)
+            for r in range(world_size)
+        ]
         for p in self.procs:
             p.start()
 
@@ -107,8 +109,11 @@ class _Pool:
                 for r in range(self.world_size):
                     if r not in done and r not in errors:
                         alive = self.procs[r].is_alive()
-                        errors[r] = (f"no result within {timeout:.0f} s" if alive else
-                                     f"the process exited with code {self.procs[r].exitcode}")
+                        errors[r] = (
+                            f"no result within {timeout:.0f} s"
+                            if alive
+                            else f"the process exited with code {self.procs[r].exitcode}"
+                        )
                 break
             if ok:
                 done[rank] = torch.load(io.BytesIO(payload), weights_only=False)  # our own bytes

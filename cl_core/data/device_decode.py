@@ -101,8 +101,9 @@ class EncodedBatch:
         return len(self.samples)
 
     def pin_memory(self) -> EncodedBatch:  # DataLoader(pin_memory=True) calls this
-        return EncodedBatch([EncodedSample(s.data.pin_memory(), s.jpeg, s.boxes, s.flips, s.sizes)
-                             for s in self.samples])
+        return EncodedBatch(
+            [EncodedSample(s.data.pin_memory(), s.jpeg, s.boxes, s.flips, s.sizes) for s in self.samples]
+        )
 
     def decode(self, device: torch.device | str) -> list[torch.Tensor]:
         """Each view as a uint8 batch (B x 3 x S x S) on ``device``: the JPEGs decoded

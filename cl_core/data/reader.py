@@ -120,8 +120,10 @@ def decode_sample(sample: dict) -> tuple[Image.Image, int, int]:
     ``.cls``, index -1 when the pipeline does not number samples."""
     data = sample.get("png", sample.get("jpg", sample.get("jpeg")))
     if data is None:
-        raise ValueError(f"{sample.get('__url__')}: sample {sample.get('__key__')} has no .png/.jpg image "
-                         f"(found: {', '.join(k for k in sample if not k.startswith('__'))})")
+        raise ValueError(
+            f"{sample.get('__url__')}: sample {sample.get('__key__')} has no .png/.jpg image "
+            f"(found: {', '.join(k for k in sample if not k.startswith('__'))})"
+        )
     with Image.open(io.BytesIO(data)) as im:
         img = im.convert("RGB")  # decodes fully; grayscale digits become 3 equal channels
     return img, int(sample["cls"]) if "cls" in sample else -1, int(sample.get("__index__", -1))
@@ -139,10 +141,16 @@ def _with_index(samples: Iterator[dict], offsets: dict[str, int]) -> Iterator[di
         yield s
 
 
-def sample_pipeline(urls: Sequence[str], *, shuffle_buffer: int = 0, seed: int = 0,
-                    handler: Callable[[Exception], bool] = wds.reraise_exception,
-                    offsets: dict[str, int] | None = None, decode: Callable[[dict], tuple] | None = decode_sample,
-                    verify: Mapping[str, Mapping] | None = None) -> wds.DataPipeline:
+def sample_pipeline(
+    urls: Sequence[str],
+    *,
+    shuffle_buffer: int = 0,
+    seed: int = 0,
+    handler: Callable[[Exception], bool] = wds.reraise_exception,
+    offsets: dict[str, int] | None = None,
+    decode: Callable[[dict], tuple] | None = decode_sample,
+    verify: Mapping[str, Mapping] | None = None,
+) -> wds.DataPipeline:
     """A WebDataset pipeline over ``urls`` yielding (PIL RGB image, label, index) per sample
     (``decode``'s result: e.g. (text, label, index) with :func:`cl_core.data.text.decode_text`).
 
@@ -239,8 +247,14 @@ class ShardStream(IterableDataset):
         while emitted < quota:
             rng.shuffle(shards)
             before = emitted
-            for sample in sample_pipeline(shards, shuffle_buffer=self.shuffle_buffer, seed=slot_seed + passes,
-                                          offsets=self.offsets, decode=None, verify=self.verify):
+            for sample in sample_pipeline(
+                shards,
+                shuffle_buffer=self.shuffle_buffer,
+                seed=slot_seed + passes,
+                offsets=self.offsets,
+                decode=None,
+                verify=self.verify,
+            ):
                 if emitted >= skip:
                     generator.manual_seed(sample_seed(slot_seed, emitted))
                     x, label, index = self.decode(sample)
@@ -272,8 +286,12 @@ def training_loader(stream: ShardStream, *, num_workers: int, pin_memory: bool =
     )
 
 
-def load_split(urls: Sequence[str], transform: Callable[[Image.Image], torch.Tensor],
-               verify: Mapping[str, Mapping] | None = None, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def load_split(
+    urls: Sequence[str],
+    transform: Callable[[Image.Image], torch.Tensor],
+    verify: Mapping[str, Mapping] | None = None,
+    limit: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Every sample of ``urls`` in order (the first ``limit`` with one), transformed:
     (images (N, C, H, W), labels (N,))."""
     xs: list[torch.Tensor] = []
@@ -298,8 +316,15 @@ class EvalSplit:
     yields ``(images, labels)`` batches of ``batch_size`` in shard order, the same batches
     either way."""
 
-    def __init__(self, urls: Sequence[str], transform: Callable[[Image.Image], torch.Tensor], *,
-                 verify: Mapping[str, Mapping] | None = None, batch_size: int = 512, cache_bytes: int = 64 << 20):
+    def __init__(
+        self,
+        urls: Sequence[str],
+        transform: Callable[[Image.Image], torch.Tensor],
+        *,
+        verify: Mapping[str, Mapping] | None = None,
+        batch_size: int = 512,
+        cache_bytes: int = 64 << 20,
+    ):
         self.urls, self.transform, self.verify = list(urls), transform, verify
         self.batch_size, self.cache_bytes = batch_size, cache_bytes
         self._cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None

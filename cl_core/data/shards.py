@@ -84,9 +84,9 @@ def subsample_refs(refs: Sequence[SampleRef], n: int, *, seed: int, stratified: 
     labels = sorted(groups)
     exact = {lab: n * len(groups[lab]) / len(refs) for lab in labels}
     take = {lab: int(exact[lab]) for lab in labels}
-    for lab in sorted(labels, key=lambda lab: (-(exact[lab] - take[lab]), lab))[:n - sum(take.values())]:
+    for lab in sorted(labels, key=lambda lab: (-(exact[lab] - take[lab]), lab))[: n - sum(take.values())]:
         take[lab] += 1
-    out = [groups[lab][i] for lab in labels for i in sorted(rng.permutation(len(groups[lab]))[:take[lab]])]
+    out = [groups[lab][i] for lab in labels for i in sorted(rng.permutation(len(groups[lab]))[: take[lab]])]
     return sorted(out, key=lambda r: r.index)
 
 
@@ -128,7 +128,11 @@ def write_shard(source: Source, refs: Sequence[SampleRef], path: str | Path) -> 
                 except UndecodableImage as e:  # only a decode failure is a corrupt sample; I/O errors fail the shard
                     corrupt.append({"id": r.id, "error": str(e)[:200]})
                     continue
-                sample: dict[str, object] = {"__key__": f"s{r.index:09d}", ext: data, "json": {"id": r.id, "index": r.index}}
+                sample: dict[str, object] = {
+                    "__key__": f"s{r.index:09d}",
+                    ext: data,
+                    "json": {"id": r.id, "index": r.index},
+                }
                 if r.label >= 0:
                     sample["cls"] = r.label
                     classes[r.label] += 1
@@ -250,9 +254,10 @@ def stored_sizes(directory: str | Path) -> dict[str, int]:
     prefix = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
     sizes: dict[str, int] = {}
     try:
-        for page in storage.client().get_paginator("list_objects_v2").paginate(
-                Bucket=bucket, Prefix=prefix, Delimiter="/"):
-            sizes.update({o["Key"][len(prefix):]: int(o["Size"]) for o in page.get("Contents", [])})
+        for page in (
+            storage.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/")
+        ):
+            sizes.update({o["Key"][len(prefix) :]: int(o["Size"]) for o in page.get("Contents", [])})
     except Exception as e:
         if type(e).__module__.startswith(("botocore", "boto3", "urllib3")):
             raise storage.explain(uri, e) from None
@@ -280,13 +285,22 @@ def check_shards(directory: str | Path, manifest: dict, split: str) -> ShardChec
         url, size, expected = storage.join(directory, r["name"]), sizes[r["name"]], r.get("bytes")
         count = int(r["num_samples"])
         if expected is not None and size > expected:
-            raise ShardChecksumError(f"{url}: {size} bytes where {where} records {expected}; the shard was changed "
-                                     f"after it was written; {RERUN_HINT}")
+            raise ShardChecksumError(
+                f"{url}: {size} bytes where {where} records {expected}; the shard was changed "
+                f"after it was written; {RERUN_HINT}"
+            )
         if expected is not None and size < expected:
             out.verify[url] = {"sha256": r.get("sha256"), "truncated": True}
             readable = sum(1 for _ in tar_samples([{"url": url}], verify={url: out.verify[url]}))
-            out.truncated.append({"url": url, "expected_samples": count, "readable_samples": readable,
-                                  "expected_bytes": expected, "bytes": size})
+            out.truncated.append(
+                {
+                    "url": url,
+                    "expected_samples": count,
+                    "readable_samples": readable,
+                    "expected_bytes": expected,
+                    "bytes": size,
+                }
+            )
             out.lost_samples += count - readable
             count = readable
         else:

@@ -68,7 +68,7 @@ def read_source_bytes(path: str, read: Callable[[str], bytes] | None = None) -> 
         try:
             return read(path)
         except OSError:
-            time.sleep(READ_BACKOFF_S * 2 ** attempt)
+            time.sleep(READ_BACKOFF_S * 2**attempt)
     try:
         return read(path)
     except OSError as e:
@@ -76,7 +76,8 @@ def read_source_bytes(path: str, read: Callable[[str], bytes] | None = None) -> 
         raise SourceReadError(
             f"data.source: cannot read {path} ({type(e).__name__}: {cause}) after {READ_ATTEMPTS} attempts; "
             "every node that writes shards must reach the source: a path on each of them (or a shared "
-            "mount), or s3://...") from None
+            "mount), or s3://..."
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -162,8 +163,14 @@ class MappedImages:
     @property
     def array(self) -> np.ndarray:
         if self._array is None:
-            a: np.ndarray = np.memmap(self.file, dtype=np.uint8, mode="r", offset=self.offset, shape=self.shape,
-                                      order="F" if self.fortran else "C")
+            a: np.ndarray = np.memmap(
+                self.file,
+                dtype=np.uint8,
+                mode="r",
+                offset=self.offset,
+                shape=self.shape,
+                order="F" if self.fortran else "C",
+            )
             self._array = a[..., 0] if self.squeeze else a
         return self._array
 
@@ -181,8 +188,14 @@ class ArraySource(Source):
     """Images as uint8 (N, H, W) or (N, H, W, C): held in memory, or memory-mapped from a
     file (:class:`MappedImages`)."""
 
-    def __init__(self, images: np.ndarray | MappedImages, labels: np.ndarray | None, class_names: list[str], prefix: str,
-                 spec: dict):
+    def __init__(
+        self,
+        images: np.ndarray | MappedImages,
+        labels: np.ndarray | None,
+        class_names: list[str],
+        prefix: str,
+        spec: dict,
+    ):
         self._images, self.labels, self.class_names, self.prefix, self._spec = images, labels, class_names, prefix, spec
 
     @property
@@ -229,8 +242,16 @@ class NpzSource(ArraySource):
     (``np.savez_compressed``), :meth:`stage` unpacks it once, streaming, into a scratch
     folder that the shard tasks map (before that, reads decompress it into memory)."""
 
-    def __init__(self, path: Path, shape: tuple[int, ...], fortran: bool, offset: int | None,
-                 labels: np.ndarray | None, class_names: list[str], spec: dict):
+    def __init__(
+        self,
+        path: Path,
+        shape: tuple[int, ...],
+        fortran: bool,
+        offset: int | None,
+        labels: np.ndarray | None,
+        class_names: list[str],
+        spec: dict,
+    ):
         self.path, self.shape, self.fortran = path, shape, fortran
         squeeze = len(shape) == 4 and shape[-1] == 1
         images: np.ndarray | MappedImages | None = None
@@ -270,8 +291,10 @@ def _open_local_npz(path: Path) -> NpzSource:
             names = z.namelist()
             if "images.npy" not in names:
                 found = ", ".join(n.removesuffix(".npy") for n in names)
-                raise SourceError(f"data.source.path: {path} has no 'images' array (found: {found}); save images as "
-                                  "uint8 NHWC under 'images'")
+                raise SourceError(
+                    f"data.source.path: {path} has no 'images' array (found: {found}); save images as "
+                    "uint8 NHWC under 'images'"
+                )
             info = z.getinfo("images.npy")
             with z.open(info) as f:
                 shape, fortran, dtype = _npy_header(f)
@@ -298,12 +321,20 @@ def _open_local_npz(path: Path) -> NpzSource:
 
 def _check_arrays(path: str | Path, dtype: np.dtype, shape: tuple[int, ...], labels: np.ndarray | None) -> None:
     if dtype != np.uint8:
-        raise SourceError(f"data.source.path: {path}: 'images' must be uint8, got {dtype}; convert with images.astype(np.uint8)")
+        raise SourceError(
+            f"data.source.path: {path}: 'images' must be uint8, got {dtype}; convert with images.astype(np.uint8)"
+        )
     if len(shape) not in (3, 4) or (len(shape) == 4 and shape[-1] not in (1, 3, 4)):
-        raise SourceError(f"data.source.path: {path}: 'images' must be N x H x W or N x H x W x C (C=1,3,4), got shape {shape}")
-    if labels is not None and (labels.shape != (shape[0],) or not np.issubdtype(labels.dtype, np.integer)
-                               or (len(labels) and labels.min() < 0)):
-        raise SourceError(f"data.source.path: {path}: 'labels' must be non-negative integers of shape ({shape[0]},), got {labels.dtype} {labels.shape}")
+        raise SourceError(
+            f"data.source.path: {path}: 'images' must be N x H x W or N x H x W x C (C=1,3,4), got shape {shape}"
+        )
+    if labels is not None and (
+        labels.shape != (shape[0],) or not np.issubdtype(labels.dtype, np.integer) or (len(labels) and labels.min() < 0)
+    ):
+        raise SourceError(
+            f"data.source.path: {path}: 'labels' must be non-negative integers of shape ({shape[0]},)"
+            f", got {labels.dtype} {labels.shape}"
+        )
 
 
 def _labels(labels: np.ndarray | None) -> tuple[np.ndarray | None, list[str]]:
@@ -330,7 +361,10 @@ def npz_source(path: str | Path) -> ArraySource:
     try:
         with np.load(blob, allow_pickle=False) as z:
             if "images" not in z:
-                raise SourceError(f"data.source.path: {path} has no 'images' array (found: {', '.join(z.files)}); save images as uint8 NHWC under 'images'")
+                raise SourceError(
+                    f"data.source.path: {path} has no 'images' array (found: {', '.join(z.files)})"
+                    f"; save images as uint8 NHWC under 'images'"
+                )
             images = z["images"]
             labels = z["labels"] if "labels" in z else None
     except (OSError, ValueError) as e:
@@ -358,7 +392,9 @@ class ImageFolderSource(Source):
             return
         self.root = Path(root)
         if not self.root.is_dir():
-            raise SourceError(f"data.source.path: {self.root} is not a directory; give a folder of images (class subfolders or flat)")
+            raise SourceError(
+                f"data.source.path: {self.root} is not a directory; give a folder of images (class subfolders or flat)"
+            )
         subdirs = sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
         if subdirs:
             self.class_names = [d.name for d in subdirs]
@@ -370,11 +406,13 @@ class ImageFolderSource(Source):
 
     def _init_s3(self) -> None:
         base = self.uri.rstrip("/") + "/"
-        rel = [(u, u[len(base):]) for u in storage.list_files(self.uri)]
+        rel = [(u, u[len(base) :]) for u in storage.list_files(self.uri)]
         rel = [(u, r) for u, r in rel if _is_image_name(r)]
         if not rel:
-            raise SourceError(f"data.source.path: {self.uri} holds no images (.png, .jpg, ...); upload them as "
-                              "PREFIX/CLASS/xxx.png or PREFIX/xxx.png")
+            raise SourceError(
+                f"data.source.path: {self.uri} holds no images (.png, .jpg, ...); upload them as "
+                "PREFIX/CLASS/xxx.png or PREFIX/xxx.png"
+            )
         nested = [r for _, r in rel if "/" in r]
         if nested:
             self.class_names = sorted({r.split("/", 1)[0] for r in nested})
@@ -443,10 +481,14 @@ def _is_image_name(name: str) -> bool:
 
 
 IDX_TYPES = {0x08: np.dtype(np.uint8)}  # unsigned byte: what the MNIST family stores
-IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-             "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
-IDX_HINT = "a folder holding train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte and "\
+IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+IDX_HINT = (
+    "a folder holding train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte and "
     "t10k-labels-idx1-ubyte (each may end in .gz, and carry a prefix such as emnist-balanced-)"
+)
 
 
 def read_idx(path: Path, ndim: int) -> np.ndarray:
@@ -463,18 +505,22 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
             raise SourceError(f"data.source.path: {path}: a damaged gzip file ({e}); download it again") from None
     kind = "images (idx3)" if ndim == 3 else "labels (idx1)"
     if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] not in IDX_TYPES or raw[3] != ndim:
-        raise SourceError(f"data.source.path: {path}: not an IDX file of {kind}: magic {raw[:4].hex() or 'missing'}, "
-                          f"expected 0000080{ndim}; give the {kind.split()[0]} file of the data set")
+        raise SourceError(
+            f"data.source.path: {path}: not an IDX file of {kind}: magic {raw[:4].hex() or 'missing'}, "
+            f"expected 0000080{ndim}; give the {kind.split()[0]} file of the data set"
+        )
     head = 4 + 4 * ndim
     if len(raw) < head:
         raise SourceError(f"data.source.path: {path}: truncated in its header; download it again")
-    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     dtype = IDX_TYPES[raw[2]]
     want = head + int(np.prod(dims)) * dtype.itemsize
     if len(raw) != want:
         what = "truncated" if len(raw) < want else "longer than its header says"
-        raise SourceError(f"data.source.path: {path}: {what}: {len(raw) - head} data bytes for dimensions "
-                          f"{'x'.join(map(str, dims))} ({want - head} expected); download it again")
+        raise SourceError(
+            f"data.source.path: {path}: {what}: {len(raw) - head} data bytes for dimensions "
+            f"{'x'.join(map(str, dims))} ({want - head} expected); download it again"
+        )
     return np.frombuffer(raw, dtype=dtype, offset=head).reshape(dims)
 
 
@@ -499,24 +545,35 @@ class IdxSource(ArraySource):
             img_path, lab_path = _idx_file(self.folder, img_name), _idx_file(self.folder, lab_name)
             images, labels = read_idx(img_path, 3), read_idx(lab_path, 1)
             if len(images) != len(labels):
-                raise SourceError(f"data.source.path: {img_path.name} holds {len(images)} images but "
-                                  f"{lab_path.name} {len(labels)} labels; the two files must belong together")
+                raise SourceError(
+                    f"data.source.path: {img_path.name} holds {len(images)} images but "
+                    f"{lab_path.name} {len(labels)} labels; the two files must belong together"
+                )
             parts[split] = images, labels.astype(np.int64)
         (tr_x, tr_y), (te_x, te_y) = parts["train"], parts["test"]
         if tr_x.shape[1:] != te_x.shape[1:]:
-            raise SourceError(f"data.source.path: {self.folder}: train images are {tr_x.shape[1]}x{tr_x.shape[2]}, "
-                              f"test images {te_x.shape[1]}x{te_x.shape[2]}; the files are of two data sets")
+            raise SourceError(
+                f"data.source.path: {self.folder}: train images are {tr_x.shape[1]}x{tr_x.shape[2]}, "
+                f"test images {te_x.shape[1]}x{te_x.shape[2]}; the files are of two data sets"
+            )
         labels = np.concatenate([tr_y, te_y])
         n_classes = int(labels.max()) + 1 if len(labels) else 0
         self.n_train = len(tr_x)
-        super().__init__(np.concatenate([tr_x, te_x]), labels, [str(c) for c in range(n_classes)],
-                         self.folder.name or "idx", {"kind": "idx", "path": str(self.folder.resolve())})
+        super().__init__(
+            np.concatenate([tr_x, te_x]),
+            labels,
+            [str(c) for c in range(n_classes)],
+            self.folder.name or "idx",
+            {"kind": "idx", "path": str(self.folder.resolve())},
+        )
 
     def refs(self) -> list[SampleRef]:
         """Ids name the file and the position in it: ``train-000123``, ``test-000045``."""
         assert self.labels is not None
-        return [SampleRef(i, f"train-{i:06d}" if i < self.n_train else f"test-{i - self.n_train:06d}",
-                          int(self.labels[i])) for i in range(len(self.images))]
+        return [
+            SampleRef(i, f"train-{i:06d}" if i < self.n_train else f"test-{i - self.n_train:06d}", int(self.labels[i]))
+            for i in range(len(self.images))
+        ]
 
     def official_test(self) -> set[int] | None:
         return set(range(self.n_train, len(self.images)))

@@ -75,8 +75,14 @@ def endpoint() -> str | None:
 def _env_key() -> tuple:
     """What a cached S3 client depends on: the endpoint, the credentials (secrets hashed),
     the region and the process."""
-    return (endpoint(), os.environ.get("AWS_ACCESS_KEY_ID"), hash(os.environ.get("AWS_SECRET_ACCESS_KEY")),
-            hash(os.environ.get("AWS_SESSION_TOKEN")), os.environ.get("AWS_DEFAULT_REGION"), os.getpid())
+    return (
+        endpoint(),
+        os.environ.get("AWS_ACCESS_KEY_ID"),
+        hash(os.environ.get("AWS_SECRET_ACCESS_KEY")),
+        hash(os.environ.get("AWS_SESSION_TOKEN")),
+        os.environ.get("AWS_DEFAULT_REGION"),
+        os.getpid(),
+    )
 
 
 def client() -> Any:
@@ -90,8 +96,11 @@ def client() -> Any:
         import boto3
         from botocore.config import Config
 
-        cfg = Config(connect_timeout=CONNECT_TIMEOUT_S, read_timeout=READ_TIMEOUT_S,
-                     retries={"max_attempts": 3, "mode": "standard"})
+        cfg = Config(
+            connect_timeout=CONNECT_TIMEOUT_S,
+            read_timeout=READ_TIMEOUT_S,
+            retries={"max_attempts": 3, "mode": "standard"},
+        )
         cached[key] = boto3.session.Session().client("s3", endpoint_url=endpoint(), config=cfg)
     return cached[key]
 
@@ -102,8 +111,9 @@ def explain(uri: str, e: Exception) -> StorageError:
 
     where = endpoint() or "AWS S3"
     if isinstance(e, EndpointConnectionError) or type(e).__name__ in ("ConnectTimeoutError", "ConnectionClosedError"):
-        return StorageError(f"{uri}: cannot reach the S3 endpoint {where}; check AWS_ENDPOINT_URL and that the server "
-                            "is running")
+        return StorageError(
+            f"{uri}: cannot reach the S3 endpoint {where}; check AWS_ENDPOINT_URL and that the server is running"
+        )
     if isinstance(e, NoCredentialsError):
         return StorageError(f"{uri}: no S3 credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
     if isinstance(e, ClientError):
@@ -113,10 +123,17 @@ def explain(uri: str, e: Exception) -> StorageError:
             return StorageError(f"{uri}: bucket {bucket!r} does not exist at {where}; create it or fix the URI")
         if code in ("NoSuchKey", "404", "NotFound"):
             return StorageError(f"{uri}: no such object at {where}")
-        if code in ("SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied", "403", "InvalidToken",
-                    "ExpiredToken"):
-            return StorageError(f"{uri}: {where} refused the credentials ({code}); check AWS_ACCESS_KEY_ID and "
-                                "AWS_SECRET_ACCESS_KEY")
+        if code in (
+            "SignatureDoesNotMatch",
+            "InvalidAccessKeyId",
+            "AccessDenied",
+            "403",
+            "InvalidToken",
+            "ExpiredToken",
+        ):
+            return StorageError(
+                f"{uri}: {where} refused the credentials ({code}); check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+            )
         return StorageError(f"{uri}: S3 error {code} at {where}: {e.response.get('Error', {}).get('Message', '')}")
     return StorageError(f"{uri}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
 
@@ -169,7 +186,7 @@ def delete_prefix(uri: str) -> int:
     bucket, _ = split_s3(uri)
     keys = [split_s3(o)[1] for o in list_files(uri)]
     for i in range(0, len(keys), 1000):
-        batch = {"Objects": [{"Key": k} for k in keys[i:i + 1000]], "Quiet": True}
+        batch = {"Objects": [{"Key": k} for k in keys[i : i + 1000]], "Quiet": True}
         _call(uri, lambda b=batch: client().delete_objects(Bucket=bucket, Delete=b))  # type: ignore[misc]
     return len(keys)
 
@@ -185,8 +202,11 @@ def _new_arrow_fs() -> Any:
     from pyarrow import fs
 
     ep = endpoint()
-    kwargs: dict[str, Any] = {"region": os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
-                              or "us-east-1", "connect_timeout": CONNECT_TIMEOUT_S, "request_timeout": READ_TIMEOUT_S}
+    kwargs: dict[str, Any] = {
+        "region": os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1",
+        "connect_timeout": CONNECT_TIMEOUT_S,
+        "request_timeout": READ_TIMEOUT_S,
+    }
     if ep:
         scheme, _, rest = ep.partition("://")
         kwargs.update(endpoint_override=rest or ep, scheme=scheme if rest else "https")
@@ -206,8 +226,9 @@ def check_bucket(uri: str) -> None:
         client().head_bucket(Bucket=bucket)
     except ClientError as e:
         if str(e.response.get("Error", {}).get("Code")) in ("404", "NoSuchBucket", "NotFound"):
-            raise StorageError(f"{uri}: bucket {bucket!r} does not exist at {endpoint() or 'AWS S3'}; create it or "
-                               "fix the URI") from None
+            raise StorageError(
+                f"{uri}: bucket {bucket!r} does not exist at {endpoint() or 'AWS S3'}; create it or fix the URI"
+            ) from None
         raise explain(uri, e) from None
     except Exception as e:
         raise explain(uri, e) from None
@@ -292,7 +313,7 @@ def download_dir(uri: str, local: str | os.PathLike) -> Path:
     local = Path(local)
     base = uri.rstrip("/") + "/"
     for obj in list_files(uri):
-        download_file(obj, local / obj[len(base):])
+        download_file(obj, local / obj[len(base) :])
     return local
 
 
@@ -333,13 +354,16 @@ class S3Reader(io.RawIOBase):
                 chunk = self._body.read(len(view))
                 break
             except Exception as e:  # a connection reset or read timeout mid-object
-                if not type(e).__module__.startswith(("botocore", "urllib3", "http", "socket", "ssl")) \
-                        and not isinstance(e, (ConnectionError, TimeoutError)):
+                if not type(e).__module__.startswith(
+                    ("botocore", "urllib3", "http", "socket", "ssl")
+                ) and not isinstance(e, (ConnectionError, TimeoutError)):
                     raise
                 self.failures += 1
                 if self.failures > self.retries:
-                    raise StorageError(f"{self.uri}: the read failed {self.failures} times at byte {self.pos} "
-                                       f"(last: {type(e).__name__}); check the S3 endpoint {endpoint()}") from None
+                    raise StorageError(
+                        f"{self.uri}: the read failed {self.failures} times at byte {self.pos} "
+                        f"(last: {type(e).__name__}); check the S3 endpoint {endpoint()}"
+                    ) from None
                 time.sleep(BACKOFF_S * 2 ** (self.failures - 1))
                 self._close_body()
                 self._open()
@@ -375,4 +399,3 @@ def _gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **_: Any) -> IO[b
 
 
 sys.modules["webdataset.gopen"].gopen_schemes["s3"] = _gopen_s3  # the module, not the function
-

@@ -29,8 +29,8 @@ def fraction_name(fraction: float) -> str:
 
 def subset_sizes(class_counts: dict[int, int], fraction: float) -> dict[int, int]:
     """Per-class sizes of a ``fraction`` subset: ``round(fraction * N)`` labels in all,
-    each class its proportional share (largest remainder) but at least one. Raises :class:`LabelFractionError` when that leaves a class without
-    labels."""
+    each class its proportional share (largest remainder) but at least one. Raises
+    :class:`LabelFractionError` when that leaves a class without labels."""
     if not 0 < fraction <= 1:
         raise LabelFractionError(f"label fraction {fraction} must be in (0, 1]")
     empty = [c for c, n in class_counts.items() if n == 0]
@@ -66,7 +66,7 @@ def label_subsets(labels: Sequence[int], fractions: Sequence[float], *, seed: in
         raise LabelFractionError("label subsets need labeled samples; the training split has unlabeled ones")
     classes = sorted(int(c) for c in np.unique(y))
     by_class = {c: np.flatnonzero(y == c) for c in classes}
-    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x1abe1]))
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x1ABE1]))
     order = {c: by_class[c][rng.permutation(len(by_class[c]))] for c in classes}
     out: dict[float, list[int]] = {}
     for f in fractions:

@@ -218,7 +218,8 @@ def tar_samples(
                     if got != expected:
                         raise ShardChecksumError(
                             f"{url}: sha256 {got} does not match the manifest's {expected}; the shard was "
-                            f"changed after it was written; {RERUN_HINT}")
+                            f"changed after it was written; {RERUN_HINT}"
+                        )
             if sample is not None:
                 yield sample
         except ShardChecksumError:

@@ -64,8 +64,10 @@ class TextSource(Source):
         self.max_bad_fraction = float(max_bad_fraction)
         suffix = self.path.suffix.lower()
         if suffix not in TEXT_EXTS:
-            raise TextSourceError(f"data.source.path: {self.path} must be a .txt (one sentence a line) or .jsonl "
-                                  f"(one {{\"text\": ..., \"label\": ...}} object a line) file")
+            raise TextSourceError(
+                f"data.source.path: {self.path} must be a .txt (one sentence a line) or .jsonl "
+                f'(one {{"text": ..., "label": ...}} object a line) file'
+            )
         if not self.path.is_file():
             raise TextSourceError(f"data.source.path: {self.path} does not exist; give an existing {suffix} file")
         self.texts: list[str] = []
@@ -104,8 +106,10 @@ class TextSource(Source):
             self.bad.sort(key=lambda b: b["line"])
         total = len(self.texts) + len(self.bad)
         if self.bad and len(self.bad) > self.max_bad_fraction * total:
-            raise TextSourceError(f"{self.bad[0]['error']} ({len(self.bad)} bad of {total} non-blank lines; at most "
-                                  f"{self.max_bad_fraction:.1%} are skipped)")
+            raise TextSourceError(
+                f"{self.bad[0]['error']} ({len(self.bad)} bad of {total} non-blank lines; at most "
+                f"{self.max_bad_fraction:.1%} are skipped)"
+            )
         if not self.texts:
             raise TextSourceError(f"data.source.path: {self.path} holds no sentences")
         labeled = [lab for lab in self.labels if lab >= 0]
@@ -150,8 +154,10 @@ class TextSource(Source):
         return len(self.texts)
 
     def refs(self) -> list[SampleRef]:
-        return [SampleRef(i, f"{self.path.name}:{ln}", lab)
-                for i, (ln, lab) in enumerate(zip(self.lines, self.labels, strict=True))]
+        return [
+            SampleRef(i, f"{self.path.name}:{ln}", lab)
+            for i, (ln, lab) in enumerate(zip(self.lines, self.labels, strict=True))
+        ]
 
     def encode(self, ref: SampleRef) -> tuple[bytes, str]:
         return self.texts[ref.index].encode("utf-8"), "txt"
@@ -196,31 +202,46 @@ def write_text_shards(
     out.mkdir(parents=True, exist_ok=True)
     (out / S.MANIFEST).unlink(missing_ok=True)
     refs = src.refs()
-    splits = S.split_refs(refs, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
-                          stratified=src.labeled)
+    splits = S.split_refs(
+        refs, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, stratified=src.labeled
+    )
     if not splits["train"]:
         raise TextSourceError("data: the train split is empty; lower data.val_fraction / data.test_fraction")
     results: dict[str, list[dict]] = {}
     for split, items in splits.items():
-        results[split] = [S.write_shard(src, items[a:b], out / f"{split}-{i:06d}.tar")
-                          for i, (a, b) in enumerate(S.plan_shards(len(items), samples_per_shard, min_shards))]
+        results[split] = [
+            S.write_shard(src, items[a:b], out / f"{split}-{i:06d}.tar")
+            for i, (a, b) in enumerate(S.plan_shards(len(items), samples_per_shard, min_shards))
+        ]
     tokenizer = train_bpe([src.texts[r.index] for r in splits["train"]], tokenizer_vocab_size, tokenizer_min_frequency)
     tokenizer.save(out / TOKENIZER_FILE)
-    settings = {"val_fraction": val_fraction, "test_fraction": test_fraction, "samples_per_shard": samples_per_shard,
-                "min_shards": min_shards, "tokenizer_vocab_size": tokenizer_vocab_size,
-                "tokenizer_min_frequency": tokenizer_min_frequency}
-    manifest = S.build_manifest(source=src, split_sizes={k: len(v) for k, v in splits.items()}, shard_results=results,
-                                seed=seed, config={**settings, **(config or {})})
+    settings = {
+        "val_fraction": val_fraction,
+        "test_fraction": test_fraction,
+        "samples_per_shard": samples_per_shard,
+        "min_shards": min_shards,
+        "tokenizer_vocab_size": tokenizer_vocab_size,
+        "tokenizer_min_frequency": tokenizer_min_frequency,
+    }
+    manifest = S.build_manifest(
+        source=src,
+        split_sizes={k: len(v) for k, v in splits.items()},
+        shard_results=results,
+        seed=seed,
+        config={**settings, **(config or {})},
+    )
     corrupt = src.corrupt_entries()
-    manifest.update({
-        "modality": "text",
-        "num_source_samples": manifest["num_source_samples"] + len(corrupt),  # the bad lines were never refs
-        "num_corrupt": len(corrupt),
-        "corrupt": corrupt[: S.MAX_LISTED_CORRUPT],
-        "tokenizer": TOKENIZER_FILE,
-        "tokenizer_vocab_size": tokenizer.vocab_size,
-        "tokenizer_sha256": S.sha256_file(out / TOKENIZER_FILE),
-    })
+    manifest.update(
+        {
+            "modality": "text",
+            "num_source_samples": manifest["num_source_samples"] + len(corrupt),  # the bad lines were never refs
+            "num_corrupt": len(corrupt),
+            "corrupt": corrupt[: S.MAX_LISTED_CORRUPT],
+            "tokenizer": TOKENIZER_FILE,
+            "tokenizer_vocab_size": tokenizer.vocab_size,
+            "tokenizer_sha256": S.sha256_file(out / TOKENIZER_FILE),
+        }
+    )
     S.write_manifest(out, manifest)
     return manifest
 
@@ -244,8 +265,10 @@ def decode_text(sample: dict) -> tuple[str, int, int]:
     when the pipeline does not number samples (``ShardStream``'s ``decode``)."""
     data = sample.get("txt")
     if data is None:
-        raise ValueError(f"{sample.get('__url__')}: sample {sample.get('__key__')} has no .txt "
-                         f"(found: {', '.join(k for k in sample if not k.startswith('__'))})")
+        raise ValueError(
+            f"{sample.get('__url__')}: sample {sample.get('__key__')} has no .txt "
+            f"(found: {', '.join(k for k in sample if not k.startswith('__'))})"
+        )
     return data.decode("utf-8"), int(sample["cls"]) if "cls" in sample else -1, int(sample.get("__index__", -1))
 
 
@@ -291,9 +314,18 @@ def text_stream(
     """The training stream of a text shard set for one worker: batches of
     ``(views=[ids (N, max_len)], labels, index)`` through :func:`training_loader`."""
     urls, counts = S.shard_urls(shard_dir, manifest, split)
-    return ShardStream(urls, counts, transform=TextTransform(load_tokenizer(shard_dir, manifest), max_len),
-                       batch_size=batch_size, rank=rank, world_size=world_size, loader_workers=loader_workers,
-                       shuffle_buffer=shuffle_buffer, seed=seed, decode=decode_text)
+    return ShardStream(
+        urls,
+        counts,
+        transform=TextTransform(load_tokenizer(shard_dir, manifest), max_len),
+        batch_size=batch_size,
+        rank=rank,
+        world_size=world_size,
+        loader_workers=loader_workers,
+        shuffle_buffer=shuffle_buffer,
+        seed=seed,
+        decode=decode_text,
+    )
 
 
 def load_text_split(urls: Sequence[str], tokenizer: Tokenizer, max_len: int = 32) -> tuple[torch.Tensor, torch.Tensor]:

@@ -54,12 +54,23 @@ def classifier_spec(
     in_channels: int = 3,
 ) -> dict[str, Any]:
     if not 0 <= from_head_layer <= head_layers:
-        raise ValueError(f"from_head_layer must be in [0, {head_layers}] for a {head_layers}-layer head, got {from_head_layer}")
+        raise ValueError(
+            f"from_head_layer must be in [0, {head_layers}] for a {head_layers}-layer head, got {from_head_layer}"
+        )
     if num_classes < 2:
         raise ValueError(f"a classifier needs >= 2 classes, got {num_classes}")
-    return {"backbone": backbone, "encoder": encoder, "num_classes": num_classes, "from_head_layer": from_head_layer,
-            "head_layers": head_layers, "head_hidden_dim": head_hidden_dim, "proj_dim": proj_dim,
-            "width": width, "cifar_stem": cifar_stem, "in_channels": in_channels}
+    return {
+        "backbone": backbone,
+        "encoder": encoder,
+        "num_classes": num_classes,
+        "from_head_layer": from_head_layer,
+        "head_layers": head_layers,
+        "head_hidden_dim": head_hidden_dim,
+        "proj_dim": proj_dim,
+        "width": width,
+        "cifar_stem": cifar_stem,
+        "in_channels": in_channels,
+    }
 
 
 def _neck_from_head(head: nn.Module | None, k: int) -> tuple[nn.Sequential, int | None]:
@@ -84,12 +95,18 @@ def build_classifier(spec: dict[str, Any]) -> Classifier:
     if spec.get("encoder"):
         method = build_method(spec["encoder"], gather_distributed=False)
         return classifier_from_pretrained(method, spec, init_fc=False)
-    backbone, feat_dim = build_backbone(spec["backbone"], in_channels=spec.get("in_channels", 3),
-                                        cifar_stem=spec.get("cifar_stem", False), width=spec.get("width", 32))
+    backbone, feat_dim = build_backbone(
+        spec["backbone"],
+        in_channels=spec.get("in_channels", 3),
+        cifar_stem=spec.get("cifar_stem", False),
+        width=spec.get("width", 32),
+    )
     k = spec.get("from_head_layer", 0)
     head = None
     if k:
-        head = SimCLRProjectionHead(feat_dim, spec.get("head_hidden_dim") or feat_dim, spec["proj_dim"], spec["head_layers"])
+        head = SimCLRProjectionHead(
+            feat_dim, spec.get("head_hidden_dim") or feat_dim, spec["proj_dim"], spec["head_layers"]
+        )
     neck, neck_dim = _neck_from_head(head, k)
     return Classifier(backbone, neck, neck_dim or feat_dim, spec["num_classes"])
 

@@ -29,8 +29,10 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     if temperature <= 0:
         raise ValueError(f"distillation temperature must be > 0, got {temperature}")
     if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
-                         f"{tuple(teacher_logits.shape)} differ: the two models must predict the same classes")
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} differ: the two models must predict the same classes"
+        )
     target = F.softmax(teacher_logits.detach().float() / temperature, dim=1)
     log_p = F.log_softmax(student_logits.float() / temperature, dim=1)
     return -(target * log_p).sum(dim=1).mean()
@@ -67,15 +69,21 @@ class DistillObjective(Method):
         self.teacher.eval()
         return self
 
-    def forward(self, views: list[torch.Tensor], labels: torch.Tensor | None = None,
-                aux: tuple[list[torch.Tensor], torch.Tensor] | None = None) -> StepOutput:
+    def forward(
+        self,
+        views: list[torch.Tensor],
+        labels: torch.Tensor | None = None,
+        aux: tuple[list[torch.Tensor], torch.Tensor] | None = None,
+    ) -> StepOutput:
         (x,) = views
         with torch.no_grad():
             t = self.teacher(x)
         s = self.student(x)
         loss = distillation_loss(s, t, self.temperature)
-        metrics = {"train/distill_loss": loss.detach(),
-                   "train/agreement": (s.argmax(1) == t.argmax(1)).float().mean().detach()}
+        metrics = {
+            "train/distill_loss": loss.detach(),
+            "train/agreement": (s.argmax(1) == t.argmax(1)).float().mean().detach(),
+        }
         if self.alpha > 0 and aux is not None:
             (xl,), yl = aux
             ce = F.cross_entropy(self.student(xl).float(), yl)

@@ -29,8 +29,12 @@ class SupervisedObjective(Method):
     def encoder(self) -> nn.Module:
         return self.classifier.backbone
 
-    def forward(self, views: list[torch.Tensor], labels: torch.Tensor | None = None,  # type: ignore[override]
-                aux: tuple[list[torch.Tensor], torch.Tensor] | None = None) -> StepOutput:
+    def forward(
+        self,
+        views: list[torch.Tensor],
+        labels: torch.Tensor | None = None,  # type: ignore[override]
+        aux: tuple[list[torch.Tensor], torch.Tensor] | None = None,
+    ) -> StepOutput:
         (x,) = views
         if labels is None or labels.min() < 0:
             raise ValueError("a supervised batch holds unlabeled samples (label -1); the labeled shards are wrong")

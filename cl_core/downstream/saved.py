@@ -52,8 +52,10 @@ KINDS = ("classifier", "encoder")
 def _check_kind(builder: Any) -> str:
     kind = builder.get("kind") if isinstance(builder, Mapping) else None
     if kind not in KINDS:
-        raise ValueError(f"builder.kind: {kind!r} is not one of {', '.join(KINDS)}; give "
-                         "{'kind': 'classifier', 'spec': SPEC} or {'kind': 'encoder', 'model': {'method', 'kwargs'}}")
+        raise ValueError(
+            f"builder.kind: {kind!r} is not one of {', '.join(KINDS)}; give "
+            "{'kind': 'classifier', 'spec': SPEC} or {'kind': 'encoder', 'model': {'method', 'kwargs'}}"
+        )
     need = "spec" if kind == "classifier" else "model"
     if not isinstance(builder.get(need), Mapping):
         raise ValueError(f"builder.{need}: missing; a {kind} builder needs a '{need}' dict")
@@ -86,10 +88,15 @@ def _load_state(module: nn.Module, state: Mapping[str, torch.Tensor], where: str
     unexpected = sorted(set(state) - set(mine))
     shapes = sorted(k for k in set(mine) & set(state) if mine[k].shape != state[k].shape)
     if missing or unexpected or shapes:
-        parts = [f"{label} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
-                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("other shape", shapes)) if keys]
-        raise ValueError(f"{where}: the weights do not fit the architecture that builder.json describes "
-                         f"({'; '.join(parts)}); log the module with the builder it was made from")
+        parts = [
+            f"{label} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("other shape", shapes))
+            if keys
+        ]
+        raise ValueError(
+            f"{where}: the weights do not fit the architecture that builder.json describes "
+            f"({'; '.join(parts)}); log the module with the builder it was made from"
+        )
     module.load_state_dict(state)
 
 
@@ -105,13 +112,15 @@ def _forward(module: nn.Module, x: np.ndarray | torch.Tensor) -> np.ndarray:
     finally:
         module.train(was)
     if not isinstance(out, torch.Tensor):
-        raise TypeError(f"the module returned {type(out).__name__}, not a tensor; log a module whose forward "
-                        "returns one tensor")
+        raise TypeError(
+            f"the module returned {type(out).__name__}, not a tensor; log a module whose forward returns one tensor"
+        )
     return out.detach().cpu().numpy()
 
 
-def save_module(module: nn.Module, builder: Mapping[str, Any], data_dir: str | Path,
-                input_example: np.ndarray | None = None) -> np.ndarray | None:
+def save_module(
+    module: nn.Module, builder: Mapping[str, Any], data_dir: str | Path, input_example: np.ndarray | None = None
+) -> np.ndarray | None:
     """Write ``module`` to ``data_dir`` as ``state_dict.pt`` and ``builder.json``; returns
     the module's eval-mode output on ``input_example`` (None without one).
 
@@ -128,8 +137,10 @@ def save_module(module: nn.Module, builder: Mapping[str, Any], data_dir: str | P
         if all(p.device.type == "cpu" for p in module.parameters()):
             again = _forward(rebuilt, input_example)
             if again.shape != out.shape or not np.allclose(again, out, rtol=1e-4, atol=1e-5):
-                raise ValueError("builder: the module rebuilt from it computes other outputs than the module given; "
-                                 "pass the builder the module was made from")
+                raise ValueError(
+                    "builder: the module rebuilt from it computes other outputs than the module given; "
+                    "pass the builder the module was made from"
+                )
     data = Path(data_dir)
     data.mkdir(parents=True, exist_ok=True)
     torch.save(state, data / WEIGHTS_FILE)
@@ -144,8 +155,10 @@ def read_builder(data_path: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{path}: missing; this is not a model logged by pipelines.models.log_model")
     record = json.loads(path.read_text())
     if record.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {record.get('format')!r}, expected {FORMAT!r}; "
-                         "load it with the cl_core version that logged it")
+        raise ValueError(
+            f"{path}: format {record.get('format')!r}, expected {FORMAT!r}; "
+            "load it with the cl_core version that logged it"
+        )
     return record["builder"]
 
 
@@ -158,8 +171,10 @@ def load_module(data_path: str | Path, *, map_location: str | torch.device = "cp
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:
-        raise ValueError(f"{path}: holds objects other than tensors, so it was not loaded; the file was not written by "
-                         "pipelines.models.log_model (re-log the model)") from None
+        raise ValueError(
+            f"{path}: holds objects other than tensors, so it was not loaded; the file was not written by "
+            "pipelines.models.log_model (re-log the model)"
+        ) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path}: not a state_dict of tensors; re-log the model with pipelines.models.log_model")
     _load_state(module, state, str(path))

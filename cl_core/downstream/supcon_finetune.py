@@ -46,9 +46,16 @@ class SupConObjective(Method):
 
     uses_labels = True
 
-    def __init__(self, classifier: Classifier, head: nn.Module | None = None, *, temperature: float = 0.1,
-                 base_temperature: float | None = None, proj_dim: int = 128,
-                 gather_distributed: bool = True) -> None:
+    def __init__(
+        self,
+        classifier: Classifier,
+        head: nn.Module | None = None,
+        *,
+        temperature: float = 0.1,
+        base_temperature: float | None = None,
+        proj_dim: int = 128,
+        gather_distributed: bool = True,
+    ) -> None:
         super().__init__()
         self.classifier = classifier
         self.feat_dim = classifier.feat_dim
@@ -57,14 +64,19 @@ class SupConObjective(Method):
         self.head = head
         if base_temperature is not None:
             check_positive("base_temperature", base_temperature)
-        self.criterion = SupConLoss(check_positive("temperature", temperature), base_temperature,
-                                    gather_distributed=gather_distributed)
+        self.criterion = SupConLoss(
+            check_positive("temperature", temperature), base_temperature, gather_distributed=gather_distributed
+        )
 
     def encoder(self) -> nn.Module:
         return self.classifier.backbone
 
-    def forward(self, views: list[torch.Tensor], labels: torch.Tensor | None = None,  # type: ignore[override]
-                aux: tuple[list[torch.Tensor], torch.Tensor] | None = None) -> StepOutput:
+    def forward(
+        self,
+        views: list[torch.Tensor],
+        labels: torch.Tensor | None = None,  # type: ignore[override]
+        aux: tuple[list[torch.Tensor], torch.Tensor] | None = None,
+    ) -> StepOutput:
         """``views``: two (N, C, H, W) views; ``labels``: (N,) classes; ``aux`` is unused."""
         x0, x1 = views
         n = x0.shape[0]
@@ -77,5 +89,12 @@ class SupConObjective(Method):
         ce = F.cross_entropy(logits, both)
         loss = supcon + ce
         top1 = (logits.argmax(1) == both).float().mean()
-        return StepOutput(loss=loss, metrics={"train/loss": loss.detach(), "train/supcon": supcon.detach(),
-                                              "train/ce": ce.detach(), "train/top1": top1.detach()})
+        return StepOutput(
+            loss=loss,
+            metrics={
+                "train/loss": loss.detach(),
+                "train/supcon": supcon.detach(),
+                "train/ce": ce.detach(),
+                "train/top1": top1.detach(),
+            },
+        )

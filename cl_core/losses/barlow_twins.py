@@ -90,7 +90,10 @@ class BarlowTwinsLoss(nn.Module):
 
     def forward(self, z0: torch.Tensor, z1: torch.Tensor) -> BarlowTwinsTerms:
         if z0.shape != z1.shape or z0.dim() != 2:
-            raise ValueError(f"BarlowTwinsLoss: expected two (N, D) tensors of equal shape, got {tuple(z0.shape)} and {tuple(z1.shape)}")
+            raise ValueError(
+                f"BarlowTwinsLoss: expected two (N, D) tensors of equal shape, got {tuple(z0.shape)}"
+                f" and {tuple(z1.shape)}"
+            )
         with torch.autocast(device_type=z0.device.type, enabled=False):
             za, zb = z0.float(), z1.float()
             if self.gather_distributed:

@@ -21,7 +21,9 @@ def normalized_mse(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     float32; (N, D), (N, D) -> (N,). Gradients flow into both arguments: detach the
     target yourself (:func:`byol_loss` does)."""
     if p.shape != z.shape or p.dim() != 2:
-        raise ValueError(f"normalized_mse: expected two (N, D) tensors of equal shape, got {tuple(p.shape)} and {tuple(z.shape)}")
+        raise ValueError(
+            f"normalized_mse: expected two (N, D) tensors of equal shape, got {tuple(p.shape)} and {tuple(z.shape)}"
+        )
     cos = (F.normalize(p.float(), dim=1) * F.normalize(z.float(), dim=1)).sum(dim=1)
     return 2.0 - 2.0 * cos
 

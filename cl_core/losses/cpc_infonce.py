@@ -50,10 +50,13 @@ class GridInfoNCE(nn.Module):
         anchors, labels, which = [], [], []
         for t, (k, p) in enumerate(sorted(preds.items())):
             if not 1 <= k < r or p.shape != (n, r - k, q, d):
-                raise ValueError(f"GridInfoNCE: offset {k} needs predictions of shape {(n, r - k, q, d)} "
-                                 f"for a grid of {r} rows, got {tuple(p.shape)}")
-            img, row, col = torch.meshgrid(torch.arange(n, device=dev), torch.arange(k, r, device=dev),
-                                           torch.arange(q, device=dev), indexing="ij")
+                raise ValueError(
+                    f"GridInfoNCE: offset {k} needs predictions of shape {(n, r - k, q, d)} "
+                    f"for a grid of {r} rows, got {tuple(p.shape)}"
+                )
+            img, row, col = torch.meshgrid(
+                torch.arange(n, device=dev), torch.arange(k, r, device=dev), torch.arange(q, device=dev), indexing="ij"
+            )
             anchors.append(p.float().reshape(-1, d))
             labels.append(((rank * n + img) * r * q + row * q + col).reshape(-1))  # the target z[n, i + k, j]
             which.append(torch.full((p.shape[0] * p.shape[1] * q,), t, device=dev))

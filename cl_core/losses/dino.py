@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from cl_core import distributed
 
 
-def dino_loss(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor, student_temp: float,
-              teacher_temp: float) -> tuple[torch.Tensor, torch.Tensor]:
+def dino_loss(
+    student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor, student_temp: float, teacher_temp: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross entropy between the teacher's and the student's distributions over view pairs.
 
     For every teacher (global) view ``a`` and every student view ``b != a``, the mean
@@ -31,8 +32,10 @@ def dino_loss(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor
         ``(loss, teacher_probs)`` with teacher_probs (A, B, K) (for diagnostics).
     """
     if student.dim() != 3 or teacher.dim() != 3 or teacher.shape[1:] != student.shape[1:]:
-        raise ValueError(f"dino_loss: expected (V, B, K) student and (A, B, K) teacher outputs, got "
-                         f"{tuple(student.shape)} and {tuple(teacher.shape)}")
+        raise ValueError(
+            f"dino_loss: expected (V, B, K) student and (A, B, K) teacher outputs, got "
+            f"{tuple(student.shape)} and {tuple(teacher.shape)}"
+        )
     v, b, _ = student.shape
     a = teacher.shape[0]
     if not 1 <= a <= v or v < 2:

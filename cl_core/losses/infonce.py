@@ -32,8 +32,9 @@ class InfoNCEResult(NamedTuple):
 
 def _check(name: str, q: torch.Tensor, k: torch.Tensor, temperature: float) -> None:
     if q.dim() != 2 or q.shape != k.shape:
-        raise ValueError(f"{name}: expected queries and keys of equal shape (N, D), got "
-                         f"{tuple(q.shape)} and {tuple(k.shape)}")
+        raise ValueError(
+            f"{name}: expected queries and keys of equal shape (N, D), got {tuple(q.shape)} and {tuple(k.shape)}"
+        )
     if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(f"{name}: temperature must be a finite number > 0, got {temperature!r}")
 
@@ -71,8 +72,9 @@ def queue_infonce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tempera
     return _result(logits, labels)
 
 
-def gathered_infonce(q: torch.Tensor, k: torch.Tensor, temperature: float, *,
-                     gather_distributed: bool = True) -> InfoNCEResult:
+def gathered_infonce(
+    q: torch.Tensor, k: torch.Tensor, temperature: float, *, gather_distributed: bool = True
+) -> InfoNCEResult:
     """MoCo v3's contrast [2]: each local query against the keys of the whole batch.
 
     With ``gather_distributed`` and a process group of W workers, the keys of every

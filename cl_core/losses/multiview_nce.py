@@ -36,8 +36,10 @@ class CrossViewInfoNCE(nn.Module):
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if a.shape != b.shape or a.dim() != 2:
-            raise ValueError(f"CrossViewInfoNCE: expected two (N, D) tensors of equal shape, got {tuple(a.shape)} "
-                             f"and {tuple(b.shape)}")
+            raise ValueError(
+                f"CrossViewInfoNCE: expected two (N, D) tensors of equal shape, got {tuple(a.shape)} "
+                f"and {tuple(b.shape)}"
+            )
         a, b = a.float(), b.float()
         n = a.shape[0]
         keys, rank = (distributed.gather(b), distributed.rank()) if self.gather_distributed else (b, 0)
@@ -50,8 +52,9 @@ class CrossViewInfoNCE(nn.Module):
         return loss, (logits.detach().argmax(dim=1) == labels).float().mean()
 
 
-def bank_infonce(anchors: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor,
-                 temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def bank_infonce(
+    anchors: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One direction of CMC's loss with memory-bank negatives.
 
     ``anchors`` (N, D) from view a (with gradient); ``positives`` (N, D) the bank entries of

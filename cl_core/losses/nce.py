@@ -25,8 +25,14 @@ def estimate_partition(neg_sim: torch.Tensor, temperature: float, num_samples: i
     return (neg_sim.detach().float() / temperature).exp().mean() * num_samples
 
 
-def nce_loss(pos_sim: torch.Tensor, neg_sim: torch.Tensor, *, temperature: float, partition: torch.Tensor | float,
-             num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+def nce_loss(
+    pos_sim: torch.Tensor,
+    neg_sim: torch.Tensor,
+    *,
+    temperature: float,
+    partition: torch.Tensor | float,
+    num_samples: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """NCE of [0] (Eq. 5-6) with noise distribution P_n = 1/n, n = ``num_samples``.
 
     P(i|v) = exp(s_i / T) / Z with the fixed normaliser Z = ``partition``; a sample is
@@ -52,8 +58,9 @@ def nce_loss(pos_sim: torch.Tensor, neg_sim: torch.Tensor, *, temperature: float
     return loss, pos_prob.detach()
 
 
-def bank_info_nce_loss(pos_sim: torch.Tensor, neg_sim: torch.Tensor, *,
-                       temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def bank_info_nce_loss(
+    pos_sim: torch.Tensor, neg_sim: torch.Tensor, *, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of a softmax over [positive, m negatives] at temperature T.
 
     Returns:

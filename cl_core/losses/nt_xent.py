@@ -54,7 +54,9 @@ class NTXentLoss(nn.Module):
 
     def forward(self, z0: torch.Tensor, z1: torch.Tensor) -> torch.Tensor:
         if z0.shape != z1.shape or z0.dim() != 2:
-            raise ValueError(f"NTXentLoss: expected two (N, D) tensors of equal shape, got {tuple(z0.shape)} and {tuple(z1.shape)}")
+            raise ValueError(
+                f"NTXentLoss: expected two (N, D) tensors of equal shape, got {tuple(z0.shape)} and {tuple(z1.shape)}"
+            )
         with torch.autocast(z0.device.type, enabled=False):  # float32 logits even under bf16 autocast
             return self._loss(z0.float(), z1.float())
 

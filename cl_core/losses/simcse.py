@@ -47,7 +47,9 @@ class SimCSELoss(nn.Module):
         """(cosine similarities / T of the local anchors against every positive (N, WN),
         the column of each anchor's own positive (N,))."""
         if h.shape != h_pos.shape or h.dim() != 2:
-            raise ValueError(f"SimCSELoss: expected two (N, D) tensors of equal shape, got {tuple(h.shape)} and {tuple(h_pos.shape)}")
+            raise ValueError(
+                f"SimCSELoss: expected two (N, D) tensors of equal shape, got {tuple(h.shape)} and {tuple(h_pos.shape)}"
+            )
         n = h.shape[0]
         a = F.normalize(h.float(), dim=1)
         k = F.normalize(h_pos.float(), dim=1)

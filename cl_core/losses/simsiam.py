@@ -18,7 +18,9 @@ def negative_cosine(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """``D(p, z)``: the batch mean of ``-cos(p_i, z_i)`` with ``z`` detached (Eq. 3), in
     float32. In [-1, 1]."""
     if p.shape != z.shape or p.dim() != 2:
-        raise ValueError(f"negative_cosine: expected two (N, D) tensors of equal shape, got {tuple(p.shape)} and {tuple(z.shape)}")
+        raise ValueError(
+            f"negative_cosine: expected two (N, D) tensors of equal shape, got {tuple(p.shape)} and {tuple(z.shape)}"
+        )
     return -(F.normalize(p.float(), dim=1) * F.normalize(z.detach().float(), dim=1)).sum(dim=1).mean()
 
 

@@ -48,14 +48,14 @@ class SupConLoss(nn.Module):
             initialised.
     """
 
-    def __init__(self, temperature: float = 0.1, base_temperature: float | None = None,
-                 gather_distributed: bool = True) -> None:
+    def __init__(
+        self, temperature: float = 0.1, base_temperature: float | None = None, gather_distributed: bool = True
+    ) -> None:
         super().__init__()
         for name, value in (("temperature", temperature), ("base_temperature", base_temperature)):
             if name == "base_temperature" and value is None:
                 continue
-            if (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
-                    or value <= 0):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"SupConLoss: {name} must be a finite number > 0, got {value!r}")
         self.temperature = float(temperature)
         self.base_temperature = None if base_temperature is None else float(base_temperature)
@@ -64,12 +64,14 @@ class SupConLoss(nn.Module):
     def forward(self, views: Sequence[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         """``views``: V >= 1 tensors (N, D), view v of sample n at row n; ``labels``: (N,) ints."""
         if len(views) < 1 or any(v.dim() != 2 or v.shape != views[0].shape for v in views):
-            raise ValueError(f"SupConLoss: expected V >= 1 tensors (N, D) of equal shape, got "
-                             f"{[tuple(v.shape) for v in views]}")
+            raise ValueError(
+                f"SupConLoss: expected V >= 1 tensors (N, D) of equal shape, got {[tuple(v.shape) for v in views]}"
+            )
         n, n_views = views[0].shape[0], len(views)
         if labels.shape != (n,) or labels.dtype.is_floating_point or labels.dtype == torch.bool:
-            raise ValueError(f"SupConLoss: labels must be integers of shape ({n},), got {labels.dtype} "
-                             f"{tuple(labels.shape)}")
+            raise ValueError(
+                f"SupConLoss: labels must be integers of shape ({n},), got {labels.dtype} {tuple(labels.shape)}"
+            )
         z = [F.normalize(v.float(), dim=1) for v in views]
         gathered = self.gather_distributed and distributed.world_size() > 1
         if gathered:
@@ -89,8 +91,9 @@ class SupConLoss(nn.Module):
             logits = anchors @ keys.T / self.temperature  # (VN, VWN), one matmul
         rows = torch.arange(n_views * n, device=dev)
         # anchor (v, j) is key column v * WN + r * N + j
-        self_col = (torch.arange(n_views, device=dev)[:, None] * wn + r * n
-                    + torch.arange(n, device=dev)[None, :]).reshape(-1)
+        self_col = (
+            torch.arange(n_views, device=dev)[:, None] * wn + r * n + torch.arange(n, device=dev)[None, :]
+        ).reshape(-1)
         logits = logits.index_put((rows, self_col), torch.tensor(float("-inf"), device=dev))  # A(i) excludes i
         log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
 
@@ -102,8 +105,10 @@ class SupConLoss(nn.Module):
             valid = (n_pos > 0).float().sum()
             total = distributed.all_reduce_sum_(valid.clone()) if gathered else valid
             if not total > 0:
-                raise ValueError("SupConLoss: no anchor has a positive (every label appears once and there is one "
-                                 "view); use two views or batches with repeated labels")
+                raise ValueError(
+                    "SupConLoss: no anchor has a positive (every label appears once and there is one "
+                    "view); use two views or batches with repeated labels"
+                )
         loss = per_anchor.mean()  # every worker has N anchors: DDP's mean over workers is the global mean
         if self.base_temperature is not None:
             loss = loss * (self.temperature / self.base_temperature)

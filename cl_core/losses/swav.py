@@ -17,8 +17,14 @@ from cl_core import distributed
 
 
 @torch.no_grad()
-def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3, *,
-             extra: torch.Tensor | None = None, gather_distributed: bool = True) -> torch.Tensor:
+def sinkhorn(
+    scores: torch.Tensor,
+    epsilon: float = 0.05,
+    iterations: int = 3,
+    *,
+    extra: torch.Tensor | None = None,
+    gather_distributed: bool = True,
+) -> torch.Tensor:
     """Equipartitioned soft codes of a batch over K prototypes (SwAV [0] Eq. 3).
 
     Starting from ``Q = exp(scores / epsilon)`` (K prototypes x B samples), each
@@ -90,8 +96,10 @@ def swapped_prediction_loss(scores: torch.Tensor, codes: torch.Tensor, temperatu
         temperature: T of the prediction softmax.
     """
     if scores.dim() != 3 or codes.dim() != 3 or codes.shape[1:] != scores.shape[1:]:
-        raise ValueError(f"swapped_prediction_loss: expected (V, B, K) scores and (A, B, K) codes, got "
-                         f"{tuple(scores.shape)} and {tuple(codes.shape)}")
+        raise ValueError(
+            f"swapped_prediction_loss: expected (V, B, K) scores and (A, B, K) codes, got "
+            f"{tuple(scores.shape)} and {tuple(codes.shape)}"
+        )
     v, b, _ = scores.shape
     a = codes.shape[0]
     if not 1 <= a <= v or v < 2:

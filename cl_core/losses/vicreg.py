@@ -82,8 +82,15 @@ class VICRegLoss(nn.Module):
             loss is the single-process loss.
     """
 
-    def __init__(self, invariance_weight: float = 25.0, variance_weight: float = 25.0, covariance_weight: float = 1.0,
-                 gamma: float = 1.0, eps: float = 1e-4, gather_distributed: bool = True) -> None:
+    def __init__(
+        self,
+        invariance_weight: float = 25.0,
+        variance_weight: float = 25.0,
+        covariance_weight: float = 1.0,
+        gamma: float = 1.0,
+        eps: float = 1e-4,
+        gather_distributed: bool = True,
+    ) -> None:
         super().__init__()
         self.invariance_weight = _nonnegative("invariance_weight", invariance_weight)
         self.variance_weight = _nonnegative("variance_weight", variance_weight)
@@ -96,7 +103,9 @@ class VICRegLoss(nn.Module):
 
     def forward(self, z0: torch.Tensor, z1: torch.Tensor) -> VICRegTerms:
         if z0.shape != z1.shape or z0.dim() != 2:
-            raise ValueError(f"VICRegLoss: expected two (N, D) tensors of equal shape, got {tuple(z0.shape)} and {tuple(z1.shape)}")
+            raise ValueError(
+                f"VICRegLoss: expected two (N, D) tensors of equal shape, got {tuple(z0.shape)} and {tuple(z1.shape)}"
+            )
         with torch.autocast(device_type=z0.device.type, enabled=False):
             za, zb = z0.float(), z1.float()
             invariance = F.mse_loss(za, zb)  # local batch; see the class docstring
@@ -106,6 +115,9 @@ class VICRegLoss(nn.Module):
                 raise ValueError("VICRegLoss: needs at least 2 samples in the (global) batch for variances")
             variance = (variance_term(za, self.gamma, self.eps) + variance_term(zb, self.gamma, self.eps)) / 2
             covariance = covariance_term(za) + covariance_term(zb)
-            loss = (self.invariance_weight * invariance + self.variance_weight * variance
-                    + self.covariance_weight * covariance)
+            loss = (
+                self.invariance_weight * invariance
+                + self.variance_weight * variance
+                + self.covariance_weight * covariance
+            )
         return VICRegTerms(loss, invariance, variance, covariance)

@@ -23,4 +23,14 @@ for _info in pkgutil.iter_modules(__path__):
     if _info.name != "base" and not _info.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_info.name}")
 
-__all__ = ["METHODS", "Method", "SimCLR", "StepOutput", "build_method", "get_method", "known_methods", "method_params", "register"]
+__all__ = [
+    "METHODS",
+    "Method",
+    "SimCLR",
+    "StepOutput",
+    "build_method",
+    "get_method",
+    "known_methods",
+    "method_params",
+    "register",
+]

@@ -43,6 +43,7 @@ class BarlowTwins(Method):
     Metrics: ``train/loss``, ``train/on_diag`` (sum (1 - C_ii)^2), ``train/off_diag``
     (sum_{i != j} C_ij^2, unweighted), ``train/c_diag_mean`` (mean C_ii).
     """
+
     # the sweep's default space (sweep.space unset): the off-diagonal weight around Barlow Twins' 0.0051
     sweep_space: ClassVar[dict[str, list[Any]]] = {"lambd": [0.0025, 0.0051, 0.01]}
 

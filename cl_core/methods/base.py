@@ -192,7 +192,9 @@ class Method(nn.Module):
         return {"backbone": "small_cnn", "backbone_args": {"width": 4}}
 
     @classmethod
-    def example_batch(cls, n: int = 4, image_size: int = 16, generator: torch.Generator | None = None) -> dict[str, Any]:
+    def example_batch(
+        cls, n: int = 4, image_size: int = 16, generator: torch.Generator | None = None
+    ) -> dict[str, Any]:
         """Keyword arguments of ``forward`` for a random batch of ``n`` samples, following
         ``view_kind``/``uses_labels``/``needs_index``."""
         g = generator

@@ -46,6 +46,7 @@ class BYOL(Method):
     Metrics: ``train/loss``, ``train/cos_sim`` (mean cosine between prediction and
     target over both directions), ``train/tau`` (this step's EMA momentum).
     """
+
     # the sweep's default space (sweep.space unset): BYOL's target decay ablation (Table 5b)
     sweep_space: ClassVar[dict[str, list[Any]]] = {"tau_base": [0.9, 0.99, 0.996]}
 

@@ -56,16 +56,20 @@ def validate_channel_split(split: Sequence[Sequence[int]]) -> tuple[tuple[int, .
     """At least two non-empty, disjoint groups of Lab channel indices (0 = L, 1 = a, 2 = b)."""
     example = "e.g. [[0], [1, 2]] for L and ab"
     if isinstance(split, (str, bytes)) or not isinstance(split, Sequence) or len(split) < 2:
-        raise HyperparameterError("channel_split", f"must be a list of at least 2 channel groups, {example}; got {split!r}")
+        raise HyperparameterError(
+            "channel_split", f"must be a list of at least 2 channel groups, {example}; got {split!r}"
+        )
     groups = []
     for g in split:
         if isinstance(g, (str, bytes)) or not isinstance(g, Sequence) or len(g) == 0:
-            raise HyperparameterError("channel_split", f"every group must be a non-empty list of channel indices, {example}; "
-                             f"got {split!r}")
+            raise HyperparameterError(
+                "channel_split", f"every group must be a non-empty list of channel indices, {example}; got {split!r}"
+            )
         for c in g:
             if not isinstance(c, int) or isinstance(c, bool) or not 0 <= c <= 2:
-                raise HyperparameterError("channel_split", f"channel indices must be integers in 0..2 (L, a, b), got {c!r} "
-                                 f"in {split!r}")
+                raise HyperparameterError(
+                    "channel_split", f"channel indices must be integers in 0..2 (L, a, b), got {c!r} in {split!r}"
+                )
         groups.append(tuple(g))
     flat = [c for g in groups for c in g]
     if len(flat) != len(set(flat)):
@@ -80,7 +84,9 @@ class LabViewEncoder(nn.Module):
     concatenation (N, sum of the groups' feature dims), CMC's image representation.
     """
 
-    def __init__(self, encoders: Sequence[nn.Module], groups: Sequence[Sequence[int]], feat_dims: Sequence[int]) -> None:
+    def __init__(
+        self, encoders: Sequence[nn.Module], groups: Sequence[Sequence[int]], feat_dims: Sequence[int]
+    ) -> None:
         super().__init__()
         self.to_lab = NormalizedRGBToLab()
         self.encoders = nn.ModuleList(encoders)
@@ -113,6 +119,7 @@ class CMC(Method):
         num_negatives: bank entries drawn per anchor (``memory_bank``).
         bank_momentum: m of the bank update ``v <- normalize(m v + (1 - m) z)``.
     """
+
     # the sweep's default space (sweep.space unset): around CMC's 0.07
     sweep_space: ClassVar[dict[str, list[Any]]] = {"temperature": [0.05, 0.07, 0.1]}
 
@@ -156,8 +163,11 @@ class CMC(Method):
         self.feat_dim = sum(dims)
         self.heads = nn.ModuleList(nn.Linear(d, proj_dim) for d in dims)
         self.criterion = CrossViewInfoNCE(self.temperature, gather_distributed=gather_distributed)
-        self.banks = nn.ModuleList(
-            MemoryBank(self.num_samples, proj_dim) for _ in self.groups) if self.needs_index else nn.ModuleList()
+        self.banks = (
+            nn.ModuleList(MemoryBank(self.num_samples, proj_dim) for _ in self.groups)
+            if self.needs_index
+            else nn.ModuleList()
+        )
 
     def _bank(self, view: int) -> MemoryBank:
         return cast(MemoryBank, self.banks[view])
@@ -177,14 +187,18 @@ class CMC(Method):
             self._bank(0).check_index(index)
             # one random draw of bank rows per step, shared by the views' banks (as CMC's code)
             neg_idx = torch.randint(0, self.num_samples, (n, self.num_negatives), device=x.device)
-            results = {(i, j): bank_infonce(z[i], self._bank(j)(index), self._bank(j)(neg_idx), self.temperature)
-                       for i, j in pairs}
+            results = {
+                (i, j): bank_infonce(z[i], self._bank(j)(index), self._bank(j)(neg_idx), self.temperature)
+                for i, j in pairs
+            }
             if self.training:  # after the loss has read the banks: write this batch's embeddings
                 for v, zv in enumerate(z):
                     self._bank(v).update(index, zv.detach(), self.bank_momentum)
         else:
             results = {(i, j): self.criterion(z[i], z[j]) for i, j in pairs}
-        loss = torch.stack([r[0] for r in results.values()]).sum()  # CMC [0]: L(V1, V2) = L^{V1,V2} + L^{V2,V1}, summed over pairs
+        loss = torch.stack(
+            [r[0] for r in results.values()]
+        ).sum()  # CMC [0]: L(V1, V2) = L^{V1,V2} + L^{V2,V1}, summed over pairs
         metrics = {f"train/loss_v{i}_v{j}": r[0].detach() for (i, j), r in results.items()}
         metrics["train/acc"] = torch.stack([r[1] for r in results.values()]).mean()
         metrics["train/z_std"] = torch.stack([zv.detach().std(dim=0).mean() for zv in z]).mean()

@@ -76,6 +76,7 @@ class CPC(Method):
         patch_norm: ``layer`` (replace the backbone's BatchNorm2d by layer norm) or
             ``batch`` (keep it).
     """
+
     # the sweep's default space (sweep.space unset): no temperature or EMA: the learning rate
     sweep_space: ClassVar[dict[str, list[Any]]] = {"lr_base": [0.05, 0.2, 1.0]}
 
@@ -116,7 +117,9 @@ class CPC(Method):
             check_int("target_dim", target_dim)
         self.emb_scale = check_positive("emb_scale", emb_scale)
         if directions not in (1, 2):
-            raise HyperparameterError("directions", f"must be 1 (top-down) or 2 (top-down and bottom-up), got {directions!r}")
+            raise HyperparameterError(
+                "directions", f"must be 1 (top-down) or 2 (top-down and bottom-up), got {directions!r}"
+            )
         self.context_kind = context
 
         self.backbone, self.feat_dim = build_backbone(backbone, **(backbone_args or {}))
@@ -127,7 +130,9 @@ class CPC(Method):
         d = target_dim if target_dim is not None else f
         self.offsets = list(range(min_offset, max_offset + 1))
         contexts: list[MaskedConvContext | GRUContext] = [
-            MaskedConvContext(f, context_dim, context_layers) if context == "masked_conv" else GRUContext(f, context_dim)
+            MaskedConvContext(f, context_dim, context_layers)
+            if context == "masked_conv"
+            else GRUContext(f, context_dim)
             for _ in range(directions)
         ]
         self.contexts = nn.ModuleList(contexts)
@@ -155,8 +160,10 @@ class CPC(Method):
         z = self.patch_embeddings(x)  # (N, R, Q, F)
         rows = z.shape[1]
         if self.max_offset >= rows:
-            raise ValueError(f"cpc: the patch grid of a {tuple(x.shape[-2:])} image has {rows} rows; max_offset "
-                             f"({self.max_offset}) must be smaller (lower it or use smaller patches/stride)")
+            raise ValueError(
+                f"cpc: the patch grid of a {tuple(x.shape[-2:])} image has {rows} rows; max_offset "
+                f"({self.max_offset}) must be smaller (lower it or use smaller patches/stride)"
+            )
         t = self.target(z)  # (N, R, Q, D)
         losses, accs = [], []
         for d in range(len(self.contexts)):
@@ -169,8 +176,10 @@ class CPC(Method):
             accs.append(acc_d)
         loss = torch.stack(losses).mean()
         z_std = F.normalize(z.detach().float().flatten(0, 2), dim=1).std(dim=0).mean()
-        return StepOutput(loss=loss, metrics={"train/loss": loss.detach(), "train/acc": torch.stack(accs).mean(),
-                                              "train/z_std": z_std})
+        return StepOutput(
+            loss=loss,
+            metrics={"train/loss": loss.detach(), "train/acc": torch.stack(accs).mean(), "train/z_std": z_std},
+        )
 
     @classmethod
     def smoke_kwargs(cls) -> dict:

@@ -63,6 +63,7 @@ class DINO(Method):
             is dropped (DINO's code: the first epoch, 1251 iterations at batch 1024 on
             ImageNet; set it to one epoch of your data).
     """
+
     # the sweep's default space (sweep.space unset): DINO's teacher momentum around its 0.996
     sweep_space: ClassVar[dict[str, list[Any]]] = {"momentum": [0.99, 0.996, 0.999]}
 
@@ -100,9 +101,14 @@ class DINO(Method):
         self.student_temp = check_positive("student_temp", student_temp)
         self.teacher_temp = check_positive("teacher_temp", teacher_temp)
         self.warmup_teacher_temp = check_positive("warmup_teacher_temp", warmup_teacher_temp)
-        if not isinstance(teacher_temp_warmup, (int, float)) or isinstance(teacher_temp_warmup, bool) \
-                or not 0 <= teacher_temp_warmup <= 1:
-            raise HyperparameterError("teacher_temp_warmup", f"must be a fraction of training in [0, 1], got {teacher_temp_warmup!r}")
+        if (
+            not isinstance(teacher_temp_warmup, (int, float))
+            or isinstance(teacher_temp_warmup, bool)
+            or not 0 <= teacher_temp_warmup <= 1
+        ):
+            raise HyperparameterError(
+                "teacher_temp_warmup", f"must be a fraction of training in [0, 1], got {teacher_temp_warmup!r}"
+            )
         self.teacher_temp_warmup = float(teacher_temp_warmup)
         self.center_momentum = check_momentum("center_momentum", center_momentum)
         self.momentum = check_momentum("momentum", momentum)
@@ -187,5 +193,10 @@ class DINO(Method):
 
     @classmethod
     def smoke_kwargs(cls) -> dict:
-        return {**super().smoke_kwargs(), "out_dim": 32, "hidden_dim": 32, "bottleneck_dim": 16,
-                "freeze_last_layer_steps": 1}
+        return {
+            **super().smoke_kwargs(),
+            "out_dim": 32,
+            "hidden_dim": 32,
+            "bottleneck_dim": 16,
+            "freeze_last_layer_steps": 1,
+        }

@@ -62,6 +62,7 @@ class InstDisc(Method):
         bank_momentum: m of the bank update.
         proj_dim: dim of v.
     """
+
     # the sweep's default space (sweep.space unset): around InstDisc's 0.07
     sweep_space: ClassVar[dict[str, list[Any]]] = {"temperature": [0.05, 0.07, 0.1]}
 
@@ -111,13 +112,19 @@ class InstDisc(Method):
         if index.shape != (n,) or index.dtype.is_floating_point or index.dtype == torch.bool:
             raise ValueError(f"instdisc: index must be {n} integers, got {index.dtype} {tuple(index.shape)}")
         if n and int(index.min()) < 0:
-            raise ValueError("instdisc: sample index -1: the training stream does not number its samples "
-                             "(it needs the shard manifest's counts)")
+            raise ValueError(
+                "instdisc: sample index -1: the training stream does not number its samples "
+                "(it needs the shard manifest's counts)"
+            )
         self.memory.check_index(index)  # >= num_samples: a bank of the wrong size
         return index
 
-    def forward(self, views: list[torch.Tensor], index: torch.Tensor | None = None,  # type: ignore[override]
-                negatives: torch.Tensor | None = None) -> StepOutput:
+    def forward(
+        self,
+        views: list[torch.Tensor],
+        index: torch.Tensor | None = None,  # type: ignore[override]
+        negatives: torch.Tensor | None = None,
+    ) -> StepOutput:
         """``views``: one (N, C, H, W) view; ``index``: (N,) positions in the training split;
         ``negatives``: (N, k) bank indices to use instead of random draws (tests)."""
         (x,) = views
@@ -133,14 +140,21 @@ class InstDisc(Method):
             pos_sim = (v * self.memory(index)).sum(1)  # (N,)
             neg_sim = torch.einsum("nd,nkd->nk", v, self.memory(negatives))  # (N, k)
             if self.loss_kind == "nce":
-                loss, pos_prob = nce_loss(pos_sim, neg_sim, temperature=self.temperature,
-                                          partition=self._partition(neg_sim), num_samples=self.num_samples)
+                loss, pos_prob = nce_loss(
+                    pos_sim,
+                    neg_sim,
+                    temperature=self.temperature,
+                    partition=self._partition(neg_sim),
+                    num_samples=self.num_samples,
+                )
             else:
                 loss, pos_prob = bank_info_nce_loss(pos_sim, neg_sim, temperature=self.temperature)
         if self.training:  # after the loss: this step's positives are the entries from before it
             self._update_bank(index, v.detach())
-        return StepOutput(loss=loss, metrics={"train/loss": loss.detach(), "train/pos_prob": pos_prob,
-                                              "train/pos_sim": pos_sim.detach().mean()})
+        return StepOutput(
+            loss=loss,
+            metrics={"train/loss": loss.detach(), "train/pos_prob": pos_prob, "train/pos_sim": pos_sim.detach().mean()},
+        )
 
     @torch.no_grad()
     def _partition(self, neg_sim: torch.Tensor) -> torch.Tensor:

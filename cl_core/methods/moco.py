@@ -81,7 +81,9 @@ class MoCo(Method):
             average the two losses (the keys of both views are enqueued); MoCo v1/v2
             are asymmetric.
     """
-    # the sweep's default space (sweep.space unset): MoCo's momentum ablation (Sec. 4.1): 0.99-0.9999 work, 0.9 loses points
+
+    # the sweep's default space (sweep.space unset): MoCo's momentum ablation (Sec. 4.1):
+    # 0.99-0.9999 work, 0.9 loses points
     sweep_space: ClassVar[dict[str, list[Any]]] = {"momentum": [0.9, 0.99, 0.999]}
 
     def __init__(
@@ -174,4 +176,3 @@ class MoCo(Method):
     @classmethod
     def smoke_kwargs(cls) -> dict:
         return {**super().smoke_kwargs(), "proj_dim": 8, "queue_size": 32}
-

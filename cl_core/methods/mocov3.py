@@ -69,6 +69,7 @@ class MoCoV3(Method):
             fixed (no gradient, not in the optimizer); ignored for other backbones, which
             have no patch projection.
     """
+
     # the sweep's default space (sweep.space unset): MoCo v3's EMA momentum (0.99 default, cosine to 1)
     sweep_space: ClassVar[dict[str, list[Any]]] = {"momentum": [0.9, 0.99, 0.996]}
 
@@ -104,8 +105,9 @@ class MoCoV3(Method):
         if self.freeze_patch_embed and isinstance(self.backbone, VisionTransformer):
             for p in self.backbone.patch_embed.parameters():
                 p.requires_grad_(False)
-        self.projector = MLP([self.feat_dim] + [hidden_dim] * (layers - 1) + [proj_dim], last_norm=True,
-                             last_norm_affine=False)
+        self.projector = MLP(
+            [self.feat_dim] + [hidden_dim] * (layers - 1) + [proj_dim], last_norm=True, last_norm_affine=False
+        )
         self.predictor = MLP([proj_dim, hidden_dim, proj_dim], last_norm=self.is_vit, last_norm_affine=False)
         if not self.is_vit:  # the released ResNet predictor: _build_mlp(..., last_bn=False), every Linear bias-free
             self.predictor[-1] = nn.Linear(hidden_dim, proj_dim, bias=False)

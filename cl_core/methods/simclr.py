@@ -31,6 +31,7 @@ class SimCLR(Method):
         head_hidden_dim: hidden width of the head; None keeps the feature width.
         proj_dim: output dim of the head.
     """
+
     # the sweep's default space (sweep.space unset): SimCLR's Table 5 range
     sweep_space: ClassVar[dict[str, list[Any]]] = {"temperature": [0.1, 0.2, 0.5, 1.0]}
 
@@ -49,7 +50,9 @@ class SimCLR(Method):
     ) -> None:
         super().__init__()
         if head_layers not in (0, 1, 2, 3, 4):
-            raise HyperparameterError("head_layers", f"must be 2, 3 or 4 (1: a linear head, 0: none), got {head_layers!r}")
+            raise HyperparameterError(
+                "head_layers", f"must be 2, 3 or 4 (1: a linear head, 0: none), got {head_layers!r}"
+            )
         self.backbone, self.feat_dim = build_backbone(backbone, **(backbone_args or {}))
         self.head = SimCLRProjectionHead(self.feat_dim, head_hidden_dim or self.feat_dim, proj_dim, head_layers)
         self.criterion = NTXentLoss(check_positive("temperature", temperature), gather_distributed=gather_distributed)

@@ -57,6 +57,7 @@ class SimCSE(Method):
             evaluation: unsupervised SimCSE), ``cls_mlp`` (MLP in both: supervised
             SimCSE), ``cls`` (no MLP).
     """
+
     # the sweep's default space (sweep.space unset): SimCSE's temperature study (its Table D.1): 0.05 best
     sweep_space: ClassVar[dict[str, list[Any]]] = {"temperature": [0.01, 0.05, 0.1]}
 
@@ -79,8 +80,10 @@ class SimCSE(Method):
     ) -> None:
         super().__init__()
         if backbone not in TEXT_ENCODERS:
-            raise ValueError(f"simcse: backbone must be a text encoder ({', '.join(sorted(TEXT_ENCODERS))}), got "
-                             f"{backbone!r}; SimCSE encodes token ids, not images")
+            raise ValueError(
+                f"simcse: backbone must be a text encoder ({', '.join(sorted(TEXT_ENCODERS))}), got "
+                f"{backbone!r}; SimCSE encodes token ids, not images"
+            )
         if pooler not in POOLERS:
             raise HyperparameterError("pooler", f"must be one of {', '.join(POOLERS)}, got {pooler!r}")
         sizes: dict[str, Any] = {
@@ -136,7 +139,9 @@ class SimCSE(Method):
         return {"backbone": "text_transformer", "vocab_size": 64, "max_len": 16, "dim": 16, "depth": 1, "heads": 2}
 
     @classmethod
-    def example_batch(cls, n: int = 4, image_size: int = 16, generator: torch.Generator | None = None) -> dict[str, Any]:
+    def example_batch(
+        cls, n: int = 4, image_size: int = 16, generator: torch.Generator | None = None
+    ) -> dict[str, Any]:
         """Random token ids (N, L), L = min(image_size, smoke max_len): [CLS], random
         tokens, [SEP], then [PAD] up to L (lengths vary from 3 to L)."""
         kw = cls.smoke_kwargs()

@@ -50,6 +50,7 @@ class SimSiam(Method):
     the batch of the l2-normalised projection z of view 0, averaged over dimensions
     (Fig. 2: about 0 when collapsed, about 1/sqrt(d) for well-spread outputs).
     """
+
     # the sweep's default space (sweep.space unset): no temperature or EMA: the learning rate, from SimSiam's 0.05 up
     sweep_space: ClassVar[dict[str, list[Any]]] = {"lr_base": [0.05, 0.2, 1.0]}
 

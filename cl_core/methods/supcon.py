@@ -29,8 +29,10 @@ def check_labeled(labels: torch.Tensor | None, n: int) -> torch.Tensor:
     if labels.shape != (n,):
         raise ValueError(f"supcon: expected {n} labels, got shape {tuple(labels.shape)}")
     if labels.numel() and int(labels.min()) < 0:
-        raise ValueError("supcon: the batch holds unlabeled samples (label -1); supervised contrastive "
-                         "pretraining needs shards where every sample has a class")
+        raise ValueError(
+            "supcon: the batch holds unlabeled samples (label -1); supervised contrastive "
+            "pretraining needs shards where every sample has a class"
+        )
     return labels
 
 
@@ -49,6 +51,7 @@ class SupCon(Method):
         head_hidden_dim: hidden width of the head; None keeps the feature width.
         proj_dim: output dim of the head.
     """
+
     # the sweep's default space (sweep.space unset): around SupCon's 0.1
     sweep_space: ClassVar[dict[str, list[Any]]] = {"temperature": [0.05, 0.1, 0.2]}
 
@@ -73,11 +76,16 @@ class SupCon(Method):
         self.head = MLP([self.feat_dim, hidden, check_int("proj_dim", proj_dim)], norm=False)
         if base_temperature is not None:
             check_positive("base_temperature", base_temperature)
-        self.criterion = SupConLoss(check_positive("temperature", temperature), base_temperature,
-                                    gather_distributed=gather_distributed)
+        self.criterion = SupConLoss(
+            check_positive("temperature", temperature), base_temperature, gather_distributed=gather_distributed
+        )
 
-    def forward(self, views: list[torch.Tensor], labels: torch.Tensor | None = None,  # type: ignore[override]
-                aux: tuple[list[torch.Tensor], torch.Tensor] | None = None) -> StepOutput:
+    def forward(
+        self,
+        views: list[torch.Tensor],
+        labels: torch.Tensor | None = None,  # type: ignore[override]
+        aux: tuple[list[torch.Tensor], torch.Tensor] | None = None,
+    ) -> StepOutput:
         """``views``: two (N, C, H, W) views; ``labels``: (N,) classes; ``aux`` is unused."""
         x0, x1 = views
         n = x0.shape[0]

@@ -55,6 +55,7 @@ class SwAV(Method):
             once it is full; it holds embeddings of the whole global batch (gathered).
         queue_start_step: the optimizer step from which the queue is written.
     """
+
     # the sweep's default space (sweep.space unset): the prototype softmax temperature around SwAV's 0.1
     sweep_space: ClassVar[dict[str, list[Any]]] = {"temperature": [0.05, 0.1, 0.2]}
 
@@ -127,8 +128,15 @@ class SwAV(Method):
         out = []
         for i in range(2):
             extra = self.scores(self.queue[i]) if use_queue else None
-            out.append(sinkhorn(scores[i], self.epsilon, self.sinkhorn_iterations, extra=extra,
-                                gather_distributed=self.gather_distributed))
+            out.append(
+                sinkhorn(
+                    scores[i],
+                    self.epsilon,
+                    self.sinkhorn_iterations,
+                    extra=extra,
+                    gather_distributed=self.gather_distributed,
+                )
+            )
         return torch.stack(out)
 
     @torch.no_grad()
@@ -139,7 +147,7 @@ class SwAV(Method):
         z_global = z_global.to(self.queue.dtype)
         n = z_global.shape[1]
         if n >= self.queue_length:
-            self.queue.copy_(z_global[:, n - self.queue_length:])
+            self.queue.copy_(z_global[:, n - self.queue_length :])
             self.queue_ptr.zero_()
         else:
             idx = (self.queue_ptr + torch.arange(n, device=self.queue.device)) % self.queue_length
@@ -178,5 +186,12 @@ class SwAV(Method):
 
     @classmethod
     def smoke_kwargs(cls) -> dict:
-        return {**super().smoke_kwargs(), "hidden_dim": 32, "proj_dim": 16, "num_prototypes": 16,
-                "freeze_prototypes_steps": 1, "queue_length": 16, "queue_start_step": 0}
+        return {
+            **super().smoke_kwargs(),
+            "hidden_dim": 32,
+            "proj_dim": 16,
+            "num_prototypes": 16,
+            "freeze_prototypes_steps": 1,
+            "queue_length": 16,
+            "queue_start_step": 0,
+        }

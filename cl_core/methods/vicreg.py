@@ -44,6 +44,7 @@ class VICReg(Method):
     Metrics: ``train/loss`` and the unweighted terms ``train/invariance`` (MSE),
     ``train/variance`` ((v(Z) + v(Z')) / 2), ``train/covariance`` (c(Z) + c(Z')).
     """
+
     # the sweep's default space (sweep.space unset): the invariance weight around VICReg's 25
     sweep_space: ClassVar[dict[str, list[Any]]] = {"invariance_weight": [10.0, 25.0, 50.0]}
 
@@ -66,8 +67,14 @@ class VICReg(Method):
         super().__init__()
         check_int("proj_hidden_dim", proj_hidden_dim)
         check_int("proj_dim", proj_dim)
-        self.criterion = VICRegLoss(invariance_weight, variance_weight, covariance_weight, gamma=gamma, eps=eps,
-                                    gather_distributed=gather_distributed)  # validates the weights, gamma, eps
+        self.criterion = VICRegLoss(
+            invariance_weight,
+            variance_weight,
+            covariance_weight,
+            gamma=gamma,
+            eps=eps,
+            gather_distributed=gather_distributed,
+        )  # validates the weights, gamma, eps
         self.backbone, self.feat_dim = build_backbone(backbone, **(backbone_args or {}))
         self.projector = MLP([self.feat_dim, proj_hidden_dim, proj_hidden_dim, proj_dim])
         self.projector[-1] = nn.Linear(proj_hidden_dim, proj_dim, bias=False)

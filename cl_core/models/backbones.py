@@ -95,8 +95,18 @@ class VisionTransformer(nn.Module):
       Transformers, 2021, https://arxiv.org/abs/2104.02057 (Sec. 4, "position embedding")
     """
 
-    def __init__(self, *, image_size: int = 32, patch_size: int = 4, dim: int = 192, depth: int = 12, heads: int = 3,
-                 mlp_ratio: float = 4.0, in_channels: int = 3, pos_embed: str = "learned") -> None:
+    def __init__(
+        self,
+        *,
+        image_size: int = 32,
+        patch_size: int = 4,
+        dim: int = 192,
+        depth: int = 12,
+        heads: int = 3,
+        mlp_ratio: float = 4.0,
+        in_channels: int = 3,
+        pos_embed: str = "learned",
+    ) -> None:
         super().__init__()
         if image_size % patch_size:
             raise ValueError(f"vit: image_size {image_size} is not a multiple of patch_size {patch_size}")
@@ -112,8 +122,9 @@ class VisionTransformer(nn.Module):
             self.pos_embed = nn.Parameter(torch.zeros(1, n + 1, dim))
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6 if pos_embed == "sincos" else 0.02)
-        layer = nn.TransformerEncoderLayer(dim, heads, int(dim * mlp_ratio), dropout=0.0, activation="gelu",
-                                           batch_first=True, norm_first=True)
+        layer = nn.TransformerEncoderLayer(
+            dim, heads, int(dim * mlp_ratio), dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+        )
         self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
 
@@ -137,8 +148,9 @@ def _sincos_2d(grid: int, dim: int) -> torch.Tensor:
     """(1, 1 + grid^2, dim) fixed 2-D sin-cos position embeddings, zero for [CLS]."""
     if dim % 4:
         raise ValueError(f"vit: sin-cos position embeddings need dim % 4 == 0, got {dim}")
-    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32),
-                            indexing="ij")
+    ys, xs = torch.meshgrid(
+        torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32), indexing="ij"
+    )
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
     out_x, out_y = xs.flatten()[:, None] * omega, ys.flatten()[:, None] * omega
     pe = torch.cat([out_x.sin(), out_x.cos(), out_y.sin(), out_y.cos()], dim=1)
@@ -151,10 +163,23 @@ _VIT_SIZES = {"vit_tiny": (192, 3), "vit_small": (384, 6)}  # (width, heads), De
 def _vit(name: str) -> Callable[..., tuple[nn.Module, int]]:
     dim, heads = _VIT_SIZES[name]
 
-    def build(in_channels: int = 3, image_size: int = 32, patch_size: int = 4, depth: int = 12,
-              pos_embed: str = "learned", **_: object) -> tuple[nn.Module, int]:
-        m = VisionTransformer(image_size=image_size, patch_size=patch_size, dim=dim, depth=depth, heads=heads,
-                              in_channels=in_channels, pos_embed=pos_embed)
+    def build(
+        in_channels: int = 3,
+        image_size: int = 32,
+        patch_size: int = 4,
+        depth: int = 12,
+        pos_embed: str = "learned",
+        **_: object,
+    ) -> tuple[nn.Module, int]:
+        m = VisionTransformer(
+            image_size=image_size,
+            patch_size=patch_size,
+            dim=dim,
+            depth=depth,
+            heads=heads,
+            in_channels=in_channels,
+            pos_embed=pos_embed,
+        )
         return m, dim
 
     return build

@@ -49,8 +49,14 @@ class DINOHead(nn.Module):
     zero, as in DINO's code) and ``last_layer`` a :class:`WeightNormLinear` to
     ``out_dim``, computed in float32 (autocast off) whatever the MLP ran in."""
 
-    def __init__(self, in_dim: int, out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-                 norm_last_layer: bool = True) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int = 65536,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        norm_last_layer: bool = True,
+    ) -> None:
         super().__init__()
         self.mlp = MLP([in_dim, hidden_dim, hidden_dim, bottleneck_dim], norm=False, activation="gelu")
         for m in self.mlp.modules():

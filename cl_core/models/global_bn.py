@@ -37,15 +37,24 @@ from cl_core import distributed
 class GlobalBatchNorm(_BatchNorm):
     """BatchNorm1d/2d/3d whose batch statistics are those of all workers' batches together."""
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         self.synchronize = True  # switched off by :func:`local_statistics`
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() < 2:
-            raise ValueError(f"GlobalBatchNorm: expected an input of at least 2 dimensions (N, C, ...), got {input.dim()}")
+            raise ValueError(
+                f"GlobalBatchNorm: expected an input of at least 2 dimensions (N, C, ...), got {input.dim()}"
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(x)
@@ -61,7 +70,7 @@ class GlobalBatchNorm(_BatchNorm):
             var = (invstd.pow(-2) - self.eps).clamp_(min=0)
             n = torch.tensor([x.numel() // c], dtype=torch.float32, device=x.device)
             stats = distributed.gather_nograd(torch.cat([n, mean, var * n]).unsqueeze(0))  # (W, 1 + 2C)
-            counts, means, m2s = stats[:, :1], stats[:, 1:1 + c], stats[:, 1 + c:]
+            counts, means, m2s = stats[:, :1], stats[:, 1 : 1 + c], stats[:, 1 + c :]
             total = counts.sum()
             g_mean = (counts * means).sum(0) / total
             g_m2 = (m2s + counts * (means - g_mean) ** 2).sum(0)
@@ -88,20 +97,38 @@ class _GlobalNormalize(torch.autograd.Function):
     as the running ones)."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor,  # type: ignore[override]
-                var: torch.Tensor, eps: float, total: float) -> torch.Tensor:
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        mean: torch.Tensor,  # type: ignore[override]
+        var: torch.Tensor,
+        eps: float,
+        total: float,
+    ) -> torch.Tensor:
         ctx.save_for_backward(x, weight, mean, var)
         ctx.eps, ctx.total = eps, total
         return torch.nn.functional.batch_norm(x, mean, var, weight, bias, training=False, eps=eps)
 
     @staticmethod
-    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,  # type: ignore[override]
-                                                       None, None, None, None]:
+    def backward(
+        ctx: Any, dy: torch.Tensor
+    ) -> tuple[
+        torch.Tensor,
+        torch.Tensor,
+        torch.Tensor,  # type: ignore[override]
+        None,
+        None,
+        None,
+        None,
+    ]:
         x, weight, mean, var = ctx.saved_tensors
         dy = dy.contiguous()
         # eval-mode backward's weight and bias gradients are the local sums of dy * x_hat and dy
         _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
-            dy, x, weight, mean, var, None, None, False, ctx.eps, [False, True, True])
+            dy, x, weight, mean, var, None, None, False, ctx.eps, [False, True, True]
+        )
         sums = torch.cat([sum_dy, sum_dy_xhat])
         distributed.all_reduce_sum_(sums)
         c = x.shape[1]
@@ -120,8 +147,9 @@ def convert_global_bn(module: nn.Module) -> nn.Module:
     other norms (LayerNorm, GroupNorm) are left as they are. Returns the converted module
     (a new object when ``module`` itself is a BatchNorm)."""
     if isinstance(module, _BatchNorm) and not isinstance(module, GlobalBatchNorm):
-        out = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                              module.track_running_stats)
+        out = GlobalBatchNorm(
+            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
+        )
         if module.affine:
             out.weight, out.bias = module.weight, module.bias
         out.running_mean, out.running_var = module.running_mean, module.running_var

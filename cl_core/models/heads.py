@@ -72,8 +72,15 @@ class MLP(nn.Sequential):
         last_norm_affine: learnable scale and shift of that last norm.
     """
 
-    def __init__(self, dims: list[int], *, norm: bool = True, activation: str = "relu", last_norm: bool = False,
-                 last_norm_affine: bool = True) -> None:
+    def __init__(
+        self,
+        dims: list[int],
+        *,
+        norm: bool = True,
+        activation: str = "relu",
+        last_norm: bool = False,
+        last_norm_affine: bool = True,
+    ) -> None:
         if len(dims) < 2:
             raise ValueError(f"MLP: needs at least input and output widths, got {dims}")
         acts = {"relu": nn.ReLU, "gelu": nn.GELU}

@@ -43,7 +43,7 @@ class KeyQueue(nn.Module):
         keys = (distributed.gather_nograd(keys) if gather else keys.detach()).to(self.queue.dtype)
         n = keys.shape[0]
         if n > self.size:
-            keys, n = keys[-self.size:], self.size
+            keys, n = keys[-self.size :], self.size
         idx = (self.ptr + torch.arange(n, device=keys.device)) % self.size
         self.queue[idx] = keys
         self.ptr.copy_((self.ptr + n) % self.size)
@@ -74,8 +74,10 @@ class MemoryBank(nn.Module):
 
     def check_index(self, index: torch.Tensor) -> None:
         if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.size):
-            raise ValueError(f"memory bank of {self.size} entries got sample index {int(index.max())}; set the "
-                             "method's bank size to the training split's size")
+            raise ValueError(
+                f"memory bank of {self.size} entries got sample index {int(index.max())}; set the "
+                "method's bank size to the training split's size"
+            )
 
     @torch.no_grad()
     def update(self, index: torch.Tensor, features: torch.Tensor, momentum: float, gather: bool = True) -> None:

@@ -19,8 +19,10 @@ def check_multicrop(views: list[torch.Tensor], who: str) -> int:
     if len(views) < 2:
         raise ValueError(f"{who}: multi-crop needs at least the 2 global views, got {len(views)} view(s)")
     if views[0].shape != views[1].shape:
-        raise ValueError(f"{who}: the 2 global views must have the same shape, got {tuple(views[0].shape)} "
-                         f"and {tuple(views[1].shape)}")
+        raise ValueError(
+            f"{who}: the 2 global views must have the same shape, got {tuple(views[0].shape)} "
+            f"and {tuple(views[1].shape)}"
+        )
     n = views[0].shape[0]
     if any(v.shape[0] != n for v in views):
         raise ValueError(f"{who}: every view needs the same batch size, got {[v.shape[0] for v in views]}")

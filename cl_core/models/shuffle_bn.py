@@ -20,8 +20,9 @@ from cl_core import distributed
 
 
 @torch.no_grad()
-def shuffled_forward(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, *,
-                     gather_distributed: bool = True) -> torch.Tensor:
+def shuffled_forward(
+    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, *, gather_distributed: bool = True
+) -> torch.Tensor:
     """``fn`` applied to a random permutation of the global batch, returned in the
     original order of this worker's samples (no gradient).
 

@@ -6,6 +6,15 @@ from cl_core.text.encoder import TEXT_ENCODERS, TextTransformer, build_text_enco
 from cl_core.text.tokenizer import CLS, PAD, SEP, UNK, Tokenizer, train_bpe
 
 __all__ = [
-    "CLS", "PAD", "SEP", "TEXT_ENCODERS", "UNK", "TextTransformer", "Tokenizer", "build_text_encoder",
-    "python_docs_sentences", "train_bpe", "write_corpus",
+    "CLS",
+    "PAD",
+    "SEP",
+    "TEXT_ENCODERS",
+    "UNK",
+    "TextTransformer",
+    "Tokenizer",
+    "build_text_encoder",
+    "python_docs_sentences",
+    "train_bpe",
+    "write_corpus",
 ]

@@ -40,8 +40,16 @@ class TextTransformer(nn.Module):
         mlp_ratio: MLP width / dim.
     """
 
-    def __init__(self, vocab_size: int = 30522, dim: int = 768, depth: int = 12, heads: int = 12, max_len: int = 32,
-                 dropout: float = 0.1, mlp_ratio: float = 4.0) -> None:
+    def __init__(
+        self,
+        vocab_size: int = 30522,
+        dim: int = 768,
+        depth: int = 12,
+        heads: int = 12,
+        max_len: int = 32,
+        dropout: float = 0.1,
+        mlp_ratio: float = 4.0,
+    ) -> None:
         super().__init__()
         for k, v in {"vocab_size": vocab_size, "dim": dim, "depth": depth, "heads": heads, "max_len": max_len}.items():
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -54,8 +62,9 @@ class TextTransformer(nn.Module):
         self.tok_embed = nn.Embedding(vocab_size, dim, padding_idx=PAD)
         self.pos_embed = nn.Parameter(torch.zeros(1, max_len, dim))
         self.drop = nn.Dropout(dropout)
-        layer = nn.TransformerEncoderLayer(dim, heads, int(round(mlp_ratio * dim)), dropout, activation="gelu",
-                                           batch_first=True, norm_first=True)
+        layer = nn.TransformerEncoderLayer(
+            dim, heads, int(round(mlp_ratio * dim)), dropout, activation="gelu", batch_first=True, norm_first=True
+        )
         self.blocks = nn.TransformerEncoder(layer, depth, norm=nn.LayerNorm(dim), enable_nested_tensor=False)
         nn.init.normal_(self.tok_embed.weight, std=0.02)  # BERT's initializer range
         with torch.no_grad():

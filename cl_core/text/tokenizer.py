@@ -152,8 +152,13 @@ class Tokenizer:
 
     # ---- persistence -------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {"format": FORMAT, "special_tokens": list(SPECIAL_TOKENS), "byte_offset": BYTE_OFFSET,
-                "vocab_size": self.vocab_size, "merges": [list(m) for m in self.merges]}
+        return {
+            "format": FORMAT,
+            "special_tokens": list(SPECIAL_TOKENS),
+            "byte_offset": BYTE_OFFSET,
+            "vocab_size": self.vocab_size,
+            "merges": [list(m) for m in self.merges],
+        }
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "tokenizer") -> Tokenizer:
@@ -194,7 +199,9 @@ def train_bpe(sentences: Iterable[str], vocab_size: int, min_frequency: int = 2)
             when no pair is that frequent, so the vocabulary can end up smaller.
     """
     if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < FIRST_MERGE:
-        raise ValueError(f"train_bpe: vocab_size must be an integer >= {FIRST_MERGE} (specials + 256 bytes), got {vocab_size!r}")
+        raise ValueError(
+            f"train_bpe: vocab_size must be an integer >= {FIRST_MERGE} (specials + 256 bytes), got {vocab_size!r}"
+        )
     if not isinstance(min_frequency, int) or isinstance(min_frequency, bool) or min_frequency < 1:
         raise ValueError(f"train_bpe: min_frequency must be an integer >= 1, got {min_frequency!r}")
     counts: Counter[str] = Counter()

@@ -33,8 +33,11 @@ except importlib.metadata.PackageNotFoundError:  # the source tree, not installe
 __all__ = ["__version__", "export", "load_config", "load_model", "methods", "run"]
 
 
-def load_config(config: str | Path | None = None, overrides: dict[str, Any] | list[str] | None = None,
-                work_dir: str | Path | None = None) -> PipelineConfig:
+def load_config(
+    config: str | Path | None = None,
+    overrides: dict[str, Any] | list[str] | None = None,
+    work_dir: str | Path | None = None,
+) -> PipelineConfig:
     """A validated, frozen config: a shipped name (``"default"``, ``"fashion_mnist"``), a YAML
     path or None (the embedded default), with ``overrides`` as ``{"pretrain.epochs": 5}`` or
     ``["pretrain.epochs=5"]`` (what ``--set`` takes). Raises ``ConfigError`` in one line."""
@@ -49,9 +52,15 @@ def load_config(config: str | Path | None = None, overrides: dict[str, Any] | li
     return _load(config, items)
 
 
-def run(config: PipelineConfig | str | Path | None = None, *, overrides: dict[str, Any] | list[str] | None = None,
-        work_dir: str | Path | None = None, rerun: str | None = None, only: str | None = None,
-        until: str | None = None) -> PipelineResult:
+def run(
+    config: PipelineConfig | str | Path | None = None,
+    *,
+    overrides: dict[str, Any] | list[str] | None = None,
+    work_dir: str | Path | None = None,
+    rerun: str | None = None,
+    only: str | None = None,
+    until: str | None = None,
+) -> PipelineResult:
     """``clpipe run``: the stages under one MLflow parent run, cached and resumable, on the
     Ray the config names (a local one by default). Returns the PipelineResult (each stage's
     run id, outputs and whether it was cached; ``report``: the HTML report's path)."""

@@ -22,9 +22,11 @@ def checked_split(shard_dir: str, manifest: dict, split: str, name: str | None =
     if check.truncated:
         expected = sum(t["expected_samples"] for t in check.truncated)
         first = check.truncated[0]["url"]
-        console.print(f"[yellow]{split} split of {shard_dir}: {len(check.truncated)} truncated shard(s) ({first}"
-                      f"{' ...' if len(check.truncated) > 1 else ''}): {check.lost_samples} of their {expected} "
-                      "samples are lost, the readable ones are used; rerun the shard stage to restore them[/]")
+        console.print(
+            f"[yellow]{split} split of {shard_dir}: {len(check.truncated)} truncated shard(s) ({first}"
+            f"{' ...' if len(check.truncated) > 1 else ''}): {check.lost_samples} of their {expected} "
+            "samples are lost, the readable ones are used; rerun the shard stage to restore them[/]"
+        )
         if mlflow.active_run() is not None:
             mlflow.log_metric(f"data/{name}_lost_samples", check.lost_samples)
             mlflow.set_tag(f"clpipe.data.{name}_truncated", json.dumps(check.truncated)[:5000])

@@ -61,9 +61,18 @@ def global_bn(p: PretrainConfig, world: int) -> bool:
 def knn_monitor(p: PretrainConfig, bank_urls, val_urls, device, bank_verify=None, val_verify=None) -> KnnMonitor:
     """The val kNN monitor of ``pretrain.monitor``: at most ``max_bank`` training and
     ``max_val`` val images, their features streamed from the shards at every call."""
-    return KnnMonitor(bank_urls, val_urls, EvalTransform(p.views.image_size), k=p.knn_k,
-                      temperature=p.knn_temperature, max_bank=p.monitor.max_bank, max_val=p.monitor.max_val,
-                      device=device, bank_verify=bank_verify, val_verify=val_verify)
+    return KnnMonitor(
+        bank_urls,
+        val_urls,
+        EvalTransform(p.views.image_size),
+        k=p.knn_k,
+        temperature=p.knn_temperature,
+        max_bank=p.monitor.max_bank,
+        max_val=p.monitor.max_val,
+        device=device,
+        bank_verify=bank_verify,
+        val_verify=val_verify,
+    )
 
 
 def load_method(encoder: dict) -> Method:
@@ -71,7 +80,9 @@ def load_method(encoder: dict) -> Method:
     ``weights_only``; a missing checkpoint is an error naming the file."""
     path = storage.join(encoder["checkpoint_dir"], STATE_FILE)
     if not storage.exists(path):
-        raise FileNotFoundError(f"{path}: the pretrained checkpoint is missing; rerun pretrain (clpipe run --rerun pretrain)")
+        raise FileNotFoundError(
+            f"{path}: the pretrained checkpoint is missing; rerun pretrain (clpipe run --rerun pretrain)"
+        )
     method = build_method(encoder["model"], gather_distributed=False)
     state = torch.load(io.BytesIO(storage.read_bytes(path)), map_location="cpu", weights_only=True)
     method.load_state_dict(state["model"])
@@ -87,14 +98,27 @@ def view_transform(method: str, v: ViewsConfig):
     """The views the method's ``view_kind`` asks for, from the ``pretrain.views`` section
     (crop and flip only with ``augment_on: device``: :func:`device_views` does the rest)."""
     kind = get_method(method).view_kind
-    color: dict[str, Any] = dict(hflip_prob=v.hflip_prob, jitter_strength=v.jitter_strength, jitter_prob=v.jitter_prob,
-                 grayscale_prob=v.grayscale_prob, blur_prob=v.blur_prob, color=v.augment_on == "loader")
+    color: dict[str, Any] = dict(
+        hflip_prob=v.hflip_prob,
+        jitter_strength=v.jitter_strength,
+        jitter_prob=v.jitter_prob,
+        grayscale_prob=v.grayscale_prob,
+        blur_prob=v.blur_prob,
+        color=v.augment_on == "loader",
+    )
     if kind == "multi_crop":
-        return MultiCropTransform(v.image_size, v.local_size(), global_scale=(v.crop_min_scale, 1.0),
-                                  local_scale=v.local_crop_scale, n_local=v.local_views, **color)
+        return MultiCropTransform(
+            v.image_size,
+            v.local_size(),
+            global_scale=(v.crop_min_scale, 1.0),
+            local_scale=v.local_crop_scale,
+            n_local=v.local_views,
+            **color,
+        )
     if kind in ("two_views", "single"):
-        return SimCLRTransform(v.image_size, crop_min_scale=v.crop_min_scale, n_views=2 if kind == "two_views" else 1,
-                               **color)
+        return SimCLRTransform(
+            v.image_size, crop_min_scale=v.crop_min_scale, n_views=2 if kind == "two_views" else 1, **color
+        )
     raise ValueError(f"pretrain: {method} takes {kind} inputs, which the image pipeline does not make")
 
 
@@ -113,8 +137,9 @@ def crop_plan(method: str, v: ViewsConfig) -> CropPlan:
     kind = get_method(method).view_kind
     if kind == "multi_crop":
         g, local = (v.crop_min_scale, 1.0), (v.local_crop_scale[0], v.local_crop_scale[1])
-        return CropPlan([v.image_size] * 2 + [v.local_size()] * v.local_views, [g] * 2 + [local] * v.local_views,
-                        v.hflip_prob)
+        return CropPlan(
+            [v.image_size] * 2 + [v.local_size()] * v.local_views, [g] * 2 + [local] * v.local_views, v.hflip_prob
+        )
     if kind in ("two_views", "single"):
         n = 2 if kind == "two_views" else 1
         return CropPlan([v.image_size] * n, [(v.crop_min_scale, 1.0)] * n, v.hflip_prob)
@@ -134,8 +159,12 @@ def device_views(v: ViewsConfig) -> DeviceViews | None:
     """The colour augmentation on the training device (``views.augment_on: device``)."""
     if v.augment_on != "device":
         return None
-    return DeviceViews(jitter_strength=v.jitter_strength, jitter_prob=v.jitter_prob,
-                       grayscale_prob=v.grayscale_prob, blur_prob=v.blur_prob)
+    return DeviceViews(
+        jitter_strength=v.jitter_strength,
+        jitter_prob=v.jitter_prob,
+        grayscale_prob=v.grayscale_prob,
+        blur_prob=v.blur_prob,
+    )
 
 
 def train_worker(config: dict) -> list[dict] | None:
@@ -151,8 +180,12 @@ def train_worker(config: dict) -> list[dict] | None:
     loop_cfg = loop_config(p)
     method = cast(Method, loop_cfg.settings_for(device).prepare(method))
     if global_bn(p, world):
-        method = cast(Method, torch.nn.SyncBatchNorm.convert_sync_batchnorm(method) if device.type == "cuda"
-                      else convert_global_bn(method))
+        method = cast(
+            Method,
+            torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
+            if device.type == "cuda"
+            else convert_global_bn(method),
+        )
     # queues, banks and centers are kept equal on every worker by gathered updates; DDP's
     # per-step broadcast of rank 0's buffers would resend a 65,536-key queue (32 MiB) each step
     model = train.torch.prepare_model(method, parallel_strategy_kwargs={"forward_sync_buffers": False})
@@ -163,14 +196,29 @@ def train_worker(config: dict) -> list[dict] | None:
     if text:
         manifest = read_manifest(config["shard_dir"])
         max_len = config["model"]["kwargs"]["max_len"]
-        stream = text_stream(config["shard_dir"], manifest, batch_size=p.batch_size_per_worker, rank=rank,
-                             world_size=world, loader_workers=p.loader_workers, max_len=max_len,
-                             shuffle_buffer=p.shuffle_buffer, seed=config["seed"])
+        stream = text_stream(
+            config["shard_dir"],
+            manifest,
+            batch_size=p.batch_size_per_worker,
+            rank=rank,
+            world_size=world,
+            loader_workers=p.loader_workers,
+            max_len=max_len,
+            shuffle_buffer=p.shuffle_buffer,
+            seed=config["seed"],
+        )
     else:
         stream = ShardStream(
-            urls, counts, rank=rank, world_size=world, loader_workers=p.loader_workers,
-            batch_size=p.batch_size_per_worker, shuffle_buffer=p.shuffle_buffer, seed=config["seed"],
-            verify=config.get("train_verify"), **view_stream(config["model"]["method"], v, device, urls),
+            urls,
+            counts,
+            rank=rank,
+            world_size=world,
+            loader_workers=p.loader_workers,
+            batch_size=p.batch_size_per_worker,
+            shuffle_buffer=p.shuffle_buffer,
+            seed=config["seed"],
+            verify=config.get("train_verify"),
+            **view_stream(config["model"]["method"], v, device, urls),
         )
     loop = TrainingLoop(model, method, stream, loop_cfg, device, view_augment=None if text else device_views(v))
 
@@ -180,9 +228,11 @@ def train_worker(config: dict) -> list[dict] | None:
             verify_checkpoint(d, ckpt.path)
             loop.load_state_dict(torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=True))
         if rank == 0:
-            print(f"[pretrain] resumed from checkpoint at epoch {loop.epoch}, step {loop.step}"
-                  f"{f' (batch {loop.batch_in_epoch} of epoch {loop.epoch + 1})' if loop.batch_in_epoch else ''}",
-                  flush=True)
+            print(
+                f"[pretrain] resumed from checkpoint at epoch {loop.epoch}, step {loop.step}"
+                f"{f' (batch {loop.batch_in_epoch} of epoch {loop.epoch + 1})' if loop.batch_in_epoch else ''}",
+                flush=True,
+            )
 
     log: tracking.WorkerLog | None = None
     evaluate = None
@@ -191,17 +241,23 @@ def train_worker(config: dict) -> list[dict] | None:
         log = tracking.WorkerLog(config["tracking_uri"], config["run_id"], prefix="pretrain")
     record_placement(world, log)  # a collective: every rank
     if rank == 0 and tracked:
-        bn = ("" if not has_batch_norm(method) else
-              "; BatchNorm statistics over all workers" if global_bn(p, world) else
-              "; BatchNorm statistics per worker" if world > 1 else "")
+        bn = (
+            ""
+            if not has_batch_norm(method)
+            else "; BatchNorm statistics over all workers"
+            if global_bn(p, world)
+            else "; BatchNorm statistics per worker"
+            if world > 1
+            else ""
+        )
         print(f"[pretrain] {loop.describe()}{bn}", flush=True)
     labeled = config["labeled"] and config["val_urls"] and p.monitor.enabled
     if labeled and text and rank == 0:
         tok = load_tokenizer(config["shard_dir"], manifest)
         bank_x, bank_y = load_text_split(urls, tok, max_len)
         val_x, val_y = load_text_split(config["val_urls"], tok, max_len)
-        bank_x, bank_y = bank_x[:p.monitor.max_bank], bank_y[:p.monitor.max_bank]
-        val_x, val_y = val_x[:p.monitor.max_val], val_y[:p.monitor.max_val]
+        bank_x, bank_y = bank_x[: p.monitor.max_bank], bank_y[: p.monitor.max_bank]
+        val_x, val_y = val_x[: p.monitor.max_val], val_y[: p.monitor.max_val]
 
         def evaluate(encoder: torch.nn.Module) -> dict[str, float]:
             fb = extract_features(encoder, bank_x, device=device)
@@ -209,8 +265,7 @@ def train_worker(config: dict) -> list[dict] | None:
             return {"val/knn_top1": knn_top1(fb, bank_y, fv, val_y, k=p.knn_k, temperature=p.knn_temperature)}
     elif labeled and not text:
         # every rank encodes its share of the bank and the val images (cl_core.monitor)
-        monitor = knn_monitor(p, urls, config["val_urls"], device, config.get("train_verify"),
-                              config.get("val_verify"))
+        monitor = knn_monitor(p, urls, config["val_urls"], device, config.get("train_verify"), config.get("val_verify"))
 
         def evaluate(encoder: torch.nn.Module) -> dict[str, float]:
             return {"val/knn_top1": monitor(encoder)}
@@ -223,10 +278,18 @@ def train_worker(config: dict) -> list[dict] | None:
             return
         if log is not None:
             log.metrics(metrics, step=int(metrics["epoch"]))
-            print("[pretrain] epoch {:.0f}/{}  loss {:.4f}  lr {:.4g}  {:.0f} img/s{}  {}".format(
-                metrics["epoch"], p.epochs, metrics["train/loss"], metrics["train/lr"], metrics["train/images_per_sec"],
-                f"  val kNN top-1 {metrics['val/knn_top1']:.3f}" if "val/knn_top1" in metrics else "",
-                eta(int(metrics["epoch"]))), flush=True)
+            print(
+                "[pretrain] epoch {:.0f}/{}  loss {:.4f}  lr {:.4g}  {:.0f} img/s{}  {}".format(
+                    metrics["epoch"],
+                    p.epochs,
+                    metrics["train/loss"],
+                    metrics["train/lr"],
+                    metrics["train/images_per_sec"],
+                    f"  val kNN top-1 {metrics['val/knn_top1']:.3f}" if "val/knn_top1" in metrics else "",
+                    eta(int(metrics["epoch"])),
+                ),
+                flush=True,
+            )
         save(metrics, state)
 
     def save(metrics: dict[str, float], state: dict | None) -> None:
@@ -237,8 +300,9 @@ def train_worker(config: dict) -> list[dict] | None:
 
         def write(d: Path) -> None:
             torch.save(state, d / STATE_FILE)
-            (d / CONFIG_FILE).write_text(json.dumps({"model": config["model"], "pretrain": config["pretrain"],
-                                                     "metrics": metrics}, indent=2))
+            (d / CONFIG_FILE).write_text(
+                json.dumps({"model": config["model"], "pretrain": config["pretrain"], "metrics": metrics}, indent=2)
+            )
 
         report_checkpoint(metrics, write, loop.position())
 
@@ -252,8 +316,17 @@ def train_worker(config: dict) -> list[dict] | None:
     return history if rank == 0 else None
 
 
-def make_worker_config(cfg: PretrainConfig, model: dict, shard_dir: str, manifest: dict, *, seed: int,
-                       checks: dict[str, ShardCheck], tracking_uri: str | None, run_id: str | None) -> dict:
+def make_worker_config(
+    cfg: PretrainConfig,
+    model: dict,
+    shard_dir: str,
+    manifest: dict,
+    *,
+    seed: int,
+    checks: dict[str, ShardCheck],
+    tracking_uri: str | None,
+    run_id: str | None,
+) -> dict:
     """``train_worker``'s config; ``run_id`` None: untracked (a sweep trial reports to Tune only).
     ``checks``: the train and val splits as :func:`checked_split` found them."""
     train_urls, train_counts = checks["train"].urls, checks["train"].counts

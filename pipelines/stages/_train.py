@@ -136,8 +136,9 @@ def verify_checkpoint(directory: str | Path, where: str) -> dict:
         if not f.exists():
             raise CheckpointError(f"{where}: checkpoint file {name} is missing (incomplete checkpoint); {fix}")
         if sha256_file(f) != digest:
-            raise CheckpointError(f"{where}: checkpoint file {name} does not match its recorded sha256 "
-                                  f"(damaged in storage); {fix}")
+            raise CheckpointError(
+                f"{where}: checkpoint file {name} does not match its recorded sha256 (damaged in storage); {fix}"
+            )
     return info
 
 
@@ -157,8 +158,9 @@ def _latest_checkpoint(storage_path: str, storage_fs: Any, run_name: str) -> tup
         return uri, "position unknown"
 
 
-def _failure_message(ctx: StageContext, section: TrainingConfig, err: BaseException,
-                     latest: tuple[str, str] | None) -> str:
+def _failure_message(
+    ctx: StageContext, section: TrainingConfig, err: BaseException, latest: tuple[str, str] | None
+) -> str:
     def first_line(e: BaseException) -> str:
         line = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
         line = f"{type(e).__name__}: {line}" if line else type(e).__name__
@@ -166,15 +168,21 @@ def _failure_message(ctx: StageContext, section: TrainingConfig, err: BaseExcept
 
     text = str(err)
     failures = getattr(err, "worker_failures", None)  # Ray Train's WorkerGroupError: {rank: exception}
-    cause = ("; ".join(f"rank {r}: {first_line(e)}" for r, e in sorted(failures.items())) if failures
-             else first_line(err))
+    cause = (
+        "; ".join(f"rank {r}: {first_line(e)}" for r, e in sorted(failures.items())) if failures else first_line(err)
+    )
     died = any(w in text for w in ("ActorDiedError", "ActorUnavailableError", "died", "SIGKILL", "unexpectedly"))
     if latest is None:
         where = "no checkpoint was written yet; rerunning the same command starts the stage over"
     else:
         where = f"the last checkpoint is {latest[0]} ({latest[1]}); rerunning the same command resumes from it"
-    restarts = (f" after {section.max_failures} restart(s)" if section.max_failures > 0 else
-                f"; set {ctx.name}.max_failures >= 1 to restart automatically" if died else "")
+    restarts = (
+        f" after {section.max_failures} restart(s)"
+        if section.max_failures > 0
+        else f"; set {ctx.name}.max_failures >= 1 to restart automatically"
+        if died
+        else ""
+    )
     what = "a training worker died" if died else "training failed"
     return f"{ctx.name}: {what} ({cause}){restarts}; {where}"
 
@@ -188,12 +196,16 @@ def fit(ctx: StageContext, worker: Callable[[dict], Any], worker_config: dict, s
     trainer = Trainer(
         worker,
         train_loop_config=worker_config,
-        scaling_config=ScalingConfig(num_workers=section.num_workers, use_gpu=use_gpu(section),
-                                     resources_per_worker={"CPU": section.cpus_per_worker}),
+        scaling_config=ScalingConfig(
+            num_workers=section.num_workers,
+            use_gpu=use_gpu(section),
+            resources_per_worker={"CPU": section.cpus_per_worker},
+        ),
         run_config=RunConfig(
             # deterministic per cache key: a rerun of an interrupted stage resumes from its checkpoint
             name=ctx.ray_run_name,
-            storage_path=storage_path, storage_filesystem=storage_fs,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
             checkpoint_config=CheckpointConfig(num_to_keep=1),
             failure_config=FailureConfig(max_failures=section.max_failures),
             logging_config=LoggingConfig(log_level=ctx.config.ray.train_log_level),
@@ -250,15 +262,21 @@ def record_placement(world: int, log: tracking.WorkerLog | None) -> None:
         # the small per-step collectives through /dev/shm when every worker is on one host
         shm = distributed.use_shared_memory() if torch.distributed.get_backend() == "gloo" else False
     if log is not None:
-        log.tags({"clpipe.train.nodes": json.dumps(dict(Counter(n for n, _ in every)), sort_keys=True),
-                  "clpipe.train.node_ips": json.dumps(dict(Counter(ip for _, ip in every)), sort_keys=True),
-                  "clpipe.train.small_collectives": "shared_memory" if shm else
-                  ("process_group" if world > 1 else "none")})
+        log.tags(
+            {
+                "clpipe.train.nodes": json.dumps(dict(Counter(n for n, _ in every)), sort_keys=True),
+                "clpipe.train.node_ips": json.dumps(dict(Counter(ip for _, ip in every)), sort_keys=True),
+                "clpipe.train.small_collectives": "shared_memory"
+                if shm
+                else ("process_group" if world > 1 else "none"),
+            }
+        )
 
 
 def crop_flip(views: CropFlipConfig, image_size: int, n_views: int = 1) -> FinetuneTransform:
-    return FinetuneTransform(image_size, crop_min_scale=views.crop_min_scale, hflip_prob=views.hflip_prob,
-                             n_views=n_views)
+    return FinetuneTransform(
+        image_size, crop_min_scale=views.crop_min_scale, hflip_prob=views.hflip_prob, n_views=n_views
+    )
 
 
 def batch_for(counts: list[int], wanted: int, world: int) -> int:
@@ -303,7 +321,9 @@ class SequentialJobs:
         record_placement(worker.world, self.log)
         if worker.rank == 0:
             # streamed from its shards at each check, kept in memory only while it fits a fixed budget
-            self.val = EvalSplit(config["val_urls"], EvalTransform(config["image_size"]), verify=config.get("val_verify"))
+            self.val = EvalSplit(
+                config["val_urls"], EvalTransform(config["image_size"]), verify=config.get("val_verify")
+            )
         self.finished: dict[str, dict] = {}
         self.resume: dict | None = None
         ckpt = train.get_checkpoint()
@@ -312,11 +332,16 @@ class SequentialJobs:
                 verify_checkpoint(d, ckpt.path)
                 self.resume = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
                 for name in self.resume["finished"]:
-                    self.finished[name] = torch.load(Path(d) / MODELS_DIR / f"{name}.pt", map_location="cpu",
-                                                     weights_only=True)
+                    self.finished[name] = torch.load(
+                        Path(d) / MODELS_DIR / f"{name}.pt", map_location="cpu", weights_only=True
+                    )
 
-    def run(self, jobs: list[dict], build: Callable[[dict, int], tuple[Method, torch.nn.Module, ShardStream, Any]],
-            section: TrainingConfig) -> list[dict]:
+    def run(
+        self,
+        jobs: list[dict],
+        build: Callable[[dict, int], tuple[Method, torch.nn.Module, ShardStream, Any]],
+        section: TrainingConfig,
+    ) -> list[dict]:
         history: list[dict] = []
         start = self.resume["job"] if self.resume else 0
         for i, job in enumerate(jobs):
@@ -355,8 +380,9 @@ class SequentialJobs:
         calibration = None
         n_cal = getattr(section, "bn_recalibration_images", 0)
         if self.w.rank == 0 and n_cal:  # uncropped training images for precise BN statistics
-            calibration, _ = load_split(stream.urls, EvalTransform(self.config["image_size"]), verify=stream.verify,
-                                        limit=n_cal)
+            calibration, _ = load_split(
+                stream.urls, EvalTransform(self.config["image_size"]), verify=stream.verify, limit=n_cal
+            )
 
         def evaluate(_encoder) -> dict[str, float]:
             assert self.val is not None
@@ -375,8 +401,11 @@ class SequentialJobs:
 
         if self.w.rank == 0 and not resuming:  # epoch 0, the starting point, is a candidate too
             initial = evaluate(None)
-            best.update(val_top1=initial["val/top1"], epoch=0,
-                        state_dict={k: v.detach().cpu().clone() for k, v in classifier.state_dict().items()})
+            best.update(
+                val_top1=initial["val/top1"],
+                epoch=0,
+                state_dict={k: v.detach().cpu().clone() for k, v in classifier.state_dict().items()},
+            )
             assert self.log is not None
             self.log.metrics({f"{name}/val/top1": initial["val/top1"]}, step=0)
 
@@ -392,15 +421,29 @@ class SequentialJobs:
                     train.report({}, checkpoint=None)
                 return
             if metrics["val/top1"] > best["val_top1"]:
-                best.update(val_top1=metrics["val/top1"], epoch=epoch,
-                            state_dict={k: v.detach().cpu().clone() for k, v in classifier.state_dict().items()})
+                best.update(
+                    val_top1=metrics["val/top1"],
+                    epoch=epoch,
+                    state_dict={k: v.detach().cpu().clone() for k, v in classifier.state_dict().items()},
+                )
             metrics = {**metrics, "val/best_top1": best["val_top1"]}
             assert self.log is not None
             self.log.metrics({f"{name}/{k}": v for k, v in metrics.items()}, step=epoch)
             if at_checkpoint:
-                print("[{}] {} epoch {}/{}  loss {:.4f}  val top-1 {:.3f} (best {:.3f} at epoch {})  {}".format(
-                    self.prefix, name, epoch, epochs, metrics["train/loss"], metrics["val/top1"],
-                    best["val_top1"], best["epoch"], eta(epoch)), flush=True)
+                print(
+                    "[{}] {} epoch {}/{}  loss {:.4f}  val top-1 {:.3f} (best {:.3f} at epoch {})  {}".format(
+                        self.prefix,
+                        name,
+                        epoch,
+                        epochs,
+                        metrics["train/loss"],
+                        metrics["val/top1"],
+                        best["val_top1"],
+                        best["epoch"],
+                        eta(epoch),
+                    ),
+                    flush=True,
+                )
                 self._checkpoint({"job": i, "loop": state, "best": best}, metrics, f"{name}: {where()}")
 
         def checkpoint(position: dict[str, float], state: dict) -> None:  # inside an epoch
@@ -411,9 +454,17 @@ class SequentialJobs:
 
         history = loop.run(report, evaluate if self.w.rank == 0 else None, checkpoint=checkpoint)
         if self.w.rank == 0:
-            self.finished[name] = {"spec": job["spec"], "state_dict": best["state_dict"], "epoch": best["epoch"],
-                                   "val_top1": best["val_top1"], "epochs": epochs, "steps": loop.step}
-            print(f"[{self.prefix}] {name}: selected epoch {best['epoch']} (val top-1 {best['val_top1']:.4f})", flush=True)
+            self.finished[name] = {
+                "spec": job["spec"],
+                "state_dict": best["state_dict"],
+                "epoch": best["epoch"],
+                "val_top1": best["val_top1"],
+                "epochs": epochs,
+                "steps": loop.step,
+            }
+            print(
+                f"[{self.prefix}] {name}: selected epoch {best['epoch']} (val top-1 {best['val_top1']:.4f})", flush=True
+            )
             self._checkpoint({"job": i + 1, "loop": None, "best": None}, {"job": float(i + 1)}, f"{name} finished")
         else:
             train.report({}, checkpoint=None)
@@ -448,8 +499,14 @@ def collect_models(result: Result, out_dir: Path) -> dict[str, dict]:
         # the path downstream stages read, on any node: the checkpoint in Ray's run storage (S3 or a
         # shared mount: ray.storage_path), never the copy on this node's disk
         where = storage.join(ckpt, MODELS_DIR, f.name)
-        out[f.stem] = {"model_path": where, "spec": copy.deepcopy(rec["spec"]), "selected_epoch": rec["epoch"],
-                       "val_top1": rec["val_top1"], "epochs": rec["epochs"], "steps": rec["steps"]}
+        out[f.stem] = {
+            "model_path": where,
+            "spec": copy.deepcopy(rec["spec"]),
+            "selected_epoch": rec["epoch"],
+            "val_top1": rec["val_top1"],
+            "epochs": rec["epochs"],
+            "steps": rec["steps"],
+        }
     return out
 
 
@@ -461,9 +518,11 @@ def load_classifier(record: dict) -> Classifier:
     if not storage.exists(path):
         import socket
 
-        raise FileNotFoundError(f"{path}: the model file an upstream stage wrote is not there on host "
-                                f"{socket.gethostname()}; if ray.storage_path is a disk of one node, set it to "
-                                "s3://... or a path every node mounts; else rerun that stage (clpipe run --rerun STAGE)")
+        raise FileNotFoundError(
+            f"{path}: the model file an upstream stage wrote is not there on host "
+            f"{socket.gethostname()}; if ray.storage_path is a disk of one node, set it to "
+            "s3://... or a path every node mounts; else rerun that stage (clpipe run --rerun STAGE)"
+        )
     rec = torch.load(io.BytesIO(storage.read_bytes(path)), map_location="cpu", weights_only=True)
     model = build_classifier(rec["spec"])
     model.load_state_dict(rec["state_dict"])
@@ -489,8 +548,11 @@ def log_classifiers(models: dict[str, dict], example) -> None:
     from pipelines import models as logged
 
     for name, rec in models.items():
-        info = logged.log_model(load_classifier(rec), name=name, builder={"kind": "classifier", "spec": rec["spec"]},
-                                input_example=example)
-        mlflow.log_metrics({f"{name}/selected_val_top1": rec["val_top1"], f"{name}/selected_epoch": rec["selected_epoch"]},
-                           model_id=info.model_id)
+        info = logged.log_model(
+            load_classifier(rec), name=name, builder={"kind": "classifier", "spec": rec["spec"]}, input_example=example
+        )
+        mlflow.log_metrics(
+            {f"{name}/selected_val_top1": rec["val_top1"], f"{name}/selected_epoch": rec["selected_epoch"]},
+            model_id=info.model_id,
+        )
         rec.update(model_uri=info.model_uri, model_id=info.model_id)

@@ -50,21 +50,38 @@ def distill_worker(config: dict) -> list[dict] | None:
         student = build_classifier(job["spec"])
         if d.init != "scratch":  # a resumed run loads its checkpoint over this afterwards
             init_student(student, teacher.backbone if d.init == "teacher" else load_method(config["encoder"]).encoder())
-        stream = ShardStream(config["train_urls"], config["train_counts"], rank=w.rank, world_size=w.world,
-                             loader_workers=d.loader_workers, batch_size=d.batch_size_per_worker,
-                             shuffle_buffer=d.shuffle_buffer, seed=config["seed"], transform=tf,
-                             verify=config["train_verify"])
+        stream = ShardStream(
+            config["train_urls"],
+            config["train_counts"],
+            rank=w.rank,
+            world_size=w.world,
+            loader_workers=d.loader_workers,
+            batch_size=d.batch_size_per_worker,
+            shuffle_buffer=d.shuffle_buffer,
+            seed=config["seed"],
+            transform=tf,
+            verify=config["train_verify"],
+        )
         aux = None
         if d.alpha > 0:
             urls, counts = job["labeled_urls"], job["labeled_counts"]
-            labeled = ShardStream(urls, counts, rank=w.rank, world_size=w.world, loader_workers=0,
-                                  batch_size=batch_for(counts, d.batch_size_per_worker, w.world),
-                                  shuffle_buffer=d.shuffle_buffer, seed=config["seed"] + 1, transform=tf,
-                                  verify=job["labeled_verify"])
+            labeled = ShardStream(
+                urls,
+                counts,
+                rank=w.rank,
+                world_size=w.world,
+                loader_workers=0,
+                batch_size=batch_for(counts, d.batch_size_per_worker, w.world),
+                shuffle_buffer=d.shuffle_buffer,
+                seed=config["seed"] + 1,
+                transform=tf,
+                verify=job["labeled_verify"],
+            )
             batches = cycle(labeled, skip=start_step)  # one labeled batch per step
 
             def aux():
                 return next(batches)
+
         objective = DistillObjective(student, teacher, temperature=d.temperature, alpha=d.alpha)
         return objective, student, stream, aux
 
@@ -84,10 +101,12 @@ def check_init(cfg: DistillConfig, student, encoder: torch.nn.Module, where: str
     want = {k: tuple(v.shape) for k, v in encoder.state_dict().items()}
     have = {k: tuple(v.shape) for k, v in student.backbone.state_dict().items()}
     if want != have:
-        raise ValueError(f"distill.init: {cfg.init!r} starts the student from {where}, whose architecture differs from "
-                         f"the student's (student_backbone={cfg.student_backbone}, student_width={cfg.student_width}); "
-                         "set distill.init=scratch for a different student, or leave student_backbone and "
-                         "student_width null")
+        raise ValueError(
+            f"distill.init: {cfg.init!r} starts the student from {where}, whose architecture differs from "
+            f"the student's (student_backbone={cfg.student_backbone}, student_width={cfg.student_width}); "
+            "set distill.init=scratch for a different student, or leave student_backbone and "
+            "student_width null"
+        )
 
 
 def student_spec(t_spec: dict, num_classes: int, cfg: DistillConfig) -> dict:
@@ -95,15 +114,23 @@ def student_spec(t_spec: dict, num_classes: int, cfg: DistillConfig) -> dict:
     without the head layers (self-distillation); or ``student_backbone`` /
     ``student_width`` (a plain backbone)."""
     if t_spec.get("encoder") and cfg.student_backbone is None and cfg.student_width is None:
-        return classifier_spec(backbone=t_spec["backbone"], encoder=t_spec["encoder"], num_classes=num_classes,
-                               from_head_layer=0)
-    t_args = (t_spec.get("encoder") or {}).get("kwargs", {}).get("backbone_args", {}) if t_spec.get("encoder") else {
-        "width": t_spec.get("width", 32), "cifar_stem": t_spec.get("cifar_stem", False)}
+        return classifier_spec(
+            backbone=t_spec["backbone"], encoder=t_spec["encoder"], num_classes=num_classes, from_head_layer=0
+        )
+    t_args = (
+        (t_spec.get("encoder") or {}).get("kwargs", {}).get("backbone_args", {})
+        if t_spec.get("encoder")
+        else {"width": t_spec.get("width", 32), "cifar_stem": t_spec.get("cifar_stem", False)}
+    )
     backbone = cfg.student_backbone or t_spec["backbone"]
     same = backbone == t_spec["backbone"]
-    return classifier_spec(backbone=backbone, num_classes=num_classes, from_head_layer=0,
-                           width=cfg.student_width or (t_args.get("width", 32) if same else 32),
-                           cifar_stem=t_args.get("cifar_stem", False) if same else False)
+    return classifier_spec(
+        backbone=backbone,
+        num_classes=num_classes,
+        from_head_layer=0,
+        width=cfg.student_width or (t_args.get("width", 32) if same else 32),
+        cifar_stem=t_args.get("cifar_stem", False) if same else False,
+    )
 
 
 def distill(ctx: StageContext, cfg: DistillConfig, inputs: dict) -> dict:
@@ -117,35 +144,63 @@ def distill(ctx: StageContext, cfg: DistillConfig, inputs: dict) -> dict:
     for name, sub in subsets["subsets"].items():
         record = teachers["models"].get(f"teacher_{name}")
         if record is None:
-            raise ValueError(f"distill: finetune run {ctx.upstream_run_ids.get('finetune')} has no teacher for {name}; "
-                             "rerun finetune (clpipe run --rerun finetune)")
+            raise ValueError(
+                f"distill: finetune run {ctx.upstream_run_ids.get('finetune')} has no teacher for {name}; "
+                "rerun finetune (clpipe run --rerun finetune)"
+            )
         teacher = load_classifier(record)  # names the missing file if the upstream artifact is gone
         if teacher.num_classes != num_classes:
-            raise ValueError(f"distill: the teacher {record['model_path']} predicts {teacher.num_classes} classes but the "
-                             f"shard set {shard_set['shard_dir']} has {num_classes}; fine-tune a teacher on this data")
+            raise ValueError(
+                f"distill: the teacher {record['model_path']} predicts {teacher.num_classes} classes but the "
+                f"shard set {shard_set['shard_dir']} has {num_classes}; fine-tune a teacher on this data"
+            )
         spec = student_spec(record["spec"], num_classes, cfg)
         student = build_classifier(spec)
         if cfg.init != "scratch":
-            check_init(cfg, student, teacher.backbone if pretrained is None else pretrained.encoder(),
-                       record["model_path"] if pretrained is None else "the pretrained encoder")
+            check_init(
+                cfg,
+                student,
+                teacher.backbone if pretrained is None else pretrained.encoder(),
+                record["model_path"] if pretrained is None else "the pretrained encoder",
+            )
         student_params = num_parameters(student)
         sub_manifest = read_manifest(sub["shard_dir"])
         labeled = checked_split(sub["shard_dir"], sub_manifest, "train", name=f"labels_{name}")
         labeled_urls, labeled_counts = labeled.urls, labeled.counts
-        jobs.append({"name": f"student_{name}", "fraction": sub["fraction"], "teacher": record, "spec": spec,
-                     "labeled_urls": labeled_urls, "labeled_counts": labeled_counts,
-                     "labeled_verify": labeled.verify,
-                     "teacher_params": num_parameters(teacher), "student_params": student_params})
+        jobs.append(
+            {
+                "name": f"student_{name}",
+                "fraction": sub["fraction"],
+                "teacher": record,
+                "spec": spec,
+                "labeled_urls": labeled_urls,
+                "labeled_counts": labeled_counts,
+                "labeled_verify": labeled.verify,
+                "teacher_params": num_parameters(teacher),
+                "student_params": student_params,
+            }
+        )
     j0 = jobs[0]
-    console.print(f"distill: {len(jobs)} student(s) on {sum(train_counts)} unlabeled training images, T={cfg.temperature}"
-                  f"{f', alpha={cfg.alpha}' if cfg.alpha else ''}; student"
-                  f"{'' if cfg.init == 'scratch' else f' (from the {cfg.init} encoder)'} {j0['spec']['backbone']} "
-                  f"({j0['student_params']:,} params) from teacher ({j0['teacher_params']:,} params)")
+    console.print(
+        f"distill: {len(jobs)} student(s) on {sum(train_counts)} unlabeled training images, T={cfg.temperature}"
+        f"{f', alpha={cfg.alpha}' if cfg.alpha else ''}; student"
+        f"{'' if cfg.init == 'scratch' else f' (from the {cfg.init} encoder)'} {j0['spec']['backbone']} "
+        f"({j0['student_params']:,} params) from teacher ({j0['teacher_params']:,} params)"
+    )
     worker_config = {
-        "distill": cfg.model_dump(mode="json"), "jobs": jobs, "seed": ctx.seed if cfg.seed is None else cfg.seed, "threads": max(1, int(cfg.cpus_per_worker)),
-        "train_urls": train_urls, "train_counts": train_counts, "val_urls": val_urls,
-        "train_verify": train.verify, "val_verify": val.verify,
-        "image_size": teachers["image_size"], "encoder": inputs["pretrain"], "tracking_uri": ctx.tracking_uri, "run_id": ctx.run_id,
+        "distill": cfg.model_dump(mode="json"),
+        "jobs": jobs,
+        "seed": ctx.seed if cfg.seed is None else cfg.seed,
+        "threads": max(1, int(cfg.cpus_per_worker)),
+        "train_urls": train_urls,
+        "train_counts": train_counts,
+        "val_urls": val_urls,
+        "train_verify": train.verify,
+        "val_verify": val.verify,
+        "image_size": teachers["image_size"],
+        "encoder": inputs["pretrain"],
+        "tracking_uri": ctx.tracking_uri,
+        "run_id": ctx.run_id,
     }
     result = fit(ctx, distill_worker, worker_config, cfg)
     models = collect_models(result, ctx.output_dir)

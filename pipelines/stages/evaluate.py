@@ -36,8 +36,17 @@ def _split(shard_dir: str, manifest: dict, split: str):
     return check, sample_pipeline(check.urls, verify=check.verify)
 
 
-def _evaluate_task(shard_dir: str, encoder: dict, subsets: dict, finetune: dict, distill: dict, cfg: dict,
-                   seed: int, threads: int, gpu: bool) -> dict:
+def _evaluate_task(
+    shard_dir: str,
+    encoder: dict,
+    subsets: dict,
+    finetune: dict,
+    distill: dict,
+    cfg: dict,
+    seed: int,
+    threads: int,
+    gpu: bool,
+) -> dict:
     """Runs as a Ray task with ``threads`` CPUs (and a GPU with ``gpu``). Each split is read
     once, streamed from its shards in batches through every network that needs it; only
     features and predictions are kept, never the images."""
@@ -51,8 +60,11 @@ def _evaluate_task(shard_dir: str, encoder: dict, subsets: dict, finetune: dict,
     encoders = {"pretrained": enc, "random_init": random_init}
     classifiers: dict[str, torch.nn.Module] = {}
     for frac_name in subsets["subsets"]:
-        for kind, models in (("baseline", finetune["models"]), ("teacher", finetune["models"]),
-                             ("student", distill["models"])):
+        for kind, models in (
+            ("baseline", finetune["models"]),
+            ("teacher", finetune["models"]),
+            ("student", distill["models"]),
+        ):
             record = models.get(f"{kind}_{frac_name}")
             if record is not None:
                 classifiers[f"{kind}_{frac_name}"] = load_classifier(record).to(device)
@@ -78,9 +90,12 @@ def _evaluate_task(shard_dir: str, encoder: dict, subsets: dict, finetune: dict,
         _, samples = _split(sub["shard_dir"], read_manifest(sub["shard_dir"]), "train")
         flx, ly = stream_features(enc, samples, tf, **stream)
         fte = test_out["pretrained"]
-        row = {"label_fraction": sub["fraction"], "labels": len(ly),
-               "encoder_knn": knn_top1(flx, ly, fte, test_y, **knn),
-               "encoder_linear": linear_probe_top1(flx, ly, fte, test_y, **probe)}
+        row = {
+            "label_fraction": sub["fraction"],
+            "labels": len(ly),
+            "encoder_knn": knn_top1(flx, ly, fte, test_y, **knn),
+            "encoder_linear": linear_probe_top1(flx, ly, fte, test_y, **probe),
+        }
         for kind in ("baseline", "teacher", "student"):
             name = f"{kind}_{frac_name}"
             if name in classifiers:
@@ -91,8 +106,13 @@ def _evaluate_task(shard_dir: str, encoder: dict, subsets: dict, finetune: dict,
         for k, v in row.items():
             if k != "label_fraction":
                 metrics[f"test/{frac_name}/{k if k == 'labels' else k + '_top1'}"] = float(v)
-    return {"metrics": metrics, "rows": rows, "predictions": predictions, "test_labels": test_y.tolist(),
-            "class_names": manifest["class_names"]}
+    return {
+        "metrics": metrics,
+        "rows": rows,
+        "predictions": predictions,
+        "test_labels": test_y.tolist(),
+        "class_names": manifest["class_names"],
+    }
 
 
 def task_resources(cfg: EvaluateConfig) -> tuple[int, bool]:
@@ -114,11 +134,17 @@ def results_markdown(rows: list[dict], metrics: dict[str, float]) -> str:
         cells += [f"{r[c]:.4f}" if c in r else "-" for c in COLUMNS[1:]]
         lines.append("| " + " | ".join(cells) + " |")
     if "test/pretrained/knn_top1" in metrics:
-        lines.append("| 1 (all) | - | {:.4f} | {:.4f} | - | - | - |".format(
-            metrics["test/pretrained/knn_top1"], metrics["test/pretrained/linear_top1"]))
+        lines.append(
+            "| 1 (all) | - | {:.4f} | {:.4f} | - | - | - |".format(
+                metrics["test/pretrained/knn_top1"], metrics["test/pretrained/linear_top1"]
+            )
+        )
         lines.append("")
-        lines.append("Random-init encoder with all labels: kNN {:.4f}, linear {:.4f}.".format(
-            metrics["test/random_init/knn_top1"], metrics["test/random_init/linear_top1"]))
+        lines.append(
+            "Random-init encoder with all labels: kNN {:.4f}, linear {:.4f}.".format(
+                metrics["test/random_init/knn_top1"], metrics["test/random_init/linear_top1"]
+            )
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -129,8 +155,19 @@ def evaluate(ctx: StageContext, cfg: EvaluateConfig, inputs: dict) -> dict:
     console.print(f"evaluate: teacher, student, baseline, kNN (k={cfg.knn_k}) and linear probe on {n_test} test images")
     cpus, gpu = task_resources(cfg)
     task = ray.remote(_evaluate_task).options(num_cpus=cpus, num_gpus=1 if gpu else 0)
-    res = ray.get(task.remote(shard_set["shard_dir"], encoder, inputs["labels"], inputs["finetune"],
-                              inputs["distill"], cfg.model_dump(), ctx.seed, cpus, gpu))
+    res = ray.get(
+        task.remote(
+            shard_set["shard_dir"],
+            encoder,
+            inputs["labels"],
+            inputs["finetune"],
+            inputs["distill"],
+            cfg.model_dump(),
+            ctx.seed,
+            cpus,
+            gpu,
+        )
+    )
     metrics, rows = res["metrics"], res["rows"]
     mlflow.log_metrics(metrics)
     table = results_markdown(rows, metrics)
@@ -139,9 +176,17 @@ def evaluate(ctx: StageContext, cfg: EvaluateConfig, inputs: dict) -> dict:
     mlflow.log_artifact(str(ctx.output_dir / "results.md"))
     mlflow.log_artifact(str(ctx.output_dir / "results.json"))
     for frac_name in inputs["labels"]["subsets"]:
-        preds = {k: res["predictions"][f"{k}_{frac_name}"] for k in ("teacher", "student", "baseline")
-                 if f"{k}_{frac_name}" in res["predictions"]}
-        path = plots.confusion_matrices(preds, res["test_labels"], res["class_names"],
-                                        ctx.output_dir / f"confusion_{frac_name}.png", title=f"test split, {frac_name} labels")
+        preds = {
+            k: res["predictions"][f"{k}_{frac_name}"]
+            for k in ("teacher", "student", "baseline")
+            if f"{k}_{frac_name}" in res["predictions"]
+        }
+        path = plots.confusion_matrices(
+            preds,
+            res["test_labels"],
+            res["class_names"],
+            ctx.output_dir / f"confusion_{frac_name}.png",
+            title=f"test split, {frac_name} labels",
+        )
         mlflow.log_artifact(str(path))
     return {"metrics": metrics, "rows": rows, "table_md": table, "results_path": str(ctx.output_dir / "results.json")}

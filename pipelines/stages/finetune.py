@@ -59,10 +59,18 @@ def finetune_worker(config: dict) -> list[dict] | None:
             clf = build_classifier(job["spec"])
         bs = batch_for(job["counts"], f.batch_size_per_worker, w.world)
         supcon = f.objective == "supcon"
-        stream = ShardStream(job["urls"], job["counts"], rank=w.rank, world_size=w.world,
-                             loader_workers=f.loader_workers, batch_size=bs, shuffle_buffer=f.shuffle_buffer,
-                             seed=config["seed"], transform=crop_flip(f.views, config["image_size"], 2 if supcon else 1),
-                             verify=job.get("verify"))
+        stream = ShardStream(
+            job["urls"],
+            job["counts"],
+            rank=w.rank,
+            world_size=w.world,
+            loader_workers=f.loader_workers,
+            batch_size=bs,
+            shuffle_buffer=f.shuffle_buffer,
+            seed=config["seed"],
+            transform=crop_flip(f.views, config["image_size"], 2 if supcon else 1),
+            verify=job.get("verify"),
+        )
         if supcon:
             return SupConObjective(clf, head, temperature=f.supcon_temperature), clf, stream, None
         return SupervisedObjective(clf), clf, stream, None
@@ -85,8 +93,9 @@ def init_from_probe(clf, job: dict, image_size: int, bn_images: int) -> None:
     if bn_images:  # the first bn_images labeled images, the only ones held as images
         recalibrate_batch_norm(clf, load_split(job["urls"], transform, verify=job.get("verify"), limit=bn_images)[0])
     # the probe's features streamed in batches: memory grows with N x feature size, not N images
-    feats, y = stream_features(torch.nn.Sequential(clf.backbone, clf.neck),
-                               sample_pipeline(job["urls"], verify=job.get("verify")), transform)
+    feats, y = stream_features(
+        torch.nn.Sequential(clf.backbone, clf.neck), sample_pipeline(job["urls"], verify=job.get("verify")), transform
+    )
     weight, bias = fit_linear_probe(feats, y, clf.num_classes)
     with torch.no_grad():
         clf.fc.weight.copy_(weight)
@@ -100,16 +109,23 @@ def teacher_spec(model: dict, num_classes: int, from_head_layer: int | None) -> 
     hp = {**method_params(model["method"]), **model["kwargs"]}
     layers = hp.get("head_layers")
     k = from_head_layer if from_head_layer is not None else (1 if layers else 0)
-    return classifier_spec(backbone=model["kwargs"]["backbone"], encoder=model, num_classes=num_classes,
-                           from_head_layer=k, head_layers=layers or 0)
+    return classifier_spec(
+        backbone=model["kwargs"]["backbone"],
+        encoder=model,
+        num_classes=num_classes,
+        from_head_layer=k,
+        head_layers=layers or 0,
+    )
 
 
 def finetune(ctx: StageContext, cfg: FinetuneConfig, inputs: dict) -> dict:
     shard_set, encoder, subsets = inputs["shard"], inputs["pretrain"], inputs["labels"]
     num_classes = shard_set["num_classes"]
     if cfg.num_classes is not None and cfg.num_classes != num_classes:
-        raise ValueError(f"finetune.num_classes: the teacher would predict {cfg.num_classes} classes but the shard set "
-                         f"{shard_set['shard_dir']} has {num_classes}; remove finetune.num_classes or fix the data")
+        raise ValueError(
+            f"finetune.num_classes: the teacher would predict {cfg.num_classes} classes but the shard set "
+            f"{shard_set['shard_dir']} has {num_classes}; remove finetune.num_classes or fix the data"
+        )
     load_method(encoder)  # fails early, naming the file, if the pretrained checkpoint is gone
     manifest = read_manifest(shard_set["shard_dir"])
     val = checked_split(shard_set["shard_dir"], manifest, "val")
@@ -122,19 +138,42 @@ def finetune(ctx: StageContext, cfg: FinetuneConfig, inputs: dict) -> dict:
         sub_manifest = read_manifest(sub["shard_dir"])
         labeled = checked_split(sub["shard_dir"], sub_manifest, "train", name=f"labels_{name}")
         kinds = ("teacher", "baseline") if cfg.baseline else ("teacher",)
-        jobs += [{"name": f"{kind}_{name}", "kind": kind, "fraction": sub["fraction"], "urls": labeled.urls,
-                  "counts": labeled.counts, "verify": labeled.verify, "spec": spec} for kind in kinds]
-    console.print(f"finetune: {len(jobs)} model(s) ({', '.join(j['name'] for j in jobs)}) on {cfg.num_workers} "
-                  f"Ray Train worker(s), {cfg.epochs} epochs each, from head layer {spec['from_head_layer']}")
+        jobs += [
+            {
+                "name": f"{kind}_{name}",
+                "kind": kind,
+                "fraction": sub["fraction"],
+                "urls": labeled.urls,
+                "counts": labeled.counts,
+                "verify": labeled.verify,
+                "spec": spec,
+            }
+            for kind in kinds
+        ]
+    console.print(
+        f"finetune: {len(jobs)} model(s) ({', '.join(j['name'] for j in jobs)}) on {cfg.num_workers} "
+        f"Ray Train worker(s), {cfg.epochs} epochs each, from head layer {spec['from_head_layer']}"
+    )
     worker_config = {
-        "finetune": cfg.model_dump(mode="json"), "encoder": encoder, "jobs": jobs, "seed": ctx.seed if cfg.seed is None else cfg.seed,
-        "threads": max(1, int(cfg.cpus_per_worker)), "val_urls": val_urls, "val_verify": val.verify, "image_size": encoder["image_size"],
-        "tracking_uri": ctx.tracking_uri, "run_id": ctx.run_id,
+        "finetune": cfg.model_dump(mode="json"),
+        "encoder": encoder,
+        "jobs": jobs,
+        "seed": ctx.seed if cfg.seed is None else cfg.seed,
+        "threads": max(1, int(cfg.cpus_per_worker)),
+        "val_urls": val_urls,
+        "val_verify": val.verify,
+        "image_size": encoder["image_size"],
+        "tracking_uri": ctx.tracking_uri,
+        "run_id": ctx.run_id,
     }
     result = fit(ctx, finetune_worker, worker_config, cfg)
     models = collect_models(result, ctx.output_dir)
     log_classifiers(models, input_example(val_urls, encoder["image_size"], val.verify))
     for n, m in models.items():
         console.print(f"finetune: {n}: val top-1 {m['val_top1']:.4f} at epoch {m['selected_epoch']}")
-    return {"models": models, "num_classes": num_classes, "image_size": encoder["image_size"],
-            "from_head_layer": spec["from_head_layer"]}
+    return {
+        "models": models,
+        "num_classes": num_classes,
+        "image_size": encoder["image_size"],
+        "from_head_layer": spec["from_head_layer"],
+    }

@@ -60,8 +60,9 @@ class _SubsetWriter:
             path = self._path()
             os.replace(self._tmp, path)
             a, b = self.ranges[self.shard]
-            self.results.append({"name": path.name, "num_samples": b - a, "sha256": S.sha256_file(path),
-                                 "bytes": path.stat().st_size})
+            self.results.append(
+                {"name": path.name, "num_samples": b - a, "sha256": S.sha256_file(path), "bytes": path.stat().st_size}
+            )
             self.shard += 1
 
     def abort(self) -> None:
@@ -79,8 +80,10 @@ def _train_samples(train):
 def labels(ctx: StageContext, cfg: LabelsConfig, inputs: dict) -> dict:
     shard_set = inputs["shard"]
     if not shard_set["labeled"]:
-        raise ValueError("labels: the source has no labels, so there is nothing to fine-tune on; "
-                         "use a labeled source (image_folder with class folders, npz with 'labels')")
+        raise ValueError(
+            "labels: the source has no labels, so there is nothing to fine-tune on; "
+            "use a labeled source (image_folder with class folders, npz with 'labels')"
+        )
     manifest = S.read_manifest(shard_set["shard_dir"])
     train = checked_split(shard_set["shard_dir"], manifest, "train")
     # two passes over the split, so that no image is held: its labels and ids, then the
@@ -93,8 +96,10 @@ def labels(ctx: StageContext, cfg: LabelsConfig, inputs: dict) -> dict:
     missing = sorted(set(range(manifest["num_classes"])) - set(ys))
     if missing:
         names = [manifest["class_names"][c] for c in missing]
-        raise ValueError(f"labels: class(es) {names} have no training samples, so no label subset can cover them; "
-                         "add images of those classes or lower data.val_fraction/test_fraction")
+        raise ValueError(
+            f"labels: class(es) {names} have no training samples, so no label subset can cover them; "
+            "add images of those classes or lower data.val_fraction/test_fraction"
+        )
     try:
         chosen = label_subsets(ys, cfg.fractions, seed=ctx.seed)
     except ValueError as e:
@@ -124,28 +129,50 @@ def labels(ctx: StageContext, cfg: LabelsConfig, inputs: dict) -> dict:
         d = out / name
         results = writers[f].results
         if writers[f].count != len(idx) or len(results) != len(writers[f].ranges):
-            raise RuntimeError(f"labels: the second read of the training split gave {writers[f].count} of the "
-                               f"{len(idx)} samples of the {name} subset; the shards changed while the stage ran")
+            raise RuntimeError(
+                f"labels: the second read of the training split gave {writers[f].count} of the "
+                f"{len(idx)} samples of the {name} subset; the shards changed while the stage ran"
+            )
         counts = Counter(ys[i] for i in idx)
         sub_manifest = {
-            "format": "clpipe-label-subset/1", "fraction": f, "seed": ctx.seed, "num_samples": len(idx),
-            "num_classes": manifest["num_classes"], "class_names": manifest["class_names"], "labeled": True,
+            "format": "clpipe-label-subset/1",
+            "fraction": f,
+            "seed": ctx.seed,
+            "num_samples": len(idx),
+            "num_classes": manifest["num_classes"],
+            "class_names": manifest["class_names"],
+            "labeled": True,
             "parent_manifest_sha256": shard_set["manifest_sha256"],
-            "splits": {"train": {"num_samples": len(idx), "class_counts": {str(c): counts[c] for c in sorted(counts)},
-                                 "shards": results}},
+            "splits": {
+                "train": {
+                    "num_samples": len(idx),
+                    "class_counts": {str(c): counts[c] for c in sorted(counts)},
+                    "shards": results,
+                }
+            },
         }
         S.write_manifest(d, sub_manifest)
         where = str(d)
         if shard_set.get("output_root"):  # S3: beside the shard sets, shards first, manifest last
             where = S.publish(d, storage.join(shard_set["output_root"], ctx.name, ctx.key[:16], name))
             shutil.rmtree(d)  # S3 holds the set now
-        record["subsets"][name] = {"fraction": f, "num_samples": len(idx), "ids": [ids[i] for i in idx],
-                                   "class_counts": sub_manifest["splits"]["train"]["class_counts"]}
-        outputs["subsets"][name] = {"fraction": f, "shard_dir": where, "num_samples": len(idx),
-                                    "min_per_class": min(counts.values())}
+        record["subsets"][name] = {
+            "fraction": f,
+            "num_samples": len(idx),
+            "ids": [ids[i] for i in idx],
+            "class_counts": sub_manifest["splits"]["train"]["class_counts"],
+        }
+        outputs["subsets"][name] = {
+            "fraction": f,
+            "shard_dir": where,
+            "num_samples": len(idx),
+            "min_per_class": min(counts.values()),
+        }
         mlflow.log_metrics({f"{name}/num_labels": len(idx), f"{name}/min_per_class": min(counts.values())})
-        console.print(f"labels: {f:g} of {len(ys)} training images -> {len(idx)} labels "
-                      f"({min(counts.values())}-{max(counts.values())} per class)")
+        console.print(
+            f"labels: {f:g} of {len(ys)} training images -> {len(idx)} labels "
+            f"({min(counts.values())}-{max(counts.values())} per class)"
+        )
     (out / IDS_FILE).write_text(json.dumps(record, indent=1))
     mlflow.log_artifact(str(out / IDS_FILE))
     outputs["ids_path"] = str(out / IDS_FILE)

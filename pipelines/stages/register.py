@@ -78,26 +78,40 @@ def register(ctx: StageContext, cfg: RegisterConfig, inputs: dict) -> dict:
     frac_name = fraction_name(fraction)
     row = next((r for r in ev["rows"] if r["label_fraction"] == fraction), None)
     if row is None or "student" not in row or "teacher" not in row:
-        raise ValueError(f"register: evaluate run {ctx.upstream_run_ids.get('evaluate')} has no teacher/student results "
-                         f"for label fraction {fraction}")
+        raise ValueError(
+            f"register: evaluate run {ctx.upstream_run_ids.get('evaluate')} has no teacher/student results "
+            f"for label fraction {fraction}"
+        )
     image_size = inputs["pretrain"]["image_size"]
     teacher = inputs["finetune"]["models"][f"teacher_{frac_name}"]
     student = inputs["distill"]["models"][f"student_{frac_name}"]
     # role: (the training stage's record, builder that rebuilds its architecture, test top-1, extra metric tags)
     roles = {
-        "encoder": (inputs["pretrain"], {"kind": "encoder", "model": inputs["pretrain"]["model"]},
-                    row["encoder_linear"], {"test_knn_top1": row["encoder_knn"], "test_linear_top1": row["encoder_linear"]}),
+        "encoder": (
+            inputs["pretrain"],
+            {"kind": "encoder", "model": inputs["pretrain"]["model"]},
+            row["encoder_linear"],
+            {"test_knn_top1": row["encoder_knn"], "test_linear_top1": row["encoder_linear"]},
+        ),
         "teacher": (teacher, {"kind": "classifier", "spec": teacher["spec"]}, row["teacher"], {}),
         "student": (student, {"kind": "classifier", "spec": student["spec"]}, row["student"], {}),
     }
     method = inputs["pretrain"]["model"]["method"]
-    about = {"encoder": f"clpipe: the {method} encoder (images -> features) of the pretrain stage",
-             "teacher": f"clpipe: the {method} encoder fine-tuned with a linear layer on a labeled subset (the teacher)",
-             "student": "clpipe: the student distilled from the teacher on the unlabeled images"}
-    about = {k: v + "; one version per pipeline run, alias candidate = the latest, champion = the best test top-1 "
-             "on the same data" for k, v in about.items()}
-    stage_runs = {"encoder": ctx.upstream_run_ids["pretrain"], "teacher": ctx.upstream_run_ids["finetune"],
-                  "student": ctx.upstream_run_ids["distill"]}
+    about = {
+        "encoder": f"clpipe: the {method} encoder (images -> features) of the pretrain stage",
+        "teacher": f"clpipe: the {method} encoder fine-tuned with a linear layer on a labeled subset (the teacher)",
+        "student": "clpipe: the student distilled from the teacher on the unlabeled images",
+    }
+    about = {
+        k: v + "; one version per pipeline run, alias candidate = the latest, champion = the best test top-1 "
+        "on the same data"
+        for k, v in about.items()
+    }
+    stage_runs = {
+        "encoder": ctx.upstream_run_ids["pretrain"],
+        "teacher": ctx.upstream_run_ids["finetune"],
+        "student": ctx.upstream_run_ids["distill"],
+    }
     client = MlflowClient()
     base = ctx.config.model_name()
     versions = {}
@@ -109,19 +123,31 @@ def register(ctx: StageContext, cfg: RegisterConfig, inputs: dict) -> dict:
         if model_uri is None:  # a stage run cached from before the training stages logged their models
             if example is None:
                 manifest = read_manifest(shard_set["shard_dir"])
-                urls = shard_urls(shard_set["shard_dir"], manifest, "val")[0] or \
-                    shard_urls(shard_set["shard_dir"], manifest, "test")[0]
+                urls = (
+                    shard_urls(shard_set["shard_dir"], manifest, "val")[0]
+                    or shard_urls(shard_set["shard_dir"], manifest, "test")[0]
+                )
                 example = input_example(urls, image_size)
             module = load_encoder(record) if role == "encoder" else load_classifier(record)
             model_uri = models.log_model(module, name=role, builder=builder, input_example=example).model_uri
-        version = _register(client, model_uri, name, about[role],
-                            f"pipeline {ctx.config.name}, run {ctx.parent_run_id}, seed {ctx.seed}, {fraction:.0%} of "
-                            f"the labels: test top-1 {test_top1:.4f} (logged by {STAGE_OF[role]} run {stage_runs[role]})")
+        version = _register(
+            client,
+            model_uri,
+            name,
+            about[role],
+            f"pipeline {ctx.config.name}, run {ctx.parent_run_id}, seed {ctx.seed}, {fraction:.0%} of "
+            f"the labels: test top-1 {test_top1:.4f} (logged by {STAGE_OF[role]} run {stage_runs[role]})",
+        )
         tags = {
-            "clpipe.pipeline_run_id": ctx.parent_run_id, "clpipe.stage_run_id": stage_runs[role],
-            "clpipe.register_run_id": ctx.run_id, SHA_TAG: shard_set["manifest_sha256"],
-            "label_fraction": f"{fraction:g}", "seed": str(ctx.seed), "image_size": str(image_size),
-            "preprocessing": f"cl_core.augment.EvalTransform({image_size})", METRIC_TAG: f"{test_top1:.6f}",
+            "clpipe.pipeline_run_id": ctx.parent_run_id,
+            "clpipe.stage_run_id": stage_runs[role],
+            "clpipe.register_run_id": ctx.run_id,
+            SHA_TAG: shard_set["manifest_sha256"],
+            "label_fraction": f"{fraction:g}",
+            "seed": str(ctx.seed),
+            "image_size": str(image_size),
+            "preprocessing": f"cl_core.augment.EvalTransform({image_size})",
+            METRIC_TAG: f"{test_top1:.6f}",
             **{k: f"{v:.6f}" for k, v in extra.items()},
         }
         for k, v in tags.items():
@@ -134,15 +160,23 @@ def register(ctx: StageContext, cfg: RegisterConfig, inputs: dict) -> dict:
             promoted = champ_version is None or (same_data and (champ_top1 is None or test_top1 > champ_top1))
             if promoted:
                 client.set_registered_model_alias(name, "champion", version)
-        versions[role] = {"name": name, "version": version, "test_top1": test_top1, "champion": promoted,
-                          "previous_champion": champ_version, "uri": f"models:/{name}/{version}"}
+        versions[role] = {
+            "name": name,
+            "version": version,
+            "test_top1": test_top1,
+            "champion": promoted,
+            "previous_champion": champ_version,
+            "uri": f"models:/{name}/{version}",
+        }
         if promoted:
             why = ", champion"
         elif not same_data:
-            why = (f"; champion stays version {champ_version}: it was trained on other data (shard manifest "
-                   f"{(champ_sha or 'unknown')[:12]}, this one {sha[:12]}), so test top-1 is not comparable; "
-                   f"promote by hand if wanted (MlflowClient().set_registered_model_alias({name!r}, 'champion', "
-                   f"{version!r}))")
+            why = (
+                f"; champion stays version {champ_version}: it was trained on other data (shard manifest "
+                f"{(champ_sha or 'unknown')[:12]}, this one {sha[:12]}), so test top-1 is not comparable; "
+                f"promote by hand if wanted (MlflowClient().set_registered_model_alias({name!r}, 'champion', "
+                f"{version!r}))"
+            )
         else:
             why = f"; champion stays version {champ_version} ({champ_top1:.4f})"
         console.print(f"register: {name} version {version} (test top-1 {test_top1:.4f}): candidate{why}")

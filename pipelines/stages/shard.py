@@ -53,8 +53,19 @@ def _gather(pending: dict[str, list], total: int) -> tuple[dict[str, list], dict
     nodes: dict[str, int] = {}  # node id -> shards written there
     t0 = time.perf_counter()
     last_line, last_tenth = t0, 0
-    bar = Progress(TextColumn("shard"), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
-                   TimeRemainingColumn(), console=console, transient=True) if console.is_terminal else None
+    bar = (
+        Progress(
+            TextColumn("shard"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("images"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+        )
+        if console.is_terminal
+        else None
+    )
     task = bar.add_task("shard", total=total) if bar else None
     with bar or contextlib.nullcontext():
         while waiting:
@@ -76,11 +87,18 @@ def _gather(pending: dict[str, list], total: int) -> tuple[dict[str, list], dict
                 bar.update(task, completed=done_images)
             elif ready and (done_images * 10 // max(1, total) > last_tenth or now - last_line >= 30):
                 last_tenth, last_line = done_images * 10 // max(1, total), now
-                console.print(f"shard: {done_images}/{total} images ({done_images / (now - t0):.0f} images/s, "
-                              f"{done_bytes / 1e6 / (now - t0):.1f} MB/s)")
+                console.print(
+                    f"shard: {done_images}/{total} images ({done_images / (now - t0):.0f} images/s, "
+                    f"{done_bytes / 1e6 / (now - t0):.1f} MB/s)"
+                )
     seconds = time.perf_counter() - t0
-    rate = {"images_per_sec": done_images / seconds, "mb_per_sec": done_bytes / 1e6 / seconds, "seconds": seconds,
-            "bytes": done_bytes, "nodes": nodes}
+    rate = {
+        "images_per_sec": done_images / seconds,
+        "mb_per_sec": done_bytes / 1e6 / seconds,
+        "seconds": seconds,
+        "bytes": done_bytes,
+        "nodes": nodes,
+    }
     return results, rate
 
 
@@ -94,16 +112,28 @@ def plan_splits(source: Source, refs: list, cfg: DataConfig, seed: int) -> dict[
         return items if n is None else S.subsample_refs(items, n, seed=seed, stratified=source.labeled)
 
     if test is None:
-        splits = S.split_refs(cut(refs, cfg.max_samples), val_fraction=cfg.val_fraction,
-                              test_fraction=cfg.test_fraction, seed=seed, stratified=source.labeled)
+        splits = S.split_refs(
+            cut(refs, cfg.max_samples),
+            val_fraction=cfg.val_fraction,
+            test_fraction=cfg.test_fraction,
+            seed=seed,
+            stratified=source.labeled,
+        )
         splits["test"] = cut(splits["test"], cfg.max_test_samples)
         return splits
-    splits = S.split_refs(cut([r for r in refs if r.index not in test], cfg.max_samples), val_fraction=cfg.val_fraction,
-                          test_fraction=0.0, seed=seed, stratified=source.labeled)
+    splits = S.split_refs(
+        cut([r for r in refs if r.index not in test], cfg.max_samples),
+        val_fraction=cfg.val_fraction,
+        test_fraction=0.0,
+        seed=seed,
+        stratified=source.labeled,
+    )
     official = [r for r in refs if r.index in test]
     splits["test"] = cut(official, cfg.max_test_samples)
-    console.print(f"shard: the test split is the source's official test set ({len(splits['test'])} of its "
-                  f"{len(official)} images); data.test_fraction is not used")
+    console.print(
+        f"shard: the test split is the source's official test set ({len(splits['test'])} of its "
+        f"{len(official)} images); data.test_fraction is not used"
+    )
     return splits
 
 
@@ -122,7 +152,9 @@ def shard(ctx: StageContext, cfg: DataConfig, inputs: dict) -> dict:
     source = open_source(cfg.source.model_dump(mode="json", exclude_none=True))
     refs = source.refs()
     if not refs:
-        raise SourceError(f"data.source: {source.describe()} holds no images; point data.source.path at a folder or .npz with images")
+        raise SourceError(
+            f"data.source: {source.describe()} holds no images; point data.source.path at a folder or .npz with images"
+        )
     splits = plan_splits(source, refs, cfg, ctx.seed)
     out = ctx.output_dir
     dest = destination(ctx, cfg.output)
@@ -148,31 +180,49 @@ def shard(ctx: StageContext, cfg: DataConfig, inputs: dict) -> dict:
         for split, items in splits.items():
             ranges = S.plan_shards(len(items), cfg.samples_per_shard, cfg.min_shards)
             pending[split] = [
-                write.remote(src_ref, items[a:b], str(out / f"{split}-{i:06d}.tar"),
-                             storage.join(dest, f"{split}-{i:06d}.tar") if dest else None)
+                write.remote(
+                    src_ref,
+                    items[a:b],
+                    str(out / f"{split}-{i:06d}.tar"),
+                    storage.join(dest, f"{split}-{i:06d}.tar") if dest else None,
+                )
                 for i, (a, b) in enumerate(ranges)
             ]
         n_tasks = sum(len(v) for v in pending.values())
         n_nodes = sum(1 for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0))
-        console.print(f"shard: {len(refs)} source images -> {n_tasks} shards in parallel Ray tasks on {n_nodes} "
-                      f"node(s){f', uploaded to {dest}' if dest else ''}")
+        console.print(
+            f"shard: {len(refs)} source images -> {n_tasks} shards in parallel Ray tasks on {n_nodes} "
+            f"node(s){f', uploaded to {dest}' if dest else ''}"
+        )
         total = sum(len(v) for v in splits.values())
         results, rate = _gather(pending, total)
         del src_ref
         for scratch in out.glob(".*.npy"):  # what source.stage unpacked
             scratch.unlink()
-        console.print(f"shard: {total} images, {rate['bytes'] / 1e6:.1f} MB of shards in {rate['seconds']:.1f} s: "
-                      f"{rate['images_per_sec']:.0f} images/s, {rate['mb_per_sec']:.1f} MB/s")
-        mlflow.log_metrics({"images_per_sec": rate["images_per_sec"], "mb_per_sec": rate["mb_per_sec"],
-                            "write_seconds": rate["seconds"]})
+        console.print(
+            f"shard: {total} images, {rate['bytes'] / 1e6:.1f} MB of shards in {rate['seconds']:.1f} s: "
+            f"{rate['images_per_sec']:.0f} images/s, {rate['mb_per_sec']:.1f} MB/s"
+        )
+        mlflow.log_metrics(
+            {
+                "images_per_sec": rate["images_per_sec"],
+                "mb_per_sec": rate["mb_per_sec"],
+                "write_seconds": rate["seconds"],
+            }
+        )
         mlflow.set_tag("clpipe.shard.nodes", json.dumps(rate["nodes"], sort_keys=True))
         manifest = S.build_manifest(
-            source=source, split_sizes={k: len(v) for k, v in splits.items()}, shard_results=results,
-            seed=ctx.seed, config=cfg.model_dump(mode="json"),
+            source=source,
+            split_sizes={k: len(v) for k, v in splits.items()},
+            shard_results=results,
+            seed=ctx.seed,
+            config=cfg.model_dump(mode="json"),
         )
         if manifest["num_samples"] == 0:
-            raise SourceError(f"data.source: none of the {len(refs)} images in {source.describe()} could be decoded "
-                              f"(first error: {manifest['corrupt'][0]['error'] if manifest['corrupt'] else 'n/a'})")
+            raise SourceError(
+                f"data.source: none of the {len(refs)} images in {source.describe()} could be decoded "
+                f"(first error: {manifest['corrupt'][0]['error'] if manifest['corrupt'] else 'n/a'})"
+            )
         if manifest["splits"]["train"]["num_samples"] == 0:
             raise SourceError("data: the train split is empty; lower data.val_fraction / data.test_fraction")
         S.write_manifest(out, manifest)  # a local copy, logged to MLflow
@@ -180,29 +230,43 @@ def shard(ctx: StageContext, cfg: DataConfig, inputs: dict) -> dict:
             S.write_manifest(dest, manifest)  # after every shard: the set is complete
     if manifest["num_corrupt"]:
         first = ", ".join(c["id"] for c in manifest["corrupt"][:5])
-        console.print(f"[yellow]shard: skipped {manifest['num_corrupt']} undecodable image(s): {first}"
-                      f"{' ...' if manifest['num_corrupt'] > 5 else ''} (listed in manifest.json)[/]")
+        console.print(
+            f"[yellow]shard: skipped {manifest['num_corrupt']} undecodable image(s): {first}"
+            f"{' ...' if manifest['num_corrupt'] > 5 else ''} (listed in manifest.json)[/]"
+        )
     return {**_report(out, manifest, where), "output_root": dest and cfg.output}
 
 
 def _text_shards(ctx: StageContext, cfg: DataConfig) -> dict:
     """Text sources: ``KEY.txt`` shards and a byte-level BPE tokenizer trained on the train split."""
     if cfg.output and storage.is_s3(cfg.output):
-        raise ValueError("data.output: text shard sets are written to the work dir only; remove data.output or use an "
-                         "image source")
+        raise ValueError(
+            "data.output: text shard sets are written to the work dir only; remove data.output or use an image source"
+        )
     out = ctx.output_dir
     if (out / S.MANIFEST).exists():
         manifest = S.read_manifest(out)
     else:
         shutil.rmtree(out, ignore_errors=True)
-        console.print(f"shard: text source {cfg.source.path} -> shards and a {cfg.tokenizer_vocab_size}-token BPE tokenizer")
-        manifest = write_text_shards(str(cfg.source.path), out, val_fraction=cfg.val_fraction,
-                                     test_fraction=cfg.test_fraction, samples_per_shard=cfg.samples_per_shard,
-                                     min_shards=cfg.min_shards, seed=ctx.seed,
-                                     tokenizer_vocab_size=cfg.tokenizer_vocab_size, config=cfg.model_dump(mode="json"))
+        console.print(
+            f"shard: text source {cfg.source.path} -> shards and a {cfg.tokenizer_vocab_size}-token BPE tokenizer"
+        )
+        manifest = write_text_shards(
+            str(cfg.source.path),
+            out,
+            val_fraction=cfg.val_fraction,
+            test_fraction=cfg.test_fraction,
+            samples_per_shard=cfg.samples_per_shard,
+            min_shards=cfg.min_shards,
+            seed=ctx.seed,
+            tokenizer_vocab_size=cfg.tokenizer_vocab_size,
+            config=cfg.model_dump(mode="json"),
+        )
     if manifest["num_corrupt"]:
         first = ", ".join(c["id"] for c in manifest["corrupt"][:5])
-        console.print(f"[yellow]shard: skipped {manifest['num_corrupt']} bad line(s): {first} (listed in manifest.json)[/]")
+        console.print(
+            f"[yellow]shard: skipped {manifest['num_corrupt']} bad line(s): {first} (listed in manifest.json)[/]"
+        )
     mlflow.log_artifact(str(out / manifest["tokenizer"]))
     mlflow.log_metric("tokenizer_vocab_size", manifest["tokenizer_vocab_size"])
     return _report(out, manifest)
@@ -214,11 +278,17 @@ def _report(out: Path, manifest: dict, where: str | None = None) -> dict:
     mlflow.log_artifact(str(out / S.MANIFEST))
     metrics = {f"{s}/num_samples": manifest["splits"][s]["num_samples"] for s in S.SPLITS}
     metrics |= {f"{s}/num_shards": len(manifest["splits"][s]["shards"]) for s in S.SPLITS}
-    metrics |= {"num_samples": manifest["num_samples"], "num_corrupt": manifest["num_corrupt"],
-                "num_classes": manifest["num_classes"]}
+    metrics |= {
+        "num_samples": manifest["num_samples"],
+        "num_corrupt": manifest["num_corrupt"],
+        "num_classes": manifest["num_classes"],
+    }
     mlflow.log_metrics(metrics)
-    console.print("shard: " + ", ".join(f"{s} {manifest['splits'][s]['num_samples']}" for s in S.SPLITS)
-                  + f" samples; {manifest['num_corrupt']} corrupt; at {where}")
+    console.print(
+        "shard: "
+        + ", ".join(f"{s} {manifest['splits'][s]['num_samples']}" for s in S.SPLITS)
+        + f" samples; {manifest['num_corrupt']} corrupt; at {where}"
+    )
     return {
         "shard_dir": where,
         "manifest_path": storage.join(where, S.MANIFEST),

@@ -78,9 +78,18 @@ def trial(config: dict[str, Any], base: dict[str, Any]) -> None:
     model = {"method": p.method, "kwargs": p.model_kwargs(num_samples=sum(train.counts))}
     cfg = loop_config(p)
     method = cast(Method, cfg.settings_for(device).prepare(build_method(model, gather_distributed=False).to(device)))
-    stream = ShardStream(train.urls, train.counts, rank=0, world_size=1, loader_workers=0, verify=train.verify,
-                         batch_size=p.batch_size_per_worker, shuffle_buffer=p.shuffle_buffer, seed=base["seed"],
-                         **view_stream(p.method, p.views, device, train.urls))
+    stream = ShardStream(
+        train.urls,
+        train.counts,
+        rank=0,
+        world_size=1,
+        loader_workers=0,
+        verify=train.verify,
+        batch_size=p.batch_size_per_worker,
+        shuffle_buffer=p.shuffle_buffer,
+        seed=base["seed"],
+        **view_stream(p.method, p.views, device, train.urls),
+    )
     loop = TrainingLoop(method, method, stream, cfg, device, view_augment=device_views(p.views))
     ckpt = tune.get_checkpoint()
     if ckpt is not None:
@@ -115,21 +124,31 @@ def trial_group(config: dict[str, Any], base: dict[str, Any]) -> None:
     per_worker = math.floor((base["cpus"] - DRIVER_CPUS) / base["workers"] * 1e4) / 1e4
     p = p.model_copy(update={"num_workers": base["workers"], "cpus_per_worker": per_worker})
     model = {"method": p.method, "kwargs": p.model_kwargs(num_samples=sum(base["checks"]["train"].counts))}
-    worker_config = make_worker_config(p, model, base["shard_dir"], base["manifest"], seed=base["seed"],
-                                       checks=base["checks"],
-                                       tracking_uri=None, run_id=None)
+    worker_config = make_worker_config(
+        p,
+        model,
+        base["shard_dir"],
+        base["manifest"],
+        seed=base["seed"],
+        checks=base["checks"],
+        tracking_uri=None,
+        run_id=None,
+    )
     trainer = Trainer(
         train_worker,  # type: ignore[arg-type]  # Train V2 returns its value (the stubs are V1's)
         train_loop_config=worker_config,
-        scaling_config=ScalingConfig(num_workers=base["workers"], use_gpu=base["gpu"],
-                                     resources_per_worker={"CPU": per_worker}),
+        scaling_config=ScalingConfig(
+            num_workers=base["workers"], use_gpu=base["gpu"], resources_per_worker={"CPU": per_worker}
+        ),
         run_config=RunConfig(
-            name=tune.get_context().get_trial_name(), storage_path=base["train_storage"],
+            name=tune.get_context().get_trial_name(),
+            storage_path=base["train_storage"],
             storage_filesystem=base["storage_fs"],
             callbacks=[TuneReportCallback()],  # type: ignore[list-item]  # a Train V2 callback (V1 stubs)
             checkpoint_config=CheckpointConfig(num_to_keep=1),
             failure_config=FailureConfig(max_failures=p.max_failures),
-            logging_config=LoggingConfig(log_level=base["train_log_level"])),  # type: ignore[call-arg]  # V2's
+            logging_config=LoggingConfig(log_level=base["train_log_level"]),
+        ),  # type: ignore[call-arg]  # V2's
     )
     result = trainer.fit()
     if result.error:
@@ -138,8 +157,11 @@ def trial_group(config: dict[str, Any], base: dict[str, Any]) -> None:
 
 def _domain(spec: dict[str, Any]) -> Any:
     kind, values = next(iter(spec.items()))
-    return {"grid": tune.grid_search, "choice": tune.choice}[kind](values) if kind in ("grid", "choice") else \
-        {"uniform": tune.uniform, "loguniform": tune.loguniform}[kind](*values)
+    return (
+        {"grid": tune.grid_search, "choice": tune.choice}[kind](values)
+        if kind in ("grid", "choice")
+        else {"uniform": tune.uniform, "loguniform": tune.loguniform}[kind](*values)
+    )
 
 
 class _Progress(tune.Callback):
@@ -160,9 +182,11 @@ class _Progress(tune.Callback):
         self.done += 1
         elapsed = time.perf_counter() - self.t0
         left = elapsed / self.done * max(0, self.planned - self.done)
-        console.print(f"sweep: {self._values(trial)}: epoch {int(result.get('epoch', 0))}/{self.epochs} val kNN top-1 "
-                      f"{result[METRIC]:.4f} [{self.done}/{self.planned} trial epochs, {elapsed:.0f} s, "
-                      f"at most ~{left:.0f} s left]")
+        console.print(
+            f"sweep: {self._values(trial)}: epoch {int(result.get('epoch', 0))}/{self.epochs} val kNN top-1 "
+            f"{result[METRIC]:.4f} [{self.done}/{self.planned} trial epochs, {elapsed:.0f} s, "
+            f"at most ~{left:.0f} s left]"
+        )
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         ran = int((trial.last_result or {}).get("epoch", 0))
@@ -170,8 +194,10 @@ class _Progress(tune.Callback):
             self.planned -= self.epochs - ran
         self.finished += 1  # (Tune sets the trial's status after its callbacks)
         finished = self.finished
-        console.print(f"sweep: {self._values(trial)}: {'stopped by the halving after' if ran < self.epochs else 'done,'} "
-                      f"{ran} epoch(s) [{finished}/{len(trials)} trials finished]")
+        console.print(
+            f"sweep: {self._values(trial)}: {'stopped by the halving after' if ran < self.epochs else 'done,'} "
+            f"{ran} epoch(s) [{finished}/{len(trials)} trials finished]"
+        )
 
 
 def _trial_name(names: list[str]):
@@ -203,8 +229,11 @@ def _concurrency(sw: SweepConfig, gpu: bool) -> int | None:
     fits = int(cpus // sw.cpus_per_trial)
     gpu_fits = int(ray_env.cluster_gpus() // sw.workers_per_trial) if gpu else fits
     if min(fits, gpu_fits) < 1 and ray_env.joined():
-        console.print(f"sweep: the cluster holds no trial yet ({cpus:g} CPUs{f', {ray_env.cluster_gpus():g} GPUs' if gpu else ''} "
-                      "now); the trials wait in Tune's queue for nodes to start or join")
+        console.print(
+            f"sweep: the cluster holds no trial yet ({cpus:g} CPUs"
+            f"{f', {ray_env.cluster_gpus():g} GPUs' if gpu else ''} "
+            "now); the trials wait in Tune's queue for nodes to start or join"
+        )
         return sw.max_concurrent_trials
     if fits < 1:
         raise ValueError(f"sweep.cpus_per_trial ({sw.cpus_per_trial}) exceeds the cluster's {cpus:g} CPUs")
@@ -215,8 +244,10 @@ def _concurrency(sw: SweepConfig, gpu: bool) -> int | None:
             fits = int(gpus // sw.workers_per_trial)
             what = f"x workers_per_trial ({sw.workers_per_trial}) GPUs needs more than the cluster's {gpus:g} GPUs"
         if fits < 1:
-            raise ValueError(f"sweep.workers_per_trial ({sw.workers_per_trial}): a trial needs a GPU per worker and "
-                             f"the cluster has {gpus:g}; lower it or set pretrain.use_gpu: false")
+            raise ValueError(
+                f"sweep.workers_per_trial ({sw.workers_per_trial}): a trial needs a GPU per worker and "
+                f"the cluster has {gpus:g}; lower it or set pretrain.use_gpu: false"
+            )
     if sw.max_concurrent_trials is not None:
         if sw.max_concurrent_trials > fits:
             raise ValueError(f"sweep.max_concurrent_trials ({sw.max_concurrent_trials}) {what}; lower it to {fits}")
@@ -231,8 +262,9 @@ def sweep(ctx: StageContext, cfg: SweepStageConfig, inputs: dict) -> dict:
     shard_set = inputs["shard"]
     manifest = read_manifest(shard_set["shard_dir"])
     if not manifest["labeled"]:
-        raise ValueError("sweep: the objective is val kNN top-1, which needs labels; the source has none "
-                         "(set sweep.enabled: false)")
+        raise ValueError(
+            "sweep: the objective is val kNN top-1, which needs labels; the source has none (set sweep.enabled: false)"
+        )
     train, val = (checked_split(shard_set["shard_dir"], manifest, s) for s in ("train", "val"))
     if not val.urls:
         raise ValueError("sweep: the val split is empty; set data.val_fraction > 0")
@@ -246,14 +278,25 @@ def sweep(ctx: StageContext, cfg: SweepStageConfig, inputs: dict) -> dict:
     storage_path, storage_fs = ray_env.storage(ctx.config)  # local, or S3 through pyarrow
     exp_path = f"{storage_path}/{ctx.ray_run_name}"
     exp_dir = ray_env.storage_uri(exp_path, storage_fs)
-    base = {"pretrain": pre.model_dump(mode="json"), "names": names, "epochs": sw.epochs, "cpus": sw.cpus_per_trial,
-            "seed": ctx.seed, "checks": {"train": train, "val": val},
-            "gpu": gpu, "workers": workers, "shard_dir": shard_set["shard_dir"], "manifest": manifest,
-            "train_storage": f"{exp_path}/train", "storage_fs": storage_fs,
-            "train_log_level": ctx.config.ray.train_log_level}
+    base = {
+        "pretrain": pre.model_dump(mode="json"),
+        "names": names,
+        "epochs": sw.epochs,
+        "cpus": sw.cpus_per_trial,
+        "seed": ctx.seed,
+        "checks": {"train": train, "val": val},
+        "gpu": gpu,
+        "workers": workers,
+        "shard_dir": shard_set["shard_dir"],
+        "manifest": manifest,
+        "train_storage": f"{exp_path}/train",
+        "storage_fs": storage_fs,
+        "train_log_level": ctx.config.ray.train_log_level,
+    }
     if workers == 1:
-        trainable = tune.with_resources(tune.with_parameters(trial, base=base),
-                                        {"cpu": sw.cpus_per_trial, "gpu": 1 if gpu else 0})
+        trainable = tune.with_resources(
+            tune.with_parameters(trial, base=base), {"cpu": sw.cpus_per_trial, "gpu": 1 if gpu else 0}
+        )
     else:  # the driver reserves DRIVER_CPUS; its TorchTrainer's placement group holds the workers
         trainable = tune.with_resources(tune.with_parameters(trial_group, base=base), {"cpu": DRIVER_CPUS})
     seed = sw.seed if sw.seed is not None else ctx.seed
@@ -269,9 +312,14 @@ def sweep(ctx: StageContext, cfg: SweepStageConfig, inputs: dict) -> dict:
     # each rung decided once all of its trials reported (pipelines/halving.py), so a rerun stops the same
     # trials; the scheduler (not Tune's searcher, which would count paused trials as running) limits concurrency
     total = sw.num_samples * math.prod(len(v["grid"]) for v in space.values() if "grid" in v)
-    scheduler = SyncHalving(time_attr="epoch", max_t=sw.epochs,
-                            grace_period=min(sw.grace_period, sw.epochs), reduction_factor=sw.reduction_factor,
-                            total_trials=total, max_running=concurrent)
+    scheduler = SyncHalving(
+        time_attr="epoch",
+        max_t=sw.epochs,
+        grace_period=min(sw.grace_period, sw.epochs),
+        reduction_factor=sw.reduction_factor,
+        total_trials=total,
+        max_running=concurrent,
+    )
     ray_env.keep_credentials_out_of_tune()
     # Tune's console tables and TensorBoard files are not wanted: the pipeline logs to MLflow
     _set_output = "RAY_AIR_NEW_OUTPUT" not in os.environ
@@ -280,25 +328,37 @@ def sweep(ctx: StageContext, cfg: SweepStageConfig, inputs: dict) -> dict:
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if tune.Tuner.can_restore(exp_path, storage_filesystem=storage_fs) and _has_state(exp_dir):
         console.print(f"sweep: resuming the interrupted sweep in {exp_dir}")
-        tuner = tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, resume_errored=True,
-                                   storage_filesystem=storage_fs)
+        tuner = tune.Tuner.restore(
+            exp_path, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=storage_fs
+        )
     else:
-        console.print(f"sweep: {pre.method}, {' x '.join(f'{n} {_space_text(space[n])}' for n in names)}, "
-                      f"{sw.num_samples} sample(s), {sw.epochs} epochs per trial, {workers} worker(s) per trial"
-                      f"{' with GPUs' if gpu else ''}, {sw.search} search, successive halving, "
-                      f"{concurrent or 'as many as the nodes hold'} at a time")
+        console.print(
+            f"sweep: {pre.method}, {' x '.join(f'{n} {_space_text(space[n])}' for n in names)}, "
+            f"{sw.num_samples} sample(s), {sw.epochs} epochs per trial, {workers} worker(s) per trial"
+            f"{' with GPUs' if gpu else ''}, {sw.search} search, successive halving, "
+            f"{concurrent or 'as many as the nodes hold'} at a time"
+        )
         tuner = tune.Tuner(
             trainable,
             param_space={n: _domain(space[n]) for n in names},
-            tune_config=tune.TuneConfig(metric=METRIC, mode="max", scheduler=scheduler, search_alg=search_alg,
-                                        num_samples=sw.num_samples,
-                                        trial_name_creator=_trial_name(names), trial_dirname_creator=_trial_name(names)),
-            run_config=tune.RunConfig(name=ctx.ray_run_name, storage_path=storage_path, storage_filesystem=storage_fs,
-                                      verbose=0,
-                                      callbacks=[CSVLoggerCallback(), JsonLoggerCallback(),
-                                                 _Progress(names, sw.epochs, total)],
-                                      failure_config=tune.FailureConfig(max_failures=pre.max_failures),
-                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
+            tune_config=tune.TuneConfig(
+                metric=METRIC,
+                mode="max",
+                scheduler=scheduler,
+                search_alg=search_alg,
+                num_samples=sw.num_samples,
+                trial_name_creator=_trial_name(names),
+                trial_dirname_creator=_trial_name(names),
+            ),
+            run_config=tune.RunConfig(
+                name=ctx.ray_run_name,
+                storage_path=storage_path,
+                storage_filesystem=storage_fs,
+                verbose=0,
+                callbacks=[CSVLoggerCallback(), JsonLoggerCallback(), _Progress(names, sw.epochs, total)],
+                failure_config=tune.FailureConfig(max_failures=pre.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            ),
         )
     grid = tuner.fit()
     results = [grid[i] for i in range(len(grid))]
@@ -306,8 +366,10 @@ def sweep(ctx: StageContext, cfg: SweepStageConfig, inputs: dict) -> dict:
         os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
     errors = [r for r in results if r.error is not None]
     if errors:
-        raise RuntimeError(f"sweep: {len(errors)} trial(s) failed; first: {str(errors[0].error).splitlines()[0]} "
-                           f"(logs under {exp_dir})")
+        raise RuntimeError(
+            f"sweep: {len(errors)} trial(s) failed; first: {str(errors[0].error).splitlines()[0]} "
+            f"(logs under {exp_dir})"
+        )
     rows: list[dict[str, Any]] = []
     for r in results:
         df = r.metrics_dataframe
@@ -316,29 +378,48 @@ def sweep(ctx: StageContext, cfg: SweepStageConfig, inputs: dict) -> dict:
         curve = [float(x) for x in df[METRIC]] if df is not None and METRIC in df else []
         epochs_run = int(df["epoch"].iloc[-1]) if df is not None and "epoch" in df and len(df) else len(curve)
         config = r.config or {}
-        rows.append({"trial": Path(r.path).name, **{n: config[n] for n in names},
-                     "best": max(curve) if curve else math.nan, "last": curve[-1] if curve else math.nan,
-                     "epochs_run": epochs_run, "stopped_early": epochs_run < sw.epochs, "curve": curve,
-                     "loss": [float(x) for x in df["train/loss"]] if df is not None and "train/loss" in df else []})
+        rows.append(
+            {
+                "trial": Path(r.path).name,
+                **{n: config[n] for n in names},
+                "best": max(curve) if curve else math.nan,
+                "last": curve[-1] if curve else math.nan,
+                "epochs_run": epochs_run,
+                "stopped_early": epochs_run < sw.epochs,
+                "curve": curve,
+                "loss": [float(x) for x in df["train/loss"]] if df is not None and "train/loss" in df else [],
+            }
+        )
     # trials that ran every epoch first (a stopped trial's last value is from an early rung), then by value
-    rows.sort(key=lambda row: (row["stopped_early"], -(row["last"] if not math.isnan(row["last"]) else -1),
-                               row["trial"]))
+    rows.sort(
+        key=lambda row: (row["stopped_early"], -(row["last"] if not math.isnan(row["last"]) else -1), row["trial"])
+    )
     for rank, row in enumerate(rows, 1):
         row["rank"] = rank
     _log(ctx, rows, names, sw)
     best = {n: rows[0][n] for n in names}
-    console.print(f"sweep: best {', '.join(f'{n}={_fmt(v)}' for n, v in best.items())} "
-                  f"(val kNN top-1 {rows[0]['last']:.4f}); {sum(r['stopped_early'] for r in rows)} of {len(rows)} "
-                  "trial(s) stopped early by successive halving")
-    return {"best": best, "best_metric": rows[0]["last"], "metric": METRIC, "trials": len(rows),
-            "ranked": [{k: v for k, v in r.items() if k not in ("curve", "loss")} for r in rows],
-            "experiment_dir": exp_dir}
+    console.print(
+        f"sweep: best {', '.join(f'{n}={_fmt(v)}' for n, v in best.items())} "
+        f"(val kNN top-1 {rows[0]['last']:.4f}); {sum(r['stopped_early'] for r in rows)} of {len(rows)} "
+        "trial(s) stopped early by successive halving"
+    )
+    return {
+        "best": best,
+        "best_metric": rows[0]["last"],
+        "metric": METRIC,
+        "trials": len(rows),
+        "ranked": [{k: v for k, v in r.items() if k not in ("curve", "loss")} for r in rows],
+        "experiment_dir": exp_dir,
+    }
 
 
 def _has_state(exp_dir: str) -> bool:
     """Whether the experiment saved its state (a run killed before that starts afresh)."""
-    return any(Path(f).name.startswith("experiment_state-") for f in storage.list_files(exp_dir)) \
-        if storage.is_s3(exp_dir) else any(Path(exp_dir).glob("experiment_state-*.json"))
+    return (
+        any(Path(f).name.startswith("experiment_state-") for f in storage.list_files(exp_dir))
+        if storage.is_s3(exp_dir)
+        else any(Path(exp_dir).glob("experiment_state-*.json"))
+    )
 
 
 def _space_text(spec: dict[str, Any]) -> str:
@@ -351,9 +432,16 @@ def _log(ctx: StageContext, rows: list[dict], names: list[str], sw: SweepConfig)
     client = mlflow.tracking.MlflowClient(ctx.tracking_uri)
     exp_id = mlflow.get_run(ctx.run_id).info.experiment_id
     for r in rows:
-        run = client.create_run(exp_id, run_name=r["trial"], tags={
-            "mlflow.parentRunId": ctx.run_id, tracking.TAG_KIND: "trial", "clpipe.trial.rank": str(r["rank"]),
-            "clpipe.trial.stopped_early": str(r["stopped_early"]).lower()})
+        run = client.create_run(
+            exp_id,
+            run_name=r["trial"],
+            tags={
+                "mlflow.parentRunId": ctx.run_id,
+                tracking.TAG_KIND: "trial",
+                "clpipe.trial.rank": str(r["rank"]),
+                "clpipe.trial.stopped_early": str(r["stopped_early"]).lower(),
+            },
+        )
         tracking.log_params(run.info.run_id, {n: r[n] for n in names})
         for epoch, (v, loss) in enumerate(zip(r["curve"], r["loss"] or [math.nan] * len(r["curve"]), strict=True), 1):
             metrics = {METRIC: v} if math.isnan(loss) else {METRIC: v, "train/loss": loss}
@@ -370,5 +458,10 @@ def _log(ctx: StageContext, rows: list[dict], names: list[str], sw: SweepConfig)
     mlflow.log_artifact(str(out / "trials.json"))
     for path in plots.sweep_plots(rows, names, METRIC, sw.epochs, out):
         mlflow.log_artifact(str(path))
-    mlflow.log_metrics({"sweep/best": rows[0]["last"], "sweep/trials": len(rows),
-                        "sweep/stopped_early": sum(r["stopped_early"] for r in rows)})
+    mlflow.log_metrics(
+        {
+            "sweep/best": rows[0]["last"],
+            "sweep/trials": len(rows),
+            "sweep/stopped_early": sum(r["stopped_early"] for r in rows),
+        }
+    )

@@ -10,8 +10,7 @@ import torch
 
 from cl_core import allocator
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or allocator._glibc() is None,
-                                reason="glibc only")
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or allocator._glibc() is None, reason="glibc only")
 
 
 def _faults(n: int = 16, mib: int = 64) -> list[int]:

@@ -32,10 +32,13 @@ from cl_core.augment_device import (
     rgb_to_hsv,
 )
 
-BATCH_OPS = {BRIGHTNESS: adjust_brightness, CONTRAST: adjust_contrast, SATURATION: adjust_saturation,
-             HUE: adjust_hue}
-TV_OPS = {BRIGHTNESS: TF.adjust_brightness, CONTRAST: TF.adjust_contrast, SATURATION: TF.adjust_saturation,
-          HUE: TF.adjust_hue}
+BATCH_OPS = {BRIGHTNESS: adjust_brightness, CONTRAST: adjust_contrast, SATURATION: adjust_saturation, HUE: adjust_hue}
+TV_OPS = {
+    BRIGHTNESS: TF.adjust_brightness,
+    CONTRAST: TF.adjust_contrast,
+    SATURATION: TF.adjust_saturation,
+    HUE: TF.adjust_hue,
+}
 TOL = {BRIGHTNESS: 1e-6, CONTRAST: 1e-6, SATURATION: 1e-6, HUE: 1e-5}
 
 
@@ -172,8 +175,7 @@ def test_gate_probabilities_and_pass_through() -> None:
     x = images(n, size=4, seed=6)
     base = normalize(to_float(x))
     probs = {"jitter": 0.8, "grayscale": 0.2, "blur": 0.5}
-    aug = BatchColorAugment(4, jitter_prob=probs["jitter"], grayscale_prob=probs["grayscale"],
-                            blur_prob=probs["blur"])
+    aug = BatchColorAugment(4, jitter_prob=probs["jitter"], grayscale_prob=probs["grayscale"], blur_prob=probs["blur"])
     p = aug.draw(n, gen(7))
     for name, prob in probs.items():
         frac = float(getattr(p, name).float().mean())
@@ -257,12 +259,15 @@ def test_same_distribution_as_cpu_path() -> None:
     n = 1500
     x = images(1, size=8, seed=18).expand(n, -1, -1, -1).contiguous()
     s = 1.0
-    cpu = v2.Compose([
-        v2.RandomApply([v2.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8),
-        v2.RandomGrayscale(p=0.2),
-        v2.RandomApply([v2.GaussianBlur(3, sigma=(0.1, 2.0))], p=0.5),
-        v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD)),
-    ])
+    cpu = v2.Compose(
+        [
+            v2.RandomApply([v2.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8),
+            v2.RandomGrayscale(p=0.2),
+            v2.RandomApply([v2.GaussianBlur(3, sigma=(0.1, 2.0))], p=0.5),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD)),
+        ]
+    )
     torch.manual_seed(0)
     a = torch.stack([cpu(tv_tensors.Image(x[i])) for i in range(n)])
     b = BatchColorAugment(8, jitter_strength=s, blur_prob=0.5)(x, gen(18))
@@ -329,17 +334,20 @@ def test_empty_batch() -> None:
 # --- errors
 
 
-@pytest.mark.parametrize(("kwargs", "field"), [
-    ({"jitter_prob": 1.5}, "jitter_prob"),
-    ({"jitter_prob": -0.1}, "jitter_prob"),
-    ({"grayscale_prob": 2}, "grayscale_prob"),
-    ({"blur_prob": -1.0}, "blur_prob"),
-    ({"blur_prob": float("nan")}, "blur_prob"),
-    ({"jitter_strength": -1.0}, "jitter_strength"),
-    ({"jitter_strength": 3.0}, "jitter_strength"),
-    ({"mean": (0.5, 0.5)}, "mean"),
-    ({"std": (0.2, 0.0, 0.2)}, "std"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"jitter_prob": 1.5}, "jitter_prob"),
+        ({"jitter_prob": -0.1}, "jitter_prob"),
+        ({"grayscale_prob": 2}, "grayscale_prob"),
+        ({"blur_prob": -1.0}, "blur_prob"),
+        ({"blur_prob": float("nan")}, "blur_prob"),
+        ({"jitter_strength": -1.0}, "jitter_strength"),
+        ({"jitter_strength": 3.0}, "jitter_strength"),
+        ({"mean": (0.5, 0.5)}, "mean"),
+        ({"std": (0.2, 0.0, 0.2)}, "std"),
+    ],
+)
 def test_bad_arguments(kwargs: dict, field: str) -> None:
     with pytest.raises(ValueError, match=field):
         BatchColorAugment(32, **kwargs)
@@ -351,12 +359,15 @@ def test_bad_image_size(image_size) -> None:
         BatchColorAugment(image_size)
 
 
-@pytest.mark.parametrize(("x", "match"), [
-    (torch.zeros(3, 8, 8, dtype=torch.uint8), r"\[B, C, H, W\]"),
-    (torch.zeros(2, 4, 8, 8, dtype=torch.uint8), "1 or 3 channels"),
-    (torch.zeros(2, 2, 8, 8), "1 or 3 channels"),
-    (torch.zeros(2, 3, 8, 8, dtype=torch.int32), "uint8"),
-])
+@pytest.mark.parametrize(
+    ("x", "match"),
+    [
+        (torch.zeros(3, 8, 8, dtype=torch.uint8), r"\[B, C, H, W\]"),
+        (torch.zeros(2, 4, 8, 8, dtype=torch.uint8), "1 or 3 channels"),
+        (torch.zeros(2, 2, 8, 8), "1 or 3 channels"),
+        (torch.zeros(2, 3, 8, 8, dtype=torch.int32), "uint8"),
+    ],
+)
 def test_bad_input(x: torch.Tensor, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         BatchColorAugment(8)(x, gen())

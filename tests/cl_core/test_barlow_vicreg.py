@@ -45,7 +45,9 @@ def barlow_reference(za: torch.Tensor, zb: torch.Tensor, lambd: float, eps: floa
     return loss
 
 
-def vicreg_reference(za: torch.Tensor, zb: torch.Tensor, lam: float, mu: float, nu: float, gamma: float, eps: float) -> float:
+def vicreg_reference(
+    za: torch.Tensor, zb: torch.Tensor, lam: float, mu: float, nu: float, gamma: float, eps: float
+) -> float:
     za, zb = za.double().tolist(), zb.double().tolist()
     n, d = len(za), len(za[0])
     inv = sum((za[b][j] - zb[b][j]) ** 2 for b in range(n) for j in range(d)) / (n * d)
@@ -106,12 +108,15 @@ def test_the_official_gradient_on_w_workers_is_one_over_w_of_the_global_loss_gra
     norm still couples the slices); DDP averages the W gradients."""
     w, n, d, lambd = 2, 6, 4, 0.3
     g = torch.Generator().manual_seed(11)
-    z0, z1 = torch.randn(w * n, d, generator=g, requires_grad=True), torch.randn(w * n, d, generator=g, requires_grad=True)
+    z0, z1 = (
+        torch.randn(w * n, d, generator=g, requires_grad=True),
+        torch.randn(w * n, d, generator=g, requires_grad=True),
+    )
     (ours0, ours1) = torch.autograd.grad(BarlowTwinsLoss(lambd, gather_distributed=False)(z0, z1).loss, [z0, z1])
     a, b = standardize(z0), standardize(z1)  # SyncBatchNorm over the global batch
     official0, official1 = torch.zeros_like(z0), torch.zeros_like(z1)
     for k in range(w):
-        parts = [a[j * n:(j + 1) * n].T @ b[j * n:(j + 1) * n] / (w * n) for j in range(w)]
+        parts = [a[j * n : (j + 1) * n].T @ b[j * n : (j + 1) * n] / (w * n) for j in range(w)]
         c = sum(p if j == k else p.detach() for j, p in enumerate(parts))  # all_reduce: no gradient from the others
         loss_k = (1 - torch.diagonal(c)).pow(2).sum() + lambd * off_diagonal(c).pow(2).sum()
         g0, g1 = torch.autograd.grad(loss_k, [z0, z1], retain_graph=True)
@@ -148,8 +153,10 @@ def test_barlow_twins_projector_follows_the_paper():
 # ---- VICReg ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("n,d,w", [(2, 3, (25.0, 25.0, 1.0, 1.0, 1e-4)), (6, 5, (1.0, 2.0, 3.0, 1.0, 1e-4)),
-                                   (8, 4, (0.5, 1.0, 2.0, 2.0, 1e-2))])
+@pytest.mark.parametrize(
+    "n,d,w",
+    [(2, 3, (25.0, 25.0, 1.0, 1.0, 1e-4)), (6, 5, (1.0, 2.0, 3.0, 1.0, 1e-4)), (8, 4, (0.5, 1.0, 2.0, 2.0, 1e-2))],
+)
 def test_vicreg_matches_loop_reference(n, d, w):
     g = torch.Generator().manual_seed(n + d)
     za, zb = 0.7 * torch.randn(n, d, generator=g), 1.5 * torch.randn(n, d, generator=g) + 0.3
@@ -208,9 +215,14 @@ def test_vicreg_spread_decorrelated_embeddings_have_no_variance_or_covariance_co
 
 def test_vicreg_bad_arguments():
     cls = get_method("vicreg")
-    for kw, name in (({"invariance_weight": -1.0}, "invariance_weight"), ({"variance_weight": float("nan")}, "variance_weight"),
-                     ({"covariance_weight": -0.5}, "covariance_weight"), ({"gamma": 0.0}, "gamma"), ({"eps": -1e-4}, "eps"),
-                     ({"proj_dim": 0}, "proj_dim")):
+    for kw, name in (
+        ({"invariance_weight": -1.0}, "invariance_weight"),
+        ({"variance_weight": float("nan")}, "variance_weight"),
+        ({"covariance_weight": -0.5}, "covariance_weight"),
+        ({"gamma": 0.0}, "gamma"),
+        ({"eps": -1e-4}, "eps"),
+        ({"proj_dim": 0}, "proj_dim"),
+    ):
         with pytest.raises(ValueError, match=f"^{name}"):
             cls(**{**cls.smoke_kwargs(), **kw})
 
@@ -265,7 +277,7 @@ def _loss_and_grads(model: nn.Module, method: Method, views: list[torch.Tensor])
 
 
 def _worker(rank: int, world: int) -> dict:
-    views = [v[rank * B:(rank + 1) * B] for v in _data()]
+    views = [v[rank * B : (rank + 1) * B] for v in _data()]
     res: dict = {}
     for name in NAMES:
         method = _toy_method(name)

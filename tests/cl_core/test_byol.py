@@ -132,8 +132,15 @@ def test_cos_sim_metric():
     assert out.metrics["train/cos_sim"].item() == pytest.approx(cos.item(), abs=1e-5)
 
 
-@pytest.mark.parametrize("kw,name", [({"tau_base": 1.0}, "tau_base"), ({"tau_base": -0.1}, "tau_base"),
-                                     ({"proj_dim": 0}, "proj_dim"), ({"proj_hidden_dim": 2.5}, "proj_hidden_dim")])
+@pytest.mark.parametrize(
+    "kw,name",
+    [
+        ({"tau_base": 1.0}, "tau_base"),
+        ({"tau_base": -0.1}, "tau_base"),
+        ({"proj_dim": 0}, "proj_dim"),
+        ({"proj_hidden_dim": 2.5}, "proj_hidden_dim"),
+    ],
+)
 def test_bad_hyperparameters_raise(kw, name):
     with pytest.raises(ValueError, match=f"^{name}"):
         BYOL(**{**BYOL.smoke_kwargs(), **kw})

@@ -7,8 +7,9 @@ from cl_core.methods import SimCLR
 
 
 def _spec(k: int, **kw):
-    return classifier_spec(backbone="small_cnn", num_classes=10, from_head_layer=k, head_layers=3, proj_dim=16,
-                           width=8, **kw)
+    return classifier_spec(
+        backbone="small_cnn", num_classes=10, from_head_layer=k, head_layers=3, proj_dim=16, width=8, **kw
+    )
 
 
 @pytest.mark.parametrize("k,neck_dim", [(0, 32), (1, 32), (2, 32), (3, 16)])

@@ -54,14 +54,17 @@ def _lab_slow(r: float, g: float, b: float) -> tuple[float, float, float]:
     return 116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)
 
 
-@pytest.mark.parametrize(("rgb", "lab"), [
-    ((1.0, 1.0, 1.0), (100.0, 0.0, 0.0)),
-    ((1.0, 0.0, 0.0), (53.24, 80.09, 67.20)),
-    ((0.0, 0.0, 0.0), (0.0, 0.0, 0.0)),
-    ((0.0, 1.0, 0.0), (87.73, -86.18, 83.18)),
-    ((0.0, 0.0, 1.0), (32.30, 79.19, -107.86)),
-    ((0.5, 0.5, 0.5), (53.39, 0.0, 0.0)),  # mid grey: a = b = 0
-])
+@pytest.mark.parametrize(
+    ("rgb", "lab"),
+    [
+        ((1.0, 1.0, 1.0), (100.0, 0.0, 0.0)),
+        ((1.0, 0.0, 0.0), (53.24, 80.09, 67.20)),
+        ((0.0, 0.0, 0.0), (0.0, 0.0, 0.0)),
+        ((0.0, 1.0, 0.0), (87.73, -86.18, 83.18)),
+        ((0.0, 0.0, 1.0), (32.30, 79.19, -107.86)),
+        ((0.5, 0.5, 0.5), (53.39, 0.0, 0.0)),  # mid grey: a = b = 0
+    ],
+)
 def test_rgb_to_lab_reference_values(rgb, lab):
     out = rgb_to_lab(torch.tensor(rgb).view(1, 3, 1, 1)).view(3)
     torch.testing.assert_close(out, torch.tensor(lab), atol=0.01, rtol=0)
@@ -101,31 +104,37 @@ def test_normalized_rgb_to_lab_undoes_the_imagenet_normalisation_and_clamps():
 # ---- construction ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("split", [
-    [[0]],  # one group
-    [],
-    [[0], []],  # empty group
-    [[0], [0, 1]],  # overlap
-    [[0], [3]],  # out of range
-    [[0], [-1]],
-    [[0], [1.0]],
-    [[0], [True]],
-    "L,ab",
-    [0, 1],  # not lists
-])
+@pytest.mark.parametrize(
+    "split",
+    [
+        [[0]],  # one group
+        [],
+        [[0], []],  # empty group
+        [[0], [0, 1]],  # overlap
+        [[0], [3]],  # out of range
+        [[0], [-1]],
+        [[0], [1.0]],
+        [[0], [True]],
+        "L,ab",
+        [0, 1],  # not lists
+    ],
+)
 def test_channel_split_validation(split):
     with pytest.raises(ValueError, match="channel_split"):
         CMC(channel_split=split, **SMALL)
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [
-    ({"objective": "nce"}, "objective"),
-    ({"temperature": 0.0}, "temperature"),
-    ({"proj_dim": 0}, "proj_dim"),
-    ({"num_negatives": 0}, "num_negatives"),
-    ({"bank_momentum": 1.0}, "bank_momentum"),
-    ({"objective": "memory_bank"}, "num_samples"),  # the bank needs the split's size
-])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"objective": "nce"}, "objective"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"proj_dim": 0}, "proj_dim"),
+        ({"num_negatives": 0}, "num_negatives"),
+        ({"bank_momentum": 1.0}, "bank_momentum"),
+        ({"objective": "memory_bank"}, "num_samples"),  # the bank needs the split's size
+    ],
+)
 def test_hyperparameter_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         CMC(**{**SMALL, **kwargs})
@@ -176,8 +185,12 @@ def test_in_batch_loss_is_the_sum_over_both_directions_of_every_pair(split):
     ref = sum(_cross_view_loop(z[i].detach(), z[j].detach(), 0.1) for i, j in pairs)
     torch.testing.assert_close(out.loss.detach(), ref, rtol=1e-5, atol=1e-5)
     for i, j in pairs:
-        torch.testing.assert_close(out.metrics[f"train/loss_v{i}_v{j}"], _cross_view_loop(z[i].detach(), z[j].detach(), 0.1),
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            out.metrics[f"train/loss_v{i}_v{j}"],
+            _cross_view_loop(z[i].detach(), z[j].detach(), 0.1),
+            rtol=1e-5,
+            atol=1e-5,
+        )
     assert set(out.metrics) >= {"train/loss", "train/acc", "train/z_std"}
 
 
@@ -186,8 +199,15 @@ def test_in_batch_loss_is_the_sum_over_both_directions_of_every_pair(split):
 
 def _bank_model(num_samples: int = 20, **kw) -> CMC:
     torch.manual_seed(0)
-    return CMC(objective="memory_bank", num_samples=num_samples, num_negatives=7, temperature=0.1,
-               gather_distributed=False, **SMALL, **kw)
+    return CMC(
+        objective="memory_bank",
+        num_samples=num_samples,
+        num_negatives=7,
+        temperature=0.1,
+        gather_distributed=False,
+        **SMALL,
+        **kw,
+    )
 
 
 def test_bank_loss_matches_loop_and_updates_only_the_batch_rows():
@@ -204,7 +224,9 @@ def test_bank_loss_matches_loop_and_updates_only_the_batch_rows():
     ref = 0.0
     for i, j in [(0, 1), (1, 0)]:
         for a in range(4):
-            scores = [float(z[i][a] @ before[j][index[a]]) / 0.1] + [float(z[i][a] @ before[j][k]) / 0.1 for k in neg_idx[a]]
+            scores = [float(z[i][a] @ before[j][index[a]]) / 0.1] + [
+                float(z[i][a] @ before[j][k]) / 0.1 for k in neg_idx[a]
+            ]
             ref += -(scores[0] - math.log(sum(math.exp(s) for s in scores))) / 4
     torch.testing.assert_close(out.loss.detach(), torch.tensor(ref), rtol=1e-5, atol=1e-5)
     others = torch.ones(20, dtype=torch.bool)
@@ -296,8 +318,11 @@ def _worker(rank: int, world: int) -> dict:
     dist.all_reduce(mean_loss)
     bank = _bn_eval(_bank_model_dist())
     bank([x[sl]], index=index[sl])
-    return {"loss": (mean_loss / world).item(), "grads": [_grad(p) for p in method.parameters()],
-            "banks": [bank._bank(v).bank.clone() for v in range(2)]}
+    return {
+        "loss": (mean_loss / world).item(),
+        "grads": [_grad(p) for p in method.parameters()],
+        "banks": [bank._bank(v).bank.clone() for v in range(2)],
+    }
 
 
 def test_two_gloo_processes_equal_one_process_with_the_global_batch():

@@ -25,8 +25,13 @@ from cl_core.models.patches import (
 )
 from tests.gloo import run_workers
 
-SMALL: dict[str, Any] = {"backbone": "small_cnn", "backbone_args": {"width": 4}, "context_layers": 2, "context_dim": 6,
-         "target_dim": 5}
+SMALL: dict[str, Any] = {
+    "backbone": "small_cnn",
+    "backbone_args": {"width": 4},
+    "context_layers": 2,
+    "context_dim": 6,
+    "target_dim": 5,
+}
 
 
 def _images(n: int, size: int = 16, seed: int = 0) -> torch.Tensor:
@@ -46,7 +51,7 @@ def test_patch_grid_shapes_and_contents(h, w, p, s):
     for n in range(2):
         for i in range(r):
             for j in range(q):
-                assert torch.equal(patches[n, i, j], x[n, :, i * s: i * s + p, j * s: j * s + p])
+                assert torch.equal(patches[n, i, j], x[n, :, i * s : i * s + p, j * s : j * s + p])
 
 
 def test_default_patches_keep_cpcs_proportions():
@@ -83,16 +88,19 @@ def test_layer_norm_replaces_batch_norm_in_the_patch_encoder():
     assert isinstance(batchnorm_to_layernorm(seq)[1], nn.GroupNorm) and not seq[1].affine
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [
-    ({"context": "lstm"}, "context"),
-    ({"patch_norm": "group"}, "patch_norm"),
-    ({"min_offset": 0}, "min_offset"),
-    ({"min_offset": 3, "max_offset": 2}, "max_offset"),
-    ({"directions": 4}, "directions"),
-    ({"emb_scale": -1.0}, "emb_scale"),
-    ({"patch_size": 0}, "patch_size"),
-    ({"context_dim": 0}, "context_dim"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"context": "lstm"}, "context"),
+        ({"patch_norm": "group"}, "patch_norm"),
+        ({"min_offset": 0}, "min_offset"),
+        ({"min_offset": 3, "max_offset": 2}, "max_offset"),
+        ({"directions": 4}, "directions"),
+        ({"emb_scale": -1.0}, "emb_scale"),
+        ({"patch_size": 0}, "patch_size"),
+        ({"context_dim": 0}, "context_dim"),
+    ],
+)
 def test_hyperparameter_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         CPC(**{**SMALL, **kwargs})
@@ -125,18 +133,18 @@ def test_context_at_a_row_never_sees_the_rows_below(kind):
         # exact receptive field: the gradient of the contexts at row i w.r.t. rows below is zero ...
         zg = z.clone().requires_grad_(True)
         net(zg)[:, :, i].pow(2).sum().backward()
-        assert torch.count_nonzero(zg.grad[:, :, i + 1:]) == 0
+        assert torch.count_nonzero(zg.grad[:, :, i + 1 :]) == 0
         assert torch.count_nonzero(zg.grad[:, :, i]) > 0  # ... and it does see its own row
         if i > 0:
             assert torch.count_nonzero(zg.grad[:, :, i - 1]) > 0  # and the row above
         # changing everything below row i changes nothing at rows <= i
         z2 = z.clone()
-        z2[:, :, i + 1:] = torch.randn_like(z2[:, :, i + 1:]) * 10
+        z2[:, :, i + 1 :] = torch.randn_like(z2[:, :, i + 1 :]) * 10
         with torch.no_grad():
             c, c2 = net(z), net(z2)
         torch.testing.assert_close(c2[:, :, : i + 1], c[:, :, : i + 1], rtol=0, atol=1e-6)
         if i + 1 < rows:
-            assert not torch.allclose(c2[:, :, i + 1:], c[:, :, i + 1:])
+            assert not torch.allclose(c2[:, :, i + 1 :], c[:, :, i + 1 :])
 
 
 @pytest.mark.parametrize("kind", ["masked_conv", "gru"])
@@ -163,16 +171,18 @@ def test_context_from_pixels_never_sees_the_patches_below(context):
         z = m.patch_embeddings(x)
         for i in range(6):
             x2 = x.clone()
-            x2[:, :, i * 2 + 4:] = torch.randn_like(x2[:, :, i * 2 + 4:])  # every pixel below row i's patches
+            x2[:, :, i * 2 + 4 :] = torch.randn_like(x2[:, :, i * 2 + 4 :])  # every pixel below row i's patches
             z2 = m.patch_embeddings(x2)
-            torch.testing.assert_close(m.context_grid(z2, 0)[:, : i + 1], m.context_grid(z, 0)[:, : i + 1],
-                                       rtol=0, atol=1e-6)
+            torch.testing.assert_close(
+                m.context_grid(z2, 0)[:, : i + 1], m.context_grid(z, 0)[:, : i + 1], rtol=0, atol=1e-6
+            )
             top = 6 - i  # bottom-up: flipped row i is grid row 6 - i, whose patches start at y = 2 * (6 - i)
             x3 = x.clone()
             x3[:, :, : 2 * top] = torch.randn_like(x3[:, :, : 2 * top])
             z3 = m.patch_embeddings(x3)
-            torch.testing.assert_close(m.context_grid(z3, 1)[:, : i + 1], m.context_grid(z, 1)[:, : i + 1],
-                                       rtol=0, atol=1e-6)
+            torch.testing.assert_close(
+                m.context_grid(z3, 1)[:, : i + 1], m.context_grid(z, 1)[:, : i + 1], rtol=0, atol=1e-6
+            )
         bn = CPC(**SMALL, context=context, patch_norm="batch").train()
         x2 = x.clone()
         x2[:, :, 8:] = 0.0
@@ -253,7 +263,7 @@ def _model(cfg: dict, gather: bool = True) -> CPC:
 
 
 def _worker(rank: int, world: int) -> list[dict]:
-    x = _images(world * B, seed=4)[rank * B: (rank + 1) * B]
+    x = _images(world * B, seed=4)[rank * B : (rank + 1) * B]
     res = []
     for cfg in CONFIGS:
         method = _model(cfg)
@@ -263,8 +273,14 @@ def _worker(rank: int, world: int) -> list[dict]:
         mean_loss = loss.detach().clone()
         dist.all_reduce(mean_loss)
         local = _model(cfg, gather=False)([x]).loss.detach()
-        res.append({"loss": (mean_loss / world).item(), "grads": [_grad(p) for p in method.parameters()],
-                    "local": local.item(), "gathered": loss.item()})
+        res.append(
+            {
+                "loss": (mean_loss / world).item(),
+                "grads": [_grad(p) for p in method.parameters()],
+                "local": local.item(),
+                "gathered": loss.item(),
+            }
+        )
     return res
 
 

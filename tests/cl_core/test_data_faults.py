@@ -49,8 +49,10 @@ def test_untouched_set_reads_whole_and_verified(shard_set):
     urls, counts = S.shard_urls(out, m, "train")
     assert (check.urls, check.counts) == (urls, counts)
     assert check.truncated == [] and check.lost_samples == 0
-    assert check.verify == {u: {"sha256": r["sha256"], "truncated": False}
-                            for u, r in zip(urls, m["splits"]["train"]["shards"], strict=True)}
+    assert check.verify == {
+        u: {"sha256": r["sha256"], "truncated": False}
+        for u, r in zip(urls, m["splits"]["train"]["shards"], strict=True)
+    }
     assert _read(check.urls, verify=check.verify) == _read(urls)
     assert len(_read(check.urls, verify=check.verify)) == sum(counts) == 36
 
@@ -61,8 +63,10 @@ def test_missing_shard_names_it(shard_set):
     os.remove(urls[2])
     with pytest.raises(S.ShardError) as e:
         S.check_shards(out, m, "train")
-    assert _one_line(e) == (f"{urls[2]}: shard listed in {out / S.MANIFEST} is missing from storage; "
-                            "rerun the shard stage (clpipe run --rerun shard)")
+    assert _one_line(e) == (
+        f"{urls[2]}: shard listed in {out / S.MANIFEST} is missing from storage; "
+        "rerun the shard stage (clpipe run --rerun shard)"
+    )
     assert isinstance(e.value, FileNotFoundError)
     os.remove(urls[4])
     with pytest.raises(S.ShardError, match=r"\(1 more of the train split's shards are missing too\)"):
@@ -88,8 +92,15 @@ def test_truncated_shard_keeps_its_complete_samples(shard_set, complete):
         assert check.urls == urls and check.counts == [counts[0], complete, *counts[2:]]
     else:  # no complete sample left: the shard is not read at all
         assert check.urls == [urls[0], *urls[2:]] and check.counts == [counts[0], *counts[2:]]
-    assert check.truncated == [{"url": url, "expected_samples": 7, "readable_samples": complete,
-                                "expected_bytes": len(raw), "bytes": pngs[complete] + 30}]
+    assert check.truncated == [
+        {
+            "url": url,
+            "expected_samples": 7,
+            "readable_samples": complete,
+            "expected_bytes": len(raw),
+            "bytes": pngs[complete] + 30,
+        }
+    ]
     assert check.lost_samples == 7 - complete
     assert check.verify[url]["truncated"] is True
     # the readable samples, exactly, and the other shards still verified
@@ -119,8 +130,15 @@ def test_cut_in_the_end_padding_loses_nothing(shard_set):
         f.truncate(size - 700)  # tar's zero blocks after the last member
     check = S.check_shards(out, m, "train")
     assert check.counts == counts and check.lost_samples == 0
-    assert check.truncated == [{"url": urls[0], "expected_samples": counts[0], "readable_samples": counts[0],
-                                "expected_bytes": size, "bytes": size - 700}]
+    assert check.truncated == [
+        {
+            "url": urls[0],
+            "expected_samples": counts[0],
+            "readable_samples": counts[0],
+            "expected_bytes": size,
+            "bytes": size - 700,
+        }
+    ]
     assert len(_read(check.urls, verify=check.verify)) == sum(counts)
 
 
@@ -141,8 +159,10 @@ def test_changed_byte_in_an_image_fails_the_checksum(shard_set):
     expected = m["splits"]["train"]["shards"][2]["sha256"]
     with pytest.raises(ShardChecksumError) as e:
         _read(check.urls, verify=check.verify)
-    assert _one_line(e) == (f"{url}: sha256 {sha} does not match the manifest's {expected}; the shard was "
-                            "changed after it was written; rerun the shard stage (clpipe run --rerun shard)")
+    assert _one_line(e) == (
+        f"{url}: sha256 {sha} does not match the manifest's {expected}; the shard was "
+        "changed after it was written; rerun the shard stage (clpipe run --rerun shard)"
+    )
     # a handler that skips damaged shards does not skip this one
     seen: list[Exception] = []
     with pytest.raises(ShardChecksumError):
@@ -165,8 +185,10 @@ def test_appended_bytes_fail_the_check(shard_set):
     assert len(_read([urls[1]])) == m["splits"]["train"]["shards"][1]["num_samples"]
     with pytest.raises(ShardChecksumError) as e:
         S.check_shards(out, m, "train")
-    assert _one_line(e) == (f"{urls[1]}: {size + 1024} bytes where {out / S.MANIFEST} records {size}; the shard "
-                            "was changed after it was written; rerun the shard stage (clpipe run --rerun shard)")
+    assert _one_line(e) == (
+        f"{urls[1]}: {size + 1024} bytes where {out / S.MANIFEST} records {size}; the shard "
+        "was changed after it was written; rerun the shard stage (clpipe run --rerun shard)"
+    )
 
 
 def test_manifest_without_sizes_still_loads(shard_set):

@@ -30,7 +30,7 @@ def _picture(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     img = np.stack([255 * xx / w, 255 * yy / h, 128 + 100 * np.sin(xx / 7.0) * np.cos(yy / 9.0)], -1)
     for _ in range(3):
         y, x = rng.integers(0, h - 10), rng.integers(0, w - 10)
-        img[y:y + 10, x:x + 10] = rng.integers(0, 256, 3)
+        img[y : y + 10, x : x + 10] = rng.integers(0, 256, 3)
     return img.clip(0, 255).astype(np.uint8)
 
 
@@ -55,17 +55,27 @@ def shard_sets(tmp_path_factory):
 
 def _batches(urls_counts, transform, encoded: bool, n_views_hflip=0.5):
     urls, counts = urls_counts
-    stream = ShardStream(urls, counts, transform=transform, batch_size=4, rank=0, world_size=1, loader_workers=0,
-                         shuffle_buffer=0, seed=3,
-                         **({"decode": decode_encoded, "collate": collate_encoded} if encoded else {}))
+    stream = ShardStream(
+        urls,
+        counts,
+        transform=transform,
+        batch_size=4,
+        rank=0,
+        world_size=1,
+        loader_workers=0,
+        shuffle_buffer=0,
+        seed=3,
+        **({"decode": decode_encoded, "collate": collate_encoded} if encoded else {}),
+    )
     stream.set_epoch(0)
     return list(training_loader(stream, num_workers=0))
 
 
 @pytest.mark.parametrize("fmt", ["jpg", "png"])
 def test_device_views_match_the_loader_views(shard_sets, fmt):
-    loader = _batches(shard_sets[fmt], SimCLRTransform(24, crop_min_scale=0.2, hflip_prob=0.5, color=False),
-                      encoded=False)
+    loader = _batches(
+        shard_sets[fmt], SimCLRTransform(24, crop_min_scale=0.2, hflip_prob=0.5, color=False), encoded=False
+    )
     device = _batches(shard_sets[fmt], CropPlan([24, 24], [(0.2, 1.0)] * 2, 0.5), encoded=True)
     assert len(loader) == len(device) == 2
     for (lv, ly, li), (db, dy, di) in zip(loader, device, strict=True):
@@ -86,8 +96,9 @@ def test_device_views_match_the_loader_views(shard_sets, fmt):
 
 
 def test_multi_crop_plan_draws_as_the_multi_crop_transform(shard_sets):
-    tf = MultiCropTransform(24, 10, global_scale=(0.3, 1.0), local_scale=(0.05, 0.3), n_local=2, hflip_prob=0.5,
-                            color=False)
+    tf = MultiCropTransform(
+        24, 10, global_scale=(0.3, 1.0), local_scale=(0.05, 0.3), n_local=2, hflip_prob=0.5, color=False
+    )
     plan = CropPlan([24, 24, 10, 10], [(0.3, 1.0)] * 2 + [(0.05, 0.3)] * 2, 0.5)
     loader = _batches(shard_sets["png"], tf, encoded=False)
     device = _batches(shard_sets["png"], plan, encoded=True)
@@ -100,14 +111,28 @@ def test_the_loop_trains_on_encoded_batches(shard_sets):
     urls, counts = shard_sets["jpg"]
     torch.manual_seed(0)
     method = SimCLR("small_cnn", backbone_args={"width": 4}, proj_dim=8, temperature=0.5)
-    stream = ShardStream(urls, counts, transform=CropPlan([16, 16], [(0.2, 1.0)] * 2, 0.5), batch_size=4, rank=0,
-                         world_size=1, loader_workers=1, shuffle_buffer=0, seed=0, decode=decode_encoded,
-                         collate=collate_encoded)
-    cfg = LoopConfig(epochs=1, batch_size_per_worker=4, optimizer="sgd", lr_base=0.1, warmup_epochs=0,
-                     loader_workers=1)
-    loop = TrainingLoop(method, method, stream, cfg, torch.device("cpu"),
-                        view_augment=DeviceViews(jitter_strength=0.5, jitter_prob=0.8, grayscale_prob=0.2,
-                                                 blur_prob=0.0))
+    stream = ShardStream(
+        urls,
+        counts,
+        transform=CropPlan([16, 16], [(0.2, 1.0)] * 2, 0.5),
+        batch_size=4,
+        rank=0,
+        world_size=1,
+        loader_workers=1,
+        shuffle_buffer=0,
+        seed=0,
+        decode=decode_encoded,
+        collate=collate_encoded,
+    )
+    cfg = LoopConfig(epochs=1, batch_size_per_worker=4, optimizer="sgd", lr_base=0.1, warmup_epochs=0, loader_workers=1)
+    loop = TrainingLoop(
+        method,
+        method,
+        stream,
+        cfg,
+        torch.device("cpu"),
+        view_augment=DeviceViews(jitter_strength=0.5, jitter_prob=0.8, grayscale_prob=0.2, blur_prob=0.0),
+    )
     history = loop.run(lambda m, s: None)
     assert len(history) == 1 and np.isfinite(history[0]["train/loss"]) and loop.step == stream.plan().steps == 2
 

@@ -21,8 +21,9 @@ from tests.gloo import run_workers
 
 def _views(n: int, seed: int, n_local: int = 2) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(n, 3, 16, 16, generator=g) for _ in range(2)] + \
-           [torch.randn(n, 3, 8, 8, generator=g) for _ in range(n_local)]
+    return [torch.randn(n, 3, 16, 16, generator=g) for _ in range(2)] + [
+        torch.randn(n, 3, 8, 8, generator=g) for _ in range(n_local)
+    ]
 
 
 def _small(**kw) -> DINO:
@@ -37,8 +38,11 @@ def _teacher_out(m: DINO, views: list[torch.Tensor]) -> torch.Tensor:
 
 def _student_out(m: DINO, views: list[torch.Tensor]) -> torch.Tensor:
     with torch.no_grad():
-        h = torch.cat([m.backbone(torch.cat(views[:2])), m.backbone(torch.cat(views[2:]))]) if len(views) > 2 \
+        h = (
+            torch.cat([m.backbone(torch.cat(views[:2])), m.backbone(torch.cat(views[2:]))])
+            if len(views) > 2
             else m.backbone(torch.cat(views))
+        )
         return m.head(h).reshape(len(views), views[0].shape[0], -1)
 
 
@@ -196,16 +200,26 @@ def test_learned_norm_variant_and_state_dict_round_trip():
     torch.testing.assert_close(n.head.last_layer.weight().norm(dim=1), torch.full((m.out_dim,), 2.0))
 
 
-@pytest.mark.parametrize("backbone,args", [
-    ("vit_tiny", {"image_size": 16, "patch_size": 4, "depth": 1}),
-    ("vit_small", {"image_size": 16, "patch_size": 4, "depth": 1}),
-    ("resnet18", {}),
-    ("small_cnn", {"width": 4}),
-])
+@pytest.mark.parametrize(
+    "backbone,args",
+    [
+        ("vit_tiny", {"image_size": 16, "patch_size": 4, "depth": 1}),
+        ("vit_small", {"image_size": 16, "patch_size": 4, "depth": 1}),
+        ("resnet18", {}),
+        ("small_cnn", {"width": 4}),
+    ],
+)
 def test_backbones_with_local_crops(backbone, args):
     torch.manual_seed(0)
-    m = DINO(backbone, backbone_args=args, gather_distributed=False, out_dim=32, hidden_dim=32, bottleneck_dim=16,
-             freeze_last_layer_steps=0)
+    m = DINO(
+        backbone,
+        backbone_args=args,
+        gather_distributed=False,
+        out_dim=32,
+        hidden_dim=32,
+        bottleneck_dim=16,
+        freeze_last_layer_steps=0,
+    )
     opt = torch.optim.SGD(m.param_groups(1e-4), lr=0.05)
     views = _views(2, 4, n_local=4)
     m.set_progress(0, 2)
@@ -222,12 +236,17 @@ def test_backbones_with_local_crops(backbone, args):
     assert torch.isfinite(m(views).loss)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"out_dim": 1}, "out_dim"), ({"student_temp": 0.0}, "student_temp"), ({"teacher_temp_warmup": 1.5},
-                                                                           "teacher_temp_warmup"),
-    ({"center_momentum": 1.0}, "center_momentum"), ({"momentum": -0.1}, "momentum"),
-    ({"freeze_last_layer_steps": -1}, "freeze_last_layer_steps"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"out_dim": 1}, "out_dim"),
+        ({"student_temp": 0.0}, "student_temp"),
+        ({"teacher_temp_warmup": 1.5}, "teacher_temp_warmup"),
+        ({"center_momentum": 1.0}, "center_momentum"),
+        ({"momentum": -0.1}, "momentum"),
+        ({"freeze_last_layer_steps": -1}, "freeze_last_layer_steps"),
+    ],
+)
 def test_invalid_hyperparameters(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DINO(**{**DINO.smoke_kwargs(), **kwargs})
@@ -242,8 +261,15 @@ def _toy_dino(gather_distributed: bool = True) -> DINO:
     """DINO with a conv encoder without batch norm (the head has none), so the per-worker
     passes equal one pass over the global batch."""
     torch.manual_seed(0)
-    m = DINO("small_cnn", backbone_args={"width": 2}, gather_distributed=gather_distributed, out_dim=16,
-             hidden_dim=16, bottleneck_dim=8, freeze_last_layer_steps=1)
+    m = DINO(
+        "small_cnn",
+        backbone_args={"width": 2},
+        gather_distributed=gather_distributed,
+        out_dim=16,
+        hidden_dim=16,
+        bottleneck_dim=8,
+        freeze_last_layer_steps=1,
+    )
     m.backbone = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
     m.feat_dim = 4
     m.head = DINOHead(4, 16, 16, 8)
@@ -270,8 +296,12 @@ def _run_toy(model: nn.Module, method: DINO, rows: slice) -> dict:
             dist.all_reduce(mean)
             mean /= dist.get_world_size()
         losses.append(mean.item())
-    return {"losses": losses, "grads": grads, "centers": centers,
-            "state": {k: v.clone() for k, v in method.state_dict().items()}}
+    return {
+        "losses": losses,
+        "grads": grads,
+        "centers": centers,
+        "state": {k: v.clone() for k, v in method.state_dict().items()},
+    }
 
 
 def _worker(rank: int, world: int) -> dict:
@@ -307,5 +337,9 @@ def test_dino_two_processes_equal_one_process_with_global_batch(two_process_resu
             torch.testing.assert_close(r["state"][k], v, rtol=1e-4, atol=1e-6, msg=k)
     # without gathering, each worker's center is the mean of its own half
     assert not torch.allclose(two_process_results[0]["local_center"], two_process_results[1]["local_center"])
-    torch.testing.assert_close((two_process_results[0]["local_center"] + two_process_results[1]["local_center"]) / 2,
-                               ref["centers"][0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(
+        (two_process_results[0]["local_center"] + two_process_results[1]["local_center"]) / 2,
+        ref["centers"][0],
+        rtol=1e-5,
+        atol=1e-7,
+    )

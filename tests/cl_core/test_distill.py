@@ -43,7 +43,9 @@ def test_temperature_scales_both_distributions():
 def test_matches_slow_reference(temperature):
     g = torch.Generator().manual_seed(0)
     s, t = torch.randn(6, 5, generator=g) * 3, torch.randn(6, 5, generator=g) * 3
-    assert distillation_loss(s, t, temperature).item() == pytest.approx(_reference(s.tolist(), t.tolist(), temperature), rel=1e-5)
+    assert distillation_loss(s, t, temperature).item() == pytest.approx(
+        _reference(s.tolist(), t.tolist(), temperature), rel=1e-5
+    )
 
 
 def test_minimum_is_at_the_teacher_and_teacher_gets_no_gradient():
@@ -75,7 +77,9 @@ def test_objective_keeps_the_teacher_frozen_in_eval_mode():
     out.loss.backward()
     assert torch.equal(teacher[2].running_mean, before)  # eval mode: BN statistics untouched
     assert "train/labeled_ce" in out.metrics
-    assert out.loss.item() == pytest.approx(out.metrics["train/distill_loss"].item() + 0.5 * out.metrics["train/labeled_ce"].item())
+    assert out.loss.item() == pytest.approx(
+        out.metrics["train/distill_loss"].item() + 0.5 * out.metrics["train/labeled_ce"].item()
+    )
 
 
 def test_a_self_distilled_student_can_start_from_the_teachers_or_the_pretrained_encoder():
@@ -88,8 +92,9 @@ def test_a_self_distilled_student_can_start_from_the_teachers_or_the_pretrained_
     from pipelines.stages.finetune import teacher_spec
 
     torch.manual_seed(0)
-    method = get_method("simclr")(backbone="small_cnn", backbone_args={"width": 8, "in_channels": 1},
-                                  gather_distributed=False)
+    method = get_method("simclr")(
+        backbone="small_cnn", backbone_args={"width": 8, "in_channels": 1}, gather_distributed=False
+    )
     record = {"method": "simclr", "kwargs": {"backbone": "small_cnn", "backbone_args": {"width": 8, "in_channels": 1}}}
     t_spec = teacher_spec(record, 10, 1)
     teacher = classifier_from_pretrained(method, t_spec)
@@ -98,11 +103,16 @@ def test_a_self_distilled_student_can_start_from_the_teachers_or_the_pretrained_
         fc = student.fc.weight.clone()
         check_init(DistillConfig(init="teacher"), student, src, "the teacher")
         init_student(student, src)
-        assert all(torch.equal(a, b) for a, b in zip(student.backbone.state_dict().values(),
-                                                     src.state_dict().values(), strict=True))
+        assert all(
+            torch.equal(a, b)
+            for a, b in zip(student.backbone.state_dict().values(), src.state_dict().values(), strict=True)
+        )
         assert torch.equal(student.fc.weight, fc)
     small = DistillConfig(init="teacher", student_width=4)
     student = build_classifier(student_spec(t_spec, 10, small))
-    with pytest.raises(ValueError, match=r"distill.init: 'teacher' starts the student from the teacher, whose "
-                       r"architecture differs .* set distill.init=scratch"):
+    with pytest.raises(
+        ValueError,
+        match=r"distill.init: 'teacher' starts the student from the teacher, whose "
+        r"architecture differs .* set distill.init=scratch",
+    ):
         check_init(small, student, teacher.backbone, "the teacher")

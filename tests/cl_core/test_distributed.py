@@ -55,8 +55,10 @@ def _gather_only(rank: int, world: int) -> tuple[float, float]:
     x0, x1 = _data()
     sl = slice(rank * B, (rank + 1) * B)
     m = _model()
-    return (NTXentLoss(0.5, gather_distributed=False)(m(x0[sl]), m(x1[sl])).item(),
-            NTXentLoss(0.5)(m(x0[sl]), m(x1[sl])).item())
+    return (
+        NTXentLoss(0.5, gather_distributed=False)(m(x0[sl]), m(x1[sl])).item(),
+        NTXentLoss(0.5)(m(x0[sl]), m(x1[sl])).item(),
+    )
 
 
 def test_gather_adds_the_other_workers_negatives():

@@ -26,10 +26,26 @@ def _loop(train_shards, epochs=2, lr_base=0.3, device_views=None, **cfg_kw):
     urls, counts = train_shards
     torch.manual_seed(0)
     method = SimCLR("small_cnn", backbone_args={"width": 4}, proj_dim=8, temperature=0.5)
-    stream = ShardStream(urls, counts, transform=SimCLRTransform(8, color=device_views is None), batch_size=8, rank=0,
-                         world_size=1, loader_workers=0, shuffle_buffer=10, seed=0)
-    cfg = LoopConfig(epochs=epochs, batch_size_per_worker=8, optimizer="lars", lr_base=lr_base, warmup_epochs=1,
-                     loader_workers=0, **cfg_kw)
+    stream = ShardStream(
+        urls,
+        counts,
+        transform=SimCLRTransform(8, color=device_views is None),
+        batch_size=8,
+        rank=0,
+        world_size=1,
+        loader_workers=0,
+        shuffle_buffer=10,
+        seed=0,
+    )
+    cfg = LoopConfig(
+        epochs=epochs,
+        batch_size_per_worker=8,
+        optimizer="lars",
+        lr_base=lr_base,
+        warmup_epochs=1,
+        loader_workers=0,
+        **cfg_kw,
+    )
     return TrainingLoop(method, method, stream, cfg, torch.device("cpu"), view_augment=device_views)
 
 
@@ -41,8 +57,18 @@ def test_loop_reports_each_epoch_with_state(train_shards):
     m, state = reports[-1]
     assert m["step"] == 2 * loop.steps_per_epoch and m["epoch/unique_samples"] == sum(train_shards[1])
     assert m["val/x"] == 1.0 and m["train/images_per_sec"] > 0
-    assert set(state) == {"model", "optimizer", "scheduler", "epoch", "step", "torch_rng", "cuda_rng", "batch_in_epoch",
-                          "epoch_sums", "epoch_seconds"}
+    assert set(state) == {
+        "model",
+        "optimizer",
+        "scheduler",
+        "epoch",
+        "step",
+        "torch_rng",
+        "cuda_rng",
+        "batch_in_epoch",
+        "epoch_sums",
+        "epoch_seconds",
+    }
     assert state["scheduler"]["total_steps"] == 2 * loop.steps_per_epoch
 
 
@@ -89,10 +115,18 @@ def _method_loop(name, train_shards):
     torch.manual_seed(0)
     method = cls(**kwargs, gather_distributed=False)
     views = ViewsConfig(image_size=8, crop_min_scale=0.3, local_views=2, local_image_size=4)
-    stream = ShardStream(urls, counts, transform=view_transform(name, views), batch_size=8, rank=0, world_size=1,
-                         loader_workers=0, shuffle_buffer=10, seed=0)
-    cfg = LoopConfig(epochs=2, batch_size_per_worker=8, optimizer="sgd", lr_base=0.3, warmup_epochs=1,
-                     loader_workers=0)
+    stream = ShardStream(
+        urls,
+        counts,
+        transform=view_transform(name, views),
+        batch_size=8,
+        rank=0,
+        world_size=1,
+        loader_workers=0,
+        shuffle_buffer=10,
+        seed=0,
+    )
+    cfg = LoopConfig(epochs=2, batch_size_per_worker=8, optimizer="sgd", lr_base=0.3, warmup_epochs=1, loader_workers=0)
     return TrainingLoop(method, method, stream, cfg, torch.device("cpu"))
 
 
@@ -115,8 +149,12 @@ def _resumed_equals_straight(name, train_shards, path, interrupt) -> None:
 @pytest.mark.parametrize("name", STATEFUL)
 def test_stateful_methods_resume_exactly_through_the_loop(name, train_shards, tmp_path):
     """Checkpoint after epoch 1 (torch.save / weights_only load), resume in a fresh loop."""
-    _resumed_equals_straight(name, train_shards, tmp_path / "state.pt",
-                             lambda loop, path: loop._epoch(lambda m, s: torch.save(s, path), None, None, None))
+    _resumed_equals_straight(
+        name,
+        train_shards,
+        tmp_path / "state.pt",
+        lambda loop, path: loop._epoch(lambda m, s: torch.save(s, path), None, None, None),
+    )
 
 
 class _Crash(Exception):
@@ -239,8 +277,11 @@ def test_bf16_and_channels_last_on_cpu(train_shards):
         assert (loop.settings.bf16, loop.settings.channels_last) == (name == "bf16", name == "nhwc")
         loop.settings.prepare(loop.method)  # as the training worker does before DDP
         runs[name] = (loop.run(lambda m, s: None)[-1]["train/loss"], loop.method.state_dict())
-    assert device_settings(torch.device("cpu"), channels_last=True).input(torch.zeros(2, 3, 4, 4)).is_contiguous(
-        memory_format=torch.channels_last)
+    assert (
+        device_settings(torch.device("cpu"), channels_last=True)
+        .input(torch.zeros(2, 3, 4, 4))
+        .is_contiguous(memory_format=torch.channels_last)
+    )
     for k, v in runs["fp32"][1].items():
         torch.testing.assert_close(runs["nhwc"][1][k], v, atol=1e-4, rtol=1e-3, msg=k)
     assert runs["bf16"][0] == pytest.approx(runs["fp32"][0], rel=0.05) and runs["bf16"][0] != runs["fp32"][0]
@@ -257,8 +298,10 @@ def test_compile_switch_trains_like_eager(train_shards):
             return {"val/n": float(encoder(torch.zeros(16, 3, 8, 8)).shape[0])}
 
         runs[compiled] = loop.run(lambda m, s: None, evaluate=knn_pass)[-1], loop.state_dict()
-        assert hasattr(loop.method.backbone, "_compiled_call_impl") and (
-            loop.method.backbone._compiled_call_impl is not None) == compiled
+        assert (
+            hasattr(loop.method.backbone, "_compiled_call_impl")
+            and (loop.method.backbone._compiled_call_impl is not None) == compiled
+        )
     (eager, eager_state), (comp, comp_state) = runs[False], runs[True]
     assert comp["val/n"] == 16.0
     assert comp["train/loss"] == pytest.approx(eager["train/loss"], rel=1e-4)
@@ -315,10 +358,20 @@ def _two_rank_draws(rank: int, world: int, urls: list[str], counts: list[int]) -
     cls = get_method("instdisc")
     method = cls(**{**cls.smoke_kwargs(), "num_samples": sum(counts)}, gather_distributed=True)
     weights = torch.cat([p.detach().flatten() for p in method.parameters()])
-    stream = ShardStream(urls, counts, transform=SimCLRTransform(8), batch_size=4, rank=rank, world_size=world,
-                         loader_workers=1, shuffle_buffer=10, seed=0)
-    loop = TrainingLoop(method, method, stream, LoopConfig(epochs=1, batch_size_per_worker=4, loader_workers=1),
-                        torch.device("cpu"))
+    stream = ShardStream(
+        urls,
+        counts,
+        transform=SimCLRTransform(8),
+        batch_size=4,
+        rank=rank,
+        world_size=world,
+        loader_workers=1,
+        shuffle_buffer=10,
+        seed=0,
+    )
+    loop = TrainingLoop(
+        method, method, stream, LoopConfig(epochs=1, batch_size_per_worker=4, loader_workers=1), torch.device("cpu")
+    )
     state = loop.state_dict()
     draws = torch.randint(0, 2**31, (8,))  # what the step's negatives and dropout masks draw from
     torch.manual_seed(99)
@@ -387,6 +440,11 @@ def test_dino_trains_with_its_loop_defaults_and_a_config_turns_them_off(train_sh
     import dataclasses
 
     off = _method_loop("dino", train_shards)
-    off = TrainingLoop(off.method, off.method, off.stream,
-                       dataclasses.replace(off.cfg, grad_clip=0.0, weight_decay_end=None), torch.device("cpu"))
+    off = TrainingLoop(
+        off.method,
+        off.method,
+        off.stream,
+        dataclasses.replace(off.cfg, grad_clip=0.0, weight_decay_end=None),
+        torch.device("cpu"),
+    )
     assert off.grad_clip == 0.0 and off.weight_decay_end == 0.4  # None keeps the method's default

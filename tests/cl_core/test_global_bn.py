@@ -54,8 +54,14 @@ def _reference(dim: int, steps: int) -> dict:
     for _ in range(steps):
         y = bn(x)
         _loss(y, w).backward()
-    return {"y": y.detach(), "x_grad": x.grad / steps, "w_grad": bn.weight.grad / steps, "b_grad": bn.bias.grad / steps,
-            "running_mean": bn.running_mean, "running_var": bn.running_var}
+    return {
+        "y": y.detach(),
+        "x_grad": x.grad / steps,
+        "w_grad": bn.weight.grad / steps,
+        "b_grad": bn.bias.grad / steps,
+        "running_mean": bn.running_mean,
+        "running_var": bn.running_var,
+    }
 
 
 def _worker(rank: int, world: int, dim: int, steps: int) -> dict:
@@ -70,8 +76,14 @@ def _worker(rank: int, world: int, dim: int, steps: int) -> dict:
         _loss(y, w_all[sl]).backward()  # each rank's share of the global loss
     grads = torch.stack([bn.weight.grad, bn.bias.grad])
     dist.all_reduce(grads)  # the parameter gradient of the whole loss
-    return {"y": y.detach(), "x_grad": x.grad / steps, "w_grad": grads[0] / steps, "b_grad": grads[1] / steps,
-            "running_mean": bn.running_mean, "running_var": bn.running_var}
+    return {
+        "y": y.detach(),
+        "x_grad": x.grad / steps,
+        "w_grad": grads[0] / steps,
+        "b_grad": grads[1] / steps,
+        "running_mean": bn.running_mean,
+        "running_var": bn.running_var,
+    }
 
 
 @pytest.mark.parametrize("dim", [2, 4])
@@ -92,7 +104,7 @@ def _local_only(rank: int, world: int) -> dict:
     """Per-worker statistics: inside local_statistics, and a forward only rank 0 makes
     (no collective, so it cannot hang)."""
     bn = convert_global_bn(_bn(4))
-    x = _input(4)[: SIZES[0]] if rank == 0 else _input(4)[SIZES[0]:]
+    x = _input(4)[: SIZES[0]] if rank == 0 else _input(4)[SIZES[0] :]
     with local_statistics(bn):
         y = bn(x)
         if rank == 0:
@@ -105,7 +117,7 @@ def test_local_statistics_turns_the_collective_off():
     out = run_workers(_local_only, WORLD)
     x = _input(4)
     torch.testing.assert_close(out[0]["y"], _bn(4)(x[: SIZES[0]]).detach())
-    torch.testing.assert_close(out[1]["y"], _bn(4)(x[SIZES[0]:]).detach())
+    torch.testing.assert_close(out[1]["y"], _bn(4)(x[SIZES[0] :]).detach())
 
 
 def test_without_a_process_group_it_is_batchnorm_and_keeps_its_state_dict():
@@ -133,7 +145,7 @@ N = 8  # the whole batch; each of the two workers takes 4
 def _split(value: Any, rank: int) -> Any:
     if isinstance(value, torch.Tensor):
         half = value.shape[0] // WORLD
-        return value[rank * half:(rank + 1) * half]
+        return value[rank * half : (rank + 1) * half]
     if isinstance(value, list):
         return [_split(v, rank) for v in value]
     return value

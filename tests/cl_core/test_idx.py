@@ -21,14 +21,19 @@ def idx_bytes(array: np.ndarray) -> bytes:
     return head + array.astype(np.uint8).tobytes()
 
 
-def write_set(folder: Path, n_train: int = 40, n_test: int = 10, classes: int = 4, gz: bool = True,
-              prefix: str = "") -> tuple[np.ndarray, np.ndarray]:
+def write_set(
+    folder: Path, n_train: int = 40, n_test: int = 10, classes: int = 4, gz: bool = True, prefix: str = ""
+) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(0)
     folder.mkdir(parents=True, exist_ok=True)
     x = rng.integers(0, 256, (n_train + n_test, 12, 12), dtype=np.uint8)
     y = (np.arange(n_train + n_test) % classes).astype(np.uint8)
-    files = {"train-images-idx3-ubyte": x[:n_train], "train-labels-idx1-ubyte": y[:n_train],
-             "t10k-images-idx3-ubyte": x[n_train:], "t10k-labels-idx1-ubyte": y[n_train:]}
+    files = {
+        "train-images-idx3-ubyte": x[:n_train],
+        "train-labels-idx1-ubyte": y[:n_train],
+        "t10k-images-idx3-ubyte": x[n_train:],
+        "t10k-labels-idx1-ubyte": y[n_train:],
+    }
     for name, arr in files.items():
         data = idx_bytes(arr)
         (folder / f"{prefix}{name}{'.gz' if gz else ''}").write_bytes(gzip.compress(data) if gz else data)
@@ -69,13 +74,16 @@ def test_the_official_test_files_are_the_test_split(tmp_path):
     assert plan_splits(src, src.refs(), small, seed=0) == cut
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda b: b"\x00\x00\x08\x01" + b[4:], "not an IDX file of images (idx3): magic 00000801, expected 00000803"),
-    (lambda b: b"PK\x03\x04" + b[4:], "not an IDX file of images (idx3): magic 504b0304"),
-    (lambda b: b[:-7], "truncated: 1433 data bytes for dimensions 10x12x12 (1440 expected); download it again"),
-    (lambda b: b[:9], "truncated in its header"),
-    (lambda b: b + b"extra", "longer than its header says"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda b: b"\x00\x00\x08\x01" + b[4:], "not an IDX file of images (idx3): magic 00000801, expected 00000803"),
+        (lambda b: b"PK\x03\x04" + b[4:], "not an IDX file of images (idx3): magic 504b0304"),
+        (lambda b: b[:-7], "truncated: 1433 data bytes for dimensions 10x12x12 (1440 expected); download it again"),
+        (lambda b: b[:9], "truncated in its header"),
+        (lambda b: b + b"extra", "longer than its header says"),
+    ],
+)
 def test_a_bad_file_is_one_line_naming_it(tmp_path, damage, message):
     write_set(tmp_path / "set", gz=False)
     f = tmp_path / "set" / "t10k-images-idx3-ubyte"
@@ -89,8 +97,11 @@ def test_a_bad_file_is_one_line_naming_it(tmp_path, damage, message):
 def test_mismatched_and_missing_files_are_one_line(tmp_path):
     write_set(tmp_path / "set", gz=False)
     (tmp_path / "set" / "train-labels-idx1-ubyte").write_bytes(idx_bytes(np.zeros(39, np.uint8)))
-    with pytest.raises(SourceError, match="train-images-idx3-ubyte holds 40 images but train-labels-idx1-ubyte 39 "
-                                          "labels; the two files must belong together"):
+    with pytest.raises(
+        SourceError,
+        match="train-images-idx3-ubyte holds 40 images but train-labels-idx1-ubyte 39 "
+        "labels; the two files must belong together",
+    ):
         IdxSource(tmp_path / "set")
     write_set(tmp_path / "set", gz=False)  # whole again, then one file missing
     (tmp_path / "set" / "t10k-labels-idx1-ubyte").unlink()
@@ -105,5 +116,7 @@ def test_mismatched_and_missing_files_are_one_line(tmp_path):
 @pytest.mark.skipif(not FASHION.is_dir(), reason="apt-get install dataset-fashion-mnist")
 def test_fashion_mnist_from_the_debian_package():
     src = IdxSource(FASHION)
-    assert src.images.shape == (70000, 28, 28) and src.n_train == 60000 and src.class_names == [str(c) for c in range(10)]
+    assert (
+        src.images.shape == (70000, 28, 28) and src.n_train == 60000 and src.class_names == [str(c) for c in range(10)]
+    )
     assert np.bincount(src.labels[60000:]).tolist() == [1000] * 10  # the official test set: 1,000 per class

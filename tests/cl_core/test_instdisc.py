@@ -90,8 +90,13 @@ def test_info_nce_loss_matches_loop():
     g = torch.Generator().manual_seed(3)
     pos, neg = torch.rand(4, generator=g) * 2 - 1, torch.rand(4, 6, generator=g) * 2 - 1
     loss, pos_prob = bank_info_nce_loss(pos, neg, temperature=0.2)
-    ref = sum(-math.log(math.exp(pos[i] / 0.2) / (math.exp(pos[i] / 0.2) + sum(math.exp(s / 0.2) for s in neg[i])))
-              for i in range(4)) / 4
+    ref = (
+        sum(
+            -math.log(math.exp(pos[i] / 0.2) / (math.exp(pos[i] / 0.2) + sum(math.exp(s / 0.2) for s in neg[i])))
+            for i in range(4)
+        )
+        / 4
+    )
     assert loss.item() == pytest.approx(ref, rel=1e-5)
     probs = torch.softmax(torch.cat([pos[:, None], neg], 1) / 0.2, dim=1)[:, 0]
     assert pos_prob.item() == pytest.approx(probs.mean().item(), rel=1e-5)
@@ -133,8 +138,9 @@ def test_partition_is_estimated_once_then_fixed():
     assert torch.equal(m.partition, z1)
     with torch.no_grad():
         v = m.embed(views2[0]).double()
-    assert out.loss.item() == pytest.approx(nce_reference(v, bank, index2, negatives2, T, z1.item(), NUM_SAMPLES),
-                                            rel=1e-5)
+    assert out.loss.item() == pytest.approx(
+        nce_reference(v, bank, index2, negatives2, T, z1.item(), NUM_SAMPLES), rel=1e-5
+    )
     fresh = _method(seed=5)
     fresh.load_state_dict(m.state_dict())
     assert torch.equal(fresh.partition, z1)
@@ -186,7 +192,7 @@ def test_drawn_negatives_are_uniform_over_the_other_samples():
     for row, i in zip(neg, index.tolist(), strict=True):
         assert not (row == i).any()
         counts = torch.bincount(row, minlength=NUM_SAMPLES).float()
-        counts = torch.cat([counts[:i], counts[i + 1:]])
+        counts = torch.cat([counts[:i], counts[i + 1 :]])
         assert counts.min() > 0.6 * 4000 / (NUM_SAMPLES - 1) and counts.max() < 1.4 * 4000 / (NUM_SAMPLES - 1)
 
 
@@ -215,9 +221,17 @@ def test_bad_indices_give_clear_errors():
         m(views, index=index, negatives=negatives + NUM_SAMPLES)
 
 
-@pytest.mark.parametrize("kwargs,name", [({"loss": "softmax"}, "loss"), ({"temperature": 0.0}, "temperature"),
-                                         ({"num_negatives": 0}, "num_negatives"), ({"bank_momentum": 1.0}, "bank_momentum"),
-                                         ({"num_samples": 1}, "num_samples"), ({"proj_dim": 0}, "proj_dim")])
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        ({"loss": "softmax"}, "loss"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"num_negatives": 0}, "num_negatives"),
+        ({"bank_momentum": 1.0}, "bank_momentum"),
+        ({"num_samples": 1}, "num_samples"),
+        ({"proj_dim": 0}, "proj_dim"),
+    ],
+)
 def test_hyperparameters_are_validated(kwargs, name):
     with pytest.raises(ValueError, match=name):
         _method(**kwargs)
@@ -227,8 +241,13 @@ def test_paper_defaults_and_structure():
     from cl_core.methods import get_method, method_params
 
     assert get_method("instdisc") is InstDisc
-    assert method_params("instdisc") == {"loss": "nce", "temperature": 0.07, "num_negatives": 4096,
-                                         "bank_momentum": 0.5, "proj_dim": 128}
+    assert method_params("instdisc") == {
+        "loss": "nce",
+        "temperature": 0.07,
+        "num_negatives": 4096,
+        "bank_momentum": 0.5,
+        "proj_dim": 128,
+    }
     assert InstDisc.needs_index and InstDisc.view_kind == "single" and not InstDisc.uses_labels
     m = InstDisc(num_samples=30, backbone_args={"width": 4})
     assert m.memory.bank.shape == (30, 128) and m.proj.out_features == 128
@@ -279,8 +298,12 @@ def _worker(rank: int, world: int) -> dict:
         model = nn.parallel.DistributedDataParallel(method)  # averages the gradients over ranks
         loss, grads = _run(model, method, slice(rank * B, (rank + 1) * B))
         dist.all_reduce(loss)
-        results[loss_kind] = {"loss": (loss / world).item(), "grads": grads, "bank": method.memory.bank.clone(),
-                              "partition": method.partition.clone()}
+        results[loss_kind] = {
+            "loss": (loss / world).item(),
+            "grads": grads,
+            "bank": method.memory.bank.clone(),
+            "partition": method.partition.clone(),
+        }
     return results
 
 

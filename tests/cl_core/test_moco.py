@@ -185,11 +185,17 @@ def test_moco_versions_and_defaults():
     assert (full.queue.size, full.momentum, full.head[-1].out_features, full.shuffle_bn) == (65536, 0.999, 128, True)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"version": 3}, "version"), ({"temperature": -1.0}, "temperature"), ({"momentum": 1.0}, "momentum"),
-    ({"momentum_schedule": "linear"}, "momentum_schedule"), ({"queue_size": 0}, "queue_size"),
-    ({"proj_dim": 0}, "proj_dim"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"version": 3}, "version"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"momentum": 1.0}, "momentum"),
+        ({"momentum_schedule": "linear"}, "momentum_schedule"),
+        ({"queue_size": 0}, "queue_size"),
+        ({"proj_dim": 0}, "proj_dim"),
+    ],
+)
 def test_moco_rejects_bad_hyperparameters(kwargs, match):
     with pytest.raises(ValueError, match=match):
         _moco(**kwargs)
@@ -244,8 +250,9 @@ def test_mocov3_heads_follow_the_paper():
     kinds = [type(m).__name__ for m in cnn.predictor]
     assert kinds == ["Linear", "BatchNorm1d", "ReLU", "Linear"]
     assert all(m.bias is None for m in cnn.predictor if isinstance(m, nn.Linear))
-    vit = _mocov3(hidden_dim=32, proj_dim=16, backbone="vit_tiny",
-                  backbone_args={"image_size": SIZE, "patch_size": 4, "depth": 1})
+    vit = _mocov3(
+        hidden_dim=32, proj_dim=16, backbone="vit_tiny", backbone_args={"image_size": SIZE, "patch_size": 4, "depth": 1}
+    )
     assert isinstance(vit.predictor[-1], nn.BatchNorm1d) and not vit.predictor[-1].affine
     assert sum(isinstance(m, nn.Linear) for m in vit.predictor) == 2
     assert not hasattr(cnn, "key_predictor") and len(cnn.momentum_targets()) == 2
@@ -314,8 +321,13 @@ def _worker(rank: int, world: int) -> dict:
         model = nn.parallel.DistributedDataParallel(method)
         step = model(views)
         step.loss.backward()
-        res[f"moco{i}"] = {"loss": step.loss.item(), "grads": _grads(method), "queue": method.queue.queue.clone(),
-                           "ptr": int(method.queue.ptr), "local_keys": local_keys}
+        res[f"moco{i}"] = {
+            "loss": step.loss.item(),
+            "grads": _grads(method),
+            "queue": method.queue.queue.clone(),
+            "ptr": int(method.queue.ptr),
+            "local_keys": local_keys,
+        }
     # (b) MoCo v3: gathered loss and gradients
     method3 = _mocov3().eval()
     model3 = nn.parallel.DistributedDataParallel(method3)
@@ -377,11 +389,14 @@ def test_shuffle_bn_across_two_processes(two_process_results):
     assert perm[:B].lt(B).any() and perm[:B].ge(B).any(), "the permutation should mix the ranks' samples"
     with torch.no_grad():
         # the key encoder on each rank's chunk of the permuted global batch (train-mode BN per chunk)
-        y = torch.cat([method._key_encoder(x[perm[c * B:(c + 1) * B]]) for c in range(WORLD)])
+        y = torch.cat([method._key_encoder(x[perm[c * B : (c + 1) * B]]) for c in range(WORLD)])
     expected = F.normalize(y[torch.argsort(perm)], dim=1)  # sample i's key sits at row argsort(perm)[i]
     got = torch.cat([two_process_results[r]["shuffle"] for r in range(WORLD)])
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     # a wrong unshuffle, no unshuffle, or no shuffle (per-rank BN) all give other keys
-    for wrong in (F.normalize(y[perm], dim=1), F.normalize(y, dim=1),
-                  torch.cat([_keys_eval(method.train(), x[c * B:(c + 1) * B]) for c in range(WORLD)])):
+    for wrong in (
+        F.normalize(y[perm], dim=1),
+        F.normalize(y, dim=1),
+        torch.cat([_keys_eval(method.train(), x[c * B : (c + 1) * B]) for c in range(WORLD)]),
+    ):
         assert not torch.allclose(got, wrong, atol=1e-3)

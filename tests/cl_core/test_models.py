@@ -7,8 +7,13 @@ from cl_core.models import SimCLRProjectionHead, build_backbone
 
 @pytest.mark.parametrize(
     "name,kwargs,size,feat",
-    [("small_cnn", {}, 16, 128), ("small_cnn", {"width": 8}, 8, 32), ("resnet18", {"cifar_stem": True}, 32, 512),
-     ("resnet18", {}, 64, 512), ("resnet50", {"cifar_stem": True}, 16, 2048)],
+    [
+        ("small_cnn", {}, 16, 128),
+        ("small_cnn", {"width": 8}, 8, 32),
+        ("resnet18", {"cifar_stem": True}, 32, 512),
+        ("resnet18", {}, 64, 512),
+        ("resnet50", {"cifar_stem": True}, 16, 2048),
+    ],
 )
 def test_backbones(name, kwargs, size, feat):
     m, d = build_backbone(name, **kwargs)

@@ -43,21 +43,25 @@ def test_the_monitor_gives_the_whole_split_result_and_bounds_its_bank(digits_sha
     tf, enc = EvalTransform(16), _encoder()
     (bx, by), (vx, vy) = load_split(digits_shards["train"], tf), load_split(digits_shards["val"], tf)
     whole = knn_top1(extract_features(enc, bx), by, extract_features(enc, vx), vy, k=20, temperature=0.07)
-    monitor = KnnMonitor(digits_shards["train"], digits_shards["val"], tf, k=20, temperature=0.07,
-                         max_bank=10_000, max_val=10_000)
+    monitor = KnnMonitor(
+        digits_shards["train"], digits_shards["val"], tf, k=20, temperature=0.07, max_bank=10_000, max_val=10_000
+    )
     assert monitor(enc) == whole  # digits' 1,078 training images are under the default bound
-    small = KnnMonitor(digits_shards["train"], digits_shards["val"], tf, k=20, temperature=0.07, max_bank=100,
-                       max_val=50)
+    small = KnnMonitor(
+        digits_shards["train"], digits_shards["val"], tf, k=20, temperature=0.07, max_bank=100, max_val=50
+    )
     fb, yb = small.features(enc, small.bank_urls, small.max_bank, None)
     assert fb.shape[0] == 100 and torch.equal(yb, by[:100])
-    bounded = knn_top1(extract_features(enc, bx[:100]), by[:100], extract_features(enc, vx[:50]), vy[:50], k=20,
-                       temperature=0.07)
+    bounded = knn_top1(
+        extract_features(enc, bx[:100]), by[:100], extract_features(enc, vx[:50]), vy[:50], k=20, temperature=0.07
+    )
     assert small(enc) == bounded
 
 
 def _monitor_worker(rank: int, world: int, urls: dict, max_bank: int, max_val: int):
-    monitor = KnnMonitor(urls["train"], urls["val"], EvalTransform(16), k=20, temperature=0.07, max_bank=max_bank,
-                         max_val=max_val)
+    monitor = KnnMonitor(
+        urls["train"], urls["val"], EvalTransform(16), k=20, temperature=0.07, max_bank=max_bank, max_val=max_val
+    )
     return monitor(_encoder()), monitor.features(_encoder(), urls["train"], max_bank, None)
 
 
@@ -66,8 +70,9 @@ def test_ranks_share_the_monitor_and_get_the_single_process_result(digits_shards
     """3 gloo ranks: each encodes every third sample; gathered in shard order, the bank
     and the val top-1 are the single process's (uneven parts, a rank with no val sample)."""
     tf, enc = EvalTransform(16), _encoder()
-    alone = KnnMonitor(digits_shards["train"], digits_shards["val"], tf, k=20, temperature=0.07, max_bank=max_bank,
-                       max_val=max_val)
+    alone = KnnMonitor(
+        digits_shards["train"], digits_shards["val"], tf, k=20, temperature=0.07, max_bank=max_bank, max_val=max_val
+    )
     expected = alone(enc)
     fb, yb = alone.features(enc, alone.bank_urls, max_bank, None)
     for top1, (f, y) in run_workers(_monitor_worker, 3, digits_shards, max_bank, max_val):

@@ -115,8 +115,10 @@ def _train(loss_fn, opt_name: str, lr: float, wd: float, steps: int):
 
     x0, x1, w0, b0 = _toy()
     w, b = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(b0.clone())
-    groups = [{"params": [w], "weight_decay": wd, "lars_exclude": False},
-              {"params": [b], "weight_decay": 0.0, "lars_exclude": True}]
+    groups = [
+        {"params": [w], "weight_decay": wd, "lars_exclude": False},
+        {"params": [b], "weight_decay": 0.0, "lars_exclude": True},
+    ]
     opt = build_optimizer(opt_name, groups, lr, weight_decay=wd, momentum=0.9)
     for _ in range(steps):
         opt.zero_grad()

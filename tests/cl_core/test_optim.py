@@ -29,8 +29,14 @@ def test_batch_scaling_rules():
 def _groups():
     w = torch.nn.Parameter(torch.ones(4, 4))
     b = torch.nn.Parameter(torch.ones(4))
-    return w, b, [{"params": [w], "weight_decay": 0.1, "lars_exclude": False},
-                  {"params": [b], "weight_decay": 0.0, "lars_exclude": True}]
+    return (
+        w,
+        b,
+        [
+            {"params": [w], "weight_decay": 0.1, "lars_exclude": False},
+            {"params": [b], "weight_decay": 0.0, "lars_exclude": True},
+        ],
+    )
 
 
 def test_lars_trust_ratio_and_exclusion():
@@ -50,9 +56,18 @@ def test_lars_momentum_follows_the_barlow_twins_code_while_the_lr_changes():
     outside the buffer), re-derived step by step over a changing learning rate; SimCLR's
     TF placement (the learning rate inside the buffer) gives other weights."""
     torch.manual_seed(0)
-    w0, grads, lrs, m, wd, eta = torch.randn(3, 5), [torch.randn(3, 5) for _ in range(4)], [0.1, 0.4, 0.2, 0.05], 0.9, 1e-3, 0.01
+    w0, grads, lrs, m, wd, eta = (
+        torch.randn(3, 5),
+        [torch.randn(3, 5) for _ in range(4)],
+        [0.1, 0.4, 0.2, 0.05],
+        0.9,
+        1e-3,
+        0.01,
+    )
     p = torch.nn.Parameter(w0.clone())
-    opt = LARS([{"params": [p], "weight_decay": wd, "lars_exclude": False}], lr=lrs[0], momentum=m, weight_decay=wd, eta=eta)
+    opt = LARS(
+        [{"params": [p], "weight_decay": wd, "lars_exclude": False}], lr=lrs[0], momentum=m, weight_decay=wd, eta=eta
+    )
     bt, tf = w0.clone(), w0.clone()
     v_bt, v_tf = torch.zeros_like(w0), torch.zeros_like(w0)
     for g, lr in zip(grads, lrs, strict=True):

@@ -18,10 +18,13 @@ def write_set(source, out, *, per_shard=8, min_shards=2, seed=0):
     splits = S.split_refs(refs, val_fraction=0.2, test_fraction=0.2, seed=seed, stratified=source.labeled)
     results = {}
     for split, items in splits.items():
-        results[split] = [S.write_shard(source, items[a:b], out / f"{split}-{i:06d}.tar")
-                          for i, (a, b) in enumerate(S.plan_shards(len(items), per_shard, min_shards))]
-    manifest = S.build_manifest(source=source, split_sizes={k: len(v) for k, v in splits.items()},
-                                shard_results=results, seed=seed, config={})
+        results[split] = [
+            S.write_shard(source, items[a:b], out / f"{split}-{i:06d}.tar")
+            for i, (a, b) in enumerate(S.plan_shards(len(items), per_shard, min_shards))
+        ]
+    manifest = S.build_manifest(
+        source=source, split_sizes={k: len(v) for k, v in splits.items()}, shard_results=results, seed=seed, config={}
+    )
     S.write_manifest(out, manifest)
     return manifest
 
@@ -146,9 +149,15 @@ def test_digits_source():
     assert ext == "png" and data[:4] == b"\x89PNG"
 
 
-@pytest.mark.parametrize("counts,world,workers,batch", [
-    ([10, 10, 10, 10, 9], 2, 1, 4), ([7, 3, 12, 5, 5, 8], 2, 2, 5), ([100], 1, 1, 16), ([4, 4, 4], 3, 0, 3),
-])
+@pytest.mark.parametrize(
+    "counts,world,workers,batch",
+    [
+        ([10, 10, 10, 10, 9], 2, 1, 4),
+        ([7, 3, 12, 5, 5, 8], 2, 2, 5),
+        ([100], 1, 1, 16),
+        ([4, 4, 4], 3, 0, 3),
+    ],
+)
 def test_epoch_plan_covers_every_sample_with_equal_steps(counts, world, workers, batch):
     for epoch in range(3):
         plan = plan_epoch(counts, world_size=world, loader_workers=workers, batch_size=batch, epoch=epoch, seed=1)
@@ -183,8 +192,17 @@ def test_stream_sees_every_training_sample_once_per_epoch(npz_file, tmp_path, lo
     index = {key(img): i for i, img in enumerate(load_split(urls, tf)[0])}
     steps = set()
     for rank in range(world):
-        stream = ShardStream(urls, counts, transform=lambda im: [tf(im), tf(im)], batch_size=4, rank=rank,
-                             world_size=world, loader_workers=loader_workers, shuffle_buffer=10, seed=0)
+        stream = ShardStream(
+            urls,
+            counts,
+            transform=lambda im: [tf(im), tf(im)],
+            batch_size=4,
+            rank=rank,
+            world_size=world,
+            loader_workers=loader_workers,
+            shuffle_buffer=10,
+            seed=0,
+        )
         stream.set_epoch(1)
         batches = list(training_loader(stream, num_workers=loader_workers))
         steps.add(len(batches))
@@ -205,8 +223,17 @@ def test_stream_is_deterministic(npz_file, tmp_path):
     urls, counts = S.shard_urls(out, m, "train")
 
     def first_batch():
-        stream = ShardStream(urls, counts, transform=SimCLRTransform(8), batch_size=4, rank=0, world_size=1,
-                             loader_workers=0, shuffle_buffer=10, seed=7)
+        stream = ShardStream(
+            urls,
+            counts,
+            transform=SimCLRTransform(8),
+            batch_size=4,
+            rank=0,
+            world_size=1,
+            loader_workers=0,
+            shuffle_buffer=10,
+            seed=7,
+        )
         return next(iter(training_loader(stream, num_workers=0)))[0][0]
 
     assert torch.equal(first_batch(), first_batch())

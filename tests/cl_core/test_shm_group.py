@@ -15,22 +15,29 @@ from cl_core.models.global_bn import convert_global_bn
 from cl_core.shm_group import ShmGroup
 from tests.gloo import run_workers
 
-pytestmark = pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
-                                reason="the shared-memory path is x86-64 only (elsewhere gloo is kept)")
+pytestmark = pytest.mark.skipif(
+    platform.machine().lower() not in ("x86_64", "amd64"),
+    reason="the shared-memory path is x86-64 only (elsewhere gloo is kept)",
+)
 
 
 def _collectives(rank: int, world: int) -> dict:
     torch.manual_seed(rank)
     xs = [torch.randn(5, 7), torch.randn(1, 129), torch.randint(0, 9, (3,)), torch.randn(4, 3).double()]
-    ref = {"gather": [distributed.gather_nograd(x) for x in xs], "sum": [distributed.all_reduce_sum_(x.clone()) for x in xs],
-           "mean": [distributed.all_reduce_mean(x) for x in xs]}
+    ref = {
+        "gather": [distributed.gather_nograd(x) for x in xs],
+        "sum": [distributed.all_reduce_sum_(x.clone()) for x in xs],
+        "mean": [distributed.all_reduce_mean(x) for x in xs],
+    }
     before = set(shm_group.SHM_DIR.glob("clpipe-collectives-*"))
     on = distributed.use_shared_memory()
     left = set(shm_group.SHM_DIR.glob("clpipe-collectives-*")) - before
     try:
-        out = {"gather": [distributed.gather_nograd(x) for x in xs],
-               "sum": [distributed.all_reduce_sum_(x.clone()) for x in xs],
-               "mean": [distributed.all_reduce_mean(x) for x in xs]}
+        out = {
+            "gather": [distributed.gather_nograd(x) for x in xs],
+            "sum": [distributed.all_reduce_sum_(x.clone()) for x in xs],
+            "mean": [distributed.all_reduce_mean(x) for x in xs],
+        }
         big = torch.zeros(shm_group.SLOT_BYTES // 4 + 1)  # over the slot: the process group takes it
         big_sum = distributed.all_reduce_sum_(big + rank)
     finally:
@@ -92,8 +99,9 @@ def test_a_rank_that_never_arrives_is_named():
     assert out[0] == "shared-memory collective 2: rank(s) [1] did not arrive within 0.5 s"
 
 
-def _ddp_grads(rank: int, world: int, shm: bool, hook: bool = False,
-               slot_bytes: int = 4 << 20) -> tuple[list[torch.Tensor], int]:
+def _ddp_grads(
+    rank: int, world: int, shm: bool, hook: bool = False, slot_bytes: int = 4 << 20
+) -> tuple[list[torch.Tensor], int]:
     """Gradients of DDP + global BN + SimCLR after one backward, and the number of
     collectives that went through shared memory."""
     from tests.cl_core.test_global_bn import _batch, _method, _split
@@ -117,8 +125,11 @@ def test_global_bn_and_the_contrastive_gather_give_the_same_gradients_through_sh
     gradients as gloo alone."""
     ref = run_workers(_ddp_grads, 2, False)
     counts = {}
-    for case, args in {"collectives": (True,), "and gradients": (True, True),
-                       "gradients over the slot": (True, True, 4096)}.items():
+    for case, args in {
+        "collectives": (True,),
+        "and gradients": (True, True),
+        "gradients over the slot": (True, True, 4096),
+    }.items():
         out = run_workers(_ddp_grads, 2, *args)
         counts[case] = out[0][1]
         for (rank_grads, _), (ref_grads, _) in zip(out, ref, strict=True):

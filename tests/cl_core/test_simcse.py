@@ -151,13 +151,20 @@ def test_encoder_is_cls_without_the_training_mlp():
 def test_constructor_checks_and_backbone_args():
     with pytest.raises(ValueError, match="text encoder.*'resnet18'"):
         SimCSE("resnet18")
-    bad: list[tuple[dict, str]] = [({"temperature": 0}, "temperature"), ({"dropout": 1.0}, "dropout"),
-                                   ({"heads": 3}, "heads"), ({"pooler": "avg"}, "pooler"),
-                                   ({"vocab_size": 2}, "vocab_size"), ({"max_len": 1}, "max_len")]
+    bad: list[tuple[dict, str]] = [
+        ({"temperature": 0}, "temperature"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"heads": 3}, "heads"),
+        ({"pooler": "avg"}, "pooler"),
+        ({"vocab_size": 2}, "vocab_size"),
+        ({"max_len": 1}, "max_len"),
+    ]
     for kw, name in bad:
         with pytest.raises(ValueError, match=name):
             SimCSE(**{**SimCSE.smoke_kwargs(), **kw})
-    m = SimCSE(**{**SimCSE.smoke_kwargs(), "backbone_args": {"dim": 8, "heads": 2, "width": 4}})  # sizes win; width ignored
+    m = SimCSE(
+        **{**SimCSE.smoke_kwargs(), "backbone_args": {"dim": 8, "heads": 2, "width": 4}}
+    )  # sizes win; width ignored
     assert m.feat_dim == 8 and m.backbone.dim == 8
     assert get_method("simcse") is SimCSE and SimCSE.view_kind == "text"
 
@@ -197,12 +204,19 @@ def _worker(rank: int, world: int) -> dict:
     loss = SimCSELoss(0.1)(lin(x0[sl]), lin(x1[sl]))
     loss.backward()
     local = SimCSELoss(0.1, gather_distributed=False)(lin(x0[sl]), lin(x1[sl]))
-    res = {"loss": _mean(loss), "grads": [p.grad.clone() for p in lin.parameters() if p.grad is not None], "local": _mean(local)}
+    res = {
+        "loss": _mean(loss),
+        "grads": [p.grad.clone() for p in lin.parameters() if p.grad is not None],
+        "local": _mean(local),
+    }
     # the whole method without dropout (both passes equal)
     method = nn.parallel.DistributedDataParallel(_method(dropout=0.0).train())
     step = method([_ids(world * B)[sl]])
     step.loss.backward()
-    res |= {"m_loss": _mean(step.loss), "m_grads": {k: p.grad.clone() for k, p in method.module.named_parameters() if p.grad is not None}}
+    res |= {
+        "m_loss": _mean(step.loss),
+        "m_grads": {k: p.grad.clone() for k, p in method.module.named_parameters() if p.grad is not None},
+    }
     return res
 
 

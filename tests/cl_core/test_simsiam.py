@@ -113,8 +113,14 @@ def test_the_loss_is_per_sample_and_gathers_nothing(monkeypatch):
     assert torch.isfinite(out.loss) and -1 <= out.loss.item() <= 1
 
 
-@pytest.mark.parametrize("kw,name", [({"proj_dim": 0}, "proj_dim"), ({"pred_hidden_dim": -3}, "pred_hidden_dim"),
-                                     ({"proj_hidden_dim": 0}, "proj_hidden_dim")])
+@pytest.mark.parametrize(
+    "kw,name",
+    [
+        ({"proj_dim": 0}, "proj_dim"),
+        ({"pred_hidden_dim": -3}, "pred_hidden_dim"),
+        ({"proj_hidden_dim": 0}, "proj_hidden_dim"),
+    ],
+)
 def test_bad_hyperparameters_raise(kw, name):
     with pytest.raises(ValueError, match=f"^{name}"):
         SimSiam(**{**SimSiam.smoke_kwargs(), **kw})

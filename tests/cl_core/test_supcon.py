@@ -82,8 +82,9 @@ LABELS = {
 
 
 @pytest.mark.parametrize("t", [0.05, 0.1, 0.5, 1.0])
-@pytest.mark.parametrize("pattern,n_views", [(p, v) for p in sorted(LABELS) for v in (1, 2, 3)
-                                             if (p, v) != ("all_distinct", 1)])  # that one has no positive at all
+@pytest.mark.parametrize(
+    "pattern,n_views", [(p, v) for p in sorted(LABELS) for v in (1, 2, 3) if (p, v) != ("all_distinct", 1)]
+)  # that one has no positive at all
 def test_matches_loop_reference(pattern, t, n_views):
     labels = torch.tensor(LABELS[pattern])
     g = torch.Generator().manual_seed(len(labels) * 10 + n_views)
@@ -125,8 +126,9 @@ def test_positives_pull_same_class_together():
     assert aligned < mixed
 
 
-@pytest.mark.parametrize("kwargs", [{"temperature": 0}, {"temperature": float("nan")}, {"temperature": "0.1"},
-                                    {"base_temperature": -1.0}])
+@pytest.mark.parametrize(
+    "kwargs", [{"temperature": 0}, {"temperature": float("nan")}, {"temperature": "0.1"}, {"base_temperature": -1.0}]
+)
 def test_illegal_temperatures_raise(kwargs):
     with pytest.raises(ValueError, match="temperature"):
         SupConLoss(**kwargs)
@@ -171,9 +173,15 @@ def test_method_rejects_unlabeled_samples():
         m(views, None, None)
 
 
-@pytest.mark.parametrize("kwargs,name", [({"temperature": 0.0}, "temperature"), ({"proj_dim": 0}, "proj_dim"),
-                                         ({"base_temperature": 0.0}, "base_temperature"),
-                                         ({"head_hidden_dim": -2}, "head_hidden_dim")])
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        ({"temperature": 0.0}, "temperature"),
+        ({"proj_dim": 0}, "proj_dim"),
+        ({"base_temperature": 0.0}, "base_temperature"),
+        ({"head_hidden_dim": -2}, "head_hidden_dim"),
+    ],
+)
 def test_method_validates_hyperparameters(kwargs, name):
     with pytest.raises(ValueError, match=name):
         _method(**kwargs)
@@ -182,8 +190,12 @@ def test_method_validates_hyperparameters(kwargs, name):
 def test_paper_defaults():
     from cl_core.methods import method_params
 
-    assert method_params("supcon") == {"temperature": 0.1, "base_temperature": None, "head_hidden_dim": None,
-                                       "proj_dim": 128}
+    assert method_params("supcon") == {
+        "temperature": 0.1,
+        "base_temperature": None,
+        "head_hidden_dim": None,
+        "proj_dim": 128,
+    }
 
 
 # ---- the fine-tune objective ---------------------------------------------------------

@@ -30,7 +30,9 @@ def _scores(n: int, seed: int = 0) -> torch.Tensor:
     return _unit(n, D, g) @ _unit(K, D, g).T
 
 
-def _sinkhorn_loop(scores: torch.Tensor, epsilon: float, iterations: int, extra: torch.Tensor | None = None) -> torch.Tensor:
+def _sinkhorn_loop(
+    scores: torch.Tensor, epsilon: float, iterations: int, extra: torch.Tensor | None = None
+) -> torch.Tensor:
     """The algorithm element by element in float64: Q = exp(S/eps)^T, Q /= sum(Q); then
     `iterations` times: each row to 1/K, each column to 1/B; codes = B * Q^T."""
     rows = scores.double().tolist() + ([] if extra is None else extra.double().tolist())
@@ -114,8 +116,9 @@ def test_swapped_loss_matches_loop_reference(n_views):
 
 def _views(n: int, seed: int, n_local: int = 2) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(n, 3, 16, 16, generator=g) for _ in range(2)] + \
-           [torch.randn(n, 3, 8, 8, generator=g) for _ in range(n_local)]
+    return [torch.randn(n, 3, 16, 16, generator=g) for _ in range(2)] + [
+        torch.randn(n, 3, 8, 8, generator=g) for _ in range(n_local)
+    ]
 
 
 def _small(**kw) -> SwAV:
@@ -208,11 +211,17 @@ def test_queue_written_from_start_step_and_read_once_full():
     assert int(m.queue_ptr) == 4 and int(m.queue_filled) == 8  # evaluation leaves the queue alone
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"num_prototypes": 1}, "num_prototypes"), ({"temperature": 0.0}, "temperature"), ({"epsilon": -1.0}, "epsilon"),
-    ({"sinkhorn_iterations": 0}, "sinkhorn_iterations"), ({"queue_length": -1}, "queue_length"),
-    ({"freeze_prototypes_steps": 1.5}, "freeze_prototypes_steps"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"num_prototypes": 1}, "num_prototypes"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"epsilon": -1.0}, "epsilon"),
+        ({"sinkhorn_iterations": 0}, "sinkhorn_iterations"),
+        ({"queue_length": -1}, "queue_length"),
+        ({"freeze_prototypes_steps": 1.5}, "freeze_prototypes_steps"),
+    ],
+)
 def test_invalid_hyperparameters(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SwAV(**kwargs)
@@ -235,8 +244,16 @@ def _toy_swav() -> SwAV:
     """SwAV with a conv encoder and a projection head without batch norm, so the
     per-worker forward passes equal one pass over the global batch."""
     torch.manual_seed(0)
-    m = SwAV("small_cnn", backbone_args={"width": 2}, hidden_dim=16, proj_dim=D, num_prototypes=K,
-             freeze_prototypes_steps=1, queue_length=2 * B * WORLD, queue_start_step=0)
+    m = SwAV(
+        "small_cnn",
+        backbone_args={"width": 2},
+        hidden_dim=16,
+        proj_dim=D,
+        num_prototypes=K,
+        freeze_prototypes_steps=1,
+        queue_length=2 * B * WORLD,
+        queue_start_step=0,
+    )
     m.backbone = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
     m.feat_dim = 4
     m.projector = MLP([4, 16, D], norm=False)

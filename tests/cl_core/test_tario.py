@@ -84,4 +84,6 @@ def test_equal_inputs_give_byte_identical_shards(npz_file, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
     ma, mb = write_set(npz_source(npz_file), a), write_set(npz_source(npz_file), b)
-    assert [s["sha256"] for s in ma["splits"]["train"]["shards"]] == [s["sha256"] for s in mb["splits"]["train"]["shards"]]
+    assert [s["sha256"] for s in ma["splits"]["train"]["shards"]] == [
+        s["sha256"] for s in mb["splits"]["train"]["shards"]
+    ]

@@ -151,18 +151,21 @@ def _jsonl(path: Path, lines: list[str]) -> Path:
 GOOD = [json.dumps({"text": f"sentence number {i}", "label": i % 2}) for i in range(4)]
 
 
-@pytest.mark.parametrize("bad, why", [
-    ('{"text": "unterminated', "invalid JSON"),
-    ('["text", "a list"]', "expected a JSON object"),
-    ('{"label": 1}', 'missing "text"'),
-    ('{"text": "   ", "label": 1}', '"text" is empty'),
-    ('{"text": 5, "label": 1}', '"text" must be a string'),
-    ('{"text": "ok", "label": 1.5}', '"label" must be a non-negative integer, got 1.5'),
-    ('{"text": "ok", "label": "2"}', '"label" must be a non-negative integer'),
-    ('{"text": "ok", "label": true}', '"label" must be a non-negative integer, got true'),
-    ('{"text": "ok", "label": -1}', '"label" must be a non-negative integer, got -1'),
-    ('{"text": "ok"}', 'missing "label"'),
-])
+@pytest.mark.parametrize(
+    "bad, why",
+    [
+        ('{"text": "unterminated', "invalid JSON"),
+        ('["text", "a list"]', "expected a JSON object"),
+        ('{"label": 1}', 'missing "text"'),
+        ('{"text": "   ", "label": 1}', '"text" is empty'),
+        ('{"text": 5, "label": 1}', '"text" must be a string'),
+        ('{"text": "ok", "label": 1.5}', '"label" must be a non-negative integer, got 1.5'),
+        ('{"text": "ok", "label": "2"}', '"label" must be a non-negative integer'),
+        ('{"text": "ok", "label": true}', '"label" must be a non-negative integer, got true'),
+        ('{"text": "ok", "label": -1}', '"label" must be a non-negative integer, got -1'),
+        ('{"text": "ok"}', 'missing "label"'),
+    ],
+)
 def test_bad_jsonl_line_is_named_by_file_and_line(tmp_path, bad, why):
     # line 3 is blank (skipped, but counted in the numbering), the bad line is line 4
     path = _jsonl(tmp_path / "data.jsonl", [GOOD[0], GOOD[1], "", bad, GOOD[2]])
@@ -177,8 +180,16 @@ def test_a_few_bad_lines_are_skipped_counted_and_listed(tmp_path):
     src = TextSource(_jsonl(tmp_path / "d.jsonl", lines))  # 1 of 200 bad: within the default 1%
     assert len(src) == 199 and not src.labeled
     assert [b["line"] for b in src.bad] == [51] and "d.jsonl:51: invalid JSON" in src.bad[0]["error"]
-    m = write_text_shards(src, tmp_path / "s", val_fraction=0.1, test_fraction=0.1, samples_per_shard=64, min_shards=1,
-                          seed=0, tokenizer_vocab_size=300)
+    m = write_text_shards(
+        src,
+        tmp_path / "s",
+        val_fraction=0.1,
+        test_fraction=0.1,
+        samples_per_shard=64,
+        min_shards=1,
+        seed=0,
+        tokenizer_vocab_size=300,
+    )
     assert m["num_corrupt"] == 1 and m["corrupt"][0]["id"] == "d.jsonl:51"
     assert m["num_samples"] == 199 and m["num_source_samples"] == 200
     with pytest.raises(TextSourceError, match="d.jsonl:51"):
@@ -214,10 +225,19 @@ def test_source_file_errors(tmp_path):
 def text_set(tmp_path_factory, corpus):
     d = tmp_path_factory.mktemp("text")
     texts = corpus[:100] + ["Ünïcödé sentence: 東京 and 🙂.", "Another one; with — dashes."]
-    path = _jsonl(d / "data.jsonl", [json.dumps({"text": t, "label": i % 3}, ensure_ascii=False)
-                                     for i, t in enumerate(texts)])
-    m = write_text_shards(path, d / "shards", val_fraction=0.1, test_fraction=0.1, samples_per_shard=12,
-                          min_shards=2, seed=3, tokenizer_vocab_size=500)
+    path = _jsonl(
+        d / "data.jsonl", [json.dumps({"text": t, "label": i % 3}, ensure_ascii=False) for i, t in enumerate(texts)]
+    )
+    m = write_text_shards(
+        path,
+        d / "shards",
+        val_fraction=0.1,
+        test_fraction=0.1,
+        samples_per_shard=12,
+        min_shards=2,
+        seed=3,
+        tokenizer_vocab_size=500,
+    )
     return d / "shards", m, texts
 
 
@@ -250,8 +270,16 @@ def test_text_shards_and_manifest(text_set):
 
 def test_writing_is_deterministic(tmp_path, text_set):
     out, m, _ = text_set
-    again = write_text_shards(m["source"]["path"], tmp_path / "again", val_fraction=0.1, test_fraction=0.1,
-                              samples_per_shard=12, min_shards=2, seed=3, tokenizer_vocab_size=500)
+    again = write_text_shards(
+        m["source"]["path"],
+        tmp_path / "again",
+        val_fraction=0.1,
+        test_fraction=0.1,
+        samples_per_shard=12,
+        min_shards=2,
+        seed=3,
+        tokenizer_vocab_size=500,
+    )
     assert again["splits"] == m["splits"] and again["tokenizer_sha256"] == m["tokenizer_sha256"]
 
 
@@ -266,8 +294,18 @@ def test_training_stream_gives_ids_and_every_sentence_each_epoch(text_set):
         for pos, (t, _, _) in enumerate(sample_pipeline([u], decode=decode_text)):
             by_index[offset + pos] = t
         offset += c
-    stream = ShardStream(urls, counts, transform=tf, decode=decode_text, batch_size=8, rank=0, world_size=1,
-                         loader_workers=2, shuffle_buffer=16, seed=0)
+    stream = ShardStream(
+        urls,
+        counts,
+        transform=tf,
+        decode=decode_text,
+        batch_size=8,
+        rank=0,
+        world_size=1,
+        loader_workers=2,
+        shuffle_buffer=16,
+        seed=0,
+    )
     for epoch in range(2):
         stream.set_epoch(epoch)
         plan = stream.plan()
@@ -296,8 +334,9 @@ def test_pretrain_loop_runs_simcse_on_text_shards_and_embeds_a_split(text_set):
     torch.manual_seed(0)
     method = SimCSE(vocab_size=tok.vocab_size, max_len=20, dim=16, depth=1, heads=2)
     stream = text_stream(out, m, batch_size=8, rank=0, world_size=1, loader_workers=0, max_len=20, shuffle_buffer=16)
-    cfg = LoopConfig(epochs=1, batch_size_per_worker=8, optimizer="adamw", lr_base=1e-3, warmup_epochs=0,
-                     loader_workers=0)
+    cfg = LoopConfig(
+        epochs=1, batch_size_per_worker=8, optimizer="adamw", lr_base=1e-3, warmup_epochs=0, loader_workers=0
+    )
     loop = TrainingLoop(method, method, stream, cfg, torch.device("cpu"))
     reports = []
     loop.run(lambda metrics, state: reports.append(metrics))

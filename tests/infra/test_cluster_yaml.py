@@ -166,16 +166,39 @@ def test_aws_node_types() -> None:
 
 
 BROKEN: list[tuple[str, Any, type[Exception], str]] = [
-    ("unknown top-level key", lambda c: c.update(max_worker=3), jsonschema.ValidationError, "'max_worker' was unexpected"),
-    ("max_workers of the wrong type", lambda c: c.update(max_workers="eight"), jsonschema.ValidationError, "not of type 'integer'"),
+    (
+        "unknown top-level key",
+        lambda c: c.update(max_worker=3),
+        jsonschema.ValidationError,
+        "'max_worker' was unexpected",
+    ),
+    (
+        "max_workers of the wrong type",
+        lambda c: c.update(max_workers="eight"),
+        jsonschema.ValidationError,
+        "not of type 'integer'",
+    ),
     ("negative max_workers", lambda c: c.update(max_workers=-1), jsonschema.ValidationError, "less than the minimum"),
     # Cluster resources are integers in the schema, although tasks may ask for 0.5 GPU.
-    ("fractional GPU resource", lambda c: _worker(c, "GPU").update(resources={"CPU": 8, "GPU": 0.5}),
-     jsonschema.ValidationError, "0.5 is not of type 'integer'"),
-    ("unknown node-type key", lambda c: _worker(c, "GPU").update(setup_commands=["true"]),
-     jsonschema.ValidationError, "'setup_commands' was unexpected"),
+    (
+        "fractional GPU resource",
+        lambda c: _worker(c, "GPU").update(resources={"CPU": 8, "GPU": 0.5}),
+        jsonschema.ValidationError,
+        "0.5 is not of type 'integer'",
+    ),
+    (
+        "unknown node-type key",
+        lambda c: _worker(c, "GPU").update(setup_commands=["true"]),
+        jsonschema.ValidationError,
+        "'setup_commands' was unexpected",
+    ),
     ("head type not among the node types", lambda c: c.update(head_node_type="nope"), ValueError, "head_node_type"),
-    ("min_workers above the global max", lambda c: _worker(c, "GPU").update(min_workers=9), ValueError, "sum of `min_workers`"),
+    (
+        "min_workers above the global max",
+        lambda c: _worker(c, "GPU").update(min_workers=9),
+        ValueError,
+        "sum of `min_workers`",
+    ),
 ]
 
 
@@ -223,6 +246,14 @@ def test_onprem_rejects_node_types() -> None:
 
 def test_doc_names_the_configs_and_both_ways_to_submit() -> None:
     doc = DOC.read_text()
-    for needle in ("ray up ray_cluster.yaml", "infra/onprem_cluster.yaml", "clpipe submit",
-                   "ray job submit", "-- clpipe run", "AWS_ENDPOINT_URL", "env_vars", "8265"):
+    for needle in (
+        "ray up ray_cluster.yaml",
+        "infra/onprem_cluster.yaml",
+        "clpipe submit",
+        "ray job submit",
+        "-- clpipe run",
+        "AWS_ENDPOINT_URL",
+        "env_vars",
+        "8265",
+    ):
         assert needle in doc, f"docs/cluster.md does not mention {needle!r}"

@@ -23,9 +23,13 @@ def test_an_address_that_does_not_answer_fails_fast_with_one_line(argv, capsys):
 
 def test_the_job_carries_the_config_and_the_locations_and_secrets_only_when_asked(tmp_path, monkeypatch):
     root = jobs.project_root()
-    secrets = {"AWS_ACCESS_KEY_ID": "AKIDVALUE", "AWS_SECRET_ACCESS_KEY": "s3cr3t-value",
-               "AWS_SESSION_TOKEN": "sess-token", "MLFLOW_TRACKING_TOKEN": "mlf-token",
-               "MLFLOW_TRACKING_PASSWORD": "mlf-pass"}
+    secrets = {
+        "AWS_ACCESS_KEY_ID": "AKIDVALUE",
+        "AWS_SECRET_ACCESS_KEY": "s3cr3t-value",
+        "AWS_SESSION_TOKEN": "sess-token",
+        "MLFLOW_TRACKING_TOKEN": "mlf-token",
+        "MLFLOW_TRACKING_PASSWORD": "mlf-pass",
+    }
     assert set(secrets) == set(jobs.SECRET_ENV) and not set(jobs.SECRET_ENV) & set(jobs.FORWARD_ENV)
     for k, v in secrets.items():
         monkeypatch.setenv(k, v)

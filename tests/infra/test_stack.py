@@ -30,8 +30,17 @@ from tests.conftest import cmdline
 
 # one xdist process runs this module (its tests share the module's live stack): tests/conftest.py LANES
 
-ENV_KEYS = {"MLFLOW_TRACKING_URI", "RAY_ADDRESS", "CLPIPE_JOB_ADDRESS", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
-            "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "MLFLOW_S3_ENDPOINT_URL", "RAY_AUTH_MODE"}
+ENV_KEYS = {
+    "MLFLOW_TRACKING_URI",
+    "RAY_ADDRESS",
+    "CLPIPE_JOB_ADDRESS",
+    "AWS_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_DEFAULT_REGION",
+    "MLFLOW_S3_ENDPOINT_URL",
+    "RAY_AUTH_MODE",
+}
 
 
 def free_stack_ports() -> dict[str, int]:
@@ -53,8 +62,22 @@ def free_stack_ports() -> dict[str, int]:
 
 
 def up_args(d: Path, ports: dict[str, int], num_cpus: int = 2) -> list[str]:
-    return ["stack", "up", "--dir", str(d), "--s3-port", str(ports["s3"]), "--mlflow-port", str(ports["mlflow"]),
-            "--ray-port", str(ports["ray"]), "--dashboard-port", str(ports["dashboard"]), "--num-cpus", str(num_cpus)]
+    return [
+        "stack",
+        "up",
+        "--dir",
+        str(d),
+        "--s3-port",
+        str(ports["s3"]),
+        "--mlflow-port",
+        str(ports["mlflow"]),
+        "--ray-port",
+        str(ports["ray"]),
+        "--dashboard-port",
+        str(ports["dashboard"]),
+        "--num-cpus",
+        str(num_cpus),
+    ]
 
 
 def busy(ports, wait: float = 5.0) -> list[int]:
@@ -135,9 +158,17 @@ def live_stack(tmp_path_factory):
         assert rc == 0, out.getvalue() + err.getvalue()
         env_file = d / stack.ENV_FILE
         os.environ["CLPIPE_STACK_ENV"] = str(env_file)
-        yield SimpleNamespace(dir=d, ports=ports, env=stack.read_env_file(env_file), env_file=env_file,
-                              up_out=out.getvalue(), up_err=err.getvalue(), pids=stack_pids(d), tmp=ray_temp_dir(d),
-                              address=f"http://127.0.0.1:{ports['dashboard']}")
+        yield SimpleNamespace(
+            dir=d,
+            ports=ports,
+            env=stack.read_env_file(env_file),
+            env_file=env_file,
+            up_out=out.getvalue(),
+            up_err=err.getvalue(),
+            pids=stack_pids(d),
+            tmp=ray_temp_dir(d),
+            address=f"http://127.0.0.1:{ports['dashboard']}",
+        )
     finally:
         stop_stack(d)
         os.environ.clear()
@@ -188,8 +219,13 @@ def test_stack_up_status_env_file_and_artifacts_in_s3(live_stack, capsys):
     run = client.create_run(exp_id)
     client.log_text(run.info.run_id, "hello from the stack test", "notes/hello.txt")
     client.set_terminated(run.info.run_id)
-    s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-                      aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name=env["AWS_DEFAULT_REGION"])
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=env["AWS_ENDPOINT_URL"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        region_name=env["AWS_DEFAULT_REGION"],
+    )
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="clpipe", Prefix="mlflow/").get("Contents", [])]
     assert any(k.endswith(f"{run.info.run_id}/artifacts/notes/hello.txt") for k in keys), keys
 
@@ -218,8 +254,9 @@ def test_stop_ends_a_running_job_submitted_with_a_config_outside_the_project(liv
     # Ray's own variables name another cluster (dead addresses): Ray's job client prefers them to the address
     # it is given, clpipe's must not (the whole chain as a job: tests/infra/test_twohost.py)
     saved = {k: os.environ.get(k) for k in jobs.ADDRESS_ENV}
-    os.environ.update(RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{procs.free_port()}",
-                      RAY_ADDRESS=f"127.0.0.1:{procs.free_port()}")
+    os.environ.update(
+        RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{procs.free_port()}", RAY_ADDRESS=f"127.0.0.1:{procs.free_port()}"
+    )
     try:
         assert main(["submit", str(cfg), "--no-follow", "--work-dir", str(tmp_path / "work")]) == 0
     finally:
@@ -249,17 +286,53 @@ def test_stop_ends_a_running_job_submitted_with_a_config_outside_the_project(liv
 def test_the_documented_ray_job_submit_runs_the_pipeline(live_stack, tmp_path):
     env = live_stack.env
     # locations only: the stack's Ray head holds the S3 keys, as a cluster's nodes hold their own
-    runtime_env = {"env_vars": {k: env[k] for k in ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION",
-                                                    "MLFLOW_S3_ENDPOINT_URL", "RAY_AUTH_MODE")},
-                   "excludes": jobs.EXCLUDES}
-    cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", live_stack.address,
-           "--working-dir", ".", "--runtime-env-json", json.dumps(runtime_env), "--",
-           "python", "-m", "pipelines", "run", "--until", "shard", "--work-dir", str(tmp_path / "work"),
-           "--set", "sweep.enabled=false", "--set", "name=via-ray-cli"]
+    runtime_env = {
+        "env_vars": {
+            k: env[k]
+            for k in (
+                "MLFLOW_TRACKING_URI",
+                "AWS_ENDPOINT_URL",
+                "AWS_DEFAULT_REGION",
+                "MLFLOW_S3_ENDPOINT_URL",
+                "RAY_AUTH_MODE",
+            )
+        },
+        "excludes": jobs.EXCLUDES,
+    }
+    cmd = [
+        str(Path(sys.executable).parent / "ray"),
+        "job",
+        "submit",
+        "--address",
+        live_stack.address,
+        "--working-dir",
+        ".",
+        "--runtime-env-json",
+        json.dumps(runtime_env),
+        "--",
+        "python",
+        "-m",
+        "pipelines",
+        "run",
+        "--until",
+        "shard",
+        "--work-dir",
+        str(tmp_path / "work"),
+        "--set",
+        "sweep.enabled=false",
+        "--set",
+        "name=via-ray-cli",
+    ]
     t0 = time.perf_counter()
     shell = {k: v for k, v in os.environ.items() if k not in jobs.ADDRESS_ENV}  # the user's shell: --address rules
-    r = subprocess.run(cmd, cwd=jobs.project_root(), capture_output=True, text=True, timeout=400,
-                       env={**shell, "RAY_AUTH_MODE": "disabled"})
+    r = subprocess.run(
+        cmd,
+        cwd=jobs.project_root(),
+        capture_output=True,
+        text=True,
+        timeout=400,
+        env={**shell, "RAY_AUTH_MODE": "disabled"},
+    )
     print(f"ray job submit (shard stage): {time.perf_counter() - t0:.1f} s")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "succeeded" in r.stdout and "pipeline via-ray-cli" in r.stdout
@@ -311,8 +384,10 @@ def test_a_port_in_use_fails_with_one_line_and_starts_nothing(stack_dir, clean_e
         assert main(up_args(stack_dir, ports)) == 1
         assert time.perf_counter() - t0 < 10
     err = capsys.readouterr().err.strip()
-    assert err == (f"clpipe: MLflow server: port 127.0.0.1:{ports['mlflow']} is already in use; stop what holds it "
-                   "or choose another port (nothing was started)")
+    assert err == (
+        f"clpipe: MLflow server: port 127.0.0.1:{ports['mlflow']} is already in use; stop what holds it "
+        "or choose another port (nothing was started)"
+    )
     assert _children() == before
     assert procs.port_free(ports["s3"]) and stack.read_state(stack_dir) is None
 
@@ -336,7 +411,11 @@ def test_a_server_that_fails_to_start_stops_the_ones_before_it(stack_dir, clean_
     assert main([*up_args(stack_dir, ports), "--timeout", "12"]) == 1  # MLflow retries sqlite for minutes
     assert time.perf_counter() - t0 < 60
     err = capsys.readouterr().err
-    assert "MLflow server did not become healthy within 12 s" in err and "stopped what had started: s3 (pid" in err and "mlflow (pid" in err
+    assert (
+        "MLflow server did not become healthy within 12 s" in err
+        and "stopped what had started: s3 (pid" in err
+        and "mlflow (pid" in err
+    )
     pid = int(err.split("s3 (pid ")[1].split(")")[0])
     assert not procs.alive(pid)
     assert stack.read_state(stack_dir) is None and not (stack_dir / stack.ENV_FILE).exists()
@@ -368,11 +447,24 @@ def test_jobs_commands_reach_a_head_with_token_auth(tmp_path, clean_env, monkeyp
     port, dash = procs.free_port(), procs.free_port()
     url = f"http://127.0.0.1:{dash}"
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ray/auth_token of the developer's
-    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
-           "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=1", f"--temp-dir={temp}",
-           "--disable-usage-stats", "--block"]
-    pid = procs.spawn(cmd, tmp_path / "ray.log", env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
-                                                       "RAY_ADDRESS": None, "RAY_API_SERVER_ADDRESS": None})
+    cmd = [
+        str(Path(sys.executable).parent / "ray"),
+        "start",
+        "--head",
+        f"--port={port}",
+        "--node-ip-address=127.0.0.1",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash}",
+        "--num-cpus=1",
+        f"--temp-dir={temp}",
+        "--disable-usage-stats",
+        "--block",
+    ]
+    pid = procs.spawn(
+        cmd,
+        tmp_path / "ray.log",
+        env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_ADDRESS": None, "RAY_API_SERVER_ADDRESS": None},
+    )
 
     def answers() -> bool:
         req = urllib.request.Request(f"{url}/api/version", headers={"Authorization": f"Bearer {token}"})
@@ -387,17 +479,28 @@ def test_jobs_commands_reach_a_head_with_token_auth(tmp_path, clean_env, monkeyp
 
         def cli(*args: str, **token_env: str) -> subprocess.CompletedProcess:
             # each in a process of its own, as from a shell: Ray keeps a process's first auth mode and token
-            env = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH_")},
-                   "RAY_AUTH_MODE": "token", **token_env}
-            return subprocess.run([sys.executable, "-m", "pipelines", *args, "--address", url], capture_output=True,
-                                  text=True, env=env, cwd=Path(__file__).parents[2], timeout=120)
+            env = {
+                **{k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH_")},
+                "RAY_AUTH_MODE": "token",
+                **token_env,
+            }
+            return subprocess.run(
+                [sys.executable, "-m", "pipelines", *args, "--address", url],
+                capture_output=True,
+                text=True,
+                env=env,
+                cwd=Path(__file__).parents[2],
+                timeout=120,
+            )
 
         r = cli("jobs", RAY_AUTH_TOKEN=token)
         assert r.returncode == 0 and f"no jobs on {url}" in r.stdout, r.stdout + r.stderr
         r = cli("stop", "no-such-job", RAY_AUTH_TOKEN=token)  # an authenticated call of Ray's client
         assert r.returncode == 1 and "no job no-such-job" in r.stderr, r.stdout + r.stderr
-        for token_env, message in (({"RAY_AUTH_TOKEN": "0" * 32}, "refused the request (HTTP 40"),
-                                   ({}, "RAY_AUTH_MODE=token but no token is set here")):
+        for token_env, message in (
+            ({"RAY_AUTH_TOKEN": "0" * 32}, "refused the request (HTTP 40"),
+            ({}, "RAY_AUTH_MODE=token but no token is set here"),
+        ):
             r = cli("jobs", **token_env)
             err = r.stderr.strip()
             assert r.returncode == 1 and len(err.splitlines()) == 1, r.stdout + r.stderr
@@ -411,8 +514,10 @@ def test_a_jobs_command_for_another_cluster_loads_no_stack_settings(tmp_path, cl
     """The stack's env file (loopback URLs, its keys, auth off) is loaded for the stack's own
     job server only: a submit/jobs/logs/stop with --address of another cluster gets none of it."""
     f = tmp_path / "stack.env"
-    f.write_text("CLPIPE_JOB_ADDRESS=http://127.0.0.1:8265\nMLFLOW_TRACKING_URI=http://127.0.0.1:5000\n"
-                 "AWS_SECRET_ACCESS_KEY=stack-secret\nRAY_AUTH_MODE=disabled\n")
+    f.write_text(
+        "CLPIPE_JOB_ADDRESS=http://127.0.0.1:8265\nMLFLOW_TRACKING_URI=http://127.0.0.1:5000\n"
+        "AWS_SECRET_ACCESS_KEY=stack-secret\nRAY_AUTH_MODE=disabled\n"
+    )
     os.environ["CLPIPE_STACK_ENV"] = str(f)
     loaded = ("MLFLOW_TRACKING_URI", "AWS_SECRET_ACCESS_KEY", "RAY_AUTH_MODE")
     for address in ("http://127.0.0.1:9", "127.0.0.1:9", "http://10.0.0.1:8265"):

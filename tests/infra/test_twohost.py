@@ -35,17 +35,58 @@ from infra import hosts, jobs, stack
 pytestmark = pytest.mark.slow
 
 STACK = "/tmp/stack"  # on host A: private
-CHAIN = ["--set", "sweep.space={temperature: {grid: [0.2]}}", "--set", "sweep.epochs=1",
-         "--set", "pretrain.epochs=1", "--set", "labels.fractions=[0.1]", "--set", "finetune.epochs=1",
-         "--set", "finetune.baseline=false", "--set", "finetune.min_steps=0", "--set", "distill.epochs=1",
-         "--set", "finetune.num_workers=1", "--set", "distill.num_workers=1"]
+CHAIN = [
+    "--set",
+    "sweep.space={temperature: {grid: [0.2]}}",
+    "--set",
+    "sweep.epochs=1",
+    "--set",
+    "pretrain.epochs=1",
+    "--set",
+    "labels.fractions=[0.1]",
+    "--set",
+    "finetune.epochs=1",
+    "--set",
+    "finetune.baseline=false",
+    "--set",
+    "finetune.min_steps=0",
+    "--set",
+    "distill.epochs=1",
+    "--set",
+    "finetune.num_workers=1",
+    "--set",
+    "distill.num_workers=1",
+]
 # the shared-POSIX run: MoCo (a 256-key queue filled by both workers, an EMA key encoder), the supervised
 # contrastive fine-tune, one worker for each of the small labeled stages
-MOCO = ["--set", "sweep.enabled=false", "--set", "pretrain.epochs=1", "--set", "pretrain.batch_size_per_worker=32",
-        "--set", "labels.fractions=[0.1]", "--set", "finetune.epochs=1", "--set", "finetune.baseline=false",
-        "--set", "finetune.min_steps=0", "--set", "distill.epochs=1", "--set", "finetune.num_workers=1",
-        "--set", "distill.num_workers=1", "--set", "pretrain.method=moco",
-        "--set", "pretrain.params.moco={queue_size: 256, momentum: 0.99}", "--set", "finetune.objective=supcon"]
+MOCO = [
+    "--set",
+    "sweep.enabled=false",
+    "--set",
+    "pretrain.epochs=1",
+    "--set",
+    "pretrain.batch_size_per_worker=32",
+    "--set",
+    "labels.fractions=[0.1]",
+    "--set",
+    "finetune.epochs=1",
+    "--set",
+    "finetune.baseline=false",
+    "--set",
+    "finetune.min_steps=0",
+    "--set",
+    "distill.epochs=1",
+    "--set",
+    "finetune.num_workers=1",
+    "--set",
+    "distill.num_workers=1",
+    "--set",
+    "pretrain.method=moco",
+    "--set",
+    "pretrain.params.moco={queue_size: 256, momentum: 0.99}",
+    "--set",
+    "finetune.objective=supcon",
+]
 JOB_TIMEOUT_S = 900
 
 
@@ -69,17 +110,34 @@ def cluster(tmp_path_factory):
             secret = f"clpipe-leak-canary-{secrets.token_hex(8)}"
             creds = a.file(STACK) / stack.CREDENTIALS_FILE  # the stack reuses these keys: a secret we recognise
             creds.parent.mkdir(mode=0o700, parents=True)
-            creds.write_text(json.dumps({"access_key": "clpipe2host", "secret_key": secret,
-                                         "ray_token": secrets.token_hex(32)}))
+            creds.write_text(
+                json.dumps({"access_key": "clpipe2host", "secret_key": secret, "ray_token": secrets.token_hex(32)})
+            )
             t0 = time.perf_counter()
-            r = a.run([sys.executable, "-m", "pipelines", "stack", "up", "--dir", STACK, "--host", a.ip,
-                       "--num-cpus", "0", "--ray-auth", "token"], timeout=300, cwd=jobs.project_root())
+            r = a.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pipelines",
+                    "stack",
+                    "up",
+                    "--dir",
+                    STACK,
+                    "--host",
+                    a.ip,
+                    "--num-cpus",
+                    "0",
+                    "--ray-auth",
+                    "token",
+                ],
+                timeout=300,
+                cwd=jobs.project_root(),
+            )
             assert r.returncode == 0, r.stdout + r.stderr
             env = stack.read_env_file(a.file(STACK) / stack.ENV_FILE)
             assert env["RAY_AUTH_MODE"] == "token" and env["AWS_SECRET_ACCESS_KEY"] == secret
             print(f"stack up on host A: {time.perf_counter() - t0:.1f} s")
-            yield {"a": a, "b": b, "env": env, "secret": secret, "private": private, "shared": shared,
-                   "logs": logs}
+            yield {"a": a, "b": b, "env": env, "secret": secret, "private": private, "shared": shared, "logs": logs}
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -93,8 +151,11 @@ def _join_b(c: dict) -> int:
 def _submit(c: dict, args: list[str], on_line=None) -> tuple[int, str]:
     """`clpipe submit ARGS` on host A, followed to the job's end: (return code, output).
     ``on_line(line)`` sees each line as it comes."""
-    p = c["a"].popen([sys.executable, "-m", "pipelines", "submit", *args],
-                     env={"CLPIPE_STACK_ENV": f"{STACK}/{stack.ENV_FILE}"}, cwd=jobs.project_root())
+    p = c["a"].popen(
+        [sys.executable, "-m", "pipelines", "submit", *args],
+        env={"CLPIPE_STACK_ENV": f"{STACK}/{stack.ENV_FILE}"},
+        cwd=jobs.project_root(),
+    )
     assert p.stdout is not None
     lines: list[str] = []
     deadline = time.monotonic() + JOB_TIMEOUT_S
@@ -156,8 +217,11 @@ def _check(c: dict) -> dict:
 
 def _stages(out: dict, pipeline: str) -> dict[str, dict]:
     """The stage runs of the latest pipeline run named ``pipeline``: {stage: run}."""
-    parents = [r for r in out["runs"] if r["tags"].get("clpipe.kind") == "pipeline"
-               and r["tags"].get("mlflow.runName") == f"pipeline {pipeline}"]
+    parents = [
+        r
+        for r in out["runs"]
+        if r["tags"].get("clpipe.kind") == "pipeline" and r["tags"].get("mlflow.runName") == f"pipeline {pipeline}"
+    ]
     assert parents, f"no pipeline run {pipeline}"
     parent = parents[0]["id"]  # search_runs: newest first
     return {r["tags"]["clpipe.stage"]: r for r in out["runs"] if r["tags"].get("mlflow.parentRunId") == parent}
@@ -169,8 +233,12 @@ def _files(root: Path) -> list[str]:
 
 def _cli(c: dict, *args: str) -> subprocess.CompletedProcess:
     """A clpipe command on host A with the stack's env file."""
-    return c["a"].run([sys.executable, "-m", "pipelines", *args], env={"CLPIPE_STACK_ENV": f"{STACK}/{stack.ENV_FILE}"},
-                      cwd=jobs.project_root(), timeout=120)
+    return c["a"].run(
+        [sys.executable, "-m", "pipelines", *args],
+        env={"CLPIPE_STACK_ENV": f"{STACK}/{stack.ENV_FILE}"},
+        cwd=jobs.project_root(),
+        timeout=120,
+    )
 
 
 def test_the_whole_chain_on_two_hosts_with_s3_then_a_shared_path(cluster, capsys):
@@ -184,9 +252,21 @@ def test_the_whole_chain_on_two_hosts_with_s3_then_a_shared_path(cluster, capsys
             started_b.append(_join_b(c))
 
     t0 = time.perf_counter()
-    rc, out = _submit(c, ["--work-dir", str(work), "--set", "name=s3chain",
-                          "--set", "data.output=s3://clpipe/run/data", "--set", "ray.storage_path=s3://clpipe/run/ray",
-                          *CHAIN], on_line=join_when_running)
+    rc, out = _submit(
+        c,
+        [
+            "--work-dir",
+            str(work),
+            "--set",
+            "name=s3chain",
+            "--set",
+            "data.output=s3://clpipe/run/data",
+            "--set",
+            "ray.storage_path=s3://clpipe/run/ray",
+            *CHAIN,
+        ],
+        on_line=join_when_running,
+    )
     s3_seconds = time.perf_counter() - t0
     with capsys.disabled():
         print(f"\ntwo hosts, S3: the chain as a job took {s3_seconds:.1f} s")
@@ -214,22 +294,33 @@ def test_the_whole_chain_on_two_hosts_with_s3_then_a_shared_path(cluster, capsys
 
     # the jobs commands against the token-auth head
     r = _cli(c, "jobs")
-    assert r.returncode == 0 and re.search(rf"^{re.escape(job_id)}\s+SUCCEEDED\s+\d{{4}}-\d\d-\d\d .*python -m "
-                                           "pipelines run", r.stdout, re.M), r.stdout + r.stderr
+    assert r.returncode == 0 and re.search(
+        rf"^{re.escape(job_id)}\s+SUCCEEDED\s+\d{{4}}-\d\d-\d\d .*python -m "
+        "pipelines run",
+        r.stdout,
+        re.M,
+    ), r.stdout + r.stderr
     r = _cli(c, "logs", job_id)
-    assert r.returncode == 0 and "stage register" in r.stdout and f"MLflow {c['env']['MLFLOW_TRACKING_URI']}" in r.stdout
+    assert (
+        r.returncode == 0 and "stage register" in r.stdout and f"MLflow {c['env']['MLFLOW_TRACKING_URI']}" in r.stdout
+    )
     r = _cli(c, "logs", "no-such-job")
-    assert r.returncode == 1 and r.stderr.strip() == (f"clpipe: no job no-such-job on {c['env']['CLPIPE_JOB_ADDRESS']};"
-                                                      f" list them with `clpipe jobs --address "
-                                                      f"{c['env']['CLPIPE_JOB_ADDRESS']}`")
+    assert r.returncode == 1 and r.stderr.strip() == (
+        f"clpipe: no job no-such-job on {c['env']['CLPIPE_JOB_ADDRESS']};"
+        f" list them with `clpipe jobs --address "
+        f"{c['env']['CLPIPE_JOB_ADDRESS']}`"
+    )
 
     got = _check(c)
-    workers = {"s3chain": {"pretrain": 2, "finetune": 1, "distill": 1},
-               "posixchain": {"pretrain": 2, "finetune": 1, "distill": 1}}
+    workers = {
+        "s3chain": {"pretrain": 2, "finetune": 1, "distill": 1},
+        "posixchain": {"pretrain": 2, "finetune": 1, "distill": 1},
+    }
     for name, expected in workers.items():
         runs = _stages(got, name)
-        want = {"shard", "pretrain", "labels", "finetune", "distill", "evaluate", "register"} | \
-            ({"sweep"} if name == "s3chain" else set())
+        want = {"shard", "pretrain", "labels", "finetune", "distill", "evaluate", "register"} | (
+            {"sweep"} if name == "s3chain" else set()
+        )
         assert set(runs) == want and all(r["status"] == "FINISHED" for r in runs.values())
         for stage, n in expected.items():  # the training workers ran on host B
             assert json.loads(runs[stage]["tags"]["clpipe.train.node_ips"]) == {b.ip: n}, (name, stage)
@@ -242,8 +333,12 @@ def test_the_whole_chain_on_two_hosts_with_s3_then_a_shared_path(cluster, capsys
     assert _files(b.file(work)) == []
     assert not [f for f in _files(a.file(work)) if f.endswith(".tar")]
     assert [f for f in _files(shared_work) if f.endswith(".tar")]  # the POSIX run's shards: on the shared path
-    leaked = [f for h, d in ((a, f"{STACK}/ray"), (b, "/tmp/ray")) for f in _files(h.file(d))
-              if c["secret"].encode() in Path(f).read_bytes()]
+    leaked = [
+        f
+        for h, d in ((a, f"{STACK}/ray"), (b, "/tmp/ray"))
+        for f in _files(h.file(d))
+        if c["secret"].encode() in Path(f).read_bytes()
+    ]
     assert not leaked, leaked
     with capsys.disabled():
         print(f"S3 bytes written per location: {json.dumps(got['written'], sort_keys=True)}")

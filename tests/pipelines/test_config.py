@@ -19,27 +19,46 @@ def test_defaults():
     assert cfg.tracking_uri().startswith("sqlite:///")
 
 
-@pytest.mark.parametrize("override,message", [
-    ("pretrain.tempreature=0.1", "pretrain.tempreature: unknown field; did you mean pretrain.params.simclr.temperature (a "
-                                 "hyperparameter of simclr)?"),
-    ("pretrain.colour=1", "pretrain.colour: unknown field; known fields here: backbone, backbone_width, batch_size_per_worker"),
-    ("pretrain.method=simclrr", "pretrain.method: unknown method 'simclrr'; known methods: "),
-    ("pretrain.params.simclr.temperature=0", "pretrain.params.simclr.temperature: must be a finite number > 0, got 0"),
-    ("pretrain.params.simclr.temperature=-0.5", "pretrain.params.simclr.temperature: must be a finite number > 0"),
-    ("pretrain.params.simclr.tempreature=0.5", "pretrain.params: params.simclr.tempreature: simclr has no such hyperparameter; its hyperparameters: head_hidden_dim, head_layers, proj_dim, temperature"),
-    ("pretrain.params.simclrr={}", "pretrain.params: params.simclrr: unknown method"),
-    ("pretrain.head_layers=3", "pretrain.head_layers: unknown field"),
-    ("pretrain.params.simclr.head_layers=5", "pretrain.params.simclr.head_layers: must be 2, 3 or 4 (1: a linear head, 0: none), got 5"),
-    ("pretrain.batch_size_per_worker=1", "pretrain.batch_size_per_worker: must be >= 2"),
-    ("pretrain.num_workers=0", "pretrain.num_workers: must be >= 1"),
-    ("data.source={kind: image_folder, path: /does/not/exist}", "data.source.path: /does/not/exist does not exist"),
-    ("data.source.kind=npz", "data.source.path: required for kind=npz"),
-    ("data.source={kind: npz, path: /nope.npz}", "/nope.npz does not exist"),
-    ("pretrain.optimizer=adam", "pretrain.optimizer: Input should be 'sgd', 'adamw' or 'lars'"),
-    ("data.val_fraction=0.9", "val_fraction + test_fraction must be < 1"),
-    ("bogus=1", "bogus: unknown field"),
-    ("pretrain.num_workers=8", "data.min_shards (4) < pretrain.num_workers (8)"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        (
+            "pretrain.tempreature=0.1",
+            "pretrain.tempreature: unknown field; did you mean pretrain.params.simclr.temperature (a "
+            "hyperparameter of simclr)?",
+        ),
+        (
+            "pretrain.colour=1",
+            "pretrain.colour: unknown field; known fields here: backbone, backbone_width, batch_size_per_worker",
+        ),
+        ("pretrain.method=simclrr", "pretrain.method: unknown method 'simclrr'; known methods: "),
+        (
+            "pretrain.params.simclr.temperature=0",
+            "pretrain.params.simclr.temperature: must be a finite number > 0, got 0",
+        ),
+        ("pretrain.params.simclr.temperature=-0.5", "pretrain.params.simclr.temperature: must be a finite number > 0"),
+        (
+            "pretrain.params.simclr.tempreature=0.5",
+            "pretrain.params: params.simclr.tempreature: simclr has no such hyperparameter; "
+            "its hyperparameters: head_hidden_dim, head_layers, proj_dim, temperature",
+        ),
+        ("pretrain.params.simclrr={}", "pretrain.params: params.simclrr: unknown method"),
+        ("pretrain.head_layers=3", "pretrain.head_layers: unknown field"),
+        (
+            "pretrain.params.simclr.head_layers=5",
+            "pretrain.params.simclr.head_layers: must be 2, 3 or 4 (1: a linear head, 0: none), got 5",
+        ),
+        ("pretrain.batch_size_per_worker=1", "pretrain.batch_size_per_worker: must be >= 2"),
+        ("pretrain.num_workers=0", "pretrain.num_workers: must be >= 1"),
+        ("data.source={kind: image_folder, path: /does/not/exist}", "data.source.path: /does/not/exist does not exist"),
+        ("data.source.kind=npz", "data.source.path: required for kind=npz"),
+        ("data.source={kind: npz, path: /nope.npz}", "/nope.npz does not exist"),
+        ("pretrain.optimizer=adam", "pretrain.optimizer: Input should be 'sgd', 'adamw' or 'lars'"),
+        ("data.val_fraction=0.9", "val_fraction + test_fraction must be < 1"),
+        ("bogus=1", "bogus: unknown field"),
+        ("pretrain.num_workers=8", "data.min_shards (4) < pretrain.num_workers (8)"),
+    ],
+)
 def test_bad_overrides_give_one_line_errors_naming_the_field(override, message):
     with pytest.raises(ConfigError) as e:
         load_config(overrides=[override])
@@ -49,8 +68,11 @@ def test_bad_overrides_give_one_line_errors_naming_the_field(override, message):
 
 
 def test_backbone_errors_name_the_backbone():
-    with pytest.raises(ConfigError, match=r"^default config \+ --set: pretrain: simclr on vit_tiny: vit: image_size 16 is "
-                                          r"not a multiple of patch_size 5$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^default config \+ --set: pretrain: simclr on vit_tiny: vit: image_size 16 is "
+        r"not a multiple of patch_size 5$",
+    ):
         load_config(overrides=["pretrain.backbone=vit_tiny", "pretrain.patch_size=5"])
 
 
@@ -67,8 +89,11 @@ def test_yaml_file_errors(tmp_path):
 
 def test_file_then_overrides(tmp_path, image_folder):
     p = tmp_path / "c.yaml"
-    p.write_text(yaml.safe_dump({"data": {"source": {"kind": "image_folder", "path": str(image_folder)}},
-                                 "pretrain": {"epochs": 3}}))
+    p.write_text(
+        yaml.safe_dump(
+            {"data": {"source": {"kind": "image_folder", "path": str(image_folder)}}, "pretrain": {"epochs": 3}}
+        )
+    )
     cfg = load_config(p, ["pretrain.epochs=5", "pretrain.views.image_size=24"])
     assert cfg.pretrain.epochs == 5 and cfg.pretrain.views.image_size == 24
     assert cfg.data.source.kind == "image_folder" and cfg.pretrain.method_kwargs()["temperature"] == 0.5

@@ -82,8 +82,14 @@ def test_run_prints_the_same_and_so_does_the_module_entry_point(scratch, capsys)
     _check(row, lines)
     env = {k: v for k, v in os.environ.items() if k != "CLPIPE_STACK_ENV"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(ROOT), env.get("PYTHONPATH"))))
-    p = subprocess.run([sys.executable, "-m", "pipelines", "run", *shlex.split(row["args"])], cwd=scratch, env=env,
-                       capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-m", "pipelines", "run", *shlex.split(row["args"])],
+        cwd=scratch,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 2 and p.stdout == "", p.stderr
     header, *lines = p.stderr.splitlines()
     assert header == HEADER

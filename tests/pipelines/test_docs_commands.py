@@ -164,8 +164,12 @@ def test_the_cheap_commands_run_as_printed(docs_dir, capsys):
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
                 main(shlex.split(first[2:], comments=True)[1:])
             got = (out.getvalue() + err.getvalue()).rstrip("\n").splitlines()
-            assert got == printed, f"{doc.name}: {first}\nprinted in the document:\n" + "\n".join(printed) + \
-                "\nprinted by clpipe:\n" + "\n".join(got)
+            assert got == printed, (
+                f"{doc.name}: {first}\nprinted in the document:\n"
+                + "\n".join(printed)
+                + "\nprinted by clpipe:\n"
+                + "\n".join(got)
+            )
             ran += 1
     assert ran >= 3
 

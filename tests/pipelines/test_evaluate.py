@@ -38,8 +38,10 @@ def test_recalibrated_batch_norm_holds_the_exact_statistics_of_the_images():
     input over all the images and its running variance the size-weighted average of the
     batches' variances (batches of unequal size); the mode and momentum are as before."""
     torch.manual_seed(0)
-    for layer, shape, dims in ((torch.nn.Conv2d(3, 4, 3), (300, 3, 8, 8), (0, 2, 3)),
-                               (torch.nn.Linear(10, 5), (300, 10), (0,))):
+    for layer, shape, dims in (
+        (torch.nn.Conv2d(3, 4, 3), (300, 3, 8, 8), (0, 2, 3)),
+        (torch.nn.Linear(10, 5), (300, 10), (0,)),
+    ):
         bn = torch.nn.BatchNorm2d(4) if len(shape) == 4 else torch.nn.BatchNorm1d(5)
         model = torch.nn.Sequential(layer, bn, torch.nn.ReLU())
         model.eval()
@@ -49,5 +51,5 @@ def test_recalibrated_batch_norm_holds_the_exact_statistics_of_the_images():
         with torch.no_grad():
             x = layer(images)
         torch.testing.assert_close(bn.running_mean, x.mean(dims), rtol=1e-4, atol=1e-5)
-        var = sum(x[i:i + 128].var(dims, unbiased=True) * len(x[i:i + 128]) for i in range(0, 300, 128)) / 300
+        var = sum(x[i : i + 128].var(dims, unbiased=True) * len(x[i : i + 128]) for i in range(0, 300, 128)) / 300
         torch.testing.assert_close(bn.running_var, var, rtol=1e-4, atol=1e-5)

@@ -97,8 +97,9 @@ def _step(position: str) -> int:
     return int(position.rsplit("(step ", 1)[1].split(")")[0])
 
 
-def _wait_for_checkpoint(work: Path, stage: str, inside: str, running, after_step: int, skip: set[Path],
-                         timeout: float = 400) -> str:
+def _wait_for_checkpoint(
+    work: Path, stage: str, inside: str, running, after_step: int, skip: set[Path], timeout: float = 400
+) -> str:
     """Wait until ``stage`` has a registered checkpoint whose position contains ``inside``
     and whose step is past ``after_step``."""
     deadline = time.time() + timeout
@@ -133,8 +134,9 @@ class Killer(threading.Thread):
         try:
             for stage, inside in self.points:
                 after = _step(self.seen[-1]) if self.seen else -1
-                self.seen.append(_wait_for_checkpoint(self.work, stage, inside, lambda: not self.finished.is_set(),
-                                                      after, self.skip))
+                self.seen.append(
+                    _wait_for_checkpoint(self.work, stage, inside, lambda: not self.finished.is_set(), after, self.skip)
+                )
                 _kill_a_train_worker()
         except BaseException as e:  # noqa: BLE001 - re-raised by the test
             self.error = e
@@ -174,8 +176,13 @@ def test_worker_and_driver_deaths_resume_exactly(chain, local_ray, tmp_path, cap
     pretrain = ["--set", "pretrain.checkpoint_every_steps=3", "--set", "pretrain.max_failures=1"]
 
     # 0. a pretrain worker dies in epoch 2: the group is restarted and resumes
-    rc, out, err, seen = _killed_in_process(work, [*chain.args, *pretrain, "--until", "pretrain"],
-                                            [("pretrain", "epoch 2, batch")], reference["pretrain"], capsys)
+    rc, out, err, seen = _killed_in_process(
+        work,
+        [*chain.args, *pretrain, "--until", "pretrain"],
+        [("pretrain", "epoch 2, batch")],
+        reference["pretrain"],
+        capsys,
+    )
     assert rc == 0, out[-3000:] + err[-3000:]
     assert out.count("cached, reusing run") == 1, out[-3000:]  # shard
     resumed = [ln for ln in out.splitlines() if "[pretrain] resumed from checkpoint at epoch " in ln]
@@ -200,8 +207,12 @@ def test_worker_and_driver_deaths_resume_exactly(chain, local_ray, tmp_path, cap
     # 1. a distill worker dies in the first student's first epoch and the group is restarted; one dies
     # again in its second epoch and the run fails
     rc, out, err, seen = _killed_in_process(
-        work, args, [("distill", "student_1pct: epoch 1, batch"), ("distill", "student_1pct: epoch 2, batch")],
-        reference["distill"], capsys)
+        work,
+        args,
+        [("distill", "student_1pct: epoch 1, batch"), ("distill", "student_1pct: epoch 2, batch")],
+        reference["distill"],
+        capsys,
+    )
     assert rc == 1, out[-3000:] + err[-3000:]
     assert out.count("cached, reusing run") == 4, out[-3000:]  # shard, labels, pretrain, finetune
     first_seen, second_seen = seen
@@ -212,7 +223,9 @@ def test_worker_and_driver_deaths_resume_exactly(chain, local_ray, tmp_path, cap
     assert len(failed) == 1, err[-3000:]  # (Ray's controller also logs the worker's death)
     assert "stage distill failed: TrainingFailed: distill: a training worker died (rank " in failed[0]
     assert "after 1 restart(s)" in failed[0], failed[0]
-    assert f"the last checkpoint is {work / 'ray_results'}" in failed[0] and "(student_1pct: epoch 2, batch" in failed[0]
+    assert (
+        f"the last checkpoint is {work / 'ray_results'}" in failed[0] and "(student_1pct: epoch 2, batch" in failed[0]
+    )
     assert "rerunning the same command resumes from it" in failed[0]
     wait_until(lambda: not _train_workers(), 60, "the failed run's Train workers to exit")
 
@@ -226,20 +239,38 @@ def test_worker_and_driver_deaths_resume_exactly(chain, local_ray, tmp_path, cap
     left = _registered_position(work, "distill", reference["distill"])
     after = max(_step(second_seen), _step(left) if left is not None else 0)
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "pipelines", *args, "--set", f"ray.address={local_ray}"],
-                                stdout=log, stderr=subprocess.STDOUT, env={**env, "PYTHONUNBUFFERED": "1"},
-                                start_new_session=True, cwd=ROOT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pipelines", *args, "--set", f"ray.address={local_ray}"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**env, "PYTHONUNBUFFERED": "1"},
+            start_new_session=True,
+            cwd=ROOT,
+        )
         try:
-            wait_until(lambda: "[distill] student_1pct: resumed from checkpoint" in log_path.read_text()
-                       or proc.poll() is not None, 400, "the rerun to resume distill")
-            _wait_for_checkpoint(work, "distill", "student_1pct: epoch 2, batch", lambda: proc.poll() is None,
-                                 after, reference["distill"])
+            wait_until(
+                lambda: (
+                    "[distill] student_1pct: resumed from checkpoint" in log_path.read_text() or proc.poll() is not None
+                ),
+                400,
+                "the rerun to resume distill",
+            )
+            _wait_for_checkpoint(
+                work,
+                "distill",
+                "student_1pct: epoch 2, batch",
+                lambda: proc.poll() is None,
+                after,
+                reference["distill"],
+            )
         finally:
             os.killpg(proc.pid, signal.SIGKILL)  # the driver only: the cluster's processes are not in its session
             proc.wait()
     second = log_path.read_text()
     assert second.count("cached, reusing run") == 4, second[-3000:]
-    resumed = [ln for ln in second.splitlines() if "[distill] student_1pct: resumed from checkpoint at epoch 2, batch" in ln]
+    resumed = [
+        ln for ln in second.splitlines() if "[distill] student_1pct: resumed from checkpoint at epoch 2, batch" in ln
+    ]
     assert len(resumed) == 1 and _step(resumed[0]) >= _step(second_seen), (second_seen, second[-3000:])
     wait_until(lambda: not _train_workers(), 60, "the dead driver's Train workers to exit")
 
@@ -258,4 +289,3 @@ def test_worker_and_driver_deaths_resume_exactly(chain, local_ray, tmp_path, cap
         assert set(got) == set(want), f"{stage}: {sorted(set(got) ^ set(want))}"
         for k, v in want.items():
             assert math.isclose(got[k], v, rel_tol=1e-4, abs_tol=1e-6), f"{stage}: {k} {got[k]} != {v}"
-

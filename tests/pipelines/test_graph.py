@@ -121,8 +121,10 @@ def test_only_needs_its_upstream_cached_and_whole(graph):
     lost.rmdir()
     with pytest.raises(StageError) as e:
         graph(only="distill")
-    assert str(e.value) == (f"--only distill: upstream stage finetune's run {first['finetune'].info.run_id} lost its "
-                            f"artifact {lost}; rerun it: clpipe run --rerun finetune")
+    assert str(e.value) == (
+        f"--only distill: upstream stage finetune's run {first['finetune'].info.run_id} lost its "
+        f"artifact {lost}; rerun it: clpipe run --rerun finetune"
+    )
     # a plain run recomputes the stage that lost its output; its key, and so its dependents', stay
     _, calls = graph()
     assert calls == ["finetune"] and lost.is_dir()

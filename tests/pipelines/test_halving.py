@@ -77,12 +77,17 @@ def race(values: dict[int, list[float]], max_t: int, slots: int, rng: random.Ran
 @pytest.mark.parametrize("slots,pause_lag", list(itertools.product([1, 2, 3], [False, True])))
 def test_the_same_metrics_give_the_same_decisions_in_any_report_order(slots, pause_lag):
     # 6 trials, 4 epochs: rungs at 1 and 2; trial 4 leads at rung 1 but fades; 1 and 2 tie at rung 1
-    values = {0: [0.5, 0.6, 0.7, 0.8], 1: [0.6, 0.7, 0.75, 0.8], 2: [0.6, 0.65, 0.7, 0.7],
-              3: [0.1, 0.9, 0.9, 0.9], 4: [0.7, 0.5, 0.5, 0.5], 5: [float("nan")] * 4}
+    values = {
+        0: [0.5, 0.6, 0.7, 0.8],
+        1: [0.6, 0.7, 0.75, 0.8],
+        2: [0.6, 0.65, 0.7, 0.7],
+        3: [0.1, 0.9, 0.9, 0.9],
+        4: [0.7, 0.5, 0.5, 0.5],
+        5: [float("nan")] * 4,
+    }
     first = race(values, 4, slots, random.Random(0), pause_lag)
     for seed in range(1, 12):
         assert race(values, 4, slots, random.Random(seed), pause_lag) == first
     e = first["epochs"]
     # rung 1: the best 3 of 6 go on (4, then the tie 1 and 2 by index; NaN last); rung 2: the best 1 of 3
     assert [e[f"abc_{i:05d}"] for i in range(6)] == [1, 4, 2, 1, 2, 1]
-

@@ -20,9 +20,22 @@ pytestmark = pytest.mark.slow  # one xdist process runs it in its lane: tests/co
 def _mlflow_server(db: Path, port: int, log: Path) -> int:
     from infra import procs
 
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{db}",
-           "--default-artifact-root", (db.parent / "artifacts").as_uri(), "--host", "127.0.0.1", "--port", str(port),
-           "--workers", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{db}",
+        "--default-artifact-root",
+        (db.parent / "artifacts").as_uri(),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     pid = procs.spawn(cmd, log, env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"})
     procs.wait_until(lambda: procs.http_ok(f"http://127.0.0.1:{port}/health"), 120, "MLflow server", pid, log)
     return pid
@@ -45,10 +58,25 @@ def test_an_mlflow_outage_during_pretrain_delays_its_metrics_and_loses_none(loca
     result: dict = {}
 
     def run() -> None:
-        result["rc"] = main(["run", "--work-dir", str(tmp_path / "work"), "--until", "pretrain",
-                             "--set", f"mlflow.tracking_uri={uri}", "--set", "sweep.enabled=false",
-                             "--set", f"pretrain.epochs={epochs}", "--set", "pretrain.num_workers=1",
-                             "--set", "pretrain.batch_size_per_worker=64"])
+        result["rc"] = main(
+            [
+                "run",
+                "--work-dir",
+                str(tmp_path / "work"),
+                "--until",
+                "pretrain",
+                "--set",
+                f"mlflow.tracking_uri={uri}",
+                "--set",
+                "sweep.enabled=false",
+                "--set",
+                f"pretrain.epochs={epochs}",
+                "--set",
+                "pretrain.num_workers=1",
+                "--set",
+                "pretrain.batch_size_per_worker=64",
+            ]
+        )
 
     t = threading.Thread(target=run, daemon=True)
     t.start()

@@ -41,8 +41,15 @@ def _node_pids(cluster) -> set[int]:
     """The processes the cluster's nodes started (GCS, raylets, dashboard, agents) and
     their children (Ray workers, Train workers)."""
     nodes = [cluster.head_node, *cluster.worker_nodes]
-    return _process_tree({info.process.pid for node in nodes for infos in node.all_processes.values()
-                          for info in infos if info.process is not None})
+    return _process_tree(
+        {
+            info.process.pid
+            for node in nodes
+            for infos in node.all_processes.values()
+            for info in infos
+            if info.process is not None
+        }
+    )
 
 
 @pytest.fixture
@@ -68,8 +75,13 @@ def two_node_cluster(monkeypatch):
     monkeypatch.setenv("RAY_API_SERVER_ADDRESS", f"http://127.0.0.1:{dashboard_port}")
     cluster = Cluster(shutdown_at_exit=True)
     try:
-        cluster.add_node(num_cpus=CPUS_PER_NODE, include_dashboard=True, dashboard_host="127.0.0.1",
-                         dashboard_port=dashboard_port, dashboard_agent_listen_port=None)
+        cluster.add_node(
+            num_cpus=CPUS_PER_NODE,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=dashboard_port,
+            dashboard_agent_listen_port=None,
+        )
         cluster.add_node(num_cpus=CPUS_PER_NODE)
         cluster.wait_for_nodes()
         yield cluster
@@ -91,11 +103,25 @@ def test_pretrain_runs_one_worker_on_each_of_two_nodes(two_node_cluster, tmp_pat
     monkeypatch.setenv("AWS_DEFAULT_REGION", "clpipe-forwarded-region")
     monkeypatch.setenv("AWS_SESSION_TOKEN", "clpipe-not-forwarded")
     work = tmp_path / "work"
-    args = ["run", "--work-dir", str(work), "--until", "pretrain",
-            "--set", "sweep.enabled=false", "--set", "pretrain.epochs=1",
-            "--set", "pretrain.num_workers=2", "--set", f"pretrain.cpus_per_worker={CPUS_PER_NODE}",
-            "--set", "pretrain.batch_size_per_worker=32",
-            "--set", f"ray.address={two_node_cluster.address}"]
+    args = [
+        "run",
+        "--work-dir",
+        str(work),
+        "--until",
+        "pretrain",
+        "--set",
+        "sweep.enabled=false",
+        "--set",
+        "pretrain.epochs=1",
+        "--set",
+        "pretrain.num_workers=2",
+        "--set",
+        f"pretrain.cpus_per_worker={CPUS_PER_NODE}",
+        "--set",
+        "pretrain.batch_size_per_worker=32",
+        "--set",
+        f"ray.address={two_node_cluster.address}",
+    ]
     assert main(args) == 0, capsys.readouterr().err
 
     # the pipeline joined the simulated cluster (not a local Ray of its own)
@@ -106,10 +132,16 @@ def test_pretrain_runs_one_worker_on_each_of_two_nodes(two_node_cluster, tmp_pat
 
     client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
     exp_id = client.get_experiment_by_name("clpipe").experiment_id
-    parent = client.search_runs([exp_id], filter_string=f"tags.`{tracking.TAG_KIND}` = 'pipeline'",
-                                order_by=["attributes.start_time DESC"], max_results=1)[0]
-    children = {r.data.tags[tracking.TAG_STAGE]: r for r in client.search_runs(
-        [exp_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")}
+    parent = client.search_runs(
+        [exp_id],
+        filter_string=f"tags.`{tracking.TAG_KIND}` = 'pipeline'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )[0]
+    children = {
+        r.data.tags[tracking.TAG_STAGE]: r
+        for r in client.search_runs([exp_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    }
     pre = children["pretrain"]
     assert pre.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(pre.info.run_id, "epoch")] == [1]
@@ -133,5 +165,14 @@ def test_pretrain_runs_one_worker_on_each_of_two_nodes(two_node_cluster, tmp_pat
     def seen() -> tuple:
         return os.environ.get("AWS_DEFAULT_REGION"), os.environ.get("AWS_SESSION_TOKEN")
 
-    assert ray.get([seen.options(scheduling_strategy=ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(
-        n, soft=False)).remote() for n in cluster_nodes]) == [("clpipe-forwarded-region", None)] * 2
+    assert (
+        ray.get(
+            [
+                seen.options(
+                    scheduling_strategy=ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(n, soft=False)
+                ).remote()
+                for n in cluster_nodes
+            ]
+        )
+        == [("clpipe-forwarded-region", None)] * 2
+    )

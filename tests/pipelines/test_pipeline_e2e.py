@@ -63,8 +63,11 @@ def test_the_chain_logs_lineage_metrics_and_models(chain, monkeypatch):
     assert [m.step for m in client.get_metric_history(pre.info.run_id, "val/knn_top1")] == [1, 2]
 
     # label subsets: the ids are an artifact; 1% of 1,259 = 13 labels, 10% = 126, every class covered
-    ids = json.loads(Path(client.download_artifacts(children["labels"].info.run_id, "label_subsets.json",
-                                                    str(chain.work.parent))).read_text())
+    ids = json.loads(
+        Path(
+            client.download_artifacts(children["labels"].info.run_id, "label_subsets.json", str(chain.work.parent))
+        ).read_text()
+    )
     assert {k: v["num_samples"] for k, v in ids["subsets"].items()} == {"1pct": 13, "10pct": 126}
     assert set(ids["subsets"]["1pct"]["ids"]) <= set(ids["subsets"]["10pct"]["ids"])
     assert all(len(v["class_counts"]) == 10 for v in ids["subsets"].values())
@@ -74,7 +77,11 @@ def test_the_chain_logs_lineage_metrics_and_models(chain, monkeypatch):
     for name in ("teacher_10pct", "baseline_10pct", "teacher_1pct", "baseline_1pct"):
         assert [m.step for m in client.get_metric_history(fin.info.run_id, f"{name}/val/top1")] == [0, 1, 2, 3]
         assert 0 <= fin.data.metrics[f"{name}/selected_epoch"] <= 3
-    assert [m.step for m in client.get_metric_history(children["distill"].info.run_id, "student_10pct/val/top1")] == [0, 1, 2]
+    assert [m.step for m in client.get_metric_history(children["distill"].info.run_id, "student_10pct/val/top1")] == [
+        0,
+        1,
+        2,
+    ]
 
     ev = children["evaluate"]
     for frac in ("1pct", "10pct"):
@@ -88,15 +95,21 @@ def test_the_chain_logs_lineage_metrics_and_models(chain, monkeypatch):
     manifest_sha = outputs(client, shard.info.run_id)["manifest_sha256"]
     for role in ("encoder", "teacher", "student"):
         mv = client.get_model_version_by_alias(f"default-{role}", "champion")
-        assert str(mv.version) == "1" and str(client.get_model_version_by_alias(f"default-{role}", "candidate").version) == "1"
+        assert (
+            str(mv.version) == "1"
+            and str(client.get_model_version_by_alias(f"default-{role}", "candidate").version) == "1"
+        )
         assert mv.tags["clpipe.pipeline_run_id"] == chain.parent.info.run_id
         assert mv.tags["label_fraction"] == "0.1" and mv.tags["seed"] == "0"
         assert mv.tags["clpipe.manifest_sha256"] == manifest_sha
         assert float(mv.tags["test_top1"]) >= 0
     stage_of = {"encoder": "pretrain", "teacher": "finetune", "student": "distill"}
     logged = {stage: outputs(client, children[stage].info.run_id) for stage in stage_of.values()}
-    model_ids = {"encoder": logged["pretrain"]["model_id"], "teacher": logged["finetune"]["models"]["teacher_10pct"]["model_id"],
-                 "student": logged["distill"]["models"]["student_10pct"]["model_id"]}
+    model_ids = {
+        "encoder": logged["pretrain"]["model_id"],
+        "teacher": logged["finetune"]["models"]["teacher_10pct"]["model_id"],
+        "student": logged["distill"]["models"]["student_10pct"]["model_id"],
+    }
     for role, stage in stage_of.items():
         mv = client.get_model_version(f"default-{role}", "1")
         assert mv.tags["clpipe.stage_run_id"] == children[stage].info.run_id
@@ -110,7 +123,14 @@ def test_the_chain_logs_lineage_metrics_and_models(chain, monkeypatch):
         assert "test top-1" in mv.description and client.get_registered_model(f"default-{role}").description
     # each training stage logged every model it trained, and register logged none
     assert {m.name for m in client.search_logged_models(experiment_ids=[chain.exp_id])} == {
-        "encoder", "teacher_1pct", "baseline_1pct", "teacher_10pct", "baseline_10pct", "student_1pct", "student_10pct"}
+        "encoder",
+        "teacher_1pct",
+        "baseline_1pct",
+        "teacher_10pct",
+        "baseline_10pct",
+        "student_1pct",
+        "student_10pct",
+    }
     _use_the_chains_store(chain, monkeypatch)  # models:/ URIs resolve through it
     student = load_model("models:/default-student@champion")  # state_dict + builder, nothing unpickled
     x, y = _test_images(chain)
@@ -118,10 +138,17 @@ def test_the_chain_logs_lineage_metrics_and_models(chain, monkeypatch):
     assert logits.argmax(1).shape == y.shape
     served = mlflow.pyfunc.load_model("models:/default-student@champion", model_config={"device": "cpu"})
     assert np.allclose(served.predict(x.numpy()), logits, atol=1e-4)
-    assert np.isclose(float(client.get_model_version("default-student", "1").tags["test_top1"]),
-                      float(ev.data.metrics["test/10pct/student_top1"]), atol=1e-5)
+    assert np.isclose(
+        float(client.get_model_version("default-student", "1").tags["test_top1"]),
+        float(ev.data.metrics["test/10pct/student_top1"]),
+        atol=1e-5,
+    )
     # what serving the model in an environment of its own needs: pinned requirements and the cl_core code
-    local = Path(mlflow.artifacts.download_artifacts(f"models:/{model_ids['student']}", dst_path=str(chain.work.parent / "served")))
+    local = Path(
+        mlflow.artifacts.download_artifacts(
+            f"models:/{model_ids['student']}", dst_path=str(chain.work.parent / "served")
+        )
+    )
     reqs = {line.split("==")[0] for line in (local / "requirements.txt").read_text().split()}
     assert {"mlflow", "torch", "torchvision", "numpy", "pillow"} <= reqs, reqs
     assert (local / "code" / "cl_core" / "models" / "saved.py").is_file()
@@ -141,8 +168,13 @@ def test_the_chain_records_what_mlflow_users_expect(chain):
 
     sha = outputs(client, children["shard"].info.run_id)["manifest_sha256"]
     shard_dir = outputs(client, children["shard"].info.run_id)["shard_dir"]
-    context = {"labels": "labels", "pretrain": "training", "finetune": "training", "distill": "training",
-               "evaluate": "evaluation"}  # (the chain runs no sweep; the sweep stage's run logs it as training)
+    context = {
+        "labels": "labels",
+        "pretrain": "training",
+        "finetune": "training",
+        "distill": "training",
+        "evaluate": "evaluation",
+    }  # (the chain runs no sweep; the sweep stage's run logs it as training)
     for stage, ctx in context.items():
         inputs = client.get_run(children[stage].info.run_id).inputs.dataset_inputs
         assert len(inputs) == 1, (stage, inputs)
@@ -206,7 +238,10 @@ def test_chain_input_errors_are_one_clear_line(chain, local_ray, tmp_path, capsy
     assert len(err.strip().splitlines()) == 1
     # a student backbone that does not exist is a config error
     assert main([*args, "--set", "distill.student_backbone=resnet7"]) == 2
-    assert "distill.student_backbone: unknown backbone 'resnet7'; known backbones: resnet18, resnet50, small_cnn" in capsys.readouterr().err
+    assert (
+        "distill.student_backbone: unknown backbone 'resnet7'; known backbones: resnet18, resnet50, small_cnn"
+        in capsys.readouterr().err
+    )
     # a student of another architecture cannot start from the teacher's encoder
     assert main([*args, "--set", "distill.init=teacher", "--set", "distill.student_width=8"]) == 1
     err = capsys.readouterr().err
@@ -306,10 +341,14 @@ def test_export_the_registered_student_as_a_state_dict_torchscript_and_onnx(chai
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     uri = "models:/default-student@champion"
-    paths = {fmt: tmp_path / name for fmt, name in (("state_dict", "student"), ("torchscript", "student.pt"),
-                                                    ("onnx", "student.onnx"))}
+    paths = {
+        fmt: tmp_path / name
+        for fmt, name in (("state_dict", "student"), ("torchscript", "student.pt"), ("onnx", "student.onnx"))
+    }
     for fmt, path in paths.items():
-        assert main(["export", uri, str(path), "--format", fmt, "--work-dir", str(chain.work)]) == 0, capsys.readouterr()
+        assert main(["export", uri, str(path), "--format", fmt, "--work-dir", str(chain.work)]) == 0, (
+            capsys.readouterr()
+        )
         assert f"-> {path} ({fmt}, outputs checked)" in capsys.readouterr().out
     assert "MLFLOW_TRACKING_URI" not in os.environ  # the export left the environment as it was
     _use_the_chains_store(chain, monkeypatch)
@@ -327,7 +366,9 @@ def test_export_the_registered_student_as_a_state_dict_torchscript_and_onnx(chai
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-4)
     # a model URI that does not exist: one line
-    assert main(["export", "models:/default-nothing@champion", str(tmp_path / "x.pt"), "--work-dir", str(chain.work)]) == 1
+    assert (
+        main(["export", "models:/default-nothing@champion", str(tmp_path / "x.pt"), "--work-dir", str(chain.work)]) == 1
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("clpipe: export models:/default-nothing@champion: "), err
 
@@ -347,8 +388,13 @@ def test_the_run_report_renders_in_headless_chromium(chain, tmp_path):
 
     seen = render(page, tmp_path / "report.png")
     assert not seen.errors, seen.errors
-    assert seen.headings == ["Stage timeline", "Training curves", "Results (test split)", "Confusion matrices",
-                             "Lineage"]
+    assert seen.headings == [
+        "Stage timeline",
+        "Training curves",
+        "Results (test split)",
+        "Confusion matrices",
+        "Lineage",
+    ]
     # pretrain curves, fine-tuning and distillation curves, a confusion figure per label fraction
     assert len(seen.images) == 5, seen.images
     assert all(i["complete"] and i["width"] > 100 and i["height"] > 100 for i in seen.images), seen.images
@@ -382,16 +428,39 @@ def test_a_registered_model_serves_with_mlflow_models_predict_in_a_fresh_virtual
     env["MLFLOW_TRACKING_URI"] = store
     try:
         subprocess.run([sys.executable, "-m", "venv", str(env_dir)], check=True)
-        pip = subprocess.run([str(env_dir / "bin" / "pip"), "install", "-q", "-r", str(model / "requirements.txt")],
-                             capture_output=True, text=True, env=env, cwd=tmp_path)
+        pip = subprocess.run(
+            [str(env_dir / "bin" / "pip"), "install", "-q", "-r", str(model / "requirements.txt")],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+        )
         assert pip.returncode == 0, pip.stderr[-3000:]
         python = str(env_dir / "bin" / "python")
         bare = subprocess.run([python, "-c", "import cl_core"], capture_output=True, text=True, env=env, cwd=tmp_path)
         assert "No module named 'cl_core'" in bare.stderr  # only the model's code_paths bring it
         out = tmp_path / "predictions.json"
-        served = subprocess.run([str(env_dir / "bin" / "mlflow"), "models", "predict", "-m", uri, "-i",
-                                 str(model / "serving_input_example.json"), "-t", "json", "-o", str(out),
-                                 "--env-manager", "local"], capture_output=True, text=True, env=env, cwd=tmp_path)
+        served = subprocess.run(
+            [
+                str(env_dir / "bin" / "mlflow"),
+                "models",
+                "predict",
+                "-m",
+                uri,
+                "-i",
+                str(model / "serving_input_example.json"),
+                "-t",
+                "json",
+                "-o",
+                str(out),
+                "--env-manager",
+                "local",
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+        )
         assert served.returncode == 0, served.stderr[-3000:]
         got = np.asarray(json.loads(out.read_text())["predictions"], dtype=np.float32)
     finally:

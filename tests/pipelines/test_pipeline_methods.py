@@ -23,10 +23,25 @@ def test_simcse_pretrains_on_a_text_source(tmp_path, local_ray, capsys):
     corpus = tmp_path / "python_docs.txt"
     n = write_corpus(corpus)
     work = tmp_path / "work"
-    args = ["run", "--work-dir", str(work), "--set", f"data.source={{kind: text, path: {corpus}}}",
-            "--set", "data.tokenizer_vocab_size=600", "--set", "pretrain.method=simcse",
-            "--set", "pretrain.backbone=text_transformer", "--set", "pretrain.epochs=2", "--set", "pretrain.num_workers=1",
-            "--set", "pretrain.params.simcse={dim: 32, depth: 1, heads: 2, max_len: 24}"]
+    args = [
+        "run",
+        "--work-dir",
+        str(work),
+        "--set",
+        f"data.source={{kind: text, path: {corpus}}}",
+        "--set",
+        "data.tokenizer_vocab_size=600",
+        "--set",
+        "pretrain.method=simcse",
+        "--set",
+        "pretrain.backbone=text_transformer",
+        "--set",
+        "pretrain.epochs=2",
+        "--set",
+        "pretrain.num_workers=1",
+        "--set",
+        "pretrain.params.simcse={dim: 32, depth: 1, heads: 2, max_len: 24}",
+    ]
     assert main(args) == 0
     assert "reads text: running shard and pretrain" in capsys.readouterr().out
     client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
@@ -56,8 +71,16 @@ def test_the_fine_tuned_teacher_is_at_least_its_encoders_linear_probe(tmp_path, 
     from pipelines.cli import run
     from pipelines.config import load_config
 
-    cfg = load_config(None, [f"work_dir={tmp_path / 'work'}", "sweep.enabled=false", "pretrain.epochs=5",
-                             "finetune.baseline=false", "distill.epochs=1"])
+    cfg = load_config(
+        None,
+        [
+            f"work_dir={tmp_path / 'work'}",
+            "sweep.enabled=false",
+            "pretrain.epochs=5",
+            "finetune.baseline=false",
+            "distill.epochs=1",
+        ],
+    )
     result = run(cfg, until="evaluate")
     (row,) = [r for r in result.stages["evaluate"].outputs["rows"] if r["label_fraction"] == 0.1]
     assert row["teacher"] >= row["encoder_linear"], row

@@ -15,15 +15,23 @@ from pipelines.config import ConfigError, load_config
 def test_every_local_location_the_workers_use_is_listed(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = load_config(overrides=[f"work_dir={tmp_path}"])
-    assert cfg.node_paths() == [("data.output", str(tmp_path), True),
-                                ("ray.storage_path", str(tmp_path / "ray_results"), True),
-                                ("mlflow.tracking_uri", str(tmp_path), True),
-                                ("mlflow.artifact_location", str(tmp_path / "mlartifacts"), True)]
+    assert cfg.node_paths() == [
+        ("data.output", str(tmp_path), True),
+        ("ray.storage_path", str(tmp_path / "ray_results"), True),
+        ("mlflow.tracking_uri", str(tmp_path), True),
+        ("mlflow.artifact_location", str(tmp_path / "mlartifacts"), True),
+    ]
     folder = tmp_path / "images"
     folder.mkdir()
-    cfg = load_config(overrides=[f"work_dir={tmp_path}", f"data.source={{kind: image_folder, path: {folder}}}",
-                                 "data.output=s3://b/data", "ray.storage_path=s3://b/ray",
-                                 "mlflow.tracking_uri=http://mlflow:5000"])
+    cfg = load_config(
+        overrides=[
+            f"work_dir={tmp_path}",
+            f"data.source={{kind: image_folder, path: {folder}}}",
+            "data.output=s3://b/data",
+            "ray.storage_path=s3://b/ray",
+            "mlflow.tracking_uri=http://mlflow:5000",
+        ]
+    )
     assert cfg.node_paths() == [("data.source.path", str(folder), False)]  # read by the shard tasks
 
 
@@ -38,8 +46,16 @@ def test_a_joined_cluster_with_no_cpu_yet_refuses_local_paths(tmp_path, monkeypa
     assert "\n" not in line and line.startswith(f"data.output: {tmp_path} is a local path and no node")
     assert "set data.output: s3://BUCKET/prefix" in line and "ray.shared_fs: true" in line
     # everything in S3 and on a server: nothing to check
-    ray_env.preflight(load_config(overrides=[f"work_dir={tmp_path}", "data.output=s3://b/d", "ray.storage_path=s3://b/r",
-                                             "mlflow.tracking_uri=http://mlflow:5000"]))
+    ray_env.preflight(
+        load_config(
+            overrides=[
+                f"work_dir={tmp_path}",
+                "data.output=s3://b/d",
+                "ray.storage_path=s3://b/r",
+                "mlflow.tracking_uri=http://mlflow:5000",
+            ]
+        )
+    )
 
 
 def test_a_ray_of_this_process_on_one_node_is_not_checked(tmp_path, monkeypatch):

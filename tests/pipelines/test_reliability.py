@@ -35,12 +35,17 @@ def test_a_whole_checkpoint_verifies_and_records_its_position(tmp_path):
     assert set(info["files"]) == {"state.pt", "models/teacher.pt"}
 
 
-@pytest.mark.parametrize("damage,message", [
-    (lambda d: (d / "state.pt").write_bytes((d / "state.pt").read_bytes()[:100]),
-     "checkpoint file state.pt does not match its recorded sha256"),
-    (lambda d: (d / "models" / "teacher.pt").unlink(), "checkpoint file models/teacher.pt is missing"),
-    (lambda d: (d / CHECKPOINT_INFO).unlink(), "checkpoint has no checkpoint.json, so it may be incomplete"),
-])
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (
+            lambda d: (d / "state.pt").write_bytes((d / "state.pt").read_bytes()[:100]),
+            "checkpoint file state.pt does not match its recorded sha256",
+        ),
+        (lambda d: (d / "models" / "teacher.pt").unlink(), "checkpoint file models/teacher.pt is missing"),
+        (lambda d: (d / CHECKPOINT_INFO).unlink(), "checkpoint has no checkpoint.json, so it may be incomplete"),
+    ],
+)
 def test_a_damaged_or_incomplete_checkpoint_is_refused_naming_it(tmp_path, damage, message):
     _checkpoint(tmp_path)
     damage(tmp_path)
@@ -59,17 +64,23 @@ def test_a_failed_training_run_is_one_line_naming_the_cause_the_fix_and_the_chec
     from ray.train.v2.api.exceptions import WorkerGroupError
 
     ctx = SimpleNamespace(name="distill")
-    died = WorkerGroupError("Training failed due to worker errors:\n[Rank 1]\nThe actor died unexpectedly",
-                            {1: RayError("The actor died unexpectedly before finishing this task."),
-                             0: RuntimeError("Connection reset by peer\nmore")})
+    died = WorkerGroupError(
+        "Training failed due to worker errors:\n[Rank 1]\nThe actor died unexpectedly",
+        {
+            1: RayError("The actor died unexpectedly before finishing this task."),
+            0: RuntimeError("Connection reset by peer\nmore"),
+        },
+    )
     latest = ("/w/ray_results/distill-abc/checkpoint_2", "student_1pct: epoch 1, batch 6 of 24 (step 6)")
     assert _failure_message(ctx, SimpleNamespace(max_failures=0), died, latest) == (
         "distill: a training worker died (rank 0: RuntimeError: Connection reset by peer; rank 1: RayError: The actor "
         "died unexpectedly before finishing this task.); set distill.max_failures >= 1 to restart automatically; "
         "the last checkpoint is /w/ray_results/distill-abc/checkpoint_2 (student_1pct: epoch 1, batch 6 of 24 "
-        "(step 6)); rerunning the same command resumes from it")
+        "(step 6)); rerunning the same command resumes from it"
+    )
     assert _failure_message(ctx, SimpleNamespace(max_failures=2), died, None).endswith(
-        ") after 2 restart(s); no checkpoint was written yet; rerunning the same command starts the stage over")
+        ") after 2 restart(s); no checkpoint was written yet; rerunning the same command starts the stage over"
+    )
     msg = _failure_message(ctx, SimpleNamespace(max_failures=0), ValueError("x" * 300), None)
     assert msg.startswith("distill: training failed (ValueError: xxx") and " ...); no checkpoint" in msg
     assert "max_failures" not in msg and "\n" not in msg  # a bug is not fixed by restarting
@@ -142,7 +153,10 @@ def test_one_percent_corrupt_images_are_counted_in_the_manifest_and_mlflow(tmp_p
     shard_dir = next((work / "shard").iterdir())
     manifest = S.read_manifest(shard_dir)
     assert manifest["num_corrupt"] == 3 and sorted(c["id"] for c in manifest["corrupt"]) == [
-        "c0/000.png", "c1/001.png", "c2/002.png"]
+        "c0/000.png",
+        "c1/001.png",
+        "c2/002.png",
+    ]
     # the same seed, another work dir: the same shards (checksums, order) and the same label subsets
     again = tmp_path / "again"
     assert main([*args, "--work-dir", str(again)]) == 0

@@ -40,12 +40,15 @@ def test_objects_listing_and_prefixes(s3):
     assert storage.delete_prefix(f"{base}/a") == 2 and storage.list_files(base) == []
 
 
-@pytest.mark.parametrize("change,message", [
-    ({"uri": "s3://no-such-bucket/x"}, "bucket 'no-such-bucket' does not exist"),
-    ({"AWS_SECRET_ACCESS_KEY": "wrong"}, "refused the credentials"),
-    ({"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}, "cannot reach the S3 endpoint http://127.0.0.1:9"),
-    ({"uri": f"s3://{BUCKET}/missing.bin"}, "no such object"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"uri": "s3://no-such-bucket/x"}, "bucket 'no-such-bucket' does not exist"),
+        ({"AWS_SECRET_ACCESS_KEY": "wrong"}, "refused the credentials"),
+        ({"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}, "cannot reach the S3 endpoint http://127.0.0.1:9"),
+        ({"uri": f"s3://{BUCKET}/missing.bin"}, "no such object"),
+    ],
+)
 def test_errors_are_one_line_and_bounded(s3, monkeypatch, change, message):
     storage.write_bytes(f"s3://{BUCKET}/errors/x.bin", b"x")
     uri = change.pop("uri", f"s3://{BUCKET}/errors/x.bin")
@@ -163,17 +166,58 @@ def test_pipeline_shards_checkpoints_and_artifacts_in_s3(s3, tmp_path, capsys):
     root = f"s3://{BUCKET}/pipeline"
     ray.shutdown()  # a Ray of its own: its workers inherit the S3 server's environment
     try:
-        assert main([*(args := ["run", "--work-dir", str(work), "--set", "ray.num_cpus=2",
-                     "--set", "pretrain.epochs=1", "--set", "pretrain.batch_size_per_worker=32",
-                     "--set", "labels.fractions=[0.1]", "--set", "finetune.baseline=false",
-                     "--set", "finetune.epochs=1", "--set", "finetune.min_steps=0", "--set", "finetune.num_workers=1",
-                     "--set", "pretrain.method=swav", "--set", "pretrain.views.local_views=2",
-                     "--set", "pretrain.params.swav={num_prototypes: 20, freeze_prototypes_steps: 5, hidden_dim: 64}",
-                     "--set", "pretrain.views.augment_on=device",
-                     "--set", f"data.output={root}/data", "--set", f"ray.storage_path={root}/ray",
-                     "--set", f"mlflow.artifact_location={root}/mlflow", "--set", "sweep.enabled=true",
-                     "--set", "sweep.space={temperature: {grid: [0.2]}, lr_base: {grid: [0.5]}}",
-                     "--set", "sweep.epochs=1"]), "--until", "finetune"]) == 0
+        assert (
+            main(
+                [
+                    *(
+                        args := [
+                            "run",
+                            "--work-dir",
+                            str(work),
+                            "--set",
+                            "ray.num_cpus=2",
+                            "--set",
+                            "pretrain.epochs=1",
+                            "--set",
+                            "pretrain.batch_size_per_worker=32",
+                            "--set",
+                            "labels.fractions=[0.1]",
+                            "--set",
+                            "finetune.baseline=false",
+                            "--set",
+                            "finetune.epochs=1",
+                            "--set",
+                            "finetune.min_steps=0",
+                            "--set",
+                            "finetune.num_workers=1",
+                            "--set",
+                            "pretrain.method=swav",
+                            "--set",
+                            "pretrain.views.local_views=2",
+                            "--set",
+                            "pretrain.params.swav={num_prototypes: 20, freeze_prototypes_steps: 5, hidden_dim: 64}",
+                            "--set",
+                            "pretrain.views.augment_on=device",
+                            "--set",
+                            f"data.output={root}/data",
+                            "--set",
+                            f"ray.storage_path={root}/ray",
+                            "--set",
+                            f"mlflow.artifact_location={root}/mlflow",
+                            "--set",
+                            "sweep.enabled=true",
+                            "--set",
+                            "sweep.space={temperature: {grid: [0.2]}, lr_base: {grid: [0.5]}}",
+                            "--set",
+                            "sweep.epochs=1",
+                        ]
+                    ),
+                    "--until",
+                    "finetune",
+                ]
+            )
+            == 0
+        )
         out = capsys.readouterr()
         objects = storage.list_files(root)
         client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
@@ -249,8 +293,9 @@ def test_image_folder_and_npz_sources_in_s3(s3, tmp_path):
     src = open_source({"kind": "image_folder", "path": base})
     assert src.class_names == ["cat", "dog"] and src.labeled
     refs = src.refs()
-    assert [(r.id, r.label) for r in refs] == [(f"{c}/{i}.png", ci) for ci, c in enumerate(["cat", "dog"])
-                                                for i in range(6) if (i % 2 == 0) == (c == "dog")]
+    assert [(r.id, r.label) for r in refs] == [
+        (f"{c}/{i}.png", ci) for ci, c in enumerate(["cat", "dog"]) for i in range(6) if (i % 2 == 0) == (c == "dog")
+    ]
     data, ext = src.encode(refs[0])
     assert ext == "png" and data == encode_png(images[1])
     buf = io.BytesIO()

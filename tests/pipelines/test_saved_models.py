@@ -30,8 +30,10 @@ from cl_core.methods import SimCLR, get_method
 from pipelines import models
 from tests.conftest import make_images
 
-SIMCLR = {"method": "simclr", "kwargs": {"backbone": "small_cnn", "backbone_args": {"width": 8}, "head_layers": 2,
-                                         "proj_dim": 16}}
+SIMCLR = {
+    "method": "simclr",
+    "kwargs": {"backbone": "small_cnn", "backbone_args": {"width": 8}, "head_layers": 2, "proj_dim": 16},
+}
 CPU = {"device": "cpu"}  # the pyfunc's device (default: CUDA when there is one), for exact comparisons
 
 
@@ -98,8 +100,9 @@ def test_a_classifier_loads_back_as_a_module_and_as_a_pyfunc(store):
     model, builder = _teacher()
     x = _images()
     with mlflow.start_run(experiment_id=store):
-        info = models.log_model(model, name="teacher", builder=builder, registered_model_name="t-teacher",
-                               input_example=x)
+        info = models.log_model(
+            model, name="teacher", builder=builder, registered_model_name="t-teacher", input_example=x
+        )
     assert info.registered_model_version == 1
     MlflowClient().set_registered_model_alias("t-teacher", "champion", "1")
     for uri in ("models:/t-teacher@champion", "models:/t-teacher/1", info.model_uri):
@@ -175,8 +178,12 @@ def test_the_artifacts_hold_no_pickled_objects_and_loading_unpickles_none(store,
     # the weights file is a plain state_dict: tensors (storages) and an OrderedDict only
     names = _globals(local / "data/weights/state_dict.pt")
     assert "torch._utils._rebuild_tensor_v2" in names
-    assert all(n == "collections.OrderedDict" or n == "torch._utils._rebuild_tensor_v2"
-               or (n.startswith("torch.") and n.endswith("Storage")) for n in names), names
+    assert all(
+        n == "collections.OrderedDict"
+        or n == "torch._utils._rebuild_tensor_v2"
+        or (n.startswith("torch.") and n.endswith("Storage"))
+        for n in names
+    ), names
 
     with _Recorder() as found:  # the audit hook sees the standard unpickler at work ...
         torch.load(local / "data/weights/state_dict.pt", weights_only=False)
@@ -233,22 +240,31 @@ def test_a_model_logged_with_the_loaders_former_name_still_loads(store, tmp_path
 def test_a_pickled_pytorch_flavor_model_is_not_loaded(store):
     model, _ = _teacher()
     with mlflow.start_run(experiment_id=store):
-        info = mlflow.pytorch.log_model(model, name="pickled", serialization_format="pickle",
-                                        pip_requirements=["torch"])
+        info = mlflow.pytorch.log_model(
+            model, name="pickled", serialization_format="pickle", pip_requirements=["torch"]
+        )
     with pytest.raises(ValueError, match="not a model logged by pipelines.models.log_model") as e:
         models.load_model(info.model_uri)
     assert "'mlflow.pytorch'" in str(e.value) and "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("builder,error", [
-    ({"kind": "resnet"}, r"builder\.kind: 'resnet' is not one of classifier, encoder"),
-    ({"kind": "classifier"}, r"builder\.spec: missing"),
-    ({"kind": "encoder", "model": {"kwargs": {}}}, r"builder\.model\.method: missing"),
-    ({"kind": "classifier", "spec": {"backbone": "small_cnn", "num_classes": 4, "width": 8}},
-     r"builder: the weights do not fit .*other shape fc\.bias, fc\.weight"),
-    ({"kind": "encoder", "model": SIMCLR}, r"builder: the weights do not fit .*\(missing features\.0\.weight, .*unexpected backbone\."),
-    ({"kind": "classifier", "spec": {"x": object()}}, r"builder: not JSON"),
-])
+@pytest.mark.parametrize(
+    "builder,error",
+    [
+        ({"kind": "resnet"}, r"builder\.kind: 'resnet' is not one of classifier, encoder"),
+        ({"kind": "classifier"}, r"builder\.spec: missing"),
+        ({"kind": "encoder", "model": {"kwargs": {}}}, r"builder\.model\.method: missing"),
+        (
+            {"kind": "classifier", "spec": {"backbone": "small_cnn", "num_classes": 4, "width": 8}},
+            r"builder: the weights do not fit .*other shape fc\.bias, fc\.weight",
+        ),
+        (
+            {"kind": "encoder", "model": SIMCLR},
+            r"builder: the weights do not fit .*\(missing features\.0\.weight, .*unexpected backbone\.",
+        ),
+        ({"kind": "classifier", "spec": {"x": object()}}, r"builder: not JSON"),
+    ],
+)
 def test_a_builder_that_does_not_rebuild_the_module_is_refused_before_logging(builder, error):
     model = build_classifier(classifier_spec(backbone="small_cnn", num_classes=3, width=8))
     with pytest.raises(ValueError, match=error) as e:
@@ -268,14 +284,16 @@ def test_a_builder_that_computes_otherwise_is_refused():
 
 # the register stage, driven directly (no Ray): tags, aliases and safe models
 
+
 def _register_inputs(tmp_path: Path) -> dict:
     images, labels = make_images(12, size=12)
     source = ArraySource(images, labels, ["a", "b", "c"], "t", {"kind": "test"})
     shard_dir = tmp_path / "shards"
     shard_dir.mkdir()
     result = S.write_shard(source, source.refs(), shard_dir / "test-000000.tar")
-    manifest = S.build_manifest(source=source, split_sizes={"test": 12}, shard_results={"test": [result]}, seed=0,
-                                config={})
+    manifest = S.build_manifest(
+        source=source, split_sizes={"test": 12}, shard_results={"test": [result]}, seed=0, config={}
+    )
     S.write_manifest(shard_dir, manifest)
 
     method = SimCLR(**SIMCLR["kwargs"], gather_distributed=False)
@@ -296,8 +314,11 @@ def _register_inputs(tmp_path: Path) -> dict:
         "pretrain": {"checkpoint_dir": str(ckpt), "model": SIMCLR, "image_size": 12},
         "finetune": {"models": {"teacher_10pct": records["teacher"]}},
         "distill": {"models": {"student_10pct": records["student"]}},
-        "evaluate": {"rows": [{"label_fraction": 0.1, "encoder_knn": 0.4, "encoder_linear": 0.5, "teacher": 0.6,
-                               "student": 0.55}]},
+        "evaluate": {
+            "rows": [
+                {"label_fraction": 0.1, "encoder_knn": 0.4, "encoder_linear": 0.5, "teacher": 0.6, "student": 0.55}
+            ]
+        },
     }
 
 
@@ -314,13 +335,23 @@ def test_the_register_stage_logs_safe_models_with_tags_and_aliases(store, tmp_pa
     def run(rows: dict) -> dict:
         inputs["evaluate"]["rows"][0].update(rows)
         with mlflow.start_run(experiment_id=store) as r:
-            ctx = StageContext(name="register", key="k" * 64, run_id=r.info.run_id, parent_run_id="run-parent",
-                               config=config, output_dir=tmp_path, upstream_run_ids=upstream)
+            ctx = StageContext(
+                name="register",
+                key="k" * 64,
+                run_id=r.info.run_id,
+                parent_run_id="run-parent",
+                config=config,
+                output_dir=tmp_path,
+                upstream_run_ids=upstream,
+            )
             return register(ctx, RegisterConfig(), inputs)
 
     first = run({})
-    assert {r: (v["version"], v["champion"]) for r, v in first["versions"].items()} == \
-        {"encoder": ("1", True), "teacher": ("1", True), "student": ("1", True)}
+    assert {r: (v["version"], v["champion"]) for r, v in first["versions"].items()} == {
+        "encoder": ("1", True),
+        "teacher": ("1", True),
+        "student": ("1", True),
+    }
     client = MlflowClient()
     mv = client.get_model_version_by_alias("reg-teacher", "champion")
     assert mv.tags["clpipe.stage_run_id"] == "run-fin" and mv.tags["clpipe.pipeline_run_id"] == "run-parent"

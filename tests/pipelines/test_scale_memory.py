@@ -84,8 +84,15 @@ def test_peak_memory_of_shard_and_pretrain_is_flat_in_the_data_size(tmp_path):
     sys.path.insert(0, str(BENCH))
     import scale
 
-    res = scale.measure("npz", [1_000, 10_000], tmp_path, interval=0.05, log=lambda *a: None, until="pretrain",
-                        overrides=["sweep.enabled=false", "pretrain.views.image_size=32"])
+    res = scale.measure(
+        "npz",
+        [1_000, 10_000],
+        tmp_path,
+        interval=0.05,
+        log=lambda *a: None,
+        until="pretrain",
+        overrides=["sweep.enabled=false", "pretrain.views.image_size=32"],
+    )
     assert set(res["stages"]) == {"shard", "pretrain"}, res["stages"].keys()
     for name, row in res["stages"].items():
         for role in ("driver", "worker"):
@@ -97,8 +104,11 @@ def test_knn_blocks_are_bounded_and_give_the_same_votes():
     from cl_core.evaluate import knn_predict
 
     g = torch.Generator().manual_seed(0)
-    bank, labels, queries = torch.randn(3000, 16, generator=g), torch.randint(0, 5, (3000,), generator=g), \
-        torch.randn(700, 16, generator=g)
+    bank, labels, queries = (
+        torch.randn(3000, 16, generator=g),
+        torch.randint(0, 5, (3000,), generator=g),
+        torch.randn(700, 16, generator=g),
+    )
     whole = knn_predict(bank, labels, queries, num_classes=5)
     small = knn_predict(bank, labels, queries, num_classes=5, max_elements=3000 * 7)  # 7 queries per block
     assert torch.equal(whole, small)

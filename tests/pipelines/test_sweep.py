@@ -22,22 +22,38 @@ from tests.conftest import latest_children, outputs, pipeline_runs
 ON = ["sweep.enabled=true", "sweep.space={}"]
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (ON, "sweep.space: empty; name at least one hyperparameter"),
-    (ON + ["sweep.space={momentum: {grid: [0.9]}}"], "sweep.space.momentum: simclr has no hyperparameter 'momentum'"),
-    (ON + ["pretrain.method=moco", "sweep.space={momentum: {uniform: [0.9, 1.0]}}"],
-     "sweep.space.momentum: value 1.0: params.moco.momentum: must be in [0, 1)"),
-    (ON + ["sweep.space={temperature: {grid: [0.1, 0]}}"], "sweep.space.temperature: value 0: params.simclr.temperature: "
-     "must be a finite number > 0"),
-    (ON + ["sweep.space={temperature: {loguniform: [0, 1]}}"], "space.temperature.loguniform: bounds must be > 0"),
-    (ON + ["sweep.space={temperature: {normal: [0, 1]}}"], "space.temperature: expected one of {grid: [...]}"),
-    (ON + ["sweep.space={temperature: {grid: [0.1]}}", "sweep.max_concurrent_trials=4", "ray.num_cpus=2"],
-     "sweep.max_concurrent_trials (4) x cpus_per_trial (1.0) > ray.num_cpus (2)"),
-    (ON + ["sweep.space={temperature: {grid: [0.1]}}", "sweep.workers_per_trial=4", "sweep.cpus_per_trial=0.2"],
-     "sweep.cpus_per_trial (0.2) leaves less than 0.1 CPU to each of the 4 workers_per_trial"),
-    (ON + ["sweep.space={temperature: {grid: [0.1]}}", "sweep.search=optuna"],
-     "sweep.space.temperature: Optuna cannot search a grid; use choice, or search: basic"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (ON, "sweep.space: empty; name at least one hyperparameter"),
+        (
+            ON + ["sweep.space={momentum: {grid: [0.9]}}"],
+            "sweep.space.momentum: simclr has no hyperparameter 'momentum'",
+        ),
+        (
+            ON + ["pretrain.method=moco", "sweep.space={momentum: {uniform: [0.9, 1.0]}}"],
+            "sweep.space.momentum: value 1.0: params.moco.momentum: must be in [0, 1)",
+        ),
+        (
+            ON + ["sweep.space={temperature: {grid: [0.1, 0]}}"],
+            "sweep.space.temperature: value 0: params.simclr.temperature: must be a finite number > 0",
+        ),
+        (ON + ["sweep.space={temperature: {loguniform: [0, 1]}}"], "space.temperature.loguniform: bounds must be > 0"),
+        (ON + ["sweep.space={temperature: {normal: [0, 1]}}"], "space.temperature: expected one of {grid: [...]}"),
+        (
+            ON + ["sweep.space={temperature: {grid: [0.1]}}", "sweep.max_concurrent_trials=4", "ray.num_cpus=2"],
+            "sweep.max_concurrent_trials (4) x cpus_per_trial (1.0) > ray.num_cpus (2)",
+        ),
+        (
+            ON + ["sweep.space={temperature: {grid: [0.1]}}", "sweep.workers_per_trial=4", "sweep.cpus_per_trial=0.2"],
+            "sweep.cpus_per_trial (0.2) leaves less than 0.1 CPU to each of the 4 workers_per_trial",
+        ),
+        (
+            ON + ["sweep.space={temperature: {grid: [0.1]}}", "sweep.search=optuna"],
+            "sweep.space.temperature: Optuna cannot search a grid; use choice, or search: basic",
+        ),
+    ],
+)
 def test_bad_sweeps_are_refused_before_any_trial(overrides, message):
     with pytest.raises(ConfigError) as e:
         load_config(overrides=overrides)
@@ -60,8 +76,18 @@ def test_a_valid_space_loads_and_a_disabled_sweep_is_not_a_stage():
     assert [s.name for s in STAGES if s.enabled(load_config())] == [*names[:2], "sweep", *names[2:]]  # the default
 
 
-TINY = ["--set", "pretrain.epochs=1", "--set", "pretrain.batch_size_per_worker=32", "--set", "sweep.enabled=true",
-        "--set", "sweep.epochs=2", "--set", "sweep.max_concurrent_trials=1"]
+TINY = [
+    "--set",
+    "pretrain.epochs=1",
+    "--set",
+    "pretrain.batch_size_per_worker=32",
+    "--set",
+    "sweep.enabled=true",
+    "--set",
+    "sweep.epochs=2",
+    "--set",
+    "sweep.max_concurrent_trials=1",
+]
 
 
 def _trials(client: MlflowClient, exp_id: str, sweep_run_id: str) -> list:
@@ -104,8 +130,16 @@ def test_sweep_logs_every_trial_and_stops_poor_ones(tmp_path, local_ray, capsys)
     # rate (bench/README.md), so at ASHA's first rung the lr 0.3 and 0.6 trials trail the first trial (which
     # always goes on) by far and are stopped; on digits, trials that do learn differ by a few val images only
     space = "sweep.space={lr_base: {grid: [1.0e-4, 0.3, 0.6]}, temperature: {grid: [0.07]}}"
-    method = ["--set", "pretrain.method=instdisc", "--set", "pretrain.params.instdisc={num_negatives: 256}",
-              "--set", "pretrain.warmup_epochs=0", "--set", "pretrain.optimizer=sgd"]
+    method = [
+        "--set",
+        "pretrain.method=instdisc",
+        "--set",
+        "pretrain.params.instdisc={num_negatives: 256}",
+        "--set",
+        "pretrain.warmup_epochs=0",
+        "--set",
+        "pretrain.optimizer=sgd",
+    ]
     args = ["run", "--work-dir", str(work), *TINY, *method, "--set", space, "--until", "sweep"]
     assert main(args) == 0
     client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
@@ -123,8 +157,13 @@ def test_sweep_logs_every_trial_and_stops_poor_ones(tmp_path, local_ray, capsys)
     assert stopped and all(float(t.data.params["lr_base"]) >= 0.3 for t in stopped)
     assert sw.data.metrics["sweep/stopped_early"] == len(stopped)
     artifacts = {a.path for a in client.list_artifacts(sw.info.run_id)}
-    assert {"trials.csv", "trials.json", "trial_curves.png", "objective_vs_temperature.png",
-            "objective_vs_lr_base.png"} <= artifacts
+    assert {
+        "trials.csv",
+        "trials.json",
+        "trial_curves.png",
+        "objective_vs_temperature.png",
+        "objective_vs_lr_base.png",
+    } <= artifacts
     assert outputs(client, sw.info.run_id)["best"] == {"lr_base": 1.0e-4, "temperature": 0.07}
     # InstDisc's bank has one entry per training image (num_samples filled in from the manifest)
     states = sorted((work / "ray_results").glob("sweep-*/trial_*/checkpoint_*/state.pt"))
@@ -157,14 +196,19 @@ def test_the_default_sweep_twice_gives_the_same_trials_stops_and_best(tmp_path, 
         # progress: a line per trial epoch (with the epochs done of those planned) and per finished trial
         progress = [ln for ln in out.splitlines() if ln.startswith("sweep: temperature=")]
         assert sum(" val kNN top-1 " in ln for ln in progress) == 7, progress  # 1 + 1 + 2 + 3 epochs
-        assert [ln.rsplit("[", 1)[1] for ln in progress if "trials finished" in ln] == \
-            [f"{i}/4 trials finished]" for i in range(1, 5)], progress
+        assert [ln.rsplit("[", 1)[1] for ln in progress if "trials finished" in ln] == [
+            f"{i}/4 trials finished]" for i in range(1, 5)
+        ], progress
         client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
         sw = latest_children(client, client.get_experiment_by_name("clpipe").experiment_id)["sweep"]
         ranked = outputs(client, sw.info.run_id)["ranked"]
-        runs.append({"best": outputs(client, sw.info.run_id)["best"],
-                     "trials": {r["temperature"]: (r["epochs_run"], r["stopped_early"], r["last"]) for r in ranked},
-                     "order": [r["temperature"] for r in ranked]})
+        runs.append(
+            {
+                "best": outputs(client, sw.info.run_id)["best"],
+                "trials": {r["temperature"]: (r["epochs_run"], r["stopped_early"], r["last"]) for r in ranked},
+                "order": [r["temperature"] for r in ranked],
+            }
+        )
     first, second = runs
     assert first == second
     # the halving itself: 4 trials, rungs at epochs 1 and 2, half of them go on at each
@@ -188,8 +232,9 @@ def _kill_during_first_trial(cmd: list[str], work: Path, checkpointed, log: Path
     ``checkpointed(ray_results)`` says the first trial has a checkpoint."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                                cwd=Path(__file__).parents[2])
+        proc = subprocess.Popen(
+            cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=Path(__file__).parents[2]
+        )
         try:
             deadline = time.time() + 300
             while time.time() < deadline and not checkpointed(work / "ray_results"):
@@ -209,11 +254,30 @@ def test_a_killed_sweep_of_single_worker_trials_sampled_by_optuna_resumes(tmp_pa
     samples the trial that never started. On 400 generated images (what is tested is the
     resume, not what the trials learn)."""
     work = tmp_path / "work"
-    args = ["sweep", "--work-dir", str(work), *_generated_source(tmp_path), "--set", "sweep.search=optuna", "--set", "sweep.num_samples=2",
-            "--set", "sweep.space={temperature: {uniform: [0.1, 1.0]}}", "--set", "sweep.epochs=2",
-            "--set", "sweep.max_concurrent_trials=1", "--set", "pretrain.batch_size_per_worker=32"]
-    _kill_during_first_trial([sys.executable, "-m", "pipelines", *args, "--set", f"ray.address={local_ray}"], work,
-                             lambda d: any(d.glob("sweep-*/trial_*/checkpoint_000000")), tmp_path / "first.log")
+    args = [
+        "sweep",
+        "--work-dir",
+        str(work),
+        *_generated_source(tmp_path),
+        "--set",
+        "sweep.search=optuna",
+        "--set",
+        "sweep.num_samples=2",
+        "--set",
+        "sweep.space={temperature: {uniform: [0.1, 1.0]}}",
+        "--set",
+        "sweep.epochs=2",
+        "--set",
+        "sweep.max_concurrent_trials=1",
+        "--set",
+        "pretrain.batch_size_per_worker=32",
+    ]
+    _kill_during_first_trial(
+        [sys.executable, "-m", "pipelines", *args, "--set", f"ray.address={local_ray}"],
+        work,
+        lambda d: any(d.glob("sweep-*/trial_*/checkpoint_000000")),
+        tmp_path / "first.log",
+    )
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "resuming the interrupted sweep" in out and "2 trials ranked" in out
@@ -248,11 +312,28 @@ def test_a_killed_sweep_of_two_worker_trials_resumes_from_the_trials_train_run(t
     from cl_core.data.shards import read_manifest, shard_urls
 
     work = tmp_path / "work"
-    args = ["sweep", "--work-dir", str(work), *_generated_source(tmp_path), "--set", "sweep.space={temperature: {grid: [0.5]}}",
-            "--set", "sweep.epochs=3", "--set", "sweep.workers_per_trial=2", "--set", "sweep.cpus_per_trial=2",
-            "--set", "pretrain.batch_size_per_worker=32"]
-    _kill_during_first_trial([sys.executable, "-m", "pipelines", *args, "--set", f"ray.address={local_ray}"], work,
-                             _train_checkpoint_registered, tmp_path / "first.log")
+    args = [
+        "sweep",
+        "--work-dir",
+        str(work),
+        *_generated_source(tmp_path),
+        "--set",
+        "sweep.space={temperature: {grid: [0.5]}}",
+        "--set",
+        "sweep.epochs=3",
+        "--set",
+        "sweep.workers_per_trial=2",
+        "--set",
+        "sweep.cpus_per_trial=2",
+        "--set",
+        "pretrain.batch_size_per_worker=32",
+    ]
+    _kill_during_first_trial(
+        [sys.executable, "-m", "pipelines", *args, "--set", f"ray.address={local_ray}"],
+        work,
+        _train_checkpoint_registered,
+        tmp_path / "first.log",
+    )
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "resuming the interrupted sweep" in out and "1 trials ranked" in out
@@ -271,8 +352,10 @@ def test_a_killed_sweep_of_two_worker_trials_resumes_from_the_trials_train_run(t
     shard_dir = outputs(client, latest_children(client, exp_id)["shard"].info.run_id)["shard_dir"]
     _, counts = shard_urls(shard_dir, read_manifest(shard_dir), "train")
     workers = load_config().pretrain.loader_workers
-    steps = {w: plan_epoch(counts, world_size=w, loader_workers=workers, batch_size=32, epoch=0, seed=0).steps
-             for w in (1, 2)}
+    steps = {
+        w: plan_epoch(counts, world_size=w, loader_workers=workers, batch_size=32, epoch=0, seed=0).steps
+        for w in (1, 2)
+    }
     assert steps[2] < steps[1]
     ckpt = sorted(p for p in runs[0].glob("checkpoint_*") if p.is_dir())[-1]
     assert json.loads((ckpt / "config.json").read_text())["metrics"]["step"] == 3 * steps[2]
