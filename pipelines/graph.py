@@ -24,7 +24,7 @@ from pydantic import BaseModel
 
 from cl_core.data import storage
 from pipelines import leases, report, tracking
-from pipelines.config import PipelineConfig, flatten
+from pipelines.config import PipelineConfig, RayConfig, flatten
 from pipelines.console import console
 from pipelines.errors import StageError
 
@@ -43,15 +43,35 @@ class StageSpec:
     system_metrics: bool = False
 
 
+@dataclass(frozen=True)
+class StageEnv:
+    """Where and how a stage runs, besides its section: none of it changes what the stage
+    computes, so none of it is in the stage's cache key (its section and the seed are)."""
+
+    pipeline: str  # the config's name
+    tracking_uri: str
+    ray: RayConfig  # how Ray is reached, where its runs are stored, its log level
+    work_dir: Path
+
+    def work_path(self) -> Path:
+        return self.work_dir
+
+    @classmethod
+    def of(cls, cfg: PipelineConfig) -> StageEnv:
+        return cls(cfg.name, cfg.tracking_uri(), cfg.ray, cfg.work_path())
+
+
 @dataclass
 class StageContext:
-    """What a running stage may use besides its config section."""
+    """What a running stage may use besides its own config section: its run, key, seed and
+    output dir, and the environment it runs in (not the rest of the config)."""
 
     name: str
     key: str
     run_id: str
     parent_run_id: str
-    config: PipelineConfig
+    seed: int
+    env: StageEnv
     output_dir: Path  # a directory owned by this stage and key
     upstream_run_ids: dict[str, str]
     rerun: bool = False  # --rerun of this stage (or upstream): outputs kept outside output_dir are rewritten too
@@ -62,12 +82,8 @@ class StageContext:
         return f"{self.name}-{self.key[:16]}"
 
     @property
-    def seed(self) -> int:
-        return self.config.seed
-
-    @property
     def tracking_uri(self) -> str:
-        return self.config.tracking_uri()
+        return self.env.tracking_uri
 
 
 @dataclass
@@ -327,7 +343,9 @@ def _compute(
         tracking.log_params(run.info.run_id, flatten(section.model_dump(mode="json")))
         mlflow.log_dict(section.model_dump(mode="json"), f"{spec.name}_config.json")
         out_dir = cfg.work_path() / spec.name / key[:16]
-        ctx = StageContext(spec.name, key, run.info.run_id, parent_id, cfg, out_dir, upstream_runs, rerun=force)
+        ctx = StageContext(
+            spec.name, key, run.info.run_id, parent_id, cfg.seed, StageEnv.of(cfg), out_dir, upstream_runs, rerun=force
+        )
         if force:  # recompute from scratch: drop partial outputs (a stage drops what it keeps elsewhere: ctx.rerun)
             shutil.rmtree(out_dir, ignore_errors=True)
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import ray
 
@@ -236,7 +236,16 @@ def cluster_gpus() -> float:
     return max(float(ray.cluster_resources().get("GPU", 0)), float(_max_resources().get("GPU", 0)))
 
 
-def storage(cfg: PipelineConfig) -> tuple[str, Any]:
+class Located(Protocol):
+    """What knows where Ray's runs are stored: a PipelineConfig, a stage's StageEnv."""
+
+    @property
+    def ray(self) -> RayConfig: ...
+
+    def work_path(self) -> Path: ...
+
+
+def storage(cfg: Located) -> tuple[str, Any]:
     """(storage_path, storage_filesystem) for Ray Train and Tune runs: ``ray.storage_path``
     as an ``s3://`` URI through pyarrow's S3 filesystem (endpoint and keys from the AWS
     environment), else ``<work_dir>/ray_results`` on the local disk."""
@@ -251,13 +260,13 @@ def storage_uri(path: str, filesystem: Any) -> str:
     return f"s3://{path.lstrip('/')}" if filesystem is not None else path
 
 
-def run_uri(cfg: PipelineConfig, name: str) -> str:
+def run_uri(cfg: Located, name: str) -> str:
     """Where Ray keeps the run (or Tune experiment) ``name``."""
     path, fs = storage(cfg)
     return storage_uri(f"{path}/{name}", fs)
 
 
-def forget_run(cfg: PipelineConfig, name: str) -> None:
+def forget_run(cfg: Located, name: str) -> None:
     """Delete the Ray run (or Tune experiment) ``name`` and its checkpoints, so a run of
     that name starts afresh instead of resuming (``--rerun``)."""
     uri = run_uri(cfg, name)

@@ -191,8 +191,8 @@ def fit(ctx: StageContext, worker: Callable[[dict], Any], worker_config: dict, s
     """Run ``worker`` on ``section.num_workers`` Ray Train workers; a failure raises
     :class:`TrainingFailed` naming the stage and the checkpoint to resume from."""
     if ctx.rerun:  # --rerun: a fresh Ray run, not a resume of this key's last one
-        ray_env.forget_run(ctx.config, ctx.ray_run_name)
-    storage_path, storage_fs = ray_env.storage(ctx.config)
+        ray_env.forget_run(ctx.env, ctx.ray_run_name)
+    storage_path, storage_fs = ray_env.storage(ctx.env)
     trainer = Trainer(
         worker,
         train_loop_config=worker_config,
@@ -208,7 +208,7 @@ def fit(ctx: StageContext, worker: Callable[[dict], Any], worker_config: dict, s
             storage_filesystem=storage_fs,
             checkpoint_config=CheckpointConfig(num_to_keep=1),
             failure_config=FailureConfig(max_failures=section.max_failures),
-            logging_config=LoggingConfig(log_level=ctx.config.ray.train_log_level),
+            logging_config=LoggingConfig(log_level=ctx.env.ray.train_log_level),
         ),  # type: ignore[call-arg]  # RunConfig of Train V2 (the stubs are V1's)
     )
     try:

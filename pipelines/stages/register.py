@@ -113,7 +113,7 @@ def register(ctx: StageContext, cfg: RegisterConfig, inputs: dict) -> dict:
         "student": ctx.upstream_run_ids["distill"],
     }
     client = MlflowClient()
-    base = ctx.config.model_name()
+    base = cfg.model_name or ctx.env.pipeline  # (the pipeline sets it: the config's model_name())
     versions = {}
     example = None
     for role, (record, builder, test_top1, extra) in roles.items():
@@ -135,7 +135,7 @@ def register(ctx: StageContext, cfg: RegisterConfig, inputs: dict) -> dict:
             model_uri,
             name,
             about[role],
-            f"pipeline {ctx.config.name}, run {ctx.parent_run_id}, seed {ctx.seed}, {fraction:.0%} of "
+            f"pipeline {ctx.env.pipeline}, run {ctx.parent_run_id}, seed {ctx.seed}, {fraction:.0%} of "
             f"the labels: test top-1 {test_top1:.4f} (logged by {STAGE_OF[role]} run {stage_runs[role]})",
         )
         tags = {
@@ -154,7 +154,7 @@ def register(ctx: StageContext, cfg: RegisterConfig, inputs: dict) -> dict:
             client.set_model_version_tag(name, version, k, v)
         client.set_registered_model_alias(name, "candidate", version)
         sha = shard_set["manifest_sha256"]
-        with leases.lease(leases.root_for(ctx.config), f"registry-{name}", say=console.print):  # compare-and-set
+        with leases.lease(leases.root_for(ctx.env), f"registry-{name}", say=console.print):  # compare-and-set
             champ_version, champ_top1, champ_sha = _champion(client, name)
             same_data = champ_sha == sha
             promoted = champ_version is None or (same_data and (champ_top1 is None or test_top1 > champ_top1))

@@ -274,8 +274,8 @@ def sweep(ctx: StageContext, cfg: SweepStageConfig, inputs: dict) -> dict:
     gpu = _use_gpu(pre, workers)
     concurrent = _concurrency(sw, gpu)
     if ctx.rerun:  # --rerun: a fresh experiment, not a resume of this key's last one
-        ray_env.forget_run(ctx.config, ctx.ray_run_name)
-    storage_path, storage_fs = ray_env.storage(ctx.config)  # local, or S3 through pyarrow
+        ray_env.forget_run(ctx.env, ctx.ray_run_name)
+    storage_path, storage_fs = ray_env.storage(ctx.env)  # local, or S3 through pyarrow
     exp_path = f"{storage_path}/{ctx.ray_run_name}"
     exp_dir = ray_env.storage_uri(exp_path, storage_fs)
     base = {
@@ -291,7 +291,7 @@ def sweep(ctx: StageContext, cfg: SweepStageConfig, inputs: dict) -> dict:
         "manifest": manifest,
         "train_storage": f"{exp_path}/train",
         "storage_fs": storage_fs,
-        "train_log_level": ctx.config.ray.train_log_level,
+        "train_log_level": ctx.env.ray.train_log_level,
     }
     if workers == 1:
         trainable = tune.with_resources(

@@ -324,7 +324,7 @@ def _register_inputs(tmp_path: Path) -> dict:
 
 def test_the_register_stage_logs_safe_models_with_tags_and_aliases(store, tmp_path):
     from pipelines.config import PipelineConfig, RegisterConfig
-    from pipelines.graph import StageContext
+    from pipelines.graph import StageContext, StageEnv
     from pipelines.stages._train import load_classifier
     from pipelines.stages.register import register
 
@@ -340,7 +340,8 @@ def test_the_register_stage_logs_safe_models_with_tags_and_aliases(store, tmp_pa
                 key="k" * 64,
                 run_id=r.info.run_id,
                 parent_run_id="run-parent",
-                config=config,
+                seed=config.seed,
+                env=StageEnv.of(config),
                 output_dir=tmp_path,
                 upstream_run_ids=upstream,
             )
