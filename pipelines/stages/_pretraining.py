@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -168,15 +169,16 @@ def device_views(v: ViewsConfig) -> DeviceViews | None:
 
 
 def train_worker(config: dict) -> list[dict] | None:
-    """Runs on each Ray Train worker."""
+    """Runs on each Ray Train worker (``config["job"]``: a :class:`PretrainJob`)."""
+    job: PretrainJob = config["job"]
     ray_env.quiet_train_worker()  # one progress line per epoch is enough
     ctx = train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(config["threads"])
+    torch.set_num_threads(job.threads)
     device = train.torch.get_device()
-    p = PretrainConfig.model_validate(config["pretrain"])
-    torch.manual_seed(config["seed"])  # the initial weights (DDP then sends rank 0's to every rank)
-    method = build_method(config["model"]).to(device)
+    p = PretrainConfig.model_validate(job.pretrain)
+    torch.manual_seed(job.seed)  # the initial weights (DDP then sends rank 0's to every rank)
+    method = build_method(job.model).to(device)
     loop_cfg = loop_config(p)
     method = cast(Method, loop_cfg.settings_for(device).prepare(method))
     if global_bn(p, world):
@@ -190,14 +192,14 @@ def train_worker(config: dict) -> list[dict] | None:
     # per-step broadcast of rank 0's buffers would resend a 65,536-key queue (32 MiB) each step
     model = train.torch.prepare_model(method, parallel_strategy_kwargs={"forward_sync_buffers": False})
     distributed.share_gradient_reduction(model)  # DDP's gradient buckets through /dev/shm too, where it is on
-    urls, counts = config["train_urls"], config["train_counts"]
+    urls, counts = job.train_urls, job.train_counts
     v = p.views
-    text = config["modality"] == "text"
+    text = job.modality == "text"
     if text:
-        manifest = read_manifest(config["shard_dir"])
-        max_len = config["model"]["kwargs"]["max_len"]
+        manifest = read_manifest(job.shard_dir)
+        max_len = job.model["kwargs"]["max_len"]
         stream = text_stream(
-            config["shard_dir"],
+            job.shard_dir,
             manifest,
             batch_size=p.batch_size_per_worker,
             rank=rank,
@@ -205,7 +207,7 @@ def train_worker(config: dict) -> list[dict] | None:
             loader_workers=p.loader_workers,
             max_len=max_len,
             shuffle_buffer=p.shuffle_buffer,
-            seed=config["seed"],
+            seed=job.seed,
         )
     else:
         stream = ShardStream(
@@ -216,9 +218,9 @@ def train_worker(config: dict) -> list[dict] | None:
             loader_workers=p.loader_workers,
             batch_size=p.batch_size_per_worker,
             shuffle_buffer=p.shuffle_buffer,
-            seed=config["seed"],
-            verify=config.get("train_verify"),
-            **view_stream(config["model"]["method"], v, device, urls),
+            seed=job.seed,
+            verify=job.train_verify,
+            **view_stream(job.model["method"], v, device, urls),
         )
     loop = TrainingLoop(model, method, stream, loop_cfg, device, view_augment=None if text else device_views(v))
 
@@ -236,9 +238,9 @@ def train_worker(config: dict) -> list[dict] | None:
 
     log: tracking.WorkerLog | None = None
     evaluate = None
-    tracked = config["run_id"] is not None  # None: a sweep trial, whose metrics go to Ray Tune only
-    if rank == 0 and tracked:
-        log = tracking.WorkerLog(config["tracking_uri"], config["run_id"], prefix="pretrain")
+    tracked = job.run_id is not None  # None: a sweep trial, whose metrics go to Ray Tune only
+    if rank == 0 and job.run_id is not None and job.tracking_uri is not None:
+        log = tracking.WorkerLog(job.tracking_uri, job.run_id, prefix="pretrain")
     record_placement(world, log)  # a collective: every rank
     if rank == 0 and tracked:
         bn = (
@@ -251,11 +253,11 @@ def train_worker(config: dict) -> list[dict] | None:
             else ""
         )
         print(f"[pretrain] {loop.describe()}{bn}", flush=True)
-    labeled = config["labeled"] and config["val_urls"] and p.monitor.enabled
+    labeled = job.labeled and job.val_urls and p.monitor.enabled
     if labeled and text and rank == 0:
-        tok = load_tokenizer(config["shard_dir"], manifest)
+        tok = load_tokenizer(job.shard_dir, manifest)
         bank_x, bank_y = load_text_split(urls, tok, max_len)
-        val_x, val_y = load_text_split(config["val_urls"], tok, max_len)
+        val_x, val_y = load_text_split(job.val_urls, tok, max_len)
         bank_x, bank_y = bank_x[: p.monitor.max_bank], bank_y[: p.monitor.max_bank]
         val_x, val_y = val_x[: p.monitor.max_val], val_y[: p.monitor.max_val]
 
@@ -265,7 +267,7 @@ def train_worker(config: dict) -> list[dict] | None:
             return {"val/knn_top1": knn_top1(fb, bank_y, fv, val_y, k=p.knn_k, temperature=p.knn_temperature)}
     elif labeled and not text:
         # every rank encodes its share of the bank and the val images (cl_core.monitor)
-        monitor = knn_monitor(p, urls, config["val_urls"], device, config.get("train_verify"), config.get("val_verify"))
+        monitor = knn_monitor(p, urls, job.val_urls, device, job.train_verify, job.val_verify)
 
         def evaluate(encoder: torch.nn.Module) -> dict[str, float]:
             return {"val/knn_top1": monitor(encoder)}
@@ -301,7 +303,7 @@ def train_worker(config: dict) -> list[dict] | None:
         def write(d: Path) -> None:
             torch.save(state, d / STATE_FILE)
             (d / CONFIG_FILE).write_text(
-                json.dumps({"model": config["model"], "pretrain": config["pretrain"], "metrics": metrics}, indent=2)
+                json.dumps({"model": job.model, "pretrain": job.pretrain, "metrics": metrics}, indent=2)
             )
 
         report_checkpoint(metrics, write, loop.position())
@@ -316,6 +318,26 @@ def train_worker(config: dict) -> list[dict] | None:
     return history if rank == 0 else None
 
 
+@dataclass(frozen=True)
+class PretrainJob:
+    """What every pretraining worker gets (``train_loop_config["job"]``)."""
+
+    pretrain: dict  # the pretrain section as JSON (validated again on the worker)
+    model: dict  # the method's record: {"method", "kwargs"}
+    seed: int
+    threads: int
+    train_urls: list[str]
+    train_counts: list[int]
+    val_urls: list[str]
+    train_verify: dict[str, dict[str, Any]]
+    val_verify: dict[str, dict[str, Any]]
+    labeled: bool
+    modality: str  # "image" or "text"
+    shard_dir: str
+    tracking_uri: str | None  # None with run_id None: untracked (a sweep trial reports to Tune only)
+    run_id: str | None
+
+
 def make_worker_config(
     cfg: PretrainConfig,
     model: dict,
@@ -327,23 +349,22 @@ def make_worker_config(
     tracking_uri: str | None,
     run_id: str | None,
 ) -> dict:
-    """``train_worker``'s config; ``run_id`` None: untracked (a sweep trial reports to Tune only).
-    ``checks``: the train and val splits as :func:`checked_split` found them."""
-    train_urls, train_counts = checks["train"].urls, checks["train"].counts
-    val_urls = checks["val"].urls
-    return {
-        "pretrain": cfg.model_dump(mode="json"),
-        "model": model,
-        "seed": seed,
-        "threads": max(1, int(cfg.cpus_per_worker)),
-        "train_urls": train_urls,
-        "train_counts": train_counts,
-        "val_urls": val_urls,
-        "train_verify": checks["train"].verify,
-        "val_verify": checks["val"].verify,
-        "labeled": manifest["labeled"],
-        "modality": manifest.get("modality", "image"),
-        "shard_dir": shard_dir,
-        "tracking_uri": tracking_uri,
-        "run_id": run_id,
-    }
+    """``train_worker``'s config (``{"job": PretrainJob}``); ``run_id`` None: untracked (a sweep
+    trial reports to Tune only). ``checks``: the train and val splits as :func:`checked_split` found them."""
+    job = PretrainJob(
+        pretrain=cfg.model_dump(mode="json"),
+        model=model,
+        seed=seed,
+        threads=max(1, int(cfg.cpus_per_worker)),
+        train_urls=checks["train"].urls,
+        train_counts=checks["train"].counts,
+        val_urls=checks["val"].urls,
+        train_verify=checks["train"].verify,
+        val_verify=checks["val"].verify,
+        labeled=manifest["labeled"],
+        modality=manifest.get("modality", "image"),
+        shard_dir=shard_dir,
+        tracking_uri=tracking_uri,
+        run_id=run_id,
+    )
+    return {"job": job}

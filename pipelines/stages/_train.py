@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -48,6 +48,27 @@ from pipelines import ray_env, tracking
 from pipelines.config import CropFlipConfig, TrainingConfig
 from pipelines.console import Eta
 from pipelines.graph import StageContext
+
+
+@dataclass(frozen=True)
+class ClassifierJob:
+    """What every worker of a fine-tuning or distillation run gets (as
+    ``train_loop_config["job"]``): the models to train one after another and where they read."""
+
+    section: dict  # the stage's config section as JSON (validated again on the worker)
+    jobs: list[dict]  # one record per model: name, kind, spec, subset, ...
+    encoder: dict  # the pretrain stage's Encoder record
+    seed: int
+    threads: int
+    val_urls: list[str]
+    val_verify: dict[str, dict[str, Any]]
+    image_size: int
+    tracking_uri: str
+    run_id: str
+    train_urls: list[str] = field(default_factory=list)  # distillation's unlabeled images
+    train_counts: list[int] = field(default_factory=list)
+    train_verify: dict[str, dict[str, Any]] = field(default_factory=dict)
+
 
 STATE_FILE = "state.pt"  # a checkpoint's training state (model, optimizer, loop, RNG), in every stage
 MODELS_DIR = "models"
@@ -312,18 +333,16 @@ class SequentialJobs:
     step a resumed job continues from (where an ``aux`` stream resumes).
     """
 
-    def __init__(self, config: dict, worker: Worker, log_prefix: str) -> None:
-        self.config, self.w, self.prefix = config, worker, log_prefix
+    def __init__(self, job: ClassifierJob, worker: Worker, log_prefix: str) -> None:
+        self.job, self.w, self.prefix = job, worker, log_prefix
         self.log: tracking.WorkerLog | None = None
         self.val: EvalSplit | None = None
         if worker.rank == 0:
-            self.log = tracking.WorkerLog(config["tracking_uri"], config["run_id"], prefix=log_prefix)
+            self.log = tracking.WorkerLog(job.tracking_uri, job.run_id, prefix=log_prefix)
         record_placement(worker.world, self.log)
         if worker.rank == 0:
             # streamed from its shards at each check, kept in memory only while it fits a fixed budget
-            self.val = EvalSplit(
-                config["val_urls"], EvalTransform(config["image_size"]), verify=config.get("val_verify")
-            )
+            self.val = EvalSplit(job.val_urls, EvalTransform(job.image_size), verify=job.val_verify)
         self.finished: dict[str, dict] = {}
         self.resume: dict | None = None
         ckpt = train.get_checkpoint()
@@ -381,7 +400,7 @@ class SequentialJobs:
         n_cal = getattr(section, "bn_recalibration_images", 0)
         if self.w.rank == 0 and n_cal:  # uncropped training images for precise BN statistics
             calibration, _ = load_split(
-                stream.urls, EvalTransform(self.config["image_size"]), verify=stream.verify, limit=n_cal
+                stream.urls, EvalTransform(self.job.image_size), verify=stream.verify, limit=n_cal
             )
 
         def evaluate(_encoder) -> dict[str, float]:

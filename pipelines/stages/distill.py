@@ -25,6 +25,7 @@ from pipelines.graph import StageContext
 from pipelines.stages._data import checked_split
 from pipelines.stages._pretraining import load_method
 from pipelines.stages._train import (
+    ClassifierJob,
     SequentialJobs,
     Worker,
     batch_for,
@@ -39,28 +40,29 @@ from pipelines.stages._train import (
 
 
 def distill_worker(config: dict) -> list[dict] | None:
-    w = Worker.setup(config["threads"])
-    d = DistillConfig.model_validate(config["distill"])
-    runner = SequentialJobs(config, w, "distill")
-    tf = crop_flip(d.views, config["image_size"])
+    run: ClassifierJob = config["job"]
+    w = Worker.setup(run.threads)
+    d = DistillConfig.model_validate(run.section)
+    runner = SequentialJobs(run, w, "distill")
+    tf = crop_flip(d.views, run.image_size)
 
     def build(job: dict, start_step: int):
         teacher = load_classifier(job["teacher"])
-        torch.manual_seed(config["seed"])
+        torch.manual_seed(run.seed)
         student = build_classifier(job["spec"])
         if d.init != "scratch":  # a resumed run loads its checkpoint over this afterwards
-            init_student(student, teacher.backbone if d.init == "teacher" else load_method(config["encoder"]).encoder())
+            init_student(student, teacher.backbone if d.init == "teacher" else load_method(run.encoder).encoder())
         stream = ShardStream(
-            config["train_urls"],
-            config["train_counts"],
+            run.train_urls,
+            run.train_counts,
             rank=w.rank,
             world_size=w.world,
             loader_workers=d.loader_workers,
             batch_size=d.batch_size_per_worker,
             shuffle_buffer=d.shuffle_buffer,
-            seed=config["seed"],
+            seed=run.seed,
             transform=tf,
-            verify=config["train_verify"],
+            verify=run.train_verify,
         )
         aux = None
         if d.alpha > 0:
@@ -73,7 +75,7 @@ def distill_worker(config: dict) -> list[dict] | None:
                 loader_workers=0,
                 batch_size=batch_for(counts, d.batch_size_per_worker, w.world),
                 shuffle_buffer=d.shuffle_buffer,
-                seed=config["seed"] + 1,
+                seed=run.seed + 1,
                 transform=tf,
                 verify=job["labeled_verify"],
             )
@@ -85,7 +87,7 @@ def distill_worker(config: dict) -> list[dict] | None:
         objective = DistillObjective(student, teacher, temperature=d.temperature, alpha=d.alpha)
         return objective, student, stream, aux
 
-    history = runner.run(config["jobs"], build, d)
+    history = runner.run(run.jobs, build, d)
     return history if w.rank == 0 else None
 
 
@@ -188,19 +190,21 @@ def distill(ctx: StageContext, cfg: DistillConfig, inputs: dict) -> dict:
         f"({j0['student_params']:,} params) from teacher ({j0['teacher_params']:,} params)"
     )
     worker_config = {
-        "distill": cfg.model_dump(mode="json"),
-        "jobs": jobs,
-        "seed": ctx.seed if cfg.seed is None else cfg.seed,
-        "threads": max(1, int(cfg.cpus_per_worker)),
-        "train_urls": train_urls,
-        "train_counts": train_counts,
-        "val_urls": val_urls,
-        "train_verify": train.verify,
-        "val_verify": val.verify,
-        "image_size": teachers["image_size"],
-        "encoder": inputs["pretrain"],
-        "tracking_uri": ctx.tracking_uri,
-        "run_id": ctx.run_id,
+        "job": ClassifierJob(
+            section=cfg.model_dump(mode="json"),
+            jobs=jobs,
+            encoder=inputs["pretrain"],
+            seed=ctx.seed if cfg.seed is None else cfg.seed,
+            threads=max(1, int(cfg.cpus_per_worker)),
+            val_urls=val_urls,
+            val_verify=val.verify,
+            image_size=teachers["image_size"],
+            tracking_uri=ctx.tracking_uri,
+            run_id=ctx.run_id,
+            train_urls=train_urls,
+            train_counts=train_counts,
+            train_verify=train.verify,
+        )
     }
     result = fit(ctx, distill_worker, worker_config, cfg)
     models = collect_models(result, ctx.output_dir)

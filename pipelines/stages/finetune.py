@@ -28,6 +28,7 @@ from pipelines.graph import StageContext
 from pipelines.stages._data import checked_split
 from pipelines.stages._pretraining import load_method
 from pipelines.stages._train import (
+    ClassifierJob,
     SequentialJobs,
     Worker,
     batch_for,
@@ -41,20 +42,21 @@ from pipelines.stages._train import (
 
 def finetune_worker(config: dict) -> list[dict] | None:
 
-    w = Worker.setup(config["threads"])
-    f = FinetuneConfig.model_validate(config["finetune"])
-    runner = SequentialJobs(config, w, "finetune")
+    run: ClassifierJob = config["job"]
+    w = Worker.setup(run.threads)
+    f = FinetuneConfig.model_validate(run.section)
+    runner = SequentialJobs(run, w, "finetune")
 
     def build(job: dict, start_step: int):
-        torch.manual_seed(config["seed"])
+        torch.manual_seed(run.seed)
         head = None
         if job["kind"] == "teacher":
-            method = load_method(config["encoder"])
+            method = load_method(run.encoder)
             clf = classifier_from_pretrained(method, job["spec"])
-            if config["encoder"]["model"]["method"] == "supcon":
+            if run.encoder["model"]["method"] == "supcon":
                 head = cast(torch.nn.Module, method.head)  # continue the pretrained SupCon projection head
             if f.head_init == "probe" and start_step == 0:
-                init_from_probe(clf, job, config["image_size"], f.bn_recalibration_images)
+                init_from_probe(clf, job, run.image_size, f.bn_recalibration_images)
         else:
             clf = build_classifier(job["spec"])
         bs = batch_for(job["counts"], f.batch_size_per_worker, w.world)
@@ -67,15 +69,15 @@ def finetune_worker(config: dict) -> list[dict] | None:
             loader_workers=f.loader_workers,
             batch_size=bs,
             shuffle_buffer=f.shuffle_buffer,
-            seed=config["seed"],
-            transform=crop_flip(f.views, config["image_size"], 2 if supcon else 1),
+            seed=run.seed,
+            transform=crop_flip(f.views, run.image_size, 2 if supcon else 1),
             verify=job.get("verify"),
         )
         if supcon:
             return SupConObjective(clf, head, temperature=f.supcon_temperature), clf, stream, None
         return SupervisedObjective(clf), clf, stream, None
 
-    history = runner.run(config["jobs"], build, f)
+    history = runner.run(run.jobs, build, f)
     return history if w.rank == 0 else None
 
 
@@ -155,16 +157,18 @@ def finetune(ctx: StageContext, cfg: FinetuneConfig, inputs: dict) -> dict:
         f"Ray Train worker(s), {cfg.epochs} epochs each, from head layer {spec['from_head_layer']}"
     )
     worker_config = {
-        "finetune": cfg.model_dump(mode="json"),
-        "encoder": encoder,
-        "jobs": jobs,
-        "seed": ctx.seed if cfg.seed is None else cfg.seed,
-        "threads": max(1, int(cfg.cpus_per_worker)),
-        "val_urls": val_urls,
-        "val_verify": val.verify,
-        "image_size": encoder["image_size"],
-        "tracking_uri": ctx.tracking_uri,
-        "run_id": ctx.run_id,
+        "job": ClassifierJob(
+            section=cfg.model_dump(mode="json"),
+            jobs=jobs,
+            encoder=encoder,
+            seed=ctx.seed if cfg.seed is None else cfg.seed,
+            threads=max(1, int(cfg.cpus_per_worker)),
+            val_urls=val_urls,
+            val_verify=val.verify,
+            image_size=encoder["image_size"],
+            tracking_uri=ctx.tracking_uri,
+            run_id=ctx.run_id,
+        )
     }
     result = fit(ctx, finetune_worker, worker_config, cfg)
     models = collect_models(result, ctx.output_dir)
