@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import mlflow
+from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from pipelines import plots, tracking
@@ -125,25 +126,25 @@ def timeline_svg(stages: list[StageResult], computed_in: dict[str, float] | None
     return "".join(parts)
 
 
-def _history_curves(client: MlflowClient, run_id: str, suffix: str, path: Path, title: str) -> Path | None:
+def _history_curves(client: MlflowClient, run: Run, suffix: str, path: Path, title: str) -> Path | None:
     """Every ``*/<suffix>`` metric of the run over its steps (one line per model), or None."""
-    keys = sorted(k for k in client.get_run(run_id).data.metrics if k.endswith("/" + suffix))
+    keys = sorted(k for k in run.data.metrics if k.endswith("/" + suffix))
     series = {}
     for k in keys:
-        hist = sorted(client.get_metric_history(run_id, k), key=lambda m: m.step)
+        hist = sorted(client.get_metric_history(run.info.run_id, k), key=lambda m: m.step)
         if len(hist) > 1:
             series[k[: -len(suffix) - 1]] = [(m.step, m.value) for m in hist]
     return plots.metric_curves(series, path, title, suffix) if series else None
 
 
-def _lineage(result: PipelineResult, client: MlflowClient) -> str:
+def _lineage(result: PipelineResult, runs: dict[str, Run]) -> str:
     head = (
         "<tr><th class=l>stage</th><th class=l>run</th><th class=l>cached</th><th class=l>cache key</th>"
         "<th class=l>upstream runs</th><th class=l>input data set</th></tr>"
     )
     rows = []
     for s in result.stages.values():
-        run = client.get_run(s.run_id)
+        run = runs[s.name]
         upstream = json.loads(run.data.tags.get(tracking.TAG_UPSTREAM, "{}"))
         ups = "<br>".join(f'{_e(d)}: <code title="{_e(r)}">{_e(r[:12])}</code>' for d, r in upstream.items()) or "-"
         data = "-"
@@ -190,11 +191,12 @@ def build(result: PipelineResult, cfg: PipelineConfig, client: MlflowClient, tmp
     ]
 
     body.append("<h2 id=timeline>Stage timeline</h2>")
-    computed_in = {}
-    for s in st.values():
-        seconds = client.get_run(s.run_id).data.metrics.get("stage/seconds") if s.cached else None
-        if seconds is not None:
-            computed_in[s.name] = seconds
+    runs = {s.name: client.get_run(s.run_id) for s in st.values()}  # each stage's run, read once
+    computed_in = {
+        n: runs[n].data.metrics["stage/seconds"]
+        for n, s in st.items()
+        if s.cached and "stage/seconds" in runs[n].data.metrics
+    }
     body.append(timeline_svg(list(st.values()), computed_in))
     computed = sum(s.seconds for s in st.values() if not s.cached)
     body.append(
@@ -211,7 +213,7 @@ def build(result: PipelineResult, cfg: PipelineConfig, client: MlflowClient, tmp
     for name, what in (("finetune", "fine-tuning"), ("distill", "distillation")):
         if name in st:
             p = _history_curves(
-                client, st[name].run_id, "val/top1", tmp / f"{name}_curves.png", f"{what}: val top-1 per epoch"
+                client, runs[name], "val/top1", tmp / f"{name}_curves.png", f"{what}: val top-1 per epoch"
             )
             if p is not None:
                 figures.append(_figure(p, f"{name}: val top-1 per epoch, each model"))
@@ -258,7 +260,7 @@ def build(result: PipelineResult, cfg: PipelineConfig, client: MlflowClient, tmp
             body += [_figure(p, p.stem.replace("_", " ")) for p in confusion]
 
     body.append("<h2 id=lineage>Lineage</h2>")
-    body.append(_lineage(result, client))
+    body.append(_lineage(result, runs))
     return (
         "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"
         f"<title>clpipe {_e(cfg.name)} {_e(result.run_id[:8])}</title><style>{_CSS}</style></head>"
