@@ -17,7 +17,7 @@ worker count and prefetch factor:
   ``training_loader`` (rank 0 of 1), each shard streamed by one GET through
   ``cl_core.data.storage`` (registered with ``webdataset.gopen``).
 - objects: a map-style ``Dataset`` over the object keys, ``get_object`` per image with a
-  boto3 client created in each DataLoader worker process (``storage.client()``),
+  boto3 client created in each DataLoader worker process (``s3.client()``),
   ``DataLoader(shuffle=True)``, which deals the batches across the workers.
 
 Repetitions alternate the configurations (shards / objects, for each worker count), so
@@ -69,10 +69,10 @@ from loader import TensorViews, machine, synthetic_npz  # noqa: E402  (bench/loa
 
 from cl_core.augment import SimCLRTransform  # noqa: E402
 from cl_core.data import shards as S  # noqa: E402
-from cl_core.data import storage  # noqa: E402  (registers s3:// with webdataset.gopen)
+from cl_core.data import storage  # noqa: E402  (routes s3:// of webdataset.gopen to the backend)
 from cl_core.data.reader import ShardStream, decode_sample, training_loader  # noqa: E402
 from cl_core.data.sources import ArraySource, SampleRef, npz_source  # noqa: E402
-from infra import procs, seaweed  # noqa: E402
+from infra import procs, s3, seaweed  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PREFETCH = 4  # what training_loader uses; the object loader gets the same
@@ -140,11 +140,11 @@ def upload_objects(source: ArraySource, refs: list[SampleRef], base: str, thread
     t0 = time.perf_counter()
     encoded = [(f"s{r.index:09d}", source.encode(r)[0], r.label, r.index) for r in refs]  # same key and bytes as shards
     t1 = time.perf_counter()
-    bucket, prefix = storage.split_s3(base)
+    bucket, prefix = s3.split_s3(base)
 
     def put(item: tuple[str, bytes, int, int]) -> None:
         key, data, _, _ = item
-        storage.client().put_object(Bucket=bucket, Key=f"{prefix}/{key}.png", Body=data)
+        s3.client().put_object(Bucket=bucket, Key=f"{prefix}/{key}.png", Body=data)
 
     _map(put, encoded, threads)
     index = {key: {"label": label, "index": i} for key, _, label, i in encoded}
@@ -167,10 +167,10 @@ def upload_objects(source: ArraySource, refs: list[SampleRef], base: str, thread
 class ObjectImages(Dataset):
     """One S3 object per image: ``get_object`` per item, the shard reader's decode, then
     ``transform``. The boto3 client is made in the process that first reads (each
-    DataLoader worker gets its own: ``storage.client()`` caches per process)."""
+    DataLoader worker gets its own: ``s3.client()`` caches per process)."""
 
     def __init__(self, base: str, items: list[tuple[str, int, int]], transform: Callable) -> None:
-        self.bucket, self.prefix = storage.split_s3(base)
+        self.bucket, self.prefix = s3.split_s3(base)
         self.items, self.transform = items, transform
 
     def __len__(self) -> int:
@@ -178,7 +178,7 @@ class ObjectImages(Dataset):
 
     def __getitem__(self, i: int) -> tuple[list[torch.Tensor], int, int]:
         key, label, index = self.items[i]
-        body = storage.client().get_object(Bucket=self.bucket, Key=f"{self.prefix}/{key}.png")["Body"]
+        body = s3.client().get_object(Bucket=self.bucket, Key=f"{self.prefix}/{key}.png")["Body"]
         try:
             data = body.read()
         finally:
@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> dict:
         log(f"SeaweedFS S3 at {server.endpoint} (pid {server.pid})")
         try:
             os.environ.update(server.env())  # before any boto3 client is made; workers inherit it
-            storage.client().create_bucket(Bucket=BUCKET)
+            s3.client().create_bucket(Bucket=BUCKET)
             result = run(a, tmp, worker_counts, log)
         finally:
             server.stop()

@@ -343,9 +343,9 @@ def main() -> None:
                 )
                 env = server.env()
                 os.environ.update(env)
-                from cl_core.data import storage
+                from infra import s3
 
-                storage.client().create_bucket(Bucket=BUCKET)
+                s3.client().create_bucket(Bucket=BUCKET)
             try:
                 sizes = a.s3_sizes if source == "s3" else a.sizes
                 results["sources"][source] = measure(source, sizes, tmp, a.interval, env, overrides=a.set)

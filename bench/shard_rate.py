@@ -167,13 +167,13 @@ def _measure(a: argparse.Namespace, tmp: Path, res: dict, server) -> None:
     }
     print("shard (folder)", res["shard_folder"], flush=True)
     if server is not None:
-        from cl_core.data import storage
+        from infra import s3
 
-        storage.client().create_bucket(Bucket=BUCKET)
+        s3.client().create_bucket(Bucket=BUCKET)
         files = sorted(root.rglob("*.jpg"))
         t0 = time.perf_counter()
         with ThreadPoolExecutor(a.upload_threads) as pool:
-            list(pool.map(lambda p: storage.upload_file(p, f"s3://{BUCKET}/jpegs/{p.relative_to(root)}"), files))
+            list(pool.map(lambda p: s3.upload_file(p, f"s3://{BUCKET}/jpegs/{p.relative_to(root)}"), files))
         res["s3_upload"] = rates(time.perf_counter() - t0)
         print("upload", res["s3_upload"], flush=True)
         st = shard_stage(f"s3://{BUCKET}/jpegs", tmp / "work-s3")

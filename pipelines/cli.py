@@ -70,7 +70,7 @@ def run(
     exp_id = tracking.setup(cfg.tracking_uri(), cfg.mlflow.experiment, cfg.artifact_location())
     console.print(f"clpipe: pipeline [bold]{cfg.name}[/], work dir {cfg.work_path()}, MLflow {cfg.tracking_uri()}")
     for uri in cfg.s3_locations():  # an S3 endpoint or bucket that fails: one line, before Ray starts
-        storage.check_bucket(uri)
+        storage.check(uri)
     ray_env.init(cfg.ray, forward_secrets=forward_secrets)
     ray_env.preflight(cfg)
     if cfg.is_text():

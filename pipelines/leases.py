@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from cl_core.data import storage
+from infra import s3
 
 DIR = ".clpipe-leases"
 HEARTBEAT_S = 10.0
@@ -105,8 +106,8 @@ def _read_json(read: Callable[[], bytes]) -> dict[str, Any]:
 def _s3_lease(uri: str, name: str, wait_s: float | None, say: Callable[[str], None]) -> Iterator[bool]:
     from botocore.exceptions import ClientError
 
-    bucket, key = storage.split_s3(uri)
-    client = storage.client()
+    bucket, key = s3.split_s3(uri)
+    client = s3.client()
     me = {**_holder(), "token": os.urandom(8).hex()}
     waited = False
     deadline = None if wait_s is None else time.monotonic() + wait_s
@@ -117,7 +118,7 @@ def _s3_lease(uri: str, name: str, wait_s: float | None, say: Callable[[str], No
         except ClientError as e:
             code = str(e.response.get("Error", {}).get("Code", ""))
             if code not in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
-                raise storage.explain(uri, e) from None
+                raise s3.explain(uri, e) from None
         try:
             head = client.head_object(Bucket=bucket, Key=key)
         except ClientError:

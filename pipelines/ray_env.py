@@ -12,7 +12,7 @@ from typing import Any, Protocol
 import ray
 
 from cl_core.data import storage as storage_lib
-from infra import procs
+from infra import procs, s3
 from infra.stack import METRICS_ENV
 from pipelines.config import ConfigError, PipelineConfig, RayConfig
 
@@ -250,7 +250,7 @@ def storage(cfg: Located) -> tuple[str, Any]:
     as an ``s3://`` URI through pyarrow's S3 filesystem (endpoint and keys from the AWS
     environment), else ``<work_dir>/ray_results`` on the local disk."""
     if cfg.ray.storage_path and storage_lib.is_s3(cfg.ray.storage_path):
-        fs, path = storage_lib.pyarrow_fs(cfg.ray.storage_path)
+        fs, path = s3.pyarrow_fs(cfg.ray.storage_path)
         return path, fs
     return str(Path(cfg.ray.storage_path or cfg.work_path() / "ray_results").expanduser().resolve()), None
 

@@ -63,14 +63,13 @@ def png_bytes(arr: np.ndarray) -> bytes:
 def s3_server(directory: Path, bucket: str) -> Iterator:
     """A SeaweedFS S3 server on 127.0.0.1 with fresh credentials and ``bucket``; the AWS
     environment points at it inside the block, and the server is stopped by pid after."""
-    from cl_core.data import storage
-    from infra import procs, seaweed
+    from infra import procs, s3, seaweed
 
     server = seaweed.start(directory, seaweed.free_s3_port(), "clpipe-test-key", secrets.token_hex(16))
     saved = {k: os.environ.get(k) for k in server.env()}
     os.environ.update(server.env())
     try:
-        storage.client().create_bucket(Bucket=bucket)
+        s3.client().create_bucket(Bucket=bucket)
         yield server
     finally:
         for k, v in saved.items():

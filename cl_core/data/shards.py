@@ -242,27 +242,8 @@ class ShardCheck:
 
 def stored_sizes(directory: str | Path) -> dict[str, int]:
     """File name -> size in bytes of every file directly in ``directory`` (a local path or
-    an ``s3://`` prefix), from one listing; empty when the directory does not exist."""
-    if not storage.is_s3(directory):
-        try:
-            with os.scandir(directory) as entries:
-                return {e.name: e.stat().st_size for e in entries if e.is_file()}
-        except FileNotFoundError:
-            return {}
-    uri = str(directory)
-    bucket, prefix = storage.split_s3(uri)
-    prefix = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
-    sizes: dict[str, int] = {}
-    try:
-        for page in (
-            storage.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/")
-        ):
-            sizes.update({o["Key"][len(prefix) :]: int(o["Size"]) for o in page.get("Contents", [])})
-    except Exception as e:
-        if type(e).__module__.startswith(("botocore", "boto3", "urllib3")):
-            raise storage.explain(uri, e) from None
-        raise
-    return sizes
+    a storage URI), from one listing; empty when the directory does not exist."""
+    return storage.sizes(directory)
 
 
 def check_shards(directory: str | Path, manifest: dict, split: str) -> ShardCheck:

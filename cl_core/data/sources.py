@@ -348,7 +348,7 @@ def npz_source(path: str | Path) -> ArraySource:
     """A ``.npz`` file with ``images`` (uint8, N x H x W [x C], C in 1/3/4) and optional
     integer ``labels`` (N,) with values 0..K-1. A local file is memory-mapped
     (:class:`NpzSource`); one in S3 is read into memory."""
-    if not storage.is_s3(path):
+    if not storage.is_remote(path):
         path = Path(path)
         if not path.is_file():
             raise SourceError(f"data.source.path: {path} does not exist; give an existing .npz file")
@@ -387,7 +387,7 @@ class ImageFolderSource(Source):
 
     def __init__(self, root: str | Path):
         self.uri = str(root)
-        if storage.is_s3(self.uri):
+        if storage.is_remote(self.uri):
             self._init_s3()
             return
         self.root = Path(root)
@@ -429,10 +429,10 @@ class ImageFolderSource(Source):
         return self._encode_bytes(ref, read_source_bytes(self._files[ref.index][0]))
 
     def encoded(self, refs: Sequence[SampleRef]) -> Iterator[tuple[SampleRef, Callable[[], tuple[bytes, str]]]]:
-        """Under ``s3://``, up to :data:`S3_READS_IN_FLIGHT` GETs (:func:`storage.read_object`)
+        """Under a storage URI (``s3://``), up to :data:`S3_READS_IN_FLIGHT` reads (:func:`storage.read_object`)
         run ahead of the sample being encoded, in order, a read's error surfacing at its
         own sample; a local folder reads one file after the other."""
-        if not storage.is_s3(self.uri) or S3_READS_IN_FLIGHT <= 1:
+        if not storage.is_remote(self.uri) or S3_READS_IN_FLIGHT <= 1:
             yield from super().encoded(refs)
             return
         pool, ahead = _reader_pool(), deque[tuple[SampleRef, Future[bytes]]]()
@@ -468,7 +468,7 @@ class ImageFolderSource(Source):
         return encode_png(arr), "png"
 
     def describe(self) -> dict:
-        return {"kind": "image_folder", "path": self.uri if storage.is_s3(self.uri) else str(self.root.resolve())}
+        return {"kind": "image_folder", "path": self.uri if storage.is_remote(self.uri) else str(self.root.resolve())}
 
 
 def _is_image(p: Path) -> bool:

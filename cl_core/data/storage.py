@@ -1,66 +1,134 @@
-"""Storage locations: a local path or ``s3://bucket/prefix``.
+"""Storage locations: a local path, or a URI ``scheme://...`` served by a storage backend.
 
-S3 goes through boto3 and pyarrow with the standard AWS credential chain (the
-environment: ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``;
-the shared credentials file; an instance or pod role), refreshed as the SDKs do, and the
-endpoint from ``AWS_ENDPOINT_URL`` or ``AWS_ENDPOINT_URL_S3`` and ``AWS_DEFAULT_REGION``,
-so AWS S3, MinIO and SeaweedFS work unchanged. No key is ever passed explicitly. Every call has
-bounded time: botocore's connect/read timeouts and a bounded number of retries with
-backoff. Reads stream: a shard is read from the GET body as the tar parser asks for
-bytes, never copied whole to disk, and a connection that breaks mid-object is resumed
-with a ranged GET from the byte it stopped at (a bounded number of times).
+cl_core reads and writes data through these functions only. It knows local files and no
+object store's SDK: a URI with a scheme (``s3://bucket/prefix``) goes to the
+:class:`Backend` registered for that scheme. The layers above provide the backends:
+``s3`` is :class:`infra.s3.S3Storage` (boto3 and pyarrow, the standard AWS environment),
+registered by :func:`register` (``pipelines`` does so on import) or, in any other process
+(a spawned DataLoader worker, a script that imports cl_core only), found through the
+``clpipe.storage`` entry point group the first time a URI of its scheme is used.
 
-Failures raise :class:`StorageError` with one line naming the URL and the fix:
-unreachable endpoint, missing bucket, missing object, refused credentials.
+Failures raise :class:`StorageError` with one line naming the location and the fix.
 
-Importing this module registers the ``s3`` scheme with ``webdataset.gopen`` (forked
-DataLoader workers inherit it), so ``wds.gopen("s3://...")`` streams through here.
+Importing this module makes ``webdataset.gopen`` stream every scheme with a backend
+(registered or advertised by an entry point) through :func:`open_read` (forked DataLoader
+workers inherit it), so ``wds.gopen("s3://...")`` reads through the backend.
 """
 
 from __future__ import annotations
 
-import io
-import logging
 import os
+import re
 import sys
-import threading
-import time
-from collections.abc import Callable
+from importlib import metadata
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import webdataset  # noqa: F401 - loads webdataset.gopen
 
-RETRIES = int(os.environ.get("CLPIPE_S3_RETRIES", "4"))  # re-reads of a broken stream; botocore retries calls
-BACKOFF_S = 0.5
-CONNECT_TIMEOUT_S = 5.0
-READ_TIMEOUT_S = 60.0
-
-_local = threading.local()
-logging.getLogger("botocore.credentials").setLevel(logging.WARNING)  # "Found credentials in ..." per process
+ENTRY_POINTS = "clpipe.storage"  # entry point group: scheme name -> a Backend class or factory
+_SCHEME = re.compile(r"^([a-z][a-z0-9+.-]*)://")
 
 
 class StorageError(OSError):
     """A storage location that cannot be used; the message says which and why."""
 
 
+class Backend(Protocol):
+    """What a storage backend does for the URIs of its scheme. Every argument named
+    ``uri`` is a full URI of that scheme; an error raises :class:`StorageError` (or an
+    ``OSError``) whose message starts with the URI."""
+
+    def exists(self, uri: str) -> bool:
+        """Whether the object exists (a missing container is an error, not False)."""
+        ...
+
+    def exists_any(self, uri: str) -> bool:
+        """Whether ``uri`` is an object or a prefix holding at least one."""
+        ...
+
+    def list_files(self, uri: str) -> list[str]:
+        """Every object under the prefix ``uri`` (recursive), as URIs, sorted."""
+        ...
+
+    def sizes(self, uri: str) -> dict[str, int]:
+        """Name -> size in bytes of every object directly under the prefix ``uri``."""
+        ...
+
+    def read_bytes(self, uri: str) -> bytes: ...
+
+    def read_object(self, uri: str) -> bytes:
+        """One whole object, the backend's fastest way for many small ones."""
+        ...
+
+    def open_read(self, uri: str) -> IO[bytes]:
+        """A binary read stream that does not hold the object whole."""
+        ...
+
+    def write_bytes(self, uri: str, data: bytes) -> None: ...
+
+    def upload_file(self, path: str | os.PathLike, uri: str) -> None: ...
+
+    def download_file(self, uri: str, path: str | os.PathLike) -> None: ...
+
+    def delete_prefix(self, uri: str) -> int:
+        """Delete every object under ``uri``; returns how many."""
+        ...
+
+    def check(self, uri: str) -> None:
+        """Raise :class:`StorageError` unless the location can be used (its container
+        exists and the credentials may use it)."""
+        ...
+
+
+_backends: dict[str, Backend] = {}
+
+
+def register(scheme: str, backend: Backend) -> None:
+    """Serve ``scheme://`` URIs through ``backend`` in this process (and in processes it forks)."""
+    _backends[scheme] = backend
+    _route_gopen(scheme)
+
+
+def scheme(uri: str | os.PathLike) -> str | None:
+    """``"s3"`` for ``s3://bucket/key``; None for a local path."""
+    m = _SCHEME.match(str(uri))
+    return m.group(1) if m else None
+
+
+def is_remote(uri: str | os.PathLike) -> bool:
+    """Whether ``uri`` names a location of a storage backend rather than a local path."""
+    return scheme(uri) is not None
+
+
 def is_s3(uri: str | os.PathLike) -> bool:
     return str(uri).startswith("s3://")
 
 
-def split_s3(uri: str) -> tuple[str, str]:
-    """``s3://bucket/key`` -> (bucket, key)."""
-    if not is_s3(uri):
-        raise ValueError(f"{uri}: not an s3:// URI")
-    bucket, _, key = uri[5:].partition("/")
-    if not bucket:
-        raise StorageError(f"{uri}: no bucket in the URI; write s3://BUCKET/prefix")
-    return bucket, key
+def _advertised() -> dict[str, metadata.EntryPoint]:
+    return {ep.name: ep for ep in metadata.entry_points(group=ENTRY_POINTS)}
+
+
+def backend(uri: str | os.PathLike) -> Backend:
+    """The backend for ``uri``'s scheme: registered, else loaded from its entry point."""
+    name = scheme(uri)
+    if name is None:
+        raise ValueError(f"{uri}: a local path has no storage backend")
+    if name not in _backends:
+        ep = _advertised().get(name)
+        if ep is None:
+            raise StorageError(
+                f"{uri}: no storage backend for {name}:// in this process; install clpipe (pip install -e .) "
+                f"or call cl_core.data.storage.register({name!r}, backend)"
+            )
+        factory: Any = ep.load()
+        register(name, factory())
+    return _backends[name]
 
 
 def join(base: str | os.PathLike, *parts: str) -> str:
-    """``base`` / ``parts`` for a local path or an S3 URI."""
-    if is_s3(base):
+    """``base`` / ``parts`` for a local path or a URI."""
+    if is_remote(base):
         out = str(base).rstrip("/")
         for p in parts:
             out += "/" + p.strip("/")
@@ -68,244 +136,79 @@ def join(base: str | os.PathLike, *parts: str) -> str:
     return str(Path(base).joinpath(*parts))
 
 
-def endpoint() -> str | None:
-    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-
-
-def _env_key() -> tuple:
-    """What a cached S3 client depends on: the endpoint, the credentials (secrets hashed),
-    the region and the process."""
-    return (
-        endpoint(),
-        os.environ.get("AWS_ACCESS_KEY_ID"),
-        hash(os.environ.get("AWS_SECRET_ACCESS_KEY")),
-        hash(os.environ.get("AWS_SESSION_TOKEN")),
-        os.environ.get("AWS_DEFAULT_REGION"),
-        os.getpid(),
-    )
-
-
-def client() -> Any:
-    """A boto3 S3 client for this thread and environment (cached), with bounded
-    timeouts and retries."""
-    key = _env_key()
-    cached = getattr(_local, "clients", None)
-    if cached is None:
-        cached = _local.clients = {}
-    if key not in cached:
-        import boto3
-        from botocore.config import Config
-
-        cfg = Config(
-            connect_timeout=CONNECT_TIMEOUT_S,
-            read_timeout=READ_TIMEOUT_S,
-            retries={"max_attempts": 3, "mode": "standard"},
-        )
-        cached[key] = boto3.session.Session().client("s3", endpoint_url=endpoint(), config=cfg)
-    return cached[key]
-
-
-def explain(uri: str, e: Exception) -> StorageError:
-    """One line for a boto3/botocore failure on ``uri``."""
-    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
-
-    where = endpoint() or "AWS S3"
-    if isinstance(e, EndpointConnectionError) or type(e).__name__ in ("ConnectTimeoutError", "ConnectionClosedError"):
-        return StorageError(
-            f"{uri}: cannot reach the S3 endpoint {where}; check AWS_ENDPOINT_URL and that the server is running"
-        )
-    if isinstance(e, NoCredentialsError):
-        return StorageError(f"{uri}: no S3 credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
-    if isinstance(e, ClientError):
-        code = str(e.response.get("Error", {}).get("Code", ""))
-        bucket = split_s3(uri)[0] if is_s3(uri) else "?"
-        if code == "NoSuchBucket":
-            return StorageError(f"{uri}: bucket {bucket!r} does not exist at {where}; create it or fix the URI")
-        if code in ("NoSuchKey", "404", "NotFound"):
-            return StorageError(f"{uri}: no such object at {where}")
-        if code in (
-            "SignatureDoesNotMatch",
-            "InvalidAccessKeyId",
-            "AccessDenied",
-            "403",
-            "InvalidToken",
-            "ExpiredToken",
-        ):
-            return StorageError(
-                f"{uri}: {where} refused the credentials ({code}); check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
-            )
-        return StorageError(f"{uri}: S3 error {code} at {where}: {e.response.get('Error', {}).get('Message', '')}")
-    return StorageError(f"{uri}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-
-
-def _call(uri: str, fn: Callable[[], Any]) -> Any:
-    try:
-        return fn()
-    except StorageError:
-        raise
-    except Exception as e:
-        if type(e).__module__.startswith(("botocore", "boto3", "urllib3")):
-            raise explain(uri, e) from None
-        raise
-
-
-# -- whole objects and files ---------------------------------------------------------
+# -- the operations: local files here, a URI through its backend ------------------------
 
 
 def exists(uri: str | os.PathLike) -> bool:
-    if not is_s3(uri):
+    if not is_remote(uri):
         return Path(uri).exists()
-    from botocore.exceptions import ClientError
-
-    bucket, key = split_s3(str(uri))
-    try:
-        client().head_object(Bucket=bucket, Key=key)
-        return True
-    except ClientError as e:
-        if str(e.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
-            check_bucket(str(uri))  # a missing bucket is an error, not a missing object
-            return False
-        raise explain(str(uri), e) from None
-    except Exception as e:
-        raise explain(str(uri), e) from None
+    return backend(uri).exists(str(uri))
 
 
 def exists_any(uri: str | os.PathLike) -> bool:
     """Whether ``uri`` is a file/object or a directory/prefix holding at least one."""
-    if not is_s3(uri):
+    if not is_remote(uri):
         return Path(uri).exists()
-    if exists(uri):
-        return True
-    bucket, prefix = split_s3(str(uri))
-    resp = _call(str(uri), lambda: client().list_objects_v2(Bucket=bucket, Prefix=prefix.rstrip("/") + "/", MaxKeys=1))
-    return bool(resp.get("KeyCount", 0))
+    return backend(uri).exists_any(str(uri))
 
 
-def delete_prefix(uri: str) -> int:
-    """Delete every object under ``uri`` (an ``s3://`` prefix); returns how many."""
-    bucket, _ = split_s3(uri)
-    keys = [split_s3(o)[1] for o in list_files(uri)]
-    for i in range(0, len(keys), 1000):
-        batch = {"Objects": [{"Key": k} for k in keys[i : i + 1000]], "Quiet": True}
-        _call(uri, lambda b=batch: client().delete_objects(Bucket=bucket, Delete=b))  # type: ignore[misc]
-    return len(keys)
+def list_files(uri: str | os.PathLike) -> list[str]:
+    """Every file/object under ``uri`` (recursive), as paths/URIs, sorted."""
+    if not is_remote(uri):
+        return sorted(str(p) for p in Path(uri).rglob("*") if p.is_file())
+    return backend(uri).list_files(str(uri))
 
 
-def pyarrow_fs(uri: str) -> tuple[Any, str]:
-    """(pyarrow S3FileSystem for the AWS environment, the path inside it) for an
-    ``s3://`` URI: what Ray Train/Tune take as ``storage_filesystem`` and ``storage_path``."""
-    bucket, key = split_s3(uri)
-    return _new_arrow_fs(), f"{bucket}/{key}".rstrip("/")
-
-
-def _new_arrow_fs() -> Any:
-    from pyarrow import fs
-
-    ep = endpoint()
-    kwargs: dict[str, Any] = {
-        "region": os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1",
-        "connect_timeout": CONNECT_TIMEOUT_S,
-        "request_timeout": READ_TIMEOUT_S,
-    }
-    if ep:
-        scheme, _, rest = ep.partition("://")
-        kwargs.update(endpoint_override=rest or ep, scheme=scheme if rest else "https")
-    # no keys passed: pyarrow's default AWS credential chain (the environment, session token included,
-    # the shared credentials file, an instance or pod role) finds and refreshes them; keys passed here
-    # would be pickled with the filesystem (Ray Tune stores its run config, filesystem included, in the
-    # bucket) and would never refresh
-    return fs.S3FileSystem(**kwargs)
-
-
-def check_bucket(uri: str) -> None:
-    """Raise unless ``uri``'s bucket exists and the credentials may use it."""
-    from botocore.exceptions import ClientError
-
-    bucket, _ = split_s3(uri)
-    try:
-        client().head_bucket(Bucket=bucket)
-    except ClientError as e:
-        if str(e.response.get("Error", {}).get("Code")) in ("404", "NoSuchBucket", "NotFound"):
-            raise StorageError(
-                f"{uri}: bucket {bucket!r} does not exist at {endpoint() or 'AWS S3'}; create it or fix the URI"
-            ) from None
-        raise explain(uri, e) from None
-    except Exception as e:
-        raise explain(uri, e) from None
-
-
-def _arrow_fs() -> Any:
-    """pyarrow's S3 filesystem for this process and AWS environment (cached)."""
-    key = _env_key()
-    if _arrow.get("key") != key:
-        _arrow.update(key=key, fs=_new_arrow_fs())
-    return _arrow["fs"]
-
-
-_arrow: dict[str, Any] = {}
-
-
-def read_object(uri: str) -> bytes:
-    """One whole ``s3://`` object through pyarrow's S3 client (the AWS C++ SDK), for
-    many small objects: it spends about half of boto3's CPU time per GET, and it releases
-    the GIL while it waits, so reads on several threads overlap (boto3's serialise on
-    the GIL: more threads made it slower). A failure raises an OSError (after the SDK's
-    own retries) whose one line names ``uri``."""
-    bucket, key = split_s3(uri)
-    try:
-        with _arrow_fs().open_input_stream(f"{bucket}/{key}") as f:
-            return f.read()
-    except OSError as e:
-        cause = (str(e).splitlines() or [""])[0][:300]
-        raise type(e)(f"{uri}: {cause}") from None
+def sizes(uri: str | os.PathLike) -> dict[str, int]:
+    """Name -> size in bytes of every file directly in ``uri`` (one listing); empty when
+    the directory does not exist."""
+    if not is_remote(uri):
+        try:
+            with os.scandir(str(uri)) as entries:
+                return {e.name: e.stat().st_size for e in entries if e.is_file()}
+        except FileNotFoundError:
+            return {}
+    return backend(uri).sizes(str(uri))
 
 
 def read_bytes(uri: str | os.PathLike) -> bytes:
-    if not is_s3(uri):
+    if not is_remote(uri):
         return Path(uri).read_bytes()
-    with open_read(str(uri)) as f:
-        return f.read()
+    return backend(uri).read_bytes(str(uri))
+
+
+def read_object(uri: str | os.PathLike) -> bytes:
+    """One whole file/object; for many small objects, the backend's fastest read."""
+    if not is_remote(uri):
+        return Path(uri).read_bytes()
+    return backend(uri).read_object(str(uri))
+
+
+def open_read(uri: str | os.PathLike) -> IO[bytes]:
+    """A binary read stream for a local file or an object."""
+    if not is_remote(uri):
+        return open(uri, "rb")
+    return backend(uri).open_read(str(uri))
 
 
 def write_bytes(uri: str | os.PathLike, data: bytes) -> None:
     """Write one object/file whole (a local file via a temporary name and a rename)."""
-    if not is_s3(uri):
+    if not is_remote(uri):
         p = Path(uri)
         p.parent.mkdir(parents=True, exist_ok=True)
         tmp = p.with_name(f".{p.name}.tmp")
         tmp.write_bytes(data)
         os.replace(tmp, p)
         return
-    bucket, key = split_s3(str(uri))
-    _call(str(uri), lambda: client().put_object(Bucket=bucket, Key=key, Body=data))
+    backend(uri).write_bytes(str(uri), data)
 
 
 def upload_file(path: str | os.PathLike, uri: str) -> None:
-    bucket, key = split_s3(uri)
-    _call(uri, lambda: client().upload_file(str(path), bucket, key))
+    backend(uri).upload_file(path, uri)
 
 
 def download_file(uri: str, path: str | os.PathLike) -> None:
-    bucket, key = split_s3(uri)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    _call(uri, lambda: client().download_file(bucket, key, str(path)))
-
-
-def list_files(uri: str | os.PathLike) -> list[str]:
-    """Every file/object under ``uri`` (recursive), as paths/URIs, sorted."""
-    if not is_s3(uri):
-        return sorted(str(p) for p in Path(uri).rglob("*") if p.is_file())
-    bucket, prefix = split_s3(str(uri))
-    prefix = prefix.rstrip("/") + "/" if prefix else ""
-    out: list[str] = []
-
-    def page() -> None:
-        for resp in client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-            # keys ending in "/" are directory markers (pyarrow's create_dir writes them), not files
-            out.extend(f"s3://{bucket}/{o['Key']}" for o in resp.get("Contents", []) if not o["Key"].endswith("/"))
-
-    _call(str(uri), page)
-    return sorted(out)
+    backend(uri).download_file(uri, path)
 
 
 def download_dir(uri: str, local: str | os.PathLike) -> Path:
@@ -317,85 +220,30 @@ def download_dir(uri: str, local: str | os.PathLike) -> Path:
     return local
 
 
-# -- streaming reads -----------------------------------------------------------------
+def delete_prefix(uri: str) -> int:
+    """Delete every object under ``uri`` (a URI prefix); returns how many."""
+    return backend(uri).delete_prefix(uri)
 
 
-class S3Reader(io.RawIOBase):
-    """A forward-only read stream over one S3 object that survives broken connections:
-    after a transient error it reissues the GET from the current byte (``Range``), at
-    most ``RETRIES`` times per stream with exponential backoff, then raises."""
-
-    def __init__(self, uri: str, retries: int = RETRIES) -> None:
-        self.uri, self.retries = uri, retries
-        self.bucket, self.key = split_s3(uri)
-        self.pos, self.failures = 0, 0
-        self.size: int | None = None
-        self._body: Any = None
-        self._open()
-
-    def _open(self) -> None:
-        kwargs = {"Bucket": self.bucket, "Key": self.key}
-        if self.pos:
-            kwargs["Range"] = f"bytes={self.pos}-"
-        resp = _call(self.uri, lambda: client().get_object(**kwargs))
-        if self.size is None:
-            self.size = int(resp["ContentLength"])
-        self._body = resp["Body"]
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buf: Any) -> int:
-        if self.size is not None and self.pos >= self.size:
-            return 0
-        view = memoryview(buf).cast("B")
-        while True:
-            try:
-                chunk = self._body.read(len(view))
-                break
-            except Exception as e:  # a connection reset or read timeout mid-object
-                if not type(e).__module__.startswith(
-                    ("botocore", "urllib3", "http", "socket", "ssl")
-                ) and not isinstance(e, (ConnectionError, TimeoutError)):
-                    raise
-                self.failures += 1
-                if self.failures > self.retries:
-                    raise StorageError(
-                        f"{self.uri}: the read failed {self.failures} times at byte {self.pos} "
-                        f"(last: {type(e).__name__}); check the S3 endpoint {endpoint()}"
-                    ) from None
-                time.sleep(BACKOFF_S * 2 ** (self.failures - 1))
-                self._close_body()
-                self._open()
-        n = len(chunk)
-        view[:n] = chunk
-        self.pos += n
-        return n
-
-    def _close_body(self) -> None:
-        if self._body is not None:
-            try:
-                self._body.close()
-            except Exception:
-                pass
-            self._body = None
-
-    def close(self) -> None:
-        self._close_body()
-        super().close()
+def check(uri: str | os.PathLike) -> None:
+    """Raise :class:`StorageError` unless the remote location ``uri`` can be used; a
+    local path passes."""
+    if is_remote(uri):
+        backend(uri).check(str(uri))
 
 
-def open_read(uri: str | os.PathLike) -> IO[bytes]:
-    """A binary read stream (buffered) for a local file or an S3 object."""
-    if not is_s3(uri):
-        return open(uri, "rb")
-    return io.BufferedReader(S3Reader(str(uri)), buffer_size=1 << 20)
+# -- webdataset ------------------------------------------------------------------------
 
 
-def _gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **_: Any) -> IO[bytes]:
+def _gopen(url: str, mode: str = "rb", bufsize: int = 8192, **_: Any) -> IO[bytes]:
     if mode[0] != "r":
-        raise ValueError(f"{url}: s3 shards are read-only here (mode {mode!r})")
+        raise ValueError(f"{url}: remote shards are read-only here (mode {mode!r})")
     return open_read(url)
 
 
-sys.modules["webdataset.gopen"].gopen_schemes["s3"] = _gopen_s3  # the module, not the function
+def _route_gopen(name: str) -> None:
+    sys.modules["webdataset.gopen"].gopen_schemes[name] = _gopen  # the module, not the function
+
+
+for _name in _advertised():
+    _route_gopen(_name)

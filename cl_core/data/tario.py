@@ -23,7 +23,7 @@ from typing import IO, Any
 
 import webdataset as wds
 
-from cl_core.data import storage  # noqa: F401 - registers s3:// with wds.gopen
+from cl_core.data import storage  # noqa: F401 - routes remote schemes (s3://) of wds.gopen to storage
 
 BLOCK = 512
 _ZERO_BLOCK = b"\0" * BLOCK

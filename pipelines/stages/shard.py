@@ -160,7 +160,7 @@ def shard(ctx: StageContext, cfg: DataConfig, inputs: dict) -> dict:
     dest = destination(ctx, cfg.output)
     where: str = dest or str(out)
     if dest is not None:
-        storage.check_bucket(dest)
+        storage.check(dest)
     if dest is not None and ctx.rerun:
         # --rerun shard (the fix printed for a damaged set): delete the set, manifest included, and write
         # it again, instead of finding its manifest and reusing it

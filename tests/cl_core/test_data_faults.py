@@ -12,6 +12,7 @@ from cl_core.data import shards as S
 from cl_core.data import storage
 from cl_core.data.sources import npz_source
 from cl_core.data.tario import ShardChecksumError, TarFormatError, tar_samples
+from infra import s3 as s3_backend
 from tests.cl_core.test_shards import write_set
 
 
@@ -230,7 +231,7 @@ def test_check_on_s3_uses_object_sizes(shard_set, s3):
     assert len(_read(check.urls, verify=check.verify)) == sum(counts)
     raw = storage.read_bytes(urls[0])
     storage.write_bytes(urls[0], raw[: raw.index(b"\x89PNG", raw.index(b"\x89PNG") + 1) + 30])
-    storage.client().delete_object(Bucket="clpipe-faults", Key=storage.split_s3(urls[1])[1])
+    s3_backend.client().delete_object(Bucket="clpipe-faults", Key=s3_backend.split_s3(urls[1])[1])
     with pytest.raises(S.ShardError, match=f"^{urls[1]}: shard listed in {dest}/manifest.json is missing"):
         S.check_shards(dest, m, "train")
     storage.write_bytes(urls[1], (out / m["splits"]["train"]["shards"][1]["name"]).read_bytes())

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from cl_core.data import storage
+from infra import s3 as s3_backend
 from tests.conftest import s3_server
 
 BUCKET = "clpipe-test"
@@ -124,7 +125,7 @@ def test_a_stream_broken_mid_object_resumes_with_ranged_gets(s3, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
     try:
         t0 = time.monotonic()
-        reader = storage.S3Reader(uri)
+        reader = s3_backend.S3Reader(uri)
         chunks = []
         while chunk := reader.read(1 << 16):
             chunks.append(chunk)
@@ -134,7 +135,7 @@ def test_a_stream_broken_mid_object_resumes_with_ranged_gets(s3, monkeypatch):
         always = CuttingProxy(s3.endpoint, cuts=100, after=200_000)
         monkeypatch.setenv("AWS_ENDPOINT_URL", always.endpoint)
         t0 = time.monotonic()
-        with pytest.raises(storage.StorageError, match=f"{uri}: the read failed {storage.RETRIES + 1} times"):
+        with pytest.raises(storage.StorageError, match=f"{uri}: the read failed {s3_backend.RETRIES + 1} times"):
             storage.read_bytes(uri)
         assert time.monotonic() - t0 < 30
         always.close()
@@ -359,7 +360,7 @@ def test_an_s3_folder_shard_reads_ahead_and_keeps_order_and_errors(s3, tmp_path,
     assert ahead["sha256"] == one["sha256"] and ahead["num_samples"] == one["num_samples"] == 39
     assert [c["id"] for c in ahead["corrupt"]] == [c["id"] for c in one["corrupt"]] == ["023.png"]
     monkeypatch.setattr(sources, "S3_READS_IN_FLIGHT", 16)
-    storage.client().delete_object(Bucket=BUCKET, Key="sources/ahead/031.png")
+    s3_backend.client().delete_object(Bucket=BUCKET, Key="sources/ahead/031.png")
     with pytest.raises(sources.SourceReadError) as e:
         S.write_shard(src, refs, tmp_path / "gone.tar")
     msg = str(e.value)
