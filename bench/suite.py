@@ -87,7 +87,8 @@ def main() -> int:
     a = ap.parse_args()
 
     commit = subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True).strip()
-    work = Path(tempfile.mkdtemp(prefix="clpipe-suite-"))
+    # not under /tmp: the two-host test gives each host a private /tmp, where this clone's venv would vanish
+    work = Path(tempfile.mkdtemp(prefix="clpipe-suite-", dir="/var/tmp"))
     clone = work / "clone"
     subprocess.check_call(["git", "clone", "-q", str(ROOT), str(clone)])
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTEST_"))}

@@ -137,6 +137,9 @@ def unavailable() -> str | None:
     for tool in ("ip", "nsenter", "unshare"):
         if shutil.which(tool) is None:
             return f"{tool} is not installed"
+    for what, path in (("the Python interpreter", sys.executable), ("the project", str(Path(__file__).parents[1]))):
+        if any(path == m or path.startswith(m + "/") for m in ("/tmp", "/dev/shm")):
+            return f"{what} is at {path}, but each host gets a private /tmp and /dev/shm: use a checkout outside them"
     name = f"clpprobe{secrets.token_hex(3)}"
     r = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
     if r.returncode != 0:
