@@ -124,15 +124,24 @@ def upload_folder(root: Path, bucket: str, prefix: str, threads: int = 16) -> st
 # ---- memory sampling ---------------------------------------------------------------------------------------
 
 
-def _rss_mb(pid: int) -> float | None:
+def _rss_mb(pid: int) -> tuple[float, float] | None:
+    """(resident MB, of which anonymous or shared-memory MB). The rest of the resident
+    set is file pages (the shared libraries: libtorch alone is hundreds of MB), and how
+    many of those a process has mapped depends on what else is in the page cache (the
+    kernel maps the cached pages around each fault): a split held in memory is
+    anonymous (or, through Ray's object store, shared memory)."""
+    got = {}
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
+                key = line.split(":", 1)[0]
+                if key in ("VmRSS", "RssAnon", "RssShmem"):
+                    got[key] = int(line.split()[1]) / 1024
     except OSError:
         return None
-    return None
+    if "VmRSS" not in got:
+        return None
+    return got["VmRSS"], got.get("RssAnon", 0.0) + got.get("RssShmem", 0.0)
 
 
 def _cmdline(pid: int) -> str:
@@ -144,7 +153,8 @@ def _cmdline(pid: int) -> str:
 
 
 class Sampler(threading.Thread):
-    """Every ``interval`` s: (time, driver MB, largest worker MB, largest Ray daemon MB)."""
+    """Every ``interval`` s: (time, {role: largest resident MB, role_anon: largest
+    anonymous + shared-memory MB}) for the driver, the Ray workers and Ray's daemons."""
 
     def __init__(self, interval: float):
         super().__init__(daemon=True)
@@ -168,14 +178,15 @@ class Sampler(threading.Thread):
         me = os.getpid()
         while not self.stop.is_set():
             kids = procs.children_by_parent()
-            peak = {"driver": _rss_mb(me) or 0.0, "worker": 0.0, "ray": 0.0}
+            peak = dict.fromkeys(("driver", "worker", "ray", "driver_anon", "worker_anon", "ray_anon"), 0.0)
+            peak["driver"], peak["driver_anon"] = _rss_mb(me) or (0.0, 0.0)
             stack = [(k, "ray") for k in kids.get(me, [])]
             while stack:
                 pid, parent_role = stack.pop()
                 r = self.role(pid, parent_role)
                 mb = _rss_mb(pid)
                 if mb is not None:
-                    peak[r] = max(peak[r], mb)
+                    peak[r], peak[f"{r}_anon"] = max(peak[r], mb[0]), max(peak[f"{r}_anon"], mb[1])
                 stack += [(k, r) for k in kids.get(pid, [])]
             self.samples.append((time.time(), peak))
             self.stop.wait(self.interval)
@@ -210,7 +221,11 @@ def one(
             "seconds": round(hi - lo, 1),
             "samples": len(window),
             "cached": st.cached,
-            **{f"{r}_peak_mb": round(max((p[r] for p in window), default=0.0), 1) for r in ("driver", "worker", "ray")},
+            **{
+                f"{r}{a}_peak_mb": round(max((p[r + a] for p in window), default=0.0), 1)
+                for r in ("driver", "worker", "ray")
+                for a in ("", "_anon")
+            },
         }
     return {"source": source, "images": n, "seconds": round(time.time() - t0, 1), "stages": stages}
 
@@ -230,6 +245,8 @@ def compare(small: dict, large: dict) -> dict:
         for r in ("driver", "worker", "ray"):
             x, y = a[f"{r}_peak_mb"], b[f"{r}_peak_mb"]
             row[r] = {"small_mb": x, "large_mb": y, "growth": round(y / x - 1, 4) if x else None}
+            if f"{r}_anon_peak_mb" in a:
+                row[r] |= {"small_anon_mb": a[f"{r}_anon_peak_mb"], "large_anon_mb": b[f"{r}_anon_peak_mb"]}
         row["ok"] = all(row[r]["growth"] is None or row[r]["growth"] < GROWTH_LIMIT for r in ("driver", "worker"))
         rows[name] = row
     return {

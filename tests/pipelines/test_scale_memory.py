@@ -77,10 +77,16 @@ def test_peak_memory_of_shard_and_pretrain_is_flat_in_the_data_size(tmp_path):
     """``bench/scale.py``'s check at a tenth of its sizes, on the stages that read the whole
     training split (the shard stage's source, pretraining with its kNN monitor): 1,000 and
     10,000 generated 32 px images, 32 px views. The driver's and the largest Ray worker's
-    peak RSS may grow by less than 10% and less than 100 MB (a Ray worker's peak varies by
-    up to ~50 MB between identical runs; a split held whole grows with the data set). The
-    other stages' streaming is checked at their own level (the labels stage's shards,
-    evaluate's and the monitor's features) and at full size by bench/scale.py."""
+    peak RSS may grow by less than 10%, and their anonymous memory by less than 40 MB (the
+    training split held whole would be 9,000 x 3 KB as stored, 100 MB as float views).
+
+    The monitor's bank and val set are capped below the small size here, so the memory it
+    is designed to take (the bank's features, one similarity block of at most 64 MiB) is
+    the same at both sizes; with the default caps (10,000) it grows up to those bounds
+    between 1,000 and 10,000 images (+62 MB measured), which bench/scale.py's 10,000 and
+    100,000 images are both past. File-backed resident pages are left out of the absolute
+    bound: how much of libtorch a process has mapped depends on what else is in the page
+    cache (280 MB more inside the full suite than alone)."""
     sys.path.insert(0, str(BENCH))
     import scale
 
@@ -91,13 +97,18 @@ def test_peak_memory_of_shard_and_pretrain_is_flat_in_the_data_size(tmp_path):
         interval=0.05,
         log=lambda *a: None,
         until="pretrain",
-        overrides=["sweep.enabled=false", "pretrain.views.image_size=32"],
+        overrides=[
+            "sweep.enabled=false",
+            "pretrain.views.image_size=32",
+            "pretrain.monitor.max_bank=500",
+            "pretrain.monitor.max_val=200",
+        ],
     )
     assert set(res["stages"]) == {"shard", "pretrain"}, res["stages"].keys()
     for name, row in res["stages"].items():
         for role in ("driver", "worker"):
             r = row[role]
-            assert r["growth"] < scale.GROWTH_LIMIT and r["large_mb"] - r["small_mb"] < 100, (name, role, r)
+            assert r["growth"] < scale.GROWTH_LIMIT and r["large_anon_mb"] - r["small_anon_mb"] < 40, (name, role, r)
 
 
 def test_knn_blocks_are_bounded_and_give_the_same_votes():
