@@ -216,12 +216,18 @@ def ablations(work: str, seeds: list[int], temperatures: list[float]) -> None:
 
 
 def targets(
-    work: str, seeds: list[int], config: str = "fashion_mnist", extra: list[str] | None = None, out: str | None = None
+    work: str,
+    seeds: list[int],
+    config: str = "fashion_mnist",
+    extra: list[str] | None = None,
+    out: str | None = None,
+    small_student: bool = True,
 ) -> None:
     """The shipped 2-core config end to end (the first seed), then the fine-tune and
     distill stages again with the other seeds on the same shards, labels and encoder,
-    and a small student (small_cnn width 16, T = 1) per seed. The JSON is rewritten
-    after every seed, so an interrupted run keeps what it measured."""
+    and a small student (small_cnn width 16, T = 1) per seed (``small_student=False``:
+    none, about 17 minutes less per seed). The JSON is rewritten after every seed, so an
+    interrupted run keeps what it measured."""
     name = "targets" if config == "fashion_mnist" else f"targets_{config.removeprefix('fashion_mnist_')}"
     path = Path(out) if out else RESULTS / f"fashion_{name}.json"
     import mlflow
@@ -262,9 +268,18 @@ def targets(
         over = [*extra, *([f"finetune.seed={seed}", f"distill.seed={seed}"] if seed else [])]
         load = os.getloadavg()[0]  # > 0.5: something else shared the cores at the start
         res, secs = run(work, over, "evaluate", quiet=False, config=config)
-        small, small_secs = run(work, [*over, *SMALL_STUDENT], "evaluate", config=config)
-        dist = small.stages["distill"].outputs["models"]
         fr = list(res.stages["distill"].outputs["models"])
+        small_rec = {}
+        if small_student:
+            small, small_secs = run(work, [*over, *SMALL_STUDENT], "evaluate", config=config)
+            dist = small.stages["distill"].outputs["models"]
+            small_rec = {
+                "small_rows": small.stages["evaluate"].outputs["rows"],
+                "small_seconds": small_secs,
+                # its distill and evaluate compute time (from the runs that computed them, when cached)
+                "small_stages": {k: seconds(small.stages[k]) for k in ("distill", "evaluate")},
+                "small_params": {k: (v.get("params"), v.get("teacher_params")) for k, v in dist.items()},
+            }
         per_seed[str(seed)] = {
             "config": fingerprint,
             "load_average_at_start": load,
@@ -272,18 +287,14 @@ def targets(
             "stages": {k: seconds(v) for k, v in res.stages.items()},
             "rows": res.stages["evaluate"].outputs["rows"],
             "metrics": res.stages["evaluate"].outputs["metrics"],
-            "small_rows": small.stages["evaluate"].outputs["rows"],
-            "small_seconds": small_secs,
-            # its distill and evaluate compute time (from the runs that computed them, when cached)
-            "small_stages": {k: seconds(small.stages[k]) for k in ("distill", "evaluate")},
-            "small_params": {k: (v.get("params"), v.get("teacher_params")) for k, v in dist.items()},
+            **small_rec,
             "curves": {
                 "pretrain": curves(res, "pretrain", ["val/knn_top1"]),
                 "finetune": curves(
                     res, "finetune", [f"{p}_{n.split('_', 1)[1]}/val/top1" for n in fr for p in ("teacher", "baseline")]
                 ),
                 "distill": curves(res, "distill", [f"{n}/val/top1" for n in fr]),
-                "small_distill": curves(small, "distill", [f"{n}/val/top1" for n in fr]),
+                **({"small_distill": curves(small, "distill", [f"{n}/val/top1" for n in fr])} if small_student else {}),
             },
         }
         print(seed, json.dumps({k: v for k, v in per_seed[str(seed)].items() if k != "metrics"}), flush=True)
@@ -354,20 +365,23 @@ def summarize(per_seed: dict[str, dict]) -> dict:
         def col(key: str, rows: str = "rows", f=f) -> list[float]:
             return [next(r for r in per_seed[s][rows] if r["label_fraction"] == f)[key] for s in seeds]
 
-        t, b, lp = col("teacher"), col("baseline"), col("encoder_linear")
-        st, sm = col("student"), col("student", "small_rows")
+        t, b, lp, st = col("teacher"), col("baseline"), col("encoder_linear"), col("student")
         table[str(f)] = {
             "labels": col("labels")[0],
             "baseline": _stats(b),
             "teacher": _stats(t),
             "encoder_linear": _stats(lp),
             "student": _stats(st),
-            "small_student": _stats(sm),
             "teacher_minus_baseline": _stats([x - y for x, y in zip(t, b, strict=True)]),
             "teacher_minus_linear": _stats([x - y for x, y in zip(t, lp, strict=True)]),
             "student_minus_teacher": _stats([x - y for x, y in zip(st, t, strict=True)]),
-            "small_minus_teacher": _stats([x - y for x, y in zip(sm, t, strict=True)]),
         }
+        if all("small_rows" in per_seed[s] for s in seeds):
+            sm = col("student", "small_rows")
+            table[str(f)] |= {
+                "small_student": _stats(sm),
+                "small_minus_teacher": _stats([x - y for x, y in zip(sm, t, strict=True)]),
+            }
     first = per_seed[seeds[0]]
     return {
         "seeds": [int(s) for s in seeds],
@@ -482,6 +496,12 @@ def main() -> None:
         help="a config override (a quick check of the script; with --out elsewhere than bench/results)",
     )
     t.add_argument("--out", help="the JSON to write (default: bench/results/fashion_targets[_gpu].json)")
+    t.add_argument(
+        "--small-student",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also distill the small student (width 16) per seed (about 17 minutes per seed on 2 cores)",
+    )
     rs = sub.add_parser("resummarize", help="rewrite a targets JSON's summary (adds the pretrain epochs' times)")
     rs.add_argument("path", type=Path)
     rs.add_argument("--work-dir", required=True)
@@ -504,7 +524,7 @@ def main() -> None:
     elif args.cmd == "ablations":
         ablations(work, args.seeds, args.temperatures)
     else:
-        targets(work, args.seeds, args.config, args.set, args.out)
+        targets(work, args.seeds, args.config, args.set, args.out, args.small_student)
 
 
 if __name__ == "__main__":

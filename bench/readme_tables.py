@@ -99,6 +99,59 @@ def _pm(s: dict, scale: float = 1.0, fmt: str = ".3f") -> str:
     return f"{s['mean'] * scale:{fmt}} ± {s['std'] * scale:{fmt.lstrip('+')}}"
 
 
+def _augment_on(loader: dict, device: dict) -> list[str]:
+    """The first seed of the targets run (colour augmentation in the loader processes)
+    against a run of the same chain with ``pretrain.views.augment_on: device``."""
+    seed = str(device["seeds"][0])
+    rows = []
+    for name, rec in (
+        ("loader processes", loader["per_seed"][seed]),
+        ("batched in the workers", device["per_seed"][seed]),
+    ):
+        st = {k: v["seconds"] for k, v in rec["stages"].items()}
+        by = {r["label_fraction"]: r for r in rec["rows"]}
+        m = rec["metrics"]
+        cells = [
+            f"{st['pretrain'] / 60:.1f}",
+            f"{sum(st.values()) / 60:.1f}",
+            f"{m['test/pretrained/linear_top1']:.3f}",
+            f"{m['test/pretrained/knn_top1']:.3f}",
+            *(f"{by[f][k]:.3f}" for f in sorted(by) for k in ("encoder_linear", "baseline", "teacher", "student")),
+        ]
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    fr = sorted(r["label_fraction"] for r in device["per_seed"][seed]["rows"])
+    heads = [f"{h} {f:g}" for f in fr for h in ("probe", "baseline", "teacher", "student")]
+    sys.path.insert(0, str(ROOT))
+    from pipelines.config import load_config
+
+    shipped = load_config("fashion_mnist").pretrain.views.augment_on
+    then = loader["per_seed"][seed]["config"]["pretrain"]["views"]["augment_on"]
+    e2e = _load("e2e_full")
+    fast = ""
+    if e2e is not None:
+        by = {st.get("augment_on"): st for st in e2e["stage"].values()}
+        if "device" in by and "loader" in by:
+            ratio = by["device"]["images_per_sec"] / by["loader"]["images_per_sec"]
+            fast = (
+                f" (at global batch {e2e['global_batch']}, {ratio:.2f}x the images/s of the loader path: "
+                "bench/README.md, `e2e_full.json`)"
+            )
+    return [
+        f"The targets run above made pretraining's colour augmentation with `pretrain.views.augment_on: {then}`; "
+        f"`fashion_mnist.yaml` now ships `augment_on: {shipped}`{fast}. The same chain both ways, seed {seed}, "
+        "everything else equal: per image in the loader processes, or batched in the training workers "
+        f"(`bench/fashion_mnist.py targets --set pretrain.views.augment_on=device`, {device['date']}; minutes of "
+        "compute, shard and labels shared):",
+        "",
+        "| colour augmentation | pretrain min | chain min | probe, all labels | kNN, all labels | "
+        + " | ".join(heads)
+        + " |",
+        "|---|" + "---:|" * (4 + len(heads)),
+        *rows,
+        "",
+    ]
+
+
 def fashion() -> str:
     out: list[str] = []
     rec = _load("fashion_recipe")
@@ -173,6 +226,9 @@ def fashion() -> str:
                 f"{_pm(r['small_minus_teacher'], 100, '+.1f')} pt |"
             )
         out += ["", f"(`bench/fashion_mnist.py targets`, {tg['date']}.)", ""]
+        dev = _load("fashion_targets_device")
+        if dev is not None:
+            out += _augment_on(tg, dev)
     di = _load("fashion_distill_init")
     if di is not None:
         runs = di["runs"]
@@ -371,17 +427,31 @@ def scale() -> str:
             + (f"medians of {e['repeats']} rounds, each ratio within its round; " if e.get("repeats", 1) > 1 else "")
             + f"{e['date']}, "
             f"`bench/results/{name}.json`; target: images/s >= {t.get('images_per_sec_vs_plain', 1.0):.1f}x, wall "
-            f"<= {t.get('wall_vs_plain', 1.1):.1f}x):",
+            f"<= {t.get('wall_vs_plain', 1.1):.1f}x)"
+            + (
+                # bench/e2e.py has written each side's augment_on since fashion_mnist.yaml moved the colour
+                # augmentation to the workers
+                "; recorded before fashion_mnist.yaml batched the colour augmentation in the workers, so its "
+                "`default` is today's `augment_on_loader`:"
+                if any("augment_on" not in st for st in e["stage"].values())
+                else ":"
+            ),
             "",
-            "| side | images/s | vs plain | wall s | vs plain |",
-            "|---|---:|---:|---:|---:|",
-            f"| plain loop | {e['plain']['images_per_sec']:.0f} | 1.00x | {e['plain']['wall_seconds']:.0f} | 1.00x |",
+            "| side | colour augmentation | images/s | vs plain | wall s | vs plain |",
+            "|---|---|---:|---:|---:|---:|",
+            f"| plain loop | DataLoader process | {e['plain']['images_per_sec']:.0f} | 1.00x "
+            f"| {e['plain']['wall_seconds']:.0f} | 1.00x |",
         ]
         for side, st in e["stage"].items():
             each = st.get("images_per_sec_vs_plain_each")
             spread = f" ({', '.join(f'{x:.2f}' for x in each)})" if each else ""
+            # records made before bench/e2e.py wrote it: fashion_mnist.yaml then augmented in the loader
+            where = st.get("augment_on") or (
+                "device" if "pretrain.views.augment_on=device" in st.get("overrides", []) else "loader"
+            )
             out.append(
-                f"| stage: {side} | {st['images_per_sec']:.0f} | {st['images_per_sec_vs_plain']:.2f}x{spread} "
+                f"| stage: {side} | {'batched in the worker' if where == 'device' else 'loader process'} "
+                f"| {st['images_per_sec']:.0f} | {st['images_per_sec_vs_plain']:.2f}x{spread} "
                 f"| {st['wall_seconds']:.0f} | {st['wall_vs_plain']:.2f}x |"
             )
     return "\n".join(out)
