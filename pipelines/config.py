@@ -512,6 +512,12 @@ class FinetuneConfig(TrainingConfig):
         description="before each val evaluation, BatchNorm statistics are recomputed on up to this many "
         "of the training images, uncropped (precise BN); 0: the running averages as they are",
     )
+    val_checks: int | None = Field(
+        None,
+        ge=1,
+        description="at most this many val checks per model, evenly spaced over its epochs (the last epoch "
+        "and the starting point always checked); the epoch kept is the best checked one. None: every epoch",
+    )
 
 
 class DistillConfig(TrainingConfig):
@@ -541,6 +547,12 @@ class DistillConfig(TrainingConfig):
         ge=0,
         description="before each val evaluation, BatchNorm statistics are recomputed on up to this many "
         "of the training images, uncropped (precise BN); 0: the running averages as they are",
+    )
+    val_checks: int | None = Field(
+        None,
+        ge=1,
+        description="at most this many val checks per model, evenly spaced over its epochs (the last epoch "
+        "and the starting point always checked); the epoch kept is the best checked one. None: every epoch",
     )
 
     @field_validator("student_backbone")

@@ -102,6 +102,8 @@ TINY = [
     "--set",
     "finetune.min_steps=0",
     "--set",
+    "finetune.val_checks=2",  # of 3 epochs: after epochs 2 and 3
+    "--set",
     "pretrain.checkpoint_every_steps=4",
     "--set",
     "pretrain.max_failures=1",

@@ -306,6 +306,15 @@ def batch_for(counts: list[int], wanted: int, world: int) -> int:
     return max(1, min(wanted, sum(counts) // world))
 
 
+def val_due(epoch: int, epochs: int, checks: int | None) -> bool:
+    """Whether the val check runs after ``epoch`` (1-based) of ``epochs``: every epoch, or
+    at most ``checks`` of them evenly spaced, the last one always (1% of the labels may
+    be a few steps per epoch, and a check then costs more than the epoch's training)."""
+    if checks is None or checks >= epochs:
+        return True
+    return epoch * checks // epochs > (epoch - 1) * checks // epochs
+
+
 def cycle(stream: ShardStream, skip: int = 0):
     """Endless labeled batches from ``stream`` (in-process loader), epoch after epoch,
     after passing over the first ``skip`` (a resumed loop draws one batch per step, so
@@ -403,8 +412,12 @@ class SequentialJobs:
                 stream.urls, EvalTransform(self.job.image_size), verify=stream.verify, limit=n_cal
             )
 
-        def evaluate(_encoder) -> dict[str, float]:
+        checks = getattr(section, "val_checks", None)
+
+        def evaluate(_encoder, initial: bool = False) -> dict[str, float]:
             assert self.val is not None
+            if not initial and not val_due(loop.epoch, epochs, checks):
+                return {}
             if calibration is not None:  # rank 0's statistics reach the other ranks with DDP's buffer broadcast
                 recalibrate_batch_norm(classifier, calibration)
             was = classifier.training
@@ -419,7 +432,7 @@ class SequentialJobs:
             return {"val/top1": (torch.tensor(float(correct)) / total).item() if total else 0.0}
 
         if self.w.rank == 0 and not resuming:  # epoch 0, the starting point, is a candidate too
-            initial = evaluate(None)
+            initial = evaluate(None, initial=True)
             best.update(
                 val_top1=initial["val/top1"],
                 epoch=0,
@@ -439,7 +452,7 @@ class SequentialJobs:
                 if at_checkpoint:
                     train.report({}, checkpoint=None)
                 return
-            if metrics["val/top1"] > best["val_top1"]:
+            if "val/top1" in metrics and metrics["val/top1"] > best["val_top1"]:
                 best.update(
                     val_top1=metrics["val/top1"],
                     epoch=epoch,
@@ -450,13 +463,13 @@ class SequentialJobs:
             self.log.metrics({f"{name}/{k}": v for k, v in metrics.items()}, step=epoch)
             if at_checkpoint:
                 print(
-                    "[{}] {} epoch {}/{}  loss {:.4f}  val top-1 {:.3f} (best {:.3f} at epoch {})  {}".format(
+                    "[{}] {} epoch {}/{}  loss {:.4f}  val top-1 {} (best {:.3f} at epoch {})  {}".format(
                         self.prefix,
                         name,
                         epoch,
                         epochs,
                         metrics["train/loss"],
-                        metrics["val/top1"],
+                        f"{metrics['val/top1']:.3f}" if "val/top1" in metrics else "not checked",
                         best["val_top1"],
                         best["epoch"],
                         eta(epoch),

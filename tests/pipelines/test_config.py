@@ -170,3 +170,18 @@ def test_the_training_loop_takes_its_settings_from_the_section_by_name():
         assert (loop.epochs, loop.grad_clip, loop.precision) == (section.epochs, section.grad_clip, section.precision)
         assert loop.channels_last == (True if section.channels_last is True else None)
     assert loop_config(PretrainConfig(), batch_size=7).batch_size_per_worker == 7
+
+
+def test_val_checks_are_evenly_spaced_and_always_include_the_last_epoch():
+    from pipelines.stages._train import val_due
+
+    def due(epochs, checks):
+        return [e for e in range(1, epochs + 1) if val_due(e, epochs, checks)]
+
+    assert due(5, None) == [1, 2, 3, 4, 5] and due(5, 5) == due(5, 9) == [1, 2, 3, 4, 5]
+    assert due(60, 10) == list(range(6, 61, 6))
+    assert due(3, 2) == [2, 3] and due(7, 1) == [7]
+    for epochs in range(1, 40):
+        for checks in range(1, 12):
+            got = due(epochs, checks)
+            assert len(got) == min(epochs, checks) and got[-1] == epochs

@@ -72,11 +72,11 @@ def test_the_chain_logs_lineage_metrics_and_models(chain, monkeypatch):
     assert set(ids["subsets"]["1pct"]["ids"]) <= set(ids["subsets"]["10pct"]["ids"])
     assert all(len(v["class_counts"]) == 10 for v in ids["subsets"].values())
 
-    # finetune: teacher and baseline per fraction, val top-1 per epoch (epoch 0: the starting point, a
-    # candidate too), the selected epoch logged
+    # finetune: teacher and baseline per fraction, val top-1 at the checked epochs (finetune.val_checks=2 of 3
+    # epochs; epoch 0: the starting point, a candidate too), the selected epoch one of them and logged
     for name in ("teacher_10pct", "baseline_10pct", "teacher_1pct", "baseline_1pct"):
-        assert [m.step for m in client.get_metric_history(fin.info.run_id, f"{name}/val/top1")] == [0, 1, 2, 3]
-        assert 0 <= fin.data.metrics[f"{name}/selected_epoch"] <= 3
+        assert [m.step for m in client.get_metric_history(fin.info.run_id, f"{name}/val/top1")] == [0, 2, 3]
+        assert fin.data.metrics[f"{name}/selected_epoch"] in (0, 2, 3)
     assert [m.step for m in client.get_metric_history(children["distill"].info.run_id, "student_10pct/val/top1")] == [
         0,
         1,
