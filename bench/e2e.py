@@ -21,8 +21,11 @@ process each, global BN, the monitor on, the colour augmentation batched in the 
 workers, ``views.augment_on: device``, the loader processes only crop and flip),
 ``augment_on_loader`` (the loader processes make both views whole, as the plain loop's
 does; fashion_mnist.yaml's setting before), ``one_worker`` (1 worker x 2 threads, batch
-64), ``no_global_bn``, ``no_monitor``, ``augment_on_device``. Each stage record names its
-``augment_on``; the plain loop always augments in its DataLoader process.
+64), ``no_global_bn``, ``no_monitor``, ``augment_on_device`` (the default's setting, named
+for when the default changes), ``bf16`` (``precision: bf16``: bf16 autocast on the CPU) and
+``compile`` (``torch.compile``'d networks, compilation included). Each stage record names
+its ``augment_on``; the plain loop always augments in its DataLoader process and trains in
+fp32, eager.
 images/s: the median over the epochs after the first (the first carries start-up), for
 every side alike; the ratios are stage / plain. Each stage side also records how its
 workers made their small collectives (``clpipe.train.small_collectives``). The plain
@@ -70,6 +73,8 @@ VARIANTS = {
     "no_monitor": ["pretrain.monitor.enabled=false"],
     "augment_on_device": ["pretrain.views.augment_on=device"],
     "augment_on_loader": ["pretrain.views.augment_on=loader"],
+    "bf16": ["pretrain.precision=bf16"],
+    "compile": ["pretrain.compile=true"],
 }
 
 

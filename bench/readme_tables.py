@@ -99,55 +99,84 @@ def _pm(s: dict, scale: float = 1.0, fmt: str = ".3f") -> str:
     return f"{s['mean'] * scale:{fmt}} ± {s['std'] * scale:{fmt.lstrip('+')}}"
 
 
-def _augment_on(loader: dict, device: dict) -> list[str]:
-    """The first seed of the targets run (colour augmentation in the loader processes)
-    against a run of the same chain with ``pretrain.views.augment_on: device``."""
-    seed = str(device["seeds"][0])
+def _chain_rows(runs: list[tuple[str, str, dict, str]]) -> list[str]:
+    """One table row per (colour augmentation, val checks, targets record, seed): each
+    stage's minutes of compute and the test accuracies of that seed."""
     rows = []
-    for name, rec in (
-        ("loader processes", loader["per_seed"][seed]),
-        ("batched in the workers", device["per_seed"][seed]),
-    ):
-        st = {k: v["seconds"] for k, v in rec["stages"].items()}
-        by = {r["label_fraction"]: r for r in rec["rows"]}
-        m = rec["metrics"]
+    for aug, checks, rec, seed in runs:
+        r = rec["per_seed"][seed]
+        st = {k: v["seconds"] for k, v in r["stages"].items()}
+        rows_by_fraction = {row["label_fraction"]: row for row in r["rows"]}
+        m = r["metrics"]
         cells = [
-            f"{st['pretrain'] / 60:.1f}",
+            aug,
+            checks,
+            *(f"{st[k] / 60:.1f}" for k in ("pretrain", "finetune", "distill")),
             f"{sum(st.values()) / 60:.1f}",
             f"{m['test/pretrained/linear_top1']:.3f}",
             f"{m['test/pretrained/knn_top1']:.3f}",
-            *(f"{by[f][k]:.3f}" for f in sorted(by) for k in ("encoder_linear", "baseline", "teacher", "student")),
+            *(
+                f"{rows_by_fraction[f][k]:.3f}"
+                for f in sorted(rows_by_fraction)
+                for k in ("encoder_linear", "baseline", "teacher", "student")
+            ),
         ]
-        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+        rows.append("| " + " | ".join(cells) + " |")
+    return rows
+
+
+def _chain_variants(loader: dict, device: dict, checked: dict | None) -> list[str]:
+    """The first seed of the targets run (colour augmentation in the loader processes, a
+    val check every epoch) against the same chain with ``pretrain.views.augment_on:
+    device``, and with that and ``finetune.val_checks`` as shipped."""
+    seed = str(device["seeds"][0])
     fr = sorted(r["label_fraction"] for r in device["per_seed"][seed]["rows"])
     heads = [f"{h} {f:g}" for f in fr for h in ("probe", "baseline", "teacher", "student")]
     sys.path.insert(0, str(ROOT))
     from pipelines.config import load_config
 
-    shipped = load_config("fashion_mnist").pretrain.views.augment_on
+    cfg = load_config("fashion_mnist")
+    shipped, val_checks = cfg.pretrain.views.augment_on, cfg.finetune.val_checks
     then = loader["per_seed"][seed]["config"]["pretrain"]["views"]["augment_on"]
     e2e = _load("e2e_full")
     fast = ""
     if e2e is not None:
-        by = {st.get("augment_on"): st for st in e2e["stage"].values()}
-        if "device" in by and "loader" in by:
-            ratio = by["device"]["images_per_sec"] / by["loader"]["images_per_sec"]
+        sides = {st.get("augment_on"): st for st in e2e["stage"].values()}
+        if "device" in sides and "loader" in sides:
+            ratio = sides["device"]["images_per_sec"] / sides["loader"]["images_per_sec"]
             fast = (
                 f" (at global batch {e2e['global_batch']}, {ratio:.2f}x the images/s of the loader path: "
                 "bench/README.md, `e2e_full.json`)"
             )
+
+    def checks_of(rec: dict) -> str:
+        n = rec["per_seed"][seed]["config"]["finetune"].get("val_checks")
+        return "every epoch" if n is None else f"{n} per model"
+
+    runs = [
+        ("loader processes", checks_of(loader), loader, seed),
+        ("batched in the workers", checks_of(device), device, seed),
+    ]
+    text = [
+        f"The targets run above made pretraining's colour augmentation with `pretrain.views.augment_on: {then}` "
+        f"and checked the fine-tuned models on val after every epoch; `fashion_mnist.yaml` now ships "
+        f"`augment_on: {shipped}`{fast} and `finetune.val_checks: {val_checks}`. The same chain each way, seed "
+        f"{seed}, everything else equal (`bench/fashion_mnist.py targets`: `--set pretrain.views.augment_on=device` "
+        f"on {device['date']}"
+    ]
+    if checked is not None:
+        runs.append(("batched in the workers", checks_of(checked), checked, seed))
+        text[0] += (
+            f", and the shipped config on {checked['date']}, its pretrain the run before's, cached"
+        )
+    text[0] += "; minutes of compute, shard and labels shared):"
     return [
-        f"The targets run above made pretraining's colour augmentation with `pretrain.views.augment_on: {then}`; "
-        f"`fashion_mnist.yaml` now ships `augment_on: {shipped}`{fast}. The same chain both ways, seed {seed}, "
-        "everything else equal: per image in the loader processes, or batched in the training workers "
-        f"(`bench/fashion_mnist.py targets --set pretrain.views.augment_on=device`, {device['date']}; minutes of "
-        "compute, shard and labels shared):",
+        *text,
         "",
-        "| colour augmentation | pretrain min | chain min | probe, all labels | kNN, all labels | "
-        + " | ".join(heads)
-        + " |",
-        "|---|" + "---:|" * (4 + len(heads)),
-        *rows,
+        "| colour augmentation | val checks | pretrain min | finetune min | distill min | chain min | "
+        "probe, all labels | kNN, all labels | " + " | ".join(heads) + " |",
+        "|---|---|" + "---:|" * (6 + len(heads)),
+        *_chain_rows(runs),
         "",
     ]
 
@@ -228,7 +257,7 @@ def fashion() -> str:
         out += ["", f"(`bench/fashion_mnist.py targets`, {tg['date']}.)", ""]
         dev = _load("fashion_targets_device")
         if dev is not None:
-            out += _augment_on(tg, dev)
+            out += _chain_variants(tg, dev, _load("fashion_targets_val_checks"))
     di = _load("fashion_distill_init")
     if di is not None:
         runs = di["runs"]
