@@ -166,9 +166,7 @@ def _chain_variants(loader: dict, device: dict, checked: dict | None) -> list[st
     ]
     if checked is not None:
         runs.append(("batched in the workers", checks_of(checked), checked, seed))
-        text[0] += (
-            f", and the shipped config on {checked['date']}, its pretrain the run before's, cached"
-        )
+        text[0] += f", and the shipped config on {checked['date']}, its pretrain the run before's, cached"
     text[0] += "; minutes of compute, shard and labels shared):"
     return [
         *text,

@@ -96,6 +96,9 @@ class ShmGroup:
     def fits(self, x: torch.Tensor) -> bool:
         return x.device.type == "cpu" and x.numel() * x.element_size() <= self.slot_bytes
 
+    # never traced into a compiled graph (``compile: true`` networks with global BN call it): the
+    # result is a dtype view of a NumPy copy, which the compiled graph's output aliasing misread
+    @torch.compiler.disable
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
         """(world, *x.shape): every rank's ``x``, in rank order."""
         if not self.fits(x):
@@ -112,6 +115,7 @@ class ShmGroup:
         out = torch.from_numpy(self._data[buf, :, : raw.size].copy())
         return out.view(x.dtype).view(self.world, *x.shape)
 
+    @torch.compiler.disable
     def all_reduce_sum(self, x: torch.Tensor) -> torch.Tensor:
         """The sum over ranks (in rank order: the same bits on every rank), a new tensor."""
         parts = self.all_gather(x)

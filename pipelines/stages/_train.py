@@ -413,10 +413,11 @@ class SequentialJobs:
             )
 
         checks = getattr(section, "val_checks", None)
+        training = loop  # the epoch just finished, for the val checks (``loop`` itself is deleted at the end)
 
         def evaluate(_encoder, initial: bool = False) -> dict[str, float]:
             assert self.val is not None
-            if not initial and not val_due(loop.epoch, epochs, checks):
+            if not initial and not val_due(training.epoch, epochs, checks):
                 return {}
             if calibration is not None:  # rank 0's statistics reach the other ranks with DDP's buffer broadcast
                 recalibrate_batch_norm(classifier, calibration)

@@ -204,3 +204,44 @@ def test_ddp_gradients_with_global_bn_are_the_whole_batch_gradients():
     for rank_grads in run_workers(_ddp_worker, WORLD):
         for g, p in zip(rank_grads, ref.parameters(), strict=True):
             torch.testing.assert_close(g, p.grad, rtol=1e-3, atol=1e-5)
+
+
+def _compiled_worker(rank: int, world: int, shared_memory: bool) -> list[dict]:
+    """Convs + global BN, eager then ``nn.Module.compile``'d (as ``compile: true`` does),
+    two forward/backward steps each on this rank's share of the batch."""
+    from cl_core import distributed
+
+    if shared_memory:
+        assert distributed.use_shared_memory()
+    try:
+        out = []
+        for compiled in (False, True):
+            torch.manual_seed(0)
+            # layers of different widths: the collectives see several sizes (dynamic shapes on recompiling)
+            layers: list[nn.Module] = []
+            for c_in, c_out in ((C, 8), (8, 16), (16, 32)):
+                layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
+            net = convert_global_bn(nn.Sequential(*layers))
+            if compiled:
+                net.compile()
+            start = sum(SIZES[:rank])
+            x = _input(4)[start : start + SIZES[rank]].clone().requires_grad_()
+            g = torch.Generator().manual_seed(4)
+            w = torch.randn(sum(SIZES), 32, 3, 2, generator=g)[start : start + SIZES[rank]]
+            for _ in range(2):
+                y = net(x)
+                _loss(y, w).backward()
+            out.append({"y": y.detach(), "x_grad": x.grad.clone(), "running_mean": net[-2].running_mean.clone()})
+        return out
+    finally:
+        distributed.release_shared_memory()
+
+
+@pytest.mark.parametrize("shared_memory", [True, False], ids=["shared_memory", "gloo"])
+def test_compiled_networks_with_global_bn_match_eager(shared_memory):
+    """``compile: true`` with global BN on two workers: the collectives stay outside the
+    compiled graphs (a compiled shared-memory all_gather read past its buffer) and the
+    outputs, gradients and running statistics are eager's."""
+    for eager, compiled in run_workers(_compiled_worker, WORLD, shared_memory):
+        for k in eager:
+            torch.testing.assert_close(compiled[k], eager[k], rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
