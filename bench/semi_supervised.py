@@ -34,11 +34,18 @@ import torch
 RESULTS = Path(__file__).parent / "results" / "semi_supervised.json"
 
 
+CPU_FLAGS = {"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16"}
+
+
 def machine() -> dict:
     lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
     cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), platform.processor())
+    flags = next((set(ln.split(":", 1)[1].split()) for ln in lines if ln.startswith("flags")), set())
     return {
         "cpu_model": cpu or None,
+        # the vector units a CPU result depends on (bf16 autocast is fast with avx512_bf16 or amx_bf16 and
+        # many times slower than fp32 without them): hosts named alike can differ
+        "cpu_flags": sorted(flags & CPU_FLAGS),
         "cpu_cores": os.cpu_count(),
         "torch": torch.__version__,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
