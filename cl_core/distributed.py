@@ -91,7 +91,6 @@ def gather(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(_GatherWithGrad.apply(x), dim=0)
 
 
-@torch.compiler.disable  # a collective: a graph break in compiled networks, run eagerly
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     """Mean of ``x`` over ranks, without gradient (for logging)."""
     if world_size() == 1:
@@ -104,7 +103,6 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     return y / world_size()
 
 
-@torch.compiler.disable  # a collective: a graph break in compiled networks, run eagerly
 @torch.no_grad()
 def gather_nograd(x: torch.Tensor) -> torch.Tensor:
     """Concatenate ``x`` (N, ...) from all ranks along dim 0, without gradient (keys for
@@ -119,7 +117,6 @@ def gather_nograd(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(out, dim=0)
 
 
-@torch.compiler.disable  # a collective: a graph break in compiled networks, run eagerly
 def all_reduce_sum_(x: torch.Tensor) -> torch.Tensor:
     """In-place sum over ranks, without gradient (e.g. Sinkhorn marginals, DINO's
     center). Returns ``x``; a no-op without a process group."""

@@ -97,7 +97,9 @@ class ShmGroup:
         return x.device.type == "cpu" and x.numel() * x.element_size() <= self.slot_bytes
 
     # never traced into a compiled graph (``compile: true`` networks with global BN call it): the
-    # result is a dtype view of a NumPy copy, which the compiled graph's output aliasing misread
+    # result is a dtype view of a NumPy copy, which the compiled graph's output aliasing misread.
+    # Every shared-memory collective goes through here, so this one graph break covers them all;
+    # gloo's own collectives trace (tests/cl_core/test_global_bn.py compiles both paths)
     @torch.compiler.disable
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
         """(world, *x.shape): every rank's ``x``, in rank order."""
@@ -115,7 +117,6 @@ class ShmGroup:
         out = torch.from_numpy(self._data[buf, :, : raw.size].copy())
         return out.view(x.dtype).view(self.world, *x.shape)
 
-    @torch.compiler.disable
     def all_reduce_sum(self, x: torch.Tensor) -> torch.Tensor:
         """The sum over ranks (in rank order: the same bits on every rank), a new tensor."""
         parts = self.all_gather(x)

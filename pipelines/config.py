@@ -466,7 +466,32 @@ class CropFlipConfig(Section):
     hflip_prob: float = Field(0.0, ge=0, le=1)
 
 
-class FinetuneConfig(TrainingConfig):
+class ClassifierTrainingConfig(TrainingConfig):
+    """What fine-tuning and distillation share: classifiers trained on crops and flips, each
+    model's epoch kept by its val top-1."""
+
+    views: CropFlipConfig = CropFlipConfig()
+    seed: int | None = Field(
+        None,
+        description="this stage's training seed (initialisation, batch order, "
+        "augmentation); null: the pipeline's seed. Repeats over seeds keep the shards, labels "
+        "and encoder",
+    )
+    bn_recalibration_images: int = Field(
+        2048,
+        ge=0,
+        description="before each val evaluation, BatchNorm statistics are recomputed on up to this many "
+        "of the training images, uncropped (precise BN); 0: the running averages as they are",
+    )
+    val_checks: int | None = Field(
+        None,
+        ge=1,
+        description="at most this many val checks per model, evenly spaced over its epochs (the last epoch "
+        "and the starting point always checked); the epoch kept is the best checked one. None: every epoch",
+    )
+
+
+class FinetuneConfig(ClassifierTrainingConfig):
     finetune_from_head_layer: int | None = Field(
         0,
         ge=0,
@@ -488,14 +513,7 @@ class FinetuneConfig(TrainingConfig):
         "images' features, then fine-tuned (LP-FT, Kumar et al. 2022: a random layer's first steps distort the "
         "pretrained features); random = PyTorch's default init",
     )
-    views: CropFlipConfig = CropFlipConfig()
     epochs: int = Field(60, ge=1, description="SimCLRv2: 60 epochs on 1% of ImageNet, 30 on 10%")
-    seed: int | None = Field(
-        None,
-        description="this stage's training seed (initialisation, batch order, "
-        "augmentation); null: the pipeline's seed. Repeats over seeds keep the shards, labels "
-        "and encoder",
-    )
     min_steps: int = Field(
         120, ge=0, description="raise the epochs of a small labeled subset to at least this many steps"
     )
@@ -506,21 +524,9 @@ class FinetuneConfig(TrainingConfig):
     warmup_epochs: float = Field(0.0, ge=0)
     loader_workers: int = Field(0, ge=0, description="DataLoader worker processes per training worker")
     shuffle_buffer: int = Field(200, ge=0)
-    bn_recalibration_images: int = Field(
-        2048,
-        ge=0,
-        description="before each val evaluation, BatchNorm statistics are recomputed on up to this many "
-        "of the training images, uncropped (precise BN); 0: the running averages as they are",
-    )
-    val_checks: int | None = Field(
-        None,
-        ge=1,
-        description="at most this many val checks per model, evenly spaced over its epochs (the last epoch "
-        "and the starting point always checked); the epoch kept is the best checked one. None: every epoch",
-    )
 
 
-class DistillConfig(TrainingConfig):
+class DistillConfig(ClassifierTrainingConfig):
     student_backbone: str | None = Field(None, description="None: the teacher's backbone (self-distillation)")
     student_width: int | None = Field(None, ge=1, description="small_cnn only; None: the teacher's")
     temperature: float = Field(0.1, gt=0, description="SimCLRv2: 0.1 self-distillation, 1.0 big-to-small")
@@ -531,29 +537,10 @@ class DistillConfig(TrainingConfig):
         "pretrained (the pretrain stage's encoder, before fine-tuning) or teacher (the fine-tuned teacher's "
         "encoder); the last two need the student to have the teacher's architecture (self-distillation)",
     )
-    views: CropFlipConfig = CropFlipConfig()
     epochs: int = Field(10, ge=1)
     batch_size_per_worker: int = Field(32, ge=1)
     lr_base: float = Field(1.0, gt=0, description="per 256 images")
     shuffle_buffer: int = Field(500, ge=0)
-    seed: int | None = Field(
-        None,
-        description="this stage's training seed (initialisation, batch order, "
-        "augmentation); null: the pipeline's seed. Repeats over seeds keep the shards, labels "
-        "and encoder",
-    )
-    bn_recalibration_images: int = Field(
-        2048,
-        ge=0,
-        description="before each val evaluation, BatchNorm statistics are recomputed on up to this many "
-        "of the training images, uncropped (precise BN); 0: the running averages as they are",
-    )
-    val_checks: int | None = Field(
-        None,
-        ge=1,
-        description="at most this many val checks per model, evenly spaced over its epochs (the last epoch "
-        "and the starting point always checked); the epoch kept is the best checked one. None: every epoch",
-    )
 
     @field_validator("student_backbone")
     @classmethod

@@ -45,7 +45,7 @@ from cl_core.engine import LoopConfig, TrainingLoop
 from cl_core.evaluate import recalibrate_batch_norm
 from cl_core.methods.base import Method
 from pipelines import ray_env, tracking
-from pipelines.config import CropFlipConfig, TrainingConfig
+from pipelines.config import ClassifierTrainingConfig, CropFlipConfig, TrainingConfig
 from pipelines.console import Eta
 from pipelines.graph import StageContext
 
@@ -368,7 +368,7 @@ class SequentialJobs:
         self,
         jobs: list[dict],
         build: Callable[[dict, int], tuple[Method, torch.nn.Module, ShardStream, Any]],
-        section: TrainingConfig,
+        section: ClassifierTrainingConfig,
     ) -> list[dict]:
         history: list[dict] = []
         start = self.resume["job"] if self.resume else 0
@@ -380,7 +380,7 @@ class SequentialJobs:
             self.log.close()  # what an MLflow outage held back
         return history
 
-    def _one(self, i: int, job: dict, jobs: list[dict], build, section: TrainingConfig) -> list[dict]:
+    def _one(self, i: int, job: dict, jobs: list[dict], build, section: ClassifierTrainingConfig) -> list[dict]:
         name = job["name"]
         resuming = bool(self.resume and self.resume["job"] == i and self.resume["loop"] is not None)
         start = int(self.resume["loop"]["step"]) if resuming and self.resume is not None else 0
@@ -406,13 +406,13 @@ class SequentialJobs:
             print(f"[{self.prefix}] {name} (model {i + 1} of {len(jobs)}): {loop.describe()}", flush=True)
 
         calibration = None
-        n_cal = getattr(section, "bn_recalibration_images", 0)
+        n_cal = section.bn_recalibration_images
         if self.w.rank == 0 and n_cal:  # uncropped training images for precise BN statistics
             calibration, _ = load_split(
                 stream.urls, EvalTransform(self.job.image_size), verify=stream.verify, limit=n_cal
             )
 
-        checks = getattr(section, "val_checks", None)
+        checks = section.val_checks
         training = loop  # the epoch just finished, for the val checks (``loop`` itself is deleted at the end)
 
         def evaluate(_encoder, initial: bool = False) -> dict[str, float]:
