@@ -454,15 +454,7 @@ def scale() -> str:
             + (f"medians of {e['repeats']} rounds, each ratio within its round; " if e.get("repeats", 1) > 1 else "")
             + f"{e['date']}, "
             f"`bench/results/{name}.json`; target: images/s >= {t.get('images_per_sec_vs_plain', 1.0):.1f}x, wall "
-            f"<= {t.get('wall_vs_plain', 1.1):.1f}x)"
-            + (
-                # bench/e2e.py has written each side's augment_on since fashion_mnist.yaml moved the colour
-                # augmentation to the workers
-                "; recorded before fashion_mnist.yaml batched the colour augmentation in the workers, so its "
-                "`default` is today's `augment_on_loader`:"
-                if any("augment_on" not in st for st in e["stage"].values())
-                else ":"
-            ),
+            f"<= {t.get('wall_vs_plain', 1.1):.1f}x):",
             "",
             "| side | colour augmentation | images/s | vs plain | wall s | vs plain |",
             "|---|---|---:|---:|---:|---:|",
@@ -472,12 +464,8 @@ def scale() -> str:
         for side, st in e["stage"].items():
             each = st.get("images_per_sec_vs_plain_each")
             spread = f" ({', '.join(f'{x:.2f}' for x in each)})" if each else ""
-            # records made before bench/e2e.py wrote it: fashion_mnist.yaml then augmented in the loader
-            where = st.get("augment_on") or (
-                "device" if "pretrain.views.augment_on=device" in st.get("overrides", []) else "loader"
-            )
             out.append(
-                f"| stage: {side} | {'batched in the worker' if where == 'device' else 'loader process'} "
+                f"| stage: {side} | {'batched in the worker' if st['augment_on'] == 'device' else 'loader process'} "
                 f"| {st['images_per_sec']:.0f} | {st['images_per_sec_vs_plain']:.2f}x{spread} "
                 f"| {st['wall_seconds']:.0f} | {st['wall_vs_plain']:.2f}x |"
             )
