@@ -39,6 +39,23 @@ _LINE = 64  # one cache line per sequence number
 _SPINS = 100  # busy polls (about 1 us each) before sleeping
 _MIN_SLEEP_S, _MAX_SLEEP_S = 2e-5, 1e-3
 
+# the open groups by key, for the custom op below (an op's arguments are tensors and numbers)
+_GROUPS: dict[int, ShmGroup] = {}
+_next_key = 0
+
+
+@torch.library.custom_op("clpipe::shm_all_gather", mutates_args=())
+def _shm_all_gather(x: torch.Tensor, group: int, world: int) -> torch.Tensor:
+    """The all_gather as an opaque operator: ``torch.compile`` keeps it inside the graph as
+    one call (no graph break, so a compiled network with global BN stays one graph), and
+    its fake implementation gives the output's shape without running it."""
+    return _GROUPS[group]._all_gather(x)
+
+
+@_shm_all_gather.register_fake
+def _(x: torch.Tensor, group: int, world: int) -> torch.Tensor:
+    return x.new_empty((world, *x.shape))
+
 
 class ShmGroup:
     """all_gather / all_reduce of small CPU tensors among the ranks of a process group
@@ -52,6 +69,9 @@ class ShmGroup:
         self._seq = np.ndarray((world, _LINE // 8), dtype=np.int64, buffer=self._mm)[:, 0]
         self._data = np.ndarray((2, world, slot_bytes), dtype=np.uint8, buffer=self._mm, offset=_LINE * world)
         self.count = 0  # collectives made
+        global _next_key
+        self.key, _next_key = _next_key, _next_key + 1
+        _GROUPS[self.key] = self
 
     @classmethod
     def create(cls, slot_bytes: int = SLOT_BYTES, timeout_s: float = 1800.0) -> ShmGroup | None:
@@ -96,26 +116,28 @@ class ShmGroup:
     def fits(self, x: torch.Tensor) -> bool:
         return x.device.type == "cpu" and x.numel() * x.element_size() <= self.slot_bytes
 
-    # never traced into a compiled graph (``compile: true`` networks with global BN call it): the
-    # result is a dtype view of a NumPy copy, which the compiled graph's output aliasing misread.
-    # Every shared-memory collective goes through here, so this one graph break covers them all;
-    # gloo's own collectives trace (tests/cl_core/test_global_bn.py compiles both paths)
-    @torch.compiler.disable
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
-        """(world, *x.shape): every rank's ``x``, in rank order."""
+        """(world, *x.shape): every rank's ``x``, in rank order, without gradient. One
+        custom operator (``clpipe::shm_all_gather``), so compiled networks trace it."""
         if not self.fits(x):
             raise ValueError(
                 f"shared-memory all_gather: {x.numel() * x.element_size()} bytes on {x.device}; "
                 f"at most {self.slot_bytes} bytes of CPU tensor"
             )
+        return torch.ops.clpipe.shm_all_gather(x.detach(), self.key, self.world)
+
+    def _all_gather(self, x: torch.Tensor) -> torch.Tensor:
         self.count += 1
         buf = self.count & 1
-        raw = x.detach().contiguous().view(-1).view(torch.uint8).numpy()
+        raw = x.contiguous().view(-1).view(torch.uint8).numpy()
         self._data[buf, self.rank, : raw.size] = raw
         self._seq[self.rank] = self.count  # after the data: published
         self._wait(self.count)
-        out = torch.from_numpy(self._data[buf, :, : raw.size].copy())
-        return out.view(x.dtype).view(self.world, *x.shape)
+        # a new tensor of x's dtype, not a dtype view of a uint8 copy: an operator's output
+        # must own its storage at its own element size
+        out = torch.empty((self.world, *x.shape), dtype=x.dtype)
+        out.view(-1).view(torch.uint8).numpy().reshape(self.world, raw.size)[:] = self._data[buf, :, : raw.size]
+        return out
 
     def all_reduce_sum(self, x: torch.Tensor) -> torch.Tensor:
         """The sum over ranks (in rank order: the same bits on every rank), a new tensor."""
@@ -144,5 +166,6 @@ class ShmGroup:
             time.sleep(min(_MAX_SLEEP_S, max(_MIN_SLEEP_S, waited / 10)))
 
     def close(self) -> None:
+        _GROUPS.pop(self.key, None)
         self._seq = self._data = None  # type: ignore[assignment]
         self._mm.close()

@@ -84,7 +84,8 @@ class GlobalBatchNorm(_BatchNorm):
                 self.running_var.mul_(1 - m).add_(unbiased.to(self.running_var.dtype), alpha=m)
         weight = self.weight.float() if self.affine else torch.ones(c, device=x.device)
         bias = self.bias.float() if self.affine else torch.zeros(c, device=x.device)
-        y = _GlobalNormalize.apply(xf, weight, bias, g_mean, g_var, self.eps, float(total))
+        # the count stays a tensor: a float() of it would be a graph break in compiled networks
+        y = _GlobalNormalize.apply(xf, weight, bias, g_mean, g_var, self.eps, total)
         return y.to(x.dtype)
 
 
@@ -105,10 +106,10 @@ class _GlobalNormalize(torch.autograd.Function):
         mean: torch.Tensor,  # type: ignore[override]
         var: torch.Tensor,
         eps: float,
-        total: float,
+        total: torch.Tensor,
     ) -> torch.Tensor:
-        ctx.save_for_backward(x, weight, mean, var)
-        ctx.eps, ctx.total = eps, total
+        ctx.save_for_backward(x, weight, mean, var, total)
+        ctx.eps = eps
         return torch.nn.functional.batch_norm(x, mean, var, weight, bias, training=False, eps=eps)
 
     @staticmethod
@@ -123,7 +124,7 @@ class _GlobalNormalize(torch.autograd.Function):
         None,
         None,
     ]:
-        x, weight, mean, var = ctx.saved_tensors
+        x, weight, mean, var, total = ctx.saved_tensors
         dy = dy.contiguous()
         # eval-mode backward's weight and bias gradients are the local sums of dy * x_hat and dy
         _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
@@ -135,8 +136,8 @@ class _GlobalNormalize(torch.autograd.Function):
         shape = (1, c, *[1] * (x.dim() - 2))
         invstd = torch.rsqrt(var + ctx.eps)
         a = weight * invstd
-        b = -a * invstd * (sums[c:] / ctx.total)
-        offset = -a * (sums[:c] / ctx.total) - b * mean
+        b = -a * invstd * (sums[c:] / total)
+        offset = -a * (sums[:c] / total) - b * mean
         dx = torch.addcmul(offset.view(shape), dy, a.view(shape)).addcmul_(x, b.view(shape))
         return dx, sum_dy_xhat, sum_dy, None, None, None, None
 
