@@ -105,12 +105,15 @@ def _chain_rows(runs: list[tuple[str, str, dict, str]]) -> list[str]:
     rows = []
     for aug, checks, rec, seed in runs:
         r = rec["per_seed"][seed]
+        used = {r["config"][k].get("precision", "auto") for k in ("pretrain", "finetune", "distill")}
+        precision = "bf16" if used == {"bf16"} else "fp32" if used <= {"auto", "fp32"} else "mixed"
         st = {k: v["seconds"] for k, v in r["stages"].items()}
         rows_by_fraction = {row["label_fraction"]: row for row in r["rows"]}
         m = r["metrics"]
         cells = [
             aug,
             checks,
+            precision,
             *(f"{st[k] / 60:.1f}" for k in ("pretrain", "finetune", "distill")),
             f"{sum(st.values()) / 60:.1f}",
             f"{m['test/pretrained/linear_top1']:.3f}",
@@ -125,10 +128,11 @@ def _chain_rows(runs: list[tuple[str, str, dict, str]]) -> list[str]:
     return rows
 
 
-def _chain_variants(loader: dict, device: dict, checked: dict | None) -> list[str]:
+def _chain_variants(loader: dict, device: dict, checked: dict | None, bf16: dict | None) -> list[str]:
     """The first seed of the targets run (colour augmentation in the loader processes, a
     val check every epoch) against the same chain with ``pretrain.views.augment_on:
-    device``, and with that and ``finetune.val_checks`` as shipped."""
+    device``, with that and ``finetune.val_checks`` as shipped, and the shipped config
+    with bf16 autocast in the three training stages."""
     seed = str(device["seeds"][0])
     fr = sorted(r["label_fraction"] for r in device["per_seed"][seed]["rows"])
     heads = [f"{h} {f:g}" for f in fr for h in ("probe", "baseline", "teacher", "student")]
@@ -167,13 +171,29 @@ def _chain_variants(loader: dict, device: dict, checked: dict | None) -> list[st
     if checked is not None:
         runs.append(("batched in the workers", checks_of(checked), checked, seed))
         text[0] += f", and the shipped config on {checked['date']}, its pretrain the run before's, cached"
+    if bf16 is not None:
+        runs.append(("batched in the workers", checks_of(bf16), bf16, seed))
+        flags = ", ".join(bf16["machine"].get("cpu_flags", [])) or "not recorded"
+        text[0] += (
+            f", and the shipped config with `precision: bf16` in pretrain, finetune and distill on {bf16['date']}, "
+            f"its own pretrain, on a CPU with {flags}"
+        )
+        e2e = _load("e2e_compile")
+        if e2e is not None and {"default", "bf16"} <= set(e2e["stage"]):
+            st = e2e["stage"]
+            ratio = st["bf16"]["images_per_sec"] / st["default"]["images_per_sec"]
+            text[0] += (
+                f" (there bf16 trained pretrain at {ratio:.2f}x "
+                "the fp32 default's images/s: `e2e_compile.json`; bf16's speed depends on the CPU's vector units, "
+                "so fp32 stays the CPU default)"
+            )
     text[0] += "; minutes of compute, shard and labels shared):"
     return [
         *text,
         "",
-        "| colour augmentation | val checks | pretrain min | finetune min | distill min | chain min | "
+        "| colour augmentation | val checks | precision | pretrain min | finetune min | distill min | chain min | "
         "probe, all labels | kNN, all labels | " + " | ".join(heads) + " |",
-        "|---|---|" + "---:|" * (6 + len(heads)),
+        "|---|---|---|" + "---:|" * (6 + len(heads)),
         *_chain_rows(runs),
         "",
     ]
@@ -255,7 +275,7 @@ def fashion() -> str:
         out += ["", f"(`bench/fashion_mnist.py targets`, {tg['date']}.)", ""]
         dev = _load("fashion_targets_device")
         if dev is not None:
-            out += _chain_variants(tg, dev, _load("fashion_targets_val_checks"))
+            out += _chain_variants(tg, dev, _load("fashion_targets_val_checks"), _load("fashion_targets_bf16"))
     di = _load("fashion_distill_init")
     if di is not None:
         runs = di["runs"]
@@ -437,9 +457,9 @@ def scale() -> str:
                     f"| {label} | {x['seconds']:.1f} | {x['images_per_sec']:,.0f} | {x['mb_per_sec']:.1f} "
                     f"| {vs} | {nodes} |"
                 )
-    for name in ("e2e", "e2e_full", "e2e_full_rounds"):
+    for name in ("e2e", "e2e_full", "e2e_full_rounds", "e2e_compile"):
         e = _load(name)
-        if e is None and name == "e2e_full_rounds":  # optional: the rounds of bench/e2e.py --repeats
+        if e is None and name in ("e2e_full_rounds", "e2e_compile"):  # optional: --repeats; compile and bf16
             continue
         out.append("")
         if e is None:
@@ -453,7 +473,8 @@ def scale() -> str:
             f"training images x {e['epochs']} epochs, global batch {e['global_batch']} ("
             + (f"medians of {e['repeats']} rounds, each ratio within its round; " if e.get("repeats", 1) > 1 else "")
             + f"{e['date']}, "
-            f"`bench/results/{name}.json`; target: images/s >= {t.get('images_per_sec_vs_plain', 1.0):.1f}x, wall "
+            + (f"CPU flags {', '.join(e['machine']['cpu_flags'])}, " if e["machine"].get("cpu_flags") else "")
+            + f"`bench/results/{name}.json`; target: images/s >= {t.get('images_per_sec_vs_plain', 1.0):.1f}x, wall "
             f"<= {t.get('wall_vs_plain', 1.1):.1f}x):",
             "",
             "| side | colour augmentation | images/s | vs plain | wall s | vs plain |",
