@@ -128,11 +128,14 @@ def _chain_rows(runs: list[tuple[str, str, dict, str]]) -> list[str]:
     return rows
 
 
-def _chain_variants(loader: dict, device: dict, checked: dict | None, bf16: dict | None) -> list[str]:
+def _chain_variants(
+    loader: dict, device: dict, checked: dict | None, fp32: dict | None, bf16: dict | None
+) -> list[str]:
     """The first seed of the targets run (colour augmentation in the loader processes, a
     val check every epoch) against the same chain with ``pretrain.views.augment_on:
     device``, with that and ``finetune.val_checks`` as shipped, and the shipped config
-    with bf16 autocast in the three training stages."""
+    from the start in fp32 and with bf16 autocast in the three training stages, side by
+    side on one host."""
     seed = str(device["seeds"][0])
     fr = sorted(r["label_fraction"] for r in device["per_seed"][seed]["rows"])
     heads = [f"{h} {f:g}" for f in fr for h in ("probe", "baseline", "teacher", "student")]
@@ -171,15 +174,21 @@ def _chain_variants(loader: dict, device: dict, checked: dict | None, bf16: dict
     if checked is not None:
         runs.append(("batched in the workers", checks_of(checked), checked, seed))
         text[0] += f", and the shipped config on {checked['date']}, its pretrain the run before's, cached"
-    if bf16 is not None:
-        runs.append(("batched in the workers", checks_of(bf16), bf16, seed))
-        flags = ", ".join(bf16["machine"].get("cpu_flags", [])) or "not recorded"
+    pair = [r for r in (fp32, bf16) if r is not None]
+    if pair:
+        runs += [("batched in the workers", checks_of(r), r, seed) for r in pair]
+        flags = ", ".join(pair[0]["machine"].get("cpu_flags", [])) or "not recorded"
+        what = " and ".join(
+            w
+            for r, w in ((fp32, "in fp32"), (bf16, "with `precision: bf16` in pretrain, finetune and distill"))
+            if r is not None
+        )
         text[0] += (
-            f", and the shipped config with `precision: bf16` in pretrain, finetune and distill on {bf16['date']}, "
-            f"its own pretrain, on a CPU with {flags}"
+            f", and on {pair[0]['date']} the shipped config from the start (its own pretrain) {what}, "
+            f"{'side by side ' if len(pair) > 1 else ''}on a CPU with {flags}"
         )
         e2e = _load("e2e_compile")
-        if e2e is not None and {"default", "bf16"} <= set(e2e["stage"]):
+        if bf16 is not None and e2e is not None and {"default", "bf16"} <= set(e2e["stage"]):
             st = e2e["stage"]
             ratio = st["bf16"]["images_per_sec"] / st["default"]["images_per_sec"]
             text[0] += (
@@ -275,7 +284,13 @@ def fashion() -> str:
         out += ["", f"(`bench/fashion_mnist.py targets`, {tg['date']}.)", ""]
         dev = _load("fashion_targets_device")
         if dev is not None:
-            out += _chain_variants(tg, dev, _load("fashion_targets_val_checks"), _load("fashion_targets_bf16"))
+            out += _chain_variants(
+                tg,
+                dev,
+                _load("fashion_targets_val_checks"),
+                _load("fashion_targets_fp32"),
+                _load("fashion_targets_bf16"),
+            )
     di = _load("fashion_distill_init")
     if di is not None:
         runs = di["runs"]
