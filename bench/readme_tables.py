@@ -185,7 +185,7 @@ def _chain_variants(
         )
         text[0] += (
             f", and on {pair[0]['date']} the shipped config from the start (its own pretrain) {what}, "
-            f"{'side by side ' if len(pair) > 1 else ''}on a CPU with {flags}"
+            f"{'one after the other ' if len(pair) > 1 else ''}on one host, a CPU with {flags}"
         )
         e2e = _load("e2e_compile")
         if bf16 is not None and e2e is not None and {"default", "bf16"} <= set(e2e["stage"]):
