@@ -131,11 +131,11 @@ def _chain_rows(runs: list[tuple[str, str, dict, str]]) -> list[str]:
 def _chain_variants(
     loader: dict, device: dict, checked: dict | None, fp32: dict | None, bf16: dict | None
 ) -> list[str]:
-    """The first seed of the targets run (colour augmentation in the loader processes, a
-    val check every epoch) against the same chain with ``pretrain.views.augment_on:
-    device``, with that and ``finetune.val_checks`` as shipped, and the shipped config
-    from the start in fp32 and with bf16 autocast in the three training stages, side by
-    side on one host."""
+    """The first seed of the earlier targets run (``fashion_targets_loader``: colour
+    augmentation in the loader processes, a val check every epoch) against the same chain
+    with ``pretrain.views.augment_on: device``, with that and ``finetune.val_checks`` as
+    shipped, and the shipped config from the start in fp32 and with bf16 autocast in the
+    three training stages, those two one after the other on one host."""
     seed = str(device["seeds"][0])
     fr = sorted(r["label_fraction"] for r in device["per_seed"][seed]["rows"])
     heads = [f"{h} {f:g}" for f in fr for h in ("probe", "baseline", "teacher", "student")]
@@ -165,8 +165,9 @@ def _chain_variants(
         ("batched in the workers", checks_of(device), device, seed),
     ]
     text = [
-        f"The targets run above made pretraining's colour augmentation with `pretrain.views.augment_on: {then}` "
-        f"and checked the fine-tuned models on val after every epoch; `fashion_mnist.yaml` now ships "
+        f"An earlier targets run (`fashion_targets_loader.json`, {loader['date']}) made pretraining's colour "
+        f"augmentation with `pretrain.views.augment_on: {then}` "
+        f"and checked the fine-tuned models on val after every epoch; `fashion_mnist.yaml` ships "
         f"`augment_on: {shipped}`{fast} and `finetune.val_checks: {val_checks}`. The same chain each way, seed "
         f"{seed}, everything else equal (`bench/fashion_mnist.py targets`: `--set pretrain.views.augment_on=device` "
         f"on {device['date']}"
@@ -282,10 +283,10 @@ def fashion() -> str:
                 f"{_pm(r['small_minus_teacher'], 100, '+.1f')} pt |"
             )
         out += ["", f"(`bench/fashion_mnist.py targets`, {tg['date']}.)", ""]
-        dev = _load("fashion_targets_device")
-        if dev is not None:
+        dev, old = _load("fashion_targets_device"), _load("fashion_targets_loader")
+        if dev is not None and old is not None:
             out += _chain_variants(
-                tg,
+                old,
                 dev,
                 _load("fashion_targets_val_checks"),
                 _load("fashion_targets_fp32"),

@@ -43,8 +43,9 @@ def machine() -> dict:
     flags = next((set(ln.split(":", 1)[1].split()) for ln in lines if ln.startswith("flags")), set())
     return {
         "cpu_model": cpu or None,
-        # the vector units a CPU result depends on (bf16 autocast is fast with avx512_bf16 or amx_bf16 and
-        # many times slower than fp32 without them): hosts named alike can differ
+        # the vector units a CPU result depends on (bf16 autocast trained pretrain at 1.30x fp32's images/s on
+        # a CPU with avx512_bf16, e2e_compile.json; on an AVX2-only host an unrecorded try was several times
+        # slower than fp32): hosts named alike can differ
         "cpu_flags": sorted(flags & CPU_FLAGS),
         "cpu_cores": os.cpu_count(),
         "torch": torch.__version__,

@@ -22,6 +22,7 @@ An all_reduce is the all_gather summed in rank order, so every rank gets the sam
 
 from __future__ import annotations
 
+import itertools
 import mmap
 import os
 import platform
@@ -41,14 +42,18 @@ _MIN_SLEEP_S, _MAX_SLEEP_S = 2e-5, 1e-3
 
 # the open groups by key, for the custom op below (an op's arguments are tensors and numbers)
 _GROUPS: dict[int, ShmGroup] = {}
-_next_key = 0
+_KEYS = itertools.count()
 
 
 @torch.library.custom_op("clpipe::shm_all_gather", mutates_args=())
 def _shm_all_gather(x: torch.Tensor, group: int, world: int) -> torch.Tensor:
     """The all_gather as an opaque operator: ``torch.compile`` keeps it inside the graph as
     one call (no graph break, so a compiled network with global BN stays one graph), and
-    its fake implementation gives the output's shape without running it."""
+    its fake implementation gives the output's shape without running it. ``world`` is the
+    group's, passed in so that the fake implementation is a function of its arguments
+    alone. The op is registered as functional: a compiled graph may drop a call whose
+    result is unused, and then the other ranks would wait for this one, so every caller
+    must use the result."""
     return _GROUPS[group]._all_gather(x)
 
 
@@ -69,8 +74,7 @@ class ShmGroup:
         self._seq = np.ndarray((world, _LINE // 8), dtype=np.int64, buffer=self._mm)[:, 0]
         self._data = np.ndarray((2, world, slot_bytes), dtype=np.uint8, buffer=self._mm, offset=_LINE * world)
         self.count = 0  # collectives made
-        global _next_key
-        self.key, _next_key = _next_key, _next_key + 1
+        self.key = next(_KEYS)
         _GROUPS[self.key] = self
 
     @classmethod
