@@ -309,18 +309,19 @@ def stage_seconds(client, stage) -> dict:
     return {"seconds": src, "cached": True, "computed_in_run": stage.run_id}
 
 
-def distill_init(work: str, seed: int, inits: list[str]) -> None:
+def distill_init(work: str, seed: int, inits: list[str], out: str | None = None) -> None:
     """The distill stage of the shipped 2-core config once per ``distill.init``, side by
     side on one pretrained encoder and one seed's fine-tuned teachers (every upstream stage
     from the cache): each student's test top-1 against its teacher's, its val curve and the
-    stage's time."""
+    stage's time. ``out``: another JSON than fashion_distill_init.json (for example small
+    students' recipes, ``scratch:student_width=16,...``)."""
     import mlflow
 
     from pipelines.config import load_config
 
     client = mlflow.MlflowClient(tracking_uri=load_config("fashion_mnist", [f"work_dir={work}"]).tracking_uri())
     over = [f"finetune.seed={seed}", f"distill.seed={seed}"] if seed else []
-    path = RESULTS / "fashion_distill_init.json"
+    path = Path(out) if out else RESULTS / "fashion_distill_init.json"
     old = json.loads(path.read_text()) if path.exists() else {}
     runs = old.get("runs", {}) if old.get("seed") == seed else {}  # earlier variants on the same teachers stay
     for init in inits:  # INIT or INIT:KEY=VALUE,... (more distill overrides)
@@ -353,7 +354,7 @@ def distill_init(work: str, seed: int, inits: list[str]) -> None:
             },
         }
         print(init, json.dumps(runs[init]["rows"]), flush=True)
-        write("distill_init", {"seed": seed, "runs": runs})
+        write("distill_init", {"seed": seed, "runs": runs}, path)
 
 
 def summarize(per_seed: dict[str, dict]) -> dict:
@@ -480,6 +481,7 @@ def main() -> None:
         default=["scratch", "pretrained", "teacher"],
         help="INIT, or INIT:KEY=VALUE,... with more distill.* overrides (e.g. pretrained:lr_base=0.1)",
     )
+    di.add_argument("--out", help="the JSON to write (default: bench/results/fashion_distill_init.json)")
     for p in (r, a, t, di):
         p.add_argument("--work-dir", help="default: a fresh temporary directory")
     for p in (a, t):
@@ -520,7 +522,7 @@ def main() -> None:
     elif args.cmd == "recipe":
         recipe(work, args.space, args.trial_epochs, args.samples)
     elif args.cmd == "distill-init":
-        distill_init(work, args.seed, args.inits)
+        distill_init(work, args.seed, args.inits, args.out)
     elif args.cmd == "ablations":
         ablations(work, args.seeds, args.temperatures)
     else:
