@@ -67,8 +67,11 @@ DIGITS_RECIPE = [
 ]
 
 
-# the small student (about 1/4 of the teacher's parameters) from scratch: SimCLRv2's big-to-small T = 1, LARS
+# the small student (about 1/4 of the teacher's parameters) from scratch: SimCLRv2's big-to-small T = 1, LARS;
+# 16 epochs: at 4 it ended 2.6 / 5.6 points below its teacher (1% / 10%), at 8 0.3 / 2.6, its 10% val top-1
+# still near 0.853 when the cosine schedule ended (fashion_small_student.json, seed 0)
 SMALL_STUDENT = [
+    "distill.epochs=16",
     "distill.student_width=16",
     "distill.temperature=1.0",
     "distill.init=scratch",
@@ -226,7 +229,7 @@ def targets(
     """The shipped 2-core config end to end (the first seed), then the fine-tune and
     distill stages again with the other seeds on the same shards, labels and encoder,
     and a small student (small_cnn width 16, T = 1) per seed (``small_student=False``:
-    none, about 17 minutes less per seed). The JSON is rewritten after every seed, so an
+    none, about 27 minutes less per seed on 2 cores). The JSON is rewritten after every seed, so an
     interrupted run keeps what it measured."""
     name = "targets" if config == "fashion_mnist" else f"targets_{config.removeprefix('fashion_mnist_')}"
     path = Path(out) if out else RESULTS / f"fashion_{name}.json"
@@ -280,11 +283,19 @@ def targets(
                 "small_stages": {k: seconds(small.stages[k]) for k in ("distill", "evaluate")},
                 "small_params": {k: (v.get("params"), v.get("teacher_params")) for k, v in dist.items()},
             }
-        per_seed[str(seed)] = {
-            "config": fingerprint,
+        chain = {
             "load_average_at_start": load,
             "seconds": secs,
             "stages": {k: seconds(v) for k, v in res.stages.items()},
+        }
+        before = per_seed.get(str(seed), {})
+        if _same_runs(before.get("stages", {}), chain["stages"]):
+            # every stage a cache hit of the runs this record already holds (a rerun for the small
+            # student): keep how they were recorded (computed from the start, their wall time)
+            chain = {k: before[k] for k in chain}
+        per_seed[str(seed)] = {
+            "config": fingerprint,
+            **chain,
             "rows": res.stages["evaluate"].outputs["rows"],
             "metrics": res.stages["evaluate"].outputs["metrics"],
             **small_rec,
@@ -299,6 +310,19 @@ def targets(
         }
         print(seed, json.dumps({k: v for k, v in per_seed[str(seed)].items() if k != "metrics"}), flush=True)
         write(name, summarize(per_seed), path)
+
+
+def _run_of(entry: dict) -> str | None:
+    return entry.get("computed_in_run") or entry.get("run_id")
+
+
+def _same_runs(before: dict, now: dict) -> bool:
+    """Whether ``now``'s stages (all cache hits) reused exactly the runs ``before`` recorded."""
+    return (
+        bool(now)
+        and before.keys() == now.keys()
+        and all(now[k].get("cached") and _run_of(now[k]) == _run_of(before[k]) for k in now)
+    )
 
 
 def stage_seconds(client, stage) -> dict:
@@ -502,7 +526,7 @@ def main() -> None:
         "--small-student",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="also distill the small student (width 16) per seed (about 17 minutes per seed on 2 cores)",
+        help="also distill the small student (width 16) per seed (about 27 minutes per seed on 2 cores)",
     )
     rs = sub.add_parser("resummarize", help="rewrite a targets JSON's summary (adds the pretrain epochs' times)")
     rs.add_argument("path", type=Path)
