@@ -78,6 +78,7 @@ SMALL_STUDENT = [
     "distill.optimizer=lars",
     "distill.lr_base=0.5",
 ]
+SMALL_RECIPE_KEYS = ("student_width", "init", "temperature", "optimizer", "lr_base", "epochs", "alpha")
 
 
 def run(work: str, overrides: list[str], until: str, quiet: bool = True, config: str = "fashion_mnist"):
@@ -272,27 +273,32 @@ def targets(
         load = os.getloadavg()[0]  # > 0.5: something else shared the cores at the start
         res, secs = run(work, over, "evaluate", quiet=False, config=config)
         fr = list(res.stages["distill"].outputs["models"])
+        before = per_seed.get(str(seed), {})
+        chain = {
+            "load_average_at_start": load,
+            "seconds": secs,
+            "stages": {k: seconds(v) for k, v in res.stages.items()},
+        }
+        if _same_runs(before.get("stages", {}), chain["stages"]):
+            # every stage a cache hit of the runs this record already holds (a rerun for the small
+            # student): keep how they were recorded (computed from the start, their wall time)
+            chain = {k: before[k] for k in chain}
         small_rec = {}
         if small_student:
             small, small_secs = run(work, [*over, *SMALL_STUDENT], "evaluate", config=config)
             dist = small.stages["distill"].outputs["models"]
+            logged = client.get_run(small.stages["distill"].run_id).data.params
             small_rec = {
                 "small_rows": small.stages["evaluate"].outputs["rows"],
                 "small_seconds": small_secs,
                 # its distill and evaluate compute time (from the runs that computed them, when cached)
                 "small_stages": {k: seconds(small.stages[k]) for k in ("distill", "evaluate")},
                 "small_params": {k: (v.get("params"), v.get("teacher_params")) for k, v in dist.items()},
+                # its recipe as the distill run logged it
+                "small_recipe": {k: logged.get(k) for k in SMALL_RECIPE_KEYS},
             }
-        chain = {
-            "load_average_at_start": load,
-            "seconds": secs,
-            "stages": {k: seconds(v) for k, v in res.stages.items()},
-        }
-        before = per_seed.get(str(seed), {})
-        if _same_runs(before.get("stages", {}), chain["stages"]):
-            # every stage a cache hit of the runs this record already holds (a rerun for the small
-            # student): keep how they were recorded (computed from the start, their wall time)
-            chain = {k: before[k] for k in chain}
+            if _same_runs(before.get("small_stages", {}), small_rec["small_stages"]):
+                small_rec["small_seconds"] = before["small_seconds"]
         per_seed[str(seed)] = {
             "config": fingerprint,
             **chain,
@@ -360,6 +366,8 @@ def distill_init(work: str, seed: int, inits: list[str], out: str | None = None)
             "distill_seconds": stage_seconds(client, st)["seconds"],
             "distill_cached": st.cached,
             "run_id": st.run_id,
+            # the recipe as the distill run logged it
+            "recipe": {k: client.get_run(st.run_id).data.params.get(k) for k in SMALL_RECIPE_KEYS},
             "rows": {
                 f: {
                     "labels": r["labels"],

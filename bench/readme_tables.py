@@ -128,7 +128,7 @@ def _chain_rows(runs: list[tuple[str, str, dict, str]]) -> list[str]:
     return rows
 
 
-def _same_chain_twice(tg: dict, other: dict | None) -> list[str]:
+def _same_chain_twice(tg: dict, other: dict | None, other_name: str) -> list[str]:
     """Whether the targets run's first seed and another record of the same config and seed,
     each computed from the start (its own shard, labels and pretrain), gave the same test
     accuracies: the chain's reproducibility from the start, Ray Train's two workers included."""
@@ -148,9 +148,63 @@ def _same_chain_twice(tg: dict, other: dict | None) -> list[str]:
     return [
         f"Run twice from the start (each its own shard, labels and pretrain), seed {seed} of the shipped config "
         f"gave {same}, all {len(na.keys() & nb.keys())} of them (the targets run, {tg['date']}, and "
-        f"`fashion_targets_fp32.json`, {other['date']}).",
+        f"`{other_name}.json`, {other['date']}).",
         "",
     ]
+
+
+def _small_student(tg: dict, epochs_run: dict | None) -> list[str]:
+    """The small student's recipe as its distill runs logged it, its size against the
+    teacher's, its distill time, and (``fashion_small_student``) its distill epochs side by
+    side on the first seed's teachers, with the targets run's own first seed as one more row."""
+    seeds = [str(s) for s in tg["seeds"]]
+    recs = [tg["per_seed"][s] for s in seeds]
+    if not all("small_recipe" in r for r in recs):
+        return []
+    rcp = recs[0]["small_recipe"]
+    if any(r["small_recipe"] != rcp for r in recs):
+        raise ValueError("fashion_targets.json: the seeds' small students were trained with different recipes")
+    params, teacher_params = next(iter(recs[0]["small_params"].values()))
+    minutes = [r["small_stages"]["distill"]["seconds"] / 60 for r in recs]
+    out = [
+        f"The small student: `small_cnn` of width {rcp['student_width']}, {params:,} parameters "
+        f"({params / teacher_params:.2f} of the teacher's {teacher_params:,}), from {rcp['init']}, "
+        f"temperature {float(rcp['temperature']):g}, {rcp['optimizer'].upper()} at lr {float(rcp['lr_base']):g}, "
+        f"{rcp['epochs']} distill epochs over the unlabeled training images ({min(minutes):.1f}–{max(minutes):.1f} "
+        "min of distill per seed; it is a bench experiment, not a stage of the chain above).",
+        "",
+    ]
+    if epochs_run is None or str(epochs_run["seed"]) not in seeds:
+        return out
+    seed = str(epochs_run["seed"])
+    rows = []
+    for run in epochs_run["runs"].values():
+        if "recipe" not in run:  # recorded before the runs' recipes were
+            continue
+        if {k: v for k, v in run["recipe"].items() if k != "epochs"} != {k: v for k, v in rcp.items() if k != "epochs"}:
+            continue  # another recipe than the targets run's small student
+        rows.append((int(run["recipe"]["epochs"]), run["rows"], run["distill_seconds"]))
+    own = tg["per_seed"][seed]
+    by_f = {str(r["label_fraction"]): r for r in own["small_rows"]}
+    rows.append(
+        (
+            int(rcp["epochs"]),
+            {f: {"student_minus_teacher": r["student"] - r["teacher"]} for f, r in by_f.items()},
+            own["small_stages"]["distill"]["seconds"],
+        )
+    )
+    fr = sorted(by_f, key=float)
+    out += [
+        f"Its distill epochs on seed {seed}'s teachers (`bench/fashion_mnist.py distill-init`, "
+        f"`fashion_small_student.json`, {epochs_run['date']}, and this targets run):",
+        "",
+        "| distill epochs | " + " | ".join(f"small − teacher, {float(f):g}" for f in fr) + " | distill min |",
+        "|---:|" + "---:|" * (len(fr) + 1),
+    ]
+    for ep, r, secs in sorted(rows, key=lambda x: x[0]):
+        cells = [f"{r[f]['student_minus_teacher'] * 100:+.1f} pt" for f in fr]
+        out.append(f"| {ep} | " + " | ".join(cells) + f" | {secs / 60:.1f} |")
+    return [*out, ""]
 
 
 def _chain_variants(
@@ -308,16 +362,12 @@ def fashion() -> str:
                 f"{_pm(r['small_minus_teacher'], 100, '+.1f')} pt |"
             )
         out += ["", f"(`bench/fashion_mnist.py targets`, {tg['date']}.)", ""]
-        out += _same_chain_twice(tg, _load("fashion_targets_fp32"))
+        out += _small_student(tg, _load("fashion_small_student"))
+        fp32 = _load("fashion_targets_fp32")
+        out += _same_chain_twice(tg, fp32, "fashion_targets_fp32")
         dev, old = _load("fashion_targets_device"), _load("fashion_targets_loader")
         if dev is not None and old is not None:
-            out += _chain_variants(
-                old,
-                dev,
-                _load("fashion_targets_val_checks"),
-                _load("fashion_targets_fp32"),
-                _load("fashion_targets_bf16"),
-            )
+            out += _chain_variants(old, dev, _load("fashion_targets_val_checks"), fp32, _load("fashion_targets_bf16"))
     di = _load("fashion_distill_init")
     if di is not None:
         runs = di["runs"]
