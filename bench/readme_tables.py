@@ -153,6 +153,10 @@ def _same_chain_twice(tg: dict, other: dict | None, other_name: str) -> list[str
     ]
 
 
+def _but_epochs(recipe: dict) -> dict:
+    return {k: v for k, v in recipe.items() if k != "epochs"}
+
+
 def _small_student(tg: dict, epochs_run: dict | None) -> list[str]:
     """The small student's recipe as its distill runs logged it, its size against the
     teacher's, its distill time, and (``fashion_small_student``) its distill epochs side by
@@ -181,7 +185,7 @@ def _small_student(tg: dict, epochs_run: dict | None) -> list[str]:
     for run in epochs_run["runs"].values():
         if "recipe" not in run:  # recorded before the runs' recipes were
             continue
-        if {k: v for k, v in run["recipe"].items() if k != "epochs"} != {k: v for k, v in rcp.items() if k != "epochs"}:
+        if _but_epochs(run["recipe"]) != _but_epochs(rcp):
             continue  # another recipe than the targets run's small student
         rows.append((int(run["recipe"]["epochs"]), run["rows"], run["distill_seconds"]))
     own = tg["per_seed"][seed]
