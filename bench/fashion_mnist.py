@@ -219,6 +219,65 @@ def ablations(work: str, seeds: list[int], temperatures: list[float]) -> None:
     write("ablations", {"setting": QUICK, "pretrain": section, "seeds": seeds, "rows": rows})
 
 
+def encoder_probe(result) -> dict:
+    """The evaluate stage's all-labels linear probe (its weight decay and iterations) and
+    kNN of ``result``'s pretrained encoder, on the val and on the test split, with the
+    probe's top-1 on its own training features (how linearly separable they are)."""
+    from cl_core.augment import EvalTransform
+    from cl_core.data.reader import load_split
+    from cl_core.data.shards import read_manifest, shard_urls
+    from cl_core.evaluate import extract_features, fit_linear_probe, knn_top1
+    from pipelines.config import load_config
+    from pipelines.stages._pretraining import load_encoder
+
+    cfg = load_config("fashion_mnist").evaluate
+    enc = result.stages["pretrain"].outputs
+    shard_dir = result.stages["shard"].outputs["shard_dir"]
+    manifest = read_manifest(shard_dir)
+    tf = EvalTransform(enc["image_size"])
+    torch.set_num_threads(2)
+    encoder = load_encoder(enc)
+    feats = {}
+    for split in ("train", "val", "test"):
+        x, y = load_split(shard_urls(shard_dir, manifest, split)[0], tf)
+        feats[split] = (extract_features(encoder, x), y)
+    ftr, ytr = feats["train"]
+    w, b = fit_linear_probe(
+        ftr, ytr, int(ytr.max()) + 1, weight_decay=cfg.probe_weight_decay, max_iter=cfg.probe_max_iter
+    )
+    out: dict = {"feat_dim": int(ftr.shape[1]), "train_images": len(ytr)}
+    for split, (f, y) in feats.items():
+        out[f"{split}/linear_top1"] = ((f @ w.T + b).argmax(1) == y).float().mean().item()
+        if split != "train":
+            out[f"{split}/knn_top1"] = knn_top1(ftr, ytr, f, y, k=cfg.knn_k, temperature=cfg.knn_temperature)
+    return out
+
+
+def encoders(work: str, variants: list[str]) -> None:
+    """The shipped 2-core config's pretrain stage on all 54,000 training images, once per
+    variant (``NAME`` or ``NAME:OVERRIDE,...``; ``shipped`` is the config as it is), each
+    with its all-labels probe (:func:`encoder_probe`), its val kNN per epoch and its
+    compute time. Merged into ``bench/results/fashion_encoders.json`` variant by variant,
+    so a long list can be run in several sittings; a variant is remeasured when named."""
+    import mlflow
+
+    from pipelines.config import load_config
+
+    path = RESULTS / "fashion_encoders.json"
+    rows: dict[str, dict] = json.loads(path.read_text())["variants"] if path.exists() else {}
+    client = mlflow.MlflowClient(tracking_uri=load_config("fashion_mnist", [f"work_dir={work}"]).tracking_uri())
+    for spec in variants:
+        name, _, over = spec.partition(":")
+        overrides = [o for o in over.split(",") if o]
+        res, _ = run(work, overrides, "pretrain", quiet=False)
+        stage = res.stages["pretrain"]
+        timing = stage_seconds(client, stage)
+        curve = [m.value for m in client.get_metric_history(stage.run_id, "val/knn_top1")]
+        rows[name] = {"overrides": overrides, "pretrain": timing, "val_knn_per_epoch": curve, **encoder_probe(res)}
+        print(name, json.dumps(rows[name]), flush=True)
+        write("encoders", {"config": "fashion_mnist", "variants": rows}, path)
+
+
 def targets(
     work: str,
     seeds: list[int],
@@ -505,6 +564,8 @@ def main() -> None:
     a = sub.add_parser("ablations")
     a.add_argument("--temperatures", type=float, nargs="+", default=[0.2, 0.5, 1.0])
     t = sub.add_parser("targets")
+    en = sub.add_parser("encoders", help="the pretrain stage per recipe variant, each encoder probed with all labels")
+    en.add_argument("variants", nargs="+", help="NAME or NAME:OVERRIDE,... (shipped: the config as it is)")
     di = sub.add_parser("distill-init", help="the students of each distill.init side by side on one seed's teachers")
     di.add_argument("--seed", type=int, default=0)
     di.add_argument(
@@ -514,7 +575,7 @@ def main() -> None:
         help="INIT, or INIT:KEY=VALUE,... with more distill.* overrides (e.g. pretrained:lr_base=0.1)",
     )
     di.add_argument("--out", help="the JSON to write (default: bench/results/fashion_distill_init.json)")
-    for p in (r, a, t, di):
+    for p in (r, a, t, di, en):
         p.add_argument("--work-dir", help="default: a fresh temporary directory")
     for p in (a, t):
         p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -555,6 +616,8 @@ def main() -> None:
         recipe(work, args.space, args.trial_epochs, args.samples)
     elif args.cmd == "distill-init":
         distill_init(work, args.seed, args.inits, args.out)
+    elif args.cmd == "encoders":
+        encoders(work, args.variants)
     elif args.cmd == "ablations":
         ablations(work, args.seeds, args.temperatures)
     else:

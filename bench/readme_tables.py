@@ -292,6 +292,40 @@ def _chain_variants(
     ]
 
 
+def _run_of(entry: dict) -> str | None:
+    return entry.get("computed_in_run") or entry.get("run_id")
+
+
+def _encoders(tg: dict, en: dict | None) -> list[str]:
+    """The pretrain stage per recipe variant on all training images, each encoder probed
+    with all labels (``fashion_encoders.json``); a variant whose run is the targets
+    record's pretrain is named so."""
+    if en is None:
+        return []
+    chain = {_run_of(r["stages"]["pretrain"]) for r in tg["per_seed"].values()}
+    out = [
+        "The pretrain stage alone per recipe variant on all 54,000 training images, each encoder's linear probe "
+        "fitted on all training labels as evaluate fits it (`bench/fashion_mnist.py encoders`, "
+        f"`fashion_encoders.json`, {en['date']}):",
+        "",
+        "| variant | pretrain min | val kNN per epoch, first → best (epoch) → last | probe on its training "
+        "features | probe, val | probe, test | kNN, test |",
+        "|---|---:|---|---:|---:|---:|---:|",
+    ]
+    for r in en["variants"].values():
+        curve = r["val_knn_per_epoch"]
+        best = max(range(len(curve)), key=curve.__getitem__)
+        over = ", ".join(f"`{o}`" for o in r["overrides"]) or "the shipped config"
+        if _run_of(r["pretrain"]) in chain:
+            over += " (the chain's encoder above)"
+        out.append(
+            f"| {over} | {r['pretrain']['seconds'] / 60:.1f} | {curve[0]:.3f} → {curve[best]:.3f} ({best + 1}) → "
+            f"{curve[-1]:.3f} | {r['train/linear_top1']:.3f} | {r['val/linear_top1']:.3f} | "
+            f"{r['test/linear_top1']:.3f} | {r['test/knn_top1']:.3f} |"
+        )
+    return [*out, ""]
+
+
 def fashion() -> str:
     out: list[str] = []
     rec = _load("fashion_recipe")
@@ -366,6 +400,7 @@ def fashion() -> str:
                 f"{_pm(r['small_minus_teacher'], 100, '+.1f')} pt |"
             )
         out += ["", f"(`bench/fashion_mnist.py targets`, {tg['date']}.)", ""]
+        out += _encoders(tg, _load("fashion_encoders"))
         out += _small_student(tg, _load("fashion_small_student"))
         fp32 = _load("fashion_targets_fp32")
         out += _same_chain_twice(tg, fp32, "fashion_targets_fp32")
