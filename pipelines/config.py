@@ -15,7 +15,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from cl_core.errors import HyperparameterError
 from cl_core.methods import get_method, known_methods, method_params
@@ -258,10 +267,18 @@ class MonitorConfig(Section):
     max_val: int = Field(10_000, ge=1, description="val images scored (the first ones in shard order)")
 
 
+UNSET_NOT_DUMPED = ("backbone_out_width",)
+
+
 class PretrainConfig(TrainingConfig):
     method: str = "simclr"
     backbone: Literal["small_cnn", "resnet18", "resnet50", "vit_tiny", "vit_small", "text_transformer"] = "small_cnn"
     backbone_width: int = Field(32, ge=1, description="small_cnn only")
+    backbone_out_width: int | None = Field(
+        None,
+        ge=1,
+        description="small_cnn only: channels of the last block, the features' dimension (null: 4 x backbone_width)",
+    )
     cifar_stem: bool = False
     patch_size: int = Field(
         4, ge=1, description="ViT backbones: patch side in pixels (views.image_size must be a multiple)"
@@ -321,6 +338,16 @@ class PretrainConfig(TrainingConfig):
             raise ValueError(f"must be >= 2 (a contrastive batch needs negatives), got {v}")
         return v
 
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Fields added after runs were cached are left out of the dump while unset, so the
+        section (and the stage cache keys made from it) stays what it was for those runs."""
+        out = handler(self)
+        for name in UNSET_NOT_DUMPED:
+            if getattr(self, name) is None:
+                out.pop(name, None)
+        return out
+
     @model_validator(mode="after")
     def _build_check(self) -> PretrainConfig:
         """Build the selected method once, without memory (meta device), so a bad value
@@ -328,6 +355,10 @@ class PretrainConfig(TrainingConfig):
         fails here with the method's own message."""
         import torch
 
+        if self.backbone_out_width is not None and self.backbone != "small_cnn":
+            raise ValueError(
+                f"backbone_out_width: small_cnn only, but backbone is {self.backbone}; remove backbone_out_width"
+            )
         kwargs = self.model_kwargs(num_samples=2)
         try:
             with torch.device("meta"):
@@ -348,6 +379,8 @@ class PretrainConfig(TrainingConfig):
     def model_kwargs(self, *, num_samples: int | None = None) -> dict[str, Any]:
         """Constructor arguments of the selected method (what a checkpoint records)."""
         backbone_args: dict[str, Any] = {"width": self.backbone_width, "cifar_stem": self.cifar_stem}
+        if self.backbone_out_width is not None:  # only when set: earlier checkpoints' records stay as they were
+            backbone_args["out_width"] = self.backbone_out_width
         if self.backbone == "text_transformer":
             backbone_args = {}
         elif self.backbone.startswith("vit"):

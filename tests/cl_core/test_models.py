@@ -10,6 +10,7 @@ from cl_core.models import SimCLRProjectionHead, build_backbone
     [
         ("small_cnn", {}, 16, 128),
         ("small_cnn", {"width": 8}, 8, 32),
+        ("small_cnn", {"width": 8, "out_width": 48}, 8, 48),
         ("resnet18", {"cifar_stem": True}, 32, 512),
         ("resnet18", {}, 64, 512),
         ("resnet50", {"cifar_stem": True}, 16, 2048),

@@ -29,7 +29,8 @@ def test_defaults():
         ),
         (
             "pretrain.colour=1",
-            "pretrain.colour: unknown field; known fields here: backbone, backbone_width, batch_size_per_worker",
+            "pretrain.colour: unknown field; known fields here: backbone, backbone_out_width, backbone_width, "
+            "batch_size_per_worker",
         ),
         ("pretrain.method=simclrr", "pretrain.method: unknown method 'simclrr'; known methods: "),
         (
@@ -65,6 +66,25 @@ def test_bad_overrides_give_one_line_errors_naming_the_field(override, message):
     text = str(e.value)
     assert message.replace("Value error, ", "") in text
     assert len(text.splitlines()) == 1
+
+
+def test_backbone_out_width_sets_the_features_dimension_of_small_cnn_only():
+    from cl_core.downstream.classifier import build_classifier, classifier_spec
+    from cl_core.methods import build_method
+
+    cfg = load_config(overrides=["pretrain.backbone_width=8", "pretrain.backbone_out_width=48"]).pretrain
+    model = {"method": cfg.method, "kwargs": cfg.model_kwargs()}
+    assert build_method(model, gather_distributed=False).feat_dim == 48
+    # the supervised baseline and the teacher are built from the same record: the same network
+    clf = build_classifier(classifier_spec(backbone=cfg.backbone, encoder=model, num_classes=10))
+    assert clf.fc.in_features == 48
+    assert cfg.model_dump()["backbone_out_width"] == 48
+    # unset, the record and the section's dump (the stage cache keys) stay as before the field existed
+    unset = load_config().pretrain
+    assert "out_width" not in unset.model_kwargs()["backbone_args"]
+    assert "backbone_out_width" not in unset.model_dump() and "backbone_out_width" not in unset.model_dump_json()
+    with pytest.raises(ConfigError, match=r"backbone_out_width: small_cnn only, but backbone is resnet18"):
+        load_config(overrides=["pretrain.backbone=resnet18", "pretrain.backbone_out_width=64"])
 
 
 def test_backbone_errors_name_the_backbone():
