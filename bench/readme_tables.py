@@ -313,7 +313,8 @@ def _variant_chain(tg: dict | None, base: dict, name: str) -> list[str]:
     n = len(tg["seeds"])
     return [
         f"The chain with {', '.join(f'`{o}`' for o in sets)} (`bench/fashion_mnist.py targets --set`, `{name}.json`, "
-        f"{tg['date']}): {st}; {sum(fast.values()) / 60:.1f} min in all. Its encoder's linear probe with all labels: "
+        f"{tg['date']}): {st}; {sum(fast.values()) / 60:.1f} min in all (each stage's fastest run). "
+        "Its encoder's linear probe with all labels: "
         f"{tg['encoder_linear_all_labels']:.3f} (random-init {tg['random_init_linear_all_labels']:.3f}); "
         + (f"mean ± std over {n} fine-tune/distill seeds:" if n > 1 else "one seed:"),
         "",
