@@ -12,7 +12,7 @@ import inspect
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -38,6 +38,19 @@ class ConfigError(ValueError):
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # fields added after runs were cached, whose unset value (None) keeps the old behaviour: left out of
+    # the dump while None, so the section (and every stage cache key and record made from it) stays what
+    # it was for those runs. A section that gains such a field names it here.
+    ADDED_LATER: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out = handler(self)
+        for name in self.ADDED_LATER:
+            if getattr(self, name) is None:
+                out.pop(name, None)
+        return out
 
 
 PACKAGED_DATA = {  # data sets a system package installs, and the command that does it
@@ -267,10 +280,9 @@ class MonitorConfig(Section):
     max_val: int = Field(10_000, ge=1, description="val images scored (the first ones in shard order)")
 
 
-UNSET_NOT_DUMPED = ("backbone_out_width",)
-
-
 class PretrainConfig(TrainingConfig):
+    ADDED_LATER = ("backbone_out_width",)
+
     method: str = "simclr"
     backbone: Literal["small_cnn", "resnet18", "resnet50", "vit_tiny", "vit_small", "text_transformer"] = "small_cnn"
     backbone_width: int = Field(32, ge=1, description="small_cnn only")
@@ -337,16 +349,6 @@ class PretrainConfig(TrainingConfig):
         if v < 2:
             raise ValueError(f"must be >= 2 (a contrastive batch needs negatives), got {v}")
         return v
-
-    @model_serializer(mode="wrap")
-    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        """Fields added after runs were cached are left out of the dump while unset, so the
-        section (and the stage cache keys made from it) stays what it was for those runs."""
-        out = handler(self)
-        for name in UNSET_NOT_DUMPED:
-            if getattr(self, name) is None:
-                out.pop(name, None)
-        return out
 
     @model_validator(mode="after")
     def _build_check(self) -> PretrainConfig:
