@@ -20,6 +20,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 
+sys.path.insert(0, str(ROOT / "bench"))
+from records import run_of  # noqa: E402  (the benches read their records the same way)
+
 
 def _load(name: str) -> dict | None:
     p = RESULTS / f"{name}.json"
@@ -348,17 +351,13 @@ def _targets_table(tg: dict) -> list[str]:
     return out
 
 
-def _run_of(entry: dict) -> str | None:
-    return entry.get("computed_in_run") or entry.get("run_id")
-
-
 def _encoders(tg: dict, en: dict | None) -> list[str]:
     """The pretrain stage per recipe variant on all training images, each encoder probed
     with all labels (``fashion_encoders.json``); a variant whose run is the targets
     record's pretrain is named so."""
     if en is None:
         return []
-    chain = {_run_of(r["stages"]["pretrain"]) for r in tg["per_seed"].values()}
+    chain = {run_of(r["stages"]["pretrain"]) for r in tg["per_seed"].values()}
     out = [
         "The pretrain stage alone per recipe variant on all 54,000 training images, each encoder's linear probe "
         "fitted on all training labels as evaluate fits it (`bench/fashion_mnist.py encoders`, "
@@ -372,7 +371,7 @@ def _encoders(tg: dict, en: dict | None) -> list[str]:
         curve = r["val_knn_per_epoch"]
         best = max(range(len(curve)), key=curve.__getitem__)
         over = ", ".join(f"`{o}`" for o in r["overrides"]) or "the shipped config"
-        if _run_of(r["pretrain"]) in chain:
+        if run_of(r["pretrain"]) in chain:
             over += " (the chain's encoder above)"
         out.append(
             f"| {over} | {r['feat_dim']} | {r['pretrain']['seconds'] / 60:.1f} | "
