@@ -326,7 +326,15 @@ def sweep(ctx: StageContext, cfg: SweepStageConfig, inputs: dict) -> dict:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    if tune.Tuner.can_restore(exp_path, storage_filesystem=storage_fs) and _has_state(exp_dir):
+    saved = _saved_state(exp_dir)
+    if saved:
+        console.print(
+            f"sweep: the interrupted sweep in {exp_dir} cannot be resumed: its saved state {saved} is cut off "
+            "(the run was killed while Tune wrote it); starting the sweep afresh"
+        )
+        ray_env.forget_run(ctx.env, ctx.ray_run_name)
+        saved = None
+    if saved is not None and tune.Tuner.can_restore(exp_path, storage_filesystem=storage_fs):
         console.print(f"sweep: resuming the interrupted sweep in {exp_dir}")
         tuner = tune.Tuner.restore(
             exp_path, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=storage_fs
@@ -413,13 +421,24 @@ def sweep(ctx: StageContext, cfg: SweepStageConfig, inputs: dict) -> dict:
     }
 
 
-def _has_state(exp_dir: str) -> bool:
-    """Whether the experiment saved its state (a run killed before that starts afresh)."""
-    return (
-        any(Path(f).name.startswith("experiment_state-") for f in storage.list_files(exp_dir))
+def _saved_state(exp_dir: str) -> str | None:
+    """Where the experiment's saved state stands: None when it never saved one (a run killed
+    before that starts afresh), "" when every state file reads, else the name of one that
+    does not (Tune writes the file in place, so a kill during the write leaves it cut off and
+    Tune could not restore from it)."""
+    files = (
+        [f for f in storage.list_files(exp_dir) if Path(f).name.startswith("experiment_state-")]
         if storage.is_s3(exp_dir)
-        else any(Path(exp_dir).glob("experiment_state-*.json"))
+        else sorted(str(p) for p in Path(exp_dir).glob("experiment_state-*.json"))
     )
+    if not files:
+        return None
+    for f in files:
+        try:
+            json.loads(storage.read_bytes(f))
+        except (OSError, ValueError):  # cut off, empty or gone
+            return Path(f).name
+    return ""
 
 
 def _space_text(spec: dict[str, Any]) -> str:
