@@ -11,6 +11,7 @@ Subcommands::
     .venv/bin/python bench/fashion_mnist.py ablations  # head: none / linear / 3-layer; temperature
     .venv/bin/python bench/fashion_mnist.py targets    # the 2-core chain: 1% and 10% labels, 3 seeds
     .venv/bin/python bench/fashion_mnist.py distill-init --work-dir W  # the student's start, side by side
+    .venv/bin/python bench/fashion_mnist.py finetunes --work-dir W base lr:finetune.lr_base=0.03  # teacher vs baseline
 
 ``recipe`` and ``ablations`` use the quick setting of the first look at the data: 8,000
 training images (20% of them val, 6,400 trained on), 10 epochs at 28 px, global batch
@@ -36,6 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from records import run_of  # noqa: E402
 from semi_supervised import machine  # noqa: E402  (one description of the machine for every bench)
 
 RESULTS = Path(__file__).parent / "results"
@@ -377,16 +379,12 @@ def targets(
         write(name, summarize(per_seed), path)
 
 
-def _run_of(entry: dict) -> str | None:
-    return entry.get("computed_in_run") or entry.get("run_id")
-
-
 def _same_runs(before: dict, now: dict) -> bool:
     """Whether ``now``'s stages (all cache hits) reused exactly the runs ``before`` recorded."""
     return (
         bool(now)
         and before.keys() == now.keys()
-        and all(now[k].get("cached") and _run_of(now[k]) == _run_of(before[k]) for k in now)
+        and all(now[k].get("cached") and run_of(now[k]) == run_of(before[k]) for k in now)
     )
 
 
@@ -446,6 +444,52 @@ def distill_init(work: str, seed: int, inits: list[str], out: str | None = None)
         }
         print(init, json.dumps(runs[init]["rows"]), flush=True)
         write("distill_init", {"seed": seed, "runs": runs}, path)
+
+
+def finetunes(work: str, seed: int, base: list[str], variants: list[str], fraction: float) -> None:
+    """The fine-tune stage alone (shards, labels and the pretrained encoder from the cache)
+    once per variant (``NAME`` or ``NAME:OVERRIDE,...``, ``finetune.*`` overrides), on one
+    label fraction and one seed: the teacher's and the supervised baseline's val top-1 (the
+    epoch each selects), where each stood per val check, and the stage's time. Both models
+    get the variant, so a knob that helps the baseline as much as the teacher shows as no
+    gain. Merged into ``bench/results/fashion_finetunes.json`` variant by variant; a
+    record made with another ``base`` or seed is replaced."""
+    import mlflow
+
+    from pipelines.config import load_config
+
+    path = RESULTS / "fashion_finetunes.json"
+    setting = {"seed": seed, "base": base, "fraction": fraction}
+    old = json.loads(path.read_text()) if path.exists() else {}
+    rows: dict[str, dict] = old.get("variants", {}) if old.get("setting") == setting else {}
+    client = mlflow.MlflowClient(tracking_uri=load_config("fashion_mnist", [f"work_dir={work}"]).tracking_uri())
+    fixed = [*base, f"labels.fractions=[{fraction}]", *([f"finetune.seed={seed}"] if seed else [])]
+    for spec in variants:
+        name, _, over = spec.partition(":")
+        overrides = [o for o in over.split(",") if o]
+        res, _ = run(work, [*fixed, *overrides], "finetune", quiet=False)
+        st = res.stages["finetune"]
+        models = st.outputs["models"]
+        run_id = run_of(stage_seconds(client, st))
+        rows[name] = {
+            "overrides": overrides,
+            "finetune": stage_seconds(client, st),
+            "from_head_layer": st.outputs["from_head_layer"],
+            "val_top1": {n: m["val_top1"] for n, m in models.items()},
+            "selected_epoch": {n: m["selected_epoch"] for n, m in models.items()},
+            "val_curves": {
+                n: [
+                    round(m.value, 4)
+                    for m in sorted(client.get_metric_history(run_id, f"{n}/val/top1"), key=lambda m: m.step)
+                ]
+                for n in models
+            },
+        }
+        t = next(v for n, v in rows[name]["val_top1"].items() if n.startswith("teacher"))
+        b = next((v for n, v in rows[name]["val_top1"].items() if n.startswith("baseline")), None)
+        rows[name]["teacher_minus_baseline"] = None if b is None else t - b
+        print(name, json.dumps(rows[name]["val_top1"]), flush=True)
+        write("finetunes", {"config": "fashion_mnist", "setting": setting, "variants": rows}, path)
 
 
 def summarize(per_seed: dict[str, dict]) -> dict:
@@ -575,7 +619,12 @@ def main() -> None:
         help="INIT, or INIT:KEY=VALUE,... with more distill.* overrides (e.g. pretrained:lr_base=0.1)",
     )
     di.add_argument("--out", help="the JSON to write (default: bench/results/fashion_distill_init.json)")
-    for p in (r, a, t, di, en):
+    ft = sub.add_parser("finetunes", help="the fine-tune stage per variant on one fraction: teacher vs baseline, val")
+    ft.add_argument("variants", nargs="+", help="NAME or NAME:OVERRIDE,... (finetune.* overrides)")
+    ft.add_argument("--seed", type=int, default=0)
+    ft.add_argument("--fraction", type=float, default=0.01)
+    ft.add_argument("--base", nargs="*", default=[], help="overrides every variant shares (the encoder's recipe)")
+    for p in (r, a, t, di, en, ft):
         p.add_argument("--work-dir", help="default: a fresh temporary directory")
     for p in (a, t):
         p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -616,6 +665,8 @@ def main() -> None:
         recipe(work, args.space, args.trial_epochs, args.samples)
     elif args.cmd == "distill-init":
         distill_init(work, args.seed, args.inits, args.out)
+    elif args.cmd == "finetunes":
+        finetunes(work, args.seed, args.base, args.variants, args.fraction)
     elif args.cmd == "encoders":
         encoders(work, args.variants)
     elif args.cmd == "ablations":
