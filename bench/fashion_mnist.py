@@ -567,7 +567,7 @@ def resummarize(path: Path, work: str, config: str = "fashion_mnist", shared_cor
     client = mlflow.MlflowClient(tracking_uri=load_config(config, [f"work_dir={work}"]).tracking_uri())
     first = per_seed[sorted(per_seed, key=int)[0]]
     pre = first["stages"]["pretrain"]
-    rid = pre.get("computed_in_run") or pre.get("run_id") or first.get("pretrain_run_id")
+    rid = run_of(pre) or first.get("pretrain_run_id")
     if not rid:  # a record from before the run ids were kept: the work dir's one computed pretrain
         runs = client.search_runs(
             [e.experiment_id for e in client.search_experiments()],

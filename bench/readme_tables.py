@@ -131,7 +131,7 @@ def _chain_rows(runs: list[tuple[str, str, dict, str]]) -> list[str]:
     return rows
 
 
-def _same_chain_twice(tg: dict, other: dict | None, other_name: str) -> list[str]:
+def _same_chain_twice(tg: dict, other: dict | None, other_name: str, what: str = "the shipped config") -> list[str]:
     """Whether the targets run's first seed and another record of the same config and seed,
     each computed from the start (its own shard, labels and pretrain), gave the same test
     accuracies: the chain's reproducibility from the start, Ray Train's two workers included."""
@@ -149,7 +149,7 @@ def _same_chain_twice(tg: dict, other: dict | None, other_name: str) -> list[str
     diff = max(abs(na[k] - nb[k]) for k in na.keys() & nb.keys())
     same = "the same test accuracies" if diff == 0 else f"test accuracies at most {diff * 100:.2f} pt apart"
     return [
-        f"Run twice from the start (each its own shard, labels and pretrain), seed {seed} of the shipped config "
+        f"Run twice from the start (each its own shard, labels and pretrain), seed {seed} of {what} "
         f"gave {same}, all {len(na.keys() & nb.keys())} of them (the targets run, {tg['date']}, and "
         f"`{other_name}.json`, {other['date']}).",
         "",
@@ -184,6 +184,10 @@ def _small_student(tg: dict, epochs_run: dict | None) -> list[str]:
     if epochs_run is None or str(epochs_run["seed"]) not in seeds:
         return out
     seed = str(epochs_run["seed"])
+    own = tg["per_seed"][seed]
+    teachers = {str(r["label_fraction"]): r["teacher"] for r in own["rows"]}
+    if any(run["rows"][f]["teacher"] != teachers.get(f) for run in epochs_run["runs"].values() for f in run["rows"]):
+        return out  # distilled from other teachers (another config's) than this record's
     rows = []
     for run in epochs_run["runs"].values():
         if "recipe" not in run:  # recorded before the runs' recipes were
@@ -191,7 +195,6 @@ def _small_student(tg: dict, epochs_run: dict | None) -> list[str]:
         if _but_epochs(run["recipe"]) != _but_epochs(rcp):
             continue  # another recipe than the targets run's small student
         rows.append((int(run["recipe"]["epochs"]), run["rows"], run["distill_seconds"]))
-    own = tg["per_seed"][seed]
     by_f = {str(r["label_fraction"]): r for r in own["small_rows"]}
     rows.append(
         (
@@ -308,14 +311,20 @@ def _variant_chain(tg: dict | None, base: dict, name: str) -> list[str]:
     if tg is None:
         return []
     was = _flat(next(iter(base["per_seed"].values()))["config"])
-    sets = sorted(
-        {f"{k}={v}" for r in tg["per_seed"].values() for k, v in _flat(r["config"]).items() if was.get(k) != v}
-    )
+    sets = set()
+    for r in tg["per_seed"].values():
+        now = _flat(r["config"])  # a key it lacks: a field left unset (null), absent from its dump
+        sets |= {
+            f"{k}={'null' if now.get(k) is None else now[k]}"
+            for k in now.keys() | was.keys()
+            if was.get(k) != now.get(k)
+        }
     fast = tg.get("stage_seconds_fastest") or {k: v["seconds"] for k, v in tg["stage_seconds_first_seed"].items()}
     st = ", ".join(f"{k} {v / 60:.1f} min" for k, v in fast.items())
     n = len(tg["seeds"])
     return [
-        f"The chain with {', '.join(f'`{o}`' for o in sets)} (`bench/fashion_mnist.py targets --set`, `{name}.json`, "
+        f"The chain with {', '.join(f'`{o}`' for o in sorted(sets))} (`bench/fashion_mnist.py targets --set`, "
+        f"`{name}.json`, "
         f"{tg['date']}): {st}; {sum(fast.values()) / 60:.1f} min in all (each stage's fastest run). "
         "Its encoder's linear probe with all labels: "
         f"{tg['encoder_linear_all_labels']:.3f} (random-init {tg['random_init_linear_all_labels']:.3f}); "
@@ -323,6 +332,7 @@ def _variant_chain(tg: dict | None, base: dict, name: str) -> list[str]:
         "",
         *_targets_table(tg),
         "",
+        *_small_student(tg, _load("fashion_small_student")),
     ]
 
 
@@ -335,7 +345,7 @@ def _targets_table(tg: dict) -> list[str]:
         "| student − teacher |"
     )
     out = [
-        head + (" small student (¼ params) | small − teacher |" if small else ""),
+        head + (" small student (≤ ¼ params) | small − teacher |" if small else ""),
         "|---:|" + "---:|" * (9 if small else 7),
     ]
     for f, r in sorted(tg["table"].items(), key=lambda kv: float(kv[0])):
@@ -387,6 +397,66 @@ def _encoders(tg: dict, en: dict | None) -> list[str]:
         f"(target 0.88: {100 * (pick['test/linear_top1'] - 0.88):+.1f} pt).",
     ]
     return [*out, ""]
+
+
+def _finetunes(ft: dict | None, tg: dict | None) -> list[str]:
+    """The fine-tune stage per variant on one fraction and seed (``fashion_finetunes.json``):
+    the teacher and the supervised baseline (the same network from scratch, trained with the
+    same variant) side by side on val, and the best of each whatever the variant."""
+    if ft is None:
+        return []
+    st = ft["setting"]
+    rows = ft["variants"]
+
+    def one(r: dict, kind: str) -> float:
+        return next(v for n, v in r["val_top1"].items() if n.startswith(kind))
+
+    sys.path.insert(0, str(ROOT))
+    from pipelines.config import load_config
+
+    shipped = load_config("fashion_mnist").pretrain == load_config("fashion_mnist", st["base"]).pretrain
+    out = [
+        f"Fine-tuning knobs at {st['fraction']:g} labels, seed {st['seed']}, on "
+        + (
+            "the shipped config's encoder (the chain's above)"
+            if shipped
+            else "the encoder of " + ", ".join(f"`{o}`" for o in st["base"])
+        )
+        + f" (`bench/fashion_mnist.py finetunes`, `fashion_finetunes.json`, {ft['date']}). Each variant trains the "
+        "teacher and its baseline alike; val top-1 of the epoch each selects:",
+        "",
+        "| variant | from head layer | teacher | baseline | teacher − baseline | finetune min |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows.values():
+        over = ", ".join(f"`{o}`" for o in r["overrides"]) or "as shipped"
+        t, b = one(r, "teacher"), one(r, "baseline")
+        out.append(
+            f"| {over} | {r['from_head_layer']} | {t:.3f} | {b:.3f} | {100 * (t - b):+.1f} pt | "
+            f"{r['finetune']['seconds'] / 60:.1f} |"
+        )
+    bt = max(one(r, "teacher") for r in rows.values())
+    bb = max(one(r, "baseline") for r in rows.values())
+    verdict = (
+        "no knob here closes the gap"
+        if bt - bb < 0.05
+        else "a knob here closes the gap (not yet shipped: see the targets table)"
+    )
+    row = (tg or {}).get("table", {}).get(str(st["fraction"]))
+    probe = (
+        f" In the targets run the encoder's linear probe on these labels reaches {row['encoder_linear']['mean']:.3f} "
+        f"on the test images, the baseline {row['baseline']['mean']:.3f}: a linear classifier on the pretrained "
+        "features does no better than the same network trained from scratch on these labels."
+        if row is not None and row["encoder_linear"]["mean"] <= row["baseline"]["mean"]
+        else ""
+    )
+    out += [
+        "",
+        f"The best teacher of any variant ({bt:.3f}) against the best baseline of any ({bb:.3f}): "
+        f"{100 * (bt - bb):+.1f} pt, where the target is +5: {verdict}.{probe}",
+        "",
+    ]
+    return out
 
 
 def fashion() -> str:
@@ -455,12 +525,18 @@ def fashion() -> str:
         out += ["", f"(`bench/fashion_mnist.py targets`, {tg['date']}.)", ""]
         out += _small_student(tg, _load("fashion_small_student"))
         fp32 = _load("fashion_targets_fp32")
+        old128 = _load("fashion_targets_128")
         out += _same_chain_twice(tg, fp32, "fashion_targets_fp32")
+        if old128 is not None:
+            out += _same_chain_twice(
+                old128, fp32, "fashion_targets_fp32", "the 128-d chain (`fashion_targets_128.json`, below)"
+            )
         dev, old = _load("fashion_targets_device"), _load("fashion_targets_loader")
         if dev is not None and old is not None:
             out += _chain_variants(old, dev, _load("fashion_targets_val_checks"), fp32, _load("fashion_targets_bf16"))
         out += _encoders(tg, _load("fashion_encoders"))
-        out += _variant_chain(_load("fashion_targets_wide"), tg, "fashion_targets_wide")
+        out += _variant_chain(old128, tg, "fashion_targets_128")
+        out += _finetunes(_load("fashion_finetunes"), tg)
     di = _load("fashion_distill_init")
     if di is not None:
         runs = di["runs"]
