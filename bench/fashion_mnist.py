@@ -389,11 +389,29 @@ def _same_runs(before: dict, now: dict) -> bool:
 
 
 def stage_seconds(client, stage) -> dict:
-    """A stage's compute time: its own, or for a cache hit the time of the run it reused."""
-    if not stage.cached:
-        return {"seconds": stage.seconds, "cached": False, "run_id": stage.run_id}
-    src = client.get_run(stage.run_id).data.metrics.get("stage/seconds")
-    return {"seconds": src, "cached": True, "computed_in_run": stage.run_id}
+    """A stage's compute time: its own, or for a cache hit the time of the run it reused;
+    ``resumed`` when that run continued an interrupted one (its time is then only the rest)."""
+    run = client.get_run(stage.run_id)
+    out = (
+        {"seconds": stage.seconds, "cached": False, "run_id": stage.run_id}
+        if not stage.cached
+        else {"seconds": run.data.metrics.get("stage/seconds"), "cached": True, "computed_in_run": stage.run_id}
+    )
+    return {**out, "resumed": _resumed(client, run, stage.outputs)}
+
+
+def _resumed(client, run, outputs: dict) -> bool:
+    """Whether a stage run continued an interrupted run of its cache key from a checkpoint:
+    its tag, or (runs from before the tag) a fine-tune/distill run without the first val
+    check (step 0) of every model it reports, which a job started afresh logs."""
+    from pipelines import tracking
+
+    if tracking.TAG_RESUMED in run.data.tags:
+        return True
+    models = outputs.get("models") if isinstance(outputs.get("models"), dict) else None
+    return bool(models) and any(
+        not any(m.step == 0 for m in client.get_metric_history(run.info.run_id, f"{n}/val/top1")) for n in models
+    )
 
 
 def distill_init(work: str, seed: int, inits: list[str], out: str | None = None) -> None:
@@ -540,7 +558,8 @@ def stage_times(per_seed: dict[str, dict]) -> dict:
     best: dict[str, float] = {}
     for rec in per_seed.values():
         for name, st in rec["stages"].items():
-            if st.get("seconds") is not None:
+            # a run that continued an interrupted one timed only the rest of the stage
+            if st.get("seconds") is not None and not st.get("resumed"):
                 best[name] = min(best.get(name, float("inf")), st["seconds"])
     out = {"stage_seconds_fastest": best, "chain_seconds_fastest": sum(best.values())}
     ep = next((r["pretrain_epochs"] for r in per_seed.values() if r.get("pretrain_epochs")), None)
@@ -560,11 +579,18 @@ def resummarize(path: Path, work: str, config: str = "fashion_mnist", shared_cor
     per-epoch times from the work dir's MLflow store."""
     import mlflow
 
+    from pipelines import tracking
     from pipelines.config import load_config
 
     data = json.loads(path.read_text())
     per_seed = data["per_seed"]
-    client = mlflow.MlflowClient(tracking_uri=load_config(config, [f"work_dir={work}"]).tracking_uri())
+    uri = load_config(config, [f"work_dir={work}"]).tracking_uri()
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    mlflow.set_tracking_uri(uri)
+    for rec in per_seed.values():  # records from before stage_seconds said which runs continued another
+        for st in rec["stages"].values():
+            if "resumed" not in st and run_of(st):
+                st["resumed"] = _resumed(client, client.get_run(run_of(st)), tracking.load_outputs(run_of(st)))
     first = per_seed[sorted(per_seed, key=int)[0]]
     pre = first["stages"]["pretrain"]
     rid = run_of(pre) or first.get("pretrain_run_id")

@@ -16,6 +16,9 @@ TAG_KIND = "clpipe.kind"  # "pipeline" | "stage"
 TAG_STAGE = "clpipe.stage"
 TAG_KEY = "clpipe.cache_key"
 TAG_CACHE_HIT = "clpipe.cache_hit"
+# on a training stage's run that continued an interrupted run of the same cache key from its checkpoint:
+# the checkpoint's URI (its stage/seconds then counts only what was left to do)
+TAG_RESUMED = "clpipe.resumed_from_checkpoint"
 TAG_CACHED_FROM = "clpipe.cached_from"
 TAG_UPSTREAM = "clpipe.upstream_run_ids"
 TAG_UPSTREAM_URIS = "clpipe.upstream_artifact_uris"

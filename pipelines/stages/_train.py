@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
+import mlflow
 import torch
 from ray import train
 from ray.train import (
@@ -46,7 +47,7 @@ from cl_core.evaluate import recalibrate_batch_norm
 from cl_core.methods.base import Method
 from pipelines import ray_env, tracking
 from pipelines.config import ClassifierTrainingConfig, CropFlipConfig, TrainingConfig
-from pipelines.console import Eta
+from pipelines.console import Eta, console
 from pipelines.graph import StageContext
 
 
@@ -214,6 +215,10 @@ def fit(ctx: StageContext, worker: Callable[[dict], Any], worker_config: dict, s
     if ctx.rerun:  # --rerun: a fresh Ray run, not a resume of this key's last one
         ray_env.forget_run(ctx.env, ctx.ray_run_name)
     storage_path, storage_fs = ray_env.storage(ctx.env)
+    resumed = _latest_checkpoint(storage_path, storage_fs, ctx.ray_run_name)
+    if resumed is not None:  # an interrupted run of this cache key: Ray Train continues it
+        mlflow.MlflowClient(ctx.tracking_uri).set_tag(ctx.run_id, tracking.TAG_RESUMED, resumed[0])
+        console.print(f"{ctx.name}: continuing an interrupted run from its checkpoint {resumed[0]} ({resumed[1]})")
     trainer = Trainer(
         worker,
         train_loop_config=worker_config,

@@ -39,6 +39,7 @@ from pathlib import Path
 import pytest
 
 from infra.procs import wait_until
+from pipelines import tracking
 from pipelines.cli import main
 from tests.conftest import cmdline, latest_children, mlflow_client, outputs, recomputed
 
@@ -192,6 +193,8 @@ def test_worker_and_driver_deaths_resume_exactly(chain, local_ray, tmp_path, cap
     client, exp = mlflow_client(work)
     computed = latest_children(client, exp)
     assert recomputed(computed) == {"pretrain"}
+    # a restart within the run is no resume of an interrupted one: its stage/seconds is the whole stage's
+    assert tracking.TAG_RESUMED not in computed["pretrain"].data.tags
     # the final checkpoint is the reference's: position and schedule exactly; weights, optimizer and every
     # rank's running sums to float rounding (as the metrics); every rank's generator (uint8) exactly
     import torch
@@ -281,6 +284,8 @@ def test_worker_and_driver_deaths_resume_exactly(chain, local_ray, tmp_path, cap
     assert "[distill] student_1pct: resumed from checkpoint at epoch 2, batch" in third, third[-3000:]
     final = latest_children(client, exp)
     assert recomputed(final) == {"distill"}
+    # the run says it continued another's checkpoint (so its stage/seconds is only the rest of the stage)
+    assert final["distill"].data.tags[tracking.TAG_RESUMED].startswith(str(work / "ray_results" / "distill-"))
     computed["distill"] = final["distill"]
 
     # the result: the reference's metrics (every model, every epoch's last value)

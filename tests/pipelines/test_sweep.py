@@ -283,7 +283,10 @@ def test_a_killed_sweep_of_single_worker_trials_sampled_by_optuna_resumes(tmp_pa
     assert _resumed(out) and "2 trials ranked" in out
     client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
     exp_id = client.get_experiment_by_name("clpipe").experiment_id
-    trials = _trials(client, exp_id, latest_children(client, exp_id)["sweep"].info.run_id)
+    sweep_run = latest_children(client, exp_id)["sweep"]
+    if "resuming the interrupted sweep" in out:  # the run names the experiment it continued
+        assert sweep_run.data.tags[tracking.TAG_RESUMED].startswith(str(work / "ray_results" / "sweep-"))
+    trials = _trials(client, exp_id, sweep_run.info.run_id)
     temps = sorted(float(t.data.params["temperature"]) for t in trials)
     assert len(temps) == 2 and temps[0] != temps[1] and all(0.1 <= t <= 1.0 for t in temps)
     assert all(0 < t.data.metrics["val/knn_top1"] <= 1 for t in trials)
