@@ -488,10 +488,11 @@ def finetunes(work: str, seed: int, base: list[str], variants: list[str], fracti
         res, _ = run(work, [*fixed, *overrides], "finetune", quiet=False)
         st = res.stages["finetune"]
         models = st.outputs["models"]
-        run_id = run_of(stage_seconds(client, st))
+        timing = stage_seconds(client, st)
+        run_id = run_of(timing)
         rows[name] = {
             "overrides": overrides,
-            "finetune": stage_seconds(client, st),
+            "finetune": timing,
             "from_head_layer": st.outputs["from_head_layer"],
             "val_top1": {n: m["val_top1"] for n, m in models.items()},
             "selected_epoch": {n: m["selected_epoch"] for n, m in models.items()},
@@ -589,8 +590,9 @@ def resummarize(path: Path, work: str, config: str = "fashion_mnist", shared_cor
     mlflow.set_tracking_uri(uri)
     for rec in per_seed.values():  # records from before stage_seconds said which runs continued another
         for st in rec["stages"].values():
-            if "resumed" not in st and run_of(st):
-                st["resumed"] = _resumed(client, client.get_run(run_of(st)), tracking.load_outputs(run_of(st)))
+            rid = run_of(st)
+            if "resumed" not in st and rid:
+                st["resumed"] = _resumed(client, client.get_run(rid), tracking.load_outputs(rid))
     first = per_seed[sorted(per_seed, key=int)[0]]
     pre = first["stages"]["pretrain"]
     rid = run_of(pre) or first.get("pretrain_run_id")
