@@ -429,7 +429,8 @@ def test_a_registered_model_serves_with_mlflow_models_predict_in_a_fresh_virtual
     try:
         subprocess.run([sys.executable, "-m", "venv", str(env_dir)], check=True)
         pip = subprocess.run(
-            [str(env_dir / "bin" / "pip"), "install", "-q", "-r", str(model / "requirements.txt")],
+            # no .pyc for torch's thousands of modules: 25 s of the install alone on 2 cores
+            [str(env_dir / "bin" / "pip"), "install", "-q", "--no-compile", "-r", str(model / "requirements.txt")],
             capture_output=True,
             text=True,
             env=env,

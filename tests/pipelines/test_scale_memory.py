@@ -94,7 +94,7 @@ def test_peak_memory_of_shard_and_pretrain_is_flat_in_the_data_size(tmp_path):
         "npz",
         [1_000, 10_000],
         tmp_path,
-        interval=0.05,
+        interval=0.1,  # bench/scale.py's: each sample walks every process of the machine
         log=lambda *a: None,
         until="pretrain",
         overrides=[
