@@ -217,7 +217,7 @@ def fit(ctx: StageContext, worker: Callable[[dict], Any], worker_config: dict, s
     storage_path, storage_fs = ray_env.storage(ctx.env)
     resumed = _latest_checkpoint(storage_path, storage_fs, ctx.ray_run_name)
     if resumed is not None:  # an interrupted run of this cache key: Ray Train continues it
-        mlflow.MlflowClient(ctx.tracking_uri).set_tag(ctx.run_id, tracking.TAG_RESUMED, resumed[0])
+        mlflow.set_tag(tracking.TAG_RESUMED, resumed[0])  # on the stage run, active here
         console.print(f"{ctx.name}: continuing an interrupted run from its checkpoint {resumed[0]} ({resumed[1]})")
     trainer = Trainer(
         worker,

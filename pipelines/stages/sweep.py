@@ -336,7 +336,7 @@ def sweep(ctx: StageContext, cfg: SweepStageConfig, inputs: dict) -> dict:
         saved = None
     if saved is not None and tune.Tuner.can_restore(exp_path, storage_filesystem=storage_fs):
         console.print(f"sweep: resuming the interrupted sweep in {exp_dir}")
-        mlflow.MlflowClient(ctx.tracking_uri).set_tag(ctx.run_id, tracking.TAG_RESUMED, exp_dir)
+        mlflow.set_tag(tracking.TAG_RESUMED, exp_dir)
         tuner = tune.Tuner.restore(
             exp_path, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=storage_fs
         )
