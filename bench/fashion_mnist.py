@@ -12,6 +12,7 @@ Subcommands::
     .venv/bin/python bench/fashion_mnist.py targets    # the 2-core chain: 1% and 10% labels, 3 seeds
     .venv/bin/python bench/fashion_mnist.py distill-init --work-dir W  # the student's start, side by side
     .venv/bin/python bench/fashion_mnist.py finetunes --work-dir W base lr:finetune.lr_base=0.03  # teacher vs baseline
+    .venv/bin/python bench/fashion_mnist.py pretrain-budget --work-dir W 4 8 16  # the same, per pretraining length
 
 ``recipe`` and ``ablations`` use the quick setting of the first look at the data: 8,000
 training images (20% of them val, 6,400 trained on), 10 epochs at 28 px, global batch
@@ -511,6 +512,61 @@ def finetunes(work: str, seed: int, base: list[str], variants: list[str], fracti
         write("finetunes", {"config": "fashion_mnist", "setting": setting, "variants": rows}, path)
 
 
+def pretrain_budget(work: str, epochs: list[int], seeds: list[int], fraction: float) -> None:
+    """How the 1%-label gap between the teacher and its from-scratch baseline moves with the
+    pretraining budget: the shipped recipe pretrained for each of ``epochs`` (one encoder
+    each, its learning-rate schedule stretched to the length), then the fine-tune stage on
+    ``fraction`` once per fine-tune seed. Per budget: the encoder's compute time and val kNN
+    per epoch; per seed the val top-1 of the teacher and of the baseline (the epochs each
+    selects) and of the linear probe the teacher starts from (its val check at step 0).
+    Merged into ``bench/results/fashion_pretrain_budget.json`` budget by budget."""
+    import mlflow
+
+    from pipelines.config import load_config
+
+    path = RESULTS / "fashion_pretrain_budget.json"
+    setting = {"fraction": fraction, "seeds": seeds}
+    old = json.loads(path.read_text()) if path.exists() else {}
+    rows: dict[str, dict] = old.get("budgets", {}) if old.get("setting") == setting else {}
+    client = mlflow.MlflowClient(tracking_uri=load_config("fashion_mnist", [f"work_dir={work}"]).tracking_uri())
+    for e in epochs:
+        row: dict = {"pretrain_epochs": e, "seeds": {}}
+        for seed in seeds:
+            over = [
+                f"pretrain.epochs={e}",
+                f"labels.fractions=[{fraction}]",
+                *([f"finetune.seed={seed}"] if seed else []),
+            ]
+            res, _ = run(work, over, "finetune", quiet=False)
+            if "pretrain" not in row:
+                stage = res.stages["pretrain"]
+                row["pretrain"] = stage_seconds(client, stage)
+                row["val_knn_per_epoch"] = [
+                    round(m.value, 4)
+                    for m in sorted(client.get_metric_history(stage.run_id, "val/knn_top1"), key=lambda m: m.step)
+                ]
+            st = res.stages["finetune"]
+            models = st.outputs["models"]
+            run_id = run_of(stage_seconds(client, st))
+            teacher = next(n for n in models if n.startswith("teacher"))
+            baseline = next(n for n in models if n.startswith("baseline"))
+            first = min(client.get_metric_history(run_id, f"{teacher}/val/top1"), key=lambda m: m.step)
+            row["seeds"][str(seed)] = {
+                "finetune_run": run_id,
+                "teacher": models[teacher]["val_top1"],
+                "baseline": models[baseline]["val_top1"],
+                "probe": first.value,
+                "teacher_minus_baseline": models[teacher]["val_top1"] - models[baseline]["val_top1"],
+            }
+            print(e, seed, json.dumps(row["seeds"][str(seed)]), flush=True)
+        per = row["seeds"].values()
+        row["summary"] = {
+            k: _stats([r[k] for r in per]) for k in ("teacher", "baseline", "probe", "teacher_minus_baseline")
+        }
+        rows[str(e)] = row
+        write("pretrain_budget", {"config": "fashion_mnist", "setting": setting, "budgets": rows}, path)
+
+
 def summarize(per_seed: dict[str, dict]) -> dict:
     seeds = sorted(per_seed, key=int)
     fractions = sorted({r["label_fraction"] for r in per_seed[seeds[0]]["rows"]})
@@ -652,9 +708,12 @@ def main() -> None:
     ft.add_argument("--seed", type=int, default=0)
     ft.add_argument("--fraction", type=float, default=0.01)
     ft.add_argument("--base", nargs="*", default=[], help="overrides every variant shares (the encoder's recipe)")
-    for p in (r, a, t, di, en, ft):
+    pb = sub.add_parser("pretrain-budget", help="teacher vs baseline on one fraction per pretraining length, val")
+    pb.add_argument("epochs", type=int, nargs="+", help="pretrain.epochs values, one encoder each")
+    pb.add_argument("--fraction", type=float, default=0.01)
+    for p in (r, a, t, di, en, ft, pb):
         p.add_argument("--work-dir", help="default: a fresh temporary directory")
-    for p in (a, t):
+    for p in (a, t, pb):
         p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     t.add_argument(
         "--config",
@@ -695,6 +754,8 @@ def main() -> None:
         distill_init(work, args.seed, args.inits, args.out)
     elif args.cmd == "finetunes":
         finetunes(work, args.seed, args.base, args.variants, args.fraction)
+    elif args.cmd == "pretrain-budget":
+        pretrain_budget(work, args.epochs, args.seeds, args.fraction)
     elif args.cmd == "encoders":
         encoders(work, args.variants)
     elif args.cmd == "ablations":
