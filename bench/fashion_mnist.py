@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -401,6 +402,14 @@ def stage_seconds(client, stage) -> dict:
     return {**out, "resumed": _resumed(client, run, stage.outputs)}
 
 
+def _run_id(timing: dict) -> str:
+    """:func:`records.run_of` of a stage's timing, which :func:`stage_seconds` always fills."""
+    rid = run_of(timing)
+    if rid is None:
+        raise SystemExit(f"no MLflow run in the stage record {timing}")
+    return rid
+
+
 def _resumed(client, run, outputs: dict) -> bool:
     """Whether a stage run continued an interrupted run of its cache key from a checkpoint:
     its tag, or (runs from before the tag) a fine-tune/distill run without the first val
@@ -409,9 +418,13 @@ def _resumed(client, run, outputs: dict) -> bool:
 
     if tracking.TAG_RESUMED in run.data.tags:
         return True
-    models = outputs.get("models") if isinstance(outputs.get("models"), dict) else None
-    return bool(models) and any(
-        not any(m.step == 0 for m in client.get_metric_history(run.info.run_id, f"{n}/val/top1")) for n in models
+    models = outputs.get("models")
+    return (
+        isinstance(models, dict)
+        and bool(models)
+        and any(
+            not any(m.step == 0 for m in client.get_metric_history(run.info.run_id, f"{n}/val/top1")) for n in models
+        )
     )
 
 
@@ -490,7 +503,7 @@ def finetunes(work: str, seed: int, base: list[str], variants: list[str], fracti
         st = res.stages["finetune"]
         models = st.outputs["models"]
         timing = stage_seconds(client, st)
-        run_id = run_of(timing)
+        run_id = _run_id(timing)
         rows[name] = {
             "overrides": overrides,
             "finetune": timing,
@@ -547,7 +560,7 @@ def pretrain_budget(work: str, epochs: list[int], seeds: list[int], fraction: fl
                 ]
             st = res.stages["finetune"]
             models = st.outputs["models"]
-            run_id = run_of(stage_seconds(client, st))
+            run_id = _run_id(stage_seconds(client, st))
             teacher = next(n for n in models if n.startswith("teacher"))
             baseline = next(n for n in models if n.startswith("baseline"))
             first = min(client.get_metric_history(run_id, f"{teacher}/val/top1"), key=lambda m: m.step)
@@ -618,7 +631,7 @@ def stage_times(per_seed: dict[str, dict]) -> dict:
             # a run that continued an interrupted one timed only the rest of the stage
             if st.get("seconds") is not None and not st.get("resumed"):
                 best[name] = min(best.get(name, float("inf")), st["seconds"])
-    out = {"stage_seconds_fastest": best, "chain_seconds_fastest": sum(best.values())}
+    out: dict[str, Any] = {"stage_seconds_fastest": best, "chain_seconds_fastest": sum(best.values())}
     ep = next((r["pretrain_epochs"] for r in per_seed.values() if r.get("pretrain_epochs")), None)
     if ep and "pretrain" in best:
         overhead = best["pretrain"] - sum(ep["epoch_seconds"])  # start-up, val kNN, checkpoints
