@@ -532,12 +532,12 @@ def pretrain_budget(work: str, epochs: list[int], seeds: list[int], fraction: fl
     ``fraction`` once per fine-tune seed. Per budget: the encoder's compute time and val kNN
     per epoch; per seed the val top-1 of the teacher and of the baseline (the epochs each
     selects) and of the linear probe the teacher starts from (its val check at step 0).
-    Merged into ``bench/results/fashion_pretrain_budget.json`` budget by budget."""
+    Merged into ``bench/results/fashion_pretrain_budget_<N>pct.json`` budget by budget."""
     import mlflow
 
     from pipelines.config import load_config
 
-    path = RESULTS / "fashion_pretrain_budget.json"
+    path = RESULTS / f"fashion_pretrain_budget_{100 * fraction:g}pct.json"
     setting = {"fraction": fraction, "seeds": seeds}
     old = json.loads(path.read_text()) if path.exists() else {}
     rows: dict[str, dict] = old.get("budgets", {}) if old.get("setting") == setting else {}
@@ -577,7 +577,7 @@ def pretrain_budget(work: str, epochs: list[int], seeds: list[int], fraction: fl
             k: _stats([r[k] for r in per]) for k in ("teacher", "baseline", "probe", "teacher_minus_baseline")
         }
         rows[str(e)] = row
-        write("pretrain_budget", {"config": "fashion_mnist", "setting": setting, "budgets": rows}, path)
+        write(path.stem, {"config": "fashion_mnist", "setting": setting, "budgets": rows}, path)
 
 
 def summarize(per_seed: dict[str, dict]) -> dict:

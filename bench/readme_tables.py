@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -459,6 +460,59 @@ def _finetunes(ft: dict | None, tg: dict | None) -> list[str]:
     return out
 
 
+def _pretrain_budget(pb: dict | None, name: str, first: bool) -> list[str]:
+    """Teacher vs baseline on one fraction per pretraining length (``fashion_pretrain_budget_*.json``):
+    one encoder per length, the fine-tune stage on one or more seeds, val top-1 (mean ± std);
+    then the gap's change per doubling of the pretraining, read off the shortest and longest."""
+    if pb is None or not pb["budgets"]:
+        return []
+    st = pb["setting"]
+    rows = sorted(pb["budgets"].values(), key=lambda r: r["pretrain_epochs"])
+    seeds = f"seed {st['seeds'][0]}" if len(st["seeds"]) == 1 else f"seeds {st['seeds']}, mean ± std"
+    intro = (
+        f"The same gap per pretraining length at {st['fraction']:g} labels (`bench/fashion_mnist.py pretrain-budget`, "
+        f"`{name}.json`, {pb['date']}): one encoder per length (the shipped recipe, its schedule stretched to the "
+        f"length), the fine-tune stage as shipped on {seeds}; val top-1 of the epoch each model selects "
+        "(probe: the linear classifier the teacher starts from):"
+        if first
+        else f"At {st['fraction']:g} labels, the same encoders, {seeds} (`{name}.json`, {pb['date']}):"
+    )
+    out = [
+        intro,
+        "",
+        "| pretrain epochs | pretrain min | val kNN, last epoch | probe | teacher | baseline | teacher − baseline |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        sm = r["summary"]
+        out.append(
+            f"| {r['pretrain_epochs']} | {r['pretrain']['seconds'] / 60:.1f} | {r['val_knn_per_epoch'][-1]:.3f} | "
+            f"{_pm(sm['probe'])} | {_pm(sm['teacher'])} | {_pm(sm['baseline'])} | "
+            f"{_pm(sm['teacher_minus_baseline'], 100, '+.1f')} pt |"
+        )
+    if len(rows) > 1:
+        lo, hi = rows[0], rows[-1]
+        gap = {r["pretrain_epochs"]: 100 * r["summary"]["teacher_minus_baseline"]["mean"] for r in (lo, hi)}
+        per = (gap[hi["pretrain_epochs"]] - gap[lo["pretrain_epochs"]]) / math.log2(
+            hi["pretrain_epochs"] / lo["pretrain_epochs"]
+        )
+        target = 5.0 if st["fraction"] <= 0.01 else 1.0
+        need = target - gap[hi["pretrain_epochs"]]
+        tail = (
+            f" Continued at that rate, the +{target:g}-point target would need about {need / per:.1f} more doublings "
+            f"(about {hi['pretrain_epochs'] * 2 ** (need / per):,.0f} epochs, against the 2-core config's "
+            "45-minute budget for the whole chain)."
+            if per > 0 and need > 0
+            else ""
+        )
+        out += [
+            "",
+            f"From {lo['pretrain_epochs']} to {hi['pretrain_epochs']} epochs the teacher − baseline gap moves "
+            f"{per:+.1f} pt per doubling of the pretraining.{tail}",
+        ]
+    return out + [""]
+
+
 def fashion() -> str:
     out: list[str] = []
     rec = _load("fashion_recipe")
@@ -537,6 +591,9 @@ def fashion() -> str:
         out += _encoders(tg, _load("fashion_encoders"))
         out += _variant_chain(old128, tg, "fashion_targets_128")
         out += _finetunes(_load("fashion_finetunes"), tg)
+        budgets = [n for n in ("fashion_pretrain_budget_1pct", "fashion_pretrain_budget_10pct") if _load(n)]
+        for i, name in enumerate(budgets):
+            out += _pretrain_budget(_load(name), name, first=i == 0)
     di = _load("fashion_distill_init")
     if di is not None:
         runs = di["runs"]
