@@ -494,23 +494,33 @@ def _pretrain_budget(pb: dict | None, name: str, first: bool) -> list[str]:
         lo, hi = rows[0], rows[-1]
         doublings = math.log2(hi["pretrain_epochs"] / lo["pretrain_epochs"])
 
-        def moved(key: str) -> float:  # points per doubling of the pretraining
-            return 100 * (hi["summary"][key]["mean"] - lo["summary"][key]["mean"]) / doublings
+        def moved(key: str) -> float:  # points per doubling of the pretraining (no -0.0)
+            return round(100 * (hi["summary"][key]["mean"] - lo["summary"][key]["mean"]) / doublings, 1) + 0.0
 
-        per = moved("teacher_minus_baseline")
-        target = 5.0 if st["fraction"] <= 0.01 else 1.0
-        need = target - 100 * hi["summary"]["teacher_minus_baseline"]["mean"]
-        tail = (
-            f" Continued at that rate, the +{target:g}-point target would take about {need / per:.0f} more "
-            "doublings: pretraining longer does not close the gap."
-            if per > 0 and need > 0
-            else (" Pretraining longer does not narrow the gap." if need > 0 else "")
+        prev = rows[-2]  # the last doubling (or step) of the pretraining: what continuing it would add
+        gap = {id(r): 100 * r["summary"]["teacher_minus_baseline"]["mean"] for r in (prev, hi)}
+        last = (
+            round((gap[id(hi)] - gap[id(prev)]) / math.log2(hi["pretrain_epochs"] / prev["pretrain_epochs"]), 1) + 0.0
         )
+        target = 5.0 if st["fraction"] <= 0.01 else 1.0
+        need = target - gap[id(hi)]
+        if need <= 0:
+            tail = ""
+        elif last > 0:
+            n = need / last
+            tail = (
+                f" Continued at that rate, the +{target:g}-point target would take about {n:.0f} more doublings "
+                f"(about {2**n:,.0f}x the {hi['pretrain_epochs']}-epoch pretraining)."
+            )
+        else:
+            tail = " The last doubling did not narrow the gap."
         out += [
             "",
             f"From {lo['pretrain_epochs']} to {hi['pretrain_epochs']} epochs, per doubling of the pretraining: the "
             f"probe {moved('probe'):+.1f} pt, the teacher {moved('teacher'):+.1f} pt, the baseline (no pretraining, "
-            f"the same seeds) {moved('baseline'):+.1f} pt, teacher − baseline {per:+.1f} pt.{tail}",
+            f"the same seeds) {moved('baseline'):+.1f} pt, teacher − baseline {moved('teacher_minus_baseline'):+.1f} "
+            f"pt; from {prev['pretrain_epochs']} to {hi['pretrain_epochs']} epochs teacher − baseline {last:+.1f} pt "
+            f"per doubling.{tail}",
         ]
     return out + [""]
 
