@@ -526,12 +526,13 @@ def finetunes(work: str, seed: int, base: list[str], variants: list[str], fracti
 
 
 def pretrain_budget(work: str, epochs: list[int], seeds: list[int], fraction: float) -> None:
-    """How the 1%-label gap between the teacher and its from-scratch baseline moves with the
-    pretraining budget: the shipped recipe pretrained for each of ``epochs`` (one encoder
-    each, its learning-rate schedule stretched to the length), then the fine-tune stage on
-    ``fraction`` once per fine-tune seed. Per budget: the encoder's compute time and val kNN
-    per epoch; per seed the val top-1 of the teacher and of the baseline (the epochs each
-    selects) and of the linear probe the teacher starts from (its val check at step 0).
+    """How the gap between the teacher and its from-scratch baseline on one label fraction
+    moves with the pretraining budget: the shipped recipe pretrained for each of ``epochs``
+    (one encoder each, its learning-rate schedule stretched to the length), then the
+    fine-tune stage on ``fraction`` once per fine-tune seed. Per budget: the encoder's
+    compute time and val kNN per epoch; per seed the val top-1 of the teacher and of the
+    baseline (the epochs each selects) and of the linear probe the teacher starts from (its
+    val check at step 0, ``finetune.head_init: probe`` as shipped).
     Merged into ``bench/results/fashion_pretrain_budget_<N>pct.json`` budget by budget."""
     import mlflow
 

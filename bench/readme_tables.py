@@ -463,7 +463,8 @@ def _finetunes(ft: dict | None, tg: dict | None) -> list[str]:
 def _pretrain_budget(pb: dict | None, name: str, first: bool) -> list[str]:
     """Teacher vs baseline on one fraction per pretraining length (``fashion_pretrain_budget_*.json``):
     one encoder per length, the fine-tune stage on one or more seeds, val top-1 (mean ± std);
-    then the gap's change per doubling of the pretraining, read off the shortest and longest."""
+    then the change per doubling of the pretraining from the shortest to the longest, and the
+    gap's over the last doubling (what pretraining longer still would add)."""
     if pb is None or not pb["budgets"]:
         return []
     st = pb["setting"]
@@ -498,12 +499,10 @@ def _pretrain_budget(pb: dict | None, name: str, first: bool) -> list[str]:
             return round(100 * (hi["summary"][key]["mean"] - lo["summary"][key]["mean"]) / doublings, 1) + 0.0
 
         prev = rows[-2]  # the last doubling (or step) of the pretraining: what continuing it would add
-        gap = {id(r): 100 * r["summary"]["teacher_minus_baseline"]["mean"] for r in (prev, hi)}
-        last = (
-            round((gap[id(hi)] - gap[id(prev)]) / math.log2(hi["pretrain_epochs"] / prev["pretrain_epochs"]), 1) + 0.0
-        )
+        gap_prev, gap_hi = (100 * r["summary"]["teacher_minus_baseline"]["mean"] for r in (prev, hi))
+        last = round((gap_hi - gap_prev) / math.log2(hi["pretrain_epochs"] / prev["pretrain_epochs"]), 1) + 0.0
         target = 5.0 if st["fraction"] <= 0.01 else 1.0
-        need = target - gap[id(hi)]
+        need = target - gap_hi
         if need <= 0:
             tail = ""
         elif last > 0:
