@@ -525,7 +525,9 @@ def finetunes(work: str, seed: int, base: list[str], variants: list[str], fracti
         write("finetunes", {"config": "fashion_mnist", "setting": setting, "variants": rows}, path)
 
 
-def pretrain_budget(work: str, epochs: list[int], seeds: list[int], fraction: float) -> None:
+def pretrain_budget(
+    work: str, epochs: list[int], seeds: list[int], fraction: float, base: list[str], tag: str | None
+) -> None:
     """How the gap between the teacher and its from-scratch baseline on one label fraction
     moves with the pretraining budget: the shipped recipe pretrained for each of ``epochs``
     (one encoder each, its learning-rate schedule stretched to the length), then the
@@ -533,13 +535,17 @@ def pretrain_budget(work: str, epochs: list[int], seeds: list[int], fraction: fl
     compute time and val kNN per epoch; per seed the val top-1 of the teacher and of the
     baseline (the epochs each selects) and of the linear probe the teacher starts from (its
     val check at step 0, ``finetune.head_init: probe`` as shipped).
-    Merged into ``bench/results/fashion_pretrain_budget_<N>pct.json`` budget by budget."""
+    ``base`` overrides the encoder's network or recipe for every budget (the baseline
+    trains the same network), recorded in the setting; ``tag`` names such a variant's record.
+    Merged into ``bench/results/fashion_pretrain_budget_<N>pct[_<tag>].json`` budget by budget."""
     import mlflow
 
     from pipelines.config import load_config
 
-    path = RESULTS / f"fashion_pretrain_budget_{100 * fraction:g}pct.json"
-    setting = {"fraction": fraction, "seeds": seeds}
+    if base and not tag:
+        sys.exit("pretrain-budget: --base needs --tag, the name of the variant's own record")
+    path = RESULTS / f"fashion_pretrain_budget_{100 * fraction:g}pct{f'_{tag}' if tag else ''}.json"
+    setting: dict[str, Any] = {"fraction": fraction, "seeds": seeds} | ({"base": base} if base else {})
     old = json.loads(path.read_text()) if path.exists() else {}
     rows: dict[str, dict] = old.get("budgets", {}) if old.get("setting") == setting else {}
     client = mlflow.MlflowClient(tracking_uri=load_config("fashion_mnist", [f"work_dir={work}"]).tracking_uri())
@@ -547,6 +553,7 @@ def pretrain_budget(work: str, epochs: list[int], seeds: list[int], fraction: fl
         row: dict = {"pretrain_epochs": e, "seeds": {}}
         for seed in seeds:
             over = [
+                *base,
                 f"pretrain.epochs={e}",
                 f"labels.fractions=[{fraction}]",
                 *([f"finetune.seed={seed}"] if seed else []),
@@ -725,6 +732,8 @@ def main() -> None:
     pb = sub.add_parser("pretrain-budget", help="teacher vs baseline on one fraction per pretraining length, val")
     pb.add_argument("epochs", type=int, nargs="+", help="pretrain.epochs values, one encoder each")
     pb.add_argument("--fraction", type=float, default=0.01)
+    pb.add_argument("--base", nargs="*", default=[], help="overrides of every budget (e.g. pretrain.backbone_width=64)")
+    pb.add_argument("--tag", help="the record's suffix, required with --base (e.g. width64)")
     for p in (r, a, t, di, en, ft, pb):
         p.add_argument("--work-dir", help="default: a fresh temporary directory")
     for p in (a, t, pb):
@@ -769,7 +778,7 @@ def main() -> None:
     elif args.cmd == "finetunes":
         finetunes(work, args.seed, args.base, args.variants, args.fraction)
     elif args.cmd == "pretrain-budget":
-        pretrain_budget(work, args.epochs, args.seeds, args.fraction)
+        pretrain_budget(work, args.epochs, args.seeds, args.fraction, args.base, args.tag)
     elif args.cmd == "encoders":
         encoders(work, args.variants)
     elif args.cmd == "ablations":
