@@ -524,6 +524,43 @@ def _pretrain_budget(pb: dict | None, name: str, first: bool) -> list[str]:
     return out + [""]
 
 
+def _network_width(wide: dict | None, narrow: dict | None, name: str) -> list[str]:
+    """The same fine-tune gap for a wider encoder (a ``pretrain-budget --base ... --tag``
+    record) beside the shipped network's row of the same length and fraction: is the
+    network's size the lever the pretraining length was not?"""
+    if wide is None or narrow is None or narrow["setting"]["fraction"] != wide["setting"]["fraction"]:
+        return []
+    if narrow["setting"]["seeds"] != wide["setting"]["seeds"]:
+        return []
+    rows = []
+    for e, w in sorted(wide["budgets"].items(), key=lambda kv: kv[1]["pretrain_epochs"]):
+        n = narrow["budgets"].get(e)
+        if n is None:
+            continue
+        for label, r in (("shipped", n), (", ".join(wide["setting"]["base"]), w)):
+            sm = r["summary"]
+            rows.append(
+                f"| {label} | {r['pretrain_epochs']} | {r['pretrain']['seconds'] / 60:.1f} | "
+                f"{r['val_knn_per_epoch'][-1]:.3f} | {_pm(sm['probe'])} | {_pm(sm['teacher'])} | "
+                f"{_pm(sm['baseline'])} | {_pm(sm['teacher_minus_baseline'], 100, '+.1f')} pt |"
+            )
+    if not rows:
+        return []
+    st = wide["setting"]
+    seeds = f"seed {st['seeds'][0]}" if len(st["seeds"]) == 1 else f"seeds {st['seeds']}, mean ± std"
+    return [
+        f"A wider network at {st['fraction']:g} labels (`{name}.json`, {wide['date']}): the same pretraining "
+        f"and fine-tuning, the encoder and its from-scratch baseline both built with "
+        f"`{', '.join(st['base'])}`; {seeds}, val top-1:",
+        "",
+        "| network | pretrain epochs | pretrain min | val kNN, last epoch | probe | teacher | baseline "
+        "| teacher − baseline |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        *rows,
+        "",
+    ]
+
+
 def fashion() -> str:
     out: list[str] = []
     rec = _load("fashion_recipe")
@@ -605,6 +642,8 @@ def fashion() -> str:
         budgets = [n for n in ("fashion_pretrain_budget_1pct", "fashion_pretrain_budget_10pct") if _load(n)]
         for i, name in enumerate(budgets):
             out += _pretrain_budget(_load(name), name, first=i == 0)
+        wide = "fashion_pretrain_budget_1pct_width64"
+        out += _network_width(_load(wide), _load("fashion_pretrain_budget_1pct"), wide)
     di = _load("fashion_distill_init")
     if di is not None:
         runs = di["runs"]
