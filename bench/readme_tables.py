@@ -460,6 +460,16 @@ def _finetunes(ft: dict | None, tg: dict | None) -> list[str]:
     return out
 
 
+def _budget_cells(r: dict) -> str:
+    """One encoder's row of a ``pretrain-budget`` record, from its last val kNN to teacher −
+    baseline: the cells every table of those records shares."""
+    sm = r["summary"]
+    return (
+        f"{r['val_knn_per_epoch'][-1]:.3f} | {_pm(sm['probe'])} | {_pm(sm['teacher'])} | {_pm(sm['baseline'])} | "
+        f"{_pm(sm['teacher_minus_baseline'], 100, '+.1f')} pt"
+    )
+
+
 def _pretrain_budget(pb: dict | None, name: str, first: bool) -> list[str]:
     """Teacher vs baseline on one fraction per pretraining length (``fashion_pretrain_budget_*.json``):
     one encoder per length, the fine-tune stage on one or more seeds, val top-1 (mean ± std);
@@ -485,12 +495,7 @@ def _pretrain_budget(pb: dict | None, name: str, first: bool) -> list[str]:
         "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        sm = r["summary"]
-        out.append(
-            f"| {r['pretrain_epochs']} | {r['pretrain']['seconds'] / 60:.1f} | {r['val_knn_per_epoch'][-1]:.3f} | "
-            f"{_pm(sm['probe'])} | {_pm(sm['teacher'])} | {_pm(sm['baseline'])} | "
-            f"{_pm(sm['teacher_minus_baseline'], 100, '+.1f')} pt |"
-        )
+        out.append(f"| {r['pretrain_epochs']} | {r['pretrain']['seconds'] / 60:.1f} | {_budget_cells(r)} |")
     if len(rows) > 1:
         lo, hi = rows[0], rows[-1]
         doublings = math.log2(hi["pretrain_epochs"] / lo["pretrain_epochs"])
@@ -528,22 +533,21 @@ def _network_width(wide: dict | None, narrow: dict | None, name: str) -> list[st
     """The same fine-tune gap for a wider encoder (a ``pretrain-budget --base ... --tag``
     record) beside the shipped network's row of the same length and fraction: is the
     network's size the lever the pretraining length was not?"""
-    if wide is None or narrow is None or narrow["setting"]["fraction"] != wide["setting"]["fraction"]:
+    if wide is None or narrow is None:
         return []
-    if narrow["setting"]["seeds"] != wide["setting"]["seeds"]:
-        return []
+    for key in ("fraction", "seeds"):
+        if narrow["setting"][key] != wide["setting"][key]:
+            raise SystemExit(
+                f"{name}.json: setting.{key} {wide['setting'][key]} differs from the shipped network's "
+                f"{narrow['setting'][key]}; rerun the variant with the shipped record's {key}"
+            )
     rows = []
     for e, w in sorted(wide["budgets"].items(), key=lambda kv: kv[1]["pretrain_epochs"]):
         n = narrow["budgets"].get(e)
         if n is None:
             continue
         for label, r in (("shipped", n), (", ".join(wide["setting"]["base"]), w)):
-            sm = r["summary"]
-            rows.append(
-                f"| {label} | {r['pretrain_epochs']} | {r['pretrain']['seconds'] / 60:.1f} | "
-                f"{r['val_knn_per_epoch'][-1]:.3f} | {_pm(sm['probe'])} | {_pm(sm['teacher'])} | "
-                f"{_pm(sm['baseline'])} | {_pm(sm['teacher_minus_baseline'], 100, '+.1f')} pt |"
-            )
+            rows.append(f"| {label} | {r['pretrain_epochs']} | {_budget_cells(r)} |")
     if not rows:
         return []
     st = wide["setting"]
@@ -551,11 +555,11 @@ def _network_width(wide: dict | None, narrow: dict | None, name: str) -> list[st
     return [
         f"A wider network at {st['fraction']:g} labels (`{name}.json`, {wide['date']}): the same pretraining "
         f"and fine-tuning, the encoder and its from-scratch baseline both built with "
-        f"`{', '.join(st['base'])}`; {seeds}, val top-1:",
+        f"`{', '.join(st['base'])}`; {seeds}, val top-1 (no pretraining minutes: the two records ran on "
+        "different machines, so their times do not compare):",
         "",
-        "| network | pretrain epochs | pretrain min | val kNN, last epoch | probe | teacher | baseline "
-        "| teacher − baseline |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| network | pretrain epochs | val kNN, last epoch | probe | teacher | baseline | teacher − baseline |",
+        "|---|---:|---:|---:|---:|---:|---:|",
         *rows,
         "",
     ]
@@ -880,10 +884,10 @@ def render(text: str, names: tuple[str, ...] = PAGES["README.md"]) -> str:
     for name in names:
         fn = BLOCKS[name]
         pat = re.compile(rf"(<!-- bench:{name} -->\n)(?:.*?\n)?(<!-- /bench:{name} -->)", re.S)
-        if not pat.search(text):
+        m = pat.search(text)
+        if m is None:
             raise SystemExit(f"the markers <!-- bench:{name} --> ... <!-- /bench:{name} --> are missing")
-        body = fn()
-        text = pat.sub(lambda m, body=body: m.group(1) + body + "\n" + m.group(2), text)
+        text = text[: m.start()] + m.group(1) + fn() + "\n" + m.group(2) + text[m.end() :]
     return text
 
 
