@@ -542,8 +542,8 @@ def pretrain_budget(
 
     from pipelines.config import load_config
 
-    if base and not tag:
-        sys.exit("pretrain-budget: --base needs --tag, the name of the variant's own record")
+    if bool(base) != bool(tag):
+        sys.exit("pretrain-budget: --base and --tag go together (the variant's overrides and its record's name)")
     path = RESULTS / f"fashion_pretrain_budget_{100 * fraction:g}pct{f'_{tag}' if tag else ''}.json"
     setting: dict[str, Any] = {"fraction": fraction, "seeds": seeds} | ({"base": base} if base else {})
     old = json.loads(path.read_text()) if path.exists() else {}
@@ -733,7 +733,7 @@ def main() -> None:
     pb.add_argument("epochs", type=int, nargs="+", help="pretrain.epochs values, one encoder each")
     pb.add_argument("--fraction", type=float, default=0.01)
     pb.add_argument("--base", nargs="*", default=[], help="overrides of every budget (e.g. pretrain.backbone_width=64)")
-    pb.add_argument("--tag", help="the record's suffix, required with --base (e.g. width64)")
+    pb.add_argument("--tag", help="the record's suffix, required with --base and only with it (e.g. width64)")
     for p in (r, a, t, di, en, ft, pb):
         p.add_argument("--work-dir", help="default: a fresh temporary directory")
     for p in (a, t, pb):
