@@ -529,38 +529,67 @@ def _pretrain_budget(pb: dict | None, name: str, first: bool) -> list[str]:
     return out + [""]
 
 
-def _network_width(wide: dict | None, narrow: dict | None, name: str) -> list[str]:
-    """The same fine-tune gap for a wider encoder (a ``pretrain-budget --base ... --tag``
-    record) beside the shipped network's row of the same length and fraction: is the
-    network's size the lever the pretraining length was not?"""
-    if wide is None or narrow is None:
+def _seed_diffs(a: dict, b: dict, key: str) -> str:
+    """Two ``pretrain-budget`` rows of the same seeds: a − b in points, seed by seed."""
+    pairs = zip(a["summary"][key]["values"], b["summary"][key]["values"], strict=True)
+    return ", ".join(f"{100 * (x - y):+.1f}" for x, y in pairs)
+
+
+def _budget_variant(var: dict | None, ref: dict | None, names: tuple[str, str], what: str, how: str) -> list[str]:
+    """A ``pretrain-budget --base ... --tag`` record's rows beside a reference record's rows of
+    the same pretraining length (same fraction and seeds): ``what`` names the variant, ``how``
+    says what differs. Each row is labelled by its record's overrides ("shipped" for none)."""
+    if var is None or ref is None:
         return []
     for key in ("fraction", "seeds"):
-        if narrow["setting"][key] != wide["setting"][key]:
+        if ref["setting"][key] != var["setting"][key]:
             raise SystemExit(
-                f"{name}.json: setting.{key} {wide['setting'][key]} differs from the shipped network's "
-                f"{narrow['setting'][key]}; rerun the variant with the shipped record's {key}"
+                f"{names[0]}.json: setting.{key} {var['setting'][key]} differs from {names[1]}.json's "
+                f"{ref['setting'][key]}; rerun the variant with the reference's {key}"
             )
-    rows = []
-    for e, w in sorted(wide["budgets"].items(), key=lambda kv: kv[1]["pretrain_epochs"]):
-        n = narrow["budgets"].get(e)
-        if n is None:
+
+    def label(rec: dict) -> str:
+        return ", ".join(f"`{o}`" for o in rec["setting"].get("base", [])) or "shipped"
+
+    def encoder(row: dict) -> str:  # the pretrain run that trained the row's encoder
+        return row["pretrain"].get("computed_in_run") or row["pretrain"]["run_id"]
+
+    rows, paired = [], []
+    st = var["setting"]
+    target = 5.0 if st["fraction"] <= 0.01 else 1.0
+    for e, v in sorted(var["budgets"].items(), key=lambda kv: kv[1]["pretrain_epochs"]):
+        r = ref["budgets"].get(e)
+        if r is None:
             continue
-        for label, r in (("shipped", n), (", ".join(wide["setting"]["base"]), w)):
-            rows.append(f"| {label} | {r['pretrain_epochs']} | {_budget_cells(r)} |")
+        rows += [
+            f"| {label(rec)} | {row['pretrain_epochs']} | {_budget_cells(row)} |" for rec, row in ((ref, r), (var, v))
+        ]
+        if encoder(r) != encoder(v):
+            continue
+
+        gap = 100 * v["summary"]["teacher_minus_baseline"]["mean"]
+        verdict = (
+            f"the +{target:g}-point target is met with {gap - target:.1f} pt to spare"
+            if gap >= target
+            else f"the +{target:g}-point target is missed by {target - gap:.1f} pt"
+        )
+        paired.append(
+            f"One encoder under both rows ({e} epochs), so the differences are paired, {label(var)} − "
+            f"{label(ref)} seed by seed: teacher {_seed_diffs(v, r, 'teacher')} pt, baseline "
+            f"{_seed_diffs(v, r, 'baseline')} pt, teacher − baseline "
+            f"{_seed_diffs(v, r, 'teacher_minus_baseline')} pt; at {label(var)} {verdict} (val)."
+        )
     if not rows:
         return []
-    st = wide["setting"]
     seeds = f"seed {st['seeds'][0]}" if len(st["seeds"]) == 1 else f"seeds {st['seeds']}, mean ± std"
     return [
-        f"A wider network at {st['fraction']:g} labels (`{name}.json`, {wide['date']}): the same pretraining "
-        f"and fine-tuning, the encoder and its from-scratch baseline both built with "
-        f"`{', '.join(st['base'])}`; {seeds}, val top-1 (no pretraining minutes: the two records ran on "
-        "different machines, so their times do not compare):",
+        f"{what} at {st['fraction']:g} labels (`{names[0]}.json` beside `{names[1]}.json`, {var['date']}): "
+        f"{how}; {seeds}, val top-1:",
         "",
-        "| network | pretrain epochs | val kNN, last epoch | probe | teacher | baseline | teacher − baseline |",
+        "| overrides | pretrain epochs | val kNN, last epoch | probe | teacher | baseline | teacher − baseline |",
         "|---|---:|---:|---:|---:|---:|---:|",
         *rows,
+        *(["", *paired] if paired else []),
         "",
     ]
 
@@ -646,8 +675,26 @@ def fashion() -> str:
         budgets = [n for n in ("fashion_pretrain_budget_1pct", "fashion_pretrain_budget_10pct") if _load(n)]
         for i, name in enumerate(budgets):
             out += _pretrain_budget(_load(name), name, first=i == 0)
-        wide = "fashion_pretrain_budget_1pct_width64"
-        out += _network_width(_load(wide), _load("fashion_pretrain_budget_1pct"), wide)
+        wide = ("fashion_pretrain_budget_1pct_width64", "fashion_pretrain_budget_1pct")
+        out += _budget_variant(
+            _load(wide[0]),
+            _load(wide[1]),
+            wide,
+            "A wider network",
+            "the same pretraining and fine-tuning, the encoder and its from-scratch baseline both built wider "
+            "(no pretraining minutes: the two records ran on different machines, so their times do not compare)",
+        )
+        for pct in ("1pct", "10pct"):
+            head = (f"fashion_pretrain_budget_{pct}_head0", f"fashion_pretrain_budget_{pct}_head1")
+            out += _budget_variant(
+                _load(head[0]),
+                _load(head[1]),
+                head,
+                "Fine-tuning from the encoder's output",
+                "the teacher and its from-scratch baseline alike start their classifier at head layer 0 (on the "
+                "encoder's features) or at head layer 1 (the shipped setting, SimCLRv2's, after the projection "
+                "head's first layer); the shipped recipe's encoder, pretrained once more for these rows",
+            )
     di = _load("fashion_distill_init")
     if di is not None:
         runs = di["runs"]
