@@ -506,7 +506,7 @@ def _pretrain_budget(pb: dict | None, name: str, first: bool) -> list[str]:
         prev = rows[-2]  # the last doubling (or step) of the pretraining: what continuing it would add
         gap_prev, gap_hi = (100 * r["summary"]["teacher_minus_baseline"]["mean"] for r in (prev, hi))
         last = round((gap_hi - gap_prev) / math.log2(hi["pretrain_epochs"] / prev["pretrain_epochs"]), 1) + 0.0
-        target = 5.0 if st["fraction"] <= 0.01 else 1.0
+        target = _gap_target(st["fraction"])
         need = target - gap_hi
         if need <= 0:
             tail = ""
@@ -529,16 +529,23 @@ def _pretrain_budget(pb: dict | None, name: str, first: bool) -> list[str]:
     return out + [""]
 
 
+def _gap_target(fraction: float) -> float:
+    """Issue 19's teacher − baseline target in points: +5 at 1% labels, +1 at 10%."""
+    return 5.0 if fraction <= 0.01 else 1.0
+
+
 def _seed_diffs(a: dict, b: dict, key: str) -> str:
     """Two ``pretrain-budget`` rows of the same seeds: a − b in points, seed by seed."""
     pairs = zip(a["summary"][key]["values"], b["summary"][key]["values"], strict=True)
     return ", ".join(f"{100 * (x - y):+.1f}" for x, y in pairs)
 
 
-def _budget_variant(var: dict | None, ref: dict | None, names: tuple[str, str], what: str, how: str) -> list[str]:
-    """A ``pretrain-budget --base ... --tag`` record's rows beside a reference record's rows of
-    the same pretraining length (same fraction and seeds): ``what`` names the variant, ``how``
-    says what differs. Each row is labelled by its record's overrides ("shipped" for none)."""
+def _budget_variant(names: tuple[str, str], what: str, how: str) -> list[str]:
+    """A ``pretrain-budget --base ... --tag`` record's rows (``names[0]``) beside a reference
+    record's rows (``names[1]``) of the same pretraining length (same fraction and seeds):
+    ``what`` names the variant, ``how`` says what differs. Each row is labelled by its
+    record's overrides ("shipped" for none). Nothing when either record is missing."""
+    var, ref = _load(names[0]), _load(names[1])
     if var is None or ref is None:
         return []
     for key in ("fraction", "seeds"):
@@ -556,7 +563,8 @@ def _budget_variant(var: dict | None, ref: dict | None, names: tuple[str, str], 
 
     rows, paired = [], []
     st = var["setting"]
-    target = 5.0 if st["fraction"] <= 0.01 else 1.0
+    target = _gap_target(st["fraction"])
+    by_seed = " seed by seed" if len(st["seeds"]) > 1 else ""
     for e, v in sorted(var["budgets"].items(), key=lambda kv: kv[1]["pretrain_epochs"]):
         r = ref["budgets"].get(e)
         if r is None:
@@ -575,7 +583,7 @@ def _budget_variant(var: dict | None, ref: dict | None, names: tuple[str, str], 
         )
         paired.append(
             f"One encoder under both rows ({e} epochs), so the differences are paired, {label(var)} − "
-            f"{label(ref)} seed by seed: teacher {_seed_diffs(v, r, 'teacher')} pt, baseline "
+            f"{label(ref)}{by_seed}: teacher {_seed_diffs(v, r, 'teacher')} pt, baseline "
             f"{_seed_diffs(v, r, 'baseline')} pt, teacher − baseline "
             f"{_seed_diffs(v, r, 'teacher_minus_baseline')} pt; at {label(var)} {verdict} (val)."
         )
@@ -675,21 +683,15 @@ def fashion() -> str:
         budgets = [n for n in ("fashion_pretrain_budget_1pct", "fashion_pretrain_budget_10pct") if _load(n)]
         for i, name in enumerate(budgets):
             out += _pretrain_budget(_load(name), name, first=i == 0)
-        wide = ("fashion_pretrain_budget_1pct_width64", "fashion_pretrain_budget_1pct")
         out += _budget_variant(
-            _load(wide[0]),
-            _load(wide[1]),
-            wide,
+            ("fashion_pretrain_budget_1pct_width64", "fashion_pretrain_budget_1pct"),
             "A wider network",
             "the same pretraining and fine-tuning, the encoder and its from-scratch baseline both built wider "
             "(no pretraining minutes: the two records ran on different machines, so their times do not compare)",
         )
         for pct in ("1pct", "10pct"):
-            head = (f"fashion_pretrain_budget_{pct}_head0", f"fashion_pretrain_budget_{pct}_head1")
             out += _budget_variant(
-                _load(head[0]),
-                _load(head[1]),
-                head,
+                (f"fashion_pretrain_budget_{pct}_head0", f"fashion_pretrain_budget_{pct}_head1"),
                 "Fine-tuning from the encoder's output",
                 "the teacher and its from-scratch baseline alike start their classifier at head layer 0 (on the "
                 "encoder's features) or at head layer 1 (the shipped setting, SimCLRv2's, after the projection "
