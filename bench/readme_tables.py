@@ -311,20 +311,12 @@ def _variant_chain(tg: dict | None, base: dict, name: str) -> list[str]:
     config changed (from the two records), its stages' compute time and its table."""
     if tg is None:
         return []
-    was = _flat(next(iter(base["per_seed"].values()))["config"])
-    sets = set()
-    for r in tg["per_seed"].values():
-        now = _flat(r["config"])  # a key it lacks: a field left unset (null), absent from its dump
-        sets |= {
-            f"{k}={'null' if now.get(k) is None else now[k]}"
-            for k in now.keys() | was.keys()
-            if was.get(k) != now.get(k)
-        }
+    sets = _overrides(tg, base)
     fast = tg.get("stage_seconds_fastest") or {k: v["seconds"] for k, v in tg["stage_seconds_first_seed"].items()}
     st = ", ".join(f"{k} {v / 60:.1f} min" for k, v in fast.items())
     n = len(tg["seeds"])
     return [
-        f"The chain with {', '.join(f'`{o}`' for o in sorted(sets))} (`bench/fashion_mnist.py targets --set`, "
+        f"The chain with {', '.join(f'`{o}`' for o in sets)} (`bench/fashion_mnist.py targets --set`, "
         f"`{name}.json`, "
         f"{tg['date']}): {st}; {sum(fast.values()) / 60:.1f} min in all (each stage's fastest run). "
         "Its encoder's linear probe with all labels: "
@@ -335,6 +327,74 @@ def _variant_chain(tg: dict | None, base: dict, name: str) -> list[str]:
         "",
         *_small_student(tg, _load("fashion_small_student")),
     ]
+
+
+def _overrides(tg: dict, base: dict) -> list[str]:
+    """What a targets record run with ``--set`` changed of ``base``'s config, as overrides."""
+    was = _flat(next(iter(base["per_seed"].values()))["config"])
+    sets = set()
+    for r in tg["per_seed"].values():
+        now = _flat(r["config"])  # a key it lacks: a field left unset (null), absent from its dump
+        sets |= {
+            f"{k}={'null' if now.get(k) is None else now[k]}"
+            for k in now.keys() | was.keys()
+            if was.get(k) != now.get(k)
+        }
+    return sorted(sets)
+
+
+def _gap_beside(var: dict | None, ref: dict, name: str) -> list[str]:
+    """A targets record run with ``--set`` (``name``) beside the shipped chain's record on the
+    seeds both hold: per label fraction, teacher − baseline on the test set seed by seed and
+    its distance to the target. Paired only when both used one pretrain run."""
+    if var is None:
+        return []
+    seeds = sorted(var["per_seed"].keys() & ref["per_seed"].keys(), key=int)
+    if not seeds:
+        return []
+    what = ", ".join(f"`{o}`" for o in _overrides(var, ref))
+
+    def gaps(rec: dict, f: float) -> list[float]:  # points, in ``seeds`` order
+        rows = (next(r for r in rec["per_seed"][s]["rows"] if r["label_fraction"] == f) for s in seeds)
+        return [100 * (r["teacher"] - r["baseline"]) for r in rows]
+
+    def encoder(rec: dict) -> tuple[str, float]:  # the pretrain run and its last epoch's val kNN
+        r = rec["per_seed"][seeds[0]]
+        st = r["stages"]["pretrain"]
+        return st.get("computed_in_run") or st["run_id"], r["curves"]["pretrain"]["val/knn_top1"][-1]
+
+    out = [
+        f"The chain with {what} beside the shipped chain on the test set (`{name}.json` beside "
+        f"`fashion_targets.json`, {var['date']}), teacher − baseline in points, "
+        + (f"seeds {', '.join(seeds)}, seed by seed:" if len(seeds) > 1 else f"seed {seeds[0]}:"),
+        "",
+        f"| labels | shipped | {what} | difference, mean | target |",
+        "|---:|---:|---:|---:|---|",
+    ]
+    for f, t in sorted(var["table"].items(), key=lambda kv: float(kv[0])):
+        a, b = gaps(ref, float(f)), gaps(var, float(f))
+        target = _gap_target(float(f))
+        mean = sum(b) / len(b)
+        verdict = f"met, {mean - target:.1f} pt to spare" if mean >= target else f"missed by {target - mean:.1f} pt"
+        out.append(
+            f"| {float(f):g} ({t['labels']:,}) | {' / '.join(f'{x:+.1f}' for x in a)} | "
+            f"{' / '.join(f'{x:+.1f}' for x in b)} | {(sum(b) - sum(a)) / len(b):+.1f} pt | +{target:g}: {verdict} |"
+        )
+    (ra, ka), (rb, kb) = encoder(ref), encoder(var)
+    out += [
+        "",
+        "One encoder under both chains, so the differences are paired."
+        if ra == rb
+        else f"The two chains' encoders are two pretrain runs of the shipped recipe and seed (val kNN at the last "
+        f"epoch {ka:.3f} and {kb:.3f}), so the differences are not paired on the encoder; the baselines do not "
+        "use it.",
+        "",
+        f"Its own table ({'mean ± std over its seeds' if len(var['seeds']) > 1 else 'one seed'}):",
+        "",
+        *_targets_table(var),
+        "",
+    ]
+    return out
 
 
 def _targets_table(tg: dict) -> list[str]:
@@ -697,6 +757,7 @@ def fashion() -> str:
                 "encoder's features) or at head layer 1 (the shipped setting, SimCLRv2's, after the projection "
                 "head's first layer); the shipped recipe's encoder, pretrained once more for these rows",
             )
+        out += _gap_beside(_load("fashion_targets_head0"), tg, "fashion_targets_head0")
     di = _load("fashion_distill_init")
     if di is not None:
         runs = di["runs"]
